@@ -1,0 +1,37 @@
+"""Model families. Each adapter file says what differs for its family; this table picks one by config."""
+
+from __future__ import annotations
+
+from ..errors import ModelLoadError
+
+
+def adapter_for_config(config):
+    """(adapter class, transformers model class) for a checkpoint's config."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from .llava_onevision import LlavaOnevisionAdapter
+
+    table = {
+        "llava_onevision": (LlavaOnevisionAdapter, LlavaOnevisionForConditionalGeneration),
+    }
+    try:
+        from transformers import LlavaForConditionalGeneration
+
+        from .llava import LlavaAdapter
+
+        table["llava"] = (LlavaAdapter, LlavaForConditionalGeneration)
+    except ImportError:
+        pass
+    try:
+        from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+        from .qwen2_vl import Qwen2VLAdapter
+
+        table["qwen2_vl"] = (Qwen2VLAdapter, Qwen2VLForConditionalGeneration)
+        table["qwen2_5_vl"] = (Qwen2VLAdapter, Qwen2_5_VLForConditionalGeneration)
+    except ImportError:
+        pass
+    if config.model_type not in table:
+        raise ModelLoadError(
+            f"model type {config.model_type!r} is not supported; supported: {sorted(table)}")
+    return table[config.model_type]

@@ -1,0 +1,102 @@
+"""What every model family provides to the engine. One file per family says what differs for it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..decoder import LanguageModel
+
+
+@dataclass
+class EncodedMedia:
+    """One image or video after the vision encoder and projector (and any model-specific pooling)."""
+
+    kind: str  # "image" | "video"
+    features: torch.Tensor  # (n, d) in the order of the LLM's placeholder tokens
+    groups: list[torch.Tensor]  # frames / crops: index tensors into `features`, merged separately
+    vision_flops: float  # encoder FLOPs spent on this item (not reduced by AIM)
+    grid_thw: torch.Tensor | None = None  # M-RoPE models: (t, h, w) of the patch grid
+    extra: dict = field(default_factory=dict)
+
+
+class FamilyAdapter:
+    """Base class: the parts of a Hugging Face VLM the engine drives."""
+
+    family: str = ""
+    supports_video: bool = False
+    uses_mrope: bool = False
+
+    def __init__(self, model, tokenizer, image_processor):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.config = model.config
+
+    # ---- the language model -------------------------------------------------------------------
+    @property
+    def text_model(self):
+        return self.model.model.language_model
+
+    def language_model(self) -> LanguageModel:
+        tm = self.text_model
+        return LanguageModel(tm.embed_tokens, tm.layers, tm.norm, tm.rotary_emb, self.model.lm_head)
+
+    @property
+    def text_config(self):
+        return self.config.text_config
+
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
+
+    @property
+    def video_token_id(self) -> int | None:
+        return getattr(self.config, "video_token_id", None)
+
+    def placeholder_id(self, kind: str) -> int:
+        return self.image_token_id if kind == "image" else self.video_token_id
+
+    # ---- media --------------------------------------------------------------------------------
+    def encode_images(self, images: list[Image.Image]) -> list[EncodedMedia]:
+        raise NotImplementedError
+
+    def encode_video(self, frames: list[Image.Image]) -> EncodedMedia:
+        raise NotImplementedError(f"{self.family} does not take video")
+
+    # ---- positions ----------------------------------------------------------------------------
+    def mrope_positions(self, full_ids: torch.Tensor, media: list[EncodedMedia]) -> torch.Tensor:
+        """M-RoPE models: (3, 1, N) positions of the unmerged prompt `full_ids` (1, N)."""
+        raise NotImplementedError
+
+    # ---- helpers shared by families -----------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def normalize_frames(self, frames: list[Image.Image], size: tuple[int, int]) -> torch.Tensor:
+        """Video frames for a square-input encoder: resize (bicubic), scale to [0, 1], normalise with the
+        image processor's mean/std. Returns (T, 3, H, W)."""
+        mean = np.asarray(self.image_processor.image_mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(self.image_processor.image_std, dtype=np.float32)[:, None, None]
+        out = []
+        for frame in frames:
+            arr = np.asarray(frame.convert("RGB").resize((size[1], size[0]), Image.BICUBIC), dtype=np.float32)
+            out.append((arr.transpose(2, 0, 1) / 255.0 - mean) / std)
+        return torch.from_numpy(np.stack(out))
+
+
+def vision_config_flops(vision_config, tokens: int, images: int) -> float:
+    from ..flops import vit_flops
+
+    return vit_flops(
+        vision_config.hidden_size, vision_config.intermediate_size, vision_config.num_hidden_layers,
+        tokens, images,
+    )

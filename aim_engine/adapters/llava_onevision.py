@@ -1,0 +1,69 @@
+"""LLaVA-OneVision (SigLIP + Qwen2): images (anyres crops) and video.
+
+What differs for this family:
+- images: the model's own `get_image_features` packs a base view plus unpadded high-resolution crops with a
+  learned newline embedding after each row. Merge groups: the base view, and the high-resolution grid; the
+  newline embeddings pass through. With several images in one prompt, each image is a base view only (the
+  model's multi-image rule), plus one newline.
+- video: every frame is resized to the encoder's square input; features are 2x2-pooled per frame
+  (27x27 -> 14x14 = 196 tokens for SigLIP-384), one newline after the last frame. Merge groups: each frame.
+- 1-D RoPE: the merged sequence gets consecutive positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from .base import EncodedMedia, FamilyAdapter, vision_config_flops
+
+
+class LlavaOnevisionAdapter(FamilyAdapter):
+    family = "llava_onevision"
+    supports_video = True
+
+    def _newline_mask(self, features: torch.Tensor) -> torch.Tensor:
+        newline = self.model.model.image_newline.to(features.dtype)
+        return (features == newline).all(dim=-1)
+
+    def _encoder_tokens(self) -> int:
+        vc = self.config.vision_config
+        return (vc.image_size // vc.patch_size) ** 2
+
+    def encode_images(self, images: list[Image.Image]) -> list[EncodedMedia]:
+        inputs = self.image_processor(images=images, return_tensors="pt")
+        pixel_values = inputs["pixel_values"].to(self.device, self.dtype)
+        image_sizes = inputs["image_sizes"].to(self.device)
+        batch_num_images = torch.tensor([len(images)], device=self.device)
+        with torch.inference_mode():
+            out = self.model.model.get_image_features(
+                pixel_values, image_sizes, batch_num_images=batch_num_images, return_dict=True
+            )
+        base_len = self._encoder_tokens()
+        encoded = []
+        for feats in out.pooler_output:
+            newline = self._newline_mask(feats)
+            idx = torch.arange(feats.shape[0], device=feats.device)
+            groups = [idx[:base_len]]
+            hires = idx[base_len:][~newline[base_len:]]
+            if hires.numel():
+                groups.append(hires)
+            crops = 1 + (hires.numel() > 0) * max(1, round(hires.numel() / base_len))
+            encoded.append(EncodedMedia(
+                kind="image", features=feats, groups=groups,
+                vision_flops=vision_config_flops(self.config.vision_config, base_len, crops),
+            ))
+        return encoded
+
+    def encode_video(self, frames: list[Image.Image]) -> EncodedMedia:
+        size = self.config.vision_config.image_size
+        pixel_values = self.normalize_frames(frames, (size, size))[None].to(self.device, self.dtype)
+        with torch.inference_mode():
+            out = self.model.model.get_video_features(pixel_values, return_dict=True)
+        feats = out.pooler_output[0]  # (T * per_frame + 1, d)
+        per_frame = (feats.shape[0] - 1) // len(frames)
+        groups = [torch.arange(i * per_frame, (i + 1) * per_frame, device=feats.device) for i in range(len(frames))]
+        return EncodedMedia(
+            kind="video", features=feats, groups=groups,
+            vision_flops=vision_config_flops(self.config.vision_config, self._encoder_tokens(), len(frames)),
+        )

@@ -1,0 +1,369 @@
+"""The engine: a request and a ReductionPlan in, streamed tokens and per-request stats out.
+
+    media bytes ─decode─▶ images/frames ─adapter─▶ projector features per item (+ merge groups)
+    ─merge─▶ fewer tokens per frame ─▶ prompt embeddings (placeholders expanded to the merged counts)
+    ─prefill with pruning─▶ KV cache ─decode loop─▶ tokens
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Union
+
+import torch
+from PIL import Image
+
+from .adapters import adapter_for_config
+from .adapters.base import EncodedMedia, FamilyAdapter
+from .decoder import ATTENTION_IMPL, decode_step, prefill
+from .errors import ModelLoadError, RequestError
+from .flops import LLMShape, decode_step_flops, prefill_flops
+from .generation import IncrementalText, SamplingParams, TokenSampler
+from .media import MediaLimits, decode_image, decode_video
+from .merging import MergeResult, merge_groups
+from .plan import ReductionPlan
+
+
+# ---- the request -------------------------------------------------------------------------------
+@dataclass
+class TextPart:
+    text: str
+
+
+@dataclass
+class ImagePart:
+    """Encoded bytes with their MIME type, or an already decoded image."""
+
+    data: bytes | None = None
+    mime_type: str = ""
+    image: Image.Image | None = None
+
+
+@dataclass
+class VideoPart:
+    """Encoded video bytes + MIME type + frames to sample, or already decoded frames."""
+
+    data: bytes | None = None
+    mime_type: str = ""
+    num_frames: int = 8
+    frames: list[Image.Image] | None = None
+
+
+Part = Union[TextPart, ImagePart, VideoPart]
+
+
+@dataclass
+class GenerationRequest:
+    parts: list[Part]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    system: str | None = None
+
+
+# ---- what comes back ---------------------------------------------------------------------------
+@dataclass
+class Timings:
+    media_s: float = 0.0
+    vision_s: float = 0.0
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass
+class RequestStats:
+    prompt_tokens: int = 0  # LLM input tokens after merging
+    completion_tokens: int = 0
+    visual_tokens_in: int = 0
+    visual_tokens_merged: int = 0
+    visual_tokens_per_layer: list[int] = field(default_factory=list)
+    prefill_flops_baseline: float = 0.0
+    prefill_flops: float = 0.0
+    vision_flops: float = 0.0
+    decode_flops: float = 0.0
+    kv_cache_bytes: int = 0
+    timings: Timings = field(default_factory=Timings)
+
+    @property
+    def prefill_flops_saved(self) -> float:
+        return self.prefill_flops_baseline - self.prefill_flops
+
+    @property
+    def saved_fraction(self) -> float:
+        return self.prefill_flops_saved / self.prefill_flops_baseline if self.prefill_flops_baseline else 0.0
+
+    @property
+    def retention(self) -> float:
+        """Visual tokens after merging over visual tokens in (1.0 with no visual input)."""
+        return self.visual_tokens_merged / self.visual_tokens_in if self.visual_tokens_in else 1.0
+
+
+@dataclass
+class TokenDelta:
+    text: str
+    token_id: int
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    finish_reason: str  # "stop" (EOS or stop string) | "length" | "cancelled"
+    token_ids: list[int]
+    stats: RequestStats
+    plan: ReductionPlan
+
+
+@dataclass
+class PreparedPrompt:
+    """A request turned into LLM input, before prefill."""
+
+    embeds: torch.Tensor  # (1, n, d)
+    position_ids: torch.Tensor  # (1, n) or (3, 1, n)
+    is_visual: torch.Tensor  # (n,) bool
+    next_position: int  # position id of the first generated token
+    text_tokens: int
+    visual_in: int
+    media: list[EncodedMedia]
+
+
+class AimEngine:
+    def __init__(self, adapter: FamilyAdapter, name: str = "model", limits: MediaLimits = MediaLimits()):
+        self.adapter = adapter
+        self.name = name
+        self.limits = limits
+        self.lm = adapter.language_model()
+        self.shape = LLMShape.from_config(adapter.text_config)
+        self.tokenizer = adapter.tokenizer
+        gen_cfg = getattr(adapter.model, "generation_config", None)
+        eos = {self.tokenizer.eos_token_id}
+        if gen_cfg is not None and gen_cfg.eos_token_id is not None:
+            eos |= set(gen_cfg.eos_token_id if isinstance(gen_cfg.eos_token_id, list) else [gen_cfg.eos_token_id])
+        self.eos_ids = {e for e in eos if e is not None}
+
+    # ---- loading --------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
+             limits: MediaLimits = MediaLimits()) -> "AimEngine":
+        """Loads a checkpoint directory (never the hub): model, tokenizer, image processor, chat template."""
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is not a model directory (no config.json)")
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        adapter_cls, model_cls = adapter_for_config(config)
+        model = model_cls.from_pretrained(path, local_files_only=True, dtype=dtype or torch.float32,
+                                          attn_implementation="sdpa").to(device).eval()
+        model.config.text_config._attn_implementation = ATTENTION_IMPL
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        template = path / "chat_template.jinja"
+        if template.is_file() and not tokenizer.chat_template:
+            tokenizer.chat_template = template.read_text()
+        return cls(adapter_cls(model, tokenizer, image_processor), name=path.name, limits=limits)
+
+    # ---- plan helpers ---------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.shape.layers
+
+    def default_plan(self) -> ReductionPlan:
+        return ReductionPlan.default_for_depth(self.num_layers)
+
+    # ---- preparing the prompt -------------------------------------------------------------------
+    def decode_media(self, request: GenerationRequest) -> list[Part]:
+        """Bytes -> images/frames, validated against the limits."""
+        out: list[Part] = []
+        for part in request.parts:
+            if isinstance(part, ImagePart) and part.image is None:
+                if part.data is None:
+                    raise RequestError("an image part has neither bytes nor a decoded image")
+                part = ImagePart(image=decode_image(part.data, part.mime_type, self.limits))
+            elif isinstance(part, VideoPart) and part.frames is None:
+                if part.data is None:
+                    raise RequestError("a video part has neither bytes nor decoded frames")
+                part = VideoPart(frames=decode_video(part.data, part.mime_type, part.num_frames, self.limits))
+            elif isinstance(part, VideoPart):
+                if not part.frames:
+                    raise RequestError("a video part has an empty list of frames")
+                if len(part.frames) > self.limits.max_frames:
+                    raise RequestError(f"a video has {len(part.frames)} frames; the limit is {self.limits.max_frames}")
+            out.append(part)
+        return out
+
+    def encode_media(self, parts: list[Part]) -> list[EncodedMedia]:
+        images = [p.image for p in parts if isinstance(p, ImagePart)]
+        encoded_images = iter(self.adapter.encode_images(images) if images else [])
+        media = []
+        for part in parts:
+            if isinstance(part, ImagePart):
+                media.append(next(encoded_images))
+            elif isinstance(part, VideoPart):
+                if not self.adapter.supports_video:
+                    raise RequestError(f"model family {self.adapter.family} does not accept video")
+                media.append(self.adapter.encode_video(part.frames))
+        return media
+
+    def render_prompt(self, request: GenerationRequest) -> str:
+        content = []
+        for part in request.parts:
+            if isinstance(part, TextPart):
+                content.append({"type": "text", "text": part.text})
+            else:
+                content.append({"type": "image" if isinstance(part, ImagePart) else "video"})
+        messages = []
+        if request.system:
+            messages.append({"role": "system", "content": [{"type": "text", "text": request.system}]})
+        messages.append({"role": "user", "content": content})
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def prepare(self, request: GenerationRequest, plan: ReductionPlan, timings: Timings | None = None
+                ) -> PreparedPrompt:
+        timings = timings or Timings()
+        if not any(isinstance(p, TextPart) and p.text.strip() for p in request.parts):
+            raise RequestError("the prompt has no text: add a question or instruction")
+        plan.check_depth(self.num_layers)
+        t0 = time.perf_counter()
+        parts = self.decode_media(request)
+        t1 = time.perf_counter()
+        media = self.encode_media(parts)
+        t2 = time.perf_counter()
+        timings.media_s, timings.vision_s = t1 - t0, t2 - t1
+        prompt = self.render_prompt(request)
+        ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        return self._assemble(ids, media, plan)
+
+    def _assemble(self, ids: torch.Tensor, media: list[EncodedMedia], plan: ReductionPlan) -> PreparedPrompt:
+        placeholder_ids = {self.adapter.placeholder_id(m.kind) for m in media}
+        is_placeholder = torch.zeros_like(ids, dtype=torch.bool)
+        for pid in placeholder_ids | {self.adapter.image_token_id, self.adapter.video_token_id} - {None}:
+            is_placeholder |= ids == pid
+        slots = torch.nonzero(is_placeholder).flatten().tolist()
+        if len(slots) != len(media):
+            raise RequestError(
+                f"the prompt has {len(slots)} media placeholders for {len(media)} media items; "
+                "text must not contain the model's image/video placeholder tokens")
+        for slot, item in zip(slots, media):
+            if int(ids[slot]) != self.adapter.placeholder_id(item.kind):
+                raise RequestError("media placeholders are out of order with the media items")
+
+        device = self.adapter.device
+        ids = ids.to(device)
+        text_embeds = self.lm.embed_tokens(ids[None])[0]
+        merged: list[MergeResult] = [
+            merge_groups(m.features, m.groups, plan.merge_target) if plan.merges else
+            MergeResult(torch.arange(m.features.shape[0], device=device), m.features, None)
+            for m in media
+        ]
+        pieces, visual, full_index, full_ids = [], [], [], []
+        start, offset = 0, 0  # offset: index in the full (unmerged) prompt
+        for slot, item, res in zip(slots + [len(ids)], media + [None], merged + [None]):
+            if slot > start:
+                n_text = slot - start
+                pieces.append(text_embeds[start:slot])
+                visual.append(torch.zeros(n_text, dtype=torch.bool, device=device))
+                full_index.append(torch.arange(offset, offset + n_text, device=device))
+                full_ids.append(ids[start:slot])
+                offset += n_text
+            if item is None:
+                break
+            pieces.append(res.features.to(text_embeds.dtype))
+            visual.append(torch.ones(res.keep.numel(), dtype=torch.bool, device=device))
+            full_index.append(offset + res.keep)
+            full_ids.append(ids[slot].repeat(item.features.shape[0]))
+            offset += item.features.shape[0]
+            start = slot + 1
+
+        embeds = torch.cat(pieces)[None]
+        is_visual = torch.cat(visual)
+        n = embeds.shape[1]
+        if self.adapter.uses_mrope:
+            full_pos = self.adapter.mrope_positions(torch.cat(full_ids)[None], media)
+            position_ids = full_pos.index_select(-1, torch.cat(full_index))
+            next_position = int(full_pos.max()) + 1
+        else:
+            position_ids = torch.arange(n, device=device)[None]
+            next_position = n
+        return PreparedPrompt(
+            embeds=embeds, position_ids=position_ids, is_visual=is_visual, next_position=next_position,
+            text_tokens=int((~is_visual).sum()), visual_in=sum(m.features.shape[0] for m in media), media=media,
+        )
+
+    def decode_positions(self, prepared: PreparedPrompt, step: int) -> torch.Tensor:
+        pos = torch.tensor([[prepared.next_position + step]], device=self.adapter.device)
+        return pos[None].expand(3, 1, 1) if self.adapter.uses_mrope else pos
+
+    # ---- running --------------------------------------------------------------------------------
+    def stream(self, request: GenerationRequest, plan: ReductionPlan | None = None,
+               should_stop: Callable[[], bool] | None = None) -> Iterator[TokenDelta | GenerationResult]:
+        """Yields TokenDelta as text becomes final, then one GenerationResult. `should_stop` is polled
+        before every decode step; when it returns True generation ends with finish_reason 'cancelled'."""
+        plan = plan or ReductionPlan()
+        params = request.sampling
+        stats = RequestStats()
+        t_start = time.perf_counter()
+        prepared = self.prepare(request, plan, stats.timings)
+
+        t_prefill = time.perf_counter()
+        pre = prefill(self.lm, prepared.embeds, prepared.position_ids, prepared.is_visual, plan,
+                      decode_capacity=params.max_new_tokens)
+        sampler = TokenSampler(params, self.adapter.device)
+        token = sampler(pre.logits)
+        t_first = time.perf_counter()
+        stats.timings.prefill_s = t_first - t_prefill
+        stats.timings.ttft_s = t_first - t_start
+
+        self._fill_prefill_stats(stats, prepared, pre.tokens_per_layer, pre.visual_per_layer)
+        text = IncrementalText(self.tokenizer, params.stop)
+        generated: list[int] = []
+        finish = "length"
+        while True:
+            if token in self.eos_ids:
+                finish = "stop"
+                break
+            generated.append(token)
+            delta = text.add(token)
+            if delta:
+                yield TokenDelta(delta, token)
+            if text.stopped:
+                finish = "stop"
+                break
+            if len(generated) >= params.max_new_tokens:
+                break
+            if should_stop is not None and should_stop():
+                finish = "cancelled"
+                break
+            stats.decode_flops += decode_step_flops(
+                self.shape, [n + len(generated) for n in pre.tokens_per_layer])
+            logits = decode_step(self.lm, torch.tensor([[token]], device=self.adapter.device),
+                                 self.decode_positions(prepared, len(generated) - 1), pre.cache)
+            token = sampler(logits)
+        tail = text.flush()
+        if tail:
+            yield TokenDelta(tail, generated[-1] if generated else -1)
+        t_end = time.perf_counter()
+        stats.completion_tokens = len(generated)
+        stats.kv_cache_bytes = pre.cache.used_bytes()
+        stats.timings.decode_s = t_end - t_first
+        stats.timings.total_s = t_end - t_start
+        yield GenerationResult(text=text.text, finish_reason=finish, token_ids=generated, stats=stats, plan=plan)
+
+    def generate(self, request: GenerationRequest, plan: ReductionPlan | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> GenerationResult:
+        for event in self.stream(request, plan, should_stop):
+            if isinstance(event, GenerationResult):
+                return event
+        raise AssertionError("stream ended without a result")
+
+    def _fill_prefill_stats(self, stats: RequestStats, prepared: PreparedPrompt, tokens_per_layer: list[int],
+                            visual_per_layer: list[int]) -> None:
+        stats.prompt_tokens = prepared.embeds.shape[1]
+        stats.visual_tokens_in = prepared.visual_in
+        stats.visual_tokens_merged = int(prepared.is_visual.sum())
+        stats.visual_tokens_per_layer = visual_per_layer
+        stats.prefill_flops_baseline = prefill_flops(
+            self.shape, [prepared.text_tokens + prepared.visual_in] * self.num_layers)
+        stats.prefill_flops = prefill_flops(self.shape, tokens_per_layer)
+        stats.vision_flops = sum(m.vision_flops for m in prepared.media)

@@ -1,0 +1,72 @@
+"""FLOPs accounting — the one implementation of the paper's formula (aim-method.md §3, LLM-Viewer).
+
+Per decoder layer with n tokens, hidden d, FFN m, heads H, KV width d_kv = d * H_kv / H:
+    F(n) = 2n(2d^2 + 2 d d_kv + 3 d m) + 4 n^2 d + 5 H n^2 + 17 n d
+Prefill total = sum over layers F(n_l) + d * V   (V = vocabulary: the LM head for one token).
+
+Decoding and the vision encoder are separate figures: AIM does not reduce the encoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class LLMShape:
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    layers: int
+
+    @property
+    def kv_width(self) -> float:
+        return self.hidden * self.kv_heads / self.heads
+
+    @classmethod
+    def from_config(cls, text_config) -> "LLMShape":
+        return cls(
+            hidden=text_config.hidden_size,
+            ffn=text_config.intermediate_size,
+            heads=text_config.num_attention_heads,
+            kv_heads=getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads,
+            vocab=text_config.vocab_size,
+            layers=text_config.num_hidden_layers,
+        )
+
+
+def layer_prefill_flops(shape: LLMShape, n: int) -> float:
+    d, m, h = shape.hidden, shape.ffn, shape.heads
+    return (
+        2 * n * (2 * d * d + 2 * d * shape.kv_width + 3 * d * m)
+        + 4 * n * n * d
+        + 5 * h * n * n
+        + 17 * n * d
+    )
+
+
+def prefill_flops(shape: LLMShape, tokens_per_layer: Sequence[int]) -> float:
+    """LLM prefill FLOPs given the number of tokens entering each layer."""
+    if len(tokens_per_layer) != shape.layers:
+        raise ValueError(f"need {shape.layers} per-layer token counts, got {len(tokens_per_layer)}")
+    return sum(layer_prefill_flops(shape, n) for n in tokens_per_layer) + shape.hidden * shape.vocab
+
+
+def decode_step_flops(shape: LLMShape, context_per_layer: Sequence[int]) -> float:
+    """One generated token: the same terms as the prefill formula for a single query attending to
+    `context_per_layer[l]` cached keys (linear layers 2(2d^2 + 2 d d_kv + 3dm), attention 4 d c + 5 H c,
+    elementwise 17 d), plus the LM head."""
+    d, m, h = shape.hidden, shape.ffn, shape.heads
+    linear = 2 * (2 * d * d + 2 * d * shape.kv_width + 3 * d * m) + 17 * d
+    attention = sum(4 * c * d + 5 * h * c for c in context_per_layer)
+    return shape.layers * linear + attention + shape.hidden * shape.vocab
+
+
+def vit_flops(hidden: int, ffn: int, layers: int, tokens: int, images: int) -> float:
+    """Vision transformer encoder: per layer 2n(4d^2 + 2dm) for the projections and MLP, 4 n^2 d for
+    attention; times the number of images/frames encoded. Not reduced by AIM."""
+    per_layer = 2 * tokens * (4 * hidden * hidden + 2 * hidden * ffn) + 4 * tokens * tokens * hidden
+    return float(layers * per_layer * images)

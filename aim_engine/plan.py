@@ -1,0 +1,134 @@
+"""ReductionPlan: the per-request knobs of AIM, validated, plus the pruning schedule.
+
+One plan = how much to merge visual tokens before the LLM, and over which layers to prune them inside it.
+The empty plan (`ReductionPlan()`) is the untouched model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+IMPORTANCE_METHODS = ("pagerank", "text")
+
+# Paper defaults (aim-method.md §2): prune from layer l1 until no visual token is left at layer l2.
+_PAPER_PRUNE_RANGES = {28: (14, 22), 32: (13, 21)}
+# For other depths the defaults are scaled by depth: l1 = 0.5 L, l2 = 0.79 L.
+_L1_FRACTION, _L2_FRACTION = 0.5, 0.79
+# Paper default merge: 196 -> 49 tokens per frame, i.e. 25% retention.
+DEFAULT_MERGE_RETENTION = 0.25
+
+
+class PlanError(ValueError):
+    """A plan value is out of range; the message says which and what is allowed."""
+
+
+@dataclass(frozen=True)
+class ReductionPlan:
+    """What AIM does to one request.
+
+    merge_tokens: target visual tokens per frame / image crop after merging (absolute), or
+    merge_retention: target as a fraction of each frame's tokens, in (0, 1]. At most one of the two.
+    prune_start / prune_end: the layer range [l1, l2) of progressive pruning; both or neither.
+        Layer l keeps max(0, 1 - (l - l1 + 1) / (l2 - l1)) of the merged visual tokens for l >= l1.
+    importance: how visual tokens are ranked for pruning: "pagerank" (the paper's attention-graph
+        score) or "text" (attention the text tokens pay to each visual token).
+    """
+
+    merge_tokens: int | None = None
+    merge_retention: float | None = None
+    prune_start: int | None = None
+    prune_end: int | None = None
+    importance: str = "pagerank"
+
+    def __post_init__(self) -> None:
+        if self.merge_tokens is not None and self.merge_retention is not None:
+            raise PlanError("give either merge_tokens or merge_retention, not both")
+        if self.merge_tokens is not None and self.merge_tokens < 1:
+            raise PlanError(f"merge_tokens must be >= 1 (tokens per frame), got {self.merge_tokens}")
+        if self.merge_retention is not None and not (0.0 < self.merge_retention <= 1.0):
+            raise PlanError(f"merge_retention must be in (0, 1], got {self.merge_retention}")
+        if (self.prune_start is None) != (self.prune_end is None):
+            raise PlanError("prune_start and prune_end must be given together")
+        if self.prune_start is not None:
+            # The decision for layer l uses layer l-1's attention graph, so layer 0 cannot prune.
+            if self.prune_start < 1:
+                raise PlanError(f"prune_start must be >= 1, got {self.prune_start}")
+            if self.prune_end <= self.prune_start:
+                raise PlanError(
+                    f"prune_end must be greater than prune_start, got {self.prune_start}..{self.prune_end}"
+                )
+        if self.importance not in IMPORTANCE_METHODS:
+            raise PlanError(f"importance must be one of {IMPORTANCE_METHODS}, got {self.importance!r}")
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def default_for_depth(cls, num_layers: int, importance: str = "pagerank") -> "ReductionPlan":
+        """The paper's default plan (25% merge, prune l1..l2) for an LLM with `num_layers` layers."""
+        l1, l2 = default_prune_range(num_layers)
+        return cls(merge_retention=DEFAULT_MERGE_RETENTION, prune_start=l1, prune_end=l2, importance=importance)
+
+    def with_merge_only(self) -> "ReductionPlan":
+        return replace(self, prune_start=None, prune_end=None)
+
+    # ---- queries ------------------------------------------------------------------------------
+    @property
+    def merges(self) -> bool:
+        return self.merge_tokens is not None or (
+            self.merge_retention is not None and self.merge_retention < 1.0
+        )
+
+    @property
+    def prunes(self) -> bool:
+        return self.prune_start is not None
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.merges and not self.prunes
+
+    def check_depth(self, num_layers: int) -> None:
+        """Raises PlanError if the prune range does not fit an LLM of `num_layers` layers."""
+        if self.prunes and self.prune_start >= num_layers:
+            raise PlanError(
+                f"prune_start {self.prune_start} is beyond the model's {num_layers} layers (0..{num_layers - 1})"
+            )
+
+    def merge_target(self, group_size: int) -> int:
+        """Tokens a frame/crop of `group_size` tokens keeps after merging."""
+        if self.merge_tokens is not None:
+            return min(group_size, self.merge_tokens)
+        if self.merge_retention is not None:
+            return min(group_size, max(1, round(group_size * self.merge_retention)))
+        return group_size
+
+    def keep_ratio_at_layer(self, layer: int) -> float:
+        """Share of the merged visual tokens present at `layer` (aim-method.md §2)."""
+        if not self.prunes or layer < self.prune_start:
+            return 1.0
+        return max(0.0, 1.0 - (layer - self.prune_start + 1) / (self.prune_end - self.prune_start))
+
+    def visual_tokens_per_layer(self, merged_visual: int, num_layers: int) -> list[int]:
+        """Visual tokens entering each layer, given the count after merging. Non-increasing (nested)."""
+        counts = []
+        for layer in range(num_layers):
+            counts.append(min(merged_visual, math.floor(merged_visual * self.keep_ratio_at_layer(layer))))
+        return counts
+
+    def describe(self) -> str:
+        parts = []
+        if self.merge_tokens is not None:
+            parts.append(f"merge→{self.merge_tokens}/frame")
+        elif self.merge_retention is not None:
+            parts.append(f"merge→{self.merge_retention:.3g}")
+        if self.prunes:
+            parts.append(f"prune {self.prune_start}-{self.prune_end} ({self.importance})")
+        return ", ".join(parts) or "none"
+
+
+def default_prune_range(num_layers: int) -> tuple[int, int]:
+    """The paper's (l1, l2) for 28- and 32-layer LLMs; scaled by depth otherwise."""
+    if num_layers in _PAPER_PRUNE_RANGES:
+        return _PAPER_PRUNE_RANGES[num_layers]
+    l1 = max(1, round(_L1_FRACTION * num_layers))
+    l2 = max(l1 + 1, round(_L2_FRACTION * num_layers))
+    return l1, l2

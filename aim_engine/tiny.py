@@ -1,0 +1,102 @@
+"""Tiny randomly initialised checkpoints of each supported family, built from configs (never downloaded):
+for tests, for the quickstart demo until a trained model exists, and for timing benchmarks.
+
+Each is saved as a normal checkpoint directory (config, weights, tokenizer, image processor, chat template)
+and loaded by the engine like any other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<image>", "<video>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>", "<|endoftext|>"]
+
+_CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.content is string %}{{ m.content }}{% else %}{% for c in m.content %}"
+    "{% if c.type == 'image' %}{IMAGE}{% elif c.type == 'video' %}{VIDEO}"
+    "{% elif c.type == 'text' %}{{ c.text }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def chat_template(image: str, video: str) -> str:
+    return _CHATML.replace("{IMAGE}", image).replace("{VIDEO}", video)
+
+
+def build_tokenizer():
+    """A byte-level BPE tokenizer with no merges (one token per byte) plus the special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
+    return tokenizer
+
+
+def _qwen2_text_config(tokenizer, layers: int, hidden: int, heads: int, kv_heads: int, ffn: int):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+
+
+def build_llava_onevision(path: str | Path, layers: int = 4, hidden: int = 64, image_size: int = 32,
+                          patch_size: int = 8, seed: int = 0) -> Path:
+    """A tiny LLaVA-OneVision: SigLIP 4x4 patches per 32-px view, Qwen2 LM with `layers` layers."""
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              SiglipVisionConfig)
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    path = Path(path)
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = chat_template("<image>", "<video>")
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=image_size, patch_size=patch_size)
+    pinpoints = [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size],
+                 [2 * image_size, 2 * image_size]]
+    config = LlavaOnevisionConfig(
+        text_config=_qwen2_text_config(tokenizer, layers, hidden, 4, 2, 2 * hidden),
+        vision_config=vision,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    _scale_up_init(model)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    LlavaOnevisionImageProcessorPil(
+        size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    ).save_pretrained(path)
+    return path
+
+
+def _scale_up_init(model) -> None:
+    """Random init with std 0.02 makes every token look alike; a wider init gives tiny models distinct
+    tokens and attention patterns, so tests of merging/pruning are not trivially satisfied."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "embed" in name or "image_newline" in name:
+                p.normal_(0.0, 1.0)
+            elif p.dim() >= 2:
+                p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5)
