@@ -100,3 +100,75 @@ def _scale_up_init(model) -> None:
                 p.normal_(0.0, 1.0)
             elif p.dim() >= 2:
                 p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5)
+
+
+def build_llava(path: str | Path, layers: int = 4, hidden: int = 64, image_size: int = 32, patch_size: int = 8,
+                seed: int = 0) -> Path:
+    """A tiny LLaVA-1.5: CLIP vision tower (CLS dropped), MLP projector, Llama LM."""
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig, \
+        LlavaForConditionalGeneration
+
+    path = Path(path)
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = chat_template("<image>", "<video>")
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                       max_position_embeddings=4096, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=image_size, patch_size=patch_size, projection_dim=32)
+    config = LlavaConfig(text_config=text, vision_config=vision,
+                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    _scale_up_init(model)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                          image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(path)
+    return path
+
+
+def build_qwen2_vl(path: str | Path, layers: int = 4, hidden: int = 64, patch_size: int = 4, seed: int = 0,
+                   max_pixels: int = 32 * 32) -> Path:
+    """A tiny Qwen2-VL: ViT (patch 4, 2x2 merger, temporal patch 2) + Qwen2 LM with M-RoPE."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    path = Path(path)
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = chat_template("<|vision_start|><|image_pad|><|vision_end|>",
+                                            "<|vision_start|><|video_pad|><|vision_end|>")
+    head_dim = hidden // 4
+    # mrope_section splits head_dim/2 rotary frequencies among (t, h, w)
+    half = head_dim // 2
+    section = [half - 2 * (half // 4), half // 4, half // 4]
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=4096, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section})
+    vision = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=patch_size,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision,
+                           image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+                           video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+                           vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+                           vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"))
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    _scale_up_init(model)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=2, temporal_patch_size=2,
+                             size={"shortest_edge": 8 * 8, "longest_edge": max_pixels},
+                             image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(path)
+    return path
+
+
+BUILDERS = {"llava_onevision": build_llava_onevision, "llava": build_llava, "qwen2_vl": build_qwen2_vl}

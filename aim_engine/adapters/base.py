@@ -93,10 +93,13 @@ class FamilyAdapter:
         return torch.from_numpy(np.stack(out))
 
 
-def vision_config_flops(vision_config, tokens: int, images: int) -> float:
+def encoder_flops(vision_config, tokens: int, images: int) -> float:
+    """Vision encoder FLOPs for `images` views of `tokens` tokens each (flops.vit_flops). Qwen2-VL's vision
+    config names its width `embed_dim` and depth `depth` (its `hidden_size` is the LLM's)."""
     from ..flops import vit_flops
 
-    return vit_flops(
-        vision_config.hidden_size, vision_config.intermediate_size, vision_config.num_hidden_layers,
-        tokens, images,
-    )
+    if hasattr(vision_config, "depth"):
+        width = vision_config.embed_dim
+        return vit_flops(width, int(width * vision_config.mlp_ratio), vision_config.depth, tokens, images)
+    return vit_flops(vision_config.hidden_size, vision_config.intermediate_size,
+                     vision_config.num_hidden_layers, tokens, images)

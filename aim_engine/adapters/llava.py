@@ -1,0 +1,29 @@
+"""LLaVA-1.5-style models (`LlavaForConditionalGeneration`: any vision tower + projector + Llama-family LM):
+images only.
+
+What differs for this family: one fixed-size view per image (e.g. 24x24 = 576 CLIP tokens, or DINOv2's
+16x16), no newline tokens; each image is one merge group. 1-D RoPE.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from .base import EncodedMedia, FamilyAdapter, encoder_flops
+
+
+class LlavaAdapter(FamilyAdapter):
+    family = "llava"
+
+    def encode_images(self, images: list[Image.Image]) -> list[EncodedMedia]:
+        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        with torch.inference_mode():
+            out = self.model.model.get_image_features(pixel_values.to(self.device, self.dtype), return_dict=True)
+        vc = self.config.vision_config
+        encoder_tokens = (pixel_values.shape[-2] // vc.patch_size) * (pixel_values.shape[-1] // vc.patch_size) + 1
+        return [
+            EncodedMedia(kind="image", features=feats, groups=[torch.arange(feats.shape[0], device=feats.device)],
+                         vision_flops=encoder_flops(vc, encoder_tokens, 1))
+            for feats in out.pooler_output
+        ]

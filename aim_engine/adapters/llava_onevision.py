@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from .base import EncodedMedia, FamilyAdapter, vision_config_flops
+from .base import EncodedMedia, FamilyAdapter, encoder_flops
 
 
 class LlavaOnevisionAdapter(FamilyAdapter):
@@ -51,7 +51,7 @@ class LlavaOnevisionAdapter(FamilyAdapter):
             crops = 1 + (hires.numel() > 0) * max(1, round(hires.numel() / base_len))
             encoded.append(EncodedMedia(
                 kind="image", features=feats, groups=groups,
-                vision_flops=vision_config_flops(self.config.vision_config, base_len, crops),
+                vision_flops=encoder_flops(self.config.vision_config, base_len, crops),
             ))
         return encoded
 
@@ -65,5 +65,5 @@ class LlavaOnevisionAdapter(FamilyAdapter):
         groups = [torch.arange(i * per_frame, (i + 1) * per_frame, device=feats.device) for i in range(len(frames))]
         return EncodedMedia(
             kind="video", features=feats, groups=groups,
-            vision_flops=vision_config_flops(self.config.vision_config, self._encoder_tokens(), len(frames)),
+            vision_flops=encoder_flops(self.config.vision_config, self._encoder_tokens(), len(frames)),
         )

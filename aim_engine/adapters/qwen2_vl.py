@@ -1,0 +1,90 @@
+"""Qwen2-VL (ViT with 2x2 patch merger + Qwen2 LM with M-RoPE): images and video.
+
+What differs for this family:
+- The projector output is the vision tower's merger output: one token per 2x2 patches. A video is cut into
+  temporal patches of 2 frames; each temporal slice (t) of h*w tokens is one merge group, as is each image.
+- M-RoPE: every token has a (t, h, w) position. Positions are computed by the model's own `get_rope_index`
+  on the *unmerged* prompt; a merged survivor keeps the position of the token it stands for (the B token it
+  absorbed others into, or itself), and text keeps its positions, so nothing after a merged image shifts.
+  Generated tokens continue from max(position) + 1, as in the model's own decoding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .base import EncodedMedia, FamilyAdapter, encoder_flops
+
+
+class Qwen2VLAdapter(FamilyAdapter):
+    family = "qwen2_vl"
+    supports_video = True
+    uses_mrope = True
+
+    @property
+    def _merge(self) -> int:
+        return self.config.vision_config.spatial_merge_size
+
+    def _vit_flops(self, grid_thw: torch.Tensor) -> float:
+        t, h, w = (int(x) for x in grid_thw)
+        return encoder_flops(self.config.vision_config, h * w, t)
+
+    def encode_images(self, images: list[Image.Image]) -> list[EncodedMedia]:
+        inputs = self.image_processor(images=images, return_tensors="pt")
+        grid = inputs["image_grid_thw"].to(self.device)
+        with torch.inference_mode():
+            out = self.model.model.get_image_features(inputs["pixel_values"].to(self.device, self.dtype), grid,
+                                                      return_dict=True)
+        return [
+            EncodedMedia(kind="image", features=feats, groups=[torch.arange(feats.shape[0], device=feats.device)],
+                         vision_flops=self._vit_flops(g), grid_thw=g)
+            for feats, g in zip(out.pooler_output, grid)
+        ]
+
+    def video_pixels(self, frames: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frames -> (patches, C * tp * p * p) and grid (t, h, w), the layout of the model's video input:
+        frames resized to one size (a multiple of patch * merge), normalised, padded to a multiple of the
+        temporal patch by repeating the last frame; each patch flattened as (C, tp, p, p)."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        ip, vc = self.image_processor, self.config.vision_config
+        p, tp, m = vc.patch_size, vc.temporal_patch_size, self._merge
+        w0, h0 = frames[0].size
+        h, w = smart_resize(h0, w0, factor=p * m, min_pixels=ip.size["shortest_edge"],
+                            max_pixels=ip.size["longest_edge"])
+        x = self.normalize_frames(frames, (h, w)).numpy()  # (T, C, H, W)
+        if x.shape[0] % tp:
+            x = np.concatenate([x, np.repeat(x[-1:], tp - x.shape[0] % tp, axis=0)])
+        gt, gh, gw = x.shape[0] // tp, h // p, w // p
+        c = x.shape[1]
+        x = x.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
+        x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (gt, gh/m, gw/m, m, m, C, tp, p, p)
+        patches = torch.from_numpy(np.ascontiguousarray(x).reshape(gt * gh * gw, c * tp * p * p))
+        return patches, torch.tensor([gt, gh, gw])
+
+    def encode_video(self, frames: list[Image.Image]) -> EncodedMedia:
+        patches, grid = self.video_pixels(frames)
+        grid = grid.to(self.device)
+        with torch.inference_mode():
+            out = self.model.model.get_video_features(patches.to(self.device, self.dtype), grid[None],
+                                                      return_dict=True)
+        feats = out.pooler_output[0]
+        per_t = int(grid[1] * grid[2]) // self._merge**2
+        groups = [torch.arange(i * per_t, (i + 1) * per_t, device=feats.device) for i in range(int(grid[0]))]
+        return EncodedMedia(kind="video", features=feats, groups=groups, vision_flops=self._vit_flops(grid),
+                            grid_thw=grid)
+
+    def mrope_positions(self, full_ids: torch.Tensor, media: list[EncodedMedia]) -> torch.Tensor:
+        types = torch.zeros_like(full_ids, dtype=torch.int32)
+        types[full_ids == self.image_token_id] = 1
+        types[full_ids == self.video_token_id] = 2
+        images = [m.grid_thw for m in media if m.kind == "image"]
+        videos = [m.grid_thw for m in media if m.kind == "video"]
+        positions, _ = self.model.model.get_rope_index(
+            full_ids, types,
+            image_grid_thw=torch.stack(images) if images else None,
+            video_grid_thw=torch.stack(videos) if videos else None,
+        )
+        return positions
