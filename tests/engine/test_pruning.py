@@ -1,0 +1,121 @@
+"""Physical pruning is exact: with the same kept sets, a full-length run in which pruned tokens are masked out
+(keys) from their decision layer on, with original positions, gives the same logits as the run where they
+are removed — in prefill and over 24 decode steps. Plus the structural guarantees of the kept sets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from aim_engine import GenerationRequest, ImagePart, ReductionPlan, SamplingParams, TextPart, VideoPart
+from aim_engine.decoder import decode_step, prefill
+from tests.conftest import random_frames, random_image
+
+DECODE_STEPS = 24
+LAYERS = 6
+
+
+def physical_run(engine, prepared, plan, steps):
+    pre = prefill(engine.lm, prepared.embeds, prepared.position_ids, prepared.is_visual, plan, steps,
+                  record_kept=True)
+    logits, tokens = [pre.logits], []
+    for step in range(steps):
+        tokens.append(int(torch.argmax(logits[-1])))
+        token = torch.tensor([[tokens[-1]]])
+        logits.append(decode_step(engine.lm, token, engine.decode_positions(prepared, step), pre.cache))
+    return pre, torch.stack(logits), tokens
+
+
+@torch.inference_mode()
+def masked_reference(engine, prepared, kept_per_layer, tokens):
+    """Every token runs through every layer; from a token's decision layer on, no query may attend to it."""
+    lm = engine.lm
+    n = prepared.embeds.shape[1]
+    cache = DynamicCache()
+    cos, sin = lm.rotary_emb(prepared.embeds, prepared.position_ids)
+    causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    alive, hidden = [], prepared.embeds
+    for layer_idx, layer in enumerate(lm.layers):
+        keys_alive = torch.zeros(n, dtype=torch.bool)
+        keys_alive[kept_per_layer[layer_idx]] = True
+        alive.append(keys_alive)
+        mask = (causal & keys_alive[None, :]) | torch.eye(n, dtype=torch.bool)
+        hidden = layer(hidden, attention_mask=mask[None, None], position_embeddings=(cos, sin),
+                       past_key_values=cache, use_cache=True)
+    logits = [lm.lm_head(lm.norm(hidden[:, -1:]))[0, -1].float()]
+    for step, token in enumerate(tokens):
+        hidden = lm.embed_tokens(torch.tensor([[token]]))
+        cos, sin = lm.rotary_emb(hidden, engine.decode_positions(prepared, step))
+        for layer_idx, layer in enumerate(lm.layers):
+            mask = torch.cat([alive[layer_idx], torch.ones(step + 1, dtype=torch.bool)])
+            hidden = layer(hidden, attention_mask=mask[None, None, None], position_embeddings=(cos, sin),
+                           past_key_values=cache, use_cache=True)
+        logits.append(lm.lm_head(lm.norm(hidden))[0, -1].float())
+    return torch.stack(logits)
+
+
+def cases():
+    yield "llava_onevision", "video", [VideoPart(frames=random_frames(5, 6, (64, 64))), TextPart("What moves?")]
+    yield "llava_onevision", "image+video", [ImagePart(image=random_image(6)), TextPart("and"),
+                                             VideoPart(frames=random_frames(7, 4, (64, 64))), TextPart("Same?")]
+    yield "llava", "two-images", [ImagePart(image=random_image(8)), ImagePart(image=random_image(9)),
+                                  TextPart("Which is brighter?")]
+    yield "qwen2_vl", "image+video", [ImagePart(image=random_image(10, (32, 48))), TextPart("then"),
+                                      VideoPart(frames=random_frames(11, 4)), TextPart("Describe.")]
+
+
+PLANS = {
+    "merge+prune/pagerank": ReductionPlan(merge_retention=0.5, prune_start=2, prune_end=5, importance="pagerank"),
+    "prune-only/text": ReductionPlan(prune_start=1, prune_end=4, importance="text"),
+}
+
+
+@pytest.mark.parametrize("family,case,parts", list(cases()), ids=[f"{f}-{c}" for f, c, _ in cases()])
+@pytest.mark.parametrize("plan_name", list(PLANS))
+def test_physical_pruning_equals_masked_reference(engine_for, family, case, parts, plan_name):
+    engine = engine_for(family, layers=LAYERS, image_size=64) if family != "qwen2_vl" else \
+        engine_for(family, layers=LAYERS)
+    plan = PLANS[plan_name]
+    prepared = engine.prepare(GenerationRequest(parts), plan)
+    pre, logits, tokens = physical_run(engine, prepared, plan, DECODE_STEPS)
+
+    # something was actually pruned, and the KV cache of later layers is physically shorter
+    assert pre.visual_per_layer[0] > 0 and pre.visual_per_layer[-1] < pre.visual_per_layer[0]
+    for layer_idx, n_tokens in enumerate(pre.tokens_per_layer):
+        assert pre.cache.get_seq_length(layer_idx) == n_tokens + DECODE_STEPS
+
+    reference = masked_reference(engine, prepared, pre.kept_per_layer, tokens)
+    torch.testing.assert_close(logits, reference, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("importance", ["pagerank", "text"])
+def test_kept_sets_are_nested_keep_all_text_and_follow_the_schedule(engine_for, importance):
+    engine = engine_for("llava_onevision", layers=LAYERS, image_size=64)
+    plan = ReductionPlan(merge_tokens=8, prune_start=2, prune_end=5, importance=importance)
+    parts = [TextPart("Look:"), VideoPart(frames=random_frames(12, 5, (64, 64))), TextPart("Count them.")]
+    prepared = engine.prepare(GenerationRequest(parts), plan)
+    pre = prefill(engine.lm, prepared.embeds, prepared.position_ids, prepared.is_visual, plan, 1, record_kept=True)
+
+    merged_visual = int(prepared.is_visual.sum())
+    assert merged_visual == 5 * 8 + 1  # 8 per frame after merging, plus the video's newline token
+    assert pre.visual_per_layer == plan.visual_tokens_per_layer(merged_visual, LAYERS)
+    text = set(torch.nonzero(~prepared.is_visual).flatten().tolist())
+    for earlier, later in zip(pre.kept_per_layer, pre.kept_per_layer[1:]):
+        assert set(later.tolist()) <= set(earlier.tolist())
+    for kept in pre.kept_per_layer:
+        assert text <= set(kept.tolist())
+        assert torch.all(kept[1:] > kept[:-1])  # original order
+
+
+def test_importance_methods_choose_differently(engine_for):
+    engine = engine_for("llava_onevision", layers=LAYERS, image_size=64)
+    parts = [VideoPart(frames=random_frames(13, 4, (64, 64))), TextPart("What is shown?")]
+    kept = {}
+    for importance in ("pagerank", "text"):
+        plan = ReductionPlan(prune_start=1, prune_end=4, importance=importance)
+        prepared = engine.prepare(GenerationRequest(parts), plan)
+        pre = prefill(engine.lm, prepared.embeds, prepared.position_ids, prepared.is_visual, plan, 1,
+                      record_kept=True)
+        kept[importance] = pre.kept_per_layer[2].tolist()
+    assert kept["pagerank"] != kept["text"]
