@@ -1,0 +1,120 @@
+"""The engine's public behaviour: streaming, sampling, stop conditions, stats and request errors."""
+
+import pytest
+
+from aim_engine import (GenerationRequest, ImagePart, MediaError, PlanError, ReductionPlan, RequestError,
+                        SamplingParams, TextPart, TokenDelta, VideoPart)
+from aim_engine.errors import GenerationError
+from tests.conftest import random_frames, random_image
+from tests.media_samples import encode_image, encode_video
+
+
+def video_request(**sampling):
+    return GenerationRequest([VideoPart(data=encode_video(frames=16), mime_type="video/mp4", num_frames=6),
+                              TextPart("What moves?")], SamplingParams(**sampling))
+
+
+def test_stream_deltas_concatenate_to_the_final_text(engine_for):
+    engine = engine_for("llava_onevision")
+    events = list(engine.stream(video_request(max_new_tokens=20)))
+    result = events[-1]
+    deltas = [e for e in events[:-1] if isinstance(e, TokenDelta)]
+    assert len(events) - 1 == len(deltas) and deltas
+    assert "".join(d.text for d in deltas) == result.text
+    assert result.finish_reason in ("length", "stop") and result.stats.completion_tokens == len(result.token_ids)
+
+
+def test_sampling_is_reproducible_by_seed_and_differs_from_greedy(engine_for):
+    engine = engine_for("llava_onevision")
+    a = engine.generate(video_request(max_new_tokens=16, temperature=1.5, seed=7))
+    b = engine.generate(video_request(max_new_tokens=16, temperature=1.5, seed=7))
+    c = engine.generate(video_request(max_new_tokens=16, temperature=1.5, seed=8))
+    greedy = engine.generate(video_request(max_new_tokens=16))
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids or a.token_ids != greedy.token_ids
+    # top_p that keeps only the single most likely token is greedy
+    nucleus = engine.generate(video_request(max_new_tokens=16, temperature=1.0, top_p=1e-6, seed=3))
+    assert nucleus.token_ids == greedy.token_ids
+
+
+def test_stop_string_ends_generation_and_is_not_returned(engine_for):
+    engine = engine_for("llava_onevision")
+    full = engine.generate(video_request(max_new_tokens=24))
+    stop = full.text[5:7]
+    assert len(stop) == 2
+    result = engine.generate(video_request(max_new_tokens=24, stop=(stop,)))
+    assert result.finish_reason == "stop"
+    assert result.text == full.text[: full.text.find(stop)]
+
+
+def test_cancellation_stops_at_the_next_decode_step(engine_for):
+    engine = engine_for("llava_onevision")
+    calls = []
+    result = engine.generate(video_request(max_new_tokens=50), should_stop=lambda: calls.append(1) or len(calls) >= 3)
+    assert result.finish_reason == "cancelled" and len(result.token_ids) == 3
+
+
+def test_stats_account_for_the_plan(engine_for):
+    engine = engine_for("llava_onevision", layers=6, image_size=64)
+    full = engine.generate(video_request(max_new_tokens=4))
+    plan = ReductionPlan(merge_retention=0.25, prune_start=2, prune_end=5)
+    cut = engine.generate(video_request(max_new_tokens=4), plan)
+    s, c = full.stats, cut.stats
+    assert s.visual_tokens_in == c.visual_tokens_in == 6 * 16 + 1
+    assert s.visual_tokens_merged == s.visual_tokens_in and c.visual_tokens_merged == 6 * 4 + 1
+    assert c.visual_tokens_per_layer == plan.visual_tokens_per_layer(c.visual_tokens_merged, 6)
+    assert c.prefill_flops_baseline == s.prefill_flops_baseline == s.prefill_flops
+    assert c.prefill_flops < c.prefill_flops_baseline and 0 < c.saved_fraction < 1
+    assert c.kv_cache_bytes < s.kv_cache_bytes
+    assert c.vision_flops == s.vision_flops > 0  # the encoder is not reduced
+    assert c.retention == pytest.approx(25 / 97)
+    t = c.timings
+    assert t.total_s >= t.ttft_s >= t.prefill_s > 0 and t.media_s > 0 and t.vision_s > 0
+
+
+def test_image_bytes_end_to_end_for_each_family(engine_for):
+    for family in ("llava_onevision", "llava", "qwen2_vl"):
+        engine = engine_for(family)
+        request = GenerationRequest([ImagePart(data=encode_image("JPEG"), mime_type="image/jpeg"),
+                                     TextPart("What is it?")], SamplingParams(max_new_tokens=3))
+        result = engine.generate(request, engine.default_plan())
+        assert result.stats.visual_tokens_merged < result.stats.visual_tokens_in
+
+
+@pytest.mark.parametrize("parts,error,message", [
+    ([ImagePart(image=random_image(0))], RequestError, "no text"),
+    ([TextPart("   ")], RequestError, "no text"),
+    ([TextPart("two <image> here"), ImagePart(image=random_image(0))], RequestError, "placeholder"),
+    ([ImagePart(data=b"garbage", mime_type="image/png"), TextPart("hi")], MediaError, "cannot decode"),
+    ([ImagePart(), TextPart("hi")], RequestError, "neither bytes"),
+    ([VideoPart(frames=[]), TextPart("hi")], RequestError, "empty list of frames"),
+    ([VideoPart(frames=random_frames(0, 65)), TextPart("hi")], RequestError, "limit is 64"),
+])
+def test_bad_requests_raise_typed_errors(engine_for, parts, error, message):
+    with pytest.raises(error, match=message):
+        engine_for("llava_onevision").generate(GenerationRequest(parts))
+
+
+def test_video_to_an_image_only_family_is_a_request_error(engine_for):
+    request = GenerationRequest([VideoPart(frames=random_frames(0, 2)), TextPart("hi")])
+    with pytest.raises(RequestError, match="does not accept video"):
+        engine_for("llava").generate(request)
+
+
+def test_plan_beyond_the_model_depth_is_rejected(engine_for):
+    request = GenerationRequest([TextPart("hi")])
+    with pytest.raises(PlanError, match="beyond the model"):
+        engine_for("llava").generate(request, ReductionPlan(prune_start=10, prune_end=12))
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0),
+                                    dict(top_p=1.5), dict(stop=("",))])
+def test_bad_sampling_params(kwargs):
+    with pytest.raises(GenerationError):
+        SamplingParams(**kwargs)
+
+
+def test_text_only_prompt_works(engine_for):
+    result = engine_for("qwen2_vl").generate(GenerationRequest([TextPart("Hello")], SamplingParams(max_new_tokens=3)),
+                                             ReductionPlan(merge_retention=0.5, prune_start=1, prune_end=3))
+    assert result.stats.visual_tokens_in == 0 and result.stats.saved_fraction == 0

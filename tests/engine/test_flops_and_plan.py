@@ -1,0 +1,70 @@
+import pytest
+
+from aim_engine.flops import LLMShape, decode_step_flops, layer_prefill_flops, prefill_flops
+from aim_engine.plan import PlanError, ReductionPlan, default_prune_range
+
+QWEN2_7B = LLMShape(hidden=3584, ffn=18944, heads=28, kv_heads=4, vocab=152064, layers=28)
+FRAMES, TEXT = 32, 100  # the paper's video setting
+
+
+def tflops(plan: ReductionPlan, per_frame: int = 196) -> float:
+    merged = FRAMES * plan.merge_target(per_frame)
+    visual = plan.visual_tokens_per_layer(merged, QWEN2_7B.layers)
+    return prefill_flops(QWEN2_7B, [TEXT + v for v in visual]) / 1e12
+
+
+def test_spec_check_values_qwen2_7b_32_frames():
+    assert tflops(ReductionPlan()) == pytest.approx(99.63, abs=0.005)
+    assert tflops(ReductionPlan(merge_tokens=49)) == pytest.approx(22.90, abs=0.005)
+    assert tflops(ReductionPlan.default_for_depth(28)) == pytest.approx(14.76, abs=0.005)
+
+
+def test_decode_step_matches_the_prefill_terms_for_one_token():
+    # one token with an empty cache: the prefill formula for n=1 minus its n^2 terms plus c=1 attention
+    one = decode_step_flops(QWEN2_7B, [1] * 28)
+    assert one == pytest.approx(28 * layer_prefill_flops(QWEN2_7B, 1) + 3584 * 152064)
+
+
+def test_schedule_matches_paper_formula():
+    plan = ReductionPlan(prune_start=14, prune_end=22)
+    assert [plan.keep_ratio_at_layer(l) for l in (0, 13)] == [1.0, 1.0]
+    assert plan.keep_ratio_at_layer(14) == pytest.approx(0.875)
+    assert plan.keep_ratio_at_layer(21) == 0.0 and plan.keep_ratio_at_layer(27) == 0.0
+    counts = plan.visual_tokens_per_layer(1568, 28)
+    assert counts[:15] == [1568] * 14 + [1372] and counts[20] == 196 and counts[21:] == [0] * 7
+
+
+def test_default_ranges():
+    assert default_prune_range(28) == (14, 22)
+    assert default_prune_range(32) == (13, 21)
+    assert default_prune_range(24) == (12, 19)  # scaled: 0.5 L, 0.79 L
+    plan = ReductionPlan.default_for_depth(24)
+    assert plan.merge_retention == 0.25 and (plan.prune_start, plan.prune_end) == (12, 19)
+
+
+def test_empty_plan():
+    plan = ReductionPlan()
+    assert plan.is_empty and plan.merge_target(196) == 196
+    assert plan.visual_tokens_per_layer(50, 4) == [50] * 4
+    assert ReductionPlan(merge_retention=1.0).is_empty
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(merge_tokens=0), "merge_tokens must be >= 1"),
+    (dict(merge_retention=0.0), "merge_retention must be in"),
+    (dict(merge_retention=1.5), "merge_retention must be in"),
+    (dict(merge_tokens=4, merge_retention=0.5), "not both"),
+    (dict(prune_start=3), "together"),
+    (dict(prune_start=0, prune_end=4), "prune_start must be >= 1"),
+    (dict(prune_start=5, prune_end=5), "greater than"),
+    (dict(importance="random"), "importance must be one of"),
+])
+def test_invalid_plans_have_clear_errors(kwargs, message):
+    with pytest.raises(PlanError, match=message):
+        ReductionPlan(**kwargs)
+
+
+def test_prune_range_must_fit_the_model():
+    with pytest.raises(PlanError, match="beyond the model's 4 layers"):
+        ReductionPlan(prune_start=4, prune_end=6).check_depth(4)
+    ReductionPlan(prune_start=3, prune_end=9).check_depth(4)  # l2 past the end: prunes until the last layer
