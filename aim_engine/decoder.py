@@ -13,6 +13,7 @@ capture runs only on those layers; all attention calls go through SDPA.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -44,10 +45,20 @@ class _ScoreRequest:
     method: str
     is_visual: torch.Tensor
     scores: torch.Tensor | None = None
+    seconds: float = 0.0
 
     def capture(self, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+        start = _synced_clock(query)
         # batch size 1: (1, H, n, hd) -> (H, n, hd)
         self.scores = score_tokens(self.method, query[0], key[0], scale, self.is_visual)
+        self.seconds = _synced_clock(query) - start
+
+
+def _synced_clock(tensor: torch.Tensor) -> float:
+    """Wall clock after the device has finished queued work (only decision layers pay the sync)."""
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+    return time.perf_counter()
 
 
 class LayeredKVCache:
@@ -112,6 +123,7 @@ class PrefillResult:
     tokens_per_layer: list[int]
     visual_per_layer: list[int]
     kept_per_layer: list[torch.Tensor] = field(default_factory=list)  # indices into the prompt, if recorded
+    scoring_s: float = 0.0  # time spent computing importance scores
 
 
 @torch.inference_mode()
@@ -157,6 +169,8 @@ def prefill(
                            use_cache=True)
         finally:
             attn._aim_score_request = None
+        if request is not None:
+            result.scoring_s += request.seconds
         if isinstance(hidden, tuple):
             hidden = hidden[0]
 

@@ -43,12 +43,15 @@ class ImagePart:
 
 @dataclass
 class VideoPart:
-    """Encoded video bytes + MIME type + frames to sample, or already decoded frames."""
+    """Encoded video bytes + MIME type + frames to sample, or already decoded frames. `fps` is frames per
+    second of the source timeline (taken from the container when decoding bytes); models with a time axis in
+    their positions (Qwen2.5-VL) use it, others ignore it."""
 
     data: bytes | None = None
     mime_type: str = ""
     num_frames: int = 8
     frames: list[Image.Image] | None = None
+    fps: float | None = None
 
 
 Part = Union[TextPart, ImagePart, VideoPart]
@@ -184,7 +187,8 @@ class AimEngine:
             elif isinstance(part, VideoPart) and part.frames is None:
                 if part.data is None:
                     raise RequestError("a video part has neither bytes nor decoded frames")
-                part = VideoPart(frames=decode_video(part.data, part.mime_type, part.num_frames, self.limits))
+                clip = decode_video(part.data, part.mime_type, part.num_frames, self.limits)
+                part = VideoPart(frames=clip.frames, fps=clip.fps)
             elif isinstance(part, VideoPart):
                 if not part.frames:
                     raise RequestError("a video part has an empty list of frames")
@@ -203,7 +207,7 @@ class AimEngine:
             elif isinstance(part, VideoPart):
                 if not self.adapter.supports_video:
                     raise RequestError(f"model family {self.adapter.family} does not accept video")
-                media.append(self.adapter.encode_video(part.frames))
+                media.append(self.adapter.encode_video(part.frames, part.fps))
         return media
 
     def render_prompt(self, request: GenerationRequest) -> str:
@@ -236,9 +240,8 @@ class AimEngine:
         return self._assemble(ids, media, plan)
 
     def _assemble(self, ids: torch.Tensor, media: list[EncodedMedia], plan: ReductionPlan) -> PreparedPrompt:
-        placeholder_ids = {self.adapter.placeholder_id(m.kind) for m in media}
         is_placeholder = torch.zeros_like(ids, dtype=torch.bool)
-        for pid in placeholder_ids | {self.adapter.image_token_id, self.adapter.video_token_id} - {None}:
+        for pid in {self.adapter.image_token_id, self.adapter.video_token_id} - {None}:
             is_placeholder |= ids == pid
         slots = torch.nonzero(is_placeholder).flatten().tolist()
         if len(slots) != len(media):
@@ -309,7 +312,7 @@ class AimEngine:
         t_prefill = time.perf_counter()
         pre = prefill(self.lm, prepared.embeds, prepared.position_ids, prepared.is_visual, plan,
                       decode_capacity=params.max_new_tokens)
-        sampler = TokenSampler(params, self.adapter.device)
+        sampler = TokenSampler(params)
         token = sampler(pre.logits)
         t_first = time.perf_counter()
         stats.timings.prefill_s = t_first - t_prefill

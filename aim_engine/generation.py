@@ -34,7 +34,7 @@ class SamplingParams:
 
 
 class TokenSampler:
-    def __init__(self, params: SamplingParams, device: torch.device):
+    def __init__(self, params: SamplingParams):
         self.params = params
         self.generator = None
         if params.temperature > 0:

@@ -18,6 +18,14 @@ VIDEO_MIME_TYPES = {"video/mp4", "video/webm", "video/x-matroska", "video/matros
                     "video/x-msvideo", "video/avi", "image/gif"}
 
 
+@dataclass
+class VideoClip:
+    """Frames sampled from a video, and how many of them per second of the source (None if unknown)."""
+
+    frames: list[Image.Image]
+    fps: float | None
+
+
 @dataclass(frozen=True)
 class MediaLimits:
     max_bytes: int = 64 * 1024 * 1024  # per item
@@ -55,7 +63,7 @@ def decode_image(data: bytes, mime_type: str, limits: MediaLimits = MediaLimits(
 
 
 def decode_video(data: bytes, mime_type: str, num_frames: int, limits: MediaLimits = MediaLimits()
-                 ) -> list[Image.Image]:
+                 ) -> VideoClip:
     """Decodes a video and returns `num_frames` RGB frames sampled uniformly over its length."""
     import av
 
@@ -74,6 +82,7 @@ def decode_video(data: bytes, mime_type: str, num_frames: int, limits: MediaLimi
             if not container.streams.video:
                 raise MediaError(MediaError.CORRUPT, "the file has no video stream")
             stream = container.streams.video[0]
+            seconds = None
             if stream.duration and stream.time_base:
                 seconds = float(stream.duration * stream.time_base)
                 if seconds > limits.max_video_seconds:
@@ -96,7 +105,10 @@ def decode_video(data: bytes, mime_type: str, num_frames: int, limits: MediaLimi
                          "check that the bytes are a complete file of the declared type") from None
     if not frames:
         raise MediaError(MediaError.CORRUPT, "the video contains no decodable frames")
-    return [Image.fromarray(frames[i]) for i in sample_frame_indices(len(frames), num_frames)]
+    if not seconds and stream.average_rate:
+        seconds = len(frames) / float(stream.average_rate)
+    picked = [Image.fromarray(frames[i]) for i in sample_frame_indices(len(frames), num_frames)]
+    return VideoClip(picked, num_frames / seconds if seconds else None)
 
 
 def sample_frame_indices(total: int, wanted: int) -> list[int]:

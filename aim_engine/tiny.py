@@ -133,9 +133,11 @@ def build_llava(path: str | Path, layers: int = 4, hidden: int = 64, image_size:
 
 
 def build_qwen2_vl(path: str | Path, layers: int = 4, hidden: int = 64, patch_size: int = 4, seed: int = 0,
-                   max_pixels: int = 32 * 32) -> Path:
-    """A tiny Qwen2-VL: ViT (patch 4, 2x2 merger, temporal patch 2) + Qwen2 LM with M-RoPE."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+                   max_pixels: int = 32 * 32, version: str = "2") -> Path:
+    """A tiny Qwen2-VL (version "2") or Qwen2.5-VL ("2.5"): ViT (patch 4, 2x2 merger, temporal patch 2) +
+    Qwen2 LM with M-RoPE."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     path = Path(path)
@@ -148,18 +150,24 @@ def build_qwen2_vl(path: str | Path, layers: int = 4, hidden: int = 64, patch_si
     section = [half - 2 * (half // 4), half // 4, half // 4]
     text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                 num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                max_position_embeddings=4096, eos_token_id=tokenizer.eos_token_id,
+                max_position_embeddings=4096, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
                 pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section})
-    vision = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=patch_size,
-                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-    config = Qwen2VLConfig(text_config=text, vision_config=vision,
-                           image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-                           video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-                           vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-                           vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"))
+    common = dict(patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    if version == "2":
+        config_cls, model_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+        vision = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2, **common)
+    else:
+        config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=hidden, num_heads=2,
+                      window_size=4 * patch_size * 2, fullatt_block_indexes=[1], tokens_per_second=4, **common)
+    config = config_cls(text_config=text, vision_config=vision,
+                        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+                        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+                        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+                        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"))
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
+    model = model_cls(config).eval()
     _scale_up_init(model)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -171,4 +179,9 @@ def build_qwen2_vl(path: str | Path, layers: int = 4, hidden: int = 64, patch_si
     return path
 
 
-BUILDERS = {"llava_onevision": build_llava_onevision, "llava": build_llava, "qwen2_vl": build_qwen2_vl}
+def build_qwen2_5_vl(path: str | Path, **kwargs) -> Path:
+    return build_qwen2_vl(path, version="2.5", **kwargs)
+
+
+BUILDERS = {"llava_onevision": build_llava_onevision, "llava": build_llava, "qwen2_vl": build_qwen2_vl,
+            "qwen2_5_vl": build_qwen2_5_vl}

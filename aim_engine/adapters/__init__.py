@@ -25,10 +25,11 @@ def adapter_for_config(config):
     try:
         from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
+        from .qwen2_5_vl import Qwen2_5VLAdapter
         from .qwen2_vl import Qwen2VLAdapter
 
         table["qwen2_vl"] = (Qwen2VLAdapter, Qwen2VLForConditionalGeneration)
-        table["qwen2_5_vl"] = (Qwen2VLAdapter, Qwen2_5_VLForConditionalGeneration)
+        table["qwen2_5_vl"] = (Qwen2_5VLAdapter, Qwen2_5_VLForConditionalGeneration)
     except ImportError:
         pass
     if config.model_type not in table:

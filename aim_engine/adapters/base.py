@@ -64,7 +64,7 @@ class FamilyAdapter:
     def encode_images(self, images: list[Image.Image]) -> list[EncodedMedia]:
         raise NotImplementedError
 
-    def encode_video(self, frames: list[Image.Image]) -> EncodedMedia:
+    def encode_video(self, frames: list[Image.Image], fps: float | None = None) -> EncodedMedia:
         raise NotImplementedError(f"{self.family} does not take video")
 
     # ---- positions ----------------------------------------------------------------------------
@@ -95,11 +95,11 @@ class FamilyAdapter:
 
 def encoder_flops(vision_config, tokens: int, images: int) -> float:
     """Vision encoder FLOPs for `images` views of `tokens` tokens each (flops.vit_flops). Qwen2-VL's vision
-    config names its width `embed_dim` and depth `depth` (its `hidden_size` is the LLM's)."""
+    config names its width `embed_dim` (its `hidden_size` is the LLM's); Qwen2.5-VL's names its depth `depth`."""
     from ..flops import vit_flops
 
-    if hasattr(vision_config, "depth"):
+    if hasattr(vision_config, "embed_dim"):
         width = vision_config.embed_dim
         return vit_flops(width, int(width * vision_config.mlp_ratio), vision_config.depth, tokens, images)
-    return vit_flops(vision_config.hidden_size, vision_config.intermediate_size,
-                     vision_config.num_hidden_layers, tokens, images)
+    layers = getattr(vision_config, "depth", None) or vision_config.num_hidden_layers
+    return vit_flops(vision_config.hidden_size, vision_config.intermediate_size, layers, tokens, images)

@@ -20,10 +20,9 @@ class LlavaAdapter(FamilyAdapter):
         pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         with torch.inference_mode():
             out = self.model.model.get_image_features(pixel_values.to(self.device, self.dtype), return_dict=True)
-        vc = self.config.vision_config
-        encoder_tokens = (pixel_values.shape[-2] // vc.patch_size) * (pixel_values.shape[-1] // vc.patch_size) + 1
+        per_image = encoder_flops(self.config.vision_config, out.last_hidden_state.shape[1], 1)
         return [
             EncodedMedia(kind="image", features=feats, groups=[torch.arange(feats.shape[0], device=feats.device)],
-                         vision_flops=encoder_flops(vc, encoder_tokens, 1))
+                         vision_flops=per_image)
             for feats in out.pooler_output
         ]

@@ -39,23 +39,25 @@ class LlavaOnevisionAdapter(FamilyAdapter):
             out = self.model.model.get_image_features(
                 pixel_values, image_sizes, batch_num_images=batch_num_images, return_dict=True
             )
+        # views the encoder ran per image (base + anyres crops; a base view only with several images)
+        encoder_tokens = out.last_hidden_state.shape[1]
+        views = [1] * len(images) if len(images) > 1 else [int(out.last_hidden_state.shape[0])]
         base_len = self._encoder_tokens()
         encoded = []
-        for feats in out.pooler_output:
+        for feats, n_views in zip(out.pooler_output, views):
             newline = self._newline_mask(feats)
             idx = torch.arange(feats.shape[0], device=feats.device)
             groups = [idx[:base_len]]
             hires = idx[base_len:][~newline[base_len:]]
             if hires.numel():
                 groups.append(hires)
-            crops = 1 + (hires.numel() > 0) * max(1, round(hires.numel() / base_len))
             encoded.append(EncodedMedia(
                 kind="image", features=feats, groups=groups,
-                vision_flops=encoder_flops(self.config.vision_config, base_len, crops),
+                vision_flops=encoder_flops(self.config.vision_config, encoder_tokens, n_views),
             ))
         return encoded
 
-    def encode_video(self, frames: list[Image.Image]) -> EncodedMedia:
+    def encode_video(self, frames: list[Image.Image], fps: float | None = None) -> EncodedMedia:
         size = self.config.vision_config.image_size
         pixel_values = self.normalize_frames(frames, (size, size))[None].to(self.device, self.dtype)
         with torch.inference_mode():
@@ -65,5 +67,5 @@ class LlavaOnevisionAdapter(FamilyAdapter):
         groups = [torch.arange(i * per_frame, (i + 1) * per_frame, device=feats.device) for i in range(len(frames))]
         return EncodedMedia(
             kind="video", features=feats, groups=groups,
-            vision_flops=encoder_flops(self.config.vision_config, self._encoder_tokens(), len(frames)),
+            vision_flops=encoder_flops(self.config.vision_config, out.last_hidden_state.shape[1], len(frames)),
         )

@@ -64,7 +64,7 @@ class Qwen2VLAdapter(FamilyAdapter):
         patches = torch.from_numpy(np.ascontiguousarray(x).reshape(gt * gh * gw, c * tp * p * p))
         return patches, torch.tensor([gt, gh, gw])
 
-    def encode_video(self, frames: list[Image.Image]) -> EncodedMedia:
+    def encode_video(self, frames: list[Image.Image], fps: float | None = None) -> EncodedMedia:
         patches, grid = self.video_pixels(frames)
         grid = grid.to(self.device)
         with torch.inference_mode():
@@ -86,5 +86,10 @@ class Qwen2VLAdapter(FamilyAdapter):
             full_ids, types,
             image_grid_thw=torch.stack(images) if images else None,
             video_grid_thw=torch.stack(videos) if videos else None,
+            **self.rope_index_kwargs(media),
         )
         return positions
+
+    def rope_index_kwargs(self, media: list[EncodedMedia]) -> dict:
+        """Family-specific extra arguments of the model's `get_rope_index`."""
+        return {}

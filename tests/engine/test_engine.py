@@ -5,7 +5,7 @@ import pytest
 from aim_engine import (GenerationRequest, ImagePart, MediaError, PlanError, ReductionPlan, RequestError,
                         SamplingParams, TextPart, TokenDelta, VideoPart)
 from aim_engine.errors import GenerationError
-from tests.conftest import random_frames, random_image
+from tests.conftest import FAMILIES, random_frames, random_image
 from tests.media_samples import encode_image, encode_video
 
 
@@ -73,7 +73,7 @@ def test_stats_account_for_the_plan(engine_for):
 
 
 def test_image_bytes_end_to_end_for_each_family(engine_for):
-    for family in ("llava_onevision", "llava", "qwen2_vl"):
+    for family in FAMILIES:
         engine = engine_for(family)
         request = GenerationRequest([ImagePart(data=encode_image("JPEG"), mime_type="image/jpeg"),
                                      TextPart("What is it?")], SamplingParams(max_new_tokens=3))

@@ -27,7 +27,7 @@ def hf_inputs(engine, request):
     input_ids = torch.tensor([expanded])
     kwargs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     images = [p.image for p in parts if isinstance(p, ImagePart)]
-    videos = [p.frames for p in parts if isinstance(p, VideoPart)]
+    videos = [p for p in parts if isinstance(p, VideoPart)]
     family = adapter.family
     if images:
         pix = adapter.image_processor(images=images, return_tensors="pt")
@@ -35,17 +35,19 @@ def hf_inputs(engine, request):
         if family == "llava_onevision":
             kwargs["image_sizes"] = pix["image_sizes"]
             kwargs["batch_num_images"] = torch.tensor([len(images)])
-        if family == "qwen2_vl":
+        if family.startswith("qwen"):
             kwargs["image_grid_thw"] = pix["image_grid_thw"]
     if videos:
         if family == "llava_onevision":
             size = adapter.config.vision_config.image_size
-            kwargs["pixel_values_videos"] = adapter.normalize_frames(videos[0], (size, size))[None]
+            kwargs["pixel_values_videos"] = adapter.normalize_frames(videos[0].frames, (size, size))[None]
         else:
-            patches, grid = adapter.video_pixels(videos[0])
+            patches, grid = adapter.video_pixels(videos[0].frames)
             kwargs["pixel_values_videos"] = patches
             kwargs["video_grid_thw"] = grid[None]
-    if family == "qwen2_vl":
+        if family == "qwen2_5_vl":  # seconds per temporal patch of 2 frames
+            kwargs["second_per_grid_ts"] = torch.tensor([2 / videos[0].fps])
+    if family.startswith("qwen"):
         types = torch.zeros_like(input_ids, dtype=torch.int32)
         types[input_ids == adapter.image_token_id] = 1
         types[input_ids == adapter.video_token_id] = 2
@@ -70,7 +72,7 @@ def requests_for(family):
     yield "two-images", [TextPart("Compare"), ImagePart(image=random_image(2)), TextPart("and"),
                          ImagePart(image=random_image(3, (30, 30))), TextPart("please.")]
     if family in VIDEO_FAMILIES:
-        yield "video", [VideoPart(frames=random_frames(4, 4)), TextPart("What happens?")]
+        yield "video", [VideoPart(frames=random_frames(4, 4), fps=8.0), TextPart("What happens?")]
 
 
 CASES = [(f, name) for f in FAMILIES for name, _ in requests_for(f)]

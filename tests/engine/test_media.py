@@ -16,7 +16,9 @@ def test_images_decode_to_rgb(fmt, mime):
                                                   ("webm", "libvpx", "video/webm"),
                                                   ("matroska", "mpeg4", "video/x-matroska")])
 def test_videos_decode_and_sample_uniformly(container, codec, mime):
-    frames = decode_video(encode_video(container, codec), mime, num_frames=4)
+    clip = decode_video(encode_video(container, codec), mime, num_frames=4)
+    frames = clip.frames
+    assert clip.fps == pytest.approx(4 / 1.0, rel=0.1)  # 12 frames at 12 fps = 1 s, 4 sampled
     assert len(frames) == 4 and all(f.size == (64, 64) for f in frames)
     # the white square moves right: its column in the sampled frames increases
     cols = [int(__import__("numpy").asarray(f)[12].sum(-1).argmax()) for f in frames]

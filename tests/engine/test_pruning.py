@@ -63,6 +63,7 @@ def cases():
                                   TextPart("Which is brighter?")]
     yield "qwen2_vl", "image+video", [ImagePart(image=random_image(10, (32, 48))), TextPart("then"),
                                       VideoPart(frames=random_frames(11, 4)), TextPart("Describe.")]
+    yield "qwen2_5_vl", "video", [VideoPart(frames=random_frames(14, 6), fps=3.0), TextPart("Describe.")]
 
 
 PLANS = {
@@ -74,7 +75,7 @@ PLANS = {
 @pytest.mark.parametrize("family,case,parts", list(cases()), ids=[f"{f}-{c}" for f, c, _ in cases()])
 @pytest.mark.parametrize("plan_name", list(PLANS))
 def test_physical_pruning_equals_masked_reference(engine_for, family, case, parts, plan_name):
-    engine = engine_for(family, layers=LAYERS, image_size=64) if family != "qwen2_vl" else \
+    engine = engine_for(family, layers=LAYERS, image_size=64) if family.startswith("llava") else \
         engine_for(family, layers=LAYERS)
     plan = PLANS[plan_name]
     prepared = engine.prepare(GenerationRequest(parts), plan)

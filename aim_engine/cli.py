@@ -1,0 +1,167 @@
+"""Command line: `aim-serve ask` asks a question about images / a video with a chosen plan and prints the
+streamed answer and the request's stats; `aim-serve build-tiny` writes a tiny random checkpoint of a family."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mimetypes
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from .errors import EngineError, ModelLoadError
+from .generation import SamplingParams
+from .plan import IMPORTANCE_METHODS, ReductionPlan
+
+mimetypes.add_type("image/webp", ".webp")
+mimetypes.add_type("video/webm", ".webm")
+mimetypes.add_type("video/x-matroska", ".mkv")
+
+
+def _plan_from_args(args, engine) -> ReductionPlan:
+    if args.plan == "none":
+        return ReductionPlan()
+    if args.plan == "default":
+        return engine.default_plan()
+    prune = args.prune or (None, None)
+    return ReductionPlan(merge_tokens=args.merge_tokens, merge_retention=args.merge_retention,
+                         prune_start=prune[0], prune_end=prune[1], importance=args.importance)
+
+
+def _mime(path: Path) -> str:
+    mime, _ = mimetypes.guess_type(path.name)
+    return mime or "application/octet-stream"
+
+
+def cmd_ask(args) -> int:
+    import torch
+
+    from .engine import AimEngine, GenerationRequest, GenerationResult, ImagePart, TextPart, VideoPart
+
+    engine = AimEngine.load(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    parts = [ImagePart(data=Path(p).read_bytes(), mime_type=_mime(Path(p))) for p in args.image]
+    if args.video:
+        parts.append(VideoPart(data=Path(args.video).read_bytes(), mime_type=_mime(Path(args.video)),
+                               num_frames=args.frames))
+    parts.append(TextPart(args.prompt))
+    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              seed=args.seed, stop=tuple(args.stop))
+    plan = _plan_from_args(args, engine)
+    result = None
+    for event in engine.stream(GenerationRequest(parts, sampling, system=args.system), plan):
+        if isinstance(event, GenerationResult):
+            result = event
+        elif not args.json:
+            print(event.text, end="", flush=True)
+    stats = result.stats
+    if args.json:
+        print(json.dumps({"text": result.text, "finish_reason": result.finish_reason, "plan": asdict(plan),
+                          "stats": asdict(stats) | {"saved_fraction": stats.saved_fraction,
+                                                    "retention": stats.retention}}, indent=2))
+        return 0
+    t = stats.timings
+    print(f"\n\n[{result.finish_reason}] plan: {plan.describe()}")
+    print(f"visual tokens: {stats.visual_tokens_in} in -> {stats.visual_tokens_merged} after merging; "
+          f"per layer {stats.visual_tokens_per_layer}")
+    print(f"LLM prefill: {stats.prefill_flops / 1e9:.3f} GFLOPs of {stats.prefill_flops_baseline / 1e9:.3f} "
+          f"baseline ({100 * stats.saved_fraction:.1f}% saved); vision encoder {stats.vision_flops / 1e9:.3f} "
+          f"GFLOPs (not reduced); decode {stats.decode_flops / 1e9:.3f} GFLOPs")
+    print(f"tokens: prompt {stats.prompt_tokens}, completion {stats.completion_tokens}; "
+          f"KV cache {stats.kv_cache_bytes / 1024:.1f} KiB")
+    print(f"time: media {t.media_s * 1e3:.1f} ms, vision {t.vision_s * 1e3:.1f} ms, prefill {t.prefill_s * 1e3:.1f} ms,"
+          f" first token {t.ttft_s * 1e3:.1f} ms, decode {t.decode_s * 1e3:.1f} ms, total {t.total_s * 1e3:.1f} ms")
+    return 0
+
+
+def cmd_build_tiny(args) -> int:
+    from .tiny import BUILDERS
+
+    kwargs = {"layers": args.layers}
+    if args.family != "qwen2_vl":
+        kwargs["image_size"] = args.image_size
+    path = BUILDERS[args.family](args.out, **kwargs)
+    print(path)
+    return 0
+
+
+def cmd_sample_media(args) -> int:
+    """Writes a small PNG and MP4 (a moving square) to try the engine with."""
+    import av
+    import numpy as np
+    from PIL import Image
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(out / "sample.png")
+    with av.open(str(out / "sample.mp4"), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 96, 96, "yuv420p"
+        for t in range(16):
+            arr = np.full((96, 96, 3), 40, dtype=np.uint8)
+            arr[40:56, 4 * t : 4 * t + 16] = (230, 60, 60)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    print(out / "sample.png")
+    print(out / "sample.mp4")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aim-serve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ask = sub.add_parser("ask", help="ask a question about images / a video")
+    ask.add_argument("--model", required=True, help="local checkpoint directory")
+    ask.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    ask.add_argument("--video", help="video file")
+    ask.add_argument("--frames", type=int, default=8, help="frames sampled uniformly from the video")
+    ask.add_argument("--prompt", required=True)
+    ask.add_argument("--system")
+    ask.add_argument("--plan", choices=["none", "default", "custom"], default="default",
+                     help="none: untouched model; default: the paper's plan for this depth; custom: the flags below")
+    ask.add_argument("--merge-tokens", type=int, help="custom: tokens per frame after merging")
+    ask.add_argument("--merge-retention", type=float, help="custom: share of tokens per frame kept by merging")
+    ask.add_argument("--prune", type=int, nargs=2, metavar=("L1", "L2"), help="custom: prune from L1 to L2")
+    ask.add_argument("--importance", choices=IMPORTANCE_METHODS, default="pagerank")
+    ask.add_argument("--max-new-tokens", type=int, default=64)
+    ask.add_argument("--temperature", type=float, default=0.0)
+    ask.add_argument("--top-p", type=float, default=1.0)
+    ask.add_argument("--seed", type=int)
+    ask.add_argument("--stop", action="append", default=[])
+    ask.add_argument("--device", default="cpu")
+    ask.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ask.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    ask.set_defaults(func=cmd_ask)
+
+    tiny = sub.add_parser("build-tiny", help="write a tiny random checkpoint (tests, demos, timing)")
+    tiny.add_argument("--family", choices=["llava_onevision", "llava", "qwen2_vl"], default="llava_onevision")
+    tiny.add_argument("--layers", type=int, default=4)
+    tiny.add_argument("--image-size", type=int, default=64, help="vision input side (LLaVA families)")
+    tiny.add_argument("--out", required=True)
+    tiny.set_defaults(func=cmd_build_tiny)
+
+    media = sub.add_parser("sample-media", help="write a sample PNG and MP4")
+    media.add_argument("--out", required=True)
+    media.set_defaults(func=cmd_sample_media)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        return args.func(args)
+    except (EngineError, ModelLoadError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
