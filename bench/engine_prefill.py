@@ -1,0 +1,268 @@
+"""LLM prefill benchmark: the empty plan vs AIM plans, side by side in one run.
+
+Architecture of LLaVA-OneVision-0.5B (Qwen2-0.5B + SigLIP-so400m) or -7B, random weights built from the
+config (no download). The vision tower + projector + 2x2 pooling run once on random frames; their features
+feed every plan, so the LLM is timed on its own and the encoder's share is reported separately. Each plan
+runs in a fresh subprocess so its peak memory is its own. Per plan: merge time, prefill time (median of
+--repeats after one warm-up), importance-scoring time, KV-cache bytes, peak memory, FLOPs (the engine's
+formula), measured speedup next to the FLOPs ratio.
+
+    python bench/engine_prefill.py                                  # CPU, OV-0.5B, 8 frames
+    python bench/engine_prefill.py --arch ov-7b --frames 32 --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from aim_engine.decoder import ATTENTION_IMPL, LanguageModel, prefill  # noqa: E402
+from aim_engine.flops import LLMShape, prefill_flops  # noqa: E402
+from aim_engine.merging import merge_groups  # noqa: E402
+from aim_engine.plan import ReductionPlan, default_prune_range  # noqa: E402
+
+TEXT_BEFORE, TEXT_AFTER = 15, 85  # 100 text tokens, the paper's assumption for video
+
+ARCHS = {
+    "ov-0.5b": dict(text=dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                              num_attention_heads=14, num_key_value_heads=2)),
+    "ov-7b": dict(text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                            num_attention_heads=28, num_key_value_heads=4)),
+}
+SIGLIP = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+              image_size=384, patch_size=14)
+
+
+def plans_for(layers: int) -> dict[str, tuple[ReductionPlan, bool]]:
+    l1, l2 = default_prune_range(layers)
+    return {
+        "none": (ReductionPlan(), False),
+        "merge 25%": (ReductionPlan(merge_retention=0.25), False),
+        "prune only (pagerank)": (ReductionPlan(prune_start=l1, prune_end=l2), False),
+        "merge 25% + prune (pagerank)": (ReductionPlan.default_for_depth(layers), True),
+        "merge 25% + prune (text)": (ReductionPlan.default_for_depth(layers, importance="text"), False),
+        "merge 12.5% + prune 25-50% depth": (
+            ReductionPlan(merge_retention=0.125, prune_start=max(1, layers // 4), prune_end=layers // 2), False),
+    }
+
+
+def text_config(arch: str):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(**ARCHS[arch]["text"], max_position_embeddings=32768, tie_word_embeddings=False)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class PeakMemory:
+    """CUDA: the allocator's peak. CPU: resident set size sampled every 2 ms, relative to the start."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            self.start = self.peak = self._rss()
+            self.running = True
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.bytes = torch.cuda.max_memory_allocated() - self.start
+        else:
+            self.running = False
+            self.thread.join()
+            self.bytes = max(self.peak, self._rss()) - self.start
+
+
+def worker_vision(args) -> dict:
+    """Runs SigLIP + projector + pooling on random frames; saves the features; times the encoder."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+
+    dtype = getattr(torch, args.dtype)
+    config = LlavaOnevisionConfig(text_config=text_config(args.arch), vision_config=SiglipVisionConfig(**SIGLIP),
+                                  vision_feature_layer=-1, vision_feature_select_strategy="full")
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = LlavaOnevisionForConditionalGeneration(config).to(dtype).eval()
+    frames = torch.randn(1, args.frames, 3, 384, 384, device=args.device, dtype=dtype)
+    times = []
+    with torch.inference_mode():
+        for _ in range(1):  # once: the encoder is not what AIM reduces, only its share is reported
+            sync(args.device)
+            t0 = time.perf_counter()
+            feats = model.model.get_video_features(frames, return_dict=True).pooler_output[0]
+            sync(args.device)
+            times.append(time.perf_counter() - t0)
+    torch.save(feats.float().cpu(), args.features)
+    from aim_engine.flops import vit_flops
+
+    return {"vision_s": statistics.median(times), "visual_tokens": int(feats.shape[0]),
+            "vision_flops": vit_flops(SIGLIP["hidden_size"], SIGLIP["intermediate_size"],
+                                      SIGLIP["num_hidden_layers"], 729, args.frames)}
+
+
+def worker_plan(args) -> dict:
+    from transformers import Qwen2ForCausalLM
+
+    dtype = getattr(torch, args.dtype)
+    cfg = text_config(args.arch)
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = Qwen2ForCausalLM(cfg).to(dtype).eval()
+    model.config._attn_implementation = ATTENTION_IMPL
+    lm = LanguageModel(model.model.embed_tokens, model.model.layers, model.model.norm, model.model.rotary_emb,
+                       model.lm_head)
+    plan, is_default = plans_for(cfg.num_hidden_layers)[args.plan]
+    feats = torch.load(args.features).to(args.device, dtype)  # (frames * per_frame + 1, d)
+    per_frame = (feats.shape[0] - 1) // args.frames
+    groups = [torch.arange(i * per_frame, (i + 1) * per_frame, device=args.device) for i in range(args.frames)]
+    g = torch.Generator().manual_seed(1)
+    text = model.model.embed_tokens(torch.randint(0, cfg.vocab_size, (TEXT_BEFORE + TEXT_AFTER,), generator=g)
+                                    .to(args.device))
+
+    def run():
+        sync(args.device)
+        t0 = time.perf_counter()
+        visual = merge_groups(feats, groups, plan.merge_target).features if plan.merges else feats
+        sync(args.device)
+        t1 = time.perf_counter()
+        embeds = torch.cat([text[:TEXT_BEFORE], visual, text[TEXT_BEFORE:]])[None]
+        is_visual = torch.zeros(embeds.shape[1], dtype=torch.bool, device=args.device)
+        is_visual[TEXT_BEFORE:TEXT_BEFORE + visual.shape[0]] = True
+        positions = torch.arange(embeds.shape[1], device=args.device)[None]
+        result = prefill(lm, embeds, positions, is_visual, plan, decode_capacity=1)
+        sync(args.device)
+        return t1 - t0, time.perf_counter() - t1, result
+
+    # Peak memory covers the warm-up too: the process is fresh, so this is the plan's own working set above
+    # the loaded weights (on CPU the allocator keeps freed memory resident, so later runs would hide it).
+    with torch.inference_mode(), PeakMemory(args.device) as mem:
+        run()  # warm-up
+        merges, prefills, scorings = [], [], []
+        for _ in range(args.repeats):
+            merge_s, prefill_s, result = run()
+            merges.append(merge_s)
+            prefills.append(prefill_s)
+            scorings.append(result.scoring_s)
+    shape = LLMShape.from_config(cfg)
+    return {
+        "plan": args.plan, "plan_spec": plan.describe(), "is_default": is_default,
+        "merge_s": statistics.median(merges), "prefill_s": statistics.median(prefills),
+        "scoring_s": statistics.median(scorings), "prefill_runs_s": prefills,
+        "kv_bytes": result.cache.used_bytes(), "peak_bytes": mem.bytes,
+        "flops": prefill_flops(shape, result.tokens_per_layer), "tokens_per_layer": result.tokens_per_layer,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="ov-0.5b")
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--json-out", default=str(ROOT / "docs/results/engine-prefill.json"))
+    parser.add_argument("--worker", choices=["vision", "plan"])
+    parser.add_argument("--plan")
+    parser.add_argument("--features")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args.worker:
+        out = worker_vision(args) if args.worker == "vision" else worker_plan(args)
+        print("RESULT " + json.dumps(out))
+        return
+
+    def spawn(*extra) -> dict:
+        cmd = [sys.executable, __file__, "--arch", args.arch, "--frames", str(args.frames), "--device", args.device,
+               "--dtype", args.dtype, "--repeats", str(args.repeats), "--threads", str(args.threads),
+               "--features", features, *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            sys.exit(f"worker failed: {' '.join(extra)}\n{proc.stderr[-3000:]}")
+        return json.loads(lines[-1][7:])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        features = str(Path(tmp) / "features.pt")
+        vision = spawn("--worker", "vision")
+        print(f"vision encoder: {vision['visual_tokens']} visual tokens, {vision['vision_s'] * 1e3:.0f} ms", flush=True)
+        rows = []
+        for name in plans_for(text_config(args.arch).num_hidden_layers):
+            rows.append(spawn("--worker", "plan", "--plan", name))
+            print(f"  {name}: prefill {rows[-1]['prefill_s'] * 1e3:.0f} ms", flush=True)
+
+    base = rows[0]
+    results = []
+    for r in rows:
+        results.append({
+            "plan": r["plan"], "plan_spec": r["plan_spec"], "is_default": r["is_default"],
+            "flops_ratio": base["flops"] / r["flops"],
+            "prefill_speedup": base["prefill_s"] / r["prefill_s"],
+            "kv_bytes_ratio": base["kv_bytes"] / r["kv_bytes"],
+            "overhead_fraction": (r["merge_s"] + r["scoring_s"]) / base["prefill_s"],
+            "prefill_ms": r["prefill_s"] * 1e3, "merge_ms": r["merge_s"] * 1e3, "scoring_ms": r["scoring_s"] * 1e3,
+            "llm_tflops": r["flops"] / 1e12, "kv_cache_mib": r["kv_bytes"] / 2**20,
+            "peak_mem_mib": r["peak_bytes"] / 2**20, "visual_tokens_per_layer_first_last": [
+                r["tokens_per_layer"][0] - TEXT_BEFORE - TEXT_AFTER, r["tokens_per_layer"][-1] - TEXT_BEFORE - TEXT_AFTER],
+            "vision_encoder_ms": vision["vision_s"] * 1e3,
+            "vision_share_of_baseline": vision["vision_s"] / (vision["vision_s"] + base["prefill_s"]),
+            "setting": {"arch": args.arch, "frames": args.frames, "device": args.device, "dtype": args.dtype,
+                        "repeats": args.repeats, "threads": torch.get_num_threads() if not args.threads else args.threads,
+                        "torch": torch.__version__},
+        })
+
+    header = ("| plan | LLM TFLOPs | FLOPs ratio | prefill ms | speedup | speedup / FLOPs ratio | merge+score ms "
+              "(% of base) | KV MiB | KV ratio | peak MiB |")
+    print("\n" + header + "\n|" + "---|" * 10)
+    for r in results:
+        mark = " **(default)**" if r["is_default"] else ""
+        print(f"| {r['plan']}{mark} | {r['llm_tflops']:.3f} | {r['flops_ratio']:.2f}x | {r['prefill_ms']:.0f} | "
+              f"{r['prefill_speedup']:.2f}x | {r['prefill_speedup'] / r['flops_ratio']:.2f} | "
+              f"{r['merge_ms'] + r['scoring_ms']:.1f} ({100 * r['overhead_fraction']:.2f}%) | "
+              f"{r['kv_cache_mib']:.1f} | {r['kv_bytes_ratio']:.2f}x | {r['peak_mem_mib']:.0f} |")
+    print(f"\nvision encoder (not reduced by AIM): {vision['vision_s'] * 1e3:.0f} ms = "
+          f"{100 * results[0]['vision_share_of_baseline']:.0f}% of the baseline's encoder + LLM prefill")
+    Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json_out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.json_out}")
+
+
+if __name__ == "__main__":
+    main()
