@@ -13,6 +13,7 @@ capture runs only on those layers; all attention calls go through SDPA.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -28,8 +29,13 @@ from .plan import ReductionPlan
 ATTENTION_IMPL = "aim_sdpa"
 
 
+# Score requests of the prefill running on this thread, by attention module: several requests may run on one
+# model from different threads, so nothing request-specific is stored on the (shared) modules.
+_active = threading.local()
+
+
 def _sdpa_with_score_capture(module, query, key, value, attention_mask, **kwargs):
-    request = getattr(module, "_aim_score_request", None)
+    request = getattr(_active, "requests", {}).get(id(module))
     if request is not None:
         request.capture(query, key, module.scaling)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -146,6 +152,9 @@ def prefill(
     cache = LayeredKVCache(num_layers, decode_capacity)
     result = PrefillResult(logits=None, cache=cache, tokens_per_layer=[], visual_per_layer=[])
     request: _ScoreRequest | None = None
+    if not hasattr(_active, "requests"):
+        _active.requests = {}
+    requests = _active.requests
 
     for layer_idx, layer in enumerate(lm.layers):
         if targets is not None and targets[layer_idx] < int(visual.sum()):
@@ -158,17 +167,16 @@ def prefill(
         if record_kept:
             result.kept_per_layer.append(index.clone())
 
-        attn = layer.self_attn
         next_layer = layer_idx + 1
         request = None
         if targets is not None and next_layer < num_layers and targets[next_layer] < int(visual.sum()):
             request = _ScoreRequest(plan.importance, visual)
-        attn._aim_score_request = request
+            requests[id(layer.self_attn)] = request
         try:
             hidden = layer(hidden, attention_mask=None, position_embeddings=(cos, sin), past_key_values=cache,
                            use_cache=True)
         finally:
-            attn._aim_score_request = None
+            requests.pop(id(layer.self_attn), None)
         if request is not None:
             result.scoring_s += request.seconds
         if isinstance(hidden, tuple):

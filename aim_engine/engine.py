@@ -131,6 +131,18 @@ class PreparedPrompt:
     media: list[EncodedMedia]
 
 
+@dataclass
+class CostEstimate:
+    """What a request would cost under a plan, computed without running any model."""
+
+    visual_tokens_in: int
+    visual_tokens_merged: int
+    text_tokens: int
+    prefill_flops_baseline: float
+    prefill_flops: float
+    visual_tokens_per_layer: list[int]
+
+
 class AimEngine:
     def __init__(self, adapter: FamilyAdapter, name: str = "model", limits: MediaLimits = MediaLimits()):
         self.adapter = adapter
@@ -292,6 +304,37 @@ class AimEngine:
         return PreparedPrompt(
             embeds=embeds, position_ids=position_ids, is_visual=is_visual, next_position=next_position,
             text_tokens=int((~is_visual).sum()), visual_in=sum(m.features.shape[0] for m in media), media=media,
+        )
+
+    def estimate(self, request: GenerationRequest, plan: ReductionPlan) -> CostEstimate:
+        """Token counts and LLM prefill FLOPs of `request` under `plan`; media are decoded (to know sizes and
+        frame counts) but nothing is encoded. Raises the same errors as generate() for bad input."""
+        if not any(isinstance(p, TextPart) and p.text.strip() for p in request.parts):
+            raise RequestError("the prompt has no text: add a question or instruction")
+        plan.check_depth(self.num_layers)
+        parts = self.decode_media(request)
+        images = [p.image for p in parts if isinstance(p, ImagePart)]
+        per_item = iter(self.adapter.estimate_image_groups(images) if images else [])
+        visual_in = visual_merged = 0
+        for part in parts:
+            if isinstance(part, TextPart):
+                continue
+            if isinstance(part, VideoPart):
+                if not self.adapter.supports_video:
+                    raise RequestError(f"model family {self.adapter.family} does not accept video")
+                groups, loose = self.adapter.estimate_video_groups(part.frames)
+            else:
+                groups, loose = next(per_item)
+            visual_in += sum(groups) + loose
+            visual_merged += sum(plan.merge_target(g) for g in groups) + loose
+        ids = self.tokenizer(self.render_prompt(request), add_special_tokens=False)["input_ids"]
+        text = len(ids) - sum(1 for p in parts if not isinstance(p, TextPart))
+        per_layer = plan.visual_tokens_per_layer(visual_merged, self.num_layers)
+        return CostEstimate(
+            visual_tokens_in=visual_in, visual_tokens_merged=visual_merged, text_tokens=text,
+            prefill_flops_baseline=prefill_flops(self.shape, [text + visual_in] * self.num_layers),
+            prefill_flops=prefill_flops(self.shape, [text + v for v in per_layer]),
+            visual_tokens_per_layer=per_layer,
         )
 
     def decode_positions(self, prepared: PreparedPrompt, step: int) -> torch.Tensor:

@@ -67,6 +67,13 @@ class FamilyAdapter:
     def encode_video(self, frames: list[Image.Image], fps: float | None = None) -> EncodedMedia:
         raise NotImplementedError(f"{self.family} does not take video")
 
+    def estimate_image_groups(self, images: list[Image.Image]) -> list[tuple[list[int], int]]:
+        """Per image: (merge-group sizes, tokens in no group) the encoder would produce, without running it."""
+        raise NotImplementedError
+
+    def estimate_video_groups(self, frames: list[Image.Image]) -> tuple[list[int], int]:
+        raise NotImplementedError(f"{self.family} does not take video")
+
     # ---- positions ----------------------------------------------------------------------------
     def mrope_positions(self, full_ids: torch.Tensor, media: list[EncodedMedia]) -> torch.Tensor:
         """M-RoPE models: (3, 1, N) positions of the unmerged prompt `full_ids` (1, N)."""

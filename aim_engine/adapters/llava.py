@@ -26,3 +26,10 @@ class LlavaAdapter(FamilyAdapter):
                          vision_flops=per_image)
             for feats in out.pooler_output
         ]
+
+    def estimate_image_groups(self, images: list[Image.Image]) -> list[tuple[list[int], int]]:
+        # one view per image; "default" selection drops the class token, "full" keeps it
+        h, w = self.image_processor(images=images[:1], return_tensors="pt")["pixel_values"].shape[-2:]
+        p = self.config.vision_config.patch_size
+        n = (h // p) * (w // p) + (0 if self.config.vision_feature_select_strategy == "default" else 1)
+        return [([n], 0) for _ in images]

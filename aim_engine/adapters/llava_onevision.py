@@ -12,6 +12,8 @@ What differs for this family:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from PIL import Image
 
@@ -56,6 +58,31 @@ class LlavaOnevisionAdapter(FamilyAdapter):
                 vision_flops=encoder_flops(self.config.vision_config, encoder_tokens, n_views),
             ))
         return encoded
+
+    def estimate_image_groups(self, images: list[Image.Image]) -> list[tuple[list[int], int]]:
+        # The model's own packing (unpadding, anyres_max downscaling, newlines) on zero features of the right
+        # shapes, so the count cannot drift from the model's. Zeros never equal the learned newline.
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        inputs = self.image_processor(images=images, return_tensors="pt")
+        base_len = self._encoder_tokens()
+        dim = self.model.model.image_newline.shape[0]
+        vc = self.config.vision_config
+        zeros = [torch.zeros(1 if len(images) > 1 else image_size_to_num_patches(
+                     size, self.config.image_grid_pinpoints, vc.image_size), base_len, dim, dtype=self.dtype)
+                 for size in inputs["image_sizes"].tolist()]
+        packed, _ = self.model.model.pack_image_features(zeros, inputs["image_sizes"],
+                                                         image_newline=self.model.model.image_newline.cpu())
+        out = []
+        for feats in packed:
+            newlines = int(self._newline_mask(feats).sum())
+            hires = feats.shape[0] - base_len - newlines
+            out.append(([base_len] + ([hires] if hires else []), newlines))
+        return out
+
+    def estimate_video_groups(self, frames: list[Image.Image]) -> tuple[list[int], int]:
+        side = math.ceil(self.config.vision_config.image_size // self.config.vision_config.patch_size / 2)
+        return [side * side] * len(frames), 1
 
     def encode_video(self, frames: list[Image.Image], fps: float | None = None) -> EncodedMedia:
         size = self.config.vision_config.image_size

@@ -43,6 +43,14 @@ class Qwen2VLAdapter(FamilyAdapter):
             for feats, g in zip(out.pooler_output, grid)
         ]
 
+    def estimate_image_groups(self, images: list[Image.Image]) -> list[tuple[list[int], int]]:
+        grids = self.image_processor(images=images, return_tensors="pt")["image_grid_thw"]
+        return [([int(g.prod()) // self._merge**2], 0) for g in grids]
+
+    def estimate_video_groups(self, frames: list[Image.Image]) -> tuple[list[int], int]:
+        _, (t, h, w) = self.video_pixels(frames)
+        return [int(h * w) // self._merge**2] * int(t), 0
+
     def video_pixels(self, frames: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
         """Frames -> (patches, C * tp * p * p) and grid (t, h, w), the layout of the model's video input:
         frames resized to one size (a multiple of patch * merge), normalised, padded to a multiple of the

@@ -118,3 +118,22 @@ def test_text_only_prompt_works(engine_for):
     result = engine_for("qwen2_vl").generate(GenerationRequest([TextPart("Hello")], SamplingParams(max_new_tokens=3)),
                                              ReductionPlan(merge_retention=0.5, prune_start=1, prune_end=3))
     assert result.stats.visual_tokens_in == 0 and result.stats.saved_fraction == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("plan", [ReductionPlan(), ReductionPlan(merge_retention=0.25, prune_start=1, prune_end=3)],
+                         ids=["none", "aim"])
+def test_estimate_matches_what_generate_spends(engine_for, family, plan):
+    engine = engine_for(family)
+    parts = [ImagePart(image=random_image(21, (40, 70))), TextPart("and"), ImagePart(image=random_image(22)),
+             TextPart("?")]
+    if engine.adapter.supports_video:
+        parts += [VideoPart(frames=random_frames(23, 4)), TextPart("Describe all.")]
+    for request in (GenerationRequest(parts[:1] + parts[3:4]), GenerationRequest(parts)):  # one image; everything
+        estimate = engine.estimate(request, plan)
+        stats = engine.generate(GenerationRequest(request.parts, SamplingParams(max_new_tokens=1)), plan).stats
+        assert (estimate.visual_tokens_in, estimate.visual_tokens_merged) == \
+            (stats.visual_tokens_in, stats.visual_tokens_merged)
+        assert estimate.visual_tokens_per_layer == stats.visual_tokens_per_layer
+        assert estimate.prefill_flops == stats.prefill_flops
+        assert estimate.prefill_flops_baseline == stats.prefill_flops_baseline
