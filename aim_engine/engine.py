@@ -43,15 +43,17 @@ class ImagePart:
 
 @dataclass
 class VideoPart:
-    """Encoded video bytes + MIME type + frames to sample, or already decoded frames. `fps` is frames per
-    second of the source timeline (taken from the container when decoding bytes); models with a time axis in
-    their positions (Qwen2.5-VL) use it, others ignore it."""
+    """A video as encoded bytes + MIME type + frames to sample; or as frames, already decoded (`frames`) or
+    encoded images (`encoded_frames`: (bytes, MIME type) pairs). `fps` is frames per second of the source
+    timeline (taken from the container when decoding bytes); models with a time axis in their positions
+    (Qwen2.5-VL) use it, others ignore it."""
 
     data: bytes | None = None
     mime_type: str = ""
     num_frames: int = 8
     frames: list[Image.Image] | None = None
     fps: float | None = None
+    encoded_frames: list[tuple[bytes, str]] | None = None
 
 
 Part = Union[TextPart, ImagePart, VideoPart]
@@ -196,6 +198,14 @@ class AimEngine:
                 if part.data is None:
                     raise RequestError("an image part has neither bytes nor a decoded image")
                 part = ImagePart(image=decode_image(part.data, part.mime_type, self.limits))
+            elif isinstance(part, VideoPart) and part.frames is None and part.encoded_frames is not None:
+                if len(part.encoded_frames) > self.limits.max_frames:
+                    raise RequestError(
+                        f"a video has {len(part.encoded_frames)} frames; the limit is {self.limits.max_frames}")
+                if not part.encoded_frames:
+                    raise RequestError("a video part has an empty list of frames")
+                part = VideoPart(frames=[decode_image(data, mime, self.limits) for data, mime in part.encoded_frames],
+                                 fps=part.fps)
             elif isinstance(part, VideoPart) and part.frames is None:
                 if part.data is None:
                     raise RequestError("a video part has neither bytes nor decoded frames")

@@ -4,6 +4,7 @@ whose message says what was wrong and what the caller can do."""
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -58,7 +59,7 @@ def decode_image(data: bytes, mime_type: str, limits: MediaLimits = MediaLimits(
         raise MediaError(MediaError.TOO_LARGE, f"image is too large to decode safely: {exc}") from None
     except Exception as exc:  # Pillow raises many types for bad data
         raise MediaError(MediaError.CORRUPT,
-                         f"cannot decode the {mime} image ({type(exc).__name__}: {exc}); "
+                         f"cannot decode the {mime} image ({_describe(exc)}); "
                          "check that the bytes are a complete file of the declared type") from None
 
 
@@ -101,7 +102,7 @@ def decode_video(data: bytes, mime_type: str, num_frames: int, limits: MediaLimi
         raise
     except Exception as exc:  # PyAV raises FFmpeg errors of many types
         raise MediaError(MediaError.CORRUPT,
-                         f"cannot decode the {mime} video ({type(exc).__name__}: {exc}); "
+                         f"cannot decode the {mime} video ({_describe(exc)}); "
                          "check that the bytes are a complete file of the declared type") from None
     if not frames:
         raise MediaError(MediaError.CORRUPT, "the video contains no decodable frames")
@@ -115,6 +116,32 @@ def sample_frame_indices(total: int, wanted: int) -> list[int]:
     """`wanted` indices spread uniformly over `total` frames (centres of equal segments); repeats frames
     when the video is shorter than `wanted`."""
     return [min(total - 1, int((i + 0.5) * total / wanted)) for i in range(wanted)]
+
+
+def sniff_mime_type(data: bytes) -> str:
+    """The MIME type of encoded media from its first bytes ("" if not recognised)."""
+    head = data[:16]
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "video/x-msvideo"
+    if head[4:8] == b"ftyp":
+        return "video/quicktime" if head[8:10] == b"qt" else "video/mp4"
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return "video/webm" if b"webm" in data[:64] else "video/x-matroska"
+    return ""
+
+
+def _describe(exc: Exception) -> str:
+    """A library exception as a short message, without Python object reprs."""
+    text = re.sub(r"\s*<[^>]* at 0x[0-9a-fA-F]+>", "", str(exc)).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _check_bytes(data: bytes, limits: MediaLimits, what: str) -> None:

@@ -71,3 +71,15 @@ def test_video_pixel_limit():
     with pytest.raises(MediaError, match="pixels") as err:
         decode_video(encode_video(), "video/mp4", 2, MediaLimits(max_pixels=64 * 32))
     assert err.value.reason == MediaError.TOO_LARGE
+
+
+@pytest.mark.parametrize("data,mime", [
+    (encode_image("PNG"), "image/png"), (encode_image("JPEG"), "image/jpeg"), (encode_image("GIF"), "image/gif"),
+    (encode_image("WEBP"), "image/webp"), (encode_video("mp4", "mpeg4"), "video/mp4"),
+    (encode_video("webm", "libvpx"), "video/webm"), (encode_video("matroska", "mpeg4"), "video/x-matroska"),
+    (b"hello world, not media", ""),
+])
+def test_sniff_mime_type(data, mime):
+    from aim_engine.media import sniff_mime_type
+
+    assert sniff_mime_type(data) == mime

@@ -1,0 +1,128 @@
+"""aim.v1 messages <-> engine/runtime types. Protobuf types stop here."""
+
+from __future__ import annotations
+
+from aim_engine import GenerationRequest, ReductionPlan, SamplingParams
+from aim_engine.engine import ImagePart, TextPart, VideoPart
+from aim_engine.errors import GenerationError, PlanError
+
+from .proto.aim.v1 import aim_service_pb2 as pb
+from .runtime import AppliedPlan, Estimate, Finished, Reduction, ServiceError
+
+_IMPORTANCE_TO_NAME = {pb.IMPORTANCE_UNSPECIFIED: "pagerank", pb.IMPORTANCE_PAGERANK: "pagerank",
+                       pb.IMPORTANCE_TEXT: "text"}
+_NAME_TO_IMPORTANCE = {"pagerank": pb.IMPORTANCE_PAGERANK, "text": pb.IMPORTANCE_TEXT}
+_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "cancelled": pb.FINISH_REASON_CANCELLED}
+_SOURCE = {"none": pb.PLAN_SOURCE_NONE, "explicit": pb.PLAN_SOURCE_EXPLICIT, "auto": pb.PLAN_SOURCE_AUTO}
+
+
+def plan_from_proto(msg: pb.ReductionPlan) -> ReductionPlan:
+    if msg.importance not in _IMPORTANCE_TO_NAME:
+        raise PlanError(f"unknown importance value {msg.importance}")
+    if msg.prune_end and not msg.prune_start:
+        raise PlanError("prune_end is set but prune_start is 0; set both (prune_start >= 1) or neither")
+    return ReductionPlan(
+        merge_tokens=msg.merge_tokens or None,
+        merge_retention=msg.merge_retention or None,
+        prune_start=msg.prune_start or None,
+        prune_end=(msg.prune_end or None) if msg.prune_start else None,
+        importance=_IMPORTANCE_TO_NAME[msg.importance],
+    )
+
+
+def plan_to_proto(plan: ReductionPlan) -> pb.ReductionPlan:
+    return pb.ReductionPlan(merge_tokens=plan.merge_tokens or 0, merge_retention=plan.merge_retention or 0.0,
+                            prune_start=plan.prune_start or 0, prune_end=plan.prune_end or 0,
+                            importance=_NAME_TO_IMPORTANCE[plan.importance])
+
+
+def request_from_proto(msg, default_max_new_tokens: int, max_new_tokens_limit: int
+                       ) -> tuple[GenerationRequest, Reduction]:
+    """GenerateRequest / GenerateStreamRequest / EstimateCostRequest -> engine request + reduction choice.
+    Raises ServiceError(invalid_argument) with a precise message."""
+    try:
+        return _request(msg, default_max_new_tokens, max_new_tokens_limit), _reduction(msg.reduction)
+    except (PlanError, GenerationError) as exc:
+        raise ServiceError("invalid_argument", str(exc)) from None
+
+
+def _request(msg, default_max_new_tokens: int, limit: int) -> GenerationRequest:
+    return GenerationRequest(_parts(msg), _sampling(msg, default_max_new_tokens, limit), msg.system_prompt or None)
+
+
+def _parts(msg) -> list:
+    if not msg.parts:
+        raise ServiceError("invalid_argument", "parts is empty: send at least one text part")
+    parts = []
+    for i, part in enumerate(msg.parts):
+        kind = part.WhichOneof("content")
+        if kind == "text":
+            parts.append(TextPart(part.text))
+        elif kind == "image":
+            parts.append(ImagePart(data=part.image.data, mime_type=part.image.mime_type))
+        elif kind == "video":
+            parts.append(VideoPart(data=part.video.data, mime_type=part.video.mime_type,
+                                   num_frames=part.video.num_frames))
+        elif kind == "frames":
+            if part.frames.fps < 0:
+                raise ServiceError("invalid_argument", f"parts[{i}].frames.fps must be >= 0")
+            parts.append(VideoPart(encoded_frames=[(f.data, f.mime_type) for f in part.frames.frames],
+                                   fps=part.frames.fps or None))
+        else:
+            raise ServiceError("invalid_argument", f"parts[{i}] has no content")
+    return parts
+
+
+def _sampling(msg, default_max_new_tokens: int, limit: int) -> SamplingParams:
+    s = msg.sampling
+    max_new = s.max_new_tokens or default_max_new_tokens
+    if max_new > limit:
+        raise ServiceError("invalid_argument", f"sampling.max_new_tokens {max_new} exceeds the limit {limit}")
+    return SamplingParams(max_new_tokens=max_new, temperature=s.temperature, top_p=s.top_p or 1.0,
+                          seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop))
+
+
+def _reduction(msg: pb.Reduction) -> Reduction:
+    kind = msg.WhichOneof("choice")
+    if kind is None:
+        return Reduction("auto")
+    if kind == "none":
+        return Reduction("none")
+    if kind == "plan":
+        return Reduction("plan", plan=plan_from_proto(msg.plan))
+    auto = msg.auto
+    if not 0.0 <= auto.min_retention <= 1.0:
+        raise ServiceError("invalid_argument", f"auto.min_retention must be in [0, 1], got {auto.min_retention}")
+    return Reduction("auto", slo_s=auto.latency_slo_ms / 1000 if auto.latency_slo_ms else None,
+                     min_retention=auto.min_retention, priority=auto.priority)
+
+
+def applied_to_proto(applied: AppliedPlan) -> pb.AppliedPlan:
+    return pb.AppliedPlan(plan=plan_to_proto(applied.plan), source=_SOURCE[applied.source], reason=applied.reason)
+
+
+def response_to_proto(model: str, done: Finished) -> pb.GenerateResponse:
+    r, s = done.result, done.result.stats
+    t = s.timings
+    return pb.GenerateResponse(
+        model=model,
+        text=r.text,
+        finish_reason=_FINISH[r.finish_reason],
+        usage=pb.Usage(prompt_tokens=s.prompt_tokens, completion_tokens=s.completion_tokens,
+                       visual_tokens_in=s.visual_tokens_in, visual_tokens_merged=s.visual_tokens_merged,
+                       visual_tokens_per_layer=s.visual_tokens_per_layer),
+        cost=pb.Cost(baseline_prefill_flops=s.prefill_flops_baseline, prefill_flops=s.prefill_flops,
+                     saved_fraction=s.saved_fraction, vision_flops=s.vision_flops, decode_flops=s.decode_flops,
+                     kv_cache_bytes=s.kv_cache_bytes),
+        timings=pb.Timings(queue_seconds=done.queue_s, media_seconds=done.media_s, vision_seconds=t.vision_s,
+                           prefill_seconds=t.prefill_s, time_to_first_token_seconds=done.queue_s + done.media_s
+                           + t.ttft_s, decode_seconds=t.decode_s, total_seconds=done.total_s),
+        applied_plan=applied_to_proto(done.applied),
+    )
+
+
+def estimate_to_proto(est: Estimate) -> pb.EstimateCostResponse:
+    return pb.EstimateCostResponse(
+        visual_tokens_in=est.visual_tokens_in, visual_tokens_merged=est.visual_tokens_merged,
+        baseline_prefill_flops=est.prefill_flops_baseline, prefill_flops=est.prefill_flops,
+        predicted_latency_seconds=est.predicted_s or 0.0, applied_plan=applied_to_proto(est.applied))

@@ -1,0 +1,65 @@
+"""Prometheus metrics of the service: every name is defined here once. Labels have bounded cardinality
+(model name, outcome, plan source, gRPC method/code) and never carry a request id.
+
+The gRPC server metrics keep go-grpc-prometheus's names (grpc_server_started_total, grpc_server_handled_total,
+grpc_server_msg_received_total, grpc_server_msg_sent_total, grpc_server_handling_seconds)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
+TOKEN_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536)
+RETENTION_BUCKETS = (0.05, 0.1, 0.125, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0)
+
+
+class ServiceMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        m = ["model"]
+        self.requests = Counter("aim_requests_total", "Generation requests by outcome (ok, cancelled, "
+                                "invalid_argument, resource_exhausted, deadline_exceeded, unavailable, not_found, "
+                                "internal).", m + ["outcome"], registry=r)
+        self.latency = Histogram("aim_request_duration_seconds", "End-to-end latency of answered requests.",
+                                 m + ["slo_class"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("aim_queue_wait_seconds", "Time from arrival to a free worker.", m,
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("aim_time_to_first_token_seconds", "Arrival to first generated token.", m,
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.prefill = Histogram("aim_prefill_duration_seconds", "LLM prefill (merging and pruning included).", m,
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("aim_time_per_output_token_seconds", "Decode time per generated token after the first.",
+                              m, buckets=TOKEN_TIME_BUCKETS, registry=r)
+        self.in_flight = Gauge("aim_requests_in_flight", "Requests running on a worker.", m, registry=r)
+        self.queue_depth = Gauge("aim_queue_depth", "Requests waiting for a worker.", m, registry=r)
+        self.visual_in = Counter("aim_visual_tokens_in_total", "Visual tokens from the vision encoder.", m, registry=r)
+        self.visual_merged = Counter("aim_visual_tokens_merged_total", "Visual tokens after merging (LLM input).", m,
+                                     registry=r)
+        self.flops_baseline = Counter("aim_llm_prefill_flops_baseline_total",
+                                      "LLM prefill FLOPs the requests would have cost with no reduction.", m, registry=r)
+        self.flops_actual = Counter("aim_llm_prefill_flops_total", "LLM prefill FLOPs actually spent.", m, registry=r)
+        self.retention = Histogram("aim_visual_token_retention_ratio",
+                                   "Per request: visual tokens after merging / visual tokens in.", m,
+                                   buckets=RETENTION_BUCKETS, registry=r)
+        self.plans = Counter("aim_plans_total", "Applied plans by source (none, explicit, auto).", m + ["source"],
+                             registry=r)
+        self.model_ready = Gauge("aim_model_ready", "1 when the model is loaded and serving.", m, registry=r)
+
+        g = ["grpc_type", "grpc_service", "grpc_method"]
+        self.grpc_started = Counter("grpc_server_started_total", "RPCs started on the server.", g, registry=r)
+        self.grpc_handled = Counter("grpc_server_handled_total", "RPCs completed on the server, by status code.",
+                                    g + ["grpc_code"], registry=r)
+        self.grpc_received = Counter("grpc_server_msg_received_total", "Stream messages received.", g, registry=r)
+        self.grpc_sent = Counter("grpc_server_msg_sent_total", "Stream messages sent.", g, registry=r)
+        self.grpc_seconds = Histogram("grpc_server_handling_seconds", "RPC handling time.", g,
+                                      buckets=LATENCY_BUCKETS, registry=r)
+
+    def model_loaded(self, model: str) -> None:
+        """Creates the per-model series at zero so dashboards and rate() see them before the first request."""
+        for metric in (self.visual_in, self.visual_merged, self.flops_baseline, self.flops_actual):
+            metric.labels(model)
+        self.in_flight.labels(model).set(0)
+        self.queue_depth.labels(model).set(0)
+        self.model_ready.labels(model).set(1)

@@ -1,0 +1,292 @@
+"""A served model: admission, plan choice, and generation on worker threads, streamed to asyncio.
+
+No protobuf here: requests come in as engine types plus a `Reduction` choice; errors leave as ServiceError
+with a status name the gRPC layer maps. The event loop never runs model or media work.
+
+Admission (at arrival, before any work):
+- more than `max_queue` requests already waiting -> resource_exhausted;
+- the request's deadline cannot cover the expected queue wait plus the fastest recent service time
+  -> deadline_exceeded.
+Auto plans (after a worker is free): budget = min(SLO, remaining deadline); the controller's `decide` picks the
+highest ladder level whose predicted latency fits. If none fits, the request is served best-effort at the
+cheapest allowed level, unless even that is predicted to miss its deadline -> deadline_exceeded.
+Cancellation and deadlines stop generation at the next decode step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from aim_engine import AimEngine, GenerationRequest, GenerationResult, ReductionPlan, TokenDelta
+from aim_engine.engine import ImagePart, RequestStats, TextPart, VideoPart
+from aim_engine.errors import EngineError, GenerationError, PlanError
+from controller.cost_model import CostModel, Observation
+from controller.policy import Features, Level, decide, default_ladder
+
+from .metrics import ServiceMetrics
+
+log = logging.getLogger("aim.service")
+
+SERVICE_TIME_WINDOW = 32  # recent requests used to predict queue waits
+
+
+class ServiceError(Exception):
+    """A request that cannot be served; `status` is a gRPC status name in lower case."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """The request's choice: "auto" (with SLO/priority/floor), "plan" (explicit), or "none"."""
+
+    kind: str = "auto"
+    plan: ReductionPlan | None = None
+    slo_s: float | None = None
+    min_retention: float = 0.0
+    priority: int = 0
+
+
+@dataclass
+class AppliedPlan:
+    plan: ReductionPlan
+    source: str  # "none" | "explicit" | "auto"
+    reason: str
+    predicted_s: float | None = None
+
+
+@dataclass
+class Finished:
+    """The last event of a stream."""
+
+    result: GenerationResult
+    applied: AppliedPlan
+    queue_s: float
+    media_s: float
+    total_s: float
+
+
+@dataclass
+class Estimate:
+    visual_tokens_in: int
+    visual_tokens_merged: int
+    prefill_flops_baseline: float
+    prefill_flops: float
+    predicted_s: float | None
+    applied: AppliedPlan
+
+
+@dataclass
+class _Slot:
+    """Shared between a request's handler and its worker thread."""
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    deadline: float | None = None  # time.monotonic()
+
+    def should_stop(self) -> bool:
+        return self.stop.is_set() or (self.deadline is not None and time.monotonic() > self.deadline)
+
+
+class ModelRuntime:
+    def __init__(self, name: str, engine: AimEngine, metrics: ServiceMetrics, workers: int = 1, max_queue: int = 16,
+                 default_frames: int = 8, default_slo_s: float = 10.0, ladder: list[Level] | None = None):
+        self.name = name
+        self.engine = engine
+        self.metrics = metrics
+        self.workers = workers
+        self.max_queue = max_queue
+        self.default_frames = default_frames
+        self.default_slo_s = default_slo_s
+        self.ladder = ladder or default_ladder(engine.num_layers)
+        self.cost_model = CostModel()
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix=f"aim-{name}")
+        self._media_executor = ThreadPoolExecutor(2, thread_name_prefix=f"aim-{name}-media")
+        self._slots = asyncio.Semaphore(workers)
+        self._waiting = 0
+        self._running = 0
+        self._service_times: deque[float] = deque(maxlen=SERVICE_TIME_WINDOW)
+        self._lock = threading.Lock()
+        metrics.model_loaded(name)
+
+    # ---- load signals -------------------------------------------------------------------------
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def expected_queue_wait(self) -> float:
+        if not self._service_times:
+            return 0.0
+        mean = sum(self._service_times) / len(self._service_times)
+        return (self._waiting + max(0, self._running - self.workers + 1)) * mean / self.workers
+
+    # ---- generation ---------------------------------------------------------------------------
+    async def stream(self, request: GenerationRequest, reduction: Reduction, deadline: float | None = None
+                     ) -> AsyncIterator[TokenDelta | Finished]:
+        """Yields TokenDelta events and one Finished. `deadline` is on time.monotonic()."""
+        arrival = time.monotonic()
+        self._admit(deadline, arrival)
+        slot = _Slot(deadline=deadline)
+        self._waiting += 1
+        self.metrics.queue_depth.labels(self.name).set(self._waiting)
+        try:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            await asyncio.wait_for(self._slots.acquire(), timeout)
+        except asyncio.TimeoutError:
+            raise ServiceError("deadline_exceeded", "the deadline passed while the request waited for a worker") \
+                from None
+        finally:
+            self._waiting -= 1
+            self.metrics.queue_depth.labels(self.name).set(self._waiting)
+        queue_s = time.monotonic() - arrival
+        self.metrics.queue_wait.labels(self.name).observe(queue_s)
+
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        self._running += 1
+        self.metrics.in_flight.labels(self.name).set(self._running)
+
+        def push(item) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, item)
+
+        def work() -> None:
+            try:
+                self._work(request, reduction, slot, arrival, queue_s, push)
+            except BaseException as exc:  # noqa: BLE001 - every failure goes back to the handler
+                push(exc)
+            finally:
+                push(None)
+
+        def release(_future) -> None:
+            # the slot is freed when the worker is done, not when the handler leaves, so `workers` holds
+            loop.call_soon_threadsafe(self._release)
+
+        self._executor.submit(work).add_done_callback(release)
+        try:
+            while True:
+                item = await events.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            slot.stop.set()  # client gone, cancelled, or done: the worker stops at its next decode step
+
+    def _release(self) -> None:
+        self._running -= 1
+        self.metrics.in_flight.labels(self.name).set(self._running)
+        self._slots.release()
+
+    def _admit(self, deadline: float | None, now: float) -> None:
+        if self._waiting >= self.max_queue:
+            raise ServiceError("resource_exhausted",
+                               f"model {self.name} has {self._waiting} requests waiting (limit {self.max_queue}); "
+                               "retry with backoff")
+        if deadline is not None and self._service_times:
+            fastest = min(self._service_times)
+            needed = self.expected_queue_wait() + fastest
+            if deadline - now < needed:
+                raise ServiceError("deadline_exceeded",
+                                   f"the deadline ({deadline - now:.3f}s left) cannot cover the expected queue wait "
+                                   f"and service time ({needed:.3f}s); raise the deadline or retry later")
+
+    def _work(self, request: GenerationRequest, reduction: Reduction, slot: _Slot, arrival: float, queue_s: float,
+              push) -> None:
+        t0 = time.monotonic()
+        decoded = self._decode(request)
+        media_s = time.monotonic() - t0
+        applied = self._choose(decoded, reduction, slot.deadline, arrival)
+        result = None
+        for event in self.engine.stream(decoded, applied.plan, should_stop=slot.should_stop):
+            if isinstance(event, GenerationResult):
+                result = event
+            else:
+                push(event)
+        total_s = time.monotonic() - arrival
+        self._record(result.stats, media_s, total_s)
+        push(Finished(result=result, applied=applied, queue_s=queue_s, media_s=media_s, total_s=total_s))
+
+    def _decode(self, request: GenerationRequest) -> GenerationRequest:
+        parts = [VideoPart(data=p.data, mime_type=p.mime_type, num_frames=p.num_frames or self.default_frames,
+                           frames=p.frames, fps=p.fps) if isinstance(p, VideoPart) else p for p in request.parts]
+        if not any(isinstance(p, TextPart) and p.text.strip() for p in parts):
+            raise ServiceError("invalid_argument", "the prompt has no text: add a question or instruction")
+        decoded = self.engine.decode_media(GenerationRequest(parts, request.sampling, request.system))
+        return GenerationRequest(decoded, request.sampling, request.system)
+
+    def _choose(self, decoded: GenerationRequest, reduction: Reduction, deadline: float | None, arrival: float
+                ) -> AppliedPlan:
+        if reduction.kind == "none":
+            return AppliedPlan(ReductionPlan(), "none", "the request asked for no reduction")
+        if reduction.kind == "plan":
+            reduction.plan.check_depth(self.engine.num_layers)
+            return AppliedPlan(reduction.plan, "explicit", "the request gave the plan")
+        now = time.monotonic()
+        budget = (reduction.slo_s or self.default_slo_s) - (now - arrival)
+        if deadline is not None:
+            budget = min(budget, deadline - now)
+        predicted = [self._predict(decoded, level.plan) for level in self.ladder]
+        decision = decide(self.ladder, Features(budget_s=budget, min_retention=reduction.min_retention,
+                                                predicted_s=predicted))
+        if not decision.fits and deadline is not None and decision.predicted_s is not None \
+                and decision.predicted_s > deadline - now:
+            raise ServiceError("deadline_exceeded", f"cannot finish before the deadline: {decision.reason}")
+        reason = decision.reason if decision.fits else f"best effort: {decision.reason}"
+        return AppliedPlan(self.ladder[decision.level].plan, "auto", reason, decision.predicted_s)
+
+    def _predict(self, decoded: GenerationRequest, plan: ReductionPlan) -> float | None:
+        est = self.engine.estimate(decoded, plan)
+        predicted = self.cost_model.predict(est.visual_tokens_in, est.prefill_flops, decoded.sampling.max_new_tokens)
+        return None if predicted is None else predicted + self.expected_queue_wait()
+
+    def _record(self, stats: RequestStats, media_s: float, total_s: float) -> None:
+        t = stats.timings
+        with self._lock:
+            self.cost_model = self.cost_model.observe(Observation(
+                media_s=media_s, vision_s=t.vision_s, visual_tokens_in=stats.visual_tokens_in, prefill_s=t.prefill_s,
+                prefill_flops=stats.prefill_flops, decode_s=t.decode_s, new_tokens=stats.completion_tokens))
+            self._service_times.append(total_s)
+
+    # ---- estimates ----------------------------------------------------------------------------
+    async def estimate(self, request: GenerationRequest, reduction: Reduction) -> Estimate:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._media_executor, self._estimate, request, reduction)
+
+    def _estimate(self, request: GenerationRequest, reduction: Reduction) -> Estimate:
+        now = time.monotonic()
+        decoded = self._decode(request)
+        applied = self._choose(decoded, reduction, None, now)
+        est = self.engine.estimate(decoded, applied.plan)
+        predicted = self._predict(decoded, applied.plan)
+        return Estimate(est.visual_tokens_in, est.visual_tokens_merged, est.prefill_flops_baseline,
+                        est.prefill_flops, predicted, applied)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._media_executor.shutdown(wait=False, cancel_futures=True)
+
+
+def to_service_error(exc: BaseException) -> ServiceError:
+    """Engine errors are the caller's fault: invalid_argument with the engine's message."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, (EngineError, PlanError, GenerationError)):
+        return ServiceError("invalid_argument", str(exc))
+    return ServiceError("internal", "internal error; the server log has the details")
+
+
+__all__ = ["ModelRuntime", "Reduction", "AppliedPlan", "Finished", "Estimate", "ServiceError", "to_service_error",
+           "ImagePart", "VideoPart", "TextPart"]

@@ -1,0 +1,131 @@
+"""Builds and runs the gRPC server: AimService, the Open Inference Protocol, grpc.health.v1, reflection,
+Prometheus metrics on their own HTTP port, optional TLS and bearer token. SIGTERM drains, then exits."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from aim_engine import AimEngine, MediaLimits
+
+from .aim_api import AimServicer, ServingState
+from .interceptors import BearerTokenInterceptor, MetricsInterceptor
+from .kserve import InferenceServicer
+from .metrics import ServiceMetrics
+from .proto.aim.v1 import aim_service_pb2, aim_service_pb2_grpc
+from .proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
+from .runtime import ModelRuntime
+from .settings import Settings
+
+log = logging.getLogger("aim.service")
+
+AIM_SERVICE = aim_service_pb2.DESCRIPTOR.services_by_name["AimService"].full_name
+INFERENCE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVICES = (AIM_SERVICE, INFERENCE_SERVICE)
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    state: ServingState
+    health: health.aio.HealthServicer
+    port: int
+    metrics_port: int | None
+    _metrics_http: object = None
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.state.accepting = serving
+        for name in ("", *SERVICES):
+            await self.health.set(name, status)
+
+    async def drain_and_stop(self, grace: float) -> None:
+        """Stop accepting, report NOT_SERVING, let in-flight requests finish (up to `grace` seconds), stop."""
+        await self.set_serving(False)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + grace
+        while self.state.in_flight() and loop.time() < end:
+            await asyncio.sleep(0.05)
+        await self.server.stop(max(0.0, end - loop.time()))
+        for runtime in self.state.runtimes.values():
+            runtime.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+
+
+def load_engines(settings: Settings) -> dict[str, AimEngine]:
+    import torch
+
+    limits = MediaLimits(max_bytes=settings.max_media_bytes, max_pixels=settings.max_pixels,
+                         max_frames=settings.max_frames)
+    return {name: AimEngine.load(path, device=settings.device, dtype=getattr(torch, settings.dtype), limits=limits)
+            for name, path in settings.model_paths().items()}
+
+
+async def start_server(settings: Settings, engines: dict[str, AimEngine] | None = None,
+                       metrics: ServiceMetrics | None = None) -> RunningServer:
+    """Starts listening at once (health NOT_SERVING), loads the models off the event loop, then SERVING."""
+    metrics = metrics or ServiceMetrics()
+    state = ServingState(settings, metrics)
+    interceptors = [MetricsInterceptor(metrics)]
+    if settings.auth_token:
+        interceptors.insert(0, BearerTokenInterceptor(settings.auth_token))
+    options = [("grpc.max_receive_message_length", settings.max_message_bytes),
+               ("grpc.max_send_message_length", settings.max_message_bytes),
+               ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
+    aim_service_pb2_grpc.add_AimServiceServicer_to_server(AimServicer(state), server)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+
+    address = f"{settings.host}:{settings.port}"
+    if settings.tls_cert:
+        with open(settings.tls_key, "rb") as key, open(settings.tls_cert, "rb") as cert:
+            credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    await server.start()
+
+    metrics_port, http = None, None
+    if settings.metrics_port >= 0:
+        from prometheus_client import start_http_server
+
+        http, _thread = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+        metrics_port = http.server_port
+    running = RunningServer(server, state, health_servicer, port, metrics_port, http)
+    await running.set_serving(False)
+    log.info("listening on %s:%d (metrics on %s)", settings.host, port, metrics_port)
+
+    if engines is None:
+        engines = await asyncio.get_running_loop().run_in_executor(None, load_engines, settings)
+    for name, engine in engines.items():
+        state.runtimes[name] = ModelRuntime(
+            name, engine, metrics, workers=settings.workers, max_queue=settings.max_queue,
+            default_frames=settings.default_frames, default_slo_s=settings.default_slo_ms / 1000)
+        log.info("model %s ready (%s, %d layers)", name, engine.adapter.family, engine.num_layers)
+    await running.set_serving(True)
+    return running
+
+
+async def serve(settings: Settings) -> None:
+    """Runs until SIGTERM or SIGINT, then drains."""
+    running = await start_server(settings)
+    print(f"aim-serve listening on {settings.host}:{running.port}; metrics on "
+          f"http://{settings.host}:{running.metrics_port}/metrics", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining (up to %.0fs)", settings.drain_seconds)
+    await running.drain_and_stop(settings.drain_seconds)
+    log.info("stopped")

@@ -1,0 +1,126 @@
+"""One settings object for the server, from (highest precedence first) command-line flags, `AIM_*` environment
+variables, a TOML/JSON file (`--config` / `AIM_CONFIG`), and the defaults below. Every field is documented
+here once; the README's table is generated from the same metadata (`settings_table()`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tomllib
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Settings:
+    models: list[str] = field(default_factory=list, metadata={
+        "help": "models to serve: PATH or NAME=PATH (local checkpoint directories); the first is the default"})
+    host: str = _f("127.0.0.1", "address to listen on")
+    port: int = _f(50051, "gRPC port (0 = pick a free one)")
+    metrics_port: int = _f(9464, "Prometheus /metrics HTTP port (0 = pick a free one, -1 = off)")
+    device: str = _f("cpu", "torch device for the models: cpu, cuda, cuda:1")
+    dtype: str = _f("float32", "model dtype: float32, bfloat16, float16")
+    workers: int = _f(1, "requests run at once per model (each on its own thread)")
+    max_queue: int = _f(16, "requests waiting for a worker before new ones get RESOURCE_EXHAUSTED")
+    max_message_bytes: int = _f(64 * 1024 * 1024, "largest gRPC message received or sent, bytes")
+    max_media_bytes: int = _f(64 * 1024 * 1024, "largest image or video, bytes")
+    max_pixels: int = _f(40_000_000, "largest image or video frame, pixels")
+    max_frames: int = _f(64, "most frames sampled from one video")
+    default_frames: int = _f(8, "frames sampled from a video when the request does not say")
+    max_new_tokens: int = _f(1024, "most tokens one request may generate")
+    default_max_new_tokens: int = _f(128, "tokens generated when the request does not say")
+    default_slo_ms: int = _f(10_000, "latency target of `auto` requests that give none, milliseconds")
+    drain_seconds: float = _f(30.0, "on SIGTERM: how long in-flight requests may finish before exit")
+    tls_cert: str = _f("", "PEM certificate chain; with tls_key, serve TLS")
+    tls_key: str = _f("", "PEM private key")
+    auth_token: str = _f("", "if set, every RPC needs `authorization: Bearer <token>` (health checks excepted)")
+    log_level: str = _f("INFO", "Python log level")
+
+    def model_paths(self) -> dict[str, Path]:
+        """NAME -> directory, in order (the first is the default)."""
+        out: dict[str, Path] = {}
+        for spec in self.models:
+            name, sep, path = spec.partition("=")
+            if not sep:
+                name, path = Path(spec).name, spec
+            out[name] = Path(path)
+        return out
+
+    def validate(self) -> None:
+        if not self.models:
+            raise ValueError("no model to serve: pass --model PATH (or NAME=PATH), or set AIM_MODELS")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("TLS needs both tls_cert and tls_key")
+        for name in ("workers", "max_frames", "default_frames", "max_new_tokens", "default_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_queue < 0:
+            raise ValueError("max_queue must be >= 0")
+
+    # ---- loading --------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, argv: list[str] | None = None, env: dict[str, str] | None = None) -> "Settings":
+        env = dict(os.environ if env is None else env)
+        parser = cls.argument_parser()
+        args = parser.parse_args(argv or [])
+        values: dict = {}
+        config_file = args.config or env.get("AIM_CONFIG")
+        if config_file:
+            values.update(_read_file(Path(config_file)))
+        for f in fields(cls):
+            raw = env.get(f"AIM_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = _parse(f, raw)
+        for f in fields(cls):
+            given = getattr(args, f.name)
+            if given is not None:
+                values[f.name] = given
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown settings: {sorted(unknown)}")
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    @classmethod
+    def argument_parser(cls, parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+        parser = parser or argparse.ArgumentParser(prog="aim-serve serve")
+        parser.add_argument("--config", help="settings file (TOML or JSON); also AIM_CONFIG")
+        for f in fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            if f.name == "models":
+                parser.add_argument("--model", dest="models", action="append", help=f.metadata["help"])
+            else:
+                parser.add_argument(flag, dest=f.name, type=_type_of(f), help=f.metadata["help"])
+        return parser
+
+
+def _type_of(f):
+    return {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+
+
+def _parse(f, raw: str):
+    if f.name == "models":
+        return [m for m in raw.replace(",", " ").split() if m]
+    return _type_of(f)(raw)
+
+
+def _read_file(path: Path) -> dict:
+    text = path.read_text()
+    data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def settings_table() -> str:
+    """Markdown table of every setting: flag, environment variable, default, meaning."""
+    rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
+    for f in fields(Settings):
+        default = f.default if f.default is not MISSING else "[]"
+        flag = "--model (repeatable)" if f.name == "models" else "--" + f.name.replace("_", "-")
+        rows.append(f"| `{flag}` | `AIM_{f.name.upper()}` | `{default}` | {f.metadata['help']} |")
+    return "\n".join(rows)
