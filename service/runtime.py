@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 from aim_engine import AimEngine, GenerationRequest, GenerationResult, ReductionPlan, TokenDelta
@@ -220,8 +220,8 @@ class ModelRuntime:
         push(Finished(result=result, applied=applied, queue_s=queue_s, media_s=media_s, total_s=total_s))
 
     def _decode(self, request: GenerationRequest) -> GenerationRequest:
-        parts = [VideoPart(data=p.data, mime_type=p.mime_type, num_frames=p.num_frames or self.default_frames,
-                           frames=p.frames, fps=p.fps) if isinstance(p, VideoPart) else p for p in request.parts]
+        parts = [replace(p, num_frames=p.num_frames or self.default_frames) if isinstance(p, VideoPart) else p
+                 for p in request.parts]
         if not any(isinstance(p, TextPart) and p.text.strip() for p in parts):
             raise ServiceError("invalid_argument", "the prompt has no text: add a question or instruction")
         decoded = self.engine.decode_media(GenerationRequest(parts, request.sampling, request.system))

@@ -68,9 +68,8 @@ def load_engines(settings: Settings) -> dict[str, AimEngine]:
             for name, path in settings.model_paths().items()}
 
 
-async def start_server(settings: Settings, engines: dict[str, AimEngine] | None = None,
-                       metrics: ServiceMetrics | None = None) -> RunningServer:
-    """Starts listening at once (health NOT_SERVING), loads the models off the event loop, then SERVING."""
+async def start_listening(settings: Settings, metrics: ServiceMetrics | None = None) -> RunningServer:
+    """Binds and starts the server with health NOT_SERVING and no model yet (every RPC: UNAVAILABLE)."""
     metrics = metrics or ServiceMetrics()
     state = ServingState(settings, metrics)
     interceptors = [MetricsInterceptor(metrics)]
@@ -104,15 +103,27 @@ async def start_server(settings: Settings, engines: dict[str, AimEngine] | None 
     running = RunningServer(server, state, health_servicer, port, metrics_port, http)
     await running.set_serving(False)
     log.info("listening on %s:%d (metrics on %s)", settings.host, port, metrics_port)
+    return running
 
+
+async def load_models(running: RunningServer, engines: dict[str, AimEngine] | None = None) -> None:
+    """Loads the models off the event loop (unless given), then reports SERVING."""
+    settings, state = running.state.settings, running.state
     if engines is None:
         engines = await asyncio.get_running_loop().run_in_executor(None, load_engines, settings)
     for name, engine in engines.items():
         state.runtimes[name] = ModelRuntime(
-            name, engine, metrics, workers=settings.workers, max_queue=settings.max_queue,
+            name, engine, state.metrics, workers=settings.workers, max_queue=settings.max_queue,
             default_frames=settings.default_frames, default_slo_s=settings.default_slo_ms / 1000)
         log.info("model %s ready (%s, %d layers)", name, engine.adapter.family, engine.num_layers)
     await running.set_serving(True)
+
+
+async def start_server(settings: Settings, engines: dict[str, AimEngine] | None = None,
+                       metrics: ServiceMetrics | None = None) -> RunningServer:
+    """Listens at once (health NOT_SERVING), loads the models, then SERVING."""
+    running = await start_listening(settings, metrics)
+    await load_models(running, engines)
     return running
 
 

@@ -1,0 +1,72 @@
+"""A real gRPC server on loopback, in a background thread with its own event loop, serving tiny models."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import replace
+
+import pytest
+
+from aim_engine import AimEngine
+from service.metrics import ServiceMetrics
+from service.server import start_server
+from service.settings import Settings
+
+
+class ServerThread:
+    def __init__(self, settings: Settings, engines: dict[str, AimEngine]):
+        self.loop = asyncio.new_event_loop()
+        self.metrics = ServiceMetrics()
+        ready = threading.Event()
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            self.running = self.loop.run_until_complete(start_server(settings, engines, self.metrics))
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        ready.wait(60)
+        self.port = self.running.port
+        self.metrics_port = self.running.metrics_port
+        self.target = f"127.0.0.1:{self.port}"
+
+    def call(self, coro, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, grace: float = 0.5) -> None:
+        if self.loop.is_running():
+            self.call(self.running.drain_and_stop(grace))
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+
+
+BASE = Settings(models=["unused"], port=0, metrics_port=0, max_queue=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(engine_for):
+    return {"tiny-ov": engine_for("llava_onevision", layers=6, image_size=64), "tiny-llava": engine_for("llava")}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engines):
+    srv = ServerThread(BASE, tiny_engines)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def make_server(tiny_engines):
+    started = []
+
+    def make(**overrides) -> ServerThread:
+        srv = ServerThread(replace(BASE, **overrides), tiny_engines)
+        started.append(srv)
+        return srv
+
+    yield make
+    for srv in started:
+        srv.stop()

@@ -1,0 +1,265 @@
+"""The real server on loopback, called by the real client library and plain grpc stubs."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from aim_engine import ReductionPlan
+from service.client import AimClient
+from service.proto.aim.v1 import aim_service_pb2 as pb
+from service.proto.aim.v1 import aim_service_pb2_grpc as pb_grpc
+from service.server import load_models, start_listening
+from tests.media_samples import encode_image, encode_video
+from tests.service.conftest import BASE
+
+VIDEO = encode_video(frames=16)
+LONG = 400  # tokens; the tiny model's greedy answer to LONG_PROMPT has no EOS this early (checked below)
+LONG_PROMPT = "Keep talking about this clip."
+
+
+def test_unary_generate_returns_text_and_stats(server):
+    with AimClient(server.target) as client:
+        reply = client.generate("What moves?", videos=[VIDEO], frames=4, max_new_tokens=6,
+                                plan=ReductionPlan(merge_retention=0.25, prune_start=2, prune_end=5))
+    assert reply.model == "tiny-ov" and reply.finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_STOP)
+    assert reply.usage.visual_tokens_in == 4 * 16 + 1 and reply.usage.visual_tokens_merged == 4 * 4 + 1
+    assert len(reply.usage.visual_tokens_per_layer) == 6 and reply.usage.visual_tokens_per_layer[-1] == 0
+    assert 0 < reply.cost.prefill_flops < reply.cost.baseline_prefill_flops
+    assert reply.cost.saved_fraction == pytest.approx(1 - reply.cost.prefill_flops / reply.cost.baseline_prefill_flops)
+    assert reply.applied_plan.source == pb.PLAN_SOURCE_EXPLICIT and reply.applied_plan.plan.merge_retention == 0.25
+    t = reply.timings
+    assert t.total_seconds >= t.time_to_first_token_seconds >= t.prefill_seconds > 0
+
+
+def test_stream_deltas_then_result_matching_unary(server):
+    with AimClient(server.target) as client:
+        unary = client.generate("Describe.", images=[encode_image("PNG")], max_new_tokens=12, no_reduction=True)
+        deltas = list(client.stream("Describe.", images=[encode_image("PNG")], max_new_tokens=12, no_reduction=True))
+        result = client.last_result
+    assert "".join(deltas) == result.text == unary.text
+    assert result.applied_plan.source == pb.PLAN_SOURCE_NONE and result.usage.completion_tokens >= 1
+
+
+def test_auto_plan_is_chosen_by_the_controller(server):
+    with AimClient(server.target) as client:
+        for _ in range(2):  # the first request teaches the cost model
+            reply = client.generate("Hi", videos=[VIDEO], frames=4, max_new_tokens=2, slo_ms=60_000)
+        assert reply.applied_plan.source == pb.PLAN_SOURCE_AUTO and "fits" in reply.applied_plan.reason
+        assert reply.applied_plan.plan == pb.ReductionPlan(importance=pb.IMPORTANCE_PAGERANK)  # ample budget: full
+        floor = client.generate("Hi", videos=[VIDEO], frames=4, max_new_tokens=2, slo_ms=1, min_retention=0.5)
+        assert floor.applied_plan.plan.merge_retention == 0.5  # nothing fits 1 ms: cheapest level above the floor
+        assert floor.applied_plan.reason.startswith("best effort")
+
+
+def test_model_info_and_estimate(server):
+    with AimClient(server.target) as client:
+        info = client.model_info()
+        assert (info.model, info.family, info.num_layers, info.supports_video) == ("tiny-ov", "llava_onevision", 6, True)
+        assert list(info.served_models) == ["tiny-ov", "tiny-llava"]
+        assert info.default_plan.merge_retention == 0.25 and info.limits.max_frames == 64
+        plan = ReductionPlan(merge_retention=0.25, prune_start=2, prune_end=5)
+        est = client.estimate("What?", videos=[VIDEO], frames=4, max_new_tokens=3, plan=plan)
+        run = client.generate("What?", videos=[VIDEO], frames=4, max_new_tokens=3, plan=plan)
+    assert (est.visual_tokens_in, est.visual_tokens_merged) == (run.usage.visual_tokens_in,
+                                                                 run.usage.visual_tokens_merged)
+    assert est.prefill_flops == run.cost.prefill_flops and est.baseline_prefill_flops == run.cost.baseline_prefill_flops
+    assert est.predicted_latency_seconds > 0 and est.applied_plan.source == pb.PLAN_SOURCE_EXPLICIT
+
+
+def _raw(stub, **fields):
+    base = dict(parts=[pb.ContentPart(text="Hi")], sampling=pb.SamplingParams(max_new_tokens=2))
+    base.update(fields)
+    return stub.Generate(pb.GenerateRequest(**base), timeout=30)
+
+
+BAD_REQUESTS = [
+    ("corrupt image", dict(parts=[pb.ContentPart(image=pb.Image(data=b"\x89PNG broken", mime_type="image/png")),
+                                  pb.ContentPart(text="Hi")]), grpc.StatusCode.INVALID_ARGUMENT, "cannot decode"),
+    ("truncated video", dict(parts=[pb.ContentPart(video=pb.Video(data=VIDEO[:300], mime_type="video/mp4")),
+                                    pb.ContentPart(text="Hi")]), grpc.StatusCode.INVALID_ARGUMENT, "video"),
+    ("unsupported MIME", dict(parts=[pb.ContentPart(image=pb.Image(data=encode_image("PNG"), mime_type="image/bmp")),
+                                     pb.ContentPart(text="Hi")]), grpc.StatusCode.INVALID_ARGUMENT, "unsupported"),
+    ("too many frames", dict(parts=[pb.ContentPart(video=pb.Video(data=VIDEO, mime_type="video/mp4", num_frames=65)),
+                                    pb.ContentPart(text="Hi")]), grpc.StatusCode.INVALID_ARGUMENT, "limit is 64"),
+    ("too many listed frames", dict(parts=[pb.ContentPart(frames=pb.Frames(frames=[pb.Image(
+        data=encode_image("PNG"), mime_type="image/png")] * 65)), pb.ContentPart(text="Hi")]),
+        grpc.StatusCode.INVALID_ARGUMENT, "limit is 64"),
+    ("empty prompt", dict(parts=[pb.ContentPart(text="  ")]), grpc.StatusCode.INVALID_ARGUMENT, "no text"),
+    ("no parts", dict(parts=[]), grpc.StatusCode.INVALID_ARGUMENT, "parts is empty"),
+    ("bad retention", dict(reduction=pb.Reduction(plan=pb.ReductionPlan(merge_retention=1.5))),
+     grpc.StatusCode.INVALID_ARGUMENT, "merge_retention must be in"),
+    ("bad prune range", dict(reduction=pb.Reduction(plan=pb.ReductionPlan(prune_start=4, prune_end=2))),
+     grpc.StatusCode.INVALID_ARGUMENT, "prune_end must be greater"),
+    ("prune beyond depth", dict(reduction=pb.Reduction(plan=pb.ReductionPlan(prune_start=9, prune_end=12))),
+     grpc.StatusCode.INVALID_ARGUMENT, "beyond the model"),
+    ("bad floor", dict(reduction=pb.Reduction(auto=pb.AutoBudget(min_retention=2))),
+     grpc.StatusCode.INVALID_ARGUMENT, "min_retention"),
+    ("bad temperature", dict(sampling=pb.SamplingParams(temperature=-1)), grpc.StatusCode.INVALID_ARGUMENT,
+     "temperature"),
+    ("too many tokens", dict(sampling=pb.SamplingParams(max_new_tokens=5000)), grpc.StatusCode.INVALID_ARGUMENT,
+     "exceeds the limit"),
+    ("video to image model", dict(model="tiny-llava", parts=[pb.ContentPart(video=pb.Video(
+        data=VIDEO, mime_type="video/mp4")), pb.ContentPart(text="Hi")]), grpc.StatusCode.INVALID_ARGUMENT,
+     "does not accept video"),
+    ("unknown model", dict(model="gpt-9"), grpc.StatusCode.NOT_FOUND, "unknown model 'gpt-9'"),
+]
+
+
+@pytest.mark.parametrize("name,fields,code,message", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_gets_the_right_status_and_the_server_keeps_serving(server, name, fields, code, message):
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.AimServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            _raw(stub, **fields)
+        assert err.value.code() == code
+        assert message in err.value.details() and "Traceback" not in err.value.details()
+        assert _raw(stub).text is not None  # still serving
+
+
+def test_concurrent_clients_are_all_answered_or_cleanly_rejected(make_server):
+    srv = make_server(max_queue=2, workers=1)
+    with AimClient(srv.target) as client:
+        def call(i):
+            try:
+                client.generate(f"Q{i}", videos=[VIDEO], frames=4, max_new_tokens=20, no_reduction=True)
+                return "ok"
+            except grpc.RpcError as exc:
+                return exc.code()
+
+        with ThreadPoolExecutor(10) as pool:
+            outcomes = list(pool.map(call, range(10)))
+    assert set(outcomes) <= {"ok", grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert outcomes.count("ok") >= 3 and grpc.StatusCode.RESOURCE_EXHAUSTED in outcomes  # 1 running + 2 queued
+
+
+def _long_request_check(client):
+    reply = client.generate(LONG_PROMPT, videos=[VIDEO], frames=4, max_new_tokens=LONG, no_reduction=True)
+    assert reply.finish_reason == pb.FINISH_REASON_LENGTH, "test premise: the long answer runs to max_new_tokens"
+    return reply.timings.total_seconds
+
+
+def test_cancelled_generation_stops_and_the_next_request_starts_promptly(make_server):
+    srv = make_server(workers=1)
+    with AimClient(srv.target) as client:
+        full = _long_request_check(client)
+        events = client.stream_events(LONG_PROMPT, videos=[VIDEO], frames=4, max_new_tokens=LONG, no_reduction=True)
+        for _ in range(3):
+            next(events)
+        events.cancel()
+        start = time.monotonic()
+        reply = client.generate("Next", images=[encode_image("PNG")], max_new_tokens=2)
+        waited = time.monotonic() - start
+    # the cancelled request stopped at its next decode step instead of running to LONG tokens
+    assert reply.timings.queue_seconds < full / 2 and waited < full
+    runtime = srv.running.state.runtimes["tiny-ov"]
+    assert runtime.running == 0
+    samples = {s.labels["outcome"]: s.value for s in srv.metrics.requests.collect()[0].samples
+               if s.name == "aim_requests_total"}
+    assert samples.get("cancelled") == 1
+
+
+def test_deadline_exceeded_stops_the_request(make_server):
+    srv = make_server(workers=1)
+    with AimClient(srv.target) as client:
+        full = _long_request_check(client)
+        slow = AimClient(srv.target, timeout=full / 4)
+        with pytest.raises(grpc.RpcError) as err:
+            slow.generate(LONG_PROMPT, videos=[VIDEO], frames=4, max_new_tokens=LONG, no_reduction=True)
+        slow.close()
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        start = time.monotonic()
+        client.generate("Next", max_new_tokens=2)
+        assert time.monotonic() - start < full / 2  # the expired request did not keep the worker
+
+
+def test_deadline_that_cannot_be_met_is_rejected_at_admission(make_server):
+    srv = make_server(workers=1)
+    with AimClient(srv.target) as client:
+        full = _long_request_check(client)
+        runtime = srv.running.state.runtimes["tiny-ov"]
+        runtime._service_times.clear()
+        runtime._service_times.append(full)  # every request so far took `full` seconds
+        hurried = AimClient(srv.target, timeout=full / 3)
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            hurried.generate("Hi", max_new_tokens=2)
+        hurried.close()
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "cannot cover" in err.value.details()
+    assert time.monotonic() - start < full / 3  # rejected at once, not when the deadline passed
+
+
+def test_oversized_message_is_rejected_and_the_server_keeps_serving(make_server):
+    srv = make_server(max_message_bytes=256 * 1024)
+    with AimClient(srv.target) as client:
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate("Hi", images=[b"\x89PNG" + b"\0" * (512 * 1024)])
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert client.generate("Hi", max_new_tokens=1).usage.completion_tokens == 1
+
+
+def _health(target, service=""):
+    with grpc.insecure_channel(target) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def test_health_not_serving_until_loaded_serving_then_not_serving_while_draining(server, tiny_engines):
+    from tests.service.conftest import ServerThread
+
+    srv = ServerThread.__new__(ServerThread)  # a server thread that only listens, models loaded by hand
+    import asyncio
+
+    srv.loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    def run():
+        asyncio.set_event_loop(srv.loop)
+        srv.running = srv.loop.run_until_complete(start_listening(BASE))
+        started.set()
+        srv.loop.run_forever()
+
+    srv.thread = threading.Thread(target=run, daemon=True)
+    srv.thread.start()
+    started.wait(30)
+    target = f"127.0.0.1:{srv.running.port}"
+    NOT, OK = health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING
+    assert _health(target) == NOT and _health(target, "aim.v1.AimService") == NOT
+    with AimClient(target) as client, pytest.raises(grpc.RpcError) as err:
+        client.generate("Hi")
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    srv.call(load_models(srv.running, tiny_engines))
+    assert _health(target) == OK and _health(target, "inference.GRPCInferenceService") == OK
+    srv.call(srv.running.set_serving(False))  # what draining does first
+    assert _health(target) == NOT
+    srv.call(srv.running.drain_and_stop(0.1))
+    srv.loop.call_soon_threadsafe(srv.loop.stop)
+
+
+def test_reflection_lists_the_services(server):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(server.target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for s in next(replies).list_services_response.service}
+    assert {"aim.v1.AimService", "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
+
+
+def test_bearer_token(make_server):
+    srv = make_server(auth_token="s3cret")
+    for token, ok in ((None, False), ("wrong", False), ("s3cret", True)):
+        with AimClient(srv.target, token=token) as client:
+            if ok:
+                assert client.generate("Hi", max_new_tokens=1).usage.completion_tokens == 1
+                assert list(client.stream("Hi", max_new_tokens=1))
+            else:
+                for call in (lambda: client.generate("Hi"), lambda: list(client.stream("Hi"))):
+                    with pytest.raises(grpc.RpcError) as err:
+                        call()
+                    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert _health(srv.target) == health_pb2.HealthCheckResponse.SERVING  # probes need no token
