@@ -3,6 +3,7 @@ a message the caller can act on; unexpected failures are logged here and answere
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -70,14 +71,12 @@ async def status_mapping(context, metrics, model: str, count: bool = True):
     except ServiceError as exc:
         outcome = exc.status
         await context.abort(STATUS[exc.status], str(exc))
-    except (grpc.aio.AbortError, GeneratorExit):
+    except grpc.aio.AbortError:
+        raise
+    except (asyncio.CancelledError, GeneratorExit):  # the client cancelled or went away
+        outcome = "cancelled"
         raise
     except BaseException as exc:  # noqa: BLE001
-        import asyncio
-
-        if isinstance(exc, asyncio.CancelledError):
-            outcome = "cancelled"
-            raise
         err = to_service_error(exc)
         outcome = err.status
         if err.status == "internal":

@@ -139,9 +139,20 @@ def test_concurrent_clients_are_all_answered_or_cleanly_rejected(make_server):
 
 
 def _long_request_check(client):
-    reply = client.generate(LONG_PROMPT, videos=[VIDEO], frames=4, max_new_tokens=LONG, no_reduction=True)
-    assert reply.finish_reason == pb.FINISH_REASON_LENGTH, "test premise: the long answer runs to max_new_tokens"
-    return reply.timings.total_seconds
+    """Seconds a warm LONG-token request takes (the faster of two runs)."""
+    times = []
+    for _ in range(2):
+        reply = client.generate(LONG_PROMPT, videos=[VIDEO], frames=4, max_new_tokens=LONG, no_reduction=True)
+        assert reply.finish_reason == pb.FINISH_REASON_LENGTH, "test premise: the answer runs to max_new_tokens"
+        times.append(reply.timings.total_seconds)
+    return min(times)
+
+
+def _seconds_until_idle(runtime, limit: float) -> float:
+    start = time.monotonic()
+    while runtime.running and time.monotonic() - start < limit:
+        time.sleep(0.005)
+    return time.monotonic() - start
 
 
 def test_cancelled_generation_stops_and_the_next_request_starts_promptly(make_server):
@@ -152,16 +163,22 @@ def test_cancelled_generation_stops_and_the_next_request_starts_promptly(make_se
         for _ in range(3):
             next(events)
         events.cancel()
+        assert _seconds_until_idle(srv.running.state.runtimes["tiny-ov"], full) < full / 4
         start = time.monotonic()
         reply = client.generate("Next", images=[encode_image("PNG")], max_new_tokens=2)
         waited = time.monotonic() - start
     # the cancelled request stopped at its next decode step instead of running to LONG tokens
     assert reply.timings.queue_seconds < full / 2 and waited < full
-    runtime = srv.running.state.runtimes["tiny-ov"]
-    assert runtime.running == 0
-    samples = {s.labels["outcome"]: s.value for s in srv.metrics.requests.collect()[0].samples
-               if s.name == "aim_requests_total"}
-    assert samples.get("cancelled") == 1
+    assert _seconds_until_idle(srv.running.state.runtimes["tiny-ov"], full) < full / 4
+
+    def cancelled_count():
+        return {s.labels["outcome"]: s.value for s in srv.metrics.requests.collect()[0].samples
+                if s.name == "aim_requests_total"}.get("cancelled")
+
+    deadline = time.monotonic() + 5
+    while cancelled_count() != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cancelled_count() == 1
 
 
 def test_deadline_exceeded_stops_the_request(make_server):
@@ -173,9 +190,9 @@ def test_deadline_exceeded_stops_the_request(make_server):
             slow.generate(LONG_PROMPT, videos=[VIDEO], frames=4, max_new_tokens=LONG, no_reduction=True)
         slow.close()
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        start = time.monotonic()
-        client.generate("Next", max_new_tokens=2)
-        assert time.monotonic() - start < full / 2  # the expired request did not keep the worker
+        # the expired request stops at its next decode step instead of generating the remaining ~3/4 of LONG
+        assert _seconds_until_idle(srv.running.state.runtimes["tiny-ov"], full) < full / 4
+        assert client.generate("Next", max_new_tokens=2).usage.completion_tokens == 2
 
 
 def test_deadline_that_cannot_be_met_is_rejected_at_admission(make_server):
