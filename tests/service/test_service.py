@@ -185,11 +185,12 @@ def test_deadline_exceeded_stops_the_request(make_server):
     srv = make_server(workers=1)
     with AimClient(srv.target) as client:
         full = _long_request_check(client)
+        srv.running.state.runtimes["tiny-ov"]._service_times.clear()  # admission has no history: it lets it run
         slow = AimClient(srv.target, timeout=full / 4)
         with pytest.raises(grpc.RpcError) as err:
             slow.generate(LONG_PROMPT, videos=[VIDEO], frames=4, max_new_tokens=LONG, no_reduction=True)
         slow.close()
-        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "cannot cover" not in err.value.details()
         # the expired request stops at its next decode step instead of generating the remaining ~3/4 of LONG
         assert _seconds_until_idle(srv.running.state.runtimes["tiny-ov"], full) < full / 4
         assert client.generate("Next", max_new_tokens=2).usage.completion_tokens == 2
