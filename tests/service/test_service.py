@@ -187,10 +187,16 @@ def test_deadline_exceeded_stops_the_request(make_server):
         full = _long_request_check(client)
         srv.running.state.runtimes["tiny-ov"]._service_times.clear()  # admission has no history: it lets it run
         slow = AimClient(srv.target, timeout=full / 4)
-        with pytest.raises(grpc.RpcError) as err:
-            slow.generate(LONG_PROMPT, videos=[VIDEO], frames=4, max_new_tokens=LONG, no_reduction=True)
-        slow.close()
-        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "cannot cover" not in err.value.details()
+        try:
+            reply = slow.generate(LONG_PROMPT, videos=[VIDEO], frames=4, max_new_tokens=LONG, no_reduction=True)
+        except grpc.RpcError as exc:
+            error = exc
+        else:
+            pytest.fail(f"finished within a {full / 4:.3f}s deadline: {reply.usage.completion_tokens} tokens in "
+                        f"{reply.timings.total_seconds:.3f}s ({reply.finish_reason=})")
+        finally:
+            slow.close()
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "cannot cover" not in error.details()
         # the expired request stops at its next decode step instead of generating the remaining ~3/4 of LONG
         assert _seconds_until_idle(srv.running.state.runtimes["tiny-ov"], full) < full / 4
         assert client.generate("Next", max_new_tokens=2).usage.completion_tokens == 2
@@ -281,3 +287,39 @@ def test_bearer_token(make_server):
                         call()
                     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert _health(srv.target) == health_pb2.HealthCheckResponse.SERVING  # probes need no token
+
+
+def _self_signed(tmp_path):
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    (tmp_path / "cert.pem").write_bytes(cert_pem)
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    return str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"), cert_pem
+
+
+def test_tls(make_server, tmp_path):
+    cert, key, cert_pem = _self_signed(tmp_path)
+    srv = make_server(tls_cert=cert, tls_key=key)
+    target = f"localhost:{srv.port}"
+    with AimClient(target, root_certificates=cert_pem) as client:
+        assert client.generate("Hi", max_new_tokens=1).usage.completion_tokens == 1
+    with AimClient(target, timeout=5) as plaintext, pytest.raises(grpc.RpcError) as err:
+        plaintext.generate("Hi", max_new_tokens=1)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -1,0 +1,129 @@
+"""The server as users run it: `aim-serve serve` in its own process. Open Inference Protocol interop with the
+real tritonclient, SIGTERM draining, and the Prometheus exposition checked by promtool."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from service.client import AimClient
+from tests.media_samples import encode_image, encode_video
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class ServerProcess:
+    def __init__(self, model_dir: Path, *flags: str):
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--model", f"tiny={model_dir}", "--port", "0",
+             "--metrics-port", "0", *flags],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            match = re.search(r"listening on ([\d.]+):(\d+); metrics on (http://\S+)", line)
+            if match:
+                self.target, self.metrics_url = f"{match[1]}:{match[2]}", match[3]
+                return
+        self.proc.kill()
+        raise RuntimeError("server did not start:\n" + "".join(self.lines))
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def model_dir(checkpoint_dir):
+    return checkpoint_dir("llava_onevision", layers=6, image_size=64)
+
+
+@pytest.fixture(scope="module")
+def served(model_dir):
+    server = ServerProcess(model_dir)
+    yield server
+    server.stop()
+
+
+def test_tritonclient_interop(served, tmp_path):
+    image, video = tmp_path / "a.png", tmp_path / "v.mp4"
+    image.write_bytes(encode_image("PNG"))
+    video.write_bytes(encode_video(frames=16))
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/service/scripts/triton_client.py"), served.target,
+                           "tiny", str(image), str(video)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["live"] and seen["ready"] and seen["model_ready"] and not seen["unknown_model_ready"]
+    assert seen["server"]["name"] == "aim-serve"
+    assert seen["inputs"] == ["text_input", "image", "video"] and seen["outputs"] == ["text_output"]
+    p = seen["infer_params"]
+    assert p["aim_visual_tokens_in"] == 4 * 16 + 1 and p["aim_visual_tokens_merged"] == 4 * 4 + 1
+    assert 0 < p["aim_prefill_flops"] < p["aim_baseline_prefill_flops"] and p["aim_plan_source"] == "explicit"
+    assert p["aim_completion_tokens"] >= 1
+    assert seen["image_plan"] == "none"
+    assert seen["bad_plan_error"]["status"] == "StatusCode.INVALID_ARGUMENT"
+    assert "merge_retention must be in" in seen["bad_plan_error"]["message"]
+    assert "stream_error" not in seen
+    final = seen["stream_final"]
+    assert final["aim_finish_reason"] in ("length", "stop") and final["aim_completion_tokens"] >= 1
+    assert seen["stream_deltas"] and "unknown model 'nope'" in seen["stream_unknown_model_error"]
+
+
+def test_metrics_exposition_passes_promtool(served):
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is installed by scripts/test.sh (Debian package prometheus)"
+    with AimClient(served.target) as client:
+        client.generate("Hi", videos=[encode_video()], frames=4, max_new_tokens=3)
+    text = urllib.request.urlopen(served.metrics_url, timeout=10).read()
+    proc = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True)
+    assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
+    body = text.decode()
+    for name in ("aim_requests_total", "aim_request_duration_seconds_bucket", "aim_llm_prefill_flops_total",
+                 "aim_llm_prefill_flops_baseline_total", "aim_visual_tokens_in_total", "aim_queue_depth",
+                 "aim_requests_in_flight", "aim_time_to_first_token_seconds_bucket",
+                 "aim_time_per_output_token_seconds_bucket", "aim_visual_token_retention_ratio_bucket",
+                 "grpc_server_started_total", "grpc_server_handled_total", "grpc_server_handling_seconds_bucket",
+                 "grpc_server_msg_sent_total"):
+        assert name in body, name
+    assert re.search(r'grpc_server_handled_total\{grpc_code="OK",grpc_method="Generate",'
+                     r'grpc_service="aim.v1.AimService",grpc_type="unary"\} [1-9]', body)
+
+
+def test_sigterm_drains_in_flight_requests_then_exits(model_dir):
+    server = ServerProcess(model_dir, "--drain-seconds", "60")
+    try:
+        with AimClient(server.target) as client:
+            events = client.stream_events("Keep talking.", videos=[encode_video()], frames=4, max_new_tokens=300,
+                                          no_reduction=True)
+            first = next(events)  # the request is running
+            server.proc.send_signal(signal.SIGTERM)
+            rest = list(events)  # ... and still finishes
+            assert first.HasField("text_delta") or first.HasField("result")
+            assert rest and rest[-1].HasField("result") and rest[-1].result.usage.completion_tokens >= 1
+        assert server.proc.wait(30) == 0
+        with AimClient(server.target, timeout=5) as client, pytest.raises(grpc.RpcError) as err:
+            client.generate("Hi")
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop()
