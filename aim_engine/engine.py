@@ -71,7 +71,7 @@ class GenerationRequest:
 class Timings:
     media_s: float = 0.0
     vision_s: float = 0.0
-    prefill_s: float = 0.0
+    prefill_s: float = 0.0  # prompt assembly with merging, then the LLM prefill with pruning
     ttft_s: float = 0.0
     decode_s: float = 0.0
     total_s: float = 0.0
@@ -259,7 +259,9 @@ class AimEngine:
         timings.media_s, timings.vision_s = t1 - t0, t2 - t1
         prompt = self.render_prompt(request)
         ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-        return self._assemble(ids, media, plan)
+        prepared = self._assemble(ids, media, plan)
+        timings.prefill_s = time.perf_counter() - t2  # merging counts as prefill; the LLM part is added to it
+        return prepared
 
     def _assemble(self, ids: torch.Tensor, media: list[EncodedMedia], plan: ReductionPlan) -> PreparedPrompt:
         is_placeholder = torch.zeros_like(ids, dtype=torch.bool)
@@ -368,7 +370,7 @@ class AimEngine:
         sampler = TokenSampler(params)
         token = sampler(pre.logits)
         t_first = time.perf_counter()
-        stats.timings.prefill_s = t_first - t_prefill
+        stats.timings.prefill_s += t_first - t_prefill
         stats.timings.ttft_s = t_first - t_start
 
         self._fill_prefill_stats(stats, prepared, pre.tokens_per_layer, pre.visual_per_layer)

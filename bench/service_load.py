@@ -57,7 +57,7 @@ def start_server(model: str, max_queue: int, workers: int) -> tuple[subprocess.P
                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
-        match = re.search(r"listening on ([\d.]+):(\d+)", line)
+        match = re.search(r"aim-serve listening on ([\d.]+):(\d+)", line)
         if match:
             return proc, f"{match[1]}:{match[2]}"
     raise RuntimeError("server did not start")

@@ -66,3 +66,25 @@ def test_bad_target_is_rejected():
         merge_frame_tokens(frame(10), 0)
     with pytest.raises(ValueError):
         merge_frame_tokens(frame(10), 11)
+
+
+def test_batched_frames_merge_exactly_like_one_frame_at_a_time():
+    from aim_engine.merging import merge_frames
+
+    frames = torch.stack([frame(seed=s) for s in range(5)])
+    keep, feats, sizes = merge_frames(frames, 13)
+    for g in range(5):
+        single = merge_frame_tokens(frames[g], 13)
+        assert torch.equal(keep[g], single.keep) and torch.equal(sizes[g], single.sizes)
+        torch.testing.assert_close(feats[g], single.features, atol=1e-6, rtol=1e-6)
+
+
+def test_groups_of_different_sizes_batch_by_size():
+    x = frame(40, 8, seed=4)
+    groups = [torch.arange(0, 12), torch.arange(12, 20), torch.arange(20, 32), torch.arange(32, 39)]
+    res = merge_groups(x, groups, lambda n: max(1, n // 4))
+    expected = []
+    for idx in groups:
+        single = merge_frame_tokens(x[idx], max(1, idx.numel() // 4))
+        expected += idx[single.keep].tolist()
+    assert res.keep.tolist() == sorted(expected + [39])
