@@ -245,12 +245,15 @@ class AimEngine:
         messages.append({"role": "user", "content": content})
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def prepare(self, request: GenerationRequest, plan: ReductionPlan, timings: Timings | None = None
-                ) -> PreparedPrompt:
-        timings = timings or Timings()
+    def _validate(self, request: GenerationRequest, plan: ReductionPlan) -> None:
         if not any(isinstance(p, TextPart) and p.text.strip() for p in request.parts):
             raise RequestError("the prompt has no text: add a question or instruction")
         plan.check_depth(self.num_layers)
+
+    def prepare(self, request: GenerationRequest, plan: ReductionPlan, timings: Timings | None = None
+                ) -> PreparedPrompt:
+        timings = timings or Timings()
+        self._validate(request, plan)
         t0 = time.perf_counter()
         parts = self.decode_media(request)
         t1 = time.perf_counter()
@@ -321,9 +324,7 @@ class AimEngine:
     def estimate(self, request: GenerationRequest, plan: ReductionPlan) -> CostEstimate:
         """Token counts and LLM prefill FLOPs of `request` under `plan`; media are decoded (to know sizes and
         frame counts) but nothing is encoded. Raises the same errors as generate() for bad input."""
-        if not any(isinstance(p, TextPart) and p.text.strip() for p in request.parts):
-            raise RequestError("the prompt has no text: add a question or instruction")
-        plan.check_depth(self.num_layers)
+        self._validate(request, plan)
         parts = self.decode_media(request)
         images = [p.image for p in parts if isinstance(p, ImagePart)]
         per_item = iter(self.adapter.estimate_image_groups(images) if images else [])

@@ -77,18 +77,22 @@ def build_llava_onevision(path: str | Path, layers: int = 4, hidden: int = 64, i
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
     )
-    torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
-    _scale_up_init(model)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    _save_random_model(LlavaOnevisionForConditionalGeneration, config, tokenizer, path, seed)
     LlavaOnevisionImageProcessorPil(
         size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints,
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
     ).save_pretrained(path)
     return path
+
+
+def _save_random_model(model_cls, config, tokenizer, path: Path, seed: int) -> None:
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    _scale_up_init(model)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
 
 
 def _scale_up_init(model) -> None:
@@ -120,13 +124,7 @@ def build_llava(path: str | Path, layers: int = 4, hidden: int = 64, image_size:
     config = LlavaConfig(text_config=text, vision_config=vision,
                          image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                          vision_feature_layer=-1, vision_feature_select_strategy="default")
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    _scale_up_init(model)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    _save_random_model(LlavaForConditionalGeneration, config, tokenizer, path, seed)
     CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
                           image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(path)
     return path
@@ -166,13 +164,7 @@ def build_qwen2_vl(path: str | Path, layers: int = 4, hidden: int = 64, patch_si
                         video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
                         vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
                         vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"))
-    torch.manual_seed(seed)
-    model = model_cls(config).eval()
-    _scale_up_init(model)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    _save_random_model(model_cls, config, tokenizer, path, seed)
     Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=2, temporal_patch_size=2,
                              size={"shortest_edge": 8 * 8, "longest_edge": max_pixels},
                              image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(path)

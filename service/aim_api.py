@@ -118,10 +118,7 @@ class AimServicer(pb_grpc.AimServiceServicer):
         async with status_mapping(context, self.state.metrics, request.model):
             runtime = self.state.runtime(request.model)
             engine_request, reduction = self._decode(request)
-            done = None
-            async for event in runtime.stream(engine_request, reduction, deadline_of(context)):
-                if isinstance(event, Finished):
-                    done = event
+            done = await runtime.generate(engine_request, reduction, deadline_of(context))
             self._observe(runtime, done, reduction.slo_s)
             return response_to_proto(runtime.name, done)
 

@@ -50,75 +50,68 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         labels = (kind, service, method)
         m = self.m
 
-        def finish(context, start, error: BaseException | None):
-            m.grpc_handled.labels(*labels, _status_code(context, error).name).inc()
-            m.grpc_seconds.labels(*labels).observe(time.perf_counter() - start)
-
         if kind == "unary":
             inner = handler.unary_unary
 
             async def unary(request, context):
-                m.grpc_started.labels(*labels).inc()
-                m.grpc_received.labels(*labels).inc()
-                start, error = time.perf_counter(), None
+                call = _Call(m, labels, received=1)
                 try:
                     response = await inner(request, context)
-                    m.grpc_sent.labels(*labels).inc()
+                    call.sent()
                     return response
                 except BaseException as exc:
-                    error = exc
+                    call.error = exc
                     raise
                 finally:
-                    finish(context, start, error)
+                    call.finish(context)
 
             return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer,
                                                        handler.response_serializer)
 
-        if kind == "server_stream":
-            inner = handler.unary_stream
+        if kind in ("server_stream", "bidi_stream"):
+            inner = handler.unary_stream if kind == "server_stream" else handler.stream_stream
 
-            async def server_stream(request, context):
-                m.grpc_started.labels(*labels).inc()
-                m.grpc_received.labels(*labels).inc()
-                start, error = time.perf_counter(), None
+            async def streaming(request_or_iterator, context):
+                call = _Call(m, labels, received=1 if kind == "server_stream" else 0)
+                if kind == "bidi_stream":
+                    request_or_iterator = call.count_received(request_or_iterator)
                 try:
-                    async for response in inner(request, context):
-                        m.grpc_sent.labels(*labels).inc()
+                    async for response in inner(request_or_iterator, context):
+                        call.sent()
                         yield response
                 except BaseException as exc:
-                    error = exc
+                    call.error = exc
                     raise
                 finally:
-                    finish(context, start, error)
+                    call.finish(context)
 
-            return grpc.unary_stream_rpc_method_handler(server_stream, handler.request_deserializer,
-                                                        handler.response_serializer)
-
-        if kind == "bidi_stream":
-            inner = handler.stream_stream
-
-            async def bidi(request_iterator, context):
-                m.grpc_started.labels(*labels).inc()
-                start, error = time.perf_counter(), None
-
-                async def counted():
-                    async for item in request_iterator:
-                        m.grpc_received.labels(*labels).inc()
-                        yield item
-
-                try:
-                    async for response in inner(counted(), context):
-                        m.grpc_sent.labels(*labels).inc()
-                        yield response
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    finish(context, start, error)
-
-            return grpc.stream_stream_rpc_method_handler(bidi, handler.request_deserializer,
-                                                         handler.response_serializer)
+            make = grpc.unary_stream_rpc_method_handler if kind == "server_stream" else \
+                grpc.stream_stream_rpc_method_handler
+            return make(streaming, handler.request_deserializer, handler.response_serializer)
         return handler
+
+
+class _Call:
+    """The go-grpc-prometheus bookkeeping of one RPC."""
+
+    def __init__(self, metrics: ServiceMetrics, labels: tuple[str, str, str], received: int):
+        self.m, self.labels, self.error = metrics, labels, None
+        self.start = time.perf_counter()
+        metrics.grpc_started.labels(*labels).inc()
+        if received:
+            metrics.grpc_received.labels(*labels).inc(received)
+
+    def sent(self) -> None:
+        self.m.grpc_sent.labels(*self.labels).inc()
+
+    async def count_received(self, iterator):
+        async for item in iterator:
+            self.m.grpc_received.labels(*self.labels).inc()
+            yield item
+
+    def finish(self, context) -> None:
+        self.m.grpc_handled.labels(*self.labels, _status_code(context, self.error).name).inc()
+        self.m.grpc_seconds.labels(*self.labels).observe(time.perf_counter() - self.start)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):

@@ -194,10 +194,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async with status_mapping(context, self.state.metrics, request.model_name):
             runtime = self.state.runtime(request.model_name)
             engine_request, reduction = self._decode(request)
-            done = None
-            async for event in runtime.stream(engine_request, reduction, deadline_of(context)):
-                if isinstance(event, Finished):
-                    done = event
+            done = await runtime.generate(engine_request, reduction, deadline_of(context))
             return self._response(request, runtime.name, done.result.text, done, None)
 
     async def ModelStreamInfer(self, request_iterator, context):

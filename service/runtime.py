@@ -185,6 +185,14 @@ class ModelRuntime:
         finally:
             slot.stop.set()  # client gone, cancelled, or done: the worker stops at its next decode step
 
+    async def generate(self, request: GenerationRequest, reduction: Reduction, deadline: float | None = None
+                       ) -> Finished:
+        """The whole answer: `stream` run to its end."""
+        async for event in self.stream(request, reduction, deadline):
+            if isinstance(event, Finished):
+                return event
+        raise RuntimeError("generation ended without a result")
+
     def _release(self) -> None:
         self._running -= 1
         self.metrics.in_flight.labels(self.name).set(self._running)
@@ -216,6 +224,10 @@ class ModelRuntime:
             else:
                 push(event)
         total_s = time.monotonic() - arrival
+        if result.finish_reason == "cancelled" and not slot.stop.is_set():
+            # stopped by its own deadline, not by the client: the RPC fails as such instead of answering a part
+            raise ServiceError("deadline_exceeded", f"the deadline passed after {len(result.token_ids)} "
+                                                    "generated tokens; allow more time or ask for fewer tokens")
         self._record(result.stats, media_s, total_s)
         push(Finished(result=result, applied=applied, queue_s=queue_s, media_s=media_s, total_s=total_s))
 
