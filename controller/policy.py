@@ -40,32 +40,73 @@ class Features:
     min_retention: float  # quality floor
     predicted_s: Sequence[float | None]  # predicted latency (queue wait included) at each ladder level
     margin: float = 1.2  # predicted x margin must fit the budget
+    min_level: int = 0  # no level of higher quality than this (GPU memory pressure)
 
 
 @dataclass(frozen=True)
 class Decision:
-    level: int
+    level: int  # index into the ladder; -1 when rejected
     predicted_s: float | None
     reason: str
     fits: bool
+    rejected: bool = False
+
+    @property
+    def outcome(self) -> str:
+        """Bounded label for metrics."""
+        if self.rejected:
+            return "rejected"
+        if self.predicted_s is None:
+            return "no_data"
+        return "fits" if self.fits else "best_effort"
 
 
 def decide(ladder: Sequence[Level], features: Features) -> Decision:
     """The highest-quality level whose predicted latency x margin fits the budget, never below the quality
-    floor. If none fits, the cheapest allowed level with fits=False (the caller serves best-effort or rejects)."""
-    allowed = [i for i, level in enumerate(ladder) if level.retention >= features.min_retention]
+    floor nor above the memory cap. If none fits, the cheapest allowed level with fits=False (the caller serves
+    best-effort or rejects). If the floor and the cap leave no level at all, rejected."""
+    allowed = [i for i, level in enumerate(ladder)
+               if i >= features.min_level and level.retention >= features.min_retention]
     if not allowed:
-        return Decision(0, features.predicted_s[0], "no level meets the quality floor; serving the full model", False)
+        why = f"the quality floor {features.min_retention:.3g} cannot be met"
+        if features.min_level:
+            why += f" while GPU memory pressure caps quality at {ladder[features.min_level].name}"
+        return Decision(-1, None, why, False, rejected=True)
+    capped = f" (GPU memory caps quality at {ladder[features.min_level].name})" if features.min_level else ""
     if features.predicted_s[allowed[0]] is None:
-        return Decision(allowed[0], None, "no latency data yet: highest quality allowed", True)
+        return Decision(allowed[0], None, f"{ladder[allowed[0]].name}: no latency data yet{capped}", True)
     for i in allowed:
         predicted = features.predicted_s[i]
         if predicted is not None and predicted * features.margin <= features.budget_s:
-            why = "fits the budget at full quality" if i == allowed[0] else \
-                f"{ladder[i - 1].name if i > 0 else 'full'} would exceed the budget"
-            return Decision(i, predicted, f"{ladder[i].name}: {why} "
-                            f"({predicted:.3f}s x {features.margin:.2f} <= {features.budget_s:.3f}s)", True)
+            why = "fits the budget" if i == allowed[0] else f"{ladder[allowed[0]].name} would exceed the budget"
+            return Decision(i, predicted, f"{ladder[i].name}: {why} ({predicted:.3f}s x {features.margin:.2f} "
+                            f"<= {features.budget_s:.3f}s){capped}", True)
     last = allowed[-1]
     return Decision(last, features.predicted_s[last],
                     f"{ladder[last].name}: no level fits {features.budget_s:.3f}s "
-                    f"(cheapest predicted {features.predicted_s[last]:.3f}s x {features.margin:.2f})", False)
+                    f"(cheapest predicted {features.predicted_s[last]:.3f}s x {features.margin:.2f}){capped}", False)
+
+
+def load_ladder(path, num_layers: int) -> list[Level]:
+    """A ladder from a TOML or JSON file: a list `level` of tables with `name` and ReductionPlan fields,
+    ordered from the highest quality to the most saving. `prune_start`/`prune_end` may be given as fractions
+    of depth (< 1), so one file serves models of any depth."""
+    import json
+    import tomllib
+    from pathlib import Path
+
+    path = Path(path)
+    data = json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
+    levels = []
+    for entry in data.get("level", []):
+        entry = dict(entry)
+        name = entry.pop("name")
+        for key in ("prune_start", "prune_end"):
+            if key in entry and isinstance(entry[key], float) and entry[key] < 1:
+                entry[key] = max(1, round(entry[key] * num_layers))
+        levels.append(Level(name, ReductionPlan(**entry)))
+    if not levels:
+        raise ValueError(f"{path}: no [[level]] entries")
+    if levels[0].plan.merges or levels[0].plan.prunes:
+        raise ValueError(f"{path}: the first level must be the untouched model")
+    return levels

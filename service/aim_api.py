@@ -14,6 +14,7 @@ import grpc
 from aim_engine import TokenDelta
 
 from .convert import estimate_to_proto, plan_to_proto, request_from_proto, response_to_proto
+from .metrics import slo_class
 from .proto.aim.v1 import aim_service_pb2 as pb
 from .proto.aim.v1 import aim_service_pb2_grpc as pb_grpc
 from .runtime import Finished, ModelRuntime, ServiceError, to_service_error
@@ -53,6 +54,12 @@ class ServingState:
             raise ServiceError("not_found", f"unknown model {name!r}; served: {sorted(self.runtimes)}")
         return self.runtimes[name]
 
+    def model_label(self, name: str) -> str:
+        """The metrics label for a requested model name: bounded to the served names (and "unknown")."""
+        if not name and self.runtimes:
+            return self.default_model
+        return name if name in self.runtimes else "unknown"
+
     def in_flight(self) -> int:
         return sum(r.running + r.waiting for r in self.runtimes.values())
 
@@ -64,6 +71,7 @@ def deadline_of(context) -> float | None:
 
 @asynccontextmanager
 async def status_mapping(context, metrics, model: str, count: bool = True):
+    """`model` is the metrics label (ServingState.model_label)."""
     """Maps exceptions to gRPC statuses and counts the outcome of a generation request."""
     outcome = "ok"
     try:
@@ -87,7 +95,7 @@ async def status_mapping(context, metrics, model: str, count: bool = True):
         await context.abort(STATUS[err.status], str(err))
     finally:
         if count:
-            metrics.requests.labels(model or "-", outcome).inc()
+            metrics.requests.labels(model, outcome).inc()
 
 
 class AimServicer(pb_grpc.AimServiceServicer):
@@ -100,8 +108,7 @@ class AimServicer(pb_grpc.AimServiceServicer):
 
     def _observe(self, runtime: ModelRuntime, done: Finished, slo_s: float | None) -> None:
         m, s, name = self.state.metrics, done.result.stats, runtime.name
-        slo_class = "default" if slo_s is None else f"{int(slo_s * 1000)}ms"
-        m.latency.labels(name, slo_class).observe(done.total_s)
+        m.latency.labels(name, slo_class(slo_s)).observe(done.total_s)
         m.ttft.labels(name).observe(done.queue_s + done.media_s + s.timings.ttft_s)
         m.prefill.labels(name).observe(s.timings.prefill_s)
         if s.completion_tokens > 1:
@@ -115,7 +122,7 @@ class AimServicer(pb_grpc.AimServiceServicer):
         m.plans.labels(name, done.applied.source).inc()
 
     async def Generate(self, request, context):
-        async with status_mapping(context, self.state.metrics, request.model):
+        async with status_mapping(context, self.state.metrics, self.state.model_label(request.model)):
             runtime = self.state.runtime(request.model)
             engine_request, reduction = self._decode(request)
             done = await runtime.generate(engine_request, reduction, deadline_of(context))
@@ -123,7 +130,7 @@ class AimServicer(pb_grpc.AimServiceServicer):
             return response_to_proto(runtime.name, done)
 
     async def GenerateStream(self, request, context):
-        async with status_mapping(context, self.state.metrics, request.model):
+        async with status_mapping(context, self.state.metrics, self.state.model_label(request.model)):
             runtime = self.state.runtime(request.model)
             engine_request, reduction = self._decode(request)
             async for event in runtime.stream(engine_request, reduction, deadline_of(context)):
@@ -134,7 +141,7 @@ class AimServicer(pb_grpc.AimServiceServicer):
                     yield pb.GenerateStreamResponse(result=response_to_proto(runtime.name, event))
 
     async def GetModelInfo(self, request, context):
-        async with status_mapping(context, self.state.metrics, request.model, count=False):
+        async with status_mapping(context, self.state.metrics, self.state.model_label(request.model), count=False):
             runtime = self.state.runtime(request.model)
             engine, s = runtime.engine, self.settings
             return pb.GetModelInfoResponse(
@@ -146,7 +153,7 @@ class AimServicer(pb_grpc.AimServiceServicer):
                 served_models=list(self.state.runtimes))
 
     async def EstimateCost(self, request, context):
-        async with status_mapping(context, self.state.metrics, request.model, count=False):
+        async with status_mapping(context, self.state.metrics, self.state.model_label(request.model), count=False):
             runtime = self.state.runtime(request.model)
             engine_request, reduction = self._decode(request)
             return estimate_to_proto(await runtime.estimate(engine_request, reduction))

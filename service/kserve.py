@@ -94,7 +94,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=ver, extensions=["parameters", "streaming"])
 
     async def ModelMetadata(self, request, context):
-        async with status_mapping(context, self.state.metrics, request.name, count=False):
+        async with status_mapping(context, self.state.metrics, self.state.model_label(request.name), count=False):
             runtime = self.state.runtime(request.name)
             t = pb.ModelMetadataResponse.TensorMetadata
             return pb.ModelMetadataResponse(
@@ -191,7 +191,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def ModelInfer(self, request, context):
-        async with status_mapping(context, self.state.metrics, request.model_name):
+        async with status_mapping(context, self.state.metrics, self.state.model_label(request.model_name)):
             runtime = self.state.runtime(request.model_name)
             engine_request, reduction = self._decode(request)
             done = await runtime.generate(engine_request, reduction, deadline_of(context))
@@ -214,7 +214,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                             infer_response=self._response(request, runtime.name, "", event, True))
             except Exception as exc:  # noqa: BLE001 - reported in-band, as Triton does
                 err = to_service_error(exc)
-                self.state.metrics.requests.labels(request.model_name or "-", err.status).inc()
+                self.state.metrics.requests.labels(self.state.model_label(request.model_name), err.status).inc()
                 yield pb.ModelStreamInferResponse(error_message=f"{err.status}: {err}", infer_response=
                                                   pb.ModelInferResponse(model_name=request.model_name, id=request.id))
 

@@ -14,6 +14,20 @@ TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536)
 RETENTION_BUCKETS = (0.05, 0.1, 0.125, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0)
 
 
+SLO_CLASS_BOUNDS_S = (0.5, 1, 2, 5, 10, 30, 60, 300)
+
+
+def slo_class(slo_s: float | None) -> str:
+    """A bounded label for a request's latency SLO: the smallest class bound that holds it ("default" when the
+    request gave none)."""
+    if slo_s is None:
+        return "default"
+    for bound in SLO_CLASS_BOUNDS_S:
+        if slo_s <= bound:
+            return f"{bound}s"
+    return "long"
+
+
 class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
@@ -46,6 +60,27 @@ class ServiceMetrics:
         self.plans = Counter("aim_plans_total", "Applied plans by source (none, explicit, auto).", m + ["source"],
                              registry=r)
         self.model_ready = Gauge("aim_model_ready", "1 when the model is loaded and serving.", m, registry=r)
+        self.slo_violations = Counter("aim_slo_violations_total", "Answered requests that took longer than their "
+                                      "latency SLO.", m + ["slo_class"], registry=r)
+
+        self.controller_level = Gauge("aim_controller_level", "Ladder level of the last auto decision (0 = full "
+                                      "quality; higher = more saving).", m, registry=r)
+        self.controller_decisions = Counter("aim_controller_decisions_total", "Auto decisions by ladder level and "
+                                            "outcome (fits, best_effort, no_data, rejected).",
+                                            m + ["level", "outcome"], registry=r)
+        self.controller_margin = Gauge("aim_controller_margin", "Safety margin the controller multiplies predicted "
+                                       "latency by.", m, registry=r)
+        self.controller_p95 = Gauge("aim_controller_p95_seconds", "p95 latency the feedback loop last acted on "
+                                    "(NaN before any).", m, registry=r)
+        self.prediction_ratio = Histogram("aim_controller_prediction_ratio", "Observed / predicted latency of auto "
+                                          "requests.", m, buckets=(0.25, 0.5, 0.75, 0.9, 1, 1.1, 1.25, 1.5, 2, 4),
+                                          registry=r)
+        self.signal_up = Gauge("aim_controller_signal_up", "1 when a controller signal is available.",
+                               m + ["signal"], registry=r)
+        self.gpu_utilization = Gauge("aim_gpu_utilization_ratio", "Busiest GPU's utilisation (NVML; NaN without "
+                                     "a GPU).", registry=r)
+        self.gpu_memory = Gauge("aim_gpu_memory_used_ratio", "Fullest GPU's used memory fraction (NVML; NaN "
+                                "without a GPU).", registry=r)
 
         g = ["grpc_type", "grpc_service", "grpc_method"]
         self.grpc_started = Counter("grpc_server_started_total", "RPCs started on the server.", g, registry=r)
@@ -55,6 +90,24 @@ class ServiceMetrics:
         self.grpc_sent = Counter("grpc_server_msg_sent_total", "Stream messages sent.", g, registry=r)
         self.grpc_seconds = Histogram("grpc_server_handling_seconds", "RPC handling time.", g,
                                       buckets=LATENCY_BUCKETS, registry=r)
+
+    def watch_controller(self, model: str, controller) -> None:
+        """Gauges read from the controller at scrape time."""
+        nan = float("nan")
+        self.controller_margin.labels(model).set_function(lambda: controller.feedback.margin)
+        self.controller_p95.labels(model).set_function(
+            lambda: nan if controller.status().p95_s is None else controller.status().p95_s)
+        self.signal_up.labels(model, "nvml").set_function(lambda: float(controller.status().gpu_available))
+        self.signal_up.labels(model, "prometheus").set_function(
+            lambda: nan if controller.status().prometheus_up is None else float(controller.status().prometheus_up))
+
+        def gpu(field):
+            snap = controller.gpu.snapshot() if controller.gpu is not None else None
+            value = getattr(snap, field) if snap is not None and snap.available else None
+            return nan if value is None else value
+
+        self.gpu_utilization.set_function(lambda: gpu("utilization"))
+        self.gpu_memory.set_function(lambda: gpu("memory_used_fraction"))
 
     def model_loaded(self, model: str) -> None:
         """Creates the per-model series at zero so dashboards and rate() see them before the first request."""

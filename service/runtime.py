@@ -24,13 +24,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
-from aim_engine import AimEngine, GenerationRequest, GenerationResult, ReductionPlan, TokenDelta
+from aim_engine import AimEngine, GenerationRequest, GenerationResult, ReductionPlan, SamplingParams, TokenDelta
 from aim_engine.engine import ImagePart, RequestStats, TextPart, VideoPart
 from aim_engine.errors import EngineError, GenerationError, PlanError
-from controller.cost_model import CostModel, Observation
-from controller.policy import Features, Level, decide, default_ladder
+from controller.controller import BudgetController, ControllerConfig
+from controller.cost_model import Observation
+from controller.policy import default_ladder
 
-from .metrics import ServiceMetrics
+from .metrics import ServiceMetrics, slo_class
 
 log = logging.getLogger("aim.service")
 
@@ -98,7 +99,7 @@ class _Slot:
 
 class ModelRuntime:
     def __init__(self, name: str, engine: AimEngine, metrics: ServiceMetrics, workers: int = 1, max_queue: int = 16,
-                 default_frames: int = 8, default_slo_s: float = 10.0, ladder: list[Level] | None = None):
+                 default_frames: int = 8, default_slo_s: float = 10.0, controller: BudgetController | None = None):
         self.name = name
         self.engine = engine
         self.metrics = metrics
@@ -106,16 +107,20 @@ class ModelRuntime:
         self.max_queue = max_queue
         self.default_frames = default_frames
         self.default_slo_s = default_slo_s
-        self.ladder = ladder or default_ladder(engine.num_layers)
-        self.cost_model = CostModel()
+        self.controller = controller or BudgetController(default_ladder(engine.num_layers),
+                                                         ControllerConfig(slo_s=default_slo_s))
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix=f"aim-{name}")
         self._media_executor = ThreadPoolExecutor(2, thread_name_prefix=f"aim-{name}-media")
         self._slots = asyncio.Semaphore(workers)
         self._waiting = 0
         self._running = 0
         self._service_times: deque[float] = deque(maxlen=SERVICE_TIME_WINDOW)
-        self._lock = threading.Lock()
         metrics.model_loaded(name)
+        metrics.watch_controller(name, self.controller)
+
+    @property
+    def ladder(self):
+        return self.controller.ladder
 
     # ---- load signals -------------------------------------------------------------------------
     @property
@@ -228,7 +233,7 @@ class ModelRuntime:
             # stopped by its own deadline, not by the client: the RPC fails as such instead of answering a part
             raise ServiceError("deadline_exceeded", f"the deadline passed after {len(result.token_ids)} "
                                                     "generated tokens; allow more time or ask for fewer tokens")
-        self._record(result.stats, media_s, total_s)
+        self._record(result.stats, media_s, total_s, applied, reduction.slo_s)
         push(Finished(result=result, applied=applied, queue_s=queue_s, media_s=media_s, total_s=total_s))
 
     def _decode(self, request: GenerationRequest) -> GenerationRequest:
@@ -251,8 +256,13 @@ class ModelRuntime:
         if deadline is not None:
             budget = min(budget, deadline - now)
         predicted = [self._predict(decoded, level.plan) for level in self.ladder]
-        decision = decide(self.ladder, Features(budget_s=budget, min_retention=reduction.min_retention,
-                                                predicted_s=predicted))
+        decision = self.controller.choose(predicted, budget, reduction.min_retention)
+        level_name = self.ladder[decision.level].name if decision.level >= 0 else "none"
+        self.metrics.controller_decisions.labels(self.name, level_name, decision.outcome).inc()
+        if decision.rejected:
+            raise ServiceError("resource_exhausted", f"cannot serve now: {decision.reason}; lower min_retention "
+                                                     "or retry later")
+        self.metrics.controller_level.labels(self.name).set(decision.level)
         if not decision.fits and deadline is not None and decision.predicted_s is not None \
                 and decision.predicted_s > deadline - now:
             raise ServiceError("deadline_exceeded", f"cannot finish before the deadline: {decision.reason}")
@@ -261,16 +271,40 @@ class ModelRuntime:
 
     def _predict(self, decoded: GenerationRequest, plan: ReductionPlan) -> float | None:
         est = self.engine.estimate(decoded, plan)
-        predicted = self.cost_model.predict(est.visual_tokens_in, est.prefill_flops, decoded.sampling.max_new_tokens)
+        predicted = self.controller.predict(est.visual_tokens_in, est.prefill_flops, decoded.sampling.max_new_tokens)
         return None if predicted is None else predicted + self.expected_queue_wait()
 
-    def _record(self, stats: RequestStats, media_s: float, total_s: float) -> None:
+    def _record(self, stats: RequestStats, media_s: float, total_s: float, applied: AppliedPlan,
+                slo_s: float | None) -> None:
         t = stats.timings
-        with self._lock:
-            self.cost_model = self.cost_model.observe(Observation(
-                media_s=media_s, vision_s=t.vision_s, visual_tokens_in=stats.visual_tokens_in, prefill_s=t.prefill_s,
-                prefill_flops=stats.prefill_flops, decode_s=t.decode_s, new_tokens=stats.completion_tokens))
-            self._service_times.append(total_s)
+        self.controller.observe(total_s, Observation(
+            media_s=media_s, vision_s=t.vision_s, visual_tokens_in=stats.visual_tokens_in, prefill_s=t.prefill_s,
+            prefill_flops=stats.prefill_flops, decode_s=t.decode_s, new_tokens=stats.completion_tokens))
+        self._service_times.append(total_s)
+        if applied.source == "auto" and applied.predicted_s:
+            self.metrics.prediction_ratio.labels(self.name).observe(total_s / applied.predicted_s)
+        if total_s > (slo_s or self.default_slo_s):
+            self.metrics.slo_violations.labels(self.name, slo_class(slo_s)).inc()
+
+    def calibrate(self, rounds: int = 1) -> None:
+        """Warm-up: a synthetic image question at every ladder level, `rounds` times, to seed the latency
+        model (and warm kernels) before the first real request. Not counted as traffic."""
+        import numpy as np
+        from PIL import Image
+
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (224, 224, 3), dtype=np.uint8))
+        request = GenerationRequest([ImagePart(image=image), TextPart("Describe the image.")],
+                                    SamplingParams(max_new_tokens=4))
+        for _ in range(rounds):
+            for level in self.ladder:
+                start = time.monotonic()
+                result = self.engine.generate(request, level.plan)
+                s = result.stats
+                self.controller.cost_model = self.controller.cost_model.observe(Observation(
+                    media_s=0.0, vision_s=s.timings.vision_s, visual_tokens_in=s.visual_tokens_in,
+                    prefill_s=s.timings.prefill_s, prefill_flops=s.prefill_flops, decode_s=s.timings.decode_s,
+                    new_tokens=s.completion_tokens))
+                self._service_times.append(time.monotonic() - start)
 
     # ---- estimates ----------------------------------------------------------------------------
     async def estimate(self, request: GenerationRequest, reduction: Reduction) -> Estimate:
@@ -287,6 +321,7 @@ class ModelRuntime:
                         est.prefill_flops, predicted, applied)
 
     def close(self) -> None:
+        self.controller.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._media_executor.shutdown(wait=False, cancel_futures=True)
 

@@ -21,6 +21,10 @@ from .metrics import ServiceMetrics
 from .proto.aim.v1 import aim_service_pb2, aim_service_pb2_grpc
 from .proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from .runtime import ModelRuntime
+from controller.controller import DEFAULT_P95_QUERY, BudgetController, ControllerConfig
+from controller.feedback import FeedbackConfig
+from controller.policy import default_ladder, load_ladder
+from controller.signals import GpuSampler, PromQLReader
 from .settings import Settings
 
 log = logging.getLogger("aim.service")
@@ -106,15 +110,36 @@ async def start_listening(settings: Settings, metrics: ServiceMetrics | None = N
     return running
 
 
+def build_controller(settings: Settings, name: str, engine: AimEngine, gpu) -> BudgetController:
+    ladder = load_ladder(settings.ladder_file, engine.num_layers) if settings.ladder_file else \
+        default_ladder(engine.num_layers)
+    prometheus = None
+    if settings.prometheus_url:
+        query = (settings.prometheus_query or DEFAULT_P95_QUERY).replace("{model}", name)
+        # a value older than 10 feedback intervals (at least 5 s) is stale: fall back to the local window
+        prometheus = PromQLReader(settings.prometheus_url, query, interval_s=settings.feedback_interval_s,
+                                  stale_after_s=max(5.0, 10 * settings.feedback_interval_s)).start()
+    config = ControllerConfig(slo_s=settings.default_slo_ms / 1000, memory_threshold=settings.gpu_memory_threshold,
+                              feedback=FeedbackConfig(interval_s=settings.feedback_interval_s))
+    return BudgetController(ladder, config, gpu=gpu, prometheus=prometheus)
+
+
 async def load_models(running: RunningServer, engines: dict[str, AimEngine] | None = None) -> None:
-    """Loads the models off the event loop (unless given), then reports SERVING."""
+    """Loads the models off the event loop (unless given), calibrates each controller's latency model with
+    warm-up requests, then reports SERVING."""
     settings, state = running.state.settings, running.state
+    loop = asyncio.get_running_loop()
     if engines is None:
-        engines = await asyncio.get_running_loop().run_in_executor(None, load_engines, settings)
+        engines = await loop.run_in_executor(None, load_engines, settings)
+    gpu = GpuSampler().start()
     for name, engine in engines.items():
-        state.runtimes[name] = ModelRuntime(
+        runtime = ModelRuntime(
             name, engine, state.metrics, workers=settings.workers, max_queue=settings.max_queue,
-            default_frames=settings.default_frames, default_slo_s=settings.default_slo_ms / 1000)
+            default_frames=settings.default_frames, default_slo_s=settings.default_slo_ms / 1000,
+            controller=build_controller(settings, name, engine, gpu))
+        if settings.calibrate:
+            await loop.run_in_executor(None, runtime.calibrate, settings.calibrate)
+        state.runtimes[name] = runtime
         log.info("model %s ready (%s, %d layers)", name, engine.adapter.family, engine.num_layers)
     await running.set_serving(True)
 

@@ -41,6 +41,11 @@ def engine_for(checkpoint_dir):
     return get
 
 
+@pytest.fixture(scope="session")
+def tiny_engines(engine_for):
+    return {"tiny-ov": engine_for("llava_onevision", layers=6, image_size=64), "tiny-llava": engine_for("llava")}
+
+
 def random_image(seed: int, size=(40, 56)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8))

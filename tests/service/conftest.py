@@ -46,11 +46,6 @@ class ServerThread:
 BASE = Settings(models=["unused"], port=0, metrics_port=0, max_queue=4)
 
 
-@pytest.fixture(scope="session")
-def tiny_engines(engine_for):
-    return {"tiny-ov": engine_for("llava_onevision", layers=6, image_size=64), "tiny-llava": engine_for("llava")}
-
-
 @pytest.fixture(scope="module")
 def server(tiny_engines):
     srv = ServerThread(BASE, tiny_engines)

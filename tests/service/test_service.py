@@ -323,3 +323,16 @@ def test_tls(make_server, tmp_path):
     with AimClient(target, timeout=5) as plaintext, pytest.raises(grpc.RpcError) as err:
         plaintext.generate("Hi", max_new_tokens=1)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_request_metrics_use_bounded_model_labels(make_server):
+    srv = make_server()
+    with grpc.insecure_channel(srv.target) as channel:
+        stub = pb_grpc.AimServiceStub(channel)
+        _raw(stub)  # default model
+        for name in ("made-up-1", "made-up-2"):
+            with pytest.raises(grpc.RpcError):
+                _raw(stub, model=name)
+    labels = {(s.labels["model"], s.labels["outcome"]): s.value for s in srv.metrics.requests.collect()[0].samples
+              if s.name == "aim_requests_total"}
+    assert labels == {("tiny-ov", "ok"): 1.0, ("unknown", "not_found"): 2.0}

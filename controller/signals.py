@@ -1,0 +1,195 @@
+"""Signals the controller reads, each sampled in the background so no request ever waits on them.
+
+- GpuSampler: NVML (package nvidia-ml-py, module `pynvml`) utilisation and memory per device. Without a GPU or
+  driver it reports unavailable, says so once in the log, and the controller works on the other signals.
+- PromQLReader: one PromQL query (e.g. the p95 of the service's latency histogram for an SLO class) over
+  Prometheus's HTTP API, refreshed with a timeout; a value older than `stale_after_s` counts as missing.
+- LatencyWindow: the service's own sliding window of request latencies — the fallback when Prometheus is
+  unreachable or stale.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections import deque
+from dataclasses import dataclass
+
+log = logging.getLogger("aim.controller")
+
+
+@dataclass(frozen=True)
+class GpuSnapshot:
+    available: bool
+    utilization: float | None = None  # busiest device, [0, 1]
+    memory_used_fraction: float | None = None  # fullest device, [0, 1]
+    reason: str = ""
+
+
+class GpuSampler:
+    """Samples NVML every `interval_s` seconds on a daemon thread. `nvml` is the pynvml module (or an object
+    with the same functions, for tests on machines without a GPU)."""
+
+    def __init__(self, interval_s: float = 1.0, nvml=None):
+        self.interval_s = interval_s
+        self._nvml = nvml
+        self._snapshot = GpuSnapshot(False, reason="not sampled yet")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._handles = []
+        try:
+            if self._nvml is None:
+                import pynvml as nvml_module
+
+                self._nvml = nvml_module
+            self._nvml.nvmlInit()
+            count = self._nvml.nvmlDeviceGetCount()
+            self._handles = [self._nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+            if not self._handles:
+                raise RuntimeError("NVML reports no GPU")
+        except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ImportError, ...
+            self._snapshot = GpuSnapshot(False, reason=f"{type(exc).__name__}: {exc}")
+            log.warning("GPU signal unavailable (%s); the controller works on latency and load alone",
+                        self._snapshot.reason)
+            self._handles = []
+
+    @property
+    def available(self) -> bool:
+        return bool(self._handles)
+
+    def snapshot(self) -> GpuSnapshot:
+        return self._snapshot
+
+    def sample_once(self) -> GpuSnapshot:
+        if not self._handles:
+            return self._snapshot
+        try:
+            utils, mems = [], []
+            for handle in self._handles:
+                utils.append(self._nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0)
+                mem = self._nvml.nvmlDeviceGetMemoryInfo(handle)
+                mems.append(mem.used / mem.total if mem.total else 0.0)
+            self._snapshot = GpuSnapshot(True, max(utils), max(mems))
+        except Exception as exc:  # a device that vanished or a driver error: keep serving, report it
+            self._snapshot = GpuSnapshot(False, reason=f"{type(exc).__name__}: {exc}")
+        return self._snapshot
+
+    def start(self) -> "GpuSampler":
+        if self._handles and self._thread is None:
+            self.sample_once()
+            self._thread = threading.Thread(target=self._run, name="aim-nvml", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample_once()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+@dataclass(frozen=True)
+class Reading:
+    value: float | None
+    at: float | None  # time.monotonic() of the sample
+    error: str = ""
+
+
+class PromQLReader:
+    """Evaluates `query` (an instant vector with one series, or a scalar) every `interval_s` seconds."""
+
+    def __init__(self, base_url: str, query: str, interval_s: float = 5.0, timeout_s: float = 2.0,
+                 stale_after_s: float = 30.0, clock=time.monotonic):
+        self.base_url = base_url.rstrip("/")
+        self.query = query
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.stale_after_s = stale_after_s
+        self.clock = clock
+        self._reading = Reading(None, None, "not queried yet")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._warned = False
+
+    def fetch(self) -> Reading:
+        url = f"{self.base_url}/api/v1/query?" + urllib.parse.urlencode({"query": self.query})
+        try:
+            with urllib.request.urlopen(url, timeout=self.timeout_s) as response:
+                body = json.loads(response.read())
+            if body.get("status") != "success":
+                raise RuntimeError(body.get("error", "query failed"))
+            data = body["data"]
+            if data["resultType"] == "scalar":
+                raw = data["result"][1]
+            elif data["result"]:
+                raw = data["result"][0]["value"][1]
+            else:
+                raw = "NaN"  # no series yet (no traffic): a valid answer meaning "unknown"
+            value = float(raw)
+            self._reading = Reading(None if math.isnan(value) else value, self.clock())
+            self._warned = False
+        except Exception as exc:  # unreachable, timeout, bad query: keep the last value until it is stale
+            self._reading = Reading(self._reading.value, self._reading.at, f"{type(exc).__name__}: {exc}")
+            if not self._warned:
+                log.warning("Prometheus query failed (%s); falling back to the service's own latency window",
+                            self._reading.error)
+                self._warned = True
+        return self._reading
+
+    def latest(self) -> Reading:
+        """The last value, or None if there is none or it is older than stale_after_s."""
+        r = self._reading
+        if r.at is None or self.clock() - r.at > self.stale_after_s:
+            return Reading(None, r.at, r.error or "stale")
+        return r
+
+    @property
+    def healthy(self) -> bool:
+        return self.latest().value is not None or (self._reading.at is not None and not self._reading.error)
+
+    def start(self) -> "PromQLReader":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="aim-promql", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            self.fetch()
+            if self._stop.wait(self.interval_s):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class LatencyWindow:
+    """Latencies of the requests that finished in the last `window_s` seconds (bounded)."""
+
+    def __init__(self, window_s: float = 60.0, max_items: int = 4096, clock=time.monotonic):
+        self.window_s = window_s
+        self.clock = clock
+        self._items: deque[tuple[float, float]] = deque(maxlen=max_items)
+        self._lock = threading.Lock()
+
+    def add(self, latency_s: float) -> None:
+        with self._lock:
+            self._items.append((self.clock(), latency_s))
+
+    def quantile(self, q: float) -> tuple[float | None, int]:
+        """(the q-quantile of recent latencies or None, how many there are)."""
+        now = self.clock()
+        with self._lock:
+            while self._items and now - self._items[0][0] > self.window_s:
+                self._items.popleft()
+            values = sorted(v for _, v in self._items)
+        if not values:
+            return None, 0
+        rank = min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))
+        return values[rank], len(values)

@@ -1,0 +1,64 @@
+import pytest
+
+from controller.policy import Features, decide, default_ladder, load_ladder
+
+LADDER = default_ladder(28)  # full, merge-50, merge-25, aim-default, max-saving
+PRED = [2.0, 1.2, 0.9, 0.7, 0.5]
+
+
+def test_default_ladder_is_ordered_from_quality_to_saving():
+    assert [l.name for l in LADDER] == ["full", "merge-50", "merge-25", "aim-default", "max-saving"]
+    assert [l.retention for l in LADDER] == [1.0, 0.5, 0.25, 0.25, 0.125]
+    assert LADDER[3].plan.prune_start == 14 and LADDER[3].plan.prune_end == 22
+
+
+@pytest.mark.parametrize("budget,expected", [(10.0, 0), (2.4, 0), (2.39, 1), (1.0, 3), (0.6, 4)])
+def test_highest_quality_that_fits_budget_with_margin(budget, expected):
+    d = decide(LADDER, Features(budget_s=budget, min_retention=0.0, predicted_s=PRED, margin=1.2))
+    assert d.level == expected and d.fits and not d.rejected and d.outcome == "fits"
+
+
+def test_margin_makes_it_more_conservative():
+    loose = decide(LADDER, Features(1.0, 0.0, PRED, margin=1.0))
+    tight = decide(LADDER, Features(1.0, 0.0, PRED, margin=1.4))
+    assert (loose.level, tight.level) == (2, 3)
+
+
+def test_nothing_fits_gives_cheapest_allowed_best_effort():
+    d = decide(LADDER, Features(0.1, 0.0, PRED))
+    assert d.level == 4 and not d.fits and d.outcome == "best_effort" and "no level fits" in d.reason
+
+
+def test_quality_floor_is_never_crossed():
+    d = decide(LADDER, Features(0.1, 0.3, PRED))
+    assert d.level == 1 and not d.fits  # merge-50 is the cheapest level keeping >= 30%
+    d = decide(LADDER, Features(10.0, 1.0, PRED))
+    assert d.level == 0
+
+
+def test_memory_cap_limits_quality():
+    d = decide(LADDER, Features(10.0, 0.0, PRED, min_level=3))
+    assert d.level == 3 and "GPU memory caps" in d.reason
+
+
+def test_floor_and_memory_cap_in_conflict_reject():
+    d = decide(LADDER, Features(10.0, 0.5, PRED, min_level=3))
+    assert d.rejected and d.level == -1 and d.outcome == "rejected" and "quality floor" in d.reason
+
+
+def test_without_latency_data_serve_highest_allowed_quality():
+    d = decide(LADDER, Features(0.01, 0.0, [None] * 5))
+    assert d.level == 0 and d.fits and d.outcome == "no_data"
+
+
+def test_ladder_from_file_with_depth_fractions(tmp_path):
+    path = tmp_path / "ladder.toml"
+    path.write_text('[[level]]\nname = "full"\n[[level]]\nname = "half"\nmerge_retention = 0.5\n'
+                    '[[level]]\nname = "aim"\nmerge_retention = 0.25\nprune_start = 0.5\nprune_end = 0.79\n')
+    ladder = load_ladder(path, 24)
+    assert [l.name for l in ladder] == ["full", "half", "aim"]
+    assert (ladder[2].plan.prune_start, ladder[2].plan.prune_end) == (12, 19)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[level]]\nname = "x"\nmerge_retention = 0.5\n')
+    with pytest.raises(ValueError, match="untouched model"):
+        load_ladder(bad, 24)
