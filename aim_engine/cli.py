@@ -77,7 +77,7 @@ def cmd_ask(args) -> int:
 def cmd_build_tiny(args) -> int:
     from .tiny import BUILDERS
 
-    kwargs = {"layers": args.layers}
+    kwargs = {"layers": args.layers, "hidden": args.hidden}
     if args.family != "qwen2_vl":
         kwargs["image_size"] = args.image_size
     path = BUILDERS[args.family](args.out, **kwargs)
@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("build-tiny", help="write a tiny random checkpoint (tests, demos, timing)")
     tiny.add_argument("--family", choices=["llava_onevision", "llava", "qwen2_vl"], default="llava_onevision")
     tiny.add_argument("--layers", type=int, default=4)
+    tiny.add_argument("--hidden", type=int, default=64, help="LLM hidden size (multiple of 8)")
     tiny.add_argument("--image-size", type=int, default=64, help="vision input side (LLaVA families)")
     tiny.add_argument("--out", required=True)
     tiny.set_defaults(func=cmd_build_tiny)

@@ -51,9 +51,10 @@ def sample_video(frames: int = 32) -> bytes:
     return buf.getvalue()
 
 
-def start_server(model: str, max_queue: int, workers: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, max_queue: int, workers: int, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", model, "--port", "0",
-                             "--metrics-port", "-1", "--max-queue", str(max_queue), "--workers", str(workers)],
+                             "--metrics-port", "-1", "--max-queue", str(max_queue), "--workers", str(workers),
+                             *extra],
                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:

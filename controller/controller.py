@@ -4,8 +4,10 @@ ladder levels through the pure `policy.decide`.
 Per request (`choose`): budget = min(SLO, remaining deadline) - time already spent; predicted latency per level
 from the online cost model (plus expected queue wait, supplied by the caller); GPU memory above the threshold
 caps quality at `memory_cap_level`.
-Every `feedback.interval_s` (`tick`, driven by finished requests): the p95 latency — from Prometheus when a fresh
-value is there, else from the service's own window — against the SLO target steps the safety margin.
+Every `feedback.interval_s` (`tick`, driven by finished requests): the p95 of latency as a share of each request's
+own SLO — so requests of different SLO classes share one loop — against the target share steps the safety
+margin. The service's own window holds these shares; a fresh Prometheus p95 (seconds, from the configured
+query) is divided by the default SLO, so point the query at the SLO class that default stands for.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class ControllerStatus:
 
     margin: float
     level: int | None
-    p95_s: float | None
+    p95_ratio: float | None  # p95 latency / SLO
     p95_source: str  # "prometheus" | "window" | "none"
     gpu_available: bool
     prometheus_up: bool | None  # None when not configured
@@ -82,33 +84,34 @@ class BudgetController:
         return self.cost_model.predict(visual_tokens_in, prefill_flops, new_tokens)
 
     # ---- feedback -----------------------------------------------------------------------------
-    def observe(self, latency_s: float, observation: Observation | None = None) -> None:
-        """A finished request: its end-to-end latency, and its stage timings for the cost model."""
+    def observe(self, latency_s: float, observation: Observation | None = None, slo_s: float | None = None) -> None:
+        """A finished request: its end-to-end latency and SLO (None = the default), and its stage timings for the
+        cost model."""
         with self._lock:
-            self.window.add(latency_s)
+            self.window.add(latency_s / (slo_s or self.config.slo_s))
             if observation is not None:
                 self.cost_model = self.cost_model.observe(observation)
         self.tick()
 
     def p95(self) -> tuple[float | None, str, int]:
-        """(p95 seconds, where it came from, samples behind it). Prometheus wins when it has a fresh value."""
+        """(p95 latency / SLO, where it came from, samples behind it). Prometheus wins when it has a fresh value."""
         local, samples = self.window.quantile(0.95)
         if self.prometheus is not None:
             reading = self.prometheus.latest()
             if reading.value is not None:
-                return reading.value, "prometheus", max(samples, self.config.feedback.min_samples)
+                return reading.value / self.config.slo_s, "prometheus", max(samples, self.config.feedback.min_samples)
         return local, ("window" if local is not None else "none"), samples
 
     def tick(self) -> FeedbackState:
         p95, source, samples = self.p95()
         with self._lock:
-            self.feedback = step(self.feedback, p95, self.config.slo_s, samples, self.clock(), self.config.feedback)
+            self.feedback = step(self.feedback, p95, 1.0, samples, self.clock(), self.config.feedback)
             self._p95 = (p95, source)
         return self.feedback
 
     def status(self) -> ControllerStatus:
         return ControllerStatus(
-            margin=self.feedback.margin, level=self.last_level, p95_s=self._p95[0], p95_source=self._p95[1],
+            margin=self.feedback.margin, level=self.last_level, p95_ratio=self._p95[0], p95_source=self._p95[1],
             gpu_available=self.gpu is not None and self.gpu.available,
             prometheus_up=None if self.prometheus is None else self.prometheus.latest().value is not None
             or not self.prometheus.latest().error,

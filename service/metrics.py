@@ -70,8 +70,8 @@ class ServiceMetrics:
                                             m + ["level", "outcome"], registry=r)
         self.controller_margin = Gauge("aim_controller_margin", "Safety margin the controller multiplies predicted "
                                        "latency by.", m, registry=r)
-        self.controller_p95 = Gauge("aim_controller_p95_seconds", "p95 latency the feedback loop last acted on "
-                                    "(NaN before any).", m, registry=r)
+        self.controller_p95 = Gauge("aim_controller_p95_slo_ratio", "p95 of latency / SLO the feedback loop last "
+                                    "acted on (NaN before any).", m, registry=r)
         self.prediction_ratio = Histogram("aim_controller_prediction_ratio", "Observed / predicted latency of auto "
                                           "requests.", m, buckets=(0.25, 0.5, 0.75, 0.9, 1, 1.1, 1.25, 1.5, 2, 4),
                                           registry=r)
@@ -96,7 +96,7 @@ class ServiceMetrics:
         nan = float("nan")
         self.controller_margin.labels(model).set_function(lambda: controller.feedback.margin)
         self.controller_p95.labels(model).set_function(
-            lambda: nan if controller.status().p95_s is None else controller.status().p95_s)
+            lambda: nan if controller.status().p95_ratio is None else controller.status().p95_ratio)
         self.signal_up.labels(model, "nvml").set_function(lambda: float(controller.status().gpu_available))
         self.signal_up.labels(model, "prometheus").set_function(
             lambda: nan if controller.status().prometheus_up is None else float(controller.status().prometheus_up))

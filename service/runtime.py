@@ -279,7 +279,8 @@ class ModelRuntime:
         t = stats.timings
         self.controller.observe(total_s, Observation(
             media_s=media_s, vision_s=t.vision_s, visual_tokens_in=stats.visual_tokens_in, prefill_s=t.prefill_s,
-            prefill_flops=stats.prefill_flops, decode_s=t.decode_s, new_tokens=stats.completion_tokens))
+            prefill_flops=stats.prefill_flops, decode_s=t.decode_s, new_tokens=stats.completion_tokens),
+            slo_s=slo_s)
         self._service_times.append(total_s)
         if applied.source == "auto" and applied.predicted_s:
             self.metrics.prediction_ratio.labels(self.name).observe(total_s / applied.predicted_s)

@@ -64,3 +64,13 @@ def test_prometheus_unreachable_falls_back_to_the_window():
     for _ in range(10):
         controller.window.add(0.5)
     assert controller.p95()[:2] == (0.5, "window")
+
+
+def test_feedback_uses_latency_as_a_share_of_each_requests_slo():
+    now = [0.0]
+    controller = BudgetController(default_ladder(24), ControllerConfig(slo_s=1.0), clock=lambda: now[0])
+    for _ in range(20):  # 2 s requests with a 10 s SLO are well within it, though over the 1 s default
+        controller.observe(2.0, slo_s=10.0)
+    now[0] = 10.0
+    controller.tick()
+    assert controller.status().p95_ratio == 0.2 and controller.feedback.margin < 1.2
