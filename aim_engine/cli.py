@@ -78,7 +78,7 @@ def cmd_build_tiny(args) -> int:
     from .tiny import BUILDERS
 
     kwargs = {"layers": args.layers, "hidden": args.hidden}
-    if args.family != "qwen2_vl":
+    if args.family.startswith("llava"):
         kwargs["image_size"] = args.image_size
     path = BUILDERS[args.family](args.out, **kwargs)
     print(path)
@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.set_defaults(func=cmd_ask)
 
     tiny = sub.add_parser("build-tiny", help="write a tiny random checkpoint (tests, demos, timing)")
-    tiny.add_argument("--family", choices=["llava_onevision", "llava", "qwen2_vl"], default="llava_onevision")
+    tiny.add_argument("--family", choices=["llava_onevision", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl"],
+                      default="llava_onevision")
     tiny.add_argument("--layers", type=int, default=4)
     tiny.add_argument("--hidden", type=int, default=64, help="LLM hidden size (multiple of 8)")
     tiny.add_argument("--image-size", type=int, default=64, help="vision input side (LLaVA families)")

@@ -130,6 +130,32 @@ def build_llava(path: str | Path, layers: int = 4, hidden: int = 64, image_size:
     return path
 
 
+def build_llava_next(path: str | Path, layers: int = 4, hidden: int = 64, image_size: int = 32,
+                     patch_size: int = 8, seed: int = 0) -> Path:
+    """A tiny LLaVA-NeXT: CLIP vision tower (CLS dropped), anyres crops with row newlines, Llama LM."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration)
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    path = Path(path)
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = chat_template("<image>", "<video>")
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                       max_position_embeddings=4096, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=image_size, patch_size=patch_size, projection_dim=32)
+    pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
+    config = LlavaNextConfig(text_config=text, vision_config=vision, image_grid_pinpoints=pinpoints,
+                             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                             vision_feature_layer=-1, vision_feature_select_strategy="default")
+    _save_random_model(LlavaNextForConditionalGeneration, config, tokenizer, path, seed)
+    LlavaNextImageProcessorPil(size={"shortest_edge": image_size},
+                               crop_size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints,
+                               image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(path)
+    return path
+
+
 def build_qwen2_vl(path: str | Path, layers: int = 4, hidden: int = 64, patch_size: int = 4, seed: int = 0,
                    max_pixels: int = 32 * 32, version: str = "2") -> Path:
     """A tiny Qwen2-VL (version "2") or Qwen2.5-VL ("2.5"): ViT (patch 4, 2x2 merger, temporal patch 2) +
@@ -175,5 +201,6 @@ def build_qwen2_5_vl(path: str | Path, **kwargs) -> Path:
     return build_qwen2_vl(path, version="2.5", **kwargs)
 
 
-BUILDERS = {"llava_onevision": build_llava_onevision, "llava": build_llava, "qwen2_vl": build_qwen2_vl,
+BUILDERS = {"llava_onevision": build_llava_onevision, "llava": build_llava, "llava_next": build_llava_next,
+            "qwen2_vl": build_qwen2_vl,
             "qwen2_5_vl": build_qwen2_5_vl}

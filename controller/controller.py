@@ -84,11 +84,13 @@ class BudgetController:
         return self.cost_model.predict(visual_tokens_in, prefill_flops, new_tokens)
 
     # ---- feedback -----------------------------------------------------------------------------
-    def observe(self, latency_s: float, observation: Observation | None = None, slo_s: float | None = None) -> None:
-        """A finished request: its end-to-end latency and SLO (None = the default), and its stage timings for the
-        cost model."""
+    def observe(self, latency_s: float, observation: Observation | None = None, slo_s: float | None = None,
+                controlled: bool = True) -> None:
+        """A finished request: its end-to-end latency and SLO (None = the default), and its stage timings. Every
+        request teaches the cost model; only those the controller decided (`controlled`) steer the margin."""
         with self._lock:
-            self.window.add(latency_s / (slo_s or self.config.slo_s))
+            if controlled:
+                self.window.add(latency_s / (slo_s or self.config.slo_s))
             if observation is not None:
                 self.cost_model = self.cost_model.observe(observation)
         self.tick()

@@ -269,10 +269,11 @@ class ModelRuntime:
         reason = decision.reason if decision.fits else f"best effort: {decision.reason}"
         return AppliedPlan(self.ladder[decision.level].plan, "auto", reason, decision.predicted_s)
 
-    def _predict(self, decoded: GenerationRequest, plan: ReductionPlan) -> float | None:
+    def _predict(self, decoded: GenerationRequest, plan: ReductionPlan, queue_wait_s: float = 0.0) -> float | None:
+        """Predicted latency from now. A request deciding on its worker has no queue ahead any more."""
         est = self.engine.estimate(decoded, plan)
         predicted = self.controller.predict(est.visual_tokens_in, est.prefill_flops, decoded.sampling.max_new_tokens)
-        return None if predicted is None else predicted + self.expected_queue_wait()
+        return None if predicted is None else predicted + queue_wait_s
 
     def _record(self, stats: RequestStats, media_s: float, total_s: float, applied: AppliedPlan,
                 slo_s: float | None) -> None:
@@ -280,7 +281,7 @@ class ModelRuntime:
         self.controller.observe(total_s, Observation(
             media_s=media_s, vision_s=t.vision_s, visual_tokens_in=stats.visual_tokens_in, prefill_s=t.prefill_s,
             prefill_flops=stats.prefill_flops, decode_s=t.decode_s, new_tokens=stats.completion_tokens),
-            slo_s=slo_s)
+            slo_s=slo_s, controlled=applied.source == "auto")
         self._service_times.append(total_s)
         if applied.source == "auto" and applied.predicted_s:
             self.metrics.prediction_ratio.labels(self.name).observe(total_s / applied.predicted_s)
@@ -317,7 +318,7 @@ class ModelRuntime:
         decoded = self._decode(request)
         applied = self._choose(decoded, reduction, None, now)
         est = self.engine.estimate(decoded, applied.plan)
-        predicted = self._predict(decoded, applied.plan)
+        predicted = self._predict(decoded, applied.plan, self.expected_queue_wait())
         return Estimate(est.visual_tokens_in, est.visual_tokens_merged, est.prefill_flops_baseline,
                         est.prefill_flops, predicted, applied)
 

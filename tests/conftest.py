@@ -10,7 +10,7 @@ from PIL import Image
 from aim_engine import AimEngine
 from aim_engine.tiny import BUILDERS
 
-FAMILIES = ("llava_onevision", "llava", "qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("llava_onevision", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 VIDEO_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl")
 
 

@@ -7,32 +7,23 @@ from ..errors import ModelLoadError
 
 def adapter_for_config(config):
     """(adapter class, transformers model class) for a checkpoint's config."""
-    from transformers import LlavaOnevisionForConditionalGeneration
+    from transformers import (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+                              LlavaOnevisionForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2VLForConditionalGeneration)
 
+    from .llava import LlavaAdapter
+    from .llava_next import LlavaNextAdapter
     from .llava_onevision import LlavaOnevisionAdapter
+    from .qwen2_5_vl import Qwen2_5VLAdapter
+    from .qwen2_vl import Qwen2VLAdapter
 
     table = {
         "llava_onevision": (LlavaOnevisionAdapter, LlavaOnevisionForConditionalGeneration),
+        "llava": (LlavaAdapter, LlavaForConditionalGeneration),
+        "llava_next": (LlavaNextAdapter, LlavaNextForConditionalGeneration),
+        "qwen2_vl": (Qwen2VLAdapter, Qwen2VLForConditionalGeneration),
+        "qwen2_5_vl": (Qwen2_5VLAdapter, Qwen2_5_VLForConditionalGeneration),
     }
-    try:
-        from transformers import LlavaForConditionalGeneration
-
-        from .llava import LlavaAdapter
-
-        table["llava"] = (LlavaAdapter, LlavaForConditionalGeneration)
-    except ImportError:
-        pass
-    try:
-        from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
-
-        from .qwen2_5_vl import Qwen2_5VLAdapter
-        from .qwen2_vl import Qwen2VLAdapter
-
-        table["qwen2_vl"] = (Qwen2VLAdapter, Qwen2VLForConditionalGeneration)
-        table["qwen2_5_vl"] = (Qwen2_5VLAdapter, Qwen2_5_VLForConditionalGeneration)
-    except ImportError:
-        pass
     if config.model_type not in table:
-        raise ModelLoadError(
-            f"model type {config.model_type!r} is not supported; supported: {sorted(table)}")
+        raise ModelLoadError(f"model type {config.model_type!r} is not supported; supported: {sorted(table)}")
     return table[config.model_type]

@@ -32,52 +32,55 @@ class LlavaOnevisionAdapter(FamilyAdapter):
         vc = self.config.vision_config
         return (vc.image_size // vc.patch_size) ** 2
 
+    def _image_features(self, pixel_values, image_sizes, count: int):
+        return self.model.model.get_image_features(pixel_values, image_sizes,
+                                                   batch_num_images=torch.tensor([count], device=self.device),
+                                                   return_dict=True)
+
+    def _views(self, image_sizes, count: int) -> list[int]:
+        """Views the encoder runs per image: base + anyres crops; a base view only with several images."""
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        if count > 1:
+            return [1] * count
+        vc = self.config.vision_config
+        return [image_size_to_num_patches(size, self.config.image_grid_pinpoints, vc.image_size)
+                for size in image_sizes.tolist()]
+
+    def _pack(self, features: list[torch.Tensor], image_sizes):
+        return self.model.model.pack_image_features(features, image_sizes,
+                                                    image_newline=self.model.model.image_newline.cpu())[0]
+
+    def _groups(self, feats: torch.Tensor) -> list[torch.Tensor]:
+        """Merge groups of one packed image: the base view, and the high-resolution grid without newlines."""
+        base_len = self._encoder_tokens()
+        newline = self._newline_mask(feats)
+        idx = torch.arange(feats.shape[0], device=feats.device)
+        hires = idx[base_len:][~newline[base_len:]]
+        return [idx[:base_len]] + ([hires] if hires.numel() else [])
+
     def encode_images(self, images: list[Image.Image]) -> list[EncodedMedia]:
         inputs = self.image_processor(images=images, return_tensors="pt")
         pixel_values = inputs["pixel_values"].to(self.device, self.dtype)
         image_sizes = inputs["image_sizes"].to(self.device)
-        batch_num_images = torch.tensor([len(images)], device=self.device)
         with torch.inference_mode():
-            out = self.model.model.get_image_features(
-                pixel_values, image_sizes, batch_num_images=batch_num_images, return_dict=True
-            )
-        # views the encoder ran per image (base + anyres crops; a base view only with several images)
+            out = self._image_features(pixel_values, image_sizes, len(images))
         encoder_tokens = out.last_hidden_state.shape[1]
-        views = [1] * len(images) if len(images) > 1 else [int(out.last_hidden_state.shape[0])]
-        base_len = self._encoder_tokens()
-        encoded = []
-        for feats, n_views in zip(out.pooler_output, views):
-            newline = self._newline_mask(feats)
-            idx = torch.arange(feats.shape[0], device=feats.device)
-            groups = [idx[:base_len]]
-            hires = idx[base_len:][~newline[base_len:]]
-            if hires.numel():
-                groups.append(hires)
-            encoded.append(EncodedMedia(
-                kind="image", features=feats, groups=groups,
-                vision_flops=encoder_flops(self.config.vision_config, encoder_tokens, n_views),
-            ))
-        return encoded
+        return [EncodedMedia(kind="image", features=feats, groups=self._groups(feats),
+                             vision_flops=encoder_flops(self.config.vision_config, encoder_tokens, views))
+                for feats, views in zip(out.pooler_output, self._views(inputs["image_sizes"], len(images)))]
 
     def estimate_image_groups(self, images: list[Image.Image]) -> list[tuple[list[int], int]]:
-        # The model's own packing (unpadding, anyres_max downscaling, newlines) on zero features of the right
-        # shapes, so the count cannot drift from the model's. Zeros never equal the learned newline.
-        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
-
+        # The model's own packing (unpadding, downscaling, newlines) on zero features of the right shapes, so
+        # the count cannot drift from the model's. Zeros never equal the learned newline.
         inputs = self.image_processor(images=images, return_tensors="pt")
-        base_len = self._encoder_tokens()
         dim = self.model.model.image_newline.shape[0]
-        vc = self.config.vision_config
-        zeros = [torch.zeros(1 if len(images) > 1 else image_size_to_num_patches(
-                     size, self.config.image_grid_pinpoints, vc.image_size), base_len, dim, dtype=self.dtype)
-                 for size in inputs["image_sizes"].tolist()]
-        packed, _ = self.model.model.pack_image_features(zeros, inputs["image_sizes"],
-                                                         image_newline=self.model.model.image_newline.cpu())
+        zeros = [torch.zeros(views, self._encoder_tokens(), dim, dtype=self.dtype)
+                 for views in self._views(inputs["image_sizes"], len(images))]
         out = []
-        for feats in packed:
-            newlines = int(self._newline_mask(feats).sum())
-            hires = feats.shape[0] - base_len - newlines
-            out.append(([base_len] + ([hires] if hires else []), newlines))
+        for feats in self._pack(zeros, inputs["image_sizes"]):
+            groups = self._groups(feats)
+            out.append(([g.numel() for g in groups], feats.shape[0] - sum(g.numel() for g in groups)))
         return out
 
     def estimate_video_groups(self, frames: list[Image.Image]) -> tuple[list[int], int]:

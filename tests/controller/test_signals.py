@@ -74,3 +74,13 @@ def test_feedback_uses_latency_as_a_share_of_each_requests_slo():
     now[0] = 10.0
     controller.tick()
     assert controller.status().p95_ratio == 0.2 and controller.feedback.margin < 1.2
+
+
+def test_only_controlled_requests_steer_the_margin():
+    now = [0.0]
+    controller = BudgetController(default_ladder(24), ControllerConfig(slo_s=1.0), clock=lambda: now[0])
+    for _ in range(20):
+        controller.observe(5.0, controlled=False)  # explicit plans far over the SLO: not the controller's doing
+    now[0] = 10.0
+    controller.tick()
+    assert controller.feedback.margin == 1.2 and controller.window.quantile(0.95) == (None, 0)

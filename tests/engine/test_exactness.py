@@ -32,8 +32,9 @@ def hf_inputs(engine, request):
     if images:
         pix = adapter.image_processor(images=images, return_tensors="pt")
         kwargs["pixel_values"] = pix["pixel_values"]
-        if family == "llava_onevision":
+        if family in ("llava_onevision", "llava_next"):
             kwargs["image_sizes"] = pix["image_sizes"]
+        if family == "llava_onevision":
             kwargs["batch_num_images"] = torch.tensor([len(images)])
         if family.startswith("qwen"):
             kwargs["image_grid_thw"] = pix["image_grid_thw"]

@@ -61,6 +61,7 @@ def cases():
                                              VideoPart(frames=random_frames(7, 4, (64, 64))), TextPart("Same?")]
     yield "llava", "two-images", [ImagePart(image=random_image(8)), ImagePart(image=random_image(9)),
                                   TextPart("Which is brighter?")]
+    yield "llava_next", "anyres image", [ImagePart(image=random_image(15, (50, 90))), TextPart("Read it.")]
     yield "qwen2_vl", "image+video", [ImagePart(image=random_image(10, (32, 48))), TextPart("then"),
                                       VideoPart(frames=random_frames(11, 4)), TextPart("Describe.")]
     yield "qwen2_5_vl", "video", [VideoPart(frames=random_frames(14, 6), fps=3.0), TextPart("Describe.")]
