@@ -41,6 +41,7 @@ class Features:
     predicted_s: Sequence[float | None]  # predicted latency (queue wait included) at each ladder level
     margin: float = 1.2  # predicted x margin must fit the budget
     min_level: int = 0  # no level of higher quality than this (GPU memory pressure)
+    queue_depth: int = 0  # requests waiting behind this one: each waits for its service time too
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,8 @@ class Decision:
 
 
 def decide(ladder: Sequence[Level], features: Features) -> Decision:
-    """The highest-quality level whose predicted latency x margin fits the budget, never below the quality
-    floor nor above the memory cap. If none fits, the cheapest allowed level with fits=False (the caller serves
+    """The highest-quality level whose predicted latency x margin fits the budget — shared with the requests
+    waiting behind — never below the quality floor nor above the memory cap. If none fits, the cheapest allowed level with fits=False (the caller serves
     best-effort or rejects). If the floor and the cap leave no level at all, rejected."""
     allowed = [i for i, level in enumerate(ladder)
                if i >= features.min_level and level.retention >= features.min_retention]
@@ -73,17 +74,20 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
             why += f" while GPU memory pressure caps quality at {ladder[features.min_level].name}"
         return Decision(-1, None, why, False, rejected=True)
     capped = f" (GPU memory caps quality at {ladder[features.min_level].name})" if features.min_level else ""
+    # The budget is shared with the queue behind: this request's service time delays every waiting one.
+    budget = features.budget_s / (1 + features.queue_depth)
+    shared = f" / (1 + {features.queue_depth} waiting)" if features.queue_depth else ""
     if features.predicted_s[allowed[0]] is None:
         return Decision(allowed[0], None, f"{ladder[allowed[0]].name}: no latency data yet{capped}", True)
     for i in allowed:
         predicted = features.predicted_s[i]
-        if predicted is not None and predicted * features.margin <= features.budget_s:
+        if predicted is not None and predicted * features.margin <= budget:
             why = "fits the budget" if i == allowed[0] else f"{ladder[allowed[0]].name} would exceed the budget"
             return Decision(i, predicted, f"{ladder[i].name}: {why} ({predicted:.3f}s x {features.margin:.2f} "
-                            f"<= {features.budget_s:.3f}s){capped}", True)
+                            f"<= {features.budget_s:.3f}s{shared}){capped}", True)
     last = allowed[-1]
     return Decision(last, features.predicted_s[last],
-                    f"{ladder[last].name}: no level fits {features.budget_s:.3f}s "
+                    f"{ladder[last].name}: no level fits {features.budget_s:.3f}s{shared} "
                     f"(cheapest predicted {features.predicted_s[last]:.3f}s x {features.margin:.2f}){capped}", False)
 
 

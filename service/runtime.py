@@ -256,7 +256,7 @@ class ModelRuntime:
         if deadline is not None:
             budget = min(budget, deadline - now)
         predicted = [self._predict(decoded, level.plan) for level in self.ladder]
-        decision = self.controller.choose(predicted, budget, reduction.min_retention)
+        decision = self.controller.choose(predicted, budget, reduction.min_retention, queue_depth=self._waiting)
         level_name = self.ladder[decision.level].name if decision.level >= 0 else "none"
         self.metrics.controller_decisions.labels(self.name, level_name, decision.outcome).inc()
         if decision.rejected:

@@ -62,3 +62,9 @@ def test_ladder_from_file_with_depth_fractions(tmp_path):
     bad.write_text('[[level]]\nname = "x"\nmerge_retention = 0.5\n')
     with pytest.raises(ValueError, match="untouched model"):
         load_ladder(bad, 24)
+
+
+def test_budget_is_shared_with_the_queue_behind():
+    alone = decide(LADDER, Features(2.4, 0.0, PRED))
+    queued = decide(LADDER, Features(2.4, 0.0, PRED, queue_depth=2))  # 2.4 / 3 = 0.8 s each
+    assert alone.level == 0 and queued.level == 4 and "2 waiting" in queued.reason
