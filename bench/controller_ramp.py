@@ -106,7 +106,8 @@ def plot(results: dict, schedule, start_rate, peak_rate, ramp_s, hold_s, slo_s, 
     for name, records in results.items():
         xs, ys = [], []
         for i in range(len(records)):
-            window = [r["latency"] for r in records[max(0, i - 19): i + 1]]
+            # a failed request is a miss however fast it failed: count it at the client deadline (3 x SLO)
+            window = [r["latency"] if r["ok"] else max(r["latency"], 3 * slo_s) for r in records[max(0, i - 19): i + 1]]
             xs.append(records[i]["sent"])
             ys.append(sorted(window)[int(0.95 * (len(window) - 1))])
         axes[1].plot(xs, ys, label=name, color=colors[name])

@@ -35,7 +35,7 @@ from .metrics import ServiceMetrics, slo_class
 
 log = logging.getLogger("aim.service")
 
-SERVICE_TIME_WINDOW = 32  # recent requests used to predict queue waits
+SERVICE_TIME_WINDOW = 32  # recent service times (on a worker, queueing excluded) used to predict queue waits
 
 
 class ServiceError(Exception):
@@ -229,6 +229,7 @@ class ModelRuntime:
             else:
                 push(event)
         total_s = time.monotonic() - arrival
+        self._service_times.append(time.monotonic() - t0)  # time on the worker: what a queued request waits for
         if result.finish_reason == "cancelled" and not slot.stop.is_set():
             # stopped by its own deadline, not by the client: the RPC fails as such instead of answering a part
             raise ServiceError("deadline_exceeded", f"the deadline passed after {len(result.token_ids)} "
@@ -282,7 +283,6 @@ class ModelRuntime:
             media_s=media_s, vision_s=t.vision_s, visual_tokens_in=stats.visual_tokens_in, prefill_s=t.prefill_s,
             prefill_flops=stats.prefill_flops, decode_s=t.decode_s, new_tokens=stats.completion_tokens),
             slo_s=slo_s, controlled=applied.source == "auto")
-        self._service_times.append(total_s)
         if applied.source == "auto" and applied.predicted_s:
             self.metrics.prediction_ratio.labels(self.name).observe(total_s / applied.predicted_s)
         if total_s > (slo_s or self.default_slo_s):
