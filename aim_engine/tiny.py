@@ -106,21 +106,28 @@ def _scale_up_init(model) -> None:
                 p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5)
 
 
-def build_llava(path: str | Path, layers: int = 4, hidden: int = 64, image_size: int = 32, patch_size: int = 8,
-                seed: int = 0) -> Path:
-    """A tiny LLaVA-1.5: CLIP vision tower (CLS dropped), MLP projector, Llama LM."""
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig, \
-        LlavaForConditionalGeneration
+def _llama_and_clip_configs(tokenizer, layers: int, hidden: int, image_size: int, patch_size: int):
+    """The LLaVA-1.5 / LLaVA-NeXT pair: a Llama LM and a CLIP vision tower."""
+    from transformers import CLIPVisionConfig, LlamaConfig
 
-    path = Path(path)
-    tokenizer = build_tokenizer()
-    tokenizer.chat_template = chat_template("<image>", "<video>")
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
                        max_position_embeddings=4096, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               image_size=image_size, patch_size=patch_size, projection_dim=32)
+    return text, vision
+
+
+def build_llava(path: str | Path, layers: int = 4, hidden: int = 64, image_size: int = 32, patch_size: int = 8,
+                seed: int = 0) -> Path:
+    """A tiny LLaVA-1.5: CLIP vision tower (CLS dropped), MLP projector, Llama LM."""
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration
+
+    path = Path(path)
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = chat_template("<image>", "<video>")
+    text, vision = _llama_and_clip_configs(tokenizer, layers, hidden, image_size, patch_size)
     config = LlavaConfig(text_config=text, vision_config=vision,
                          image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                          vision_feature_layer=-1, vision_feature_select_strategy="default")
@@ -133,18 +140,13 @@ def build_llava(path: str | Path, layers: int = 4, hidden: int = 64, image_size:
 def build_llava_next(path: str | Path, layers: int = 4, hidden: int = 64, image_size: int = 32,
                      patch_size: int = 8, seed: int = 0) -> Path:
     """A tiny LLaVA-NeXT: CLIP vision tower (CLS dropped), anyres crops with row newlines, Llama LM."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration)
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     path = Path(path)
     tokenizer = build_tokenizer()
     tokenizer.chat_template = chat_template("<image>", "<video>")
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                       max_position_embeddings=4096, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=image_size, patch_size=patch_size, projection_dim=32)
+    text, vision = _llama_and_clip_configs(tokenizer, layers, hidden, image_size, patch_size)
     pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
     config = LlavaNextConfig(text_config=text, vision_config=vision, image_grid_pinpoints=pinpoints,
                              image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
