@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets everything up, builds the small default model, and serves it over gRPC on 127.0.0.1:50051
 # (metrics on :9464/metrics). Once the server is up it sends one streamed demo request (a sample video, the
-# server's `auto` plan) with the CLI client and prints the answer and its stats; then it keeps serving until
+# model's default AIM plan) with the CLI client and prints the answer and its stats; then it keeps serving until
 # Ctrl-C or SIGTERM, which drain in-flight requests first.
 #
 # Until the trained reference model (issue 3) exists, the default model is a tiny *randomly initialised*
@@ -20,7 +20,7 @@ aim-serve sample-media --out build/samples >/dev/null
 
 aim-serve serve --model "$MODEL" --port "$PORT" "$@" &
 SERVER=$!
-trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER' INT TERM
+trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER; exit $?' INT TERM
 for _ in $(seq 1 120); do
   if aim-serve info --target "127.0.0.1:$PORT" --timeout 2 >/dev/null 2>&1; then break; fi
   kill -0 $SERVER 2>/dev/null || { echo "the server exited" >&2; exit 1; }
@@ -28,6 +28,6 @@ for _ in $(seq 1 120); do
 done
 echo "--- demo request: aim-serve stream --target 127.0.0.1:$PORT --video build/samples/sample.mp4 ..."
 aim-serve stream --target "127.0.0.1:$PORT" --video build/samples/sample.mp4 --frames 8 \
-  --prompt "Where does the red square move?" --max-new-tokens 16
+  --prompt "Where does the red square move?" --max-new-tokens 16 --aim-default
 echo "--- serving on 127.0.0.1:$PORT (Ctrl-C to stop)"
 wait $SERVER

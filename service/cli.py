@@ -37,6 +37,7 @@ def _client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-ms", type=int, default=0, help="auto: latency target")
     p.add_argument("--min-retention", type=float, default=0.0, help="auto: quality floor")
     p.add_argument("--none", action="store_true", help="no reduction")
+    p.add_argument("--aim-default", action="store_true", help="the served model's default AIM plan")
     p.add_argument("--merge-retention", type=float)
     p.add_argument("--merge-tokens", type=int)
     p.add_argument("--prune", type=int, nargs=2, metavar=("L1", "L2"))
@@ -50,9 +51,13 @@ def _client(args):
     return AimClient(args.target, token=args.token, root_certificates=ca, timeout=args.timeout)
 
 
-def _request_kwargs(args) -> dict:
+def _request_kwargs(args, client=None) -> dict:
     plan = None
-    if args.merge_retention or args.merge_tokens or args.prune:
+    if args.aim_default:
+        from .convert import plan_from_proto
+
+        plan = plan_from_proto(client.model_info(args.model).default_plan)
+    elif args.merge_retention or args.merge_tokens or args.prune:
         prune = args.prune or (None, None)
         plan = ReductionPlan(merge_tokens=args.merge_tokens, merge_retention=args.merge_retention,
                              prune_start=prune[0], prune_end=prune[1], importance=args.importance)
@@ -81,7 +86,7 @@ def cmd_serve(args) -> int:
 
 def cmd_generate(args) -> int:
     with _client(args) as client:
-        result = client.generate(args.prompt, **_request_kwargs(args))
+        result = client.generate(args.prompt, **_request_kwargs(args, client))
     print(result.text)
     _print_result(result)
     return 0
@@ -89,7 +94,7 @@ def cmd_generate(args) -> int:
 
 def cmd_stream(args) -> int:
     with _client(args) as client:
-        for delta in client.stream(args.prompt, **_request_kwargs(args)):
+        for delta in client.stream(args.prompt, **_request_kwargs(args, client)):
             print(delta, end="", flush=True)
         print()
         _print_result(client.last_result)
@@ -106,7 +111,7 @@ def cmd_info(args) -> int:
 
 def cmd_estimate(args) -> int:
     with _client(args) as client:
-        _print_result(client.estimate(args.prompt, **_request_kwargs(args)))
+        _print_result(client.estimate(args.prompt, **_request_kwargs(args, client)))
     return 0
 
 

@@ -127,3 +127,22 @@ def test_sigterm_drains_in_flight_requests_then_exits(model_dir):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop()
+
+
+def test_cli_client_with_the_models_default_plan(served, tmp_path):
+    """What the quickstart's demo runs: `aim-serve stream ... --aim-default`."""
+    video = tmp_path / "v.mp4"
+    video.write_bytes(encode_video(frames=16))
+    proc = subprocess.run([sys.executable, "-m", "service.cli", "stream", "--target", served.target, "--video",
+                           str(video), "--frames", "4", "--prompt", "Where?", "--max-new-tokens", "3", "--aim-default"],
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout[proc.stdout.index("\n{") + 1:])
+    assert summary["applied_plan"]["source"] == "PLAN_SOURCE_EXPLICIT"
+    assert summary["applied_plan"]["plan"]["merge_retention"] == 0.25
+    assert summary["usage"]["visual_tokens_merged"] < summary["usage"]["visual_tokens_in"]
+    bad = subprocess.run([sys.executable, "-m", "service.cli", "generate", "--target", served.target, "--model",
+                          "nope"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr and "Traceback" not in bad.stderr
