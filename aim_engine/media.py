@@ -8,7 +8,6 @@ import re
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 from PIL import Image
 
 from .errors import MediaError
@@ -151,7 +150,3 @@ def _check_bytes(data: bytes, limits: MediaLimits, what: str) -> None:
         raise MediaError(MediaError.TOO_LARGE,
                          f"the {what} is {len(data)} bytes; the limit is {limits.max_bytes} bytes")
 
-
-def frames_from_array(frames: np.ndarray) -> list[Image.Image]:
-    """(T, H, W, 3) uint8 -> list of RGB images."""
-    return [Image.fromarray(np.ascontiguousarray(f)).convert("RGB") for f in frames]

@@ -7,7 +7,7 @@ The empty plan (`ReductionPlan()`) is the untouched model.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 IMPORTANCE_METHODS = ("pagerank", "text")
 
@@ -67,9 +67,6 @@ class ReductionPlan:
         """The paper's default plan (25% merge, prune l1..l2) for an LLM with `num_layers` layers."""
         l1, l2 = default_prune_range(num_layers)
         return cls(merge_retention=DEFAULT_MERGE_RETENTION, prune_start=l1, prune_end=l2, importance=importance)
-
-    def with_merge_only(self) -> "ReductionPlan":
-        return replace(self, prune_start=None, prune_end=None)
 
     # ---- queries ------------------------------------------------------------------------------
     @property

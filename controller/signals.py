@@ -149,10 +149,6 @@ class PromQLReader:
             return Reading(None, r.at, r.error or "stale")
         return r
 
-    @property
-    def healthy(self) -> bool:
-        return self.latest().value is not None or (self._reading.at is not None and not self._reading.error)
-
     def start(self) -> "PromQLReader":
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="aim-promql", daemon=True)
