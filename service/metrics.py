@@ -68,6 +68,8 @@ class ServiceMetrics:
         self.controller_decisions = Counter("aim_controller_decisions_total", "Auto decisions by ladder level and "
                                             "outcome (fits, best_effort, no_data, rejected).",
                                             m + ["level", "outcome"], registry=r)
+        self.controller_levels = Gauge("aim_controller_levels", "Levels in the quality ladder (the last one, "
+                                       "levels - 1, is maximum saving).", m, registry=r)
         self.controller_margin = Gauge("aim_controller_margin", "Safety margin the controller multiplies predicted "
                                        "latency by.", m, registry=r)
         self.controller_p95 = Gauge("aim_controller_p95_slo_ratio", "p95 of latency / SLO the feedback loop last "
@@ -95,6 +97,7 @@ class ServiceMetrics:
         """Gauges read from the controller at scrape time."""
         nan = float("nan")
         self.controller_margin.labels(model).set_function(lambda: controller.feedback.margin)
+        self.controller_levels.labels(model).set(len(controller.ladder))
         self.controller_p95.labels(model).set_function(
             lambda: nan if controller.status().p95_ratio is None else controller.status().p95_ratio)
         self.signal_up.labels(model, "nvml").set_function(lambda: float(controller.status().gpu_available))

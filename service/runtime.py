@@ -204,7 +204,7 @@ class ModelRuntime:
         self._slots.release()
 
     def _admit(self, deadline: float | None, now: float) -> None:
-        if self._waiting >= self.max_queue:
+        if self._waiting >= self.max_queue and self._running >= self.workers:  # it would wait, and no room
             raise ServiceError("resource_exhausted",
                                f"model {self.name} has {self._waiting} requests waiting (limit {self.max_queue}); "
                                "retry with backoff")

@@ -343,3 +343,15 @@ def test_request_metrics_use_bounded_model_labels(make_server):
     while labels() != expected and time.monotonic() < deadline:
         time.sleep(0.01)
     assert labels() == expected
+
+
+def test_no_queue_means_run_if_a_worker_is_free_else_reject(make_server):
+    srv = make_server(max_queue=0, workers=1)
+    with AimClient(srv.target) as client:
+        assert client.generate("Hi", max_new_tokens=1).usage.completion_tokens == 1  # a free worker: served
+        events = client.stream_events(LONG_PROMPT, videos=[VIDEO], frames=4, max_new_tokens=LONG, no_reduction=True)
+        next(events)  # the worker is busy now
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate("Hi", max_new_tokens=1)
+        events.cancel()
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
