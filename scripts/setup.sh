@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv (idempotent) and installs the project with its test extras, plus the tools the tests use:
-# promtool (Debian package prometheus) and buf (npm package @bufbuild/buf, into .tools/).
+# promtool and prometheus (Debian package prometheus), kubectl (for kustomize), and buf (npm package
+# @bufbuild/buf, into .tools/).
 # torch goes in first, pinned to the CPU wheel, so no resolver step can pull CUDA packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,10 +15,13 @@ python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
 
 if [ "${AIM_SKIP_TOOLS:-0}" != "1" ]; then
-  if ! command -v promtool >/dev/null; then
+  missing=""
+  command -v promtool >/dev/null || missing="$missing prometheus"
+  command -v kubectl >/dev/null || missing="$missing kubectl"
+  if [ -n "$missing" ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
   fi
   if [ ! -x .tools/node_modules/.bin/buf ]; then
     mkdir -p .tools

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+
+import grpc
 import json
 import logging
 import sys
@@ -115,6 +117,17 @@ def cmd_estimate(args) -> int:
     return 0
 
 
+def cmd_health(args) -> int:
+    """grpc.health.v1 Check: exit 0 when SERVING (container health checks; no grpc_health_probe needed)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.target) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout or 5).status
+    print(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = engine_cli.build_parser()
     parser.description = __doc__
@@ -130,12 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         _client_flags(p)
         p.set_defaults(func=func)
+    health = sub.add_parser("health", help="exit 0 if the server reports SERVING")
+    health.add_argument("--target", default="127.0.0.1:50051")
+    health.add_argument("--service", default="", help="service name; empty = the whole server")
+    health.add_argument("--timeout", type=float, default=5.0)
+    health.set_defaults(func=cmd_health)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    import grpc
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

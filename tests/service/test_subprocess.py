@@ -146,3 +146,13 @@ def test_cli_client_with_the_models_default_plan(served, tmp_path):
                           "nope"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_health_command_for_container_probes(served):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "service.cli", "health", *a], cwd=ROOT,  # noqa: E731
+                                    env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                                    timeout=60)
+    ok = run("--target", served.target)
+    assert ok.returncode == 0 and ok.stdout.strip() == "SERVING"
+    down = run("--target", "127.0.0.1:9", "--timeout", "1")  # nothing listens there
+    assert down.returncode == 1 and "UNAVAILABLE" in down.stderr
