@@ -110,6 +110,22 @@ def cmd_sample_media(args) -> int:
     return 0
 
 
+def cmd_train_reference(args) -> int:
+    from .reference.assemble import build_base
+    from .reference.train import Trainer, TrainConfig
+
+    base = Path(args.base)
+    if not (base / "config.json").is_file():
+        model, _, processor = build_base(seed=args.seed)
+        model.save_pretrained(base)
+        processor.save_pretrained(base)
+    trainer = Trainer(base, Path(args.run), TrainConfig(seed=args.seed), threads=args.threads)
+    trainer.train(until_step=args.until_step)
+    trainer.export(Path(args.product) if args.product else None)
+    print(f"trained to step {trainer.step}/{trainer.config.total_steps}; product written")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aim-serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--image-size", type=int, default=64, help="vision input side (LLaVA families)")
     tiny.add_argument("--out", required=True)
     tiny.set_defaults(func=cmd_build_tiny)
+
+    train = sub.add_parser("train-reference", help="train the reference VLM's projector and LoRA (resumable)")
+    train.add_argument("--base", default="models/reference-base", help="untrained checkpoint (built if missing)")
+    train.add_argument("--run", default="runs/reference", help="checkpoints and loss history")
+    train.add_argument("--until-step", type=int, help="stop after this step (resume later from the checkpoint)")
+    train.add_argument("--product", help="where to write the product (default: the package's product/)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int)
+    train.set_defaults(func=cmd_train_reference)
 
     media = sub.add_parser("sample-media", help="write a sample PNG and MP4")
     media.add_argument("--out", required=True)

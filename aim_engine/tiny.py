@@ -137,6 +137,29 @@ def build_llava(path: str | Path, layers: int = 4, hidden: int = 64, image_size:
     return path
 
 
+def build_llava_dinov2(path: str | Path, layers: int = 4, hidden: int = 64, image_size: int = 32,
+                       patch_size: int = 8, seed: int = 0) -> Path:
+    """A tiny model shaped like the reference VLM: DINOv2 vision tower read at two layers (concatenated), LLaVA
+    projector, Llama LM, and a <video> placeholder taking frames of 3/4 the image size."""
+    from transformers import BitImageProcessorPil, Dinov2Config, LlavaConfig, LlavaForConditionalGeneration
+
+    path = Path(path)
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = chat_template("<image>", "<video>")
+    text, _ = _llama_and_clip_configs(tokenizer, layers, hidden, image_size, patch_size)
+    vision = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                          image_size=image_size, patch_size=patch_size)
+    config = LlavaConfig(text_config=text, vision_config=vision,
+                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=[1, 2], vision_feature_select_strategy="default")
+    config.video_token_id = tokenizer.convert_tokens_to_ids("<video>")
+    config.video_frame_size = image_size * 3 // 4
+    _save_random_model(LlavaForConditionalGeneration, config, tokenizer, path, seed)
+    BitImageProcessorPil(size={"height": image_size, "width": image_size}, do_center_crop=False,
+                         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(path)
+    return path
+
+
 def build_llava_next(path: str | Path, layers: int = 4, hidden: int = 64, image_size: int = 32,
                      patch_size: int = 8, seed: int = 0) -> Path:
     """A tiny LLaVA-NeXT: CLIP vision tower (CLS dropped), anyres crops with row newlines, Llama LM."""
@@ -203,6 +226,7 @@ def build_qwen2_5_vl(path: str | Path, **kwargs) -> Path:
     return build_qwen2_vl(path, version="2.5", **kwargs)
 
 
-BUILDERS = {"llava_onevision": build_llava_onevision, "llava": build_llava, "llava_next": build_llava_next,
+BUILDERS = {"llava_onevision": build_llava_onevision, "llava": build_llava, "llava_dinov2": build_llava_dinov2,
+            "llava_next": build_llava_next,
             "qwen2_vl": build_qwen2_vl,
             "qwen2_5_vl": build_qwen2_5_vl}

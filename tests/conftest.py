@@ -10,8 +10,10 @@ from PIL import Image
 from aim_engine import AimEngine
 from aim_engine.tiny import BUILDERS
 
-FAMILIES = ("llava_onevision", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
-VIDEO_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl")
+# Tiny checkpoint builders (aim_engine.tiny.BUILDERS); llava_dinov2 is the LLaVA family shaped like the reference
+# model (DINOv2 tower read at two layers, video as frames behind a <video> placeholder).
+FAMILIES = ("llava_onevision", "llava", "llava_dinov2", "llava_next", "qwen2_vl", "qwen2_5_vl")
+VIDEO_FAMILIES = ("llava_onevision", "llava_dinov2", "qwen2_vl", "qwen2_5_vl")
 
 
 @pytest.fixture(scope="session")

@@ -102,11 +102,14 @@ class FamilyAdapter:
 
 def encoder_flops(vision_config, tokens: int, images: int) -> float:
     """Vision encoder FLOPs for `images` views of `tokens` tokens each (flops.vit_flops). Qwen2-VL's vision
-    config names its width `embed_dim` (its `hidden_size` is the LLM's); Qwen2.5-VL's names its depth `depth`."""
+    config names its width `embed_dim` (its `hidden_size` is the LLM's); Qwen2.5-VL's names its depth `depth`;
+    DINOv2's gives its MLP width as `mlp_ratio`."""
     from ..flops import vit_flops
 
     if hasattr(vision_config, "embed_dim"):
         width = vision_config.embed_dim
         return vit_flops(width, int(width * vision_config.mlp_ratio), vision_config.depth, tokens, images)
     layers = getattr(vision_config, "depth", None) or vision_config.num_hidden_layers
-    return vit_flops(vision_config.hidden_size, vision_config.intermediate_size, layers, tokens, images)
+    width = vision_config.hidden_size
+    ffn = getattr(vision_config, "intermediate_size", None) or int(width * vision_config.mlp_ratio)
+    return vit_flops(width, ffn, layers, tokens, images)

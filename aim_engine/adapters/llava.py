@@ -1,8 +1,12 @@
-"""LLaVA-1.5-style models (`LlavaForConditionalGeneration`: any vision tower + projector + Llama-family LM):
-images only.
+"""LLaVA-1.5-style models (`LlavaForConditionalGeneration`: any vision tower + projector + Llama-family LM).
 
 What differs for this family: one fixed-size view per image (e.g. 24x24 = 576 CLIP tokens, or DINOv2's
 16x16), no newline tokens; each image is one merge group. 1-D RoPE.
+
+Video is an extension of ours, not of the LLaVA-1.5 paper: a checkpoint whose config names a `video_token_id`
+(and optionally a `video_frame_size`, default the image size) takes a video as its frames, each encoded like an
+image at that size, their tokens concatenated in time order behind one video placeholder; each frame is one
+merge group. The reference model (aim_engine/reference) is such a checkpoint.
 """
 
 from __future__ import annotations
@@ -16,10 +20,22 @@ from .base import EncodedMedia, FamilyAdapter, encoder_flops
 class LlavaAdapter(FamilyAdapter):
     family = "llava"
 
+    @property
+    def supports_video(self) -> bool:
+        return getattr(self.config, "video_token_id", None) is not None
+
+    def _tokens_per_view(self, side: int) -> int:
+        """Encoder tokens per view of `side` pixels; "default" selection drops the class token."""
+        p = self.config.vision_config.patch_size
+        return (side // p) ** 2 + (0 if self.config.vision_feature_select_strategy == "default" else 1)
+
+    def _features(self, pixel_values: torch.Tensor):
+        with torch.inference_mode():
+            return self.model.model.get_image_features(pixel_values.to(self.device, self.dtype), return_dict=True)
+
     def encode_images(self, images: list[Image.Image]) -> list[EncodedMedia]:
         pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        with torch.inference_mode():
-            out = self.model.model.get_image_features(pixel_values.to(self.device, self.dtype), return_dict=True)
+        out = self._features(pixel_values)
         per_image = encoder_flops(self.config.vision_config, out.last_hidden_state.shape[1], 1)
         return [
             EncodedMedia(kind="image", features=feats, groups=[torch.arange(feats.shape[0], device=feats.device)],
@@ -28,8 +44,26 @@ class LlavaAdapter(FamilyAdapter):
         ]
 
     def estimate_image_groups(self, images: list[Image.Image]) -> list[tuple[list[int], int]]:
-        # one view per image; "default" selection drops the class token, "full" keeps it
-        h, w = self.image_processor(images=images[:1], return_tensors="pt")["pixel_values"].shape[-2:]
-        p = self.config.vision_config.patch_size
-        n = (h // p) * (w // p) + (0 if self.config.vision_feature_select_strategy == "default" else 1)
-        return [([n], 0) for _ in images]
+        h = self.image_processor(images=images[:1], return_tensors="pt")["pixel_values"].shape[-2]
+        return [([self._tokens_per_view(h)], 0) for _ in images]
+
+    # ---- video (checkpoints with a video placeholder) -------------------------------------------------------
+    def _frame_size(self) -> int:
+        size = getattr(self.config, "video_frame_size", None)
+        if size:
+            return int(size)
+        crop = getattr(self.image_processor, "crop_size", None) or self.image_processor.size
+        return int(crop["height"]) if "height" in crop else int(crop["shortest_edge"])
+
+    def encode_video(self, frames: list[Image.Image], fps: float | None = None) -> EncodedMedia:
+        side = self._frame_size()
+        out = self._features(self.normalize_frames(frames, (side, side)))
+        per_frame = out.pooler_output[0].shape[0]
+        feats = torch.cat(list(out.pooler_output))
+        groups = [torch.arange(i * per_frame, (i + 1) * per_frame, device=feats.device) for i in range(len(frames))]
+        return EncodedMedia(kind="video", features=feats, groups=groups,
+                            vision_flops=encoder_flops(self.config.vision_config, out.last_hidden_state.shape[1],
+                                                       len(frames)))
+
+    def estimate_video_groups(self, frames: list[Image.Image]) -> tuple[list[int], int]:
+        return [self._tokens_per_view(self._frame_size())] * len(frames), 0

@@ -38,7 +38,12 @@ def hf_inputs(engine, request):
             kwargs["batch_num_images"] = torch.tensor([len(images)])
         if family.startswith("qwen"):
             kwargs["image_grid_thw"] = pix["image_grid_thw"]
-    if videos:
+    if videos and family == "llava":
+        # our LLaVA video = its frames as images at the frame size, behind image placeholders
+        side = adapter._frame_size()
+        kwargs["pixel_values"] = adapter.normalize_frames(videos[0].frames, (side, side))
+        input_ids[input_ids == adapter.video_token_id] = adapter.image_token_id
+    elif videos:
         if family == "llava_onevision":
             size = adapter.config.vision_config.image_size
             kwargs["pixel_values_videos"] = adapter.normalize_frames(videos[0].frames, (size, size))[None]

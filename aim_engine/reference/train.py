@@ -1,0 +1,233 @@
+"""Trains the reference VLM's projector and LoRA adapters on the synthetic dataset, on CPU, in resumable stages.
+
+Only the projector (1 M parameters) and rank-16 LoRA adapters on every linear of the LLM (4.9 M) train; the
+DINOv2 encoder and the LLM stay frozen. Each training sequence is one image or video followed by all of its
+questions as a multi-turn chat (LLaVA's packing), so the visual tokens are paid for once per several
+supervised answers; the loss is on the answer tokens (and their end-of-turn token) only. Stage A trains at
+low resolution (112-px images, 4-frame videos: ~3x the throughput), stage B at the served resolution
+(224-px images, 8-frame videos).
+
+Reproducible from the seed: example k of step s is a pure function of (seed, s, k); a checkpoint after every
+`save_every` steps holds everything needed to resume bit-for-bit (weights, optimiser, step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import synthetic as syn
+from .assemble import PRODUCT_DIR, save_product
+from .lora import add_lora, load_lora_state, lora_state
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    steps: int
+    image_size: int
+    frames: int
+    frame_size: int
+    video_share: float  # fraction of batches that are videos
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 8
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lr_projector: float = 1e-3
+    lr_lora: float = 3e-4
+    warmup_steps: int = 30
+    min_lr_fraction: float = 0.1
+    stages: list[Stage] = field(default_factory=lambda: [
+        Stage("A", 450, image_size=112, frames=4, frame_size=112, video_share=0.3),
+        Stage("B", 150, image_size=224, frames=8, frame_size=112, video_share=0.3),
+    ])
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    def stage_at(self, step: int) -> Stage:
+        for stage in self.stages:
+            if step < stage.steps:
+                return stage
+            step -= stage.steps
+        return self.stages[-1]
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to `min_lr_fraction` at the last step."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        return self.min_lr_fraction + (1 - self.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def normalize(images, size: int, mean, std) -> torch.Tensor:
+    """(N, 3, size, size): bicubic resize, [0, 1], mean/std — the same steps as the engine's adapter."""
+    m = np.asarray(mean, dtype=np.float32)[:, None, None]
+    s = np.asarray(std, dtype=np.float32)[:, None, None]
+    out = [(np.asarray(im.convert("RGB").resize((size, size), 3), dtype=np.float32).transpose(2, 0, 1) / 255.0 - m)
+           / s for im in images]
+    return torch.from_numpy(np.stack(out))
+
+
+class Trainer:
+    def __init__(self, base_dir: Path, run_dir: Path, config: TrainConfig, threads: int | None = None):
+        from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.config = config
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.model = LlavaForConditionalGeneration.from_pretrained(base_dir, dtype=torch.float32).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        from transformers import AutoImageProcessor
+
+        ip = AutoImageProcessor.from_pretrained(base_dir)
+        self.mean, self.std = ip.image_mean, ip.image_std
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        torch.manual_seed(config.seed)
+        projector = self.model.model.multi_modal_projector
+        for layer in (projector.linear_1, projector.linear_2):
+            torch.nn.init.normal_(layer.weight, std=1.0 / math.sqrt(layer.in_features))
+            torch.nn.init.zeros_(layer.bias)
+        for p in projector.parameters():
+            p.requires_grad_(True)
+        self.lora = add_lora(self.model.model.language_model.layers, config.lora_rank, config.lora_alpha, config.seed)
+        lora_params = [p for l in self.lora.values() for p in (l.lora_a, l.lora_b)]
+        self.optimizer = torch.optim.AdamW([
+            {"params": list(projector.parameters()), "lr": config.lr_projector, "weight_decay": 0.0},
+            {"params": lora_params, "lr": config.lr_lora, "weight_decay": 0.0},
+        ], betas=(0.9, 0.98))
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.step = 0
+        self.history: list[dict] = []
+        self.layers = self.model.config.vision_feature_layer
+        self.image_id = self.model.config.image_token_id
+        self.video_id = self.model.config.video_token_id
+        self._resume()
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+    def _ckpt(self) -> Path:
+        return self.run_dir / "checkpoint.pt"
+
+    def _resume(self) -> None:
+        if not self._ckpt().is_file():
+            return
+        state = torch.load(self._ckpt(), weights_only=False)
+        self.model.model.multi_modal_projector.load_state_dict(state["projector"])
+        load_lora_state(self.lora, state["lora"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.history = state["step"], state["history"]
+
+    def save(self) -> None:
+        state = {"projector": self.model.model.multi_modal_projector.state_dict(), "lora": lora_state(self.lora),
+                 "optimizer": self.optimizer.state_dict(), "step": self.step, "history": self.history}
+        torch.save(state, f"{self._ckpt()}.part")
+        Path(f"{self._ckpt()}.part").replace(self._ckpt())
+        (self.run_dir / "history.json").write_text(json.dumps(self.history) + "\n")
+
+    def export(self, out: Path | None = None) -> None:
+        meta = {"config": asdict(self.config), "steps_done": self.step, "lora_rank": self.config.lora_rank,
+                "lora_alpha": self.config.lora_alpha,
+                "final_loss": float(np.mean([h["loss"] for h in self.history[-20:]])) if self.history else None}
+        save_product(self.model, lora_state(self.lora), meta, out or PRODUCT_DIR)
+
+    # ---- data ------------------------------------------------------------------------------------------------
+    def _batch_examples(self, step: int) -> tuple[str, list[syn.Example]]:
+        stage = self.config.stage_at(step)
+        rng = np.random.default_rng(np.random.SeedSequence([self.config.seed, 7, step]))
+        kind = "video" if rng.random() < stage.video_share else "image"
+        base = step * self.config.batch_size
+        if kind == "image":
+            return kind, [syn.make_image(self.config.seed, "train", base + k, stage.image_size)
+                          for k in range(self.config.batch_size)]
+        return kind, [syn.make_video(self.config.seed, "train", base + k, stage.frame_size, stage.frames)
+                      for k in range(self.config.batch_size)]
+
+    def _sequence(self, ex: syn.Example, n_visual: int, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+        """Token ids of the whole chat with the placeholder expanded to `n_visual` copies, and the positions
+        whose next token is supervised."""
+        qas = [ex.qas[i] for i in rng.permutation(len(ex.qas))]
+        placeholder = "<image>\n" if ex.kind == "image" else "<video>\n"
+        ids: list[int] = []
+        targets: list[int] = []
+        for turn, qa in enumerate(qas):
+            prompt = "<|im_start|>user\n" + (placeholder if turn == 0 else "") + qa.question + \
+                     "<|im_end|>\n<|im_start|>assistant\n"
+            p_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            a_ids = self.tokenizer(qa.answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+            ids += p_ids
+            targets += list(range(len(ids) - 1, len(ids) - 1 + len(a_ids)))
+            ids += a_ids + self.tokenizer("\n", add_special_tokens=False)["input_ids"]
+        pid = self.image_id if ex.kind == "image" else self.video_id
+        at = ids.index(pid)
+        ids = ids[:at] + [pid] * n_visual + ids[at + 1:]
+        targets = [t + n_visual - 1 if t >= at else t for t in targets]
+        return ids, targets
+
+    def _visual(self, kind: str, examples: list[syn.Example], size: int) -> torch.Tensor:
+        """(B, n_visual, d) projector outputs; the encoder runs without gradients."""
+        frames = [f for ex in examples for f in ex.frames]
+        pixels = normalize(frames, size, self.mean, self.std)
+        with torch.no_grad():
+            hs = self.model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+            feats = torch.cat([hs[i][:, 1:] for i in self.layers], dim=-1)
+        out = self.model.model.multi_modal_projector(feats)  # (B*T, n, d)
+        return out.reshape(len(examples), -1, out.shape[-1])
+
+    def loss_for_step(self, step: int) -> tuple[torch.Tensor, int]:
+        stage = self.config.stage_at(step)
+        kind, examples = self._batch_examples(step)
+        size = stage.image_size if kind == "image" else stage.frame_size
+        visual = self._visual(kind, examples, size)
+        rng = np.random.default_rng(np.random.SeedSequence([self.config.seed, 8, step]))
+        seqs = [self._sequence(ex, visual.shape[1], rng) for ex in examples]
+        length = max(len(ids) for ids, _ in seqs)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([s + [pad] * (length - len(s)) for s, _ in seqs])
+        mask = torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s, _ in seqs])
+        lm = self.model.model.language_model
+        embeds = lm.embed_tokens(ids)
+        is_media = (ids == self.image_id) | (ids == self.video_id)
+        embeds = embeds.masked_scatter(is_media[..., None], visual.to(embeds.dtype))
+        hidden = lm(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        rows = torch.tensor([b for b, (_, t) in enumerate(seqs) for _ in t])
+        cols = torch.tensor([c for _, t in seqs for c in t])
+        logits = self.model.lm_head(hidden[rows, cols])
+        labels = ids[rows, cols + 1]
+        return F.cross_entropy(logits.float(), labels), len(cols)
+
+    def train(self, until_step: int | None = None, save_every: int = 10, log=print) -> None:
+        until = min(until_step or self.config.total_steps, self.config.total_steps)
+        t0 = time.perf_counter()
+        while self.step < until:
+            factor = self.config.lr_factor(self.step)
+            for g, lr in zip(self.optimizer.param_groups, self.base_lrs):
+                g["lr"] = lr * factor
+            loss, answers = self.loss_for_step(self.step)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], 1.0)
+            self.optimizer.step()
+            self.step += 1
+            self.history.append({"step": self.step, "loss": float(loss), "stage": self.config.stage_at(self.step - 1).name,
+                                 "seconds": time.perf_counter() - t0})
+            if self.step % 5 == 0:
+                recent = np.mean([h["loss"] for h in self.history[-5:]])
+                log(f"step {self.step}/{self.config.total_steps} stage {self.history[-1]['stage']} "
+                    f"loss {recent:.3f} ({self.history[-1]['seconds']:.0f}s)")
+            if self.step % save_every == 0 or self.step == until:
+                self.save()
