@@ -22,7 +22,9 @@ from .errors import ModelLoadError, RequestError
 from .flops import LLMShape, decode_step_flops, prefill_flops
 from .generation import IncrementalText, SamplingParams, TokenSampler
 from .media import MediaLimits, decode_image, decode_video
-from .merging import MergeResult, merge_groups
+from .merging import MergeResult
+from .methods import REDUCERS
+from .methods.base import passthrough
 from .plan import ReductionPlan
 
 
@@ -282,9 +284,9 @@ class AimEngine:
         device = self.adapter.device
         ids = ids.to(device)
         text_embeds = self.lm.embed_tokens(ids[None])[0]
+        reduce = REDUCERS[plan.reducer].reduce
         merged: list[MergeResult] = [
-            merge_groups(m.features, m.groups, plan.merge_target) if plan.merges else
-            MergeResult(torch.arange(m.features.shape[0], device=device), m.features, None)
+            reduce(m.features, m.groups, plan.merge_target) if plan.merges else passthrough(m.features)
             for m in media
         ]
         pieces, visual, full_index, full_ids = [], [], [], []
@@ -329,6 +331,7 @@ class AimEngine:
         images = [p.image for p in parts if isinstance(p, ImagePart)]
         per_item = iter(self.adapter.estimate_image_groups(images) if images else [])
         visual_in = visual_merged = 0
+        kept = REDUCERS[plan.reducer].kept if plan.merges else (lambda sizes, _: sum(sizes))
         for part in parts:
             if isinstance(part, TextPart):
                 continue
@@ -339,7 +342,7 @@ class AimEngine:
             else:
                 groups, loose = next(per_item)
             visual_in += sum(groups) + loose
-            visual_merged += sum(plan.merge_target(g) for g in groups) + loose
+            visual_merged += kept(groups, plan.merge_target) + loose
         ids = self.tokenizer(self.render_prompt(request), add_special_tokens=False)["input_ids"]
         text = len(ids) - sum(1 for p in parts if not isinstance(p, TextPart))
         per_layer = plan.visual_tokens_per_layer(visual_merged, self.num_layers)

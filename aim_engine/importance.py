@@ -6,7 +6,9 @@ probabilities a few heads (or query rows) at a time under a memory budget, never
 
 - pagerank (the paper's): P_h = causal softmax(Q_h K_h^T * scale / tau), tau = 0.1; pi <- pi P_h for
   5 steps from uniform (PageRank without damping); heads combined by root-mean-square.
-- text (FastV/PDrop-style): mean over heads and over text query rows of the attention they pay to each key.
+- text: mean over heads and over text query rows of the attention they pay to each key.
+- last_token (FastV, PDrop): mean over heads of the attention the last prompt token pays to each key; in a
+  chat prompt the last token closes the instruction, so this is also PDrop's "last instruction token".
 """
 
 from __future__ import annotations
@@ -76,6 +78,13 @@ def text_attention_scores(
     return total / (num_heads * rows.numel())
 
 
+def last_token_scores(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of the last query row to every key, averaged over heads. query (H, n, hd) -> (n,)."""
+    key = _expand_kv(key, query.shape[0])
+    logits = torch.matmul(query[:, -1:].float(), key.float().transpose(-1, -2)) * scale  # (H, 1, n): sees all
+    return torch.softmax(logits, dim=-1).mean(dim=(0, 1))
+
+
 def score_tokens(
     method: str, query: torch.Tensor, key: torch.Tensor, scale: float, is_visual: torch.Tensor
 ) -> torch.Tensor:
@@ -84,4 +93,6 @@ def score_tokens(
         return pagerank_scores(query, key, scale)
     if method == "text":
         return text_attention_scores(query, key, scale, ~is_visual)
+    if method == "last_token":
+        return last_token_scores(query, key, scale)
     raise ValueError(f"unknown importance method {method!r}")

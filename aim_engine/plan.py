@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-IMPORTANCE_METHODS = ("pagerank", "text")
+IMPORTANCE_METHODS = ("pagerank", "text", "last_token")
+# How visual tokens are reduced before the LLM (aim_engine/methods): AIM's similarity merging, or a peer's.
+PRE_LLM_METHODS = ("merge", "pool", "evs")
 
 # Paper defaults (aim-method.md §2): prune from layer l1 until no visual token is left at layer l2.
 _PAPER_PRUNE_RANGES = {28: (14, 22), 32: (13, 21)}
@@ -31,8 +33,13 @@ class ReductionPlan:
     merge_retention: target as a fraction of each frame's tokens, in (0, 1]. At most one of the two.
     prune_start / prune_end: the layer range [l1, l2) of progressive pruning; both or neither.
         Layer l keeps max(0, 1 - (l - l1 + 1) / (l2 - l1)) of the merged visual tokens for l >= l1.
+    prune_stages: instead of the progressive range, staged pruning (FastV, PDrop): ((layer, keep), ...) with
+        increasing layers and non-increasing keep; from `layer` on, `keep` of the merged visual tokens remain.
     importance: how visual tokens are ranked for pruning: "pagerank" (the paper's attention-graph
-        score) or "text" (attention the text tokens pay to each visual token).
+        score), "text" (attention the text tokens pay to each visual token) or "last_token" (attention the
+        last prompt token pays, as FastV and PDrop rank).
+    reducer: how merge_tokens / merge_retention is reached before the LLM: "merge" (AIM's similarity merging),
+        "pool" (uniform spatial pooling) or "evs" (drop tokens unchanged since the previous frame).
     """
 
     merge_tokens: int | None = None
@@ -40,6 +47,8 @@ class ReductionPlan:
     prune_start: int | None = None
     prune_end: int | None = None
     importance: str = "pagerank"
+    prune_stages: tuple[tuple[int, float], ...] = ()
+    reducer: str = "merge"
 
     def __post_init__(self) -> None:
         if self.merge_tokens is not None and self.merge_retention is not None:
@@ -58,6 +67,17 @@ class ReductionPlan:
                 raise PlanError(
                     f"prune_end must be greater than prune_start, got {self.prune_start}..{self.prune_end}"
                 )
+        if self.prune_stages:
+            if self.prune_start is not None:
+                raise PlanError("give either prune_start/prune_end or prune_stages, not both")
+            layers = [layer for layer, _ in self.prune_stages]
+            keeps = [keep for _, keep in self.prune_stages]
+            if layers[0] < 1 or layers != sorted(set(layers)):
+                raise PlanError(f"prune_stages layers must be >= 1 and increasing, got {layers}")
+            if any(not 0.0 <= k <= 1.0 for k in keeps) or keeps != sorted(keeps, reverse=True):
+                raise PlanError(f"prune_stages keep shares must be in [0, 1] and non-increasing, got {keeps}")
+        if self.reducer not in PRE_LLM_METHODS:
+            raise PlanError(f"reducer must be one of {PRE_LLM_METHODS}, got {self.reducer!r}")
         if self.importance not in IMPORTANCE_METHODS:
             raise PlanError(f"importance must be one of {IMPORTANCE_METHODS}, got {self.importance!r}")
 
@@ -77,7 +97,13 @@ class ReductionPlan:
 
     @property
     def prunes(self) -> bool:
-        return self.prune_start is not None
+        return self.prune_start is not None or bool(self.prune_stages)
+
+    @property
+    def first_prune_layer(self) -> int | None:
+        if self.prune_stages:
+            return self.prune_stages[0][0]
+        return self.prune_start
 
     @property
     def is_empty(self) -> bool:
@@ -85,10 +111,9 @@ class ReductionPlan:
 
     def check_depth(self, num_layers: int) -> None:
         """Raises PlanError if the prune range does not fit an LLM of `num_layers` layers."""
-        if self.prunes and self.prune_start >= num_layers:
-            raise PlanError(
-                f"prune_start {self.prune_start} is beyond the model's {num_layers} layers (0..{num_layers - 1})"
-            )
+        if self.prunes and self.first_prune_layer >= num_layers:
+            raise PlanError(f"pruning starts at layer {self.first_prune_layer}, beyond the model's {num_layers} "
+                            f"layers (0..{num_layers - 1})")
 
     def merge_target(self, group_size: int) -> int:
         """Tokens a frame/crop of `group_size` tokens keeps after merging."""
@@ -100,6 +125,12 @@ class ReductionPlan:
 
     def keep_ratio_at_layer(self, layer: int) -> float:
         """Share of the merged visual tokens present at `layer` (aim-method.md §2)."""
+        if self.prune_stages:
+            keep = 1.0
+            for start, share in self.prune_stages:
+                if layer >= start:
+                    keep = share
+            return keep
         if not self.prunes or layer < self.prune_start:
             return 1.0
         return max(0.0, 1.0 - (layer - self.prune_start + 1) / (self.prune_end - self.prune_start))
@@ -113,11 +144,15 @@ class ReductionPlan:
 
     def describe(self) -> str:
         parts = []
+        verb = {"merge": "merge", "pool": "pool", "evs": "evs"}[self.reducer]
         if self.merge_tokens is not None:
-            parts.append(f"merge→{self.merge_tokens}/frame")
+            parts.append(f"{verb}→{self.merge_tokens}/frame")
         elif self.merge_retention is not None:
-            parts.append(f"merge→{self.merge_retention:.3g}")
-        if self.prunes:
+            parts.append(f"{verb}→{self.merge_retention:.3g}")
+        if self.prune_stages:
+            stages = " ".join(f"L{layer}:{keep:.3g}" for layer, keep in self.prune_stages)
+            parts.append(f"prune {stages} ({self.importance})")
+        elif self.prunes:
             parts.append(f"prune {self.prune_start}-{self.prune_end} ({self.importance})")
         return ", ".join(parts) or "none"
 

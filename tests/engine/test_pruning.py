@@ -70,6 +70,8 @@ def cases():
 PLANS = {
     "merge+prune/pagerank": ReductionPlan(merge_retention=0.5, prune_start=2, prune_end=5, importance="pagerank"),
     "prune-only/text": ReductionPlan(prune_start=1, prune_end=4, importance="text"),
+    # FastV / PDrop shape: staged cuts ranked by the last prompt token
+    "stages/last_token": ReductionPlan(prune_stages=((2, 0.5), (4, 0.2)), importance="last_token"),
 }
 
 

@@ -1,0 +1,63 @@
+"""The one small interface every token-reduction method sits behind (AIM's own and the peer baselines).
+
+A method is a family of ReductionPlans indexed by one knob in (0, 1] — roughly the share of visual work kept —
+so an evaluation can sweep it or solve for the knob that matches another method's FLOPs. What a plan does is
+carried out by the engine: before the LLM by the plan's `reducer` (a `Reducer`: merge, pool or evs), inside it
+by the pruning schedule and importance scorer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ..merging import MergeResult
+from ..plan import ReductionPlan
+
+TargetFor = Callable[[int], int]  # tokens a group (frame / crop) of n tokens should keep
+
+
+@dataclass(frozen=True)
+class Reducer:
+    """Visual-token reduction before the LLM. `reduce` keeps (ascending indices, features) per media item;
+    `kept` counts what `reduce` would keep, from group sizes alone (for cost estimates without encoding)."""
+
+    name: str
+    reduce: Callable[[torch.Tensor, Sequence[torch.Tensor], TargetFor], MergeResult]
+    kept: Callable[[Sequence[int], TargetFor], int]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    plan: Callable[[int, float], ReductionPlan]  # (LLM layers, knob in (0, 1]) -> plan; knob 1 = no reduction
+    sweep: tuple[float, ...]  # knobs an evaluation runs by default
+
+
+def passthrough(features: torch.Tensor) -> MergeResult:
+    n = features.shape[0]
+    return MergeResult(torch.arange(n, device=features.device), features,
+                       torch.ones(n, device=features.device))
+
+
+def assemble_kept(features: torch.Tensor, keep: torch.Tensor, replaced: dict[int, torch.Tensor] | None = None
+                  ) -> MergeResult:
+    """A MergeResult keeping `keep` (any order) with their own features, except those given in `replaced`."""
+    keep = torch.sort(keep).values
+    feats = features[keep].clone()
+    if replaced:
+        pos = {int(k): i for i, k in enumerate(keep.tolist())}
+        for k, f in replaced.items():
+            feats[pos[k]] = f.to(feats.dtype)
+    return MergeResult(keep, feats, torch.ones(keep.numel(), device=features.device))
+
+
+def pre_llm_method(name: str, reducer: str, summary: str, sweep: tuple[float, ...] = (0.5, 0.25, 0.125)) -> Method:
+    """A method that only reduces before the LLM, with the plan's merge retention as its knob."""
+    def plan(num_layers: int, knob: float) -> ReductionPlan:
+        return ReductionPlan() if knob >= 1.0 else ReductionPlan(merge_retention=knob, reducer=reducer)
+
+    return Method(name, summary, plan, sweep)
