@@ -74,6 +74,9 @@ def cmd_ask(args) -> int:
     return 0
 
 
+TINY_FAMILIES = ("llava_onevision", "llava", "llava_dinov2", "llava_next", "qwen2_vl", "qwen2_5_vl")
+
+
 def cmd_build_tiny(args) -> int:
     from .tiny import BUILDERS
 
@@ -86,27 +89,34 @@ def cmd_build_tiny(args) -> int:
 
 
 def cmd_sample_media(args) -> int:
-    """Writes a small PNG and MP4 (a moving square) to try the engine with."""
+    """Writes a scene and a clip from the synthetic dataset (the reference model's world) as PNG and MP4, with
+    their questions and answers in questions.json."""
     import av
     import numpy as np
-    from PIL import Image
+
+    from .reference import synthetic as syn
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(out / "sample.png")
-    with av.open(str(out / "sample.mp4"), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.width, stream.height, stream.pix_fmt = 96, 96, "yuv420p"
-        for t in range(16):
-            arr = np.full((96, 96, 3), 40, dtype=np.uint8)
-            arr[40:56, 4 * t : 4 * t + 16] = (230, 60, 60)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+    index = 10_000  # the first test-split scene past 10000 with 3-4 objects: something to count
+    while syn.make_image(args.seed, "test", index).qas[0].answer not in ("3", "4"):
+        index += 1
+    scene = syn.make_image(args.seed, "test", index)
+    scene.frames[0].save(out / "scene.png")
+    clip = syn.make_video(args.seed, "test", 10_000)
+    with av.open(str(out / "clip.mp4"), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=len(clip.frames))
+        stream.width, stream.height, stream.pix_fmt = clip.frames[0].width, clip.frames[0].height, "yuv420p"
+        stream.bit_rate = 2_000_000
+        for frame in clip.frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.asarray(frame), format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    print(out / "sample.png")
-    print(out / "sample.mp4")
+    qas = {"scene.png": [vars(q) for q in scene.qas], "clip.mp4": [vars(q) for q in clip.qas]}
+    (out / "questions.json").write_text(json.dumps(qas, indent=2) + "\n")
+    for name in ("scene.png", "clip.mp4", "questions.json"):
+        print(out / name)
     return 0
 
 
@@ -123,6 +133,45 @@ def cmd_train_reference(args) -> int:
     trainer.train(until_step=args.until_step)
     trainer.export(Path(args.product) if args.product else None)
     print(f"trained to step {trainer.step}/{trainer.config.total_steps}; product written")
+    return 0
+
+
+def cmd_build_reference(args) -> int:
+    from .reference.assemble import assemble
+
+    print(assemble(Path(args.out), force=args.force))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import shlex
+
+    import torch
+    from tqdm import tqdm
+
+    from .engine import AimEngine
+    from .evaluation.datasets import load_dataset
+    from .evaluation.report import markdown, write
+    from .evaluation.runner import build_specs, evaluate
+    from .methods import METHODS
+
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = AimEngine.load(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    dataset = load_dataset(args.dataset, seed=args.seed)
+    specs = build_specs(engine, dataset, methods, sweep=not args.no_sweep, match=not args.no_match)
+    with tqdm(total=len(specs) * len(dataset.items), desc=f"eval {dataset.name}", unit="q") as bar:
+        results = evaluate(engine, dataset, specs, on_item=bar.update)
+    command = "aim-serve eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if args.command_line is None \
+        else args.command_line
+    paths = write(results, Path(args.out), dataset.name, Path(args.model).name, command)
+    print(markdown(results))
+    for path in paths:
+        print(path)
     return 0
 
 
@@ -154,8 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.set_defaults(func=cmd_ask)
 
     tiny = sub.add_parser("build-tiny", help="write a tiny random checkpoint (tests, demos, timing)")
-    tiny.add_argument("--family", choices=["llava_onevision", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl"],
-                      default="llava_onevision")
+    tiny.add_argument("--family", choices=sorted(TINY_FAMILIES), default="llava_onevision")
     tiny.add_argument("--layers", type=int, default=4)
     tiny.add_argument("--hidden", type=int, default=64, help="LLM hidden size (multiple of 8)")
     tiny.add_argument("--image-size", type=int, default=64, help="vision input side (LLaVA families)")
@@ -171,8 +219,29 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int)
     train.set_defaults(func=cmd_train_reference)
 
-    media = sub.add_parser("sample-media", help="write a sample PNG and MP4")
+    build = sub.add_parser("build-reference", help="assemble the reference VLM from packaged weights + the product")
+    build.add_argument("--out", default="models/aim-reference")
+    build.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
+    build.set_defaults(func=cmd_build_reference)
+
+    ev = sub.add_parser("eval", help="accuracy vs LLM FLOPs of plans / methods on a dataset")
+    ev.add_argument("--model", required=True, help="local checkpoint directory")
+    ev.add_argument("--dataset", default="synthetic:100",
+                    help="synthetic[:N per type] (the seeded test split) or a .jsonl file of multiple-choice items")
+    ev.add_argument("--methods", default="aim,fastv,pdrop,evs,pool", help="comma-separated method names")
+    ev.add_argument("--no-sweep", action="store_true", help="skip each method's knob sweep")
+    ev.add_argument("--no-match", action="store_true", help="skip the peers matched to AIM-default FLOPs")
+    ev.add_argument("--out", default="eval/fidelity", help="output prefix: writes .md, .json and .png")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--threads", type=int)
+    ev.add_argument("--command-line", help=argparse.SUPPRESS)
+    ev.set_defaults(func=cmd_eval)
+
+    media = sub.add_parser("sample-media", help="write a synthetic scene (PNG) and clip (MP4) with their Q&A")
     media.add_argument("--out", required=True)
+    media.add_argument("--seed", type=int, default=0)
     media.set_defaults(func=cmd_sample_media)
     return parser
 

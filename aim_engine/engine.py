@@ -147,6 +147,14 @@ class CostEstimate:
     visual_tokens_per_layer: list[int]
 
 
+@dataclass
+class RequestShape:
+    """Per media item (merge-group sizes, tokens in no group), and the prompt's text tokens."""
+
+    media: list[tuple[list[int], int]]
+    text_tokens: int
+
+
 class AimEngine:
     def __init__(self, adapter: FamilyAdapter, name: str = "model", limits: MediaLimits = MediaLimits()):
         self.adapter = adapter
@@ -326,25 +334,32 @@ class AimEngine:
     def estimate(self, request: GenerationRequest, plan: ReductionPlan) -> CostEstimate:
         """Token counts and LLM prefill FLOPs of `request` under `plan`; media are decoded (to know sizes and
         frame counts) but nothing is encoded. Raises the same errors as generate() for bad input."""
-        self._validate(request, plan)
+        plan.check_depth(self.num_layers)
+        return self.cost(self.shape_of(request), plan)
+
+    def shape_of(self, request: GenerationRequest) -> "RequestShape":
+        """What a request's cost depends on, under any plan: its media's merge groups and its text length."""
+        self._validate(request, ReductionPlan())
         parts = self.decode_media(request)
         images = [p.image for p in parts if isinstance(p, ImagePart)]
-        per_item = iter(self.adapter.estimate_image_groups(images) if images else [])
-        visual_in = visual_merged = 0
-        kept = REDUCERS[plan.reducer].kept if plan.merges else (lambda sizes, _: sum(sizes))
+        per_image = iter(self.adapter.estimate_image_groups(images) if images else [])
+        media = []
         for part in parts:
-            if isinstance(part, TextPart):
-                continue
             if isinstance(part, VideoPart):
                 if not self.adapter.supports_video:
                     raise RequestError(f"model family {self.adapter.family} does not accept video")
-                groups, loose = self.adapter.estimate_video_groups(part.frames)
-            else:
-                groups, loose = next(per_item)
-            visual_in += sum(groups) + loose
-            visual_merged += kept(groups, plan.merge_target) + loose
+                media.append(self.adapter.estimate_video_groups(part.frames))
+            elif isinstance(part, ImagePart):
+                media.append(next(per_image))
         ids = self.tokenizer(self.render_prompt(request), add_special_tokens=False)["input_ids"]
-        text = len(ids) - sum(1 for p in parts if not isinstance(p, TextPart))
+        return RequestShape(media=media, text_tokens=len(ids) - len(media))
+
+    def cost(self, shape: "RequestShape", plan: ReductionPlan) -> CostEstimate:
+        """Token counts and LLM prefill FLOPs of a request of this shape under `plan` (pure arithmetic)."""
+        kept = REDUCERS[plan.reducer].kept if plan.merges else (lambda sizes, _: sum(sizes))
+        visual_in = sum(sum(groups) + loose for groups, loose in shape.media)
+        visual_merged = sum(kept(groups, plan.merge_target) + loose for groups, loose in shape.media)
+        text = shape.text_tokens
         per_layer = plan.visual_tokens_per_layer(visual_merged, self.num_layers)
         return CostEstimate(
             visual_tokens_in=visual_in, visual_tokens_merged=visual_merged, text_tokens=text,

@@ -4,7 +4,7 @@
     aim-serve generate --target HOST:PORT --prompt ... [--video F] [--image F] [--slo-ms N | --plan ... | --none]
     aim-serve stream   (same flags; prints text as it arrives)
     aim-serve info / estimate
-    aim-serve ask / build-tiny / sample-media                              the engine alone, no server
+    aim-serve ask / eval / build-reference / train-reference / build-tiny / sample-media   the engine alone
 """
 
 from __future__ import annotations

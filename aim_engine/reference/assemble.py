@@ -145,13 +145,13 @@ def build_base(cache: Path = DEFAULT_CACHE, seed: int = 0):
 
 
 # ---- the trained product ------------------------------------------------------------------------------------
-def save_product(model, lora_state: dict[str, torch.Tensor], meta: dict, out: Path = PRODUCT_DIR) -> None:
+def save_product(projector: dict[str, torch.Tensor], lora_state: dict[str, torch.Tensor], meta: dict,
+                 out: Path = PRODUCT_DIR) -> None:
     """Projector + LoRA adapters (unmerged) in fp16, and what produced them."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {f"projector.{k}": v.detach().half().contiguous()
-               for k, v in model.model.multi_modal_projector.state_dict().items()}
+    tensors = {f"projector.{k}": v.detach().half().contiguous() for k, v in projector.items()}
     tensors.update({f"lora.{k}": v.detach().half().contiguous() for k, v in lora_state.items()})
     save_file(tensors, str(out / "weights.safetensors"))
     (out / "training.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

@@ -50,7 +50,7 @@ class TrainConfig:
     min_lr_fraction: float = 0.1
     stages: list[Stage] = field(default_factory=lambda: [
         Stage("A", 450, image_size=112, frames=4, frame_size=112, video_share=0.3),
-        Stage("B", 150, image_size=224, frames=8, frame_size=112, video_share=0.3),
+        Stage("B", 100, image_size=224, frames=8, frame_size=112, video_share=0.3),
     ])
 
     @property
@@ -143,7 +143,8 @@ class Trainer:
         meta = {"config": asdict(self.config), "steps_done": self.step, "lora_rank": self.config.lora_rank,
                 "lora_alpha": self.config.lora_alpha,
                 "final_loss": float(np.mean([h["loss"] for h in self.history[-20:]])) if self.history else None}
-        save_product(self.model, lora_state(self.lora), meta, out or PRODUCT_DIR)
+        save_product(self.model.model.multi_modal_projector.state_dict(), lora_state(self.lora), meta,
+                     out or PRODUCT_DIR)
 
     # ---- data ------------------------------------------------------------------------------------------------
     def _batch_examples(self, step: int) -> tuple[str, list[syn.Example]]:

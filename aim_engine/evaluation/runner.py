@@ -1,0 +1,155 @@
+"""Runs a dataset under a list of plans and measures, per plan: exact-match accuracy (overall and per question
+type), LLM prefill FLOPs (the engine's own accounting) and latency.
+
+Plans come from the methods registry (aim_engine.methods). "Matched" plans solve for a peer method's knob so
+that its prefill FLOPs ratio equals the default AIM plan's, separately for image and video items (EVS cannot
+reduce a single image, and images and videos have different token budgets), by bisection on the analytic
+cost — no model run is needed to match.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..engine import AimEngine
+from ..methods import METHODS
+from ..plan import ReductionPlan
+from .datasets import Dataset, EvalItem
+
+
+@dataclass
+class PlanSpec:
+    method: str  # "none", or a METHODS name
+    label: str
+    plans: dict[str, ReductionPlan]  # by item kind; "*" for every kind
+    knobs: dict[str, float] = field(default_factory=dict)
+    is_default: bool = False
+    matched_to: str | None = None
+
+    def plan_for(self, item: EvalItem) -> ReductionPlan:
+        return self.plans.get(item.kind, self.plans.get("*"))
+
+    def describe(self) -> str:
+        kinds = {k: p.describe() for k, p in self.plans.items()}
+        if len(set(kinds.values())) == 1:
+            return next(iter(kinds.values()))
+        return "; ".join(f"{k}: {d}" for k, d in kinds.items())
+
+
+@dataclass
+class ItemResult:
+    uid: str
+    qtype: str
+    kind: str
+    reply: str
+    correct: bool
+    prefill_flops: float
+    prefill_flops_baseline: float
+    seconds: float
+
+
+@dataclass
+class SpecResult:
+    spec: PlanSpec
+    items: list[ItemResult]
+
+    @staticmethod
+    def _accuracy(rows: list[ItemResult]) -> float:
+        return sum(r.correct for r in rows) / len(rows) if rows else float("nan")
+
+    @staticmethod
+    def _ratio(rows: list[ItemResult]) -> float:
+        actual = sum(r.prefill_flops for r in rows)
+        return sum(r.prefill_flops_baseline for r in rows) / actual if actual else float("inf")
+
+    @property
+    def accuracy(self) -> float:
+        return self._accuracy(self.items)
+
+    @property
+    def flops_ratio(self) -> float:
+        return self._ratio(self.items)
+
+    def by(self, key: str) -> dict[str, list[ItemResult]]:
+        groups: dict[str, list[ItemResult]] = {}
+        for r in self.items:
+            groups.setdefault(getattr(r, key), []).append(r)
+        return groups
+
+    def accuracy_by_type(self) -> dict[str, float]:
+        return {t: self._accuracy(rows) for t, rows in self.by("qtype").items()}
+
+    def flops_ratio_by_kind(self) -> dict[str, float]:
+        return {k: self._ratio(rows) for k, rows in self.by("kind").items()}
+
+    @property
+    def median_seconds(self) -> float:
+        return statistics.median(r.seconds for r in self.items)
+
+
+def _ratio(engine: AimEngine, shapes, plan: ReductionPlan) -> float:
+    costs = [engine.cost(s, plan) for s in shapes]
+    return sum(c.prefill_flops_baseline for c in costs) / sum(c.prefill_flops for c in costs)
+
+
+def match_knob(engine: AimEngine, method: str, shapes, target_ratio: float, lo: float = 1e-3) -> float:
+    """The knob at which `method`'s FLOPs ratio over `shapes` equals `target_ratio` (the ratio falls as the knob
+    rises). If even the smallest knob does not reach the target, the smallest knob."""
+    plan = METHODS[method].plan
+    layers = engine.num_layers
+    if _ratio(engine, shapes, plan(layers, lo)) < target_ratio:
+        return lo
+    hi = 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if _ratio(engine, shapes, plan(layers, mid)) >= target_ratio:
+            lo = mid
+        else:
+            hi = mid
+    return lo  # the largest knob still at or above the target saving
+
+
+def build_specs(engine: AimEngine, dataset: Dataset, methods: list[str], sweep: bool = True,
+                match: bool = True) -> list[PlanSpec]:
+    layers = engine.num_layers
+    default = engine.default_plan()
+    specs = [PlanSpec("none", "no reduction", {"*": ReductionPlan()}),
+             PlanSpec("aim", "AIM default", {"*": default}, is_default=True)]
+    if sweep:
+        for name in methods:
+            for knob in METHODS[name].sweep:
+                plan = METHODS[name].plan(layers, knob)
+                if plan != default:
+                    specs.append(PlanSpec(name, f"{name} {knob:g}", {"*": plan}, knobs={"*": knob}))
+    if match:
+        shapes_by_kind: dict[str, list] = {}
+        for item in dataset.items:
+            shapes_by_kind.setdefault(item.kind, []).append(engine.shape_of(item.request()))
+        for name in methods:
+            if name == "aim":
+                continue
+            plans, knobs = {}, {}
+            for kind, shapes in shapes_by_kind.items():
+                target = _ratio(engine, shapes, default)
+                knobs[kind] = match_knob(engine, name, shapes, target)
+                plans[kind] = METHODS[name].plan(layers, knobs[kind])
+            specs.append(PlanSpec(name, f"{name} @ AIM-default FLOPs", plans, knobs, matched_to="aim-default"))
+    return specs
+
+
+def evaluate(engine: AimEngine, dataset: Dataset, specs: list[PlanSpec],
+             on_item: Callable[[], None] | None = None) -> list[SpecResult]:
+    results = []
+    for spec in specs:
+        rows = []
+        for item in dataset.items:
+            result = engine.generate(item.request(), spec.plan_for(item))
+            stats = result.stats
+            rows.append(ItemResult(item.uid, item.qtype, item.kind, result.text, item.is_correct(result.text),
+                                   stats.prefill_flops, stats.prefill_flops_baseline, stats.timings.total_s))
+            if on_item:
+                on_item()
+        results.append(SpecResult(spec, rows))
+    return results

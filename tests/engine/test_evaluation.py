@@ -1,0 +1,101 @@
+"""The eval command's parts: datasets (synthetic split, JSONL multiple choice), scoring, FLOPs matching, and the
+report files; end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from aim_engine.cli import main as engine_main
+from aim_engine.evaluation.datasets import DatasetError, EvalItem, jsonl_dataset, synthetic_dataset
+from aim_engine.evaluation.report import records
+from aim_engine.evaluation.runner import PlanSpec, _ratio, build_specs, evaluate, match_knob
+from aim_engine.methods import METHODS
+from aim_engine.reference import synthetic as syn
+from tests.media_samples import encode_video
+
+
+def test_synthetic_split_is_balanced_seeded_and_disjoint():
+    a, b = synthetic_dataset(3, seed=0), synthetic_dataset(3, seed=0)
+    assert [i.qtype for i in a.items].count("colour") == 3 and a.types == list(syn.QUESTION_TYPES)
+    assert [(i.uid, i.answer) for i in a.items] == [(i.uid, i.answer) for i in b.items]
+    assert a.items[0].parts[0].image.tobytes() == b.items[0].parts[0].image.tobytes()
+    other = synthetic_dataset(3, seed=1)
+    assert a.items[0].parts[0].image.tobytes() != other.items[0].parts[0].image.tobytes()
+    train = syn.make_image(0, "train", 0)
+    test = syn.make_image(0, "test", 0)
+    assert train.frames[0].tobytes() != test.frames[0].tobytes()
+
+
+def test_scoring_exact_match_and_option_letters():
+    item = EvalItem("x", "colour", "image", [], "red")
+    assert item.is_correct(" Red.") and not item.is_correct("dark red")
+    mc = EvalItem("y", "all", "video", [], "B", multiple_choice=True)
+    assert mc.is_correct("B") and mc.is_correct("B. a phone") and mc.is_correct("The answer is B")
+    assert not mc.is_correct("A") and not mc.is_correct("Bob")
+
+
+def test_jsonl_multiple_choice(tmp_path):
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "red.png")
+    (tmp_path / "clip.mp4").write_bytes(encode_video(frames=8))
+    rows = [
+        {"id": "a", "image": "red.png", "question": "Colour?", "options": ["blue", "red"], "answer": "red"},
+        {"video": "clip.mp4", "question": "What moves?", "options": ["A. a square", "B. nothing"], "answer": "A",
+         "type": "motion", "frames": 4},
+    ]
+    (tmp_path / "mc.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    ds = jsonl_dataset(tmp_path / "mc.jsonl")
+    first, second = ds.items
+    assert (first.uid, first.answer, first.kind) == ("a", "B", "image")
+    assert first.parts[-1].text.splitlines()[1:3] == ["A. blue", "B. red"]
+    assert "Answer with the option's letter" in first.parts[-1].text
+    assert (second.uid, second.qtype, second.kind, second.parts[0].num_frames) == ("2", "motion", "video", 4)
+
+
+@pytest.mark.parametrize("line,message", [
+    ("{not json", "line 1: not JSON"),
+    ('{"question": "q", "options": ["a", "b"]}', "missing 'answer'"),
+    ('{"question": "q", "options": ["a"], "answer": "A"}', "list of 2"),
+    ('{"question": "q", "options": ["a", "b"], "answer": "C"}', "neither an option letter"),
+    ('{"question": "q", "options": ["a", "b"], "answer": "A", "image": "nope.png"}', "not found"),
+])
+def test_jsonl_errors_name_the_line_and_field(tmp_path, line, message):
+    (tmp_path / "bad.jsonl").write_text(line + "\n")
+    with pytest.raises(DatasetError, match=message):
+        jsonl_dataset(tmp_path / "bad.jsonl")
+
+
+def test_matching_recovers_aims_own_default(engine_for):
+    engine = engine_for("llava_dinov2", layers=8)
+    ds = synthetic_dataset(1)
+    shapes = [engine.shape_of(i.request()) for i in ds.items if i.kind == "video"]
+    target = _ratio(engine, shapes, engine.default_plan())
+    knob = match_knob(engine, "aim", shapes, target)
+    assert _ratio(engine, shapes, METHODS["aim"].plan(engine.num_layers, knob)) == pytest.approx(target)
+    assert match_knob(engine, "fastv", shapes, 1e9) == 1e-3  # unreachable: the strongest setting
+
+
+def test_eval_end_to_end_on_a_tiny_model(engine_for, checkpoint_dir, tmp_path):
+    engine = engine_for("llava_dinov2", layers=8)
+    ds = synthetic_dataset(1)
+    specs = build_specs(engine, ds, ["aim", "pool", "evs"], sweep=False)
+    assert [s.method for s in specs] == ["none", "aim", "pool", "evs"] and specs[1].is_default
+    results = evaluate(engine, ds, specs[:2] + [PlanSpec("pool", "pool 0.5", {"*": METHODS["pool"].plan(8, 0.5)})])
+    recs = records(results, ds.name, "tiny")
+    assert {r["method"] for r in recs} == {"none", "aim", "pool"}
+    for r in recs:
+        assert {"method", "plan", "flops_ratio", "accuracy", "baseline_accuracy", "is_default"} <= set(r)
+        assert r["questions"] == len(ds.items) and set(r["accuracy_by_type"]) == set(syn.QUESTION_TYPES)
+    assert recs[0]["flops_ratio"] == 1.0 and recs[1]["flops_ratio"] > 1.5 and recs[1]["is_default"]
+    assert sum(r["is_default"] for r in recs) == 1
+
+    out = tmp_path / "fid"
+    rc = engine_main(["eval", "--model", str(checkpoint_dir("llava_dinov2", layers=8)), "--dataset", "synthetic:1",
+                      "--methods", "aim,fastv", "--no-sweep", "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [r["method"] for r in data] == ["none", "aim", "fastv"]
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| method | plan | FLOPs ratio |" in out.with_suffix(".md").read_text()
