@@ -156,19 +156,23 @@ def cmd_eval(args) -> int:
     from .methods import METHODS
 
     methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in METHODS]
+    sweep = methods if args.sweep is None else [m for m in args.sweep.split(",") if m]
+    unknown = [m for m in methods + sweep if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = AimEngine.load(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     dataset = load_dataset(args.dataset, seed=args.seed)
-    specs = build_specs(engine, dataset, methods, sweep=not args.no_sweep, match=not args.no_match)
+    specs = build_specs(engine, dataset, methods, sweep=sweep, match=not args.no_match)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(specs) * len(dataset.items), desc=f"eval {dataset.name}", unit="q") as bar:
-        results = evaluate(engine, dataset, specs, on_item=bar.update)
+        results = evaluate(engine, dataset, specs, on_item=bar.update,
+                           journal=out.with_name(out.name + ".answers.jsonl"))
     command = "aim-serve eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if args.command_line is None \
         else args.command_line
-    paths = write(results, Path(args.out), dataset.name, Path(args.model).name, command)
+    paths = write(results, out, dataset.name, Path(args.model).name, command)
     print(markdown(results))
     for path in paths:
         print(path)
@@ -229,9 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dataset", default="synthetic:100",
                     help="synthetic[:N per type] (the seeded test split) or a .jsonl file of multiple-choice items")
     ev.add_argument("--methods", default="aim,fastv,pdrop,evs,pool", help="comma-separated method names")
-    ev.add_argument("--no-sweep", action="store_true", help="skip each method's knob sweep")
+    ev.add_argument("--sweep", help="methods whose knob sweep runs (comma-separated; default: all of --methods; "
+                                    "'' for none)")
     ev.add_argument("--no-match", action="store_true", help="skip the peers matched to AIM-default FLOPs")
-    ev.add_argument("--out", default="eval/fidelity", help="output prefix: writes .md, .json and .png")
+    ev.add_argument("--out", default="eval/fidelity",
+                    help="output prefix: writes .md, .json and .png, and .answers.jsonl (every answer; an "
+                         "interrupted run resumes from it)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -9,8 +9,10 @@ cost — no model run is needed to match.
 
 from __future__ import annotations
 
+import json
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from ..engine import AimEngine
@@ -111,18 +113,19 @@ def match_knob(engine: AimEngine, method: str, shapes, target_ratio: float, lo: 
     return lo  # the largest knob still at or above the target saving
 
 
-def build_specs(engine: AimEngine, dataset: Dataset, methods: list[str], sweep: bool = True,
+def build_specs(engine: AimEngine, dataset: Dataset, methods: list[str], sweep: list[str] | None = None,
                 match: bool = True) -> list[PlanSpec]:
+    """The empty plan, AIM's default, the knob sweep of each method in `sweep` (default: all of `methods`),
+    and, with `match`, every peer method at AIM-default's FLOPs."""
     layers = engine.num_layers
     default = engine.default_plan()
     specs = [PlanSpec("none", "no reduction", {"*": ReductionPlan()}),
              PlanSpec("aim", "AIM default", {"*": default}, is_default=True)]
-    if sweep:
-        for name in methods:
-            for knob in METHODS[name].sweep:
-                plan = METHODS[name].plan(layers, knob)
-                if plan != default:
-                    specs.append(PlanSpec(name, f"{name} {knob:g}", {"*": plan}, knobs={"*": knob}))
+    for name in methods if sweep is None else sweep:
+        for knob in METHODS[name].sweep:
+            plan = METHODS[name].plan(layers, knob)
+            if plan != default:
+                specs.append(PlanSpec(name, f"{name} {knob:g}", {"*": plan}, knobs={"*": knob}))
     if match:
         shapes_by_kind: dict[str, list] = {}
         for item in dataset.items:
@@ -140,16 +143,37 @@ def build_specs(engine: AimEngine, dataset: Dataset, methods: list[str], sweep: 
 
 
 def evaluate(engine: AimEngine, dataset: Dataset, specs: list[PlanSpec],
-             on_item: Callable[[], None] | None = None) -> list[SpecResult]:
+             on_item: Callable[[], None] | None = None, journal: Path | None = None) -> list[SpecResult]:
+    """Runs every item under every spec. With a `journal` (JSONL), each answer is appended as it is produced and
+    answers already there (same model, dataset, item and plan) are reused: an interrupted evaluation resumes."""
+    done: dict[tuple, ItemResult] = {}
+    if journal is not None and journal.is_file():
+        for line in journal.read_text().splitlines():
+            row = json.loads(line)
+            key = tuple(row.pop("key"))
+            done[key] = ItemResult(**row)
+    sink = open(journal, "a") if journal is not None else None
     results = []
-    for spec in specs:
-        rows = []
-        for item in dataset.items:
-            result = engine.generate(item.request(), spec.plan_for(item))
-            stats = result.stats
-            rows.append(ItemResult(item.uid, item.qtype, item.kind, result.text, item.is_correct(result.text),
-                                   stats.prefill_flops, stats.prefill_flops_baseline, stats.timings.total_s))
-            if on_item:
-                on_item()
-        results.append(SpecResult(spec, rows))
+    try:
+        for spec in specs:
+            rows = []
+            for item in dataset.items:
+                plan = spec.plan_for(item)
+                key = (engine.name, dataset.name, item.uid, repr(plan))
+                row = done.get(key)
+                if row is None:
+                    result = engine.generate(item.request(), plan)
+                    stats = result.stats
+                    row = ItemResult(item.uid, item.qtype, item.kind, result.text, item.is_correct(result.text),
+                                     stats.prefill_flops, stats.prefill_flops_baseline, stats.timings.total_s)
+                    if sink is not None:
+                        sink.write(json.dumps({"key": list(key), **asdict(row)}) + "\n")
+                        sink.flush()
+                rows.append(row)
+                if on_item:
+                    on_item()
+            results.append(SpecResult(spec, rows))
+    finally:
+        if sink is not None:
+            sink.close()
     return results

@@ -80,7 +80,7 @@ def test_matching_recovers_aims_own_default(engine_for):
 def test_eval_end_to_end_on_a_tiny_model(engine_for, checkpoint_dir, tmp_path):
     engine = engine_for("llava_dinov2", layers=8)
     ds = synthetic_dataset(1)
-    specs = build_specs(engine, ds, ["aim", "pool", "evs"], sweep=False)
+    specs = build_specs(engine, ds, ["aim", "pool", "evs"], sweep=[])
     assert [s.method for s in specs] == ["none", "aim", "pool", "evs"] and specs[1].is_default
     results = evaluate(engine, ds, specs[:2] + [PlanSpec("pool", "pool 0.5", {"*": METHODS["pool"].plan(8, 0.5)})])
     recs = records(results, ds.name, "tiny")
@@ -93,8 +93,13 @@ def test_eval_end_to_end_on_a_tiny_model(engine_for, checkpoint_dir, tmp_path):
 
     out = tmp_path / "fid"
     rc = engine_main(["eval", "--model", str(checkpoint_dir("llava_dinov2", layers=8)), "--dataset", "synthetic:1",
-                      "--methods", "aim,fastv", "--no-sweep", "--out", str(out)])
+                      "--methods", "aim,fastv", "--sweep", "", "--out", str(out)])
     assert rc == 0
+    journal = out.with_name("fid.answers.jsonl")
+    assert len(journal.read_text().splitlines()) == 3 * len(ds.items)
+    rc = engine_main(["eval", "--model", str(checkpoint_dir("llava_dinov2", layers=8)), "--dataset", "synthetic:1",
+                      "--methods", "aim,fastv", "--sweep", "", "--out", str(out)])
+    assert rc == 0 and len(journal.read_text().splitlines()) == 3 * len(ds.items)  # resumed: nothing re-run
     data = json.loads(out.with_suffix(".json").read_text())
     assert [r["method"] for r in data] == ["none", "aim", "fastv"]
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
