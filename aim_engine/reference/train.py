@@ -236,7 +236,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], 1.0)
             self.optimizer.step()
             self.step += 1
-            self.history.append({"step": self.step, "loss": float(loss), "stage": self.config.stage_at(self.step - 1).name,
+            self.history.append({"step": self.step, "loss": float(loss.detach()), "stage": self.config.stage_at(self.step - 1).name,
                                  "seconds": time.perf_counter() - t0})
             if self.step % 5 == 0:
                 recent = np.mean([h["loss"] for h in self.history[-5:]])
