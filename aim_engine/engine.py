@@ -323,6 +323,9 @@ class AimEngine:
             full_pos = self.adapter.mrope_positions(torch.cat(full_ids)[None], media)
             position_ids = full_pos.index_select(-1, torch.cat(full_index))
             next_position = int(full_pos.max()) + 1
+        elif plan.positions == "original":
+            position_ids = torch.cat(full_index)[None]
+            next_position = offset
         else:
             position_ids = torch.arange(n, device=device)[None]
             next_position = n

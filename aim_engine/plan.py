@@ -12,6 +12,11 @@ from dataclasses import dataclass
 IMPORTANCE_METHODS = ("pagerank", "text", "last_token")
 # How visual tokens are reduced before the LLM (aim_engine/methods): AIM's similarity merging, or a peer's.
 PRE_LLM_METHODS = ("merge", "pool", "evs")
+# Where the visual tokens left after the pre-LLM reduction sit on a 1-D RoPE axis: "original" = at the position
+# of the input token each one stands for (a merged token: its B partner), so every token of the prompt keeps
+# the position it has without reduction; "consecutive" = renumbered 0..n-1 (the paper's rule, aim-method.md §1).
+# M-RoPE models always use the former, on their (t, h, w) axes.
+POSITION_RULES = ("original", "consecutive")
 
 # Paper defaults (aim-method.md §2): prune from layer l1 until no visual token is left at layer l2.
 _PAPER_PRUNE_RANGES = {28: (14, 22), 32: (13, 21)}
@@ -40,6 +45,8 @@ class ReductionPlan:
         last prompt token pays, as FastV and PDrop rank).
     reducer: how merge_tokens / merge_retention is reached before the LLM: "merge" (AIM's similarity merging),
         "pool" (uniform spatial pooling) or "evs" (drop tokens unchanged since the previous frame).
+    positions: the position ids of the reduced prompt on 1-D RoPE models, one of POSITION_RULES. Pruning inside
+        the LLM always keeps each token's position.
     """
 
     merge_tokens: int | None = None
@@ -49,6 +56,7 @@ class ReductionPlan:
     importance: str = "pagerank"
     prune_stages: tuple[tuple[int, float], ...] = ()
     reducer: str = "merge"
+    positions: str = "consecutive"
 
     def __post_init__(self) -> None:
         if self.merge_tokens is not None and self.merge_retention is not None:
@@ -78,6 +86,8 @@ class ReductionPlan:
                 raise PlanError(f"prune_stages keep shares must be in [0, 1] and non-increasing, got {keeps}")
         if self.reducer not in PRE_LLM_METHODS:
             raise PlanError(f"reducer must be one of {PRE_LLM_METHODS}, got {self.reducer!r}")
+        if self.positions not in POSITION_RULES:
+            raise PlanError(f"positions must be one of {POSITION_RULES}, got {self.positions!r}")
         if self.importance not in IMPORTANCE_METHODS:
             raise PlanError(f"importance must be one of {IMPORTANCE_METHODS}, got {self.importance!r}")
 
@@ -154,7 +164,12 @@ class ReductionPlan:
             parts.append(f"prune {stages} ({self.importance})")
         elif self.prunes:
             parts.append(f"prune {self.prune_start}-{self.prune_end} ({self.importance})")
+        if self.merges and self.positions != _DEFAULT_POSITIONS:
+            parts.append(f"{self.positions} positions")
         return ", ".join(parts) or "none"
+
+
+_DEFAULT_POSITIONS = ReductionPlan.__dataclass_fields__["positions"].default
 
 
 def default_prune_range(num_layers: int) -> tuple[int, int]:

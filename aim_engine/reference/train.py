@@ -36,6 +36,7 @@ class Stage:
     frames: int
     frame_size: int
     video_share: float  # fraction of batches that are videos
+    restart_lr: float | None = None  # starts a new warm-up + cosine cycle peaking at this fraction of the LRs
 
 
 @dataclass
@@ -51,6 +52,8 @@ class TrainConfig:
     stages: list[Stage] = field(default_factory=lambda: [
         Stage("A", 450, image_size=112, frames=4, frame_size=112, video_share=0.3),
         Stage("B", 100, image_size=224, frames=8, frame_size=112, video_share=0.3),
+        # A second cycle at the served sizes (a warm restart at half the peak), more of it on video.
+        Stage("C", 280, image_size=224, frames=8, frame_size=112, video_share=0.4, restart_lr=0.5),
     ])
 
     @property
@@ -64,12 +67,27 @@ class TrainConfig:
             step -= stage.steps
         return self.stages[-1]
 
+    def lr_cycles(self) -> list[tuple[int, int, float]]:
+        """(first step, length, peak) of each learning-rate cycle: the first starts at step 0 with peak 1, and
+        each stage with `restart_lr` starts another that runs to the next one."""
+        cycles: list[list] = [[0, 0, 1.0]]
+        start = 0
+        for stage in self.stages:
+            if stage.restart_lr is not None and start > 0:
+                cycles.append([start, 0, stage.restart_lr])
+            cycles[-1][1] += stage.steps
+            start += stage.steps
+        return [tuple(c) for c in cycles]
+
     def lr_factor(self, step: int) -> float:
-        """Linear warm-up, then cosine decay to `min_lr_fraction` at the last step."""
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
-        return self.min_lr_fraction + (1 - self.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        """Within each cycle: linear warm-up, then cosine decay to `min_lr_fraction` of its peak at its last step."""
+        first, length, peak = next(c for c in reversed(self.lr_cycles()) if c[0] <= step)
+        local = step - first
+        if local < self.warmup_steps:
+            return peak * (local + 1) / self.warmup_steps
+        progress = (local - self.warmup_steps) / max(1, length - self.warmup_steps)
+        return peak * (self.min_lr_fraction + (1 - self.min_lr_fraction) * 0.5 *
+                       (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def product_meta(config: TrainConfig, step: int, history: list[dict]) -> dict:

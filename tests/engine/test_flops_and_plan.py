@@ -58,6 +58,7 @@ def test_empty_plan():
     (dict(prune_start=0, prune_end=4), "prune_start must be >= 1"),
     (dict(prune_start=5, prune_end=5), "greater than"),
     (dict(importance="random"), "importance must be one of"),
+    (dict(positions="shifted"), "positions must be one of"),
 ])
 def test_invalid_plans_have_clear_errors(kwargs, message):
     with pytest.raises(PlanError, match=message):

@@ -4,6 +4,8 @@ are removed — in prefill and over 24 decode steps. Plus the structural guarant
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -72,6 +74,8 @@ PLANS = {
     "prune-only/text": ReductionPlan(prune_start=1, prune_end=4, importance="text"),
     # FastV / PDrop shape: staged cuts ranked by the last prompt token
     "stages/last_token": ReductionPlan(prune_stages=((2, 0.5), (4, 0.2)), importance="last_token"),
+    "merge+prune/original-positions": ReductionPlan(merge_retention=0.5, prune_start=2, prune_end=5,
+                                                    positions="original"),
 }
 
 
@@ -123,3 +127,27 @@ def test_importance_methods_choose_differently(engine_for):
                       record_kept=True)
         kept[importance] = pre.kept_per_layer[2].tolist()
     assert kept["pagerank"] != kept["text"]
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "llava"])
+def test_original_positions_equal_masking_the_merged_away_tokens(engine_for, family):
+    """With positions="original" on a 1-D RoPE model, the merged prompt behaves exactly like the full-length
+    prompt in which each survivor carries its merged embedding at its own position and every merged-away
+    token is invisible: text after the media keeps the position it has without reduction."""
+    engine = engine_for(family, layers=LAYERS, image_size=64)
+    media = VideoPart(frames=random_frames(16, 4, (64, 64))) if family == "llava_onevision" else \
+        ImagePart(image=random_image(17))
+    request = GenerationRequest([TextPart("Look:"), media, TextPart("Count them.")])
+    plan = ReductionPlan(merge_retention=0.25, positions="original")
+    reduced = engine.prepare(request, plan)
+    full = engine.prepare(request, ReductionPlan())
+    assert reduced.embeds.shape[1] < full.embeds.shape[1]
+    assert reduced.next_position == full.next_position
+
+    index = reduced.position_ids[0]
+    embeds = full.embeds.clone()
+    embeds[0, index] = reduced.embeds[0]
+    spliced = dataclasses.replace(full, embeds=embeds)
+    _, logits, tokens = physical_run(engine, reduced, plan, DECODE_STEPS)
+    reference = masked_reference(engine, spliced, [index] * LAYERS, tokens)
+    torch.testing.assert_close(logits, reference, atol=2e-5, rtol=1e-5)

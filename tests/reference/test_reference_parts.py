@@ -41,7 +41,22 @@ def test_lora_merges_into_the_weights_exactly():
 def _tiny_config() -> TrainConfig:
     return TrainConfig(batch_size=2, warmup_steps=1, lora_rank=2, stages=[
         Stage("A", 2, image_size=32, frames=2, frame_size=24, video_share=0.5),
-        Stage("B", 1, image_size=32, frames=3, frame_size=24, video_share=0.5)])
+        Stage("B", 1, image_size=32, frames=3, frame_size=24, video_share=0.5),
+        Stage("C", 1, image_size=32, frames=3, frame_size=24, video_share=0.5, restart_lr=0.5)])
+
+
+def test_learning_rate_cycles_warm_up_decay_and_restart():
+    config = TrainConfig(warmup_steps=10, min_lr_fraction=0.1, stages=[
+        Stage("A", 60, image_size=32, frames=2, frame_size=24, video_share=0.5),
+        Stage("B", 40, image_size=32, frames=2, frame_size=24, video_share=0.5),
+        Stage("C", 50, image_size=32, frames=2, frame_size=24, video_share=0.5, restart_lr=0.5)])
+    assert config.lr_cycles() == [(0, 100, 1.0), (100, 50, 0.5)]
+    lr = [config.lr_factor(step) for step in range(config.total_steps)]
+    assert lr[0] == 0.1 and lr[9] == 1.0  # warm-up
+    assert all(a >= b for a, b in zip(lr[9:100], lr[10:100]))  # one cosine over stages A and B
+    assert abs(lr[99] - 0.1) < 1e-3
+    assert lr[100] == 0.05 and lr[109] == 0.5  # the restart warms up to its own peak
+    assert all(a >= b for a, b in zip(lr[109:], lr[110:])) and abs(lr[149] - 0.05) < 1e-3
 
 
 def test_training_resumes_to_the_same_weights_as_an_uninterrupted_run(checkpoint_dir, tmp_path):
@@ -53,7 +68,7 @@ def test_training_resumes_to_the_same_weights_as_an_uninterrupted_run(checkpoint
     resumed = Trainer(base, tmp_path / "resumed", _tiny_config(), threads=1)
     assert resumed.step == 2
     resumed.train()
-    assert resumed.step == straight.step == 3
+    assert resumed.step == straight.step == 4
     a, b = lora_state(straight.lora), lora_state(resumed.lora)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
@@ -63,7 +78,7 @@ def test_training_resumes_to_the_same_weights_as_an_uninterrupted_run(checkpoint
     straight.export(tmp_path / "product")
     projector, lora, meta = load_product(tmp_path / "product")
     assert all(v.dtype == torch.float16 for v in [*projector.values(), *lora.values()])
-    assert meta["steps_done"] == 3 and meta["config"] == json.loads(json.dumps(dataclasses.asdict(_tiny_config())))
+    assert meta["steps_done"] == 4 and meta["config"] == json.loads(json.dumps(dataclasses.asdict(_tiny_config())))
 
 
 def test_the_committed_product_is_small_half_precision_and_unmerged():
