@@ -152,7 +152,7 @@ def cmd_eval(args) -> int:
     from .engine import AimEngine
     from .evaluation.datasets import load_dataset
     from .evaluation.report import markdown, write
-    from .evaluation.runner import build_specs, evaluate
+    from .evaluation.runner import build_specs, custom_plan, evaluate
     from .methods import METHODS
 
     methods = [m for m in args.methods.split(",") if m]
@@ -160,11 +160,18 @@ def cmd_eval(args) -> int:
     unknown = [m for m in methods + sweep if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
+    custom = {}
+    for text in args.plan:
+        label, sep, spec = text.partition(":")
+        if not sep or not label.strip():
+            raise ValueError(f"--plan {text!r}: expected LABEL:key=value,... (or LABEL:default,key=value,...)")
+        custom_plan(spec, ReductionPlan())  # a bad plan fails before the model loads
+        custom[label.strip()] = spec
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = AimEngine.load(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     dataset = load_dataset(args.dataset, seed=args.seed)
-    specs = build_specs(engine, dataset, methods, sweep=sweep, match=not args.no_match)
+    specs = build_specs(engine, dataset, methods, sweep=sweep, match=not args.no_match, custom=custom)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(specs) * len(dataset.items), desc=f"eval {dataset.name}", unit="q") as bar:
@@ -236,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sweep", help="methods whose knob sweep runs (comma-separated; default: all of --methods; "
                                     "'' for none)")
     ev.add_argument("--no-match", action="store_true", help="skip the peers matched to AIM-default FLOPs")
+    ev.add_argument("--plan", action="append", default=[], metavar="LABEL:SPEC",
+                    help="also run a custom plan (repeatable); SPEC is key=value,... over the plan's fields, "
+                         "e.g. 'merge only:merge_retention=0.25' or 'late:default,prune_start=22,prune_end=30'")
     ev.add_argument("--out", default="eval/fidelity",
                     help="output prefix: writes .md, .json and .png, and .answers.jsonl (every answer; an "
                          "interrupted run resumes from it)")

@@ -6,6 +6,7 @@ The empty plan (`ReductionPlan()`) is the untouched model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -170,6 +171,35 @@ class ReductionPlan:
 
 
 _DEFAULT_POSITIONS = ReductionPlan.__dataclass_fields__["positions"].default
+
+_FIELD_PARSERS = {
+    "merge_tokens": int, "merge_retention": float, "prune_start": int, "prune_end": int,
+    "importance": str, "reducer": str, "positions": str,
+    "prune_stages": lambda v: tuple((int(layer), float(keep)) for layer, keep in
+                                    (stage.split(":") for stage in v.split("/"))),
+}
+
+
+def parse_plan(text: str, base: ReductionPlan | None = None) -> ReductionPlan:
+    """A plan from "key=value,..." over ReductionPlan's fields, on top of `base` (default: the empty plan), e.g.
+    "merge_retention=0.25,prune_start=15,prune_end=24" or "prune_stages=2:0.5/4:0.2,importance=last_token".
+    "none" or "" is the empty plan (or `base`). Raises PlanError naming the bad key or value."""
+    values: dict[str, object] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        if item == "none":
+            continue
+        key, sep, raw = item.partition("=")
+        if not sep or key.strip() not in _FIELD_PARSERS:
+            raise PlanError(f"plan item {item!r} is not key=value over {sorted(_FIELD_PARSERS)}")
+        try:
+            values[key.strip()] = _FIELD_PARSERS[key.strip()](raw.strip())
+        except ValueError:
+            raise PlanError(f"plan item {item!r}: {raw.strip()!r} is not a valid {key.strip()}") from None
+    if base is not None and ("merge_tokens" in values or "merge_retention" in values):
+        base = dataclasses.replace(base, merge_tokens=None, merge_retention=None)
+    if base is not None and any(k in values for k in ("prune_start", "prune_end", "prune_stages")):
+        base = dataclasses.replace(base, prune_start=None, prune_end=None, prune_stages=())
+    return dataclasses.replace(base or ReductionPlan(), **values)
 
 
 def default_prune_range(num_layers: int) -> tuple[int, int]:

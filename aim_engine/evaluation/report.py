@@ -58,7 +58,10 @@ def plot(results: list[SpecResult], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.axhline(100 * baseline.accuracy, color="grey", linestyle="--", linewidth=1, label="no reduction")
     markers = {"aim": "o", "fastv": "s", "pdrop": "^", "evs": "v", "pool": "D"}
-    for method in dict.fromkeys(r.spec.method for r in results if r.spec.method != "none"):
+    for r in results:
+        if r.spec.method == "custom":  # unrelated plans: points, not a line
+            ax.scatter([r.flops_ratio], [100 * r.accuracy], marker="x", zorder=4, label=r.spec.label)
+    for method in dict.fromkeys(r.spec.method for r in results if r.spec.method not in ("none", "custom")):
         rows = sorted((r for r in results if r.spec.method == method), key=lambda r: r.flops_ratio)
         ax.plot([r.flops_ratio for r in rows], [100 * r.accuracy for r in rows], marker=markers.get(method, "o"),
                 label=method)

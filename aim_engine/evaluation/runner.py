@@ -17,7 +17,7 @@ from typing import Callable
 
 from ..engine import AimEngine
 from ..methods import METHODS
-from ..plan import ReductionPlan
+from ..plan import ReductionPlan, parse_plan
 from .datasets import Dataset, EvalItem
 
 
@@ -113,14 +113,25 @@ def match_knob(engine: AimEngine, method: str, shapes, target_ratio: float, lo: 
     return lo  # the largest knob still at or above the target saving
 
 
+def custom_plan(text: str, default: ReductionPlan) -> ReductionPlan:
+    """"key=value,..." (plan.parse_plan) on the empty plan, or on `default` when `text` starts with "default"."""
+    head, _, rest = text.partition(",")
+    return parse_plan(rest, default) if head.strip() == "default" else parse_plan(text)
+
+
 def build_specs(engine: AimEngine, dataset: Dataset, methods: list[str], sweep: list[str] | None = None,
-                match: bool = True) -> list[PlanSpec]:
+                match: bool = True, custom: dict[str, str] | None = None) -> list[PlanSpec]:
     """The empty plan, AIM's default, the knob sweep of each method in `sweep` (default: all of `methods`),
-    and, with `match`, every peer method at AIM-default's FLOPs."""
+    with `match` every peer method at AIM-default's FLOPs, and the `custom` plans: label -> "key=value,..."
+    (plan.parse_plan), where a leading "default" starts from the model's default plan."""
     layers = engine.num_layers
     default = engine.default_plan()
     specs = [PlanSpec("none", "no reduction", {"*": ReductionPlan()}),
              PlanSpec("aim", "AIM default", {"*": default}, is_default=True)]
+    for label, text in (custom or {}).items():
+        plan = custom_plan(text, default)
+        plan.check_depth(layers)
+        specs.append(PlanSpec("custom", label, {"*": plan}))
     for name in methods if sweep is None else sweep:
         for knob in METHODS[name].sweep:
             plan = METHODS[name].plan(layers, knob)

@@ -13,6 +13,7 @@ from aim_engine.evaluation.datasets import DatasetError, EvalItem, jsonl_dataset
 from aim_engine.evaluation.report import records
 from aim_engine.evaluation.runner import PlanSpec, _ratio, build_specs, evaluate, match_knob
 from aim_engine.methods import METHODS
+from aim_engine.plan import PlanError, ReductionPlan
 from aim_engine.reference import synthetic as syn
 from tests.media_samples import encode_video
 
@@ -92,15 +93,31 @@ def test_eval_end_to_end_on_a_tiny_model(engine_for, checkpoint_dir, tmp_path):
     assert sum(r["is_default"] for r in recs) == 1
 
     out = tmp_path / "fid"
-    rc = engine_main(["eval", "--model", str(checkpoint_dir("llava_dinov2", layers=8)), "--dataset", "synthetic:1",
-                      "--methods", "aim,fastv", "--sweep", "", "--out", str(out)])
-    assert rc == 0
+    argv = ["eval", "--model", str(checkpoint_dir("llava_dinov2", layers=8)), "--dataset", "synthetic:1",
+            "--methods", "aim,fastv", "--sweep", "", "--out", str(out),
+            "--plan", "merge only:merge_retention=0.5,positions=original"]
+    assert engine_main(argv) == 0
     journal = out.with_name("fid.answers.jsonl")
-    assert len(journal.read_text().splitlines()) == 3 * len(ds.items)
-    rc = engine_main(["eval", "--model", str(checkpoint_dir("llava_dinov2", layers=8)), "--dataset", "synthetic:1",
-                      "--methods", "aim,fastv", "--sweep", "", "--out", str(out)])
-    assert rc == 0 and len(journal.read_text().splitlines()) == 3 * len(ds.items)  # resumed: nothing re-run
+    assert len(journal.read_text().splitlines()) == 4 * len(ds.items)
+    assert engine_main(argv) == 0
+    assert len(journal.read_text().splitlines()) == 4 * len(ds.items)  # resumed: nothing re-run
     data = json.loads(out.with_suffix(".json").read_text())
-    assert [r["method"] for r in data] == ["none", "aim", "fastv"]
+    assert [r["method"] for r in data] == ["none", "aim", "custom", "fastv"]
+    assert data[2]["label"] == "merge only" and data[2]["plan"] == "merge→0.5, original positions"
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| method | plan | FLOPs ratio |" in out.with_suffix(".md").read_text()
+
+
+def test_custom_plans_start_empty_or_from_the_default(engine_for, capsys):
+    engine = engine_for("llava_dinov2", layers=8)
+    ds = synthetic_dataset(1)
+    specs = build_specs(engine, ds, ["aim"], sweep=[], match=False, custom={
+        "late": "default,prune_start=6,prune_end=8", "merge only": "merge_retention=0.25"})
+    default = engine.default_plan()
+    late, merge_only = specs[2].plans["*"], specs[3].plans["*"]
+    assert (late.merge_retention, late.prune_start, late.prune_end) == (default.merge_retention, 6, 8)
+    assert merge_only == ReductionPlan(merge_retention=0.25)
+    with pytest.raises(PlanError, match="beyond the model's 8 layers"):
+        build_specs(engine, ds, ["aim"], sweep=[], match=False, custom={"x": "prune_start=9,prune_end=12"})
+    assert engine_main(["eval", "--model", "/nonexistent", "--plan", "bad:merge_ratio=2"]) == 2
+    assert "merge_ratio=2" in capsys.readouterr().err

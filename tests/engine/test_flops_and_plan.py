@@ -1,7 +1,7 @@
 import pytest
 
 from aim_engine.flops import LLMShape, decode_step_flops, layer_prefill_flops, prefill_flops
-from aim_engine.plan import PlanError, ReductionPlan, default_prune_range
+from aim_engine.plan import PlanError, ReductionPlan, default_prune_range, parse_plan
 
 QWEN2_7B = LLMShape(hidden=3584, ffn=18944, heads=28, kv_heads=4, vocab=152064, layers=28)
 FRAMES, TEXT = 32, 100  # the paper's video setting
@@ -69,3 +69,21 @@ def test_prune_range_must_fit_the_model():
     with pytest.raises(PlanError, match="beyond the model's 4 layers"):
         ReductionPlan(prune_start=4, prune_end=6).check_depth(4)
     ReductionPlan(prune_start=3, prune_end=9).check_depth(4)  # l2 past the end: prunes until the last layer
+
+
+def test_plans_parse_from_text_with_clear_errors():
+    assert parse_plan("") == parse_plan("none") == ReductionPlan()
+    assert parse_plan("merge_retention=0.25, prune_start=15,prune_end=24,importance=text") == ReductionPlan(
+        merge_retention=0.25, prune_start=15, prune_end=24, importance="text")
+    assert parse_plan("prune_stages=2:0.5/4:0.2,importance=last_token").prune_stages == ((2, 0.5), (4, 0.2))
+    base = ReductionPlan(merge_retention=0.25, prune_start=15, prune_end=24)
+    # a field group given replaces the base's whole group (merge_tokens vs retention, range vs stages)
+    assert parse_plan("merge_tokens=16", base) == ReductionPlan(merge_tokens=16, prune_start=15, prune_end=24)
+    assert parse_plan("prune_stages=2:0.1", base) == ReductionPlan(merge_retention=0.25, prune_stages=((2, 0.1),))
+    assert parse_plan("positions=original", base) == ReductionPlan(
+        merge_retention=0.25, prune_start=15, prune_end=24, positions="original")
+    for text, message in [("merge_ratio=2", "not key=value over"), ("merge_tokens", "not key=value"),
+                          ("merge_tokens=many", "not a valid merge_tokens"), ("prune_start=3", "together"),
+                          ("positions=shifted", "positions must be one of")]:
+        with pytest.raises(PlanError, match=message):
+            parse_plan(text)
