@@ -186,6 +186,31 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .engine import AimEngine
+    from .evaluation.calibrate import calibrate, write_plan_file
+    from .evaluation.datasets import load_dataset
+    from .plan import PLAN_FILE
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = AimEngine.load(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    dataset = load_dataset(args.dataset, seed=args.seed)
+    with tqdm(desc=f"calibrate on {dataset.name}", unit="q") as bar:
+        content = calibrate(engine, dataset, args.target_ratio, on_item=bar.update)
+    table = content["calibration"]
+    print(f"target: {table['target_flops_ratio']:.2f}x fewer LLM prefill FLOPs (the paper default's)")
+    for c in table["candidates"]:
+        acc = "unreachable" if c["accuracy"] is None else f"{100 * c['accuracy']:.1f}%"
+        print(f"  {acc:>11}  {c['flops_ratio']:.2f}x  {c['label']}")
+    path = write_plan_file(content, Path(args.out) if args.out else Path(args.model) / PLAN_FILE)
+    print(f"default plan: {content['describe']} ({table['chosen']}) -> {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aim-serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -238,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="accuracy vs LLM FLOPs of plans / methods on a dataset")
     ev.add_argument("--model", required=True, help="local checkpoint directory")
     ev.add_argument("--dataset", default="synthetic:100",
-                    help="synthetic[:N per type] (the seeded test split) or a .jsonl file of multiple-choice items")
+                    help="synthetic[:N per type] (the seeded test split; synthetic-val[:N] the validation split) or "
+                         "a .jsonl file of multiple-choice items")
     ev.add_argument("--methods", default="aim,fastv,pdrop,evs,pool", help="comma-separated method names")
     ev.add_argument("--sweep", help="methods whose knob sweep runs (comma-separated; default: all of --methods; "
                                     "'' for none)")
@@ -255,6 +281,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=int)
     ev.add_argument("--command-line", help=argparse.SUPPRESS)
     ev.set_defaults(func=cmd_eval)
+
+    cal = sub.add_parser("calibrate", help="choose the model's own default plan on held-out data (same FLOPs as "
+                                           "the paper default, best accuracy); writes it into the checkpoint")
+    cal.add_argument("--model", required=True, help="local checkpoint directory")
+    cal.add_argument("--dataset", default="synthetic-val:15",
+                     help="held-out data: synthetic-val[:N per type] or a .jsonl file (not the test set)")
+    cal.add_argument("--target-ratio", type=float,
+                     help="FLOPs reduction to hold (default: the paper default plan's on this data)")
+    cal.add_argument("--out", help="where to write the plan file (default: MODEL/aim-plan.json)")
+    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--device", default="cpu")
+    cal.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    cal.add_argument("--threads", type=int)
+    cal.set_defaults(func=cmd_calibrate)
 
     media = sub.add_parser("sample-media", help="write a synthetic scene (PNG) and clip (MP4) with their Q&A")
     media.add_argument("--out", required=True)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from .media import MediaLimits, decode_image, decode_video
 from .merging import MergeResult
 from .methods import REDUCERS
 from .methods.base import passthrough
-from .plan import ReductionPlan
+from .plan import PLAN_FILE, PlanError, ReductionPlan, plan_from_dict
 
 
 # ---- the request -------------------------------------------------------------------------------
@@ -155,13 +156,31 @@ class RequestShape:
     text_tokens: int
 
 
+def read_default_plan(path: Path) -> ReductionPlan | None:
+    """The default plan stored in a checkpoint directory (PLAN_FILE), or None if there is none."""
+    file = Path(path) / PLAN_FILE
+    if not file.is_file():
+        return None
+    try:
+        return plan_from_dict(json.loads(file.read_text())["default_plan"])
+    except (ValueError, KeyError, TypeError) as exc:  # PlanError and JSONDecodeError are ValueErrors
+        raise ModelLoadError(f"{file} does not hold a valid default plan: {exc}") from None
+
+
 class AimEngine:
-    def __init__(self, adapter: FamilyAdapter, name: str = "model", limits: MediaLimits = MediaLimits()):
+    def __init__(self, adapter: FamilyAdapter, name: str = "model", limits: MediaLimits = MediaLimits(),
+                 default_plan: ReductionPlan | None = None):
         self.adapter = adapter
         self.name = name
         self.limits = limits
         self.lm = adapter.language_model()
         self.shape = LLMShape.from_config(adapter.text_config)
+        if default_plan is not None:
+            try:
+                default_plan.check_depth(self.shape.layers)
+            except PlanError as exc:
+                raise ModelLoadError(f"the checkpoint's default plan does not fit the model: {exc}") from None
+        self._default_plan = default_plan
         self.tokenizer = adapter.tokenizer
         gen_cfg = getattr(adapter.model, "generation_config", None)
         eos = {self.tokenizer.eos_token_id}
@@ -189,7 +208,8 @@ class AimEngine:
         template = path / "chat_template.jinja"
         if template.is_file() and not tokenizer.chat_template:
             tokenizer.chat_template = template.read_text()
-        return cls(adapter_cls(model, tokenizer, image_processor), name=path.name, limits=limits)
+        return cls(adapter_cls(model, tokenizer, image_processor), name=path.name, limits=limits,
+                   default_plan=read_default_plan(path))
 
     # ---- plan helpers ---------------------------------------------------------------------------
     @property
@@ -197,7 +217,8 @@ class AimEngine:
         return self.shape.layers
 
     def default_plan(self) -> ReductionPlan:
-        return ReductionPlan.default_for_depth(self.num_layers)
+        """The checkpoint's own calibrated plan (PLAN_FILE) if it has one, else the paper's for this depth."""
+        return self._default_plan or ReductionPlan.default_for_depth(self.num_layers)
 
     # ---- preparing the prompt -------------------------------------------------------------------
     def decode_media(self, request: GenerationRequest) -> list[Part]:

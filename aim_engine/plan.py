@@ -25,6 +25,9 @@ _PAPER_PRUNE_RANGES = {28: (14, 22), 32: (13, 21)}
 _L1_FRACTION, _L2_FRACTION = 0.5, 0.79
 # Paper default merge: 196 -> 49 tokens per frame, i.e. 25% retention.
 DEFAULT_MERGE_RETENTION = 0.25
+# In a checkpoint directory: the model's own default plan, calibrated on held-out data (aim-serve calibrate),
+# which replaces the depth-scaled paper default. {"default_plan": {field: value}, ...provenance}.
+PLAN_FILE = "aim-plan.json"
 
 
 class PlanError(ValueError):
@@ -178,6 +181,22 @@ _FIELD_PARSERS = {
     "prune_stages": lambda v: tuple((int(layer), float(keep)) for layer, keep in
                                     (stage.split(":") for stage in v.split("/"))),
 }
+
+
+def plan_to_dict(plan: ReductionPlan) -> dict:
+    return {k: ([list(stage) for stage in v] if k == "prune_stages" else v)
+            for k, v in dataclasses.asdict(plan).items()}
+
+
+def plan_from_dict(values: dict) -> ReductionPlan:
+    """The inverse of plan_to_dict; missing fields take their defaults. Raises PlanError on unknown fields."""
+    unknown = set(values) - set(_FIELD_PARSERS)
+    if unknown:
+        raise PlanError(f"unknown plan field(s) {sorted(unknown)}; known: {sorted(_FIELD_PARSERS)}")
+    values = dict(values)
+    if "prune_stages" in values:
+        values["prune_stages"] = tuple((int(layer), float(keep)) for layer, keep in values["prune_stages"])
+    return ReductionPlan(**values)
 
 
 def parse_plan(text: str, base: ReductionPlan | None = None) -> ReductionPlan:

@@ -19,16 +19,16 @@ class Level:
         return self.plan.merge_retention if self.plan.merge_retention is not None else 1.0
 
 
-def default_ladder(num_layers: int) -> list[Level]:
+def default_ladder(num_layers: int, default: ReductionPlan | None = None) -> list[Level]:
     """From the untouched model to maximum saving, along the paper's Pareto points (aim-method.md §4):
-    merging to 50% and 25% costs ~no accuracy; pruning l1..l2 on top is the paper's default; 12.5% merge with an
-    earlier prune range is the most aggressive point we offer."""
+    merging to 50% and 25% costs ~no accuracy; pruning l1..l2 on top is the paper's default (or `default`, the
+    model's own calibrated plan); 12.5% merge with an earlier prune range is the most aggressive point we offer."""
     l1, l2 = default_prune_range(num_layers)
     return [
         Level("full", ReductionPlan()),
         Level("merge-50", ReductionPlan(merge_retention=0.5)),
         Level("merge-25", ReductionPlan(merge_retention=DEFAULT_MERGE_RETENTION)),
-        Level("aim-default", ReductionPlan.default_for_depth(num_layers)),
+        Level("aim-default", default or ReductionPlan.default_for_depth(num_layers)),
         Level("max-saving", ReductionPlan(merge_retention=0.125, prune_start=max(1, num_layers // 4),
                                           prune_end=max(max(1, num_layers // 4) + 1, l1))),
     ]

@@ -107,7 +107,7 @@ class ModelRuntime:
         self.max_queue = max_queue
         self.default_frames = default_frames
         self.default_slo_s = default_slo_s
-        self.controller = controller or BudgetController(default_ladder(engine.num_layers),
+        self.controller = controller or BudgetController(default_ladder(engine.num_layers, engine.default_plan()),
                                                          ControllerConfig(slo_s=default_slo_s))
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix=f"aim-{name}")
         self._media_executor = ThreadPoolExecutor(2, thread_name_prefix=f"aim-{name}-media")

@@ -112,7 +112,7 @@ async def start_listening(settings: Settings, metrics: ServiceMetrics | None = N
 
 def build_controller(settings: Settings, name: str, engine: AimEngine, gpu) -> BudgetController:
     ladder = load_ladder(settings.ladder_file, engine.num_layers) if settings.ladder_file else \
-        default_ladder(engine.num_layers)
+        default_ladder(engine.num_layers, engine.default_plan())
     prometheus = None
     if settings.prometheus_url:
         query = (settings.prometheus_query or DEFAULT_P95_QUERY).replace("{model}", name)

@@ -122,8 +122,16 @@ def jsonl_dataset(path: str | Path) -> Dataset:
 
 
 def load_dataset(spec: str, seed: int = 0) -> Dataset:
-    """'synthetic' / 'synthetic:N' (N questions per type, default 100), or a path to a .jsonl file."""
-    if spec == "synthetic" or spec.startswith("synthetic:"):
-        per_type = int(spec.split(":", 1)[1]) if ":" in spec else 100
-        return synthetic_dataset(per_type, seed)
+    """'synthetic[-SPLIT][:N]' — N questions per type (default 100) of the seeded synthetic split SPLIT ('test',
+    the default, or 'val' for calibration) — or a path to a .jsonl file."""
+    name, _, count = spec.partition(":")
+    if name == "synthetic" or name.startswith("synthetic-"):
+        split = name.partition("-")[2] or "test"
+        if split not in ("test", "val"):
+            raise DatasetError(f"dataset {spec!r}: the synthetic splits to evaluate on are 'test' and 'val'")
+        try:
+            per_type = int(count) if count else 100
+        except ValueError:
+            raise DatasetError(f"dataset {spec!r}: N must be a whole number of questions per type") from None
+        return synthetic_dataset(per_type, seed, split)
     return jsonl_dataset(spec)

@@ -91,22 +91,22 @@ class SpecResult:
         return statistics.median(r.seconds for r in self.items)
 
 
-def _ratio(engine: AimEngine, shapes, plan: ReductionPlan) -> float:
+def flops_ratio(engine: AimEngine, shapes, plan: ReductionPlan) -> float:
+    """Σ baseline / Σ actual LLM prefill FLOPs of `plan` over request `shapes` (analytic; no model run)."""
     costs = [engine.cost(s, plan) for s in shapes]
     return sum(c.prefill_flops_baseline for c in costs) / sum(c.prefill_flops for c in costs)
 
 
-def match_knob(engine: AimEngine, method: str, shapes, target_ratio: float, lo: float = 1e-3) -> float:
-    """The knob at which `method`'s FLOPs ratio over `shapes` equals `target_ratio` (the ratio falls as the knob
-    rises). If even the smallest knob does not reach the target, the smallest knob."""
-    plan = METHODS[method].plan
-    layers = engine.num_layers
-    if _ratio(engine, shapes, plan(layers, lo)) < target_ratio:
+def match_knob(engine: AimEngine, plan_of: Callable[[float], ReductionPlan], shapes, target_ratio: float,
+               lo: float = 1e-3) -> float:
+    """The knob in [lo, 1] at which `plan_of(knob)`'s FLOPs ratio over `shapes` equals `target_ratio` (the ratio
+    falls as the knob rises). If even `lo` does not reach the target, `lo`."""
+    if flops_ratio(engine, shapes, plan_of(lo)) < target_ratio:
         return lo
     hi = 1.0
     for _ in range(40):
         mid = (lo + hi) / 2
-        if _ratio(engine, shapes, plan(layers, mid)) >= target_ratio:
+        if flops_ratio(engine, shapes, plan_of(mid)) >= target_ratio:
             lo = mid
         else:
             hi = mid
@@ -146,8 +146,8 @@ def build_specs(engine: AimEngine, dataset: Dataset, methods: list[str], sweep: 
                 continue
             plans, knobs = {}, {}
             for kind, shapes in shapes_by_kind.items():
-                target = _ratio(engine, shapes, default)
-                knobs[kind] = match_knob(engine, name, shapes, target)
+                target = flops_ratio(engine, shapes, default)
+                knobs[kind] = match_knob(engine, lambda k: METHODS[name].plan(layers, k), shapes, target)
                 plans[kind] = METHODS[name].plan(layers, knobs[kind])
             specs.append(PlanSpec(name, f"{name} @ AIM-default FLOPs", plans, knobs, matched_to="aim-default"))
     return specs

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from ..plan import PLAN_FILE
+
 PRODUCT_DIR = Path(__file__).parent / "product"
 DEFAULT_CACHE = Path.home() / ".cache" / "aim-serve" / "packages"
 
@@ -201,6 +203,8 @@ def assemble(out: Path, cache: Path = DEFAULT_CACHE, product: Path = PRODUCT_DIR
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
+    if (product / PLAN_FILE).is_file():  # the default plan calibrated for this model (aim-serve calibrate)
+        shutil.copyfile(product / PLAN_FILE, tmp / PLAN_FILE)
     (tmp / "aim-reference.json").write_text(json.dumps(stamp, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

@@ -4,16 +4,19 @@ report files; end to end on a tiny model."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from PIL import Image
 
+from aim_engine import AimEngine
 from aim_engine.cli import main as engine_main
-from aim_engine.evaluation.datasets import DatasetError, EvalItem, jsonl_dataset, synthetic_dataset
+from aim_engine.errors import ModelLoadError
+from aim_engine.evaluation.datasets import DatasetError, EvalItem, jsonl_dataset, load_dataset, synthetic_dataset
 from aim_engine.evaluation.report import records
-from aim_engine.evaluation.runner import PlanSpec, _ratio, build_specs, evaluate, match_knob
+from aim_engine.evaluation.runner import PlanSpec, build_specs, evaluate, flops_ratio, match_knob
 from aim_engine.methods import METHODS
-from aim_engine.plan import PlanError, ReductionPlan
+from aim_engine.plan import PLAN_FILE, PlanError, ReductionPlan, plan_from_dict
 from aim_engine.reference import synthetic as syn
 from tests.media_samples import encode_video
 
@@ -72,10 +75,11 @@ def test_matching_recovers_aims_own_default(engine_for):
     engine = engine_for("llava_dinov2", layers=8)
     ds = synthetic_dataset(1)
     shapes = [engine.shape_of(i.request()) for i in ds.items if i.kind == "video"]
-    target = _ratio(engine, shapes, engine.default_plan())
-    knob = match_knob(engine, "aim", shapes, target)
-    assert _ratio(engine, shapes, METHODS["aim"].plan(engine.num_layers, knob)) == pytest.approx(target)
-    assert match_knob(engine, "fastv", shapes, 1e9) == 1e-3  # unreachable: the strongest setting
+    target = flops_ratio(engine, shapes, engine.default_plan())
+    knob = match_knob(engine, lambda k: METHODS["aim"].plan(engine.num_layers, k), shapes, target)
+    assert flops_ratio(engine, shapes, METHODS["aim"].plan(engine.num_layers, knob)) == pytest.approx(target)
+    fastv = match_knob(engine, lambda k: METHODS["fastv"].plan(engine.num_layers, k), shapes, 1e9)
+    assert fastv == 1e-3  # unreachable: the strongest setting
 
 
 def test_eval_end_to_end_on_a_tiny_model(engine_for, checkpoint_dir, tmp_path):
@@ -121,3 +125,50 @@ def test_custom_plans_start_empty_or_from_the_default(engine_for, capsys):
         build_specs(engine, ds, ["aim"], sweep=[], match=False, custom={"x": "prune_start=9,prune_end=12"})
     assert engine_main(["eval", "--model", "/nonexistent", "--plan", "bad:merge_ratio=2"]) == 2
     assert "merge_ratio=2" in capsys.readouterr().err
+
+
+def test_calibration_keeps_the_paper_defaults_flops_and_becomes_the_models_default(checkpoint_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(checkpoint_dir("llava_dinov2", layers=8), model)
+    engine = AimEngine.load(model)
+    paper = ReductionPlan.default_for_depth(8)
+    assert engine.default_plan() == paper  # no plan file: the paper default scaled to depth
+    ds = load_dataset("synthetic-val:1")
+    assert ds.name == "synthetic-val" and {i.uid for i in ds.items}.isdisjoint(
+        i.uid for i in synthetic_dataset(1).items)
+
+    assert engine_main(["calibrate", "--model", str(model), "--dataset", "synthetic-val:1"]) == 0
+    content = json.loads((model / PLAN_FILE).read_text())
+    table = content["calibration"]
+    assert table["candidates"][0]["label"] == "paper default"
+    target = table["target_flops_ratio"]
+    assert target == pytest.approx(flops_ratio(engine, [engine.shape_of(i.request()) for i in ds.items], paper),
+                                   abs=1e-4)
+    rules = {c["plan"].endswith("original positions") for c in table["candidates"]}
+    assert rules == {True, False}  # a 1-D RoPE model tries both position rules
+    evaluated = [c for c in table["candidates"] if c["accuracy"] is not None]
+    assert len(evaluated) >= 6
+    for c in evaluated:  # every candidate spends the same FLOPs (to the knob's rounding), never more
+        assert target <= c["flops_ratio"] <= 1.1 * target
+    best = max(c["accuracy"] for c in evaluated)
+    chosen = next(c for c in evaluated if c["label"] == table["chosen"])
+    assert chosen["accuracy"] == best and chosen["plan"] == content["describe"]
+    assert chosen is next(c for c in evaluated if c["accuracy"] == best)  # ties go to the earlier (paper first)
+
+    reloaded = AimEngine.load(model)
+    assert reloaded.default_plan() == plan_from_dict(content["default_plan"])
+    assert reloaded.default_plan().describe() == content["describe"]
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{not json", "does not hold a valid default plan"),
+    ('{"plan": {}}', "does not hold a valid default plan"),
+    ('{"default_plan": {"merge_ratio": 0.5}}', "unknown plan field"),
+    ('{"default_plan": {"merge_retention": 0.5, "prune_start": 9, "prune_end": 12}}', "does not fit the model"),
+])
+def test_a_bad_plan_file_stops_loading_with_a_clear_error(checkpoint_dir, tmp_path, content, message):
+    model = tmp_path / "model"
+    shutil.copytree(checkpoint_dir("llava_dinov2", layers=8), model)
+    (model / PLAN_FILE).write_text(content)
+    with pytest.raises(ModelLoadError, match=message):
+        AimEngine.load(model)
