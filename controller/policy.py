@@ -22,15 +22,18 @@ class Level:
 def default_ladder(num_layers: int, default: ReductionPlan | None = None) -> list[Level]:
     """From the untouched model to maximum saving, along the paper's Pareto points (aim-method.md §4):
     merging to 50% and 25% costs ~no accuracy; pruning l1..l2 on top is the paper's default (or `default`, the
-    model's own calibrated plan); 12.5% merge with an earlier prune range is the most aggressive point we offer."""
-    l1, l2 = default_prune_range(num_layers)
+    model's own calibrated plan); 12.5% merge with an earlier prune range is the most aggressive point we offer.
+    Every rung that merges uses the default's position rule: calibration chose it for this model."""
+    default = default or ReductionPlan.default_for_depth(num_layers)
+    l1, _ = default_prune_range(num_layers)
+    start = max(1, num_layers // 4)
     return [
         Level("full", ReductionPlan()),
-        Level("merge-50", ReductionPlan(merge_retention=0.5)),
-        Level("merge-25", ReductionPlan(merge_retention=DEFAULT_MERGE_RETENTION)),
-        Level("aim-default", default or ReductionPlan.default_for_depth(num_layers)),
-        Level("max-saving", ReductionPlan(merge_retention=0.125, prune_start=max(1, num_layers // 4),
-                                          prune_end=max(max(1, num_layers // 4) + 1, l1))),
+        Level("merge-50", ReductionPlan(merge_retention=0.5, positions=default.positions)),
+        Level("merge-25", ReductionPlan(merge_retention=DEFAULT_MERGE_RETENTION, positions=default.positions)),
+        Level("aim-default", default),
+        Level("max-saving", ReductionPlan(merge_retention=0.125, prune_start=start, prune_end=max(start + 1, l1),
+                                          positions=default.positions)),
     ]
 
 

@@ -1,5 +1,6 @@
 import pytest
 
+from aim_engine.plan import ReductionPlan
 from controller.policy import Features, decide, default_ladder, load_ladder
 
 LADDER = default_ladder(28)  # full, merge-50, merge-25, aim-default, max-saving
@@ -10,6 +11,15 @@ def test_default_ladder_is_ordered_from_quality_to_saving():
     assert [l.name for l in LADDER] == ["full", "merge-50", "merge-25", "aim-default", "max-saving"]
     assert [l.retention for l in LADDER] == [1.0, 0.5, 0.25, 0.25, 0.125]
     assert LADDER[3].plan.prune_start == 14 and LADDER[3].plan.prune_end == 22
+
+
+def test_a_calibrated_default_takes_the_aim_default_rung_and_sets_the_position_rule():
+    calibrated = ReductionPlan(merge_retention=0.1933, prune_start=21, prune_end=30, positions="original")
+    ladder = default_ladder(30, calibrated)
+    assert ladder[3].plan == calibrated and ladder[0].plan == ReductionPlan()
+    assert [l.plan.positions for l in ladder[1:]] == ["original"] * 4
+    assert [l.retention for l in ladder] == [1.0, 0.5, 0.25, 0.1933, 0.125]
+    assert {l.plan.positions for l in LADDER[1:]} == {"consecutive"}
 
 
 @pytest.mark.parametrize("budget,expected", [(10.0, 0), (2.4, 0), (2.39, 1), (1.0, 3), (0.6, 4)])
