@@ -18,7 +18,7 @@ import logging
 import sys
 
 from aim_engine import cli as engine_cli
-from aim_engine.plan import IMPORTANCE_METHODS, ReductionPlan
+from aim_engine.plan import IMPORTANCE_METHODS, POSITION_RULES, ReductionPlan
 
 from .settings import Settings
 
@@ -44,6 +44,8 @@ def _client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge-tokens", type=int)
     p.add_argument("--prune", type=int, nargs=2, metavar=("L1", "L2"))
     p.add_argument("--importance", choices=IMPORTANCE_METHODS, default="pagerank")
+    p.add_argument("--positions", choices=POSITION_RULES, default="consecutive",
+                   help="merge survivors' positions (1-D RoPE models)")
 
 
 def _client(args):
@@ -62,7 +64,8 @@ def _request_kwargs(args, client=None) -> dict:
     elif args.merge_retention or args.merge_tokens or args.prune:
         prune = args.prune or (None, None)
         plan = ReductionPlan(merge_tokens=args.merge_tokens, merge_retention=args.merge_retention,
-                             prune_start=prune[0], prune_end=prune[1], importance=args.importance)
+                             prune_start=prune[0], prune_end=prune[1], importance=args.importance,
+                             positions=args.positions)
     return dict(images=args.image, videos=args.video, frames=args.frames, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, seed=args.seed, plan=plan, no_reduction=args.none,
                 slo_ms=args.slo_ms, min_retention=args.min_retention, model=args.model)

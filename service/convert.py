@@ -12,6 +12,9 @@ from .runtime import AppliedPlan, Estimate, Finished, Reduction, ServiceError
 _IMPORTANCE_TO_NAME = {pb.IMPORTANCE_UNSPECIFIED: "pagerank", pb.IMPORTANCE_PAGERANK: "pagerank",
                        pb.IMPORTANCE_TEXT: "text"}
 _NAME_TO_IMPORTANCE = {"pagerank": pb.IMPORTANCE_PAGERANK, "text": pb.IMPORTANCE_TEXT}
+_POSITIONS_TO_NAME = {pb.POSITION_RULE_UNSPECIFIED: "consecutive", pb.POSITION_RULE_CONSECUTIVE: "consecutive",
+                      pb.POSITION_RULE_ORIGINAL: "original"}
+_NAME_TO_POSITIONS = {"consecutive": pb.POSITION_RULE_CONSECUTIVE, "original": pb.POSITION_RULE_ORIGINAL}
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "cancelled": pb.FINISH_REASON_CANCELLED}
 _SOURCE = {"none": pb.PLAN_SOURCE_NONE, "explicit": pb.PLAN_SOURCE_EXPLICIT, "auto": pb.PLAN_SOURCE_AUTO}
 
@@ -19,6 +22,8 @@ _SOURCE = {"none": pb.PLAN_SOURCE_NONE, "explicit": pb.PLAN_SOURCE_EXPLICIT, "au
 def plan_from_proto(msg: pb.ReductionPlan) -> ReductionPlan:
     if msg.importance not in _IMPORTANCE_TO_NAME:
         raise PlanError(f"unknown importance value {msg.importance}")
+    if msg.positions not in _POSITIONS_TO_NAME:
+        raise PlanError(f"unknown positions value {msg.positions}")
     if msg.prune_end and not msg.prune_start:
         raise PlanError("prune_end is set but prune_start is 0; set both (prune_start >= 1) or neither")
     return ReductionPlan(
@@ -27,13 +32,15 @@ def plan_from_proto(msg: pb.ReductionPlan) -> ReductionPlan:
         prune_start=msg.prune_start or None,
         prune_end=(msg.prune_end or None) if msg.prune_start else None,
         importance=_IMPORTANCE_TO_NAME[msg.importance],
+        positions=_POSITIONS_TO_NAME[msg.positions],
     )
 
 
 def plan_to_proto(plan: ReductionPlan) -> pb.ReductionPlan:
     return pb.ReductionPlan(merge_tokens=plan.merge_tokens or 0, merge_retention=plan.merge_retention or 0.0,
                             prune_start=plan.prune_start or 0, prune_end=plan.prune_end or 0,
-                            importance=_NAME_TO_IMPORTANCE[plan.importance])
+                            importance=_NAME_TO_IMPORTANCE[plan.importance],
+                            positions=_NAME_TO_POSITIONS[plan.positions])
 
 
 def request_from_proto(msg, default_max_new_tokens: int, max_new_tokens_limit: int

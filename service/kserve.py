@@ -40,6 +40,7 @@ PARAMETERS = {  # name: (type, meaning)
     "aim_prune_start": (int, "plan: l1"),
     "aim_prune_end": (int, "plan: l2"),
     "aim_importance": (str, "plan: pagerank | text"),
+    "aim_positions": (str, "plan: consecutive | original"),
     "aim_slo_ms": (int, "auto: latency target"),
     "aim_min_retention": (float, "auto: quality floor"),
 }
@@ -157,7 +158,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 reduction = Reduction("plan", plan=ReductionPlan(
                     merge_tokens=params.get("aim_merge_tokens"), merge_retention=params.get("aim_merge_retention"),
                     prune_start=params.get("aim_prune_start"), prune_end=params.get("aim_prune_end"),
-                    importance=params.get("aim_importance", "pagerank")))
+                    importance=params.get("aim_importance", "pagerank"),
+                    positions=params.get("aim_positions", "consecutive")))
             elif kind == "auto":
                 slo = params.get("aim_slo_ms")
                 reduction = Reduction("auto", slo_s=slo / 1000 if slo else None,

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aim_engine import ReductionPlan
 from service.client import AimClient
+from service.convert import plan_from_proto
 from service.proto.aim.v1 import aim_service_pb2 as pb
 from service.proto.aim.v1 import aim_service_pb2_grpc as pb_grpc
 from service.server import load_models, start_listening
@@ -51,7 +52,8 @@ def test_auto_plan_is_chosen_by_the_controller(server):
         for _ in range(2):  # the first request teaches the cost model
             reply = client.generate("Hi", videos=[VIDEO], frames=4, max_new_tokens=2, slo_ms=60_000)
         assert reply.applied_plan.source == pb.PLAN_SOURCE_AUTO and "fits" in reply.applied_plan.reason
-        assert reply.applied_plan.plan == pb.ReductionPlan(importance=pb.IMPORTANCE_PAGERANK)  # ample budget: full
+        assert reply.applied_plan.plan == pb.ReductionPlan(importance=pb.IMPORTANCE_PAGERANK,  # ample budget: full
+                                                           positions=pb.POSITION_RULE_CONSECUTIVE)
         floor = client.generate("Hi", videos=[VIDEO], frames=4, max_new_tokens=2, slo_ms=1, min_retention=0.5)
         assert floor.applied_plan.plan.merge_retention == 0.5  # nothing fits 1 ms: cheapest level above the floor
         assert floor.applied_plan.reason.startswith("best effort")
@@ -70,6 +72,21 @@ def test_model_info_and_estimate(server):
                                                                  run.usage.visual_tokens_merged)
     assert est.prefill_flops == run.cost.prefill_flops and est.baseline_prefill_flops == run.cost.baseline_prefill_flops
     assert est.predicted_latency_seconds > 0 and est.applied_plan.source == pb.PLAN_SOURCE_EXPLICIT
+
+
+def test_the_position_rule_travels_both_ways(server):
+    """An explicit plan's position rule reaches the engine and comes back in the applied plan; FLOPs do not depend
+    on it (the same tokens are computed); unspecified means the paper's consecutive rule."""
+    with AimClient(server.target) as client:
+        replies = {rule: client.generate("What?", videos=[VIDEO], frames=4, max_new_tokens=6, seed=0,
+                                         plan=ReductionPlan(merge_retention=0.25, positions=rule))
+                   for rule in ("consecutive", "original")}
+    consecutive, original = replies["consecutive"], replies["original"]
+    assert consecutive.applied_plan.plan.positions == pb.POSITION_RULE_CONSECUTIVE
+    assert original.applied_plan.plan.positions == pb.POSITION_RULE_ORIGINAL
+    assert original.cost.prefill_flops == consecutive.cost.prefill_flops
+    assert plan_from_proto(original.applied_plan.plan) == ReductionPlan(merge_retention=0.25, positions="original")
+    assert plan_from_proto(pb.ReductionPlan(merge_retention=0.25)).positions == "consecutive"  # unspecified
 
 
 def _raw(stub, **fields):
@@ -98,6 +115,8 @@ BAD_REQUESTS = [
      grpc.StatusCode.INVALID_ARGUMENT, "prune_end must be greater"),
     ("prune beyond depth", dict(reduction=pb.Reduction(plan=pb.ReductionPlan(prune_start=9, prune_end=12))),
      grpc.StatusCode.INVALID_ARGUMENT, "beyond the model"),
+    ("unknown position rule", dict(reduction=pb.Reduction(plan=pb.ReductionPlan(merge_retention=0.5, positions=7))),
+     grpc.StatusCode.INVALID_ARGUMENT, "unknown positions value 7"),
     ("bad floor", dict(reduction=pb.Reduction(auto=pb.AutoBudget(min_retention=2))),
      grpc.StatusCode.INVALID_ARGUMENT, "min_retention"),
     ("bad temperature", dict(sampling=pb.SamplingParams(temperature=-1)), grpc.StatusCode.INVALID_ARGUMENT,

@@ -13,6 +13,12 @@ class Importance(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     IMPORTANCE_PAGERANK: _ClassVar[Importance]
     IMPORTANCE_TEXT: _ClassVar[Importance]
 
+class PositionRule(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    POSITION_RULE_UNSPECIFIED: _ClassVar[PositionRule]
+    POSITION_RULE_CONSECUTIVE: _ClassVar[PositionRule]
+    POSITION_RULE_ORIGINAL: _ClassVar[PositionRule]
+
 class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PRIORITY_UNSPECIFIED: _ClassVar[Priority]
@@ -36,6 +42,9 @@ class PlanSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 IMPORTANCE_UNSPECIFIED: Importance
 IMPORTANCE_PAGERANK: Importance
 IMPORTANCE_TEXT: Importance
+POSITION_RULE_UNSPECIFIED: PositionRule
+POSITION_RULE_CONSECUTIVE: PositionRule
+POSITION_RULE_ORIGINAL: PositionRule
 PRIORITY_UNSPECIFIED: Priority
 PRIORITY_LOW: Priority
 PRIORITY_NORMAL: Priority
@@ -102,18 +111,20 @@ class SamplingParams(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReductionPlan(_message.Message):
-    __slots__ = ("merge_tokens", "merge_retention", "prune_start", "prune_end", "importance")
+    __slots__ = ("merge_tokens", "merge_retention", "prune_start", "prune_end", "importance", "positions")
     MERGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MERGE_RETENTION_FIELD_NUMBER: _ClassVar[int]
     PRUNE_START_FIELD_NUMBER: _ClassVar[int]
     PRUNE_END_FIELD_NUMBER: _ClassVar[int]
     IMPORTANCE_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
     merge_tokens: int
     merge_retention: float
     prune_start: int
     prune_end: int
     importance: Importance
-    def __init__(self, merge_tokens: _Optional[int] = ..., merge_retention: _Optional[float] = ..., prune_start: _Optional[int] = ..., prune_end: _Optional[int] = ..., importance: _Optional[_Union[Importance, str]] = ...) -> None: ...
+    positions: PositionRule
+    def __init__(self, merge_tokens: _Optional[int] = ..., merge_retention: _Optional[float] = ..., prune_start: _Optional[int] = ..., prune_end: _Optional[int] = ..., importance: _Optional[_Union[Importance, str]] = ..., positions: _Optional[_Union[PositionRule, str]] = ...) -> None: ...
 
 class AutoBudget(_message.Message):
     __slots__ = ("latency_slo_ms", "priority", "min_retention")
