@@ -62,7 +62,9 @@ def plot(results: list[SpecResult], path: Path, title: str) -> None:
         if r.spec.method == "custom":  # unrelated plans: points, not a line
             ax.scatter([r.flops_ratio], [100 * r.accuracy], marker="x", zorder=4, label=r.spec.label)
     for method in dict.fromkeys(r.spec.method for r in results if r.spec.method not in ("none", "custom")):
-        rows = sorted((r for r in results if r.spec.method == method), key=lambda r: r.flops_ratio)
+        # a calibrated default is not a point of its method's knob sweep: it is starred, not joined to the line
+        rows = sorted((r for r in results if r.spec.method == method and (r.spec.knobs or not r.spec.is_default)),
+                      key=lambda r: r.flops_ratio)
         ax.plot([r.flops_ratio for r in rows], [100 * r.accuracy for r in rows], marker=markers.get(method, "o"),
                 label=method)
     for r in results:

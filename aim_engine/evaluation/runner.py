@@ -126,8 +126,8 @@ def build_specs(engine: AimEngine, dataset: Dataset, methods: list[str], sweep: 
     (plan.parse_plan), where a leading "default" starts from the model's default plan."""
     layers = engine.num_layers
     default = engine.default_plan()
-    specs = [PlanSpec("none", "no reduction", {"*": ReductionPlan()}),
-             PlanSpec("aim", "AIM default", {"*": default}, is_default=True)]
+    default_spec = PlanSpec("aim", "AIM default", {"*": default}, is_default=True)
+    specs = [PlanSpec("none", "no reduction", {"*": ReductionPlan()}), default_spec]
     for label, text in (custom or {}).items():
         plan = custom_plan(text, default)
         plan.check_depth(layers)
@@ -137,6 +137,8 @@ def build_specs(engine: AimEngine, dataset: Dataset, methods: list[str], sweep: 
             plan = METHODS[name].plan(layers, knob)
             if plan != default:
                 specs.append(PlanSpec(name, f"{name} {knob:g}", {"*": plan}, knobs={"*": knob}))
+            elif name == default_spec.method:  # the default is a point of this sweep (not a calibrated plan)
+                default_spec.knobs["*"] = knob
     if match:
         shapes_by_kind: dict[str, list] = {}
         for item in dataset.items:

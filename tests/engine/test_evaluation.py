@@ -16,7 +16,7 @@ from aim_engine.evaluation.datasets import DatasetError, EvalItem, jsonl_dataset
 from aim_engine.evaluation.report import records
 from aim_engine.evaluation.runner import PlanSpec, build_specs, evaluate, flops_ratio, match_knob
 from aim_engine.methods import METHODS
-from aim_engine.plan import PLAN_FILE, PlanError, ReductionPlan, plan_from_dict
+from aim_engine.plan import PLAN_FILE, PlanError, ReductionPlan, plan_from_dict, plan_to_dict
 from aim_engine.reference import synthetic as syn
 from tests.media_samples import encode_video
 
@@ -158,6 +158,20 @@ def test_calibration_keeps_the_paper_defaults_flops_and_becomes_the_models_defau
     reloaded = AimEngine.load(model)
     assert reloaded.default_plan() == plan_from_dict(content["default_plan"])
     assert reloaded.default_plan().describe() == content["describe"]
+
+
+def test_the_aim_sweep_holds_the_paper_point_unless_a_calibrated_default_replaces_it(checkpoint_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(checkpoint_dir("llava_dinov2", layers=8), model)
+    ds = synthetic_dataset(1)
+    specs = build_specs(AimEngine.load(model), ds, ["aim"], match=False)
+    assert specs[1].is_default and specs[1].knobs == {"*": 0.25}  # the paper default is the sweep's 0.25 point
+    assert [s.label for s in specs[2:]] == ["aim 0.5", "aim 0.125"]
+    calibrated = ReductionPlan(merge_retention=0.2, prune_start=6, prune_end=8, positions="original")
+    (model / PLAN_FILE).write_text(json.dumps({"default_plan": plan_to_dict(calibrated)}))
+    specs = build_specs(AimEngine.load(model), ds, ["aim"], match=False)
+    assert specs[1].plans == {"*": calibrated} and specs[1].knobs == {}  # starred apart from the sweep's line
+    assert [s.label for s in specs[2:]] == ["aim 0.5", "aim 0.25", "aim 0.125"]
 
 
 @pytest.mark.parametrize("content,message", [
