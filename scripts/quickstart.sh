@@ -23,9 +23,9 @@ done
 echo "--- demo: aim-serve stream --target 127.0.0.1:$PORT --image build/samples/scene.png --prompt 'How many objects are there?' --aim-default"
 aim-serve stream --target "127.0.0.1:$PORT" --image build/samples/scene.png \
   --prompt "How many objects are there?" --max-new-tokens 8 --aim-default
-echo "--- demo: aim-serve stream --target 127.0.0.1:$PORT --video build/samples/clip.mp4 --prompt 'Which way does the moving object go?' --aim-default"
+echo "--- demo: aim-serve stream --target 127.0.0.1:$PORT --video build/samples/clip.mp4 --prompt 'Which shape appears?' --aim-default"
 aim-serve stream --target "127.0.0.1:$PORT" --video build/samples/clip.mp4 --frames 8 \
-  --prompt "Which way does the moving object go?" --max-new-tokens 8 --aim-default
+  --prompt "Which shape appears?" --max-new-tokens 8 --aim-default
 echo "--- the right answers are in build/samples/questions.json"
 echo "--- serving on 127.0.0.1:$PORT (Ctrl-C to stop)"
 wait $SERVER
