@@ -174,16 +174,18 @@ class ModelRuntime:
             finally:
                 push(None)
 
-        def release(_future) -> None:
-            # the slot is freed when the worker is done, not when the handler leaves, so `workers` holds
-            loop.call_soon_threadsafe(self._release)
-
-        self._executor.submit(work).add_done_callback(release)
+        done = asyncio.wrap_future(self._executor.submit(work))
+        # the slot is freed when the worker is done, not when the handler leaves, so `workers` holds
+        done.add_done_callback(lambda _: self._release())
         try:
             while True:
                 item = await events.get()
                 if item is None:
                     return
+                if isinstance(item, (Finished, BaseException)):
+                    # The worker's last act. Wait until it has returned and its slot is free (the callback above
+                    # runs first), so a caller that sends its next request on this answer finds the worker free.
+                    await asyncio.shield(done)
                 if isinstance(item, BaseException):
                     raise item
                 yield item
