@@ -152,7 +152,7 @@ def cmd_eval(args) -> int:
     from .engine import AimEngine
     from .evaluation.datasets import load_dataset
     from .evaluation.report import markdown, write
-    from .evaluation.runner import build_specs, custom_plan, evaluate
+    from .evaluation.runner import build_specs, custom_plan, evaluate, model_identity
     from .methods import METHODS
 
     methods = [m for m in args.methods.split(",") if m]
@@ -176,7 +176,8 @@ def cmd_eval(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(specs) * len(dataset.items), desc=f"eval {dataset.name}", unit="q") as bar:
         results = evaluate(engine, dataset, specs, on_item=bar.update,
-                           journal=out.with_name(out.name + ".answers.jsonl"))
+                           journal=out.with_name(out.name + ".answers.jsonl"),
+                           model_id=model_identity(Path(args.model), args.device, args.dtype))
     command = "aim-serve eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if args.command_line is None \
         else args.command_line
     paths = write(results, out, dataset.name, Path(args.model).name, command)
@@ -273,8 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also run a custom plan (repeatable); SPEC is key=value,... over the plan's fields, "
                          "e.g. 'merge only:merge_retention=0.25' or 'late:default,prune_start=22,prune_end=30'")
     ev.add_argument("--out", default="eval/fidelity",
-                    help="output prefix: writes .md, .json and .png, and .answers.jsonl (every answer; an "
-                         "interrupted run resumes from it)")
+                    help="output prefix: writes .md, .json and .png, and .answers.jsonl (every answer; a run of "
+                         "the same checkpoint content, device and dtype resumes from it)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -9,6 +9,7 @@ cost — no model run is needed to match.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -155,10 +156,24 @@ def build_specs(engine: AimEngine, dataset: Dataset, methods: list[str], sweep: 
     return specs
 
 
+def model_identity(path: Path, device: str = "cpu", dtype: str = "float32") -> str:
+    """What an answer depends on besides the item and the plan: the checkpoint's content (a hash of its weights and
+    config, so a retrained or rebuilt model under the same name is a different model), the device and the dtype."""
+    digest = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")) + [path / "config.json"]:
+        digest.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+    return f"{path.name}@{digest.hexdigest()[:16]}/{device}/{dtype}"
+
+
 def evaluate(engine: AimEngine, dataset: Dataset, specs: list[PlanSpec],
-             on_item: Callable[[], None] | None = None, journal: Path | None = None) -> list[SpecResult]:
+             on_item: Callable[[], None] | None = None, journal: Path | None = None,
+             model_id: str | None = None) -> list[SpecResult]:
     """Runs every item under every spec. With a `journal` (JSONL), each answer is appended as it is produced and
-    answers already there (same model, dataset, item and plan) are reused: an interrupted evaluation resumes."""
+    answers already there (same `model_id` (model_identity; default the engine's name), dataset, item and plan)
+    are reused: an interrupted evaluation resumes."""
     done: dict[tuple, ItemResult] = {}
     if journal is not None and journal.is_file():
         for line in journal.read_text().splitlines():
@@ -172,7 +187,7 @@ def evaluate(engine: AimEngine, dataset: Dataset, specs: list[PlanSpec],
             rows = []
             for item in dataset.items:
                 plan = spec.plan_for(item)
-                key = (engine.name, dataset.name, item.uid, repr(plan))
+                key = (model_id or engine.name, dataset.name, item.uid, repr(plan))
                 row = done.get(key)
                 if row is None:
                     result = engine.generate(item.request(), plan)

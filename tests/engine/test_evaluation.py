@@ -14,7 +14,8 @@ from aim_engine.cli import main as engine_main
 from aim_engine.errors import ModelLoadError
 from aim_engine.evaluation.datasets import DatasetError, EvalItem, jsonl_dataset, load_dataset, synthetic_dataset
 from aim_engine.evaluation.report import records
-from aim_engine.evaluation.runner import PlanSpec, build_specs, evaluate, flops_ratio, match_knob
+from aim_engine.evaluation.runner import (PlanSpec, build_specs, evaluate, flops_ratio, match_knob,
+                                         model_identity)
 from aim_engine.methods import METHODS
 from aim_engine.plan import PLAN_FILE, PlanError, ReductionPlan, plan_from_dict, plan_to_dict
 from aim_engine.reference import synthetic as syn
@@ -105,11 +106,26 @@ def test_eval_end_to_end_on_a_tiny_model(engine_for, checkpoint_dir, tmp_path):
     assert len(journal.read_text().splitlines()) == 4 * len(ds.items)
     assert engine_main(argv) == 0
     assert len(journal.read_text().splitlines()) == 4 * len(ds.items)  # resumed: nothing re-run
+    assert engine_main(argv + ["--dtype", "bfloat16"]) == 0  # another dtype gives other answers: all re-run
+    assert len(journal.read_text().splitlines()) == 8 * len(ds.items)
     data = json.loads(out.with_suffix(".json").read_text())
     assert [r["method"] for r in data] == ["none", "aim", "custom", "fastv"]
     assert data[2]["label"] == "merge only" and data[2]["plan"] == "merge→0.5, original positions"
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| method | plan | FLOPs ratio |" in out.with_suffix(".md").read_text()
+
+
+def test_model_identity_follows_the_checkpoint_content_not_its_name(checkpoint_dir, tmp_path):
+    source = checkpoint_dir("llava_dinov2", layers=2)
+    copy = tmp_path / source.name
+    shutil.copytree(source, copy)
+    assert model_identity(copy) == model_identity(source)  # same content, same answers
+    assert model_identity(copy, dtype="bfloat16") != model_identity(copy)
+    weights = next(copy.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last weight
+    weights.write_bytes(bytes(data))
+    assert model_identity(copy) != model_identity(source)
 
 
 def test_custom_plans_start_empty_or_from_the_default(engine_for, capsys):
