@@ -3,7 +3,8 @@
 # the projector/LoRA trained in this repository; ~1 minute the first time, cached after) — and serves it over
 # gRPC on 127.0.0.1:50051 (metrics on :9464/metrics). Once the server is up it asks two streamed demo questions
 # (a synthetic scene and a synthetic clip, the model's default AIM plan) with the CLI client and prints the
-# answers and their stats; then it keeps serving until Ctrl-C or SIGTERM, which drain in-flight requests first.
+# answers, their stats and the right answers; then it keeps serving until Ctrl-C or SIGTERM, which drain
+# in-flight requests first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 AIM_SKIP_TOOLS=1 bash scripts/setup.sh
@@ -20,12 +21,20 @@ for _ in $(seq 1 240); do
   kill -0 $SERVER 2>/dev/null || { echo "the server exited" >&2; exit 1; }
   sleep 0.5
 done
-echo "--- demo: aim-serve stream --target 127.0.0.1:$PORT --image build/samples/scene.png --prompt 'How many objects are there?' --aim-default"
-aim-serve stream --target "127.0.0.1:$PORT" --image build/samples/scene.png \
-  --prompt "How many objects are there?" --max-new-tokens 8 --aim-default
-echo "--- demo: aim-serve stream --target 127.0.0.1:$PORT --video build/samples/clip.mp4 --prompt 'Which shape appears?' --aim-default"
-aim-serve stream --target "127.0.0.1:$PORT" --video build/samples/clip.mp4 --frames 8 \
-  --prompt "Which shape appears?" --max-new-tokens 8 --aim-default
-echo "--- the right answers are in build/samples/questions.json"
+expected() {  # the right answer to question $2 about sample $1, from build/samples/questions.json
+  python -c 'import json, sys; print(next(q["answer"] for q in json.load(open("build/samples/questions.json"))[sys.argv[1]] if q["question"] == sys.argv[2]))' "$1" "$2"
+}
+Q1="What shape is furthest to the left?"
+echo "--- demo: aim-serve stream --target 127.0.0.1:$PORT --image build/samples/scene.png --prompt '$Q1' --aim-default"
+aim-serve stream --target "127.0.0.1:$PORT" --image build/samples/scene.png --prompt "$Q1" --max-new-tokens 8 \
+  --aim-default
+echo "--- right answer: $(expected scene.png "$Q1")"
+Q2="Which shape appears?"
+echo "--- demo: aim-serve stream --target 127.0.0.1:$PORT --video build/samples/clip.mp4 --prompt '$Q2' --aim-default"
+aim-serve stream --target "127.0.0.1:$PORT" --video build/samples/clip.mp4 --frames 8 --prompt "$Q2" \
+  --max-new-tokens 8 --aim-default
+echo "--- right answer: $(expected clip.mp4 "$Q2")"
+echo "--- the model answers 79% of the synthetic test questions right without reduction and 63% at its default plan"
+echo "    (5.6x fewer LLM prefill FLOPs): docs/fidelity.md. More questions: build/samples/questions.json"
 echo "--- serving on 127.0.0.1:$PORT (Ctrl-C to stop)"
 wait $SERVER
