@@ -122,14 +122,20 @@ def cmd_sample_media(args) -> int:
 
 def cmd_train_reference(args) -> int:
     from .reference.assemble import build_base
-    from .reference.train import Trainer, TrainConfig
+    from .reference.train import TRIED_STAGES, Trainer, TrainConfig
 
     base = Path(args.base)
     if not (base / "config.json").is_file():
         model, _, processor = build_base(seed=args.seed)
         model.save_pretrained(base)
         processor.save_pretrained(base)
-    trainer = Trainer(base, Path(args.run), TrainConfig(seed=args.seed), threads=args.threads)
+    config = TrainConfig(seed=args.seed)
+    for name in args.then:
+        if name not in TRIED_STAGES:
+            print(f"error: no tried stage {name!r}; there are {', '.join(sorted(TRIED_STAGES))}", file=sys.stderr)
+            return 2
+        config = config.then(TRIED_STAGES[name])
+    trainer = Trainer(base, Path(args.run), config, threads=args.threads)
     trainer.train(until_step=args.until_step)
     trainer.export(Path(args.product) if args.product else None)
     print(f"trained to step {trainer.step}/{trainer.config.total_steps}; product written")
@@ -254,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--product", help="where to write the product (default: the package's product/)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int)
+    train.add_argument("--then", action="append", default=[], metavar="STAGE",
+                       help="after the product's stages, also run this stage that was tried and not adopted "
+                            "(train.TRIED_STAGES: D, E; docs/fidelity.md); repeatable")
     train.set_defaults(func=cmd_train_reference)
 
     build = sub.add_parser("build-reference", help="assemble the reference VLM from packaged weights + the product")

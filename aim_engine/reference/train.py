@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ class Stage:
     frame_size: int
     video_share: float  # fraction of batches that are videos
     restart_lr: float | None = None  # starts a new warm-up + cosine cycle peaking at this fraction of the LRs
+    position_loss: float = 0.0  # weight of the projector's position-readout loss (see `position_readout_loss`)
 
 
 @dataclass
@@ -55,6 +56,10 @@ class TrainConfig:
         # A second cycle at the served sizes (a warm restart at half the peak), more of it on video.
         Stage("C", 280, image_size=224, frames=8, frame_size=112, video_share=0.4, restart_lr=0.5),
     ])
+
+    def then(self, stage: Stage) -> TrainConfig:
+        """This configuration with `stage` run after its last one."""
+        return replace(self, stages=[*self.stages, stage])
 
     @property
     def total_steps(self) -> int:
@@ -88,6 +93,76 @@ class TrainConfig:
         progress = (local - self.warmup_steps) / max(1, length - self.warmup_steps)
         return peak * (self.min_lr_fraction + (1 - self.min_lr_fraction) * 0.5 *
                        (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+OBJECT_WEIGHT = 9.0  # an object patch counts this much more than a background patch in the position loss
+
+
+# Stages tried after the product's run, and not adopted (docs/fidelity.md says why). `train-reference --then NAME`
+# runs one after the product's stages, from the same seed, so each of them is reproducible by one command.
+TRIED_STAGES = {
+    # more of stage C's kind, half of it on clips, under a gentler restart
+    "D": Stage("D", 150, image_size=224, frames=8, frame_size=112, video_share=0.5, restart_lr=0.3),
+    # mostly clips, and the projector is asked to keep each patch's place in its frame (`position_readout_loss`)
+    "E": Stage("E", 180, image_size=224, frames=8, frame_size=112, video_share=0.6, restart_lr=0.5,
+               position_loss=0.5),
+}
+
+
+def patch_coordinates(n_patches: int) -> torch.Tensor:
+    """(n, 2): each patch's (x, y) centre in [0, 1] on its square grid, in the row-major order of the encoder."""
+    grid = math.isqrt(n_patches)
+    if grid * grid != n_patches:
+        raise ValueError(f"{n_patches} patches are not a square grid")
+    centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
+    rows, cols = torch.meshgrid(centres, centres, indexing="ij")
+    return torch.stack([cols.reshape(-1), rows.reshape(-1)], dim=-1)
+
+
+def object_patches(frames, size: int, n_patches: int, min_cover: float = 0.2) -> torch.Tensor:
+    """(len(frames) * n,) bool: which patches of each frame (resized to `size`) are at least `min_cover` object
+    rather than background."""
+    grid = math.isqrt(n_patches)
+    background = np.asarray(syn.BACKGROUND, dtype=np.int16)
+    cover = []
+    for im in frames:
+        px = np.asarray(im.convert("RGB").resize((size, size), 3), dtype=np.int16)
+        drawn = (np.abs(px - background).sum(-1) > 30).astype(np.float32)
+        cut = drawn[: grid * (size // grid), : grid * (size // grid)]
+        cover.append(cut.reshape(grid, size // grid, grid, size // grid).mean(axis=(1, 3)).reshape(-1))
+    return torch.from_numpy(np.concatenate(cover) >= min_cover)
+
+
+def position_readout_loss(tokens: torch.Tensor, n_patches: int, weights: torch.Tensor | None = None,
+                          ridge: float = 1e-3) -> torch.Tensor:
+    """How badly a linear readout recovers each visual token's place in its frame from the projector's output:
+    the residual of a (weighted) ridge regression fitted on the batch itself, relative to the coordinates'
+    variance (1 = no information, 0 = exact). Differentiable through the fit, so it needs no extra trained head.
+
+    Why: the LLM sees a clip as one long run of tokens with no frame boundaries, so a patch's place within its
+    frame cannot come from its sequence position; it must be carried in the token itself. DINOv2's features
+    carry it (a linear probe reads an object patch's column at 92%), but a projector trained on answers alone
+    lets much of it go (40%), and "which way does it move" stays at chance. This term keeps it; `weights` lets
+    the object patches, which the questions are about, count more than the background. (Stage E: it brought the
+    code back, 1.04 -> 0.13, but 180 steps did not teach direction; docs/fidelity.md.)"""
+    z = tokens.reshape(-1, tokens.shape[-1]).float()
+    y = patch_coordinates(n_patches).repeat(z.shape[0] // n_patches, 1)
+    w = torch.ones(z.shape[0]) if weights is None else weights.float()
+    # cross-fitted: the readout fitted on one half of the frames is scored on the other, and the other way
+    # round, so a readout cannot memorise the few object patches of a batch
+    half = (z.shape[0] // n_patches // 2) * n_patches
+    folds = [(slice(0, half), slice(half, None)), (slice(half, None), slice(0, half))]
+    residual, total = z.new_zeros(()), z.new_zeros(())
+    for fit_rows, score_rows in folds:
+        wf = w[fit_rows, None] / w[fit_rows].sum()
+        z_mean, y_mean = (wf * z[fit_rows]).sum(0), (wf * y[fit_rows]).sum(0)
+        zf, yf = (z[fit_rows] - z_mean) * wf.sqrt(), (y[fit_rows] - y_mean) * wf.sqrt()
+        gram = zf.T @ zf
+        fit = torch.linalg.solve(gram + ridge * gram.diagonal().mean() * torch.eye(gram.shape[0]), zf.T @ yf)
+        ws = w[score_rows, None]
+        residual = residual + (ws * (y[score_rows] - y_mean - (z[score_rows] - z_mean) @ fit) ** 2).sum()
+        total = total + (ws * (y[score_rows] - y_mean) ** 2).sum()
+    return residual / total
 
 
 def product_meta(config: TrainConfig, step: int, history: list[dict]) -> dict:
@@ -217,13 +292,15 @@ class Trainer:
             hs = self.model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
             feats = torch.cat([hs[i][:, 1:] for i in self.layers], dim=-1)
         out = self.model.model.multi_modal_projector(feats)  # (B*T, n, d)
-        return out.reshape(len(examples), -1, out.shape[-1])
+        return out.reshape(len(examples), -1, out.shape[-1]), out.shape[1]
 
-    def loss_for_step(self, step: int) -> tuple[torch.Tensor, int]:
+    def loss_for_step(self, step: int) -> tuple[torch.Tensor, dict]:
+        """The training loss of `step` and its parts: `loss` (cross-entropy on the answers), `answers`, and
+        `position` (the position-readout loss, in stages that weigh it)."""
         stage = self.config.stage_at(step)
         kind, examples = self._batch_examples(step)
         size = stage.image_size if kind == "image" else stage.frame_size
-        visual = self._visual(kind, examples, size)
+        visual, n_patches = self._visual(kind, examples, size)
         rng = np.random.default_rng(np.random.SeedSequence([self.config.seed, 8, step]))
         seqs = [self._sequence(ex, visual.shape[1], rng) for ex in examples]
         length = max(len(ids) for ids, _ in seqs)
@@ -239,7 +316,15 @@ class Trainer:
         cols = torch.tensor([c for _, t in seqs for c in t])
         logits = self.model.lm_head(hidden[rows, cols])
         labels = ids[rows, cols + 1]
-        return F.cross_entropy(logits.float(), labels), len(cols)
+        answer_loss = F.cross_entropy(logits.float(), labels)
+        parts = {"loss": float(answer_loss.detach()), "answers": len(cols)}
+        if not stage.position_loss:
+            return answer_loss, parts
+        frames = [f for ex in examples for f in ex.frames]
+        weights = 1.0 + OBJECT_WEIGHT * object_patches(frames, size, n_patches).float()
+        position = position_readout_loss(visual, n_patches, weights)
+        parts["position"] = float(position.detach())
+        return answer_loss + stage.position_loss * position, parts
 
     def train(self, until_step: int | None = None, save_every: int = 10, log=print) -> None:
         until = min(until_step or self.config.total_steps, self.config.total_steps)
@@ -248,17 +333,21 @@ class Trainer:
             factor = self.config.lr_factor(self.step)
             for g, lr in zip(self.optimizer.param_groups, self.base_lrs):
                 g["lr"] = lr * factor
-            loss, answers = self.loss_for_step(self.step)
+            loss, parts = self.loss_for_step(self.step)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], 1.0)
             self.optimizer.step()
             self.step += 1
-            self.history.append({"step": self.step, "loss": float(loss.detach()), "stage": self.config.stage_at(self.step - 1).name,
-                                 "seconds": time.perf_counter() - t0})
+            self.history.append({"step": self.step, "stage": self.config.stage_at(self.step - 1).name,
+                                 "seconds": time.perf_counter() - t0,
+                                 **{k: v for k, v in parts.items() if k != "answers"}})
             if self.step % 5 == 0:
-                recent = np.mean([h["loss"] for h in self.history[-5:]])
-                log(f"step {self.step}/{self.config.total_steps} stage {self.history[-1]['stage']} "
-                    f"loss {recent:.3f} ({self.history[-1]['seconds']:.0f}s)")
+                recent = self.history[-5:]
+                extra = [h["position"] for h in recent if "position" in h]
+                log(f"step {self.step}/{self.config.total_steps} stage {recent[-1]['stage']} "
+                    f"loss {np.mean([h['loss'] for h in recent]):.3f}"
+                    + (f" position {np.mean(extra):.3f}" if extra else "")
+                    + f" ({recent[-1]['seconds']:.0f}s)")
             if self.step % save_every == 0 or self.step == until:
                 self.save()

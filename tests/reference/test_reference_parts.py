@@ -12,7 +12,9 @@ from torch import nn
 
 from aim_engine.reference.assemble import PRODUCT_DIR, load_product
 from aim_engine.reference.lora import add_lora, lora_state, merge_lora
-from aim_engine.reference.train import Stage, Trainer, TrainConfig
+from aim_engine.reference import synthetic as syn
+from aim_engine.reference.train import (TRIED_STAGES, Stage, Trainer, TrainConfig, object_patches, patch_coordinates,
+                                        position_readout_loss)
 
 
 def test_lora_merges_into_the_weights_exactly():
@@ -42,7 +44,8 @@ def _tiny_config() -> TrainConfig:
     return TrainConfig(batch_size=2, warmup_steps=1, lora_rank=2, stages=[
         Stage("A", 2, image_size=32, frames=2, frame_size=24, video_share=0.5),
         Stage("B", 1, image_size=32, frames=3, frame_size=24, video_share=0.5),
-        Stage("C", 1, image_size=32, frames=3, frame_size=24, video_share=0.5, restart_lr=0.5)])
+        Stage("C", 2, image_size=32, frames=3, frame_size=24, video_share=0.5, restart_lr=0.5,
+              position_loss=0.5)])
 
 
 def test_learning_rate_cycles_warm_up_decay_and_restart():
@@ -68,17 +71,20 @@ def test_training_resumes_to_the_same_weights_as_an_uninterrupted_run(checkpoint
     resumed = Trainer(base, tmp_path / "resumed", _tiny_config(), threads=1)
     assert resumed.step == 2
     resumed.train()
-    assert resumed.step == straight.step == 4
+    assert resumed.step == straight.step == 5
     a, b = lora_state(straight.lora), lora_state(resumed.lora)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
     assert all(h["loss"] > 0 for h in straight.history)
+    # the position term is computed (and logged) in the stage that weighs it, and only there
+    assert [("position" in h) for h in straight.history] == [False, False, False, True, True]
+    assert all(0 < h["position"] for h in straight.history[3:])
     assert any(float(v.abs().sum()) > 0 for k, v in a.items() if k.endswith("lora_b"))  # training moved B off 0
 
     straight.export(tmp_path / "product")
     projector, lora, meta = load_product(tmp_path / "product")
     assert all(v.dtype == torch.float16 for v in [*projector.values(), *lora.values()])
-    assert meta["steps_done"] == 4 and meta["config"] == json.loads(json.dumps(dataclasses.asdict(_tiny_config())))
+    assert meta["steps_done"] == 5 and meta["config"] == json.loads(json.dumps(dataclasses.asdict(_tiny_config())))
 
 
 def test_the_committed_product_is_small_half_precision_and_unmerged():
@@ -90,3 +96,47 @@ def test_the_committed_product_is_small_half_precision_and_unmerged():
     assert lora and all(k.endswith((".lora_a", ".lora_b")) for k in lora)
     assert all(v.dtype == torch.float16 for v in [*projector.values(), *lora.values()])
     assert meta["steps_done"] == sum(s["steps"] for s in meta["config"]["stages"])  # a finished run
+
+
+def test_patch_coordinates_are_centres_in_row_major_order():
+    torch.testing.assert_close(patch_coordinates(4), torch.tensor([[.25, .25], [.75, .25], [.25, .75], [.75, .75]]))
+
+
+def test_the_position_readout_loss_tells_tokens_that_carry_their_place_from_tokens_that_do_not():
+    g = torch.Generator().manual_seed(0)
+    frames, n, d = 16, 64, 24
+    coords = patch_coordinates(n).repeat(frames, 1)
+    mixing = torch.randn(2, d, generator=g)
+    noise = torch.randn(frames * n, d, generator=g)
+    carrying = (coords @ mixing + 0.05 * noise).reshape(frames, n, d)
+    blind = noise.reshape(frames, n, d)
+    assert float(position_readout_loss(carrying, n)) < 0.05
+    assert float(position_readout_loss(blind, n)) > 0.9
+    # weighting some patches up changes which patches the readout must get right: here the weighted patches'
+    # tokens are noise, so the loss goes up
+    half = torch.cat([carrying[:, : n // 2], blind[:, n // 2:]], dim=1)
+    weights = torch.ones(frames, n)
+    weights[:, n // 2:] = 9.0
+    assert float(position_readout_loss(half, n, weights.reshape(-1))) > float(position_readout_loss(half, n)) + 0.1
+    # and the loss trains: its gradient reaches the tokens
+    tokens = blind.clone().requires_grad_(True)
+    position_readout_loss(tokens, n).backward()
+    assert float(tokens.grad.abs().sum()) > 0
+
+
+def test_object_patches_are_where_the_shapes_are_drawn():
+    scene = [syn.Obj("square", "red", 0.25, 0.25, 0.22)]  # a 24-px square centred on a patch corner
+    cover = object_patches([syn.render(scene, 64)], 64, 16).reshape(4, 4)
+    assert cover[0:2, 0:2].all() and int(cover.sum()) == 4  # the square spans the four top-left patches
+    assert int(object_patches([syn.render([], 64)], 64, 16).sum()) == 0
+
+
+def test_a_tried_stage_runs_after_the_products_stages_in_its_own_learning_rate_cycle():
+    product = TrainConfig()
+    tried = product.then(TRIED_STAGES["E"])
+    assert product.stages == tried.stages[:-1] and tried.total_steps == product.total_steps + TRIED_STAGES["E"].steps
+    assert tried.lr_cycles()[-1] == (product.total_steps, TRIED_STAGES["E"].steps, TRIED_STAGES["E"].restart_lr)
+    # the product's own steps keep their learning rates, so a run resumed from the product's checkpoint is the
+    # product's run continued
+    assert all(tried.lr_factor(s) == product.lr_factor(s) for s in range(product.total_steps))
+    assert tried.stage_at(product.total_steps).position_loss > 0
