@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int)
     train.add_argument("--then", action="append", default=[], metavar="STAGE",
                        help="after the product's stages, also run this stage that was tried and not adopted "
-                            "(train.TRIED_STAGES: D, E; docs/fidelity.md); repeatable")
+                            "(train.TRIED_STAGES: D, E, F; docs/fidelity.md); repeatable")
     train.set_defaults(func=cmd_train_reference)
 
     build = sub.add_parser("build-reference", help="assemble the reference VLM from packaged weights + the product")

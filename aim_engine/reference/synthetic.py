@@ -151,9 +151,11 @@ def make_image(seed: int, split: str, index: int, size: int = 224) -> Example:
     return Example("image", [render(objects, size)], image_questions(objects, rng), uid=f"{split}-img-{index}")
 
 
-def make_video(seed: int, split: str, index: int, size: int = 112, frames: int = 8) -> Example:
+def make_video(seed: int, split: str, index: int, size: int = 112, frames: int = 8,
+               distractors: bool = True) -> Example:
     """Static distractors, one object moving in a straight line, and one object that appears part-way (with a
-    shape no other object has, so "which shape appears" has one answer)."""
+    shape no other object has, so "which shape appears" has one answer). Without `distractors` (a training
+    curriculum), the moving object alone, asked only which way it goes."""
     rng = rng_for(seed, split, index, stream=1)
     while True:
         direction = DIRECTIONS[rng.integers(4)]
@@ -167,6 +169,10 @@ def make_video(seed: int, split: str, index: int, size: int = 112, frames: int =
             continue
         path = [Obj(mover.shape, mover.colour, mover.x + dx * t / (frames - 1), mover.y + dy * t / (frames - 1),
                     mover.r) for t in range(frames)]
+        if not distractors:
+            return Example("video", [render([p], size) for p in path],
+                           [QA("direction", "Which way does the moving object go?", direction)],
+                           uid=f"{split}-vid-{index}-alone")
         statics: list[Obj] = []
         for _ in range(int(rng.integers(0, 2))):
             o = _place(rng, statics + path, SHAPES[rng.integers(4)], list(COLOURS)[rng.integers(len(COLOURS))],

@@ -38,6 +38,7 @@ class Stage:
     video_share: float  # fraction of batches that are videos
     restart_lr: float | None = None  # starts a new warm-up + cosine cycle peaking at this fraction of the LRs
     position_loss: float = 0.0  # weight of the projector's position-readout loss (see `position_readout_loss`)
+    distractors: bool = True  # False: clips show the moving object alone (a curriculum for direction)
 
 
 @dataclass
@@ -106,6 +107,10 @@ TRIED_STAGES = {
     # mostly clips, and the projector is asked to keep each patch's place in its frame (`position_readout_loss`)
     "E": Stage("E", 180, image_size=224, frames=8, frame_size=112, video_share=0.6, restart_lr=0.5,
                position_loss=0.5),
+    # after E (--then E --then F): clips only, each showing the moving object alone and asking only its direction
+    # (does direction learn without the distractors? It did not in 40 steps: docs/fidelity.md)
+    "F": Stage("F", 100, image_size=224, frames=8, frame_size=112, video_share=1.0, restart_lr=0.5,
+               position_loss=0.5, distractors=False),
 }
 
 
@@ -260,8 +265,8 @@ class Trainer:
         if kind == "image":
             return kind, [syn.make_image(self.config.seed, "train", base + k, stage.image_size)
                           for k in range(self.config.batch_size)]
-        return kind, [syn.make_video(self.config.seed, "train", base + k, stage.frame_size, stage.frames)
-                      for k in range(self.config.batch_size)]
+        return kind, [syn.make_video(self.config.seed, "train", base + k, stage.frame_size, stage.frames,
+                                     stage.distractors) for k in range(self.config.batch_size)]
 
     def _sequence(self, ex: syn.Example, n_visual: int, rng: np.random.Generator) -> tuple[list[int], list[int]]:
         """Token ids of the whole chat with the placeholder expanded to `n_visual` copies, and the positions

@@ -140,3 +140,19 @@ def test_a_tried_stage_runs_after_the_products_stages_in_its_own_learning_rate_c
     # product's run continued
     assert all(tried.lr_factor(s) == product.lr_factor(s) for s in range(product.total_steps))
     assert tried.stage_at(product.total_steps).position_loss > 0
+
+
+def test_a_clip_without_distractors_shows_one_object_moving_the_way_its_answer_says():
+    import numpy as np
+
+    for index in range(6):
+        clip = syn.make_video(0, "train", index, 64, 4, distractors=False)
+        assert [qa.qtype for qa in clip.qas] == ["direction"] and len(clip.frames) == 4
+        centres = []
+        for frame in clip.frames:
+            drawn = np.abs(np.asarray(frame, dtype=np.int16) - np.asarray(syn.BACKGROUND)).sum(-1) > 30
+            ys, xs = np.nonzero(drawn)
+            centres.append((xs.mean(), ys.mean()))
+        dx, dy = centres[-1][0] - centres[0][0], centres[-1][1] - centres[0][1]
+        seen = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+        assert seen == clip.qas[0].answer and max(abs(dx), abs(dy)) > 0.3 * 64
