@@ -76,6 +76,9 @@ class LayeredKVCache:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.lengths = [0] * num_layers
+        # Proportional attention: per layer, the additive attention bias (log size) of the prompt's keys it
+        # holds; keys appended later (generated tokens) stand for one token each, so their bias is 0.
+        self.key_bias: list[torch.Tensor | None] = [None] * num_layers
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         t = key.shape[-2]
@@ -94,6 +97,15 @@ class LayeredKVCache:
         self.lengths[layer_idx] = length + t
         end = length + t
         return self.keys[layer_idx][..., :end, :], self.values[layer_idx][..., :end, :]
+
+    def decode_mask(self, layer_idx: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """The additive mask of one decode step at `layer_idx` (before its K/V are appended): the prompt keys'
+        bias, then 0 for every generated key including the new one. None without proportional attention."""
+        bias = self.key_bias[layer_idx]
+        if bias is None:
+            return None
+        extra = self.lengths[layer_idx] + 1 - bias.numel()
+        return torch.cat([bias.to(dtype), bias.new_zeros(extra, dtype=dtype)])[None, None, None, :]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lengths[layer_idx]
@@ -141,8 +153,14 @@ def prefill(
     plan: ReductionPlan,
     decode_capacity: int,
     record_kept: bool = False,
+    key_bias: torch.Tensor | None = None,
 ) -> PrefillResult:
-    """embeds (1, n, d); position_ids (1, n) or (3, 1, n); is_visual (n,) bool."""
+    """embeds (1, n, d); position_ids (1, n) or (3, 1, n); is_visual (n,) bool.
+
+    key_bias (n,): proportional attention. Every query adds it to its logit for that key, so a merged token
+    that stands for s tokens (bias log s) draws the attention s identical tokens would. Prefill then runs SDPA
+    with an explicit (n, n) causal mask instead of `is_causal`, and the cache keeps each layer's bias for the
+    decode steps. Importance scores for pruning are computed without it."""
     num_layers = lm.num_layers
     hidden = embeds
     cos, sin = lm.rotary_emb(hidden, position_ids)
@@ -156,12 +174,17 @@ def prefill(
         _active.requests = {}
     requests = _active.requests
 
+    mask = None if key_bias is None else _biased_causal_mask(key_bias, hidden.dtype)
     for layer_idx, layer in enumerate(lm.layers):
         if targets is not None and targets[layer_idx] < int(visual.sum()):
             keep = _select_kept(request.scores, visual, targets[layer_idx])
             hidden = hidden.index_select(1, keep)
             cos, sin = cos.index_select(-2, keep), sin.index_select(-2, keep)
             index, visual = index[keep], visual[keep]
+            if key_bias is not None:
+                key_bias = key_bias[keep]
+                mask = _biased_causal_mask(key_bias, hidden.dtype)
+        cache.key_bias[layer_idx] = key_bias
         result.tokens_per_layer.append(hidden.shape[1])
         result.visual_per_layer.append(int(visual.sum()))
         if record_kept:
@@ -173,7 +196,7 @@ def prefill(
             request = _ScoreRequest(plan.importance, visual)
             requests[id(layer.self_attn)] = request
         try:
-            hidden = layer(hidden, attention_mask=None, position_embeddings=(cos, sin), past_key_values=cache,
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), past_key_values=cache,
                            use_cache=True)
         finally:
             requests.pop(id(layer.self_attn), None)
@@ -184,6 +207,19 @@ def prefill(
 
     result.logits = lm.lm_head(lm.norm(hidden[:, -1:]))[0, -1].float()
     return result
+
+
+def proportional_key_bias(sizes: torch.Tensor) -> torch.Tensor:
+    """The key bias of proportional attention: log of how many input tokens each token stands for."""
+    return sizes.float().log()
+
+
+def _biased_causal_mask(key_bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(1, 1, n, n) additive mask: key j's bias for queries i >= j, -inf above the diagonal."""
+    n = key_bias.numel()
+    mask = key_bias.to(dtype)[None, :].expand(n, n).clone()
+    mask.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=mask.device).triu_(1), float("-inf"))
+    return mask[None, None]
 
 
 def _select_kept(scores: torch.Tensor, visual: torch.Tensor, target: int) -> torch.Tensor:
@@ -202,9 +238,9 @@ def decode_step(
     """token (1, 1) int64; position_ids (1, 1) or (3, 1, 1). Returns (vocab,) fp32 logits."""
     hidden = lm.embed_tokens(token)
     cos, sin = lm.rotary_emb(hidden, position_ids)
-    for layer in lm.layers:
-        hidden = layer(hidden, attention_mask=None, position_embeddings=(cos, sin), past_key_values=cache,
-                       use_cache=True)
+    for layer_idx, layer in enumerate(lm.layers):
+        hidden = layer(hidden, attention_mask=cache.decode_mask(layer_idx, hidden.dtype),
+                       position_embeddings=(cos, sin), past_key_values=cache, use_cache=True)
         if isinstance(hidden, tuple):
             hidden = hidden[0]
     return lm.lm_head(lm.norm(hidden))[0, -1].float()

@@ -18,7 +18,7 @@ from PIL import Image
 
 from .adapters import adapter_for_config
 from .adapters.base import EncodedMedia, FamilyAdapter
-from .decoder import ATTENTION_IMPL, decode_step, prefill
+from .decoder import ATTENTION_IMPL, decode_step, prefill, proportional_key_bias
 from .errors import ModelLoadError, RequestError
 from .flops import LLMShape, decode_step_flops, prefill_flops
 from .generation import IncrementalText, SamplingParams, TokenSampler
@@ -131,6 +131,7 @@ class PreparedPrompt:
     position_ids: torch.Tensor  # (1, n) or (3, 1, n)
     is_visual: torch.Tensor  # (n,) bool
     next_position: int  # position id of the first generated token
+    key_bias: torch.Tensor | None  # (n,) log of how many input tokens each token stands for; None: plain attention
     text_tokens: int
     visual_in: int
     media: list[EncodedMedia]
@@ -318,7 +319,7 @@ class AimEngine:
             reduce(m.features, m.groups, plan.merge_target) if plan.merges else passthrough(m.features)
             for m in media
         ]
-        pieces, visual, full_index, full_ids = [], [], [], []
+        pieces, visual, full_index, full_ids, sizes = [], [], [], [], []
         start, offset = 0, 0  # offset: index in the full (unmerged) prompt
         for slot, item, res in zip(slots + [len(ids)], media + [None], merged + [None]):
             if slot > start:
@@ -327,6 +328,7 @@ class AimEngine:
                 visual.append(torch.zeros(n_text, dtype=torch.bool, device=device))
                 full_index.append(torch.arange(offset, offset + n_text, device=device))
                 full_ids.append(ids[start:slot])
+                sizes.append(torch.ones(n_text, device=device))
                 offset += n_text
             if item is None:
                 break
@@ -334,6 +336,7 @@ class AimEngine:
             visual.append(torch.ones(res.keep.numel(), dtype=torch.bool, device=device))
             full_index.append(offset + res.keep)
             full_ids.append(ids[slot].repeat(item.features.shape[0]))
+            sizes.append(res.sizes.to(device=device, dtype=torch.float32))
             offset += item.features.shape[0]
             start = slot + 1
 
@@ -350,8 +353,10 @@ class AimEngine:
         else:
             position_ids = torch.arange(n, device=device)[None]
             next_position = n
+        key_bias = proportional_key_bias(torch.cat(sizes)) if plan.proportional_attention and plan.merges else None
         return PreparedPrompt(
             embeds=embeds, position_ids=position_ids, is_visual=is_visual, next_position=next_position,
+            key_bias=key_bias,
             text_tokens=int((~is_visual).sum()), visual_in=sum(m.features.shape[0] for m in media), media=media,
         )
 
@@ -409,7 +414,7 @@ class AimEngine:
 
         t_prefill = time.perf_counter()
         pre = prefill(self.lm, prepared.embeds, prepared.position_ids, prepared.is_visual, plan,
-                      decode_capacity=params.max_new_tokens)
+                      decode_capacity=params.max_new_tokens, key_bias=prepared.key_bias)
         sampler = TokenSampler(params)
         token = sampler(pre.logits)
         t_first = time.perf_counter()

@@ -51,6 +51,9 @@ class ReductionPlan:
         "pool" (uniform spatial pooling) or "evs" (drop tokens unchanged since the previous frame).
     positions: the position ids of the reduced prompt on 1-D RoPE models, one of POSITION_RULES. Pruning inside
         the LLM always keeps each token's position.
+    proportional_attention: every query adds log(size) to its attention logit for a token that stands for
+        `size` input tokens, so a merged token draws the attention its members would together (for identical
+        members, exactly). Off: the paper's plain attention. Only merging makes sizes other than 1.
     """
 
     merge_tokens: int | None = None
@@ -61,6 +64,7 @@ class ReductionPlan:
     prune_stages: tuple[tuple[int, float], ...] = ()
     reducer: str = "merge"
     positions: str = "consecutive"
+    proportional_attention: bool = False
 
     def __post_init__(self) -> None:
         if self.merge_tokens is not None and self.merge_retention is not None:
@@ -170,14 +174,25 @@ class ReductionPlan:
             parts.append(f"prune {self.prune_start}-{self.prune_end} ({self.importance})")
         if self.merges and self.positions != _DEFAULT_POSITIONS:
             parts.append(f"{self.positions} positions")
+        if self.merges and self.proportional_attention:
+            parts.append("proportional attention")
         return ", ".join(parts) or "none"
 
 
 _DEFAULT_POSITIONS = ReductionPlan.__dataclass_fields__["positions"].default
 
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
 _FIELD_PARSERS = {
     "merge_tokens": int, "merge_retention": float, "prune_start": int, "prune_end": int,
-    "importance": str, "reducer": str, "positions": str,
+    "importance": str, "reducer": str, "positions": str, "proportional_attention": _parse_bool,
     "prune_stages": lambda v: tuple((int(layer), float(keep)) for layer, keep in
                                     (stage.split(":") for stage in v.split("/"))),
 }

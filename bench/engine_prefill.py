@@ -14,6 +14,7 @@ formula), measured speedup next to the FLOPs ratio.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -29,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from aim_engine.decoder import ATTENTION_IMPL, LanguageModel, prefill  # noqa: E402
+from aim_engine.decoder import ATTENTION_IMPL, LanguageModel, prefill, proportional_key_bias  # noqa: E402
 from aim_engine.flops import LLMShape, prefill_flops  # noqa: E402
 from aim_engine.merging import merge_groups  # noqa: E402
 from aim_engine.plan import ReductionPlan, default_prune_range  # noqa: E402
@@ -54,6 +55,8 @@ def plans_for(layers: int) -> dict[str, tuple[ReductionPlan, bool]]:
         "prune only (pagerank)": (ReductionPlan(prune_start=l1, prune_end=l2), False),
         "merge 25% + prune (pagerank)": (ReductionPlan.default_for_depth(layers), True),
         "merge 25% + prune (text)": (ReductionPlan.default_for_depth(layers, importance="text"), False),
+        "merge 25% + prune, proportional attention": (
+            dataclasses.replace(ReductionPlan.default_for_depth(layers), proportional_attention=True), False),
         "merge 12.5% + prune 25-50% depth": (
             ReductionPlan(merge_retention=0.125, prune_start=max(1, layers // 4), prune_end=layers // 2), False),
     }
@@ -157,14 +160,19 @@ def worker_plan(args) -> dict:
     def run():
         sync(args.device)
         t0 = time.perf_counter()
-        visual = merge_groups(feats, groups, plan.merge_target).features if plan.merges else feats
+        merged = merge_groups(feats, groups, plan.merge_target) if plan.merges else None
+        visual = merged.features if merged is not None else feats
         sync(args.device)
         t1 = time.perf_counter()
         embeds = torch.cat([text[:TEXT_BEFORE], visual, text[TEXT_BEFORE:]])[None]
         is_visual = torch.zeros(embeds.shape[1], dtype=torch.bool, device=args.device)
         is_visual[TEXT_BEFORE:TEXT_BEFORE + visual.shape[0]] = True
         positions = torch.arange(embeds.shape[1], device=args.device)[None]
-        result = prefill(lm, embeds, positions, is_visual, plan, decode_capacity=1)
+        key_bias = None
+        if plan.proportional_attention and merged is not None:
+            key_bias = torch.zeros(embeds.shape[1], device=args.device)
+            key_bias[TEXT_BEFORE:TEXT_BEFORE + visual.shape[0]] = proportional_key_bias(merged.sizes)
+        result = prefill(lm, embeds, positions, is_visual, plan, decode_capacity=1, key_bias=key_bias)
         sync(args.device)
         return t1 - t0, time.perf_counter() - t1, result
 

@@ -23,17 +23,19 @@ def default_ladder(num_layers: int, default: ReductionPlan | None = None) -> lis
     """From the untouched model to maximum saving, along the paper's Pareto points (aim-method.md §4):
     merging to 50% and 25% costs ~no accuracy; pruning l1..l2 on top is the paper's default (or `default`, the
     model's own calibrated plan); 12.5% merge with an earlier prune range is the most aggressive point we offer.
-    Every rung that merges uses the default's position rule: calibration chose it for this model."""
+    Every rung that merges uses the default's position rule and attention rule: calibration chose them for this
+    model."""
     default = default or ReductionPlan.default_for_depth(num_layers)
+    how = dict(positions=default.positions, proportional_attention=default.proportional_attention)
     l1, _ = default_prune_range(num_layers)
     start = max(1, num_layers // 4)
     return [
         Level("full", ReductionPlan()),
-        Level("merge-50", ReductionPlan(merge_retention=0.5, positions=default.positions)),
-        Level("merge-25", ReductionPlan(merge_retention=DEFAULT_MERGE_RETENTION, positions=default.positions)),
+        Level("merge-50", ReductionPlan(merge_retention=0.5, **how)),
+        Level("merge-25", ReductionPlan(merge_retention=DEFAULT_MERGE_RETENTION, **how)),
         Level("aim-default", default),
         Level("max-saving", ReductionPlan(merge_retention=0.125, prune_start=start, prune_end=max(start + 1, l1),
-                                          positions=default.positions)),
+                                          **how)),
     ]
 
 

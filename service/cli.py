@@ -46,6 +46,8 @@ def _client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--importance", choices=IMPORTANCE_METHODS, default="pagerank")
     p.add_argument("--positions", choices=POSITION_RULES, default="consecutive",
                    help="merge survivors' positions (1-D RoPE models)")
+    p.add_argument("--proportional-attention", action="store_true",
+                   help="merged tokens draw attention by how many tokens they stand for")
 
 
 def _client(args):
@@ -65,7 +67,7 @@ def _request_kwargs(args, client=None) -> dict:
         prune = args.prune or (None, None)
         plan = ReductionPlan(merge_tokens=args.merge_tokens, merge_retention=args.merge_retention,
                              prune_start=prune[0], prune_end=prune[1], importance=args.importance,
-                             positions=args.positions)
+                             positions=args.positions, proportional_attention=args.proportional_attention)
     return dict(images=args.image, videos=args.video, frames=args.frames, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, seed=args.seed, plan=plan, no_reduction=args.none,
                 slo_ms=args.slo_ms, min_retention=args.min_retention, model=args.model)

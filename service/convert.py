@@ -33,6 +33,7 @@ def plan_from_proto(msg: pb.ReductionPlan) -> ReductionPlan:
         prune_end=(msg.prune_end or None) if msg.prune_start else None,
         importance=_IMPORTANCE_TO_NAME[msg.importance],
         positions=_POSITIONS_TO_NAME[msg.positions],
+        proportional_attention=msg.proportional_attention,
     )
 
 
@@ -40,7 +41,8 @@ def plan_to_proto(plan: ReductionPlan) -> pb.ReductionPlan:
     return pb.ReductionPlan(merge_tokens=plan.merge_tokens or 0, merge_retention=plan.merge_retention or 0.0,
                             prune_start=plan.prune_start or 0, prune_end=plan.prune_end or 0,
                             importance=_NAME_TO_IMPORTANCE[plan.importance],
-                            positions=_NAME_TO_POSITIONS[plan.positions])
+                            positions=_NAME_TO_POSITIONS[plan.positions],
+                            proportional_attention=plan.proportional_attention)
 
 
 def request_from_proto(msg, default_max_new_tokens: int, max_new_tokens_limit: int

@@ -41,6 +41,7 @@ PARAMETERS = {  # name: (type, meaning)
     "aim_prune_end": (int, "plan: l2"),
     "aim_importance": (str, "plan: pagerank | text"),
     "aim_positions": (str, "plan: consecutive | original"),
+    "aim_proportional_attention": (bool, "plan: merged tokens draw attention by their size"),
     "aim_slo_ms": (int, "auto: latency target"),
     "aim_min_retention": (float, "auto: quality floor"),
 }
@@ -159,7 +160,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     merge_tokens=params.get("aim_merge_tokens"), merge_retention=params.get("aim_merge_retention"),
                     prune_start=params.get("aim_prune_start"), prune_end=params.get("aim_prune_end"),
                     importance=params.get("aim_importance", "pagerank"),
-                    positions=params.get("aim_positions", "consecutive")))
+                    positions=params.get("aim_positions", "consecutive"),
+                    proportional_attention=params.get("aim_proportional_attention", False)))
             elif kind == "auto":
                 slo = params.get("aim_slo_ms")
                 reduction = Reduction("auto", slo_s=slo / 1000 if slo else None,

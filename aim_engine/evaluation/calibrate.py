@@ -15,6 +15,7 @@ Calibrate on a validation split and report on a disjoint test split.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -43,8 +44,9 @@ class Candidate:
 
 def candidates(engine: AimEngine, shapes, target_ratio: float) -> list[Candidate]:
     """The paper default first, then each prune range of the grid (the paper's among them) and merging alone, under
-    each position rule (1-D RoPE models only; M-RoPE has one), each with the merge retention that matches
-    `target_ratio`. Those that cannot reach it even at MIN_RETENTION are marked unreachable."""
+    each position rule (1-D RoPE models only; M-RoPE has one) and each attention rule (plain or proportional), each
+    with the merge retention that matches `target_ratio`. Those that cannot reach it even at MIN_RETENTION are
+    marked unreachable."""
     layers = engine.num_layers
     paper = ReductionPlan.default_for_depth(layers)
     out = [Candidate("paper default", paper, flops_ratio(engine, shapes, paper))]
@@ -57,9 +59,9 @@ def candidates(engine: AimEngine, shapes, target_ratio: float) -> list[Candidate
     families.append(("merge only", lambda r: ReductionPlan(merge_retention=r)))
     rules = ("consecutive",) if engine.adapter.uses_mrope else POSITION_RULES
     for label, family in families:
-        for rule in rules:
-            def plan_of(r: float, family=family, rule=rule) -> ReductionPlan:
-                return dataclasses.replace(family(r), positions=rule)
+        for rule, proportional in itertools.product(rules, (False, True)):
+            def plan_of(r: float, family=family, rule=rule, proportional=proportional) -> ReductionPlan:
+                return dataclasses.replace(family(r), positions=rule, proportional_attention=proportional)
 
             retention = match_knob(engine, plan_of, shapes, target_ratio, lo=MIN_RETENTION)
             plan = plan_of(math.floor(retention * 1e4) / 1e4)  # rounded down: the saving stays >= the target
@@ -67,8 +69,9 @@ def candidates(engine: AimEngine, shapes, target_ratio: float) -> list[Candidate
             if dataclasses.replace(plan, merge_retention=paper.merge_retention) == paper and \
                     ratio == out[0].flops_ratio:
                 continue  # the paper default itself, up to the knob's rounding
-            out.append(Candidate(f"{label}, merge {plan.merge_retention:g}, {rule} positions", plan, ratio,
-                                 reachable=ratio >= 0.99 * target_ratio))
+            attention = ", proportional attention" if proportional else ""
+            out.append(Candidate(f"{label}, merge {plan.merge_retention:g}, {rule} positions{attention}", plan,
+                                 ratio, reachable=ratio >= 0.99 * target_ratio))
     return out
 
 

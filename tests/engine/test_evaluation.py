@@ -160,8 +160,8 @@ def test_calibration_keeps_the_paper_defaults_flops_and_becomes_the_models_defau
     target = table["target_flops_ratio"]
     assert target == pytest.approx(flops_ratio(engine, [engine.shape_of(i.request()) for i in ds.items], paper),
                                    abs=1e-4)
-    rules = {c["plan"].endswith("original positions") for c in table["candidates"]}
-    assert rules == {True, False}  # a 1-D RoPE model tries both position rules
+    rules = {("original positions" in c["plan"], "proportional attention" in c["plan"]) for c in table["candidates"]}
+    assert len(rules) == 4  # a 1-D RoPE model tries both position rules, each with both attention rules
     evaluated = [c for c in table["candidates"] if c["accuracy"] is not None]
     assert len(evaluated) >= 6
     for c in evaluated:  # every candidate spends the same FLOPs (to the knob's rounding), never more

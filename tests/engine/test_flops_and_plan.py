@@ -82,8 +82,12 @@ def test_plans_parse_from_text_with_clear_errors():
     assert parse_plan("prune_stages=2:0.1", base) == ReductionPlan(merge_retention=0.25, prune_stages=((2, 0.1),))
     assert parse_plan("positions=original", base) == ReductionPlan(
         merge_retention=0.25, prune_start=15, prune_end=24, positions="original")
+    assert parse_plan("proportional_attention=true", base) == parse_plan("proportional_attention=1", base) == \
+        ReductionPlan(merge_retention=0.25, prune_start=15, prune_end=24, proportional_attention=True)
+    assert not parse_plan("proportional_attention=off").proportional_attention
     for text, message in [("merge_ratio=2", "not key=value over"), ("merge_tokens", "not key=value"),
                           ("merge_tokens=many", "not a valid merge_tokens"), ("prune_start=3", "together"),
-                          ("positions=shifted", "positions must be one of")]:
+                          ("positions=shifted", "positions must be one of"),
+                          ("proportional_attention=maybe", "not a valid proportional_attention")]:
         with pytest.raises(PlanError, match=message):
             parse_plan(text)

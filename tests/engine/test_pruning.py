@@ -5,13 +5,14 @@ are removed — in prefill and over 24 decode steps. Plus the structural guarant
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
 from transformers import DynamicCache
 
 from aim_engine import GenerationRequest, ImagePart, ReductionPlan, SamplingParams, TextPart, VideoPart
-from aim_engine.decoder import decode_step, prefill
+from aim_engine.decoder import LanguageModel, decode_step, prefill
 from tests.conftest import random_frames, random_image
 
 DECODE_STEPS = 24
@@ -20,7 +21,7 @@ LAYERS = 6
 
 def physical_run(engine, prepared, plan, steps):
     pre = prefill(engine.lm, prepared.embeds, prepared.position_ids, prepared.is_visual, plan, steps,
-                  record_kept=True)
+                  record_kept=True, key_bias=prepared.key_bias)
     logits, tokens = [pre.logits], []
     for step in range(steps):
         tokens.append(int(torch.argmax(logits[-1])))
@@ -31,28 +32,35 @@ def physical_run(engine, prepared, plan, steps):
 
 @torch.inference_mode()
 def masked_reference(engine, prepared, kept_per_layer, tokens):
-    """Every token runs through every layer; from a token's decision layer on, no query may attend to it."""
+    """Every token runs through every layer; from a token's decision layer on, no query may attend to it.
+    Under proportional attention every query adds the prompt's key bias (log size) to its logits."""
     lm = engine.lm
     n = prepared.embeds.shape[1]
+    bias = prepared.key_bias if prepared.key_bias is not None else torch.zeros(n)
     cache = DynamicCache()
     cos, sin = lm.rotary_emb(prepared.embeds, prepared.position_ids)
     causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
+
+    def additive(allowed, key_bias):
+        return torch.where(allowed, key_bias, torch.tensor(float("-inf"))).to(prepared.embeds.dtype)
+
     alive, hidden = [], prepared.embeds
     for layer_idx, layer in enumerate(lm.layers):
         keys_alive = torch.zeros(n, dtype=torch.bool)
         keys_alive[kept_per_layer[layer_idx]] = True
         alive.append(keys_alive)
         mask = (causal & keys_alive[None, :]) | torch.eye(n, dtype=torch.bool)
-        hidden = layer(hidden, attention_mask=mask[None, None], position_embeddings=(cos, sin),
-                       past_key_values=cache, use_cache=True)
+        hidden = layer(hidden, attention_mask=additive(mask, bias[None, :])[None, None],
+                       position_embeddings=(cos, sin), past_key_values=cache, use_cache=True)
     logits = [lm.lm_head(lm.norm(hidden[:, -1:]))[0, -1].float()]
     for step, token in enumerate(tokens):
         hidden = lm.embed_tokens(torch.tensor([[token]]))
         cos, sin = lm.rotary_emb(hidden, engine.decode_positions(prepared, step))
         for layer_idx, layer in enumerate(lm.layers):
             mask = torch.cat([alive[layer_idx], torch.ones(step + 1, dtype=torch.bool)])
-            hidden = layer(hidden, attention_mask=mask[None, None, None], position_embeddings=(cos, sin),
-                           past_key_values=cache, use_cache=True)
+            key_bias = torch.cat([bias, torch.zeros(step + 1)])
+            hidden = layer(hidden, attention_mask=additive(mask, key_bias)[None, None, None],
+                           position_embeddings=(cos, sin), past_key_values=cache, use_cache=True)
         logits.append(lm.lm_head(lm.norm(hidden))[0, -1].float())
     return torch.stack(logits)
 
@@ -76,6 +84,8 @@ PLANS = {
     "stages/last_token": ReductionPlan(prune_stages=((2, 0.5), (4, 0.2)), importance="last_token"),
     "merge+prune/original-positions": ReductionPlan(merge_retention=0.5, prune_start=2, prune_end=5,
                                                     positions="original"),
+    "merge+prune/proportional": ReductionPlan(merge_retention=0.5, prune_start=2, prune_end=5,
+                                              proportional_attention=True),
 }
 
 
@@ -151,3 +161,36 @@ def test_original_positions_equal_masking_the_merged_away_tokens(engine_for, fam
     _, logits, tokens = physical_run(engine, reduced, plan, DECODE_STEPS)
     reference = masked_reference(engine, spliced, [index] * LAYERS, tokens)
     torch.testing.assert_close(logits, reference, atol=2e-5, rtol=1e-5)
+
+
+@torch.inference_mode()
+def test_proportional_attention_makes_one_token_of_size_s_equal_s_identical_tokens(engine_for):
+    """In a layer where s identical tokens (same embedding, same position) are replaced by one with bias log s,
+    every later query sees the same attention distribution, so a one-layer LM gives the same logits, in
+    prefill and decode. Without the bias it does not."""
+    engine = engine_for("llava_onevision", layers=LAYERS, image_size=64)
+    full = engine.lm
+    lm = LanguageModel(full.embed_tokens, full.layers[:1], full.norm, full.rotary_emb, full.lm_head)
+    torch.manual_seed(3)
+    d = full.embed_tokens.weight.shape[1]
+    prefix, repeated, other, suffix = (torch.randn(1, k, d) for k in (3, 1, 1, 4))
+    copies = 3
+    long_embeds = torch.cat([prefix, repeated.expand(1, copies, d), other, suffix], dim=1)
+    long_pos = torch.tensor([[0, 1, 2] + [3] * copies + [4, 5, 6, 7, 8]])
+    short_embeds = torch.cat([prefix, repeated, other, suffix], dim=1)
+    short_pos = torch.arange(9)[None]
+    bias = torch.zeros(9)
+    bias[3] = math.log(copies)
+    plan = ReductionPlan()
+
+    def run(embeds, positions, key_bias):
+        is_visual = torch.zeros(embeds.shape[1], dtype=torch.bool)
+        pre = prefill(lm, embeds, positions, is_visual, plan, 3, key_bias=key_bias)
+        logits = [pre.logits]
+        for step, token in enumerate((5, 17, 2)):
+            logits.append(decode_step(lm, torch.tensor([[token]]), torch.tensor([[9 + step]]), pre.cache))
+        return torch.stack(logits)
+
+    reference = run(long_embeds, long_pos, None)
+    torch.testing.assert_close(run(short_embeds, short_pos, bias), reference, atol=2e-5, rtol=1e-5)
+    assert not torch.allclose(run(short_embeds, short_pos, None), reference, atol=1e-3)

@@ -89,6 +89,21 @@ def test_the_position_rule_travels_both_ways(server):
     assert plan_from_proto(pb.ReductionPlan(merge_retention=0.25)).positions == "consecutive"  # unspecified
 
 
+def test_the_attention_rule_travels_both_ways(server):
+    """Proportional attention reaches the engine (it changes what a merged prompt computes, not its FLOPs) and
+    comes back in the applied plan; unset means the paper's plain attention."""
+    with AimClient(server.target) as client:
+        replies = {rule: client.generate("What?", videos=[VIDEO], frames=4, max_new_tokens=6, seed=0,
+                                         plan=ReductionPlan(merge_retention=0.25, proportional_attention=rule))
+                   for rule in (False, True)}
+    plain, proportional = replies[False], replies[True]
+    assert proportional.applied_plan.plan.proportional_attention and not plain.applied_plan.plan.proportional_attention
+    assert proportional.cost.prefill_flops == plain.cost.prefill_flops
+    assert plan_from_proto(proportional.applied_plan.plan) == ReductionPlan(merge_retention=0.25,
+                                                                           proportional_attention=True)
+    assert not plan_from_proto(pb.ReductionPlan(merge_retention=0.25)).proportional_attention
+
+
 def _raw(stub, **fields):
     base = dict(parts=[pb.ContentPart(text="Hi")], sampling=pb.SamplingParams(max_new_tokens=2))
     base.update(fields)

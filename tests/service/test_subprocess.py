@@ -80,7 +80,7 @@ def test_tritonclient_interop(served, tmp_path):
     p = seen["infer_params"]
     assert p["aim_visual_tokens_in"] == 4 * 16 + 1 and p["aim_visual_tokens_merged"] == 4 * 4 + 1
     assert 0 < p["aim_prefill_flops"] < p["aim_baseline_prefill_flops"] and p["aim_plan_source"] == "explicit"
-    assert p["aim_plan"].endswith("original positions")
+    assert p["aim_plan"].endswith("original positions, proportional attention")
     assert p["aim_completion_tokens"] >= 1
     assert seen["image_plan"] == "none"
     assert seen["bad_plan_error"]["status"] == "StatusCode.INVALID_ARGUMENT"

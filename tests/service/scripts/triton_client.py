@@ -38,7 +38,8 @@ def tensors(prompt, image=None, video=None):
 
 
 params = {"aim_max_new_tokens": 6, "aim_reduction": "plan", "aim_merge_retention": 0.25, "aim_prune_start": 2,
-          "aim_prune_end": 5, "aim_num_frames": 4, "aim_positions": "original"}
+          "aim_prune_end": 5, "aim_num_frames": 4, "aim_positions": "original",
+          "aim_proportional_attention": True}
 res = client.infer(model, tensors("What moves?", video=video_path), parameters=params)
 out["infer_text"] = res.as_numpy("text_output")[0].decode("utf-8", "replace")
 p = res.get_response().parameters

@@ -111,20 +111,22 @@ class SamplingParams(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReductionPlan(_message.Message):
-    __slots__ = ("merge_tokens", "merge_retention", "prune_start", "prune_end", "importance", "positions")
+    __slots__ = ("merge_tokens", "merge_retention", "prune_start", "prune_end", "importance", "positions", "proportional_attention")
     MERGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MERGE_RETENTION_FIELD_NUMBER: _ClassVar[int]
     PRUNE_START_FIELD_NUMBER: _ClassVar[int]
     PRUNE_END_FIELD_NUMBER: _ClassVar[int]
     IMPORTANCE_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    PROPORTIONAL_ATTENTION_FIELD_NUMBER: _ClassVar[int]
     merge_tokens: int
     merge_retention: float
     prune_start: int
     prune_end: int
     importance: Importance
     positions: PositionRule
-    def __init__(self, merge_tokens: _Optional[int] = ..., merge_retention: _Optional[float] = ..., prune_start: _Optional[int] = ..., prune_end: _Optional[int] = ..., importance: _Optional[_Union[Importance, str]] = ..., positions: _Optional[_Union[PositionRule, str]] = ...) -> None: ...
+    proportional_attention: bool
+    def __init__(self, merge_tokens: _Optional[int] = ..., merge_retention: _Optional[float] = ..., prune_start: _Optional[int] = ..., prune_end: _Optional[int] = ..., importance: _Optional[_Union[Importance, str]] = ..., positions: _Optional[_Union[PositionRule, str]] = ..., proportional_attention: _Optional[bool] = ...) -> None: ...
 
 class AutoBudget(_message.Message):
     __slots__ = ("latency_slo_ms", "priority", "min_retention")
