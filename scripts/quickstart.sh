@@ -34,7 +34,7 @@ echo "--- demo: aim-serve stream --target 127.0.0.1:$PORT --video build/samples/
 aim-serve stream --target "127.0.0.1:$PORT" --video build/samples/clip.mp4 --frames 8 --prompt "$Q2" \
   --max-new-tokens 8 --aim-default
 echo "--- right answer: $(expected clip.mp4 "$Q2")"
-echo "--- the model answers 79% of the synthetic test questions right without reduction and 63% at its default plan"
+echo "--- the model answers 79% of the synthetic test questions right without reduction and 76% at its default plan"
 echo "    (5.6x fewer LLM prefill FLOPs): docs/fidelity.md. More questions: build/samples/questions.json"
 echo "--- serving on 127.0.0.1:$PORT (Ctrl-C to stop)"
 wait $SERVER
