@@ -4,7 +4,8 @@ decoder layers (in the spirit of gpt-fast's `prefill` / `decode_one_token`).
 Pruned visual tokens are removed from the hidden states, and so never enter a later layer's KV cache.
 Every kept token keeps its original position: cos/sin are computed once for the full sequence and gathered
 with the tokens. Causality is by order, which gathering preserves, so prefill runs the fast kernel with
-`is_causal` and decode needs no mask (batch size 1).
+`is_causal` and decode needs no mask (batch size 1). Under proportional attention (a per-key bias for merged
+tokens) prefill passes an explicit additive causal mask instead, and decode a one-row mask of the bias.
 
 Scores for a pruning decision at layer l come from layer l-1's attention (the last layer that saw the full
 current set), captured from the queries and keys that layer already computed — no extra projections. The

@@ -353,7 +353,11 @@ class AimEngine:
         else:
             position_ids = torch.arange(n, device=device)[None]
             next_position = n
-        key_bias = proportional_key_bias(torch.cat(sizes)) if plan.proportional_attention and plan.merges else None
+        key_bias = None
+        if plan.proportional_attention and plan.merges:
+            sizes = torch.cat(sizes)
+            if bool((sizes > 1).any()):  # all ones: the bias is 0 and the kernel can stay causal
+                key_bias = proportional_key_bias(sizes)
         return PreparedPrompt(
             embeds=embeds, position_ids=position_ids, is_visual=is_visual, next_position=next_position,
             key_bias=key_bias,

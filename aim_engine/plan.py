@@ -53,7 +53,8 @@ class ReductionPlan:
         the LLM always keeps each token's position.
     proportional_attention: every query adds log(size) to its attention logit for a token that stands for
         `size` input tokens, so a merged token draws the attention its members would together (for identical
-        members, exactly). Off: the paper's plain attention. Only merging makes sizes other than 1.
+        members, exactly). Off: the paper's plain attention. Only the "merge" reducer makes sizes other than 1;
+        with the others (and without merging) the flag changes nothing.
     """
 
     merge_tokens: int | None = None
@@ -96,6 +97,8 @@ class ReductionPlan:
             raise PlanError(f"reducer must be one of {PRE_LLM_METHODS}, got {self.reducer!r}")
         if self.positions not in POSITION_RULES:
             raise PlanError(f"positions must be one of {POSITION_RULES}, got {self.positions!r}")
+        if not isinstance(self.proportional_attention, bool):
+            raise PlanError(f"proportional_attention must be true or false, got {self.proportional_attention!r}")
         if self.importance not in IMPORTANCE_METHODS:
             raise PlanError(f"importance must be one of {IMPORTANCE_METHODS}, got {self.importance!r}")
 
@@ -174,7 +177,7 @@ class ReductionPlan:
             parts.append(f"prune {self.prune_start}-{self.prune_end} ({self.importance})")
         if self.merges and self.positions != _DEFAULT_POSITIONS:
             parts.append(f"{self.positions} positions")
-        if self.merges and self.proportional_attention:
+        if self.merges and self.reducer == "merge" and self.proportional_attention:
             parts.append("proportional attention")
         return ", ".join(parts) or "none"
 

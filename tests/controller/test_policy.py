@@ -22,6 +22,13 @@ def test_a_calibrated_default_takes_the_aim_default_rung_and_sets_the_position_r
     assert {l.plan.positions for l in LADDER[1:]} == {"consecutive"}
 
 
+def test_the_merge_rungs_take_the_calibrated_defaults_attention_rule():
+    calibrated = ReductionPlan(merge_retention=0.1621, positions="original", proportional_attention=True)
+    ladder = default_ladder(30, calibrated)
+    assert [l.plan.proportional_attention for l in ladder] == [False, True, True, True, True]
+    assert not any(l.plan.proportional_attention for l in LADDER)
+
+
 @pytest.mark.parametrize("budget,expected", [(10.0, 0), (2.4, 0), (2.39, 1), (1.0, 3), (0.6, 4)])
 def test_highest_quality_that_fits_budget_with_margin(budget, expected):
     d = decide(LADDER, Features(budget_s=budget, min_retention=0.0, predicted_s=PRED, margin=1.2))

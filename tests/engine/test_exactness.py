@@ -63,7 +63,8 @@ def hf_inputs(engine, request):
 
 def engine_greedy_logits(engine, request, plan, steps):
     prepared = engine.prepare(request, plan)
-    pre = prefill(engine.lm, prepared.embeds, prepared.position_ids, prepared.is_visual, plan, steps)
+    pre = prefill(engine.lm, prepared.embeds, prepared.position_ids, prepared.is_visual, plan, steps,
+                  key_bias=prepared.key_bias)
     logits, tokens = [pre.logits], []
     for step in range(steps - 1):
         tokens.append(int(torch.argmax(logits[-1])))

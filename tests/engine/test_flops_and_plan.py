@@ -1,7 +1,7 @@
 import pytest
 
 from aim_engine.flops import LLMShape, decode_step_flops, layer_prefill_flops, prefill_flops
-from aim_engine.plan import PlanError, ReductionPlan, default_prune_range, parse_plan
+from aim_engine.plan import PlanError, ReductionPlan, default_prune_range, parse_plan, plan_from_dict
 
 QWEN2_7B = LLMShape(hidden=3584, ffn=18944, heads=28, kv_heads=4, vocab=152064, layers=28)
 FRAMES, TEXT = 32, 100  # the paper's video setting
@@ -85,6 +85,8 @@ def test_plans_parse_from_text_with_clear_errors():
     assert parse_plan("proportional_attention=true", base) == parse_plan("proportional_attention=1", base) == \
         ReductionPlan(merge_retention=0.25, prune_start=15, prune_end=24, proportional_attention=True)
     assert not parse_plan("proportional_attention=off").proportional_attention
+    with pytest.raises(PlanError, match="proportional_attention must be true or false"):
+        plan_from_dict({"proportional_attention": "false"})
     for text, message in [("merge_ratio=2", "not key=value over"), ("merge_tokens", "not key=value"),
                           ("merge_tokens=many", "not a valid merge_tokens"), ("prune_start=3", "together"),
                           ("positions=shifted", "positions must be one of"),

@@ -96,6 +96,10 @@ def test_physical_pruning_equals_masked_reference(engine_for, family, case, part
         engine_for(family, layers=LAYERS)
     plan = PLANS[plan_name]
     prepared = engine.prepare(GenerationRequest(parts), plan)
+    if plan.proportional_attention:  # the bias is there, for the visual tokens only, and counts every input token
+        assert prepared.key_bias is not None and (prepared.key_bias[~prepared.is_visual] == 0).all()
+        assert prepared.key_bias[prepared.is_visual].exp().sum().round() == prepared.visual_in
+        assert prepared.key_bias.max() > 0
     pre, logits, tokens = physical_run(engine, prepared, plan, DECODE_STEPS)
 
     # something was actually pruned, and the KV cache of later layers is physically shorter

@@ -76,9 +76,9 @@ def test_engine_equals_transformers_generate_on_the_reference_model(reference):
     torch.testing.assert_close(logits, torch.cat(ref.logits).float(), atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("plan_name,floor", [("none", 0.6), ("aim-default", 0.45)])
+@pytest.mark.parametrize("plan_name,floor", [("none", 0.6), ("aim-default", 0.55)])
 def test_reference_model_answers_the_synthetic_questions(reference, plan_name, floor):
-    """Floors well under the measured accuracy (docs/fidelity.md: 79% with no reduction, 63% at AIM's default)
+    """Floors well under the measured accuracy (docs/fidelity.md: 79% with no reduction, 76% at AIM's default)
     and above what an untrained projector gives (no valid answer words at all); the run is seeded and greedy."""
     ds = synthetic_dataset(4)
     for plan in [ReductionPlan() if plan_name == "none" else reference.default_plan()]:

@@ -98,6 +98,7 @@ def test_the_attention_rule_travels_both_ways(server):
                    for rule in (False, True)}
     plain, proportional = replies[False], replies[True]
     assert proportional.applied_plan.plan.proportional_attention and not plain.applied_plan.plan.proportional_attention
+    assert proportional.text != plain.text  # the engine attended differently (greedy, seeded)
     assert proportional.cost.prefill_flops == plain.cost.prefill_flops
     assert plan_from_proto(proportional.applied_plan.plan) == ReductionPlan(merge_retention=0.25,
                                                                            proportional_attention=True)
