@@ -319,7 +319,7 @@ class AimEngine:
             reduce(m.features, m.groups, plan.merge_target) if plan.merges else passthrough(m.features)
             for m in media
         ]
-        pieces, visual, full_index, full_ids, sizes = [], [], [], [], []
+        pieces, visual, full_index, full_ids, token_sizes = [], [], [], [], []
         start, offset = 0, 0  # offset: index in the full (unmerged) prompt
         for slot, item, res in zip(slots + [len(ids)], media + [None], merged + [None]):
             if slot > start:
@@ -328,7 +328,7 @@ class AimEngine:
                 visual.append(torch.zeros(n_text, dtype=torch.bool, device=device))
                 full_index.append(torch.arange(offset, offset + n_text, device=device))
                 full_ids.append(ids[start:slot])
-                sizes.append(torch.ones(n_text, device=device))
+                token_sizes.append(torch.ones(n_text, device=device))
                 offset += n_text
             if item is None:
                 break
@@ -336,7 +336,7 @@ class AimEngine:
             visual.append(torch.ones(res.keep.numel(), dtype=torch.bool, device=device))
             full_index.append(offset + res.keep)
             full_ids.append(ids[slot].repeat(item.features.shape[0]))
-            sizes.append(res.sizes.to(device=device, dtype=torch.float32))
+            token_sizes.append(res.sizes.to(device=device, dtype=torch.float32))
             offset += item.features.shape[0]
             start = slot + 1
 
@@ -355,7 +355,7 @@ class AimEngine:
             next_position = n
         key_bias = None
         if plan.proportional_attention and plan.merges:
-            sizes = torch.cat(sizes)
+            sizes = torch.cat(token_sizes)
             if bool((sizes > 1).any()):  # all ones: the bias is 0 and the kernel can stay causal
                 key_bias = proportional_key_bias(sizes)
         return PreparedPrompt(

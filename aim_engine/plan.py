@@ -184,6 +184,7 @@ class ReductionPlan:
 
 _DEFAULT_POSITIONS = ReductionPlan.__dataclass_fields__["positions"].default
 
+
 def _parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
