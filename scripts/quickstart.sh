@@ -24,7 +24,7 @@ done
 expected() {  # the right answer to question $2 about sample $1, from build/samples/questions.json
   python -c 'import json, sys; print(next(q["answer"] for q in json.load(open("build/samples/questions.json"))[sys.argv[1]] if q["question"] == sys.argv[2]))' "$1" "$2"
 }
-Q1="What shape is furthest to the left?"
+Q1="What colour is the star?"
 echo "--- demo: aim-serve stream --target 127.0.0.1:$PORT --image build/samples/scene.png --prompt '$Q1' --aim-default"
 aim-serve stream --target "127.0.0.1:$PORT" --image build/samples/scene.png --prompt "$Q1" --max-new-tokens 8 \
   --aim-default
