@@ -37,7 +37,8 @@ def _mime(path: Path) -> str:
 def cmd_ask(args) -> int:
     import torch
 
-    from .engine import AimEngine, GenerationRequest, GenerationResult, ImagePart, TextPart, VideoPart
+    from .engine import AimEngine
+    from .request import GenerationRequest, GenerationResult, ImagePart, TextPart, VideoPart
 
     engine = AimEngine.load(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     parts = [ImagePart(data=Path(p).read_bytes(), mime_type=_mime(Path(p))) for p in args.image]

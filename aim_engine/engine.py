@@ -11,116 +11,45 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import Callable, Iterator
 
 import torch
 from PIL import Image
 
 from .adapters import adapter_for_config
 from .adapters.base import EncodedMedia, FamilyAdapter
-from .decoder import ATTENTION_IMPL, decode_step, prefill, proportional_key_bias
+from .decoder import ATTENTION_IMPL, proportional_key_bias
 from .errors import ModelLoadError, RequestError
-from .flops import LLMShape, decode_step_flops, prefill_flops
-from .generation import IncrementalText, SamplingParams, TokenSampler
+from .flops import LLMShape, prefill_flops
 from .media import MediaLimits, decode_image, decode_video
 from .merging import MergeResult
 from .methods import REDUCERS
 from .methods.base import passthrough
 from .plan import PLAN_FILE, PlanError, ReductionPlan, plan_from_dict
+from .request import (GenerationRequest, GenerationResult, ImagePart, Part, RequestStats, TextPart, Timings,
+                      TokenDelta, VideoPart)
+from .serving.kv_pool import KVLayout, KVPool
+from .serving.loop import ServingLoop
+from .serving.sequence import Sequence
+
+# KV pool of a model on CPU when no budget is given. The pool is allocated untouched (torch.empty), so the
+# budget costs memory only as sequences fill it.
+DEFAULT_CPU_KV_BYTES = 2 * 2**30
+# On CUDA without a budget: this share of the device memory free after loading, less room for activations.
+CUDA_KV_FREE_SHARE = 0.85
+CUDA_ACTIVATION_HEADROOM_BYTES = 2 * 2**30
+DEFAULT_MAX_BATCH = 32
+# Prompt tokens prefilled per engine step (at least one sequence): bounds how long running sequences wait for
+# a decode step while newcomers are prefilled.
+DEFAULT_PREFILL_TOKENS_PER_STEP = 8192
 
 
-# ---- the request -------------------------------------------------------------------------------
-@dataclass
-class TextPart:
-    text: str
-
-
-@dataclass
-class ImagePart:
-    """Encoded bytes with their MIME type, or an already decoded image."""
-
-    data: bytes | None = None
-    mime_type: str = ""
-    image: Image.Image | None = None
-
-
-@dataclass
-class VideoPart:
-    """A video as encoded bytes + MIME type + frames to sample; or as frames, already decoded (`frames`) or
-    encoded images (`encoded_frames`: (bytes, MIME type) pairs). `fps` is frames per second of the source
-    timeline (taken from the container when decoding bytes); models with a time axis in their positions
-    (Qwen2.5-VL) use it, others ignore it."""
-
-    data: bytes | None = None
-    mime_type: str = ""
-    num_frames: int = 8
-    frames: list[Image.Image] | None = None
-    fps: float | None = None
-    encoded_frames: list[tuple[bytes, str]] | None = None
-
-
-Part = Union[TextPart, ImagePart, VideoPart]
-
-
-@dataclass
-class GenerationRequest:
-    parts: list[Part]
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    system: str | None = None
-
-
-# ---- what comes back ---------------------------------------------------------------------------
-@dataclass
-class Timings:
-    media_s: float = 0.0
-    vision_s: float = 0.0
-    prefill_s: float = 0.0  # prompt assembly with merging, then the LLM prefill with pruning
-    ttft_s: float = 0.0
-    decode_s: float = 0.0
-    total_s: float = 0.0
-
-
-@dataclass
-class RequestStats:
-    prompt_tokens: int = 0  # LLM input tokens after merging
-    completion_tokens: int = 0
-    visual_tokens_in: int = 0
-    visual_tokens_merged: int = 0
-    visual_tokens_per_layer: list[int] = field(default_factory=list)
-    prefill_flops_baseline: float = 0.0
-    prefill_flops: float = 0.0
-    vision_flops: float = 0.0
-    decode_flops: float = 0.0
-    kv_cache_bytes: int = 0
-    timings: Timings = field(default_factory=Timings)
-
-    @property
-    def prefill_flops_saved(self) -> float:
-        return self.prefill_flops_baseline - self.prefill_flops
-
-    @property
-    def saved_fraction(self) -> float:
-        return self.prefill_flops_saved / self.prefill_flops_baseline if self.prefill_flops_baseline else 0.0
-
-    @property
-    def retention(self) -> float:
-        """Visual tokens after merging over visual tokens in (1.0 with no visual input)."""
-        return self.visual_tokens_merged / self.visual_tokens_in if self.visual_tokens_in else 1.0
-
-
-@dataclass
-class TokenDelta:
-    text: str
-    token_id: int
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    finish_reason: str  # "stop" (EOS or stop string) | "length" | "cancelled"
-    token_ids: list[int]
-    stats: RequestStats
-    plan: ReductionPlan
+def default_kv_cache_bytes(device: torch.device) -> int:
+    """--kv-cache-bytes when not given: a fixed budget on CPU; on CUDA from the memory free after loading."""
+    if device.type != "cuda":
+        return DEFAULT_CPU_KV_BYTES
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(256 * 2**20, int(CUDA_KV_FREE_SHARE * free) - CUDA_ACTIVATION_HEADROOM_BYTES)
 
 
 @dataclass
@@ -169,8 +98,16 @@ def read_default_plan(path: Path) -> ReductionPlan | None:
 
 
 class AimEngine:
+    """One model: request preparation (media, vision, merging, prompt), cost, and the serving loop that runs
+    many requests' prefills and batched decode steps over one KV pool.
+
+    kv_cache_bytes: the KV pool's budget (None: `default_kv_cache_bytes`); max_batch: most sequences decoding
+    together (1 serves one request at a time)."""
+
     def __init__(self, adapter: FamilyAdapter, name: str = "model", limits: MediaLimits = MediaLimits(),
-                 default_plan: ReductionPlan | None = None):
+                 default_plan: ReductionPlan | None = None, kv_cache_bytes: int | None = None,
+                 max_batch: int = DEFAULT_MAX_BATCH,
+                 prefill_tokens_per_step: int = DEFAULT_PREFILL_TOKENS_PER_STEP):
         self.adapter = adapter
         self.name = name
         self.limits = limits
@@ -188,11 +125,16 @@ class AimEngine:
         if gen_cfg is not None and gen_cfg.eos_token_id is not None:
             eos |= set(gen_cfg.eos_token_id if isinstance(gen_cfg.eos_token_id, list) else [gen_cfg.eos_token_id])
         self.eos_ids = {e for e in eos if e is not None}
+        layout = KVLayout.from_config(adapter.text_config, adapter.dtype)
+        budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_cache_bytes(adapter.device)
+        self.pool = KVPool(layout, budget, device=adapter.device)
+        self.loop = ServingLoop(self, max_batch, prefill_tokens_per_step)
 
     # ---- loading --------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
-             limits: MediaLimits = MediaLimits()) -> "AimEngine":
+             limits: MediaLimits = MediaLimits(), kv_cache_bytes: int | None = None,
+             max_batch: int = DEFAULT_MAX_BATCH) -> "AimEngine":
         """Loads a checkpoint directory (never the hub): model, tokenizer, image processor, chat template."""
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
@@ -210,7 +152,7 @@ class AimEngine:
         if template.is_file() and not tokenizer.chat_template:
             tokenizer.chat_template = template.read_text()
         return cls(adapter_cls(model, tokenizer, image_processor), name=path.name, limits=limits,
-                   default_plan=read_default_plan(path))
+                   default_plan=read_default_plan(path), kv_cache_bytes=kv_cache_bytes, max_batch=max_batch)
 
     # ---- plan helpers ---------------------------------------------------------------------------
     @property
@@ -406,59 +348,53 @@ class AimEngine:
         return pos[None].expand(3, 1, 1) if self.adapter.uses_mrope else pos
 
     # ---- running --------------------------------------------------------------------------------
+    def kv_tokens(self, request: GenerationRequest, plan: ReductionPlan) -> list[int]:
+        """Per layer, the most tokens the request can hold in the KV cache under `plan`: its prompt after
+        merging and the plan's pruning, plus max_new_tokens - 1 generated ones (the last is never fed back).
+        `request` must hold decoded media (`decode_request`)."""
+        est = self.cost(self.shape_of(request), plan)
+        extra = request.sampling.max_new_tokens - 1
+        return [est.text_tokens + v + extra for v in est.visual_tokens_per_layer]
+
+    def decode_request(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with its media decoded (bytes -> images/frames), validated against the limits."""
+        return GenerationRequest(self.decode_media(request), request.sampling, request.system)
+
+    def sequence(self, request: GenerationRequest, plan: ReductionPlan, emit: Callable[[object], None],
+                 should_stop: Callable[[], bool] | None = None) -> Sequence:
+        """A sequence for the serving loop; `request` must hold decoded media. Raises the request's errors."""
+        self._validate(request, plan)
+        return Sequence(request=request, plan=plan, kv_tokens=self.kv_tokens(request, plan), emit=emit,
+                        stats=RequestStats(), should_stop=should_stop)
+
     def stream(self, request: GenerationRequest, plan: ReductionPlan | None = None,
                should_stop: Callable[[], bool] | None = None) -> Iterator[TokenDelta | GenerationResult]:
-        """Yields TokenDelta as text becomes final, then one GenerationResult. `should_stop` is polled
-        before every decode step; when it returns True generation ends with finish_reason 'cancelled'."""
+        """Yields TokenDelta as text becomes final, then one GenerationResult, driving the serving loop on this
+        thread (other requests in the loop advance with it). `should_stop` is polled between prefill layers
+        and before every decode step; when it returns True generation ends with finish_reason 'cancelled'."""
         plan = plan or ReductionPlan()
-        params = request.sampling
-        stats = RequestStats()
-        t_start = time.perf_counter()
-        prepared = self.prepare(request, plan, stats.timings)
-
-        t_prefill = time.perf_counter()
-        pre = prefill(self.lm, prepared.embeds, prepared.position_ids, prepared.is_visual, plan,
-                      decode_capacity=params.max_new_tokens, key_bias=prepared.key_bias)
-        sampler = TokenSampler(params)
-        token = sampler(pre.logits)
-        t_first = time.perf_counter()
-        stats.timings.prefill_s += t_first - t_prefill
-        stats.timings.ttft_s = t_first - t_start
-
-        self._fill_prefill_stats(stats, prepared, pre.tokens_per_layer, pre.visual_per_layer)
-        text = IncrementalText(self.tokenizer, params.stop)
-        generated: list[int] = []
-        finish = "length"
-        while True:
-            if token in self.eos_ids:
-                finish = "stop"
-                break
-            generated.append(token)
-            delta = text.add(token)
-            if delta:
-                yield TokenDelta(delta, token)
-            if text.stopped:
-                finish = "stop"
-                break
-            if len(generated) >= params.max_new_tokens:
-                break
-            if should_stop is not None and should_stop():
-                finish = "cancelled"
-                break
-            stats.decode_flops += decode_step_flops(
-                self.shape, [n + len(generated) for n in pre.tokens_per_layer])
-            logits = decode_step(self.lm, torch.tensor([[token]], device=self.adapter.device),
-                                 self.decode_positions(prepared, len(generated) - 1), pre.cache)
-            token = sampler(logits)
-        tail = text.flush()
-        if tail:
-            yield TokenDelta(tail, generated[-1] if generated else -1)
-        t_end = time.perf_counter()
-        stats.completion_tokens = len(generated)
-        stats.kv_cache_bytes = pre.cache.used_bytes()
-        stats.timings.decode_s = t_end - t_first
-        stats.timings.total_s = t_end - t_start
-        yield GenerationResult(text=text.text, finish_reason=finish, token_ids=generated, stats=stats, plan=plan)
+        t0 = time.perf_counter()
+        request = self.decode_request(request)
+        media_s = time.perf_counter() - t0
+        events: list = []
+        seq = self.sequence(request, plan, events.append, should_stop)
+        seq.arrival = t0
+        self.loop.add(seq)
+        try:
+            while True:
+                if not events:
+                    self.loop.step()
+                while events:
+                    event = events.pop(0)
+                    if isinstance(event, BaseException):
+                        raise event
+                    if isinstance(event, GenerationResult):
+                        event.stats.timings.media_s += media_s
+                    yield event
+                    if isinstance(event, GenerationResult):
+                        return
+        finally:
+            self.loop.cancel(seq)  # a caller that stops iterating early frees the sequence's KV at once
 
     def generate(self, request: GenerationRequest, plan: ReductionPlan | None = None,
                  should_stop: Callable[[], bool] | None = None) -> GenerationResult:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from aim_engine import GenerationRequest, ReductionPlan, SamplingParams
-from aim_engine.engine import ImagePart, TextPart, VideoPart
+from aim_engine.request import ImagePart, TextPart, VideoPart
 from aim_engine.errors import GenerationError, PlanError
 
 from .proto.aim.v1 import aim_service_pb2 as pb

@@ -16,7 +16,7 @@ import json
 import struct
 
 from aim_engine import GenerationRequest, ReductionPlan, SamplingParams, TokenDelta
-from aim_engine.engine import ImagePart, TextPart, VideoPart
+from aim_engine.request import ImagePart, TextPart, VideoPart
 from aim_engine.errors import GenerationError, PlanError
 from aim_engine.media import sniff_mime_type
 

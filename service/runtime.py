@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 from aim_engine import AimEngine, GenerationRequest, GenerationResult, ReductionPlan, SamplingParams, TokenDelta
-from aim_engine.engine import ImagePart, RequestStats, TextPart, VideoPart
+from aim_engine.request import ImagePart, RequestStats, TextPart, VideoPart
 from aim_engine.errors import EngineError, GenerationError, PlanError
 from controller.controller import BudgetController, ControllerConfig
 from controller.cost_model import Observation

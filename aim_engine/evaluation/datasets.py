@@ -22,7 +22,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..engine import GenerationRequest, ImagePart, SamplingParams, TextPart, VideoPart
+from ..generation import SamplingParams
+from ..request import GenerationRequest, ImagePart, TextPart, VideoPart
 from ..reference import synthetic as syn
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."

@@ -49,9 +49,27 @@ def test_stop_string_ends_generation_and_is_not_returned(engine_for):
 
 def test_cancellation_stops_at_the_next_decode_step(engine_for):
     engine = engine_for("llava_onevision")
-    calls = []
-    result = engine.generate(video_request(max_new_tokens=50), should_stop=lambda: calls.append(1) or len(calls) >= 3)
-    assert result.finish_reason == "cancelled" and len(result.token_ids) == 3
+    request = video_request(max_new_tokens=50, ignore_eos=True)
+    seen = []
+    stop_after = 3
+    for event in engine.stream(request, should_stop=lambda: len(seen) >= stop_after):
+        if isinstance(event, TokenDelta):
+            seen.append(event)
+        result = event
+    # the stop is seen before the next decode step: no token after the one whose text made it true
+    assert result.finish_reason == "cancelled" and len(seen) == stop_after
+    assert result.token_ids[-1] == seen[-1].token_id and len(result.token_ids) < 50
+    assert engine.pool.used_blocks == 0 and engine.pool.reserved_blocks == 0
+
+
+def test_cancellation_between_prefill_layers_frees_the_kv_at_once(engine_for):
+    engine = engine_for("llava_onevision", layers=6, image_size=64)
+    polls = []
+    result = engine.generate(video_request(max_new_tokens=8),
+                             should_stop=lambda: polls.append(engine.pool.used_blocks) or len(polls) > 3)
+    assert result.finish_reason == "cancelled" and result.token_ids == []
+    assert polls[3] > 0  # it held KV of its first layers when it stopped
+    assert engine.pool.used_blocks == 0 and engine.pool.reserved_blocks == 0
 
 
 def test_stats_account_for_the_plan(engine_for):

@@ -51,7 +51,7 @@ def masked_reference(engine, prepared, kept_per_layer, tokens):
         alive.append(keys_alive)
         mask = (causal & keys_alive[None, :]) | torch.eye(n, dtype=torch.bool)
         hidden = layer(hidden, attention_mask=additive(mask, bias[None, :])[None, None],
-                       position_embeddings=(cos, sin), past_key_values=cache, use_cache=True)
+                       position_embeddings=(cos, sin), cache=cache, use_cache=True)
     logits = [lm.lm_head(lm.norm(hidden[:, -1:]))[0, -1].float()]
     for step, token in enumerate(tokens):
         hidden = lm.embed_tokens(torch.tensor([[token]]))
@@ -60,7 +60,7 @@ def masked_reference(engine, prepared, kept_per_layer, tokens):
             mask = torch.cat([alive[layer_idx], torch.ones(step + 1, dtype=torch.bool)])
             key_bias = torch.cat([bias, torch.zeros(step + 1)])
             hidden = layer(hidden, attention_mask=additive(mask, key_bias)[None, None, None],
-                           position_embeddings=(cos, sin), past_key_values=cache, use_cache=True)
+                           position_embeddings=(cos, sin), cache=cache, use_cache=True)
         logits.append(lm.lm_head(lm.norm(hidden))[0, -1].float())
     return torch.stack(logits)
 

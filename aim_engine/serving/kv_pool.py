@@ -1,0 +1,251 @@
+"""KV memory as a pool of fixed-size blocks under a byte budget, held per (sequence, layer).
+
+AIM prunes visual tokens inside the LLM, so one sequence's layers hold different numbers of tokens: layer 0
+the whole merged prompt, a layer past the pruning range only the text. A paged cache that gives every layer
+of a sequence the same block table (vLLM's) cannot express that; here each (sequence, layer) owns its own list
+of blocks, so a layer holds exactly the tokens that survived to it.
+
+Layout: one slot-major tensor per K and V for all layers, `(num_blocks * BLOCK_SIZE, kv_heads, head_dim)`,
+plus one fp32 key bias per slot (proportional attention: log of how many input tokens a key stands for; 0 for
+a plain token). A slot is `block * BLOCK_SIZE + offset`. Blocks are all the same size and any free block
+serves any (sequence, layer), so freeing never leaves holes that grow with time: the pool's only waste is the
+unfilled tail of each (sequence, layer)'s last block (< BLOCK_SIZE tokens).
+
+Reservations: before its prefill a sequence reserves every block it can ever need (its plan fixes the tokens
+per layer, `max_new_tokens` bounds the decode), and takes them from its reservation as it fills them. So an
+admitted sequence never waits for memory and nothing is preempted; a sequence that does not fit waits (or, if
+it could never fit, is refused). Should a sequence ever hold more tokens at a layer than its plan said (an
+estimate that fell short), it takes unreserved free blocks, and fails alone if there are none.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+BLOCK_SIZE = 16  # tokens per block: small enough that the unfilled tail per (sequence, layer) stays small
+BIAS_BYTES = 4  # the fp32 key bias stored per slot
+
+
+class KVPoolExhausted(RuntimeError):
+    """A sequence needed a block beyond its reservation and the pool had none free."""
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What one token's K/V at one layer looks like."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V of one token at one layer, plus its key bias."""
+        return 2 * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size() + BIAS_BYTES
+
+    @classmethod
+    def from_config(cls, text_config, dtype: torch.dtype) -> "KVLayout":
+        heads = text_config.num_attention_heads
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+        kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+        return cls(text_config.num_hidden_layers, kv_heads, head_dim, dtype)
+
+
+def blocks_for(tokens_per_layer: list[int], block_size: int = BLOCK_SIZE) -> int:
+    """Blocks a sequence holding `tokens_per_layer[l]` tokens at layer l needs."""
+    return sum(math.ceil(t / block_size) for t in tokens_per_layer)
+
+
+class KVPool:
+    def __init__(self, layout: KVLayout, budget_bytes: int, device: torch.device | str = "cpu",
+                 block_size: int = BLOCK_SIZE):
+        self.layout = layout
+        self.block_size = block_size
+        self.block_bytes = block_size * layout.bytes_per_token
+        self.num_blocks = budget_bytes // self.block_bytes
+        if self.num_blocks < 1:
+            raise ValueError(f"a KV budget of {budget_bytes} bytes holds no block of {self.block_bytes} bytes")
+        slots = self.num_blocks * block_size
+        # Allocated, not written: memory is committed only as sequences fill it. No read ever sees an unwritten
+        # slot (decode's padding points at each sequence's own first key).
+        self.keys = torch.empty(slots, layout.kv_heads, layout.head_dim, dtype=layout.dtype, device=device)
+        self.values = torch.empty_like(self.keys)
+        self.key_bias = torch.empty(slots, dtype=torch.float32, device=device)
+        self._free: list[int] = list(range(self.num_blocks - 1, -1, -1))  # a stack: reuse the warmest block
+        self._reserved = 0  # blocks promised to sequences and not yet taken
+
+    @staticmethod
+    def bytes_for(layout: KVLayout, tokens_per_layer: list[int], block_size: int = BLOCK_SIZE) -> int:
+        """The budget that holds exactly one sequence of this shape."""
+        return blocks_for(tokens_per_layer, block_size) * block_size * layout.bytes_per_token
+
+    # ---- accounting ---------------------------------------------------------------------------
+    @property
+    def capacity_bytes(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def reserved_blocks(self) -> int:
+        """Blocks held or promised: what admission has given away."""
+        return self.used_blocks + self._reserved
+
+    def blocks_for(self, tokens_per_layer: list[int]) -> int:
+        return blocks_for(tokens_per_layer, self.block_size)
+
+    def can_reserve(self, blocks: int) -> bool:
+        return blocks <= len(self._free) - self._reserved
+
+    # ---- sequences ----------------------------------------------------------------------------
+    def reserve(self, tokens_per_layer: list[int]) -> "SequenceKV":
+        """A sequence's KV, with every block it may need promised to it. Call `can_reserve` first."""
+        blocks = self.blocks_for(tokens_per_layer)
+        if not self.can_reserve(blocks):
+            raise KVPoolExhausted(f"{blocks} blocks asked, {len(self._free) - self._reserved} available")
+        self._reserved += blocks
+        return SequenceKV(self, blocks)
+
+    def _take(self, kv: "SequenceKV") -> int:
+        if kv.reserved > 0:
+            kv.reserved -= 1
+            self._reserved -= 1
+        elif len(self._free) <= self._reserved:
+            raise KVPoolExhausted("a sequence outgrew its KV reservation and no unreserved block is free")
+        return self._free.pop()
+
+    def release(self, kv: "SequenceKV") -> None:
+        """Every block of the sequence back to the pool, and what is left of its reservation."""
+        for blocks in kv.blocks:
+            self._free.extend(reversed(blocks))
+            blocks.clear()
+        self._reserved -= kv.reserved
+        kv.reserved = 0
+        kv.released = True
+
+
+class SequenceKV:
+    """One sequence's K/V: per layer, its own block list and length. Implements the `update` call a Hugging
+    Face attention module makes during prefill (the sequence's keys at a layer are exactly what it writes)."""
+
+    def __init__(self, pool: KVPool, reserved: int):
+        self.pool = pool
+        self.reserved = reserved
+        self.blocks: list[list[int]] = [[] for _ in range(pool.layout.num_layers)]
+        self.lengths = [0] * pool.layout.num_layers
+        self.has_bias = [False] * pool.layout.num_layers
+        self.released = False
+
+    def append_slots(self, layer: int, count: int) -> list[int]:
+        """Slots for `count` more tokens at `layer`, taking blocks as the last one fills."""
+        bs = self.pool.block_size
+        blocks, start = self.blocks[layer], self.lengths[layer]
+        while len(blocks) * bs < start + count:
+            blocks.append(self.pool._take(self))
+        self.lengths[layer] = start + count
+        return [blocks[i // bs] * bs + i % bs for i in range(start, start + count)]
+
+    def write_prompt(self, layer: int, key: torch.Tensor, value: torch.Tensor,
+                     key_bias: torch.Tensor | None) -> None:
+        """key/value (kv_heads, n, head_dim) of the prompt tokens present at `layer`; key_bias (n,) or None."""
+        slots = torch.tensor(self.append_slots(layer, key.shape[1]), device=key.device)
+        pool = self.pool
+        pool.keys.index_copy_(0, slots, key.transpose(0, 1).to(pool.keys.dtype))
+        pool.values.index_copy_(0, slots, value.transpose(0, 1).to(pool.values.dtype))
+        if key_bias is None:
+            pool.key_bias.index_fill_(0, slots, 0.0)
+        else:
+            pool.key_bias.index_copy_(0, slots, key_bias.to(torch.float32))
+        self.has_bias[layer] = key_bias is not None
+
+    # The prefill's cache protocol: a batch of one with no earlier context (the prompt attends to itself), so
+    # the keys a layer writes are the keys it attends to. The prefill sets `prompt_key_bias` before each layer.
+    prompt_key_bias: torch.Tensor | None = None
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.write_prompt(layer_idx, key[0], value[0], self.prompt_key_bias)
+        return key, value
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.lengths[layer_idx]
+
+    def used_bytes(self) -> int:
+        """Bytes of K/V and bias the sequence's tokens occupy (not counting unfilled block tails)."""
+        return sum(self.lengths) * self.pool.layout.bytes_per_token
+
+    def held_blocks(self) -> int:
+        return sum(len(b) for b in self.blocks)
+
+
+class DecodeBatchKV:
+    """The cache of one batched decode step: every sequence appends one token at every layer and attends to
+    all it holds there. Built on the host from the block tables before the step (lengths and slots are known
+    there), moved to the device in one copy per tensor, so no layer syncs the device.
+
+    Per layer l: `write_slots[l]` (B,) where the new token goes; `gather[l]` (B, T_l) the slots of each
+    sequence's keys, padded to the longest (T_l); `mask(l)` (B, 1, 1, T_l) additive: the key bias, -inf on
+    padding; None when no sequence pads or has a bias (the kernel then needs no mask at all).
+
+    Attention reads the keys through a gather into a padded (B, kv_heads, T_l, head_dim) tensor: correct on
+    any device with SDPA. A paged kernel (e.g. FlashAttention's block-table decode) would take `tables` and
+    `lengths` instead and skip the gather; the block tables are per (sequence, layer) either way."""
+
+    def __init__(self, pool: KVPool, sequences: list[SequenceKV], device: torch.device | str, dtype: torch.dtype):
+        self.pool = pool
+        bs, num_layers = pool.block_size, pool.layout.num_layers
+        write, lengths, tables = [], [], []
+        for kv in sequences:
+            write.append([kv.append_slots(layer, 1)[0] for layer in range(num_layers)])
+            lengths.append(kv.lengths)
+        max_blocks = max(len(b) for kv in sequences for b in kv.blocks)
+        for layer in range(num_layers):
+            tables.append([kv.blocks[layer] + [0] * (max_blocks - len(kv.blocks[layer])) for kv in sequences])
+        self.write_slots = torch.tensor(write, device=device).T.contiguous()  # (L, B)
+        pool.key_bias.index_fill_(0, self.write_slots.flatten(), 0.0)  # a generated token stands for itself
+        self.lengths_host = [list(col) for col in zip(*lengths)]  # [layer][sequence]
+        lengths_t = torch.tensor(self.lengths_host, device=device)  # (L, B)
+        tables_t = torch.tensor(tables, device=device)  # (L, B, max_blocks)
+        self.has_bias = [any(kv.has_bias[layer] for kv in sequences) for layer in range(num_layers)]
+        self.gather, self._masks = [], []
+        for layer in range(num_layers):
+            width = max(self.lengths_host[layer])
+            pos = torch.arange(width, device=device)
+            slots = tables_t[layer].gather(1, (pos // bs).expand(len(sequences), -1)) * bs + pos % bs
+            padded = min(self.lengths_host[layer]) < width
+            if padded:  # padding reads the sequence's first key (written, finite); the mask hides it
+                slots = torch.where(pos[None, :] < lengths_t[layer][:, None], slots, slots[:, :1])
+            self.gather.append(slots)
+            if not padded and not self.has_bias[layer]:
+                self._masks.append(None)
+                continue
+            mask = pool.key_bias[slots] if self.has_bias[layer] else torch.zeros(slots.shape, device=device)
+            if padded:
+                mask = mask.masked_fill(pos[None, :] >= lengths_t[layer][:, None], float("-inf"))
+            self._masks.append(mask.to(dtype)[:, None, None, :])
+
+    def mask(self, layer: int) -> torch.Tensor | None:
+        return self._masks[layer]
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """key/value (B, kv_heads, 1, head_dim): written at each sequence's new slot; returns every key and
+        value each sequence holds at this layer, padded: (B, kv_heads, T, head_dim)."""
+        pool, slots = self.pool, self.write_slots[layer_idx]
+        pool.keys.index_copy_(0, slots, key[:, :, 0].to(pool.keys.dtype))
+        pool.values.index_copy_(0, slots, value[:, :, 0].to(pool.values.dtype))
+        gather = self.gather[layer_idx]
+        keys = pool.keys[gather].transpose(1, 2)
+        values = pool.values[gather].transpose(1, 2)
+        return keys.to(key.dtype), values.to(value.dtype)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max(self.lengths_host[layer_idx]) - 1

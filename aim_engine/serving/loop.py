@@ -1,0 +1,155 @@
+"""The step loop: one per model. Each step admits waiting sequences and prefills them, then runs one batched
+decode step for every running sequence, and hands each caller its new text.
+
+`step()` can be driven inline (the engine's own `generate`, evaluation, tests) or by `start()`'s thread (the
+service). Steps are serialised by a lock, so both may drive it: every step advances every sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Callable
+
+from ..decoder import PrefillCancelled
+from ..request import GenerationResult, TokenDelta
+from .model_runner import ModelRunner
+from .scheduler import Scheduler
+from .sequence import FINISHED, Sequence
+
+if TYPE_CHECKING:
+    from ..engine import AimEngine
+
+log = logging.getLogger("aim.engine")
+
+
+class ServingLoop:
+    def __init__(self, engine: "AimEngine", max_batch: int, prefill_tokens_per_step: int):
+        self.engine = engine
+        self.scheduler = Scheduler(engine.pool, max_batch, prefill_tokens_per_step)
+        self.runner = ModelRunner(engine)
+        self.on_decode_step: Callable[[int], None] | None = None  # batch size of each decode step (metrics)
+        self._step_lock = threading.RLock()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # ---- submitting -----------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        """Queues a sequence (thread-safe, never blocks). Raises KVBudgetError if it could never fit."""
+        self.scheduler.add(seq)
+        with self._wake:
+            self._wake.notify()
+
+    def cancel(self, seq: Sequence) -> None:
+        """Ends a sequence now if it has not ended (its caller gave up); frees its KV."""
+        with self._step_lock:
+            self.scheduler.take_inbox()
+            if seq.status != FINISHED:
+                self._finish(seq, "cancelled")
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- one step -------------------------------------------------------------------------------
+    def step(self) -> None:
+        with self._step_lock:
+            sched = self.scheduler
+            sched.take_inbox()
+            for seq in sched.stopped():
+                self._finish(seq, "cancelled")
+            for seq in sched.admit():
+                try:
+                    token = self.runner.prefill(seq)
+                except PrefillCancelled:
+                    self._finish(seq, "cancelled")
+                    continue
+                except Exception as exc:  # noqa: BLE001 - this request's fault or not, it fails alone
+                    self._fail(seq, exc)
+                    continue
+                self._accept(seq, token)
+            batch = list(sched.running)
+            if not batch:
+                return
+            try:
+                tokens = self.runner.decode(batch)
+            except Exception as exc:  # noqa: BLE001 - a failed batched step fails the sequences in it
+                log.exception("decode step failed for %d sequences", len(batch))
+                for seq in batch:
+                    self._fail(seq, exc)
+                return
+            if self.on_decode_step is not None:
+                self.on_decode_step(len(batch))
+            for seq, token in zip(batch, tokens):
+                self._accept(seq, token)
+
+    def _accept(self, seq: Sequence, token: int) -> None:
+        """A newly sampled token: the end of the answer, or text for the caller and the next decode input."""
+        params = seq.sampling
+        if token in self.engine.eos_ids and not params.ignore_eos:
+            self._finish(seq, "stop")
+            return
+        seq.generated.append(token)
+        delta = seq.text.add(token)
+        if delta:
+            seq.emit(TokenDelta(delta, token))
+        if seq.text.stopped:
+            self._finish(seq, "stop")
+        elif len(seq.generated) >= params.max_new_tokens:
+            self._finish(seq, "length")
+        elif seq.stop_requested():
+            self._finish(seq, "cancelled")
+        else:
+            seq.next_token = token
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        stats = seq.stats
+        if seq.kv is not None:
+            stats.kv_cache_bytes = seq.kv.used_bytes()
+        self.scheduler.finish(seq)
+        if seq.text is not None:
+            tail = seq.text.flush()
+            if tail:
+                seq.emit(TokenDelta(tail, seq.generated[-1] if seq.generated else -1))
+        end = time.perf_counter()
+        stats.completion_tokens = len(seq.generated)
+        stats.timings.decode_s = end - seq.first_token if seq.first_token else 0.0
+        stats.timings.total_s = end - seq.arrival
+        stats.mean_batch = seq.mean_batch
+        seq.emit(GenerationResult(text=seq.text.text if seq.text else "", finish_reason=reason,
+                                  token_ids=list(seq.generated), stats=stats, plan=seq.plan))
+
+    def _fail(self, seq: Sequence, exc: BaseException) -> None:
+        self.scheduler.finish(seq)
+        seq.emit(exc)
+
+    # ---- the thread -----------------------------------------------------------------------------
+    def start(self, name: str = "aim-loop") -> "ServingLoop":
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not self.has_work():
+                    self._wake.wait()
+                if self._closed:
+                    return
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - the loop must outlive any one step
+                log.exception("engine step failed")
+
+    def close(self) -> None:
+        """Stops the thread after its current step; sequences still queued are failed."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        with self._step_lock:
+            self.scheduler.take_inbox()
+            for seq in list(self.scheduler.waiting) + list(self.scheduler.running):
+                self._fail(seq, RuntimeError("the engine was closed"))

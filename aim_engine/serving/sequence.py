@@ -1,0 +1,63 @@
+"""A request's state while the engine serves it: from waiting, through its prefill, to its last token."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from ..generation import IncrementalText
+from ..plan import ReductionPlan
+from .kv_pool import SequenceKV
+
+if TYPE_CHECKING:
+    from ..engine import PreparedPrompt
+    from ..request import GenerationRequest, RequestStats
+
+WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """`emit` receives, in order: TokenDelta events, then one GenerationResult or one exception. It is called
+    on the thread that steps the engine and must not block.
+
+    `kv_tokens[l]`: the most tokens the sequence can hold at layer l (its prompt after merging and the plan's
+    pruning, plus `max_new_tokens - 1` generated tokens): the KV it reserves before its prefill."""
+
+    request: "GenerationRequest"
+    plan: ReductionPlan
+    kv_tokens: list[int]
+    emit: Callable[[Any], None]
+    stats: "RequestStats"
+    should_stop: Callable[[], bool] | None = None
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    status: str = WAITING
+    arrival: float = field(default_factory=time.perf_counter)
+    # set at admission / prefill
+    kv: SequenceKV | None = None
+    prepared: "PreparedPrompt | None" = None
+    generator: torch.Generator | None = None
+    text: IncrementalText | None = None
+    generated: list[int] = field(default_factory=list)
+    next_token: int | None = None  # sampled and not yet fed back through the model
+    started: float = 0.0  # prefill began
+    first_token: float = 0.0
+    decode_steps: int = 0
+    batch_size_sum: int = 0  # over its decode steps: the sum of the batch sizes it ran in
+
+    @property
+    def sampling(self):
+        return self.request.sampling
+
+    def stop_requested(self) -> bool:
+        return self.should_stop is not None and self.should_stop()
+
+    @property
+    def mean_batch(self) -> float:
+        return self.batch_size_sum / self.decode_steps if self.decode_steps else 1.0
