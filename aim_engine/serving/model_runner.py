@@ -37,6 +37,8 @@ class ModelRunner:
         pre = prefill(self.lm, prepared.embeds, prepared.position_ids, prepared.is_visual, seq.plan,
                       key_bias=prepared.key_bias, kv=seq.kv, should_stop=seq.stop_requested)
         seq.generator = sequence_generator(seq.sampling, self.device)
+        if seq.logits is not None:
+            seq.logits.append(pre.logits.cpu())
         token = int(sample_tokens(pre.logits[None], [seq.sampling], [seq.generator])[0])
         seq.first_token = time.perf_counter()
         stats.timings.prefill_s += seq.first_token - t_llm
@@ -54,7 +56,9 @@ class ModelRunner:
             positions = positions[None].expand(3, -1, -1)
         kv = DecodeBatchKV(self.engine.pool, [s.kv for s in batch], self.device, self.dtype)
         logits = decode_batch(self.lm, tokens, positions, kv)
-        for seq in batch:
+        for row, seq in enumerate(batch):
+            if seq.logits is not None:
+                seq.logits.append(logits[row].cpu())
             seq.stats.decode_flops += decode_step_flops(self.engine.shape, seq.kv.lengths)
             seq.decode_steps += 1
             seq.batch_size_sum += len(batch)

@@ -50,6 +50,7 @@ class Sequence:
     first_token: float = 0.0
     decode_steps: int = 0
     batch_size_sum: int = 0  # over its decode steps: the sum of the batch sizes it ran in
+    logits: list[torch.Tensor] | None = None  # if a list: every step's logits (vocab,) fp32, appended on the host
 
     @property
     def sampling(self):
