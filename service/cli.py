@@ -36,6 +36,7 @@ def _client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int)
+    p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens (benchmarks)")
     p.add_argument("--slo-ms", type=int, default=0, help="auto: latency target")
     p.add_argument("--min-retention", type=float, default=0.0, help="auto: quality floor")
     p.add_argument("--none", action="store_true", help="no reduction")
@@ -69,7 +70,8 @@ def _request_kwargs(args, client=None) -> dict:
                              prune_start=prune[0], prune_end=prune[1], importance=args.importance,
                              positions=args.positions, proportional_attention=args.proportional_attention)
     return dict(images=args.image, videos=args.video, frames=args.frames, max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature, seed=args.seed, plan=plan, no_reduction=args.none,
+                temperature=args.temperature, seed=args.seed, ignore_eos=args.ignore_eos, plan=plan,
+                no_reduction=args.none,
                 slo_ms=args.slo_ms, min_retention=args.min_retention, model=args.model)
 
 

@@ -57,7 +57,8 @@ class AimClient:
     @staticmethod
     def build_request(prompt: str, images: Sequence[Media] = (), videos: Sequence[Media] = (),
                       frames: int = 0, max_new_tokens: int = 0, temperature: float = 0.0, top_p: float = 0.0,
-                      seed: int | None = None, stop: Sequence[str] = (), plan: ReductionPlan | None = None,
+                      seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
+                      plan: ReductionPlan | None = None,
                       no_reduction: bool = False, slo_ms: int = 0, min_retention: float = 0.0,
                       model: str = "", system_prompt: str = "", message=pb.GenerateRequest):
         parts = []
@@ -75,7 +76,7 @@ class AimClient:
         else:
             reduction = pb.Reduction(auto=pb.AutoBudget(latency_slo_ms=slo_ms, min_retention=min_retention))
         sampling = pb.SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                     stop=list(stop))
+                                     stop=list(stop), ignore_eos=ignore_eos)
         if seed is not None:
             sampling.seed = seed
         return message(model=model, parts=parts, sampling=sampling, reduction=reduction, system_prompt=system_prompt)

@@ -88,7 +88,7 @@ def _sampling(msg, default_max_new_tokens: int, limit: int) -> SamplingParams:
     if max_new > limit:
         raise ServiceError("invalid_argument", f"sampling.max_new_tokens {max_new} exceeds the limit {limit}")
     return SamplingParams(max_new_tokens=max_new, temperature=s.temperature, top_p=s.top_p or 1.0,
-                          seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop))
+                          seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop), ignore_eos=s.ignore_eos)
 
 
 def _reduction(msg: pb.Reduction) -> Reduction:

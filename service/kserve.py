@@ -32,6 +32,7 @@ PARAMETERS = {  # name: (type, meaning)
     "aim_top_p": (float, "nucleus mass (0, 1]"),
     "aim_seed": (int, "sampling seed"),
     "aim_stop": (str, "a stop string, or a JSON list of them"),
+    "aim_ignore_eos": (bool, "generate exactly aim_max_new_tokens (benchmarks)"),
     "aim_system": (str, "system prompt"),
     "aim_num_frames": (int, "frames sampled from the video"),
     "aim_reduction": (str, "auto (default) | none | plan"),
@@ -151,7 +152,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             sampling = SamplingParams(max_new_tokens=max_new, temperature=float(params.get("aim_temperature", 0.0)),
                                       top_p=float(params.get("aim_top_p", 1.0)), seed=params.get("aim_seed"),
-                                      stop=stops)
+                                      stop=stops, ignore_eos=bool(params.get("aim_ignore_eos", False)))
             kind = params.get("aim_reduction", "auto")
             if kind == "none":
                 reduction = Reduction("none")

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
 TOKEN_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 RETENTION_BUCKETS = (0.05, 0.1, 0.125, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0)
 
 
@@ -46,8 +47,20 @@ class ServiceMetrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("aim_time_per_output_token_seconds", "Decode time per generated token after the first.",
                               m, buckets=TOKEN_TIME_BUCKETS, registry=r)
-        self.in_flight = Gauge("aim_requests_in_flight", "Requests running on a worker.", m, registry=r)
-        self.queue_depth = Gauge("aim_queue_depth", "Requests waiting for a worker.", m, registry=r)
+        self.in_flight = Gauge("aim_requests_in_flight", "Sequences in the running batch (prefilled or decoding).", m,
+                               registry=r)
+        self.queue_depth = Gauge("aim_queue_depth", "Admitted requests not in the running batch: decoding media, or "
+                                 "waiting for a place in the batch or for KV memory.", m, registry=r)
+        self.batch_size = Histogram("aim_batch_size", "Sequences in each batched decode step.", m,
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.kv_usage = Gauge("aim_kv_cache_usage_ratio", "Share of the KV pool's blocks holding tokens.", m,
+                              registry=r)
+        self.kv_reserved = Gauge("aim_kv_cache_reserved_ratio", "Share of the KV pool's blocks held or promised to "
+                                 "admitted sequences (what admission sees).", m, registry=r)
+        self.kv_used_bytes = Gauge("aim_kv_cache_used_bytes", "Bytes of the KV pool in blocks holding tokens.", m,
+                                   registry=r)
+        self.kv_capacity_bytes = Gauge("aim_kv_cache_capacity_bytes", "Bytes of the KV pool (--kv-cache-bytes, "
+                                       "whole blocks).", m, registry=r)
         self.visual_in = Counter("aim_visual_tokens_in_total", "Visual tokens from the vision encoder.", m, registry=r)
         self.visual_merged = Counter("aim_visual_tokens_merged_total", "Visual tokens after merging (LLM input).", m,
                                      registry=r)
@@ -112,10 +125,19 @@ class ServiceMetrics:
         self.gpu_utilization.set_function(lambda: gpu("utilization"))
         self.gpu_memory.set_function(lambda: gpu("memory_used_fraction"))
 
+    def watch_engine(self, model: str, runtime) -> None:
+        """Batch and KV pool gauges, read from the runtime and its engine's pool at scrape time."""
+        pool = runtime.engine.pool
+        self.in_flight.labels(model).set_function(lambda: runtime.running)
+        self.queue_depth.labels(model).set_function(lambda: runtime.waiting)
+        self.kv_usage.labels(model).set_function(lambda: pool.used_blocks / pool.num_blocks)
+        self.kv_reserved.labels(model).set_function(lambda: pool.reserved_blocks / pool.num_blocks)
+        self.kv_used_bytes.labels(model).set_function(lambda: pool.used_blocks * pool.block_bytes)
+        self.kv_capacity_bytes.labels(model).set(pool.capacity_bytes)
+        self.batch_size.labels(model)
+
     def model_loaded(self, model: str) -> None:
         """Creates the per-model series at zero so dashboards and rate() see them before the first request."""
         for metric in (self.visual_in, self.visual_merged, self.flops_baseline, self.flops_actual):
             metric.labels(model)
-        self.in_flight.labels(model).set(0)
-        self.queue_depth.labels(model).set(0)
         self.model_ready.labels(model).set(1)

@@ -1,16 +1,20 @@
-"""A served model: admission, plan choice, and generation on worker threads, streamed to asyncio.
+"""A served model: admission, plan choice, and the engine's serving loop, streamed to asyncio.
 
 No protobuf here: requests come in as engine types plus a `Reduction` choice; errors leave as ServiceError
-with a status name the gRPC layer maps. The event loop never runs model or media work.
+with a status name the gRPC layer maps. The event loop never runs model or media work: media are decoded on a
+small executor, the model runs on the engine's loop thread (one per model), which serves every admitted
+request together (continuous batching: up to the engine's max_batch sequences decode in one step).
 
 Admission (at arrival, before any work):
-- more than `max_queue` requests already waiting -> resource_exhausted;
+- `max_batch + max_queue` requests already in the system (decoding media, waiting or running)
+  -> resource_exhausted;
 - the request's deadline cannot cover the expected queue wait plus the fastest recent service time
-  -> deadline_exceeded.
-Auto plans (after a worker is free): budget = min(SLO, remaining deadline); the controller's `decide` picks the
-highest ladder level whose predicted latency fits. If none fits, the request is served best-effort at the
+  -> deadline_exceeded;
+- its KV need (its plan's tokens per layer + max new tokens) exceeds the whole KV pool -> resource_exhausted.
+Auto plans (once its media are decoded): budget = min(SLO, remaining deadline); the controller's `decide` picks
+the highest ladder level whose predicted latency fits. If none fits, the request is served best-effort at the
 cheapest allowed level, unless even that is predicted to miss its deadline -> deadline_exceeded.
-Cancellation and deadlines stop generation at the next decode step.
+Cancellation and deadlines stop a request between prefill layers and at every decode step, and free its KV.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import AsyncIterator
 from aim_engine import AimEngine, GenerationRequest, GenerationResult, ReductionPlan, SamplingParams, TokenDelta
 from aim_engine.request import ImagePart, RequestStats, TextPart, VideoPart
 from aim_engine.errors import EngineError, GenerationError, PlanError
+from aim_engine.serving.scheduler import KVBudgetError
 from controller.controller import BudgetController, ControllerConfig
 from controller.cost_model import Observation
 from controller.policy import default_ladder
@@ -98,44 +103,56 @@ class _Slot:
 
 
 class ModelRuntime:
-    def __init__(self, name: str, engine: AimEngine, metrics: ServiceMetrics, workers: int = 1, max_queue: int = 16,
-                 default_frames: int = 8, default_slo_s: float = 10.0, controller: BudgetController | None = None):
+    def __init__(self, name: str, engine: AimEngine, metrics: ServiceMetrics, max_queue: int = 16,
+                 default_frames: int = 8, default_slo_s: float = 10.0, controller: BudgetController | None = None,
+                 media_workers: int = 2, max_batch: int | None = None):
         self.name = name
         self.engine = engine
         self.metrics = metrics
-        self.workers = workers
         self.max_queue = max_queue
         self.default_frames = default_frames
         self.default_slo_s = default_slo_s
         self.controller = controller or BudgetController(default_ladder(engine.num_layers, engine.default_plan()),
                                                          ControllerConfig(slo_s=default_slo_s))
-        self._executor = ThreadPoolExecutor(workers, thread_name_prefix=f"aim-{name}")
-        self._media_executor = ThreadPoolExecutor(2, thread_name_prefix=f"aim-{name}-media")
-        self._slots = asyncio.Semaphore(workers)
-        self._waiting = 0
-        self._running = 0
+        self._media_executor = ThreadPoolExecutor(media_workers, thread_name_prefix=f"aim-{name}-media")
+        self._in_system = 0  # admitted and not yet answered: decoding media, waiting or running
         self._service_times: deque[float] = deque(maxlen=SERVICE_TIME_WINDOW)
+        self.scheduler = engine.loop.scheduler
+        if max_batch is not None:
+            self.scheduler.max_batch = max_batch
         metrics.model_loaded(name)
         metrics.watch_controller(name, self.controller)
+        metrics.watch_engine(name, self)
+        engine.loop.on_decode_step = metrics.batch_size.labels(name).observe
+        engine.loop.start(name=f"aim-{name}-loop")
 
     @property
     def ladder(self):
         return self.controller.ladder
 
+    @property
+    def max_batch(self) -> int:
+        return self.scheduler.max_batch
+
     # ---- load signals -------------------------------------------------------------------------
     @property
-    def waiting(self) -> int:
-        return self._waiting
+    def running(self) -> int:
+        """Sequences in the running batch."""
+        return self.scheduler.num_running
 
     @property
-    def running(self) -> int:
-        return self._running
+    def waiting(self) -> int:
+        """Admitted requests not in the running batch (decoding media, or waiting for a place or KV memory)."""
+        return max(0, self._in_system - self.running)
 
     def expected_queue_wait(self) -> float:
+        """A newcomer waits only when the batch is full: then for its share of the requests ahead."""
         if not self._service_times:
             return 0.0
-        mean = sum(self._service_times) / len(self._service_times)
-        return (self._waiting + max(0, self._running - self.workers + 1)) * mean / self.workers
+        ahead = self._in_system - self.max_batch + 1
+        if ahead <= 0:
+            return 0.0
+        return ahead * (sum(self._service_times) / len(self._service_times)) / self.max_batch
 
     # ---- generation ---------------------------------------------------------------------------
     async def stream(self, request: GenerationRequest, reduction: Reduction, deadline: float | None = None
@@ -144,53 +161,28 @@ class ModelRuntime:
         arrival = time.monotonic()
         self._admit(deadline, arrival)
         slot = _Slot(deadline=deadline)
-        self._waiting += 1
-        self.metrics.queue_depth.labels(self.name).set(self._waiting)
-        try:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            await asyncio.wait_for(self._slots.acquire(), timeout)
-        except asyncio.TimeoutError:
-            raise ServiceError("deadline_exceeded", "the deadline passed while the request waited for a worker") \
-                from None
-        finally:
-            self._waiting -= 1
-            self.metrics.queue_depth.labels(self.name).set(self._waiting)
-        queue_s = time.monotonic() - arrival
-        self.metrics.queue_wait.labels(self.name).observe(queue_s)
-
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        self._running += 1
-        self.metrics.in_flight.labels(self.name).set(self._running)
 
         def push(item) -> None:
             loop.call_soon_threadsafe(events.put_nowait, item)
 
-        def work() -> None:
-            try:
-                self._work(request, reduction, slot, arrival, queue_s, push)
-            except BaseException as exc:  # noqa: BLE001 - every failure goes back to the handler
-                push(exc)
-            finally:
-                push(None)
-
-        done = asyncio.wrap_future(self._executor.submit(work))
-        # the slot is freed when the worker is done, not when the handler leaves, so `workers` holds
-        done.add_done_callback(lambda _: self._release())
+        self._in_system += 1
         try:
+            started = time.perf_counter()
+            seq, applied, media_s = await loop.run_in_executor(
+                self._media_executor, self._submit, request, reduction, slot, arrival, started, push)
             while True:
                 item = await events.get()
-                if item is None:
-                    return
-                if isinstance(item, (Finished, BaseException)):
-                    # The worker's last act. Wait until it has returned and its slot is free (the callback above
-                    # runs first), so a caller that sends its next request on this answer finds the worker free.
-                    await asyncio.shield(done)
                 if isinstance(item, BaseException):
                     raise item
+                if isinstance(item, GenerationResult):
+                    yield self._finished(item, seq, applied, slot, media_s, started, reduction.slo_s)
+                    return
                 yield item
         finally:
-            slot.stop.set()  # client gone, cancelled, or done: the worker stops at its next decode step
+            slot.stop.set()  # client gone, cancelled, or done: the loop drops it at its next step boundary
+            self._in_system -= 1
 
     async def generate(self, request: GenerationRequest, reduction: Reduction, deadline: float | None = None
                        ) -> Finished:
@@ -200,16 +192,12 @@ class ModelRuntime:
                 return event
         raise RuntimeError("generation ended without a result")
 
-    def _release(self) -> None:
-        self._running -= 1
-        self.metrics.in_flight.labels(self.name).set(self._running)
-        self._slots.release()
-
     def _admit(self, deadline: float | None, now: float) -> None:
-        if self._waiting >= self.max_queue and self._running >= self.workers:  # it would wait, and no room
+        limit = self.max_batch + self.max_queue
+        if self._in_system >= limit:
             raise ServiceError("resource_exhausted",
-                               f"model {self.name} has {self._waiting} requests waiting (limit {self.max_queue}); "
-                               "retry with backoff")
+                               f"model {self.name} has {self.running} requests running and {self.waiting} waiting "
+                               f"(limit {self.max_batch} + {self.max_queue}); retry with backoff")
         if deadline is not None and self._service_times:
             fastest = min(self._service_times)
             needed = self.expected_queue_wait() + fastest
@@ -218,34 +206,42 @@ class ModelRuntime:
                                    f"the deadline ({deadline - now:.3f}s left) cannot cover the expected queue wait "
                                    f"and service time ({needed:.3f}s); raise the deadline or retry later")
 
-    def _work(self, request: GenerationRequest, reduction: Reduction, slot: _Slot, arrival: float, queue_s: float,
-              push) -> None:
+    def _submit(self, request: GenerationRequest, reduction: Reduction, slot: _Slot, arrival: float,
+                started: float, push):
+        """On the media executor: decode media, choose the plan, hand the sequence to the engine's loop."""
         t0 = time.monotonic()
         decoded = self._decode(request)
         media_s = time.monotonic() - t0
+        if slot.should_stop():
+            raise ServiceError("deadline_exceeded", "the deadline passed while the request's media were decoded")
         applied = self._choose(decoded, reduction, slot.deadline, arrival)
-        result = None
-        for event in self.engine.stream(decoded, applied.plan, should_stop=slot.should_stop):
-            if isinstance(event, GenerationResult):
-                result = event
-            else:
-                push(event)
-        total_s = time.monotonic() - arrival
-        self._service_times.append(time.monotonic() - t0)  # time on the worker: what a queued request waits for
+        seq = self.engine.sequence(decoded, applied.plan, push, slot.should_stop)
+        seq.arrival = started
+        try:
+            self.engine.loop.add(seq)
+        except KVBudgetError as exc:
+            raise ServiceError("resource_exhausted", str(exc)) from None
+        return seq, applied, media_s
+
+    def _finished(self, result: GenerationResult, seq, applied: AppliedPlan, slot: _Slot, media_s: float,
+                  started: float, slo_s: float | None) -> Finished:
+        total_s = time.perf_counter() - started
+        queue_s = max(0.0, seq.started - started - media_s) if seq.started else total_s
+        self._service_times.append(total_s - queue_s)  # media, prefill and decode: what a queued request waits for
         if result.finish_reason == "cancelled" and not slot.stop.is_set():
             # stopped by its own deadline, not by the client: the RPC fails as such instead of answering a part
             raise ServiceError("deadline_exceeded", f"the deadline passed after {len(result.token_ids)} "
                                                     "generated tokens; allow more time or ask for fewer tokens")
-        self._record(result.stats, media_s, total_s, applied, reduction.slo_s)
-        push(Finished(result=result, applied=applied, queue_s=queue_s, media_s=media_s, total_s=total_s))
+        self.metrics.queue_wait.labels(self.name).observe(queue_s)
+        self._record(result.stats, media_s, total_s, applied, slo_s)
+        return Finished(result=result, applied=applied, queue_s=queue_s, media_s=media_s, total_s=total_s)
 
     def _decode(self, request: GenerationRequest) -> GenerationRequest:
         parts = [replace(p, num_frames=p.num_frames or self.default_frames) if isinstance(p, VideoPart) else p
                  for p in request.parts]
         if not any(isinstance(p, TextPart) and p.text.strip() for p in parts):
             raise ServiceError("invalid_argument", "the prompt has no text: add a question or instruction")
-        decoded = self.engine.decode_media(GenerationRequest(parts, request.sampling, request.system))
-        return GenerationRequest(decoded, request.sampling, request.system)
+        return self.engine.decode_request(GenerationRequest(parts, request.sampling, request.system))
 
     def _choose(self, decoded: GenerationRequest, reduction: Reduction, deadline: float | None, arrival: float
                 ) -> AppliedPlan:
@@ -259,7 +255,7 @@ class ModelRuntime:
         if deadline is not None:
             budget = min(budget, deadline - now)
         predicted = [self._predict(decoded, level.plan) for level in self.ladder]
-        decision = self.controller.choose(predicted, budget, reduction.min_retention, queue_depth=self._waiting)
+        decision = self.controller.choose(predicted, budget, reduction.min_retention, queue_depth=self.waiting)
         level_name = self.ladder[decision.level].name if decision.level >= 0 else "none"
         self.metrics.controller_decisions.labels(self.name, level_name, decision.outcome).inc()
         if decision.rejected:
@@ -326,7 +322,8 @@ class ModelRuntime:
 
     def close(self) -> None:
         self.controller.close()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.engine.loop.close()
+        self.engine.loop.on_decode_step = None
         self._media_executor.shutdown(wait=False, cancel_futures=True)
 
 

@@ -25,8 +25,10 @@ class Settings:
     metrics_port: int = _f(9464, "Prometheus /metrics HTTP port (0 = pick a free one, -1 = off)")
     device: str = _f("cpu", "torch device for the models: cpu, cuda, cuda:1")
     dtype: str = _f("float32", "model dtype: float32, bfloat16, float16")
-    workers: int = _f(1, "requests run at once per model (each on its own thread)")
-    max_queue: int = _f(16, "requests waiting for a worker before new ones get RESOURCE_EXHAUSTED")
+    max_batch: int = _f(32, "most sequences decoding together per model (continuous batching; 1 = one at a time)")
+    kv_cache_bytes: int = _f(0, "KV cache pool per model, bytes (0 = default: 2 GiB on CPU; on CUDA 85% of the "
+                             "memory free after loading, less 2 GiB)")
+    max_queue: int = _f(16, "requests waiting beyond a full batch before new ones get RESOURCE_EXHAUSTED")
     max_message_bytes: int = _f(64 * 1024 * 1024, "largest gRPC message received or sent, bytes")
     max_media_bytes: int = _f(64 * 1024 * 1024, "largest image or video, bytes")
     max_pixels: int = _f(40_000_000, "largest image or video frame, pixels")
@@ -62,9 +64,11 @@ class Settings:
             raise ValueError("no model to serve: pass --model PATH (or NAME=PATH), or set AIM_MODELS")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("TLS needs both tls_cert and tls_key")
-        for name in ("workers", "max_frames", "default_frames", "max_new_tokens", "default_max_new_tokens"):
+        for name in ("max_batch", "max_frames", "default_frames", "max_new_tokens", "default_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.kv_cache_bytes < 0:
+            raise ValueError("kv_cache_bytes must be >= 0 (0 = the default)")
         if self.max_queue < 0:
             raise ValueError("max_queue must be >= 0")
 

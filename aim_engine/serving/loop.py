@@ -126,6 +126,10 @@ class ServingLoop:
 
     # ---- the thread -----------------------------------------------------------------------------
     def start(self, name: str = "aim-loop") -> "ServingLoop":
+        """Starts the stepping thread (a no-op if it runs); a closed loop can be started again."""
+        if self._thread is not None and self._thread.is_alive():
+            return self
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         return self
@@ -149,6 +153,7 @@ class ServingLoop:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout=30)
+            self._thread = None
         with self._step_lock:
             self.scheduler.take_inbox()
             for seq in list(self.scheduler.waiting) + list(self.scheduler.running):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from urllib.request import urlopen
 
 import grpc
 import pytest
@@ -158,7 +159,7 @@ def test_bad_input_gets_the_right_status_and_the_server_keeps_serving(server, na
 
 
 def test_concurrent_clients_are_all_answered_or_cleanly_rejected(make_server):
-    srv = make_server(max_queue=2, workers=1)
+    srv = make_server(max_queue=2, max_batch=1)
     with AimClient(srv.target) as client:
         def call(i):
             try:
@@ -191,7 +192,7 @@ def _seconds_until_idle(runtime, limit: float) -> float:
 
 
 def test_cancelled_generation_stops_and_the_next_request_starts_promptly(make_server):
-    srv = make_server(workers=1)
+    srv = make_server(max_batch=1)
     with AimClient(srv.target) as client:
         full = _long_request_check(client)
         events = client.stream_events(LONG_PROMPT, videos=[VIDEO], frames=4, max_new_tokens=LONG, no_reduction=True)
@@ -217,7 +218,7 @@ def test_cancelled_generation_stops_and_the_next_request_starts_promptly(make_se
 
 
 def test_deadline_exceeded_stops_the_request(make_server):
-    srv = make_server(workers=1)
+    srv = make_server(max_batch=1)
     with AimClient(srv.target) as client:
         full = _long_request_check(client)
         srv.running.state.runtimes["tiny-ov"]._service_times.clear()  # admission has no history: it lets it run
@@ -238,7 +239,7 @@ def test_deadline_exceeded_stops_the_request(make_server):
 
 
 def test_deadline_that_cannot_be_met_is_rejected_at_admission(make_server):
-    srv = make_server(workers=1)
+    srv = make_server(max_batch=1)
     with AimClient(srv.target) as client:
         full = _long_request_check(client)
         runtime = srv.running.state.runtimes["tiny-ov"]
@@ -381,7 +382,7 @@ def test_request_metrics_use_bounded_model_labels(make_server):
 
 
 def test_no_queue_means_run_if_a_worker_is_free_else_reject(make_server):
-    srv = make_server(max_queue=0, workers=1)
+    srv = make_server(max_queue=0, max_batch=1)
     with AimClient(srv.target) as client:
         for _ in range(20):  # a free worker: served, and free again by the time the answer arrives
             assert client.generate("Hi", max_new_tokens=1).usage.completion_tokens == 1
@@ -391,3 +392,36 @@ def test_no_queue_means_run_if_a_worker_is_free_else_reject(make_server):
             client.generate("Hi", max_new_tokens=1)
         events.cancel()
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def _batch_sizes(metrics, model: str) -> dict[str, float]:
+    """Cumulative bucket counts of aim_batch_size for `model`, by upper bound."""
+    return {s.labels["le"]: s.value for s in metrics.batch_size.collect()[0].samples
+            if s.name == "aim_batch_size_bucket" and s.labels["model"] == model}
+
+
+def test_concurrent_requests_decode_in_one_batch_and_answer_as_alone(make_server):
+    """While one long request holds its place in the batch (it runs until cancelled), five others arrive over
+    gRPC: each is decoded in steps shared with it, and answers exactly what it answers alone."""
+    srv = make_server(max_batch=8, max_queue=8, max_new_tokens=4096)
+    prompts = [f"Question {i}: what moves, and where?" for i in range(5)]
+    kwargs = dict(videos=[VIDEO], frames=4, max_new_tokens=12, ignore_eos=True)
+    with AimClient(srv.target) as client:
+        alone = [client.generate(p, **kwargs, no_reduction=i % 2 == 0).text for i, p in enumerate(prompts)]
+        before = _batch_sizes(srv.metrics, "tiny-ov")
+        holder = client.stream_events(LONG_PROMPT, videos=[VIDEO], frames=4, max_new_tokens=4096, ignore_eos=True,
+                                      no_reduction=True)
+        next(holder)  # it is decoding
+        with ThreadPoolExecutor(5) as pool:
+            together = list(pool.map(lambda ip: client.generate(ip[1], **kwargs, no_reduction=ip[0] % 2 == 0).text,
+                                     enumerate(prompts)))
+        holder.cancel()
+    assert together == alone
+    after = _batch_sizes(srv.metrics, "tiny-ov")
+    steps = after["+Inf"] - before["+Inf"]
+    alone_steps = after["1.0"] - before["1.0"]
+    assert steps > 0 and steps - alone_steps >= 11  # each of the five decoded its 11 steps beside the holder
+    text = urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics").read().decode()
+    for name in ("aim_kv_cache_usage_ratio", "aim_kv_cache_reserved_ratio", "aim_kv_cache_used_bytes",
+                 "aim_kv_cache_capacity_bytes", "aim_batch_size_bucket"):
+        assert f'{name}{{' in text
