@@ -1,12 +1,16 @@
-"""Load generator: throughput, p50/p95/p99 latency and rejection rate of a real `aim-serve serve` process at
-several concurrency levels, the empty plan and the default AIM plan side by side (interleaved per level).
+"""Load generator for continuous batching: throughput, tokens/s, TTFT and latency of real `aim-serve serve`
+processes, batched (--max-batch 32) next to one-at-a-time (--max-batch 1), the empty plan next to the AIM default,
+for short answers (prefill-bound) and long ones (exactly --long-tokens tokens, EOS ignored: decode-bound).
 
 Closed loop: `concurrency` clients each send their next request as soon as the last one ends (or is rejected),
-until `--requests` requests per (plan, level) are done. Every request is a video question.
+until `--requests` requests per configuration and level are done. Every request is a video question. Both
+engines run as their own server process, loaded side by side; the compared configurations of a level run
+interleaved (batched/none, one/none, batched/aim, one/aim, then again), `--repeats` times, and the medians are
+reported with the spread over repeats. Mean batch is read from the server's own aim_batch_size histogram over the
+level; KV usage is the peak of aim_kv_cache_usage_ratio sampled during it. A last run at a small fixed KV budget
+shows how many sequences each plan fits.
 
-    python bench/service_load.py --model models/tiny-llava-onevision          # the quickstart's default model
-"""
-
+    python bench/service_load.py --model models/aim-reference          # the reference model (docs/performance.md)
 from __future__ import annotations
 
 import argparse
@@ -51,31 +55,65 @@ def sample_video(frames: int = 32) -> bytes:
     return buf.getvalue()
 
 
-def start_server(model: str, max_queue: int, workers: int, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, max_queue: int, max_batch: int, extra: list[str] = ()
+                 ) -> tuple[subprocess.Popen, str, int]:
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", model, "--port", "0",
-                             "--metrics-port", "-1", "--max-queue", str(max_queue), "--workers", str(workers),
-                             *extra],
+                             "--metrics-port", "0", "--max-queue", str(max_queue), "--max-batch", str(max_batch),
+                             "--calibrate", "0", *extra],
                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
-        match = re.search(r"aim-serve listening on ([\d.]+):(\d+)", line)
+        match = re.search(r"aim-serve listening on ([\d.]+):(\d+); metrics on http://[\d.]+:(\d+)", line)
         if match:
-            return proc, f"{match[1]}:{match[2]}"
+            return proc, f"{match[1]}:{match[2]}", int(match[3])
     raise RuntimeError("server did not start")
 
 
-async def run_level(stub, request, concurrency: int, total: int) -> dict:
-    latencies, rejected, errors = [], 0, 0
+def scrape(metrics_port: int) -> dict[str, float]:
+    """The server's metrics: {'name{labels}': value}."""
+    from urllib.request import urlopen
+
+    out = {}
+    for line in urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode().splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def batch_totals(metrics: dict[str, float]) -> tuple[float, float]:
+    """(sum, count) of aim_batch_size over all models."""
+    total = sum(v for k, v in metrics.items() if k.startswith("aim_batch_size_sum"))
+    count = sum(v for k, v in metrics.items() if k.startswith("aim_batch_size_count"))
+    return total, count
+
+
+async def run_level(stub, request, concurrency: int, total: int, metrics_port: int) -> dict:
+    latencies, ttfts, tokens, rejected, errors = [], [], 0, 0, 0
     issued = 0
+    peak_kv = 0.0
+    done = asyncio.Event()
+
+    async def sample_kv():
+        nonlocal peak_kv
+        while not done.is_set():
+            values = await asyncio.to_thread(scrape, metrics_port)
+            peak_kv = max([peak_kv] + [v for k, v in values.items() if k.startswith("aim_kv_cache_usage_ratio")])
+            try:
+                await asyncio.wait_for(done.wait(), 0.25)
+            except asyncio.TimeoutError:
+                pass
 
     async def client():
-        nonlocal issued, rejected, errors
+        nonlocal issued, rejected, errors, tokens
         while issued < total:
             issued += 1
             start = time.perf_counter()
             try:
-                await stub.Generate(request, timeout=300)
+                reply = await stub.Generate(request, timeout=600)
                 latencies.append(time.perf_counter() - start)
+                ttfts.append(reply.timings.time_to_first_token_seconds)
+                tokens += reply.usage.completion_tokens
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     rejected += 1
@@ -83,64 +121,130 @@ async def run_level(stub, request, concurrency: int, total: int) -> dict:
                 else:
                     errors += 1
 
+    before = batch_totals(await asyncio.to_thread(scrape, metrics_port))
+    sampler = asyncio.create_task(sample_kv())
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
     elapsed = time.perf_counter() - start
-    q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else [latencies[0]] * 99
-    return {"throughput_rps": len(latencies) / elapsed, "p50_s": q[49], "p95_s": q[94], "p99_s": q[98],
-            "rejected_fraction": rejected / (rejected + len(latencies)), "errors": errors, "answered": len(latencies)}
+    done.set()
+    await sampler
+    after = batch_totals(await asyncio.to_thread(scrape, metrics_port))
+    steps = after[1] - before[1]
+
+    def pct(values, q):
+        return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+    return {"throughput_rps": len(latencies) / elapsed, "tokens_per_s": tokens / elapsed,
+            "ttft_p50_s": pct(ttfts, 50), "latency_p50_s": pct(latencies, 50), "latency_p95_s": pct(latencies, 95),
+            "mean_batch": (after[0] - before[0]) / steps if steps else 0.0, "kv_usage_peak": peak_kv,
+            "rejected_fraction": rejected / max(1, rejected + len(latencies)), "errors": errors,
+            "answered": len(latencies)}
+
+
+def median_row(runs: list[dict]) -> dict:
+    """Medians over repeats, with each figure's spread (max - min) / median as `spread`."""
+    row = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    row["spread"] = {k: (max(r[k] for r in runs) - min(r[k] for r in runs)) / row[k] if row[k] else 0.0
+                     for k in ("throughput_rps", "tokens_per_s", "latency_p95_s")}
+    row["repeats"] = len(runs)
+    return row
+
+
+ENGINES = {"batched": 32, "one-at-a-time": 1}
 
 
 async def main_async(args) -> list[dict]:
-    proc, target = start_server(args.model, args.max_queue, args.workers)
+    servers = {name: start_server(args.model, args.max_queue, max_batch) for name, max_batch in ENGINES.items()}
+    small = start_server(args.model, args.max_queue, 32, ["--kv-cache-bytes", str(args.small_kv_bytes)]) \
+        if args.small_kv_bytes else None
+    channels = []
     try:
-        async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
-            stub = pb_grpc.AimServiceStub(ch)
-            info = await stub.GetModelInfo(pb.GetModelInfoRequest())
-            video = sample_video()
-            base = dict(parts=[pb.ContentPart(video=pb.Video(data=video, mime_type="video/mp4",
-                                                             num_frames=args.frames)),
-                               pb.ContentPart(text="Where does the red square move?")],
-                        sampling=pb.SamplingParams(max_new_tokens=args.max_new_tokens))
-            plans = {"none": pb.Reduction(none=pb.NoReduction()),
-                     "aim-default": pb.Reduction(plan=info.default_plan)}
-            for name, reduction in plans.items():  # warm-up
-                await stub.Generate(pb.GenerateRequest(**base, reduction=reduction))
-            rows = []
+        stubs = {}
+        for name, (_, target, port) in servers.items():
+            channel = grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
+            channels.append(channel)
+            stubs[name] = (pb_grpc.AimServiceStub(channel), port)
+        info = await next(iter(stubs.values()))[0].GetModelInfo(pb.GetModelInfoRequest())
+        video = sample_video()
+        plans = {"none": pb.Reduction(none=pb.NoReduction()), "aim-default": pb.Reduction(plan=info.default_plan)}
+        workloads = {"short": pb.SamplingParams(max_new_tokens=args.short_tokens),
+                     "long": pb.SamplingParams(max_new_tokens=args.long_tokens, ignore_eos=True)}
+
+        def request(plan: str, workload: str) -> pb.GenerateRequest:
+            return pb.GenerateRequest(
+                parts=[pb.ContentPart(video=pb.Video(data=video, mime_type="video/mp4", num_frames=args.frames)),
+                       pb.ContentPart(text="Where does the red square move?")],
+                sampling=workloads[workload], reduction=plans[plan])
+
+        for stub, _ in stubs.values():  # warm-up
+            for plan in plans:
+                await stub.Generate(request(plan, "short"))
+        rows = []
+        for workload in args.workloads:
             for concurrency in args.concurrency:
-                for name, reduction in plans.items():
-                    row = await run_level(stub, pb.GenerateRequest(**base, reduction=reduction), concurrency,
-                                          args.requests)
-                    rows.append({"plan": name, "concurrency": concurrency, **row})
-                    print(f"{name:12s} c={concurrency:3d}  {row['throughput_rps']:6.2f} req/s  p50 {row['p50_s']:.3f}s"
-                          f"  p95 {row['p95_s']:.3f}s  p99 {row['p99_s']:.3f}s  rejected {row['rejected_fraction']:.0%}",
-                          flush=True)
-            return rows
+                runs: dict[tuple[str, str], list[dict]] = {}
+                for _ in range(args.repeats):
+                    for plan in plans:
+                        for engine, (stub, port) in stubs.items():
+                            runs.setdefault((engine, plan), []).append(await run_level(
+                                stub, request(plan, workload), concurrency, args.requests, port))
+                for (engine, plan), results in runs.items():
+                    row = {"engine": engine, "plan": plan, "workload": workload, "concurrency": concurrency,
+                           **median_row(results)}
+                    rows.append(row)
+                    print(f"{workload:5s} c={concurrency:3d} {engine:13s} {plan:11s} {row['throughput_rps']:6.2f} req/s "
+                          f"{row['tokens_per_s']:7.1f} tok/s  ttft p50 {row['ttft_p50_s']:.3f}s  "
+                          f"p50 {row['latency_p50_s']:.3f}s  p95 {row['latency_p95_s']:.3f}s  "
+                          f"batch {row['mean_batch']:.1f}  kv {row['kv_usage_peak']:.0%}  "
+                          f"spread {row['spread']['throughput_rps']:.0%}", flush=True)
+        if small is not None:
+            _, target, port = small
+            async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+                stub = pb_grpc.AimServiceStub(ch)
+                for plan in plans:
+                    row = await run_level(stub, request(plan, "long"), 32, args.requests, port)
+                    rows.append({"engine": "batched", "plan": plan, "workload": "long", "concurrency": 32,
+                                 "kv_cache_bytes": args.small_kv_bytes, **row})
+                    print(f"small KV budget ({args.small_kv_bytes / 2**20:.0f} MiB), long, c=32, {plan:11s}: "
+                          f"mean batch {row['mean_batch']:.1f}, {row['throughput_rps']:.2f} req/s, "
+                          f"kv {row['kv_usage_peak']:.0%}", flush=True)
+        return rows
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+        for channel in channels:
+            await channel.close()
+        for proc, _, _ in list(servers.values()) + ([small] if small else []):
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(ROOT / "models/tiny-llava-onevision"))
+    parser.add_argument("--model", default=str(ROOT / "models/aim-reference"))
     parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--requests", type=int, default=40, help="answered or rejected, per plan and level")
-    parser.add_argument("--max-queue", type=int, default=4)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--json-out", default=str(ROOT / "docs/results/service-load.json"))
+    parser.add_argument("--short-tokens", type=int, default=8)
+    parser.add_argument("--long-tokens", type=int, default=128)
+    parser.add_argument("--workloads", nargs="+", default=["short", "long"], choices=["short", "long"])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16, 32])
+    parser.add_argument("--requests", type=int, default=32, help="answered or rejected, per configuration and level")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats per configuration and level")
+    parser.add_argument("--max-queue", type=int, default=64)
+    parser.add_argument("--small-kv-bytes", type=int, default=64 * 2**20,
+                        help="the fixed small KV budget of the last run (0 = skip it)")
+    parser.add_argument("--json-out", default=str(ROOT / "docs/results/service-batching.json"))
     args = parser.parse_args()
     rows = asyncio.run(main_async(args))
     for row in rows:
-        row["setting"] = {"model": Path(args.model).name, "frames": args.frames, "max_new_tokens": args.max_new_tokens,
-                          "max_queue": args.max_queue, "workers": args.workers}
+        row["setting"] = {"model": Path(args.model).name, "frames": args.frames, "requests": args.requests,
+                          "max_queue": args.max_queue}
     Path(args.json_out).write_text(json.dumps(rows, indent=2) + "\n")
-    print("\n| plan | concurrency | throughput req/s | p50 s | p95 s | p99 s | rejected |\n|---|---|---|---|---|---|---|")
+    print("\n| workload | concurrency | engine | plan | req/s | tokens/s | TTFT p50 s | p50 s | p95 s | mean batch | "
+          "KV peak | spread req/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['plan']} | {r['concurrency']} | {r['throughput_rps']:.2f} | {r['p50_s']:.3f} | {r['p95_s']:.3f} | "
-              f"{r['p99_s']:.3f} | {100 * r['rejected_fraction']:.0f}% |")
+        if "kv_cache_bytes" in r:
+            continue
+        print(f"| {r['workload']} | {r['concurrency']} | {r['engine']} | {r['plan']} | {r['throughput_rps']:.2f} | "
+              f"{r['tokens_per_s']:.1f} | {r['ttft_p50_s']:.3f} | {r['latency_p50_s']:.3f} | {r['latency_p95_s']:.3f} | "
+              f"{r['mean_batch']:.1f} | {100 * r['kv_usage_peak']:.0f}% | {100 * r['spread']['throughput_rps']:.0f}% |")
     print(f"wrote {args.json_out}")
 
 

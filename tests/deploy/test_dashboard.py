@@ -49,7 +49,8 @@ def query(url: str, expr: str) -> list:
 def test_every_panel_query_returns_data_from_the_real_service(tiny_engines, tmp_path):
     metrics_port = free_port()
     prometheus, url = start_prometheus(tmp_path, f"127.0.0.1:{metrics_port}")
-    settings = Settings(models=["unused"], port=0, metrics_port=metrics_port, max_queue=0, calibrate=1)
+    settings = Settings(models=["unused"], port=0, metrics_port=metrics_port, max_queue=0, max_batch=1,
+                        calibrate=1)
     server = ServerThread(settings, {"tiny-ov": tiny_engines["tiny-ov"]})
     try:
         wait_for(lambda: target_up(url), 60, "Prometheus to scrape the service")
@@ -58,7 +59,7 @@ def test_every_panel_query_returns_data_from_the_real_service(tiny_engines, tmp_
             for slo_ms in (60_000, 1):  # auto within SLO, and auto over a 1 ms SLO (a violation)
                 client.generate("What moves?", videos=[video], frames=4, max_new_tokens=3, slo_ms=slo_ms)
             client.generate("Describe.", images=[encode_image("PNG")], max_new_tokens=3, no_reduction=True)
-            outcomes = []  # with max_queue=0, concurrent callers beyond the running one are rejected
+            outcomes = []  # max_batch=1 and max_queue=0: concurrent callers beyond the running one are rejected
 
             def call():
                 try:
