@@ -11,6 +11,8 @@ level; KV usage is the peak of aim_kv_cache_usage_ratio sampled during it. A las
 shows how many sequences each plan fits.
 
     python bench/service_load.py --model models/aim-reference          # the reference model (docs/performance.md)
+"""
+
 from __future__ import annotations
 
 import argparse

@@ -81,8 +81,10 @@ class BudgetController:
             self.last_level = decision.level
         return decision
 
-    def predict(self, visual_tokens_in: int, prefill_flops: float, new_tokens: int) -> float | None:
-        return self.cost_model.predict(visual_tokens_in, prefill_flops, new_tokens)
+    def predict(self, visual_tokens_in: int, prefill_flops: float, new_tokens: int, batch: float = 1.0
+                ) -> float | None:
+        """Predicted latency when decoding in a batch of `batch` sequences."""
+        return self.cost_model.predict(visual_tokens_in, prefill_flops, new_tokens, batch)
 
     # ---- feedback -----------------------------------------------------------------------------
     def observe(self, latency_s: float, observation: Observation | None = None, slo_s: float | None = None,

@@ -271,7 +271,9 @@ class ModelRuntime:
     def _predict(self, decoded: GenerationRequest, plan: ReductionPlan, queue_wait_s: float = 0.0) -> float | None:
         """Predicted latency from now. A request deciding on its worker has no queue ahead any more."""
         est = self.engine.estimate(decoded, plan)
-        predicted = self.controller.predict(est.visual_tokens_in, est.prefill_flops, decoded.sampling.max_new_tokens)
+        batch = min(self.max_batch, self.running + 1)  # it joins the running batch
+        predicted = self.controller.predict(est.visual_tokens_in, est.prefill_flops, decoded.sampling.max_new_tokens,
+                                            batch)
         return None if predicted is None else predicted + queue_wait_s
 
     def _record(self, stats: RequestStats, media_s: float, total_s: float, applied: AppliedPlan,
@@ -279,7 +281,8 @@ class ModelRuntime:
         t = stats.timings
         self.controller.observe(total_s, Observation(
             media_s=media_s, vision_s=t.vision_s, visual_tokens_in=stats.visual_tokens_in, prefill_s=t.prefill_s,
-            prefill_flops=stats.prefill_flops, decode_s=t.decode_s, new_tokens=stats.completion_tokens),
+            prefill_flops=stats.prefill_flops, decode_s=t.decode_s, new_tokens=stats.completion_tokens,
+            mean_batch=stats.mean_batch),
             slo_s=slo_s, controlled=applied.source == "auto")
         if applied.source == "auto" and applied.predicted_s:
             self.metrics.prediction_ratio.labels(self.name).observe(total_s / applied.predicted_s)
