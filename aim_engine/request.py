@@ -57,7 +57,7 @@ class Timings:
     media_s: float = 0.0
     vision_s: float = 0.0
     prefill_s: float = 0.0  # prompt assembly with merging, then the LLM prefill with pruning
-    ttft_s: float = 0.0
+    ttft_s: float = 0.0  # from the request's arrival (at the engine, or at the service) to its first token
     decode_s: float = 0.0
     total_s: float = 0.0
 

@@ -109,7 +109,7 @@ class AimServicer(pb_grpc.AimServiceServicer):
     def _observe(self, runtime: ModelRuntime, done: Finished, slo_s: float | None) -> None:
         m, s, name = self.state.metrics, done.result.stats, runtime.name
         m.latency.labels(name, slo_class(slo_s)).observe(done.total_s)
-        m.ttft.labels(name).observe(done.queue_s + done.media_s + s.timings.ttft_s)
+        m.ttft.labels(name).observe(s.timings.ttft_s)  # from the request's arrival
         m.prefill.labels(name).observe(s.timings.prefill_s)
         if s.completion_tokens > 1:
             m.tpot.labels(name).observe(s.timings.decode_s / (s.completion_tokens - 1))

@@ -124,8 +124,8 @@ def response_to_proto(model: str, done: Finished) -> pb.GenerateResponse:
                      saved_fraction=s.saved_fraction, vision_flops=s.vision_flops, decode_flops=s.decode_flops,
                      kv_cache_bytes=s.kv_cache_bytes),
         timings=pb.Timings(queue_seconds=done.queue_s, media_seconds=done.media_s, vision_seconds=t.vision_s,
-                           prefill_seconds=t.prefill_s, time_to_first_token_seconds=done.queue_s + done.media_s
-                           + t.ttft_s, decode_seconds=t.decode_s, total_seconds=done.total_s),
+                           prefill_seconds=t.prefill_s, time_to_first_token_seconds=t.ttft_s,
+                           decode_seconds=t.decode_s, total_seconds=done.total_s),
         applied_plan=applied_to_proto(done.applied),
     )
 

@@ -228,7 +228,8 @@ class DecodeBatchKV:
             if not padded and not self.has_bias[layer]:
                 self._masks.append(None)
                 continue
-            mask = pool.key_bias[slots] if self.has_bias[layer] else torch.zeros(slots.shape, device=device)
+            mask = pool.key_bias.index_select(0, slots.flatten()).view(slots.shape) if self.has_bias[layer] else \
+                torch.zeros(slots.shape, device=device)
             if padded:
                 mask = mask.masked_fill(pos[None, :] >= lengths_t[layer][:, None], float("-inf"))
             self._masks.append(mask.to(dtype)[:, None, None, :])
@@ -243,8 +244,9 @@ class DecodeBatchKV:
         pool.keys.index_copy_(0, slots, key[:, :, 0].to(pool.keys.dtype))
         pool.values.index_copy_(0, slots, value[:, :, 0].to(pool.values.dtype))
         gather = self.gather[layer_idx]
-        keys = pool.keys[gather].transpose(1, 2)
-        values = pool.values[gather].transpose(1, 2)
+        shape = (*gather.shape, *pool.keys.shape[1:])  # (B, T, kv_heads, head_dim)
+        keys = pool.keys.index_select(0, gather.flatten()).view(shape).transpose(1, 2)
+        values = pool.values.index_select(0, gather.flatten()).view(shape).transpose(1, 2)
         return keys.to(key.dtype), values.to(value.dtype)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
