@@ -134,7 +134,9 @@ async def run_level(stub, request, concurrency: int, total: int, metrics_port: i
     steps = after[1] - before[1]
 
     def pct(values, q):
-        return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+        if len(values) < 2:
+            return values[0] if values else float("nan")
+        return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
     return {"throughput_rps": len(latencies) / elapsed, "tokens_per_s": tokens / elapsed,
             "ttft_p50_s": pct(ttfts, 50), "latency_p50_s": pct(latencies, 50), "latency_p95_s": pct(latencies, 95),
@@ -183,13 +185,15 @@ async def main_async(args) -> list[dict]:
                 await stub.Generate(request(plan, "short"))
         rows = []
         for workload in args.workloads:
-            for concurrency in args.concurrency:
+            levels = args.long_concurrency if workload == "long" and args.long_concurrency else args.concurrency
+            for concurrency in levels:
                 runs: dict[tuple[str, str], list[dict]] = {}
+                total = max(args.requests, concurrency)
                 for _ in range(args.repeats):
                     for plan in plans:
                         for engine, (stub, port) in stubs.items():
                             runs.setdefault((engine, plan), []).append(await run_level(
-                                stub, request(plan, workload), concurrency, args.requests, port))
+                                stub, request(plan, workload), concurrency, total, port))
                 for (engine, plan), results in runs.items():
                     row = {"engine": engine, "plan": plan, "workload": workload, "concurrency": concurrency,
                            **median_row(results)}
@@ -199,6 +203,7 @@ async def main_async(args) -> list[dict]:
                           f"p50 {row['latency_p50_s']:.3f}s  p95 {row['latency_p95_s']:.3f}s  "
                           f"batch {row['mean_batch']:.1f}  kv {row['kv_usage_peak']:.0%}  "
                           f"spread {row['spread']['throughput_rps']:.0%}", flush=True)
+                write_rows(args, rows)  # after every level: a killed run keeps what it measured
         if small is not None:
             _, target, port = small
             async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
@@ -207,6 +212,7 @@ async def main_async(args) -> list[dict]:
                     row = await run_level(stub, request(plan, "long"), 32, args.requests, port)
                     rows.append({"engine": "batched", "plan": plan, "workload": "long", "concurrency": 32,
                                  "kv_cache_bytes": args.small_kv_bytes, **row})
+                    write_rows(args, rows)
                     print(f"small KV budget ({args.small_kv_bytes / 2**20:.0f} MiB), long, c=32, {plan:11s}: "
                           f"mean batch {row['mean_batch']:.1f}, {row['throughput_rps']:.2f} req/s, "
                           f"kv {row['kv_usage_peak']:.0%}", flush=True)
@@ -219,6 +225,13 @@ async def main_async(args) -> list[dict]:
             proc.wait(60)
 
 
+def write_rows(args, rows: list[dict]) -> None:
+    setting = {"model": Path(args.model).name, "frames": args.frames, "requests": args.requests,
+               "repeats": args.repeats, "short_tokens": args.short_tokens, "long_tokens": args.long_tokens,
+               "max_queue": args.max_queue}
+    Path(args.json_out).write_text(json.dumps([{**r, "setting": setting} for r in rows], indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "models/aim-reference"))
@@ -227,18 +240,18 @@ def main() -> None:
     parser.add_argument("--long-tokens", type=int, default=128)
     parser.add_argument("--workloads", nargs="+", default=["short", "long"], choices=["short", "long"])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16, 32])
-    parser.add_argument("--requests", type=int, default=32, help="answered or rejected, per configuration and level")
+    parser.add_argument("--long-concurrency", type=int, nargs="*", default=[],
+                        help="levels of the long workload (default: --concurrency)")
+    parser.add_argument("--requests", type=int, default=16,
+                        help="answered or rejected, per configuration and level (at least the concurrency)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats per configuration and level")
     parser.add_argument("--max-queue", type=int, default=64)
-    parser.add_argument("--small-kv-bytes", type=int, default=64 * 2**20,
+    parser.add_argument("--small-kv-bytes", type=int, default=128 * 2**20,
                         help="the fixed small KV budget of the last run (0 = skip it)")
     parser.add_argument("--json-out", default=str(ROOT / "docs/results/service-batching.json"))
     args = parser.parse_args()
     rows = asyncio.run(main_async(args))
-    for row in rows:
-        row["setting"] = {"model": Path(args.model).name, "frames": args.frames, "requests": args.requests,
-                          "max_queue": args.max_queue}
-    Path(args.json_out).write_text(json.dumps(rows, indent=2) + "\n")
+    write_rows(args, rows)
     print("\n| workload | concurrency | engine | plan | req/s | tokens/s | TTFT p50 s | p50 s | p95 s | mean batch | "
           "KV peak | spread req/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
