@@ -209,7 +209,7 @@ async def main_async(args) -> list[dict]:
             async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
                 stub = pb_grpc.AimServiceStub(ch)
                 for plan in plans:
-                    row = await run_level(stub, request(plan, "long"), 32, args.requests, port)
+                    row = await run_level(stub, request(plan, "long"), 32, max(args.requests, 32), port)
                     rows.append({"engine": "batched", "plan": plan, "workload": "long", "concurrency": 32,
                                  "kv_cache_bytes": args.small_kv_bytes, **row})
                     write_rows(args, rows)

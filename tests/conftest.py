@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,29 @@ from aim_engine.tiny import BUILDERS
 # model (DINOv2 tower read at two layers, video as frames behind a <video> placeholder).
 FAMILIES = ("llava_onevision", "llava", "llava_dinov2", "llava_next", "qwen2_vl", "qwen2_5_vl")
 VIDEO_FAMILIES = ("llava_onevision", "llava_dinov2", "qwen2_vl", "qwen2_5_vl")
+
+# The engine tests run on CPU in fp32 (CI). bench/gpu_check.sh runs the exactness and batching tests again on
+# CUDA in bf16 by setting these; tolerances follow the dtype.
+TEST_DEVICE = os.environ.get("AIM_TEST_DEVICE", "cpu")
+TEST_DTYPE = getattr(torch, os.environ.get("AIM_TEST_DTYPE", "float32"))
+
+
+def logit_tolerance(fp32: float) -> float:
+    """Absolute logit tolerance: `fp32` in float32; in bf16/fp16 a few units of the format's precision."""
+    return fp32 if TEST_DTYPE == torch.float32 else 6e-2
+
+
+def assert_same_greedy(tokens, logits, ref_tokens, ref_logits, atol: float) -> None:
+    """Same greedy tokens and per-step logits within `atol`, up to a near-tie: where the reference's two best
+    logits are closer than the tolerance either token is right, and the runs are compared up to there (as
+    vLLM's own tests do)."""
+    for step, (a, b) in enumerate(zip(tokens, ref_tokens)):
+        torch.testing.assert_close(logits[step].float().cpu(), ref_logits[step].float().cpu(), atol=atol, rtol=0)
+        if a != b:
+            top2 = torch.topk(ref_logits[step].float(), 2).values
+            assert float(top2[0] - top2[1]) < 2 * atol, f"step {step}: {a} != {b} without a near-tie"
+            return
+    assert list(tokens) == list(ref_tokens)
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +62,7 @@ def engine_for(checkpoint_dir):
     def get(family: str, **kwargs) -> AimEngine:
         key = (family, tuple(sorted(kwargs.items())))
         if key not in engines:
-            engines[key] = AimEngine.load(checkpoint_dir(family, **kwargs))
+            engines[key] = AimEngine.load(checkpoint_dir(family, **kwargs), device=TEST_DEVICE, dtype=TEST_DTYPE)
         return engines[key]
 
     return get

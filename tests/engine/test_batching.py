@@ -12,9 +12,10 @@ from aim_engine import GenerationRequest, GenerationResult, ImagePart, Reduction
 from aim_engine import VideoPart
 from aim_engine.engine import AimEngine
 from aim_engine.serving.scheduler import KVBudgetError
-from tests.conftest import FAMILIES, VIDEO_FAMILIES, random_frames, random_image
+from tests.conftest import (FAMILIES, VIDEO_FAMILIES, assert_same_greedy, logit_tolerance, random_frames,
+                            random_image)
 
-LOGIT_TOL = 1e-4  # fp32; the batch pads keys and masks them, so kernels differ from the lone run's
+LOGIT_TOL = logit_tolerance(1e-4)  # the batch pads keys and masks them, so kernels differ from the lone run's
 
 PLANS = {
     "none": ReductionPlan(),
@@ -81,16 +82,9 @@ def alone(engine, request, plan, should_stop=None):
 
 
 def assert_same_answer(batched: GenerationResult, batched_logits, lone: GenerationResult, lone_logits):
-    """Same greedy tokens and logits within LOGIT_TOL, up to a near-tie: where the lone run's two best logits
-    are closer than the tolerance either token is right, and the sequences are compared up to there."""
-    for step, (a, b) in enumerate(zip(batched.token_ids, lone.token_ids)):
-        torch.testing.assert_close(batched_logits[step], lone_logits[step], atol=LOGIT_TOL, rtol=0)
-        if a != b:
-            top2 = torch.topk(lone_logits[step], 2).values
-            assert float(top2[0] - top2[1]) < LOGIT_TOL, f"step {step}: {a} != {b} without a near-tie"
-            return
-    assert batched.token_ids == lone.token_ids
-    assert batched.finish_reason == lone.finish_reason
+    assert_same_greedy(batched.token_ids, batched_logits, lone.token_ids, lone_logits, LOGIT_TOL)
+    if batched.token_ids == lone.token_ids:
+        assert batched.finish_reason == lone.finish_reason
 
 
 @pytest.mark.parametrize("family", FAMILIES)
