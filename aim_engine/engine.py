@@ -1,33 +1,30 @@
 """The engine: a request and a ReductionPlan in, streamed tokens and per-request stats out.
 
-    media bytes ─decode─▶ images/frames ─adapter─▶ projector features per item (+ merge groups)
-    ─merge─▶ fewer tokens per frame ─▶ prompt embeddings (placeholders expanded to the merged counts)
-    ─prefill with pruning─▶ KV cache ─decode loop─▶ tokens
+    request ─prepare (prepare.py)─▶ merged prompt embeddings ─serving loop (serving/)─▶ prefill with pruning
+    into the KV pool, then batched decode steps with every other running request ─▶ tokens
+
+This file loads a model and wires the parts: the preparer, the cost arithmetic (cost.py), the KV pool and the
+serving loop. `generate` / `stream` drive the loop inline; the service runs it on its own thread.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from PIL import Image
-
 from .adapters import adapter_for_config
-from .adapters.base import EncodedMedia, FamilyAdapter
-from .decoder import ATTENTION_IMPL, proportional_key_bias
-from .errors import ModelLoadError, RequestError
-from .flops import LLMShape, prefill_flops
-from .media import MediaLimits, decode_image, decode_video
-from .merging import MergeResult
-from .methods import REDUCERS
-from .methods.base import passthrough
+from .adapters.base import FamilyAdapter
+from .cost import CostEstimate, RequestShape, cost, kv_tokens
+from .decoder import ATTENTION_IMPL
+from .errors import ModelLoadError
+from .flops import LLMShape
+from .media import MediaLimits
 from .plan import PLAN_FILE, PlanError, ReductionPlan, plan_from_dict
-from .request import (GenerationRequest, GenerationResult, ImagePart, Part, RequestStats, TextPart, Timings,
-                      TokenDelta, VideoPart)
+from .prepare import PreparedPrompt, Preparer
+from .request import GenerationRequest, GenerationResult, RequestStats, Timings, TokenDelta
 from .serving.kv_pool import KVLayout, KVPool
 from .serving.loop import ServingLoop
 from .serving.sequence import Sequence
@@ -50,40 +47,6 @@ def default_kv_cache_bytes(device: torch.device) -> int:
         return DEFAULT_CPU_KV_BYTES
     free, _ = torch.cuda.mem_get_info(device)
     return max(256 * 2**20, int(CUDA_KV_FREE_SHARE * free) - CUDA_ACTIVATION_HEADROOM_BYTES)
-
-
-@dataclass
-class PreparedPrompt:
-    """A request turned into LLM input, before prefill."""
-
-    embeds: torch.Tensor  # (1, n, d)
-    position_ids: torch.Tensor  # (1, n) or (3, 1, n)
-    is_visual: torch.Tensor  # (n,) bool
-    next_position: int  # position id of the first generated token
-    key_bias: torch.Tensor | None  # (n,) log of how many input tokens each token stands for; None: plain attention
-    text_tokens: int
-    visual_in: int
-    media: list[EncodedMedia]
-
-
-@dataclass
-class CostEstimate:
-    """What a request would cost under a plan, computed without running any model."""
-
-    visual_tokens_in: int
-    visual_tokens_merged: int
-    text_tokens: int
-    prefill_flops_baseline: float
-    prefill_flops: float
-    visual_tokens_per_layer: list[int]
-
-
-@dataclass
-class RequestShape:
-    """Per media item (merge-group sizes, tokens in no group), and the prompt's text tokens."""
-
-    media: list[tuple[list[int], int]]
-    text_tokens: int
 
 
 def read_default_plan(path: Path) -> ReductionPlan | None:
@@ -125,6 +88,7 @@ class AimEngine:
         if gen_cfg is not None and gen_cfg.eos_token_id is not None:
             eos |= set(gen_cfg.eos_token_id if isinstance(gen_cfg.eos_token_id, list) else [gen_cfg.eos_token_id])
         self.eos_ids = {e for e in eos if e is not None}
+        self.preparer = Preparer(adapter, limits, self.num_layers)
         layout = KVLayout.from_config(adapter.text_config, adapter.dtype)
         budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_cache_bytes(adapter.device)
         self.pool = KVPool(layout, budget, device=adapter.device)
@@ -163,148 +127,19 @@ class AimEngine:
         """The checkpoint's own calibrated plan (PLAN_FILE) if it has one, else the paper's for this depth."""
         return self._default_plan or ReductionPlan.default_for_depth(self.num_layers)
 
-    # ---- preparing the prompt -------------------------------------------------------------------
-    def decode_media(self, request: GenerationRequest) -> list[Part]:
-        """Bytes -> images/frames, validated against the limits."""
-        out: list[Part] = []
-        for part in request.parts:
-            if isinstance(part, ImagePart) and part.image is None:
-                if part.data is None:
-                    raise RequestError("an image part has neither bytes nor a decoded image")
-                part = ImagePart(image=decode_image(part.data, part.mime_type, self.limits))
-            elif isinstance(part, VideoPart) and part.frames is None and part.encoded_frames is not None:
-                if len(part.encoded_frames) > self.limits.max_frames:
-                    raise RequestError(
-                        f"a video has {len(part.encoded_frames)} frames; the limit is {self.limits.max_frames}")
-                if not part.encoded_frames:
-                    raise RequestError("a video part has an empty list of frames")
-                part = VideoPart(frames=[decode_image(data, mime, self.limits) for data, mime in part.encoded_frames],
-                                 fps=part.fps)
-            elif isinstance(part, VideoPart) and part.frames is None:
-                if part.data is None:
-                    raise RequestError("a video part has neither bytes nor decoded frames")
-                clip = decode_video(part.data, part.mime_type, part.num_frames, self.limits)
-                part = VideoPart(frames=clip.frames, fps=clip.fps)
-            elif isinstance(part, VideoPart):
-                if not part.frames:
-                    raise RequestError("a video part has an empty list of frames")
-                if len(part.frames) > self.limits.max_frames:
-                    raise RequestError(f"a video has {len(part.frames)} frames; the limit is {self.limits.max_frames}")
-            out.append(part)
-        return out
-
-    def encode_media(self, parts: list[Part]) -> list[EncodedMedia]:
-        images = [p.image for p in parts if isinstance(p, ImagePart)]
-        encoded_images = iter(self.adapter.encode_images(images) if images else [])
-        media = []
-        for part in parts:
-            if isinstance(part, ImagePart):
-                media.append(next(encoded_images))
-            elif isinstance(part, VideoPart):
-                if not self.adapter.supports_video:
-                    raise RequestError(f"model family {self.adapter.family} does not accept video")
-                media.append(self.adapter.encode_video(part.frames, part.fps))
-        return media
-
-    def render_prompt(self, request: GenerationRequest) -> str:
-        content = []
-        for part in request.parts:
-            if isinstance(part, TextPart):
-                content.append({"type": "text", "text": part.text})
-            else:
-                content.append({"type": "image" if isinstance(part, ImagePart) else "video"})
-        messages = []
-        if request.system:
-            messages.append({"role": "system", "content": [{"type": "text", "text": request.system}]})
-        messages.append({"role": "user", "content": content})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    def _validate(self, request: GenerationRequest, plan: ReductionPlan) -> None:
-        if not any(isinstance(p, TextPart) and p.text.strip() for p in request.parts):
-            raise RequestError("the prompt has no text: add a question or instruction")
-        plan.check_depth(self.num_layers)
+    # ---- preparation and cost ----------------------------------------------------------------
+    def decode_request(self, request: GenerationRequest) -> GenerationRequest:
+        return self.preparer.decode_request(request)
 
     def prepare(self, request: GenerationRequest, plan: ReductionPlan, timings: Timings | None = None
                 ) -> PreparedPrompt:
-        timings = timings or Timings()
-        self._validate(request, plan)
-        t0 = time.perf_counter()
-        parts = self.decode_media(request)
-        t1 = time.perf_counter()
-        media = self.encode_media(parts)
-        t2 = time.perf_counter()
-        timings.media_s, timings.vision_s = t1 - t0, t2 - t1
-        prompt = self.render_prompt(request)
-        ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-        prepared = self._assemble(ids, media, plan)
-        timings.prefill_s = time.perf_counter() - t2  # merging counts as prefill; the LLM part is added to it
-        return prepared
+        return self.preparer.prepare(request, plan, timings)
 
-    def _assemble(self, ids: torch.Tensor, media: list[EncodedMedia], plan: ReductionPlan) -> PreparedPrompt:
-        is_placeholder = torch.zeros_like(ids, dtype=torch.bool)
-        for pid in {self.adapter.image_token_id, self.adapter.video_token_id} - {None}:
-            is_placeholder |= ids == pid
-        slots = torch.nonzero(is_placeholder).flatten().tolist()
-        if len(slots) != len(media):
-            raise RequestError(
-                f"the prompt has {len(slots)} media placeholders for {len(media)} media items; "
-                "text must not contain the model's image/video placeholder tokens")
-        for slot, item in zip(slots, media):
-            if int(ids[slot]) != self.adapter.placeholder_id(item.kind):
-                raise RequestError("media placeholders are out of order with the media items")
+    def shape_of(self, request: GenerationRequest) -> RequestShape:
+        return self.preparer.shape_of(request)
 
-        device = self.adapter.device
-        ids = ids.to(device)
-        text_embeds = self.lm.embed_tokens(ids[None])[0]
-        reduce = REDUCERS[plan.reducer].reduce
-        merged: list[MergeResult] = [
-            reduce(m.features, m.groups, plan.merge_target) if plan.merges else passthrough(m.features)
-            for m in media
-        ]
-        pieces, visual, full_index, full_ids, token_sizes = [], [], [], [], []
-        start, offset = 0, 0  # offset: index in the full (unmerged) prompt
-        for slot, item, res in zip(slots + [len(ids)], media + [None], merged + [None]):
-            if slot > start:
-                n_text = slot - start
-                pieces.append(text_embeds[start:slot])
-                visual.append(torch.zeros(n_text, dtype=torch.bool, device=device))
-                full_index.append(torch.arange(offset, offset + n_text, device=device))
-                full_ids.append(ids[start:slot])
-                token_sizes.append(torch.ones(n_text, device=device))
-                offset += n_text
-            if item is None:
-                break
-            pieces.append(res.features.to(text_embeds.dtype))
-            visual.append(torch.ones(res.keep.numel(), dtype=torch.bool, device=device))
-            full_index.append(offset + res.keep)
-            full_ids.append(ids[slot].repeat(item.features.shape[0]))
-            token_sizes.append(res.sizes.to(device=device, dtype=torch.float32))
-            offset += item.features.shape[0]
-            start = slot + 1
-
-        embeds = torch.cat(pieces)[None]
-        is_visual = torch.cat(visual)
-        n = embeds.shape[1]
-        if self.adapter.uses_mrope:
-            full_pos = self.adapter.mrope_positions(torch.cat(full_ids)[None], media)
-            position_ids = full_pos.index_select(-1, torch.cat(full_index))
-            next_position = int(full_pos.max()) + 1
-        elif plan.positions == "original":
-            position_ids = torch.cat(full_index)[None]
-            next_position = offset
-        else:
-            position_ids = torch.arange(n, device=device)[None]
-            next_position = n
-        key_bias = None
-        if plan.proportional_attention and plan.merges:
-            sizes = torch.cat(token_sizes)
-            if bool((sizes > 1).any()):  # all ones: the bias is 0 and the kernel can stay causal
-                key_bias = proportional_key_bias(sizes)
-        return PreparedPrompt(
-            embeds=embeds, position_ids=position_ids, is_visual=is_visual, next_position=next_position,
-            key_bias=key_bias,
-            text_tokens=int((~is_visual).sum()), visual_in=sum(m.features.shape[0] for m in media), media=media,
-        )
+    def cost(self, shape: RequestShape, plan: ReductionPlan) -> CostEstimate:
+        return cost(self.shape, shape, plan)
 
     def estimate(self, request: GenerationRequest, plan: ReductionPlan) -> CostEstimate:
         """Token counts and LLM prefill FLOPs of `request` under `plan`; media are decoded (to know sizes and
@@ -312,60 +147,14 @@ class AimEngine:
         plan.check_depth(self.num_layers)
         return self.cost(self.shape_of(request), plan)
 
-    def shape_of(self, request: GenerationRequest) -> "RequestShape":
-        """What a request's cost depends on, under any plan: its media's merge groups and its text length."""
-        self._validate(request, ReductionPlan())
-        parts = self.decode_media(request)
-        images = [p.image for p in parts if isinstance(p, ImagePart)]
-        per_image = iter(self.adapter.estimate_image_groups(images) if images else [])
-        media = []
-        for part in parts:
-            if isinstance(part, VideoPart):
-                if not self.adapter.supports_video:
-                    raise RequestError(f"model family {self.adapter.family} does not accept video")
-                media.append(self.adapter.estimate_video_groups(part.frames))
-            elif isinstance(part, ImagePart):
-                media.append(next(per_image))
-        ids = self.tokenizer(self.render_prompt(request), add_special_tokens=False)["input_ids"]
-        return RequestShape(media=media, text_tokens=len(ids) - len(media))
-
-    def cost(self, shape: "RequestShape", plan: ReductionPlan) -> CostEstimate:
-        """Token counts and LLM prefill FLOPs of a request of this shape under `plan` (pure arithmetic)."""
-        kept = REDUCERS[plan.reducer].kept if plan.merges else (lambda sizes, _: sum(sizes))
-        visual_in = sum(sum(groups) + loose for groups, loose in shape.media)
-        visual_merged = sum(kept(groups, plan.merge_target) + loose for groups, loose in shape.media)
-        text = shape.text_tokens
-        per_layer = plan.visual_tokens_per_layer(visual_merged, self.num_layers)
-        return CostEstimate(
-            visual_tokens_in=visual_in, visual_tokens_merged=visual_merged, text_tokens=text,
-            prefill_flops_baseline=prefill_flops(self.shape, [text + visual_in] * self.num_layers),
-            prefill_flops=prefill_flops(self.shape, [text + v for v in per_layer]),
-            visual_tokens_per_layer=per_layer,
-        )
-
-    def decode_positions(self, prepared: PreparedPrompt, step: int) -> torch.Tensor:
-        pos = torch.tensor([[prepared.next_position + step]], device=self.adapter.device)
-        return pos[None].expand(3, 1, 1) if self.adapter.uses_mrope else pos
-
     # ---- running --------------------------------------------------------------------------------
-    def kv_tokens(self, request: GenerationRequest, plan: ReductionPlan) -> list[int]:
-        """Per layer, the most tokens the request can hold in the KV cache under `plan`: its prompt after
-        merging and the plan's pruning, plus max_new_tokens - 1 generated ones (the last is never fed back).
-        `request` must hold decoded media (`decode_request`)."""
-        est = self.cost(self.shape_of(request), plan)
-        extra = request.sampling.max_new_tokens - 1
-        return [est.text_tokens + v + extra for v in est.visual_tokens_per_layer]
-
-    def decode_request(self, request: GenerationRequest) -> GenerationRequest:
-        """The request with its media decoded (bytes -> images/frames), validated against the limits."""
-        return GenerationRequest(self.decode_media(request), request.sampling, request.system)
-
     def sequence(self, request: GenerationRequest, plan: ReductionPlan, emit: Callable[[object], None],
                  should_stop: Callable[[], bool] | None = None) -> Sequence:
         """A sequence for the serving loop; `request` must hold decoded media. Raises the request's errors."""
-        self._validate(request, plan)
-        return Sequence(request=request, plan=plan, kv_tokens=self.kv_tokens(request, plan), emit=emit,
-                        stats=RequestStats(), should_stop=should_stop)
+        self.preparer.validate(request, plan)
+        need = kv_tokens(self.cost(self.shape_of(request), plan), request.sampling.max_new_tokens)
+        return Sequence(request=request, plan=plan, kv_tokens=need, emit=emit, stats=RequestStats(),
+                        should_stop=should_stop)
 
     def stream(self, request: GenerationRequest, plan: ReductionPlan | None = None,
                should_stop: Callable[[], bool] | None = None) -> Iterator[TokenDelta | GenerationResult]:
@@ -402,14 +191,3 @@ class AimEngine:
             if isinstance(event, GenerationResult):
                 return event
         raise AssertionError("stream ended without a result")
-
-    def _fill_prefill_stats(self, stats: RequestStats, prepared: PreparedPrompt, tokens_per_layer: list[int],
-                            visual_per_layer: list[int]) -> None:
-        stats.prompt_tokens = prepared.embeds.shape[1]
-        stats.visual_tokens_in = prepared.visual_in
-        stats.visual_tokens_merged = int(prepared.is_visual.sum())
-        stats.visual_tokens_per_layer = visual_per_layer
-        stats.prefill_flops_baseline = prefill_flops(
-            self.shape, [prepared.text_tokens + prepared.visual_in] * self.num_layers)
-        stats.prefill_flops = prefill_flops(self.shape, tokens_per_layer)
-        stats.vision_flops = sum(m.vision_flops for m in prepared.media)

@@ -125,8 +125,8 @@ def plot(results: dict, schedule, start_rate, peak_rate, ramp_s, hold_s, slo_s, 
 
 
 async def main_async(args) -> dict:
-    proc, target = start_server(args.model, max_queue=64, workers=1,
-                                extra=["--default-slo-ms", "1000", "--feedback-interval-s", "1"])
+    proc, target, _ = start_server(args.model, max_queue=64, max_batch=args.max_batch,
+                                   extra=["--default-slo-ms", "1000", "--feedback-interval-s", "1"])
     try:
         async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
             stub = pb_grpc.AimServiceStub(ch)
@@ -177,6 +177,7 @@ def main() -> None:
     parser.add_argument("--slo-factor", type=float, default=5.0, help="SLO = factor x full-model service time")
     parser.add_argument("--peak-utilization", type=float, default=0.75, help="peak load / max-saving capacity")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch (1 = one at a time)")
     parser.add_argument("--json-out", default=str(ROOT / "docs/results/controller.json"))
     parser.add_argument("--plot-out", type=Path, default=ROOT / "docs/controller-ramp.png")
     args = parser.parse_args()

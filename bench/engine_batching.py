@@ -175,7 +175,8 @@ def main() -> None:
                 rows.append(row)
                 print(f"{workload:5s} c={concurrency:3d} {engine_name:13s} {plan_name:11s} "
                       f"{row['throughput_rps']:7.2f} req/s {row['tokens_per_s']:8.1f} tok/s "
-                      f"ttft p50 {row['ttft_p50_s']:.3f}s p95 {row['latency_p95_s']:.3f}s batch {row['mean_batch']:.1f} "
+                      f"ttft p50 {row['ttft_p50_s']:.3f}s p95 {row['latency_p95_s']:.3f}s "
+                      f"batch {row['mean_batch']:.1f} "
                       f"KV peak {row['kv_peak_bytes'] / 2**20:.0f} MiB spread {row['spread_rps']:.0%}", flush=True)
             if args.json_out:
                 Path(args.json_out).write_text(json.dumps(rows, indent=2) + "\n")

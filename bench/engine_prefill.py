@@ -2,10 +2,12 @@
 
 Architecture of LLaVA-OneVision-0.5B (Qwen2-0.5B + SigLIP-so400m) or -7B, random weights built from the
 config (no download). The vision tower + projector + 2x2 pooling run once on random frames; their features
-feed every plan, so the LLM is timed on its own and the encoder's share is reported separately. Each plan
-runs in a fresh subprocess so its peak memory is its own. Per plan: merge time, prefill time (median of
---repeats after one warm-up), importance-scoring time, KV-cache bytes, peak memory, FLOPs (the engine's
-formula), measured speedup next to the FLOPs ratio.
+feed every plan, so the LLM is timed on its own and the encoder's share is reported separately. All plans are
+timed in one process on one model, interleaved (every plan once per round, --repeats rounds after a warm-up
+round), so the machine's drift falls on every plan alike; the spread over rounds is reported. Peak memory is
+each plan's own: on CUDA the allocator's peak around its warm-up run, on CPU (where resident memory is not
+given back) a fresh subprocess per plan. Per plan: merge time, prefill time (median), importance-scoring time,
+KV-cache bytes, peak memory, FLOPs (the engine's formula), measured speedup next to the FLOPs ratio.
 
     python bench/engine_prefill.py                                  # CPU, OV-0.5B, 8 frames
     python bench/engine_prefill.py --arch ov-7b --frames 32 --device cuda --dtype bfloat16
@@ -138,62 +140,98 @@ def worker_vision(args) -> dict:
                                       SIGLIP["num_hidden_layers"], 729, args.frames)}
 
 
-def worker_plan(args) -> dict:
-    from transformers import Qwen2ForCausalLM
+class PlanRunner:
+    """The LM with random weights, the encoder's features, and one prefill per call under a named plan."""
 
-    dtype = getattr(torch, args.dtype)
-    cfg = text_config(args.arch)
-    torch.manual_seed(0)
-    with torch.device(args.device):
-        model = Qwen2ForCausalLM(cfg).to(dtype).eval()
-    model.config._attn_implementation = ATTENTION_IMPL
-    lm = LanguageModel(model.model.embed_tokens, model.model.layers, model.model.norm, model.model.rotary_emb,
-                       model.lm_head)
-    plan, is_default = plans_for(cfg.num_hidden_layers)[args.plan]
-    feats = torch.load(args.features).to(args.device, dtype)  # (frames * per_frame + 1, d)
-    per_frame = (feats.shape[0] - 1) // args.frames
-    groups = [torch.arange(i * per_frame, (i + 1) * per_frame, device=args.device) for i in range(args.frames)]
-    g = torch.Generator().manual_seed(1)
-    text = model.model.embed_tokens(torch.randint(0, cfg.vocab_size, (TEXT_BEFORE + TEXT_AFTER,), generator=g)
-                                    .to(args.device))
+    def __init__(self, args):
+        from transformers import Qwen2ForCausalLM
 
-    def run():
-        sync(args.device)
+        self.device = args.device
+        dtype = getattr(torch, args.dtype)
+        self.cfg = text_config(args.arch)
+        torch.manual_seed(0)
+        with torch.device(args.device):
+            model = Qwen2ForCausalLM(self.cfg).to(dtype).eval()
+        model.config._attn_implementation = ATTENTION_IMPL
+        self.lm = LanguageModel(model.model.embed_tokens, model.model.layers, model.model.norm,
+                                model.model.rotary_emb, model.lm_head)
+        self.plans = plans_for(self.cfg.num_hidden_layers)
+        self.feats = torch.load(args.features).to(args.device, dtype)  # (frames * per_frame + 1, d)
+        per_frame = (self.feats.shape[0] - 1) // args.frames
+        self.groups = [torch.arange(i * per_frame, (i + 1) * per_frame, device=args.device)
+                       for i in range(args.frames)]
+        g = torch.Generator().manual_seed(1)
+        with torch.inference_mode():
+            self.text = model.model.embed_tokens(
+                torch.randint(0, self.cfg.vocab_size, (TEXT_BEFORE + TEXT_AFTER,), generator=g).to(args.device))
+
+    @torch.inference_mode()
+    def run(self, name: str):
+        """(merge seconds, prefill seconds, PrefillResult) of one prefill under plan `name`."""
+        plan, _ = self.plans[name]
+        device = self.device
+        sync(device)
         t0 = time.perf_counter()
-        merged = merge_groups(feats, groups, plan.merge_target) if plan.merges else None
-        visual = merged.features if merged is not None else feats
-        sync(args.device)
+        merged = merge_groups(self.feats, self.groups, plan.merge_target) if plan.merges else None
+        visual = merged.features if merged is not None else self.feats
+        sync(device)
         t1 = time.perf_counter()
-        embeds = torch.cat([text[:TEXT_BEFORE], visual, text[TEXT_BEFORE:]])[None]
-        is_visual = torch.zeros(embeds.shape[1], dtype=torch.bool, device=args.device)
+        embeds = torch.cat([self.text[:TEXT_BEFORE], visual, self.text[TEXT_BEFORE:]])[None]
+        is_visual = torch.zeros(embeds.shape[1], dtype=torch.bool, device=device)
         is_visual[TEXT_BEFORE:TEXT_BEFORE + visual.shape[0]] = True
-        positions = torch.arange(embeds.shape[1], device=args.device)[None]
+        positions = torch.arange(embeds.shape[1], device=device)[None]
         key_bias = None
         if plan.proportional_attention and merged is not None:
-            key_bias = torch.zeros(embeds.shape[1], device=args.device)
+            key_bias = torch.zeros(embeds.shape[1], device=device)
             key_bias[TEXT_BEFORE:TEXT_BEFORE + visual.shape[0]] = proportional_key_bias(merged.sizes)
-        result = prefill(lm, embeds, positions, is_visual, plan, decode_capacity=1, key_bias=key_bias)
-        sync(args.device)
+        result = prefill(self.lm, embeds, positions, is_visual, plan, decode_capacity=1, key_bias=key_bias)
+        sync(device)
         return t1 - t0, time.perf_counter() - t1, result
 
-    # Peak memory covers the warm-up too: the process is fresh, so this is the plan's own working set above
-    # the loaded weights (on CPU the allocator keeps freed memory resident, so later runs would hide it).
-    with torch.inference_mode(), PeakMemory(args.device) as mem:
-        run()  # warm-up
-        merges, prefills, scorings = [], [], []
-        for _ in range(args.repeats):
-            merge_s, prefill_s, result = run()
-            merges.append(merge_s)
-            prefills.append(prefill_s)
-            scorings.append(result.scoring_s)
-    shape = LLMShape.from_config(cfg)
-    return {
-        "plan": args.plan, "plan_spec": plan.describe(), "is_default": is_default,
-        "merge_s": statistics.median(merges), "prefill_s": statistics.median(prefills),
-        "scoring_s": statistics.median(scorings), "prefill_runs_s": prefills,
-        "kv_bytes": result.cache.used_bytes(), "peak_bytes": mem.bytes,
-        "flops": prefill_flops(shape, result.tokens_per_layer), "tokens_per_layer": result.tokens_per_layer,
-    }
+
+def worker_plans(args) -> dict:
+    """Every plan timed in one process, interleaved round by round; on CUDA also each plan's peak memory."""
+    runner = PlanRunner(args)
+    names = list(runner.plans)
+    timed = {name: {"merge": [], "prefill": [], "scoring": []} for name in names}
+    peak, last = {}, {}
+    for name in names:  # warm-up round (and CUDA's per-plan peak memory)
+        if args.device.startswith("cuda"):
+            with PeakMemory(args.device) as mem:
+                runner.run(name)
+            peak[name] = mem.bytes
+        else:
+            runner.run(name)
+    for _ in range(args.repeats):
+        for name in names:
+            merge_s, prefill_s, result = runner.run(name)
+            timed[name]["merge"].append(merge_s)
+            timed[name]["prefill"].append(prefill_s)
+            timed[name]["scoring"].append(result.scoring_s)
+            last[name] = result
+    shape = LLMShape.from_config(runner.cfg)
+    out = {}
+    for name in names:
+        plan, is_default = runner.plans[name]
+        runs, result = timed[name], last[name]
+        median = statistics.median(runs["prefill"])
+        out[name] = {
+            "plan": name, "plan_spec": plan.describe(), "is_default": is_default,
+            "merge_s": statistics.median(runs["merge"]), "prefill_s": median,
+            "scoring_s": statistics.median(runs["scoring"]), "prefill_runs_s": runs["prefill"],
+            "prefill_spread": (max(runs["prefill"]) - min(runs["prefill"])) / median,
+            "kv_bytes": result.cache.used_bytes(), "peak_bytes": peak.get(name),
+            "flops": prefill_flops(shape, result.tokens_per_layer), "tokens_per_layer": result.tokens_per_layer,
+        }
+    return out
+
+
+def worker_memory(args) -> dict:
+    """CPU: the resident memory one plan's first prefill adds, in a fresh process (the model already loaded)."""
+    runner = PlanRunner(args)
+    with PeakMemory(args.device) as mem:
+        runner.run(args.plan)
+    return {"peak_bytes": mem.bytes}
 
 
 def main() -> None:
@@ -205,7 +243,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--json-out", default=str(ROOT / "docs/results/engine-prefill.json"))
-    parser.add_argument("--worker", choices=["vision", "plan"])
+    parser.add_argument("--worker", choices=["vision", "plans", "memory"])
     parser.add_argument("--plan")
     parser.add_argument("--features")
     args = parser.parse_args()
@@ -213,7 +251,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     if args.worker:
-        out = worker_vision(args) if args.worker == "vision" else worker_plan(args)
+        workers = {"vision": worker_vision, "plans": worker_plans, "memory": worker_memory}
+        out = workers[args.worker](args)
         print("RESULT " + json.dumps(out))
         return
 
@@ -231,10 +270,13 @@ def main() -> None:
         features = str(Path(tmp) / "features.pt")
         vision = spawn("--worker", "vision")
         print(f"vision encoder: {vision['visual_tokens']} visual tokens, {vision['vision_s'] * 1e3:.0f} ms", flush=True)
-        rows = []
-        for name in plans_for(text_config(args.arch).num_hidden_layers):
-            rows.append(spawn("--worker", "plan", "--plan", name))
-            print(f"  {name}: prefill {rows[-1]['prefill_s'] * 1e3:.0f} ms", flush=True)
+        by_plan = spawn("--worker", "plans")
+        rows = list(by_plan.values())
+        for row in rows:
+            if row["peak_bytes"] is None:  # CPU: each plan's memory in a fresh process
+                row["peak_bytes"] = spawn("--worker", "memory", "--plan", row["plan"])["peak_bytes"]
+            print(f"  {row['plan']}: prefill {row['prefill_s'] * 1e3:.0f} ms "
+                  f"(spread {100 * row['prefill_spread']:.0f}% over {args.repeats} interleaved rounds)", flush=True)
 
     base = rows[0]
     results = []
@@ -245,7 +287,8 @@ def main() -> None:
             "prefill_speedup": base["prefill_s"] / r["prefill_s"],
             "kv_bytes_ratio": base["kv_bytes"] / r["kv_bytes"],
             "overhead_fraction": (r["merge_s"] + r["scoring_s"]) / base["prefill_s"],
-            "prefill_ms": r["prefill_s"] * 1e3, "merge_ms": r["merge_s"] * 1e3, "scoring_ms": r["scoring_s"] * 1e3,
+            "prefill_ms": r["prefill_s"] * 1e3, "prefill_spread": r["prefill_spread"],
+            "merge_ms": r["merge_s"] * 1e3, "scoring_ms": r["scoring_s"] * 1e3,
             "llm_tflops": r["flops"] / 1e12, "kv_cache_mib": r["kv_bytes"] / 2**20,
             "peak_mem_mib": r["peak_bytes"] / 2**20, "visual_tokens_per_layer_first_last": [
                 r["tokens_per_layer"][0] - TEXT_BEFORE - TEXT_AFTER, r["tokens_per_layer"][-1] - TEXT_BEFORE - TEXT_AFTER],
@@ -256,12 +299,13 @@ def main() -> None:
                         "torch": torch.__version__},
         })
 
-    header = ("| plan | LLM TFLOPs | FLOPs ratio | prefill ms | speedup | speedup / FLOPs ratio | merge+score ms "
-              "(% of base) | KV MiB | KV ratio | peak MiB |")
+    header = ("| plan | LLM TFLOPs | FLOPs ratio | prefill ms (spread) | speedup | speedup / FLOPs ratio | "
+              "merge+score ms (% of base) | KV MiB | KV ratio | peak MiB |")
     print("\n" + header + "\n|" + "---|" * 10)
     for r in results:
         mark = " **(default)**" if r["is_default"] else ""
-        print(f"| {r['plan']}{mark} | {r['llm_tflops']:.3f} | {r['flops_ratio']:.2f}x | {r['prefill_ms']:.0f} | "
+        print(f"| {r['plan']}{mark} | {r['llm_tflops']:.3f} | {r['flops_ratio']:.2f}x | {r['prefill_ms']:.0f} "
+              f"({100 * r['prefill_spread']:.0f}%) | "
               f"{r['prefill_speedup']:.2f}x | {r['prefill_speedup'] / r['flops_ratio']:.2f} | "
               f"{r['merge_ms'] + r['scoring_ms']:.1f} ({100 * r['overhead_fraction']:.2f}%) | "
               f"{r['kv_cache_mib']:.1f} | {r['kv_bytes_ratio']:.2f}x | {r['peak_mem_mib']:.0f} |")

@@ -61,7 +61,7 @@ def start_server(model: str, max_queue: int, max_batch: int, extra: list[str] = 
                  ) -> tuple[subprocess.Popen, str, int]:
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", model, "--port", "0",
                              "--metrics-port", "0", "--max-queue", str(max_queue), "--max-batch", str(max_batch),
-                             "--calibrate", "0", *extra],
+                             *extra],
                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
@@ -158,8 +158,10 @@ ENGINES = {"batched": 32, "one-at-a-time": 1}
 
 
 async def main_async(args) -> list[dict]:
-    servers = {name: start_server(args.model, args.max_queue, max_batch) for name, max_batch in ENGINES.items()}
-    small = start_server(args.model, args.max_queue, 32, ["--kv-cache-bytes", str(args.small_kv_bytes)]) \
+    no_warmup = ["--calibrate", "0"]  # explicit plans only: the controller's latency model is not used
+    servers = {name: start_server(args.model, args.max_queue, max_batch, no_warmup)
+               for name, max_batch in ENGINES.items()}
+    small = start_server(args.model, args.max_queue, 32, [*no_warmup, "--kv-cache-bytes", str(args.small_kv_bytes)]) \
         if args.small_kv_bytes else None
     channels = []
     try:
@@ -198,7 +200,8 @@ async def main_async(args) -> list[dict]:
                     row = {"engine": engine, "plan": plan, "workload": workload, "concurrency": concurrency,
                            **median_row(results)}
                     rows.append(row)
-                    print(f"{workload:5s} c={concurrency:3d} {engine:13s} {plan:11s} {row['throughput_rps']:6.2f} req/s "
+                    print(f"{workload:5s} c={concurrency:3d} {engine:13s} {plan:11s} "
+                          f"{row['throughput_rps']:6.2f} req/s "
                           f"{row['tokens_per_s']:7.1f} tok/s  ttft p50 {row['ttft_p50_s']:.3f}s  "
                           f"p50 {row['latency_p50_s']:.3f}s  p95 {row['latency_p95_s']:.3f}s  "
                           f"batch {row['mean_batch']:.1f}  kv {row['kv_usage_peak']:.0%}  "
@@ -258,7 +261,8 @@ def main() -> None:
         if "kv_cache_bytes" in r:
             continue
         print(f"| {r['workload']} | {r['concurrency']} | {r['engine']} | {r['plan']} | {r['throughput_rps']:.2f} | "
-              f"{r['tokens_per_s']:.1f} | {r['ttft_p50_s']:.3f} | {r['latency_p50_s']:.3f} | {r['latency_p95_s']:.3f} | "
+              f"{r['tokens_per_s']:.1f} | {r['ttft_p50_s']:.3f} | {r['latency_p50_s']:.3f} | "
+              f"{r['latency_p95_s']:.3f} | "
               f"{r['mean_batch']:.1f} | {100 * r['kv_usage_peak']:.0f}% | {100 * r['spread']['throughput_rps']:.0f}% |")
     print(f"wrote {args.json_out}")
 

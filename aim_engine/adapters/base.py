@@ -67,6 +67,12 @@ class FamilyAdapter:
     def encode_video(self, frames: list[Image.Image], fps: float | None = None) -> EncodedMedia:
         raise NotImplementedError(f"{self.family} does not take video")
 
+    def encode_videos(self, videos: list[tuple[list[Image.Image], float | None]]) -> list[EncodedMedia]:
+        """Several videos (of one request or of several) through the vision tower. Families whose frames are
+        encoded independently of each other override this to run all frames in one batch; by default, one
+        video at a time."""
+        return [self.encode_video(frames, fps) for frames, fps in videos]
+
     def estimate_image_groups(self, images: list[Image.Image]) -> list[tuple[list[int], int]]:
         """Per image: (merge-group sizes, tokens in no group) the encoder would produce, without running it."""
         raise NotImplementedError

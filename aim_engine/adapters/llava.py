@@ -56,14 +56,23 @@ class LlavaAdapter(FamilyAdapter):
         return int(crop["height"]) if "height" in crop else int(crop["shortest_edge"])
 
     def encode_video(self, frames: list[Image.Image], fps: float | None = None) -> EncodedMedia:
+        return self.encode_videos([(frames, fps)])[0]
+
+    def encode_videos(self, videos: list[tuple[list[Image.Image], float | None]]) -> list[EncodedMedia]:
+        """Every frame of every video in one batch: each frame is one independent view."""
         side = self._frame_size()
-        out = self._features(self.normalize_frames(frames, (side, side)))
+        out = self._features(torch.cat([self.normalize_frames(frames, (side, side)) for frames, _ in videos]))
         per_frame = out.pooler_output[0].shape[0]
-        feats = torch.cat(list(out.pooler_output))
-        groups = [torch.arange(i * per_frame, (i + 1) * per_frame, device=feats.device) for i in range(len(frames))]
-        return EncodedMedia(kind="video", features=feats, groups=groups,
-                            vision_flops=encoder_flops(self.config.vision_config, out.last_hidden_state.shape[1],
-                                                       len(frames)))
+        encoded, start = [], 0
+        for frames, _ in videos:
+            feats = torch.cat(list(out.pooler_output[start:start + len(frames)]))
+            groups = [torch.arange(i * per_frame, (i + 1) * per_frame, device=feats.device)
+                      for i in range(len(frames))]
+            encoded.append(EncodedMedia(
+                kind="video", features=feats, groups=groups,
+                vision_flops=encoder_flops(self.config.vision_config, out.last_hidden_state.shape[1], len(frames))))
+            start += len(frames)
+        return encoded
 
     def estimate_video_groups(self, frames: list[Image.Image]) -> tuple[list[int], int]:
         return [self._tokens_per_view(self._frame_size())] * len(frames), 0

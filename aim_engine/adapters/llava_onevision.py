@@ -88,14 +88,26 @@ class LlavaOnevisionAdapter(FamilyAdapter):
         return [side * side] * len(frames), 1
 
     def encode_video(self, frames: list[Image.Image], fps: float | None = None) -> EncodedMedia:
+        return self.encode_videos([(frames, fps)])[0]
+
+    def encode_videos(self, videos: list[tuple[list[Image.Image], float | None]]) -> list[EncodedMedia]:
+        """Every frame of every video in one pass: frames are encoded and pooled one by one, and the newline after
+        a video's last frame is the learned `image_newline`, so one pass over all frames splits exactly."""
         size = self.config.vision_config.image_size
-        pixel_values = self.normalize_frames(frames, (size, size))[None].to(self.device, self.dtype)
+        pixel_values = torch.cat([self.normalize_frames(frames, (size, size)) for frames, _ in videos])
         with torch.inference_mode():
-            out = self.model.model.get_video_features(pixel_values, return_dict=True)
-        feats = out.pooler_output[0]  # (T * per_frame + 1, d)
-        per_frame = (feats.shape[0] - 1) // len(frames)
-        groups = [torch.arange(i * per_frame, (i + 1) * per_frame, device=feats.device) for i in range(len(frames))]
-        return EncodedMedia(
-            kind="video", features=feats, groups=groups,
-            vision_flops=encoder_flops(self.config.vision_config, out.last_hidden_state.shape[1], len(frames)),
-        )
+            out = self.model.model.get_video_features(pixel_values[None].to(self.device, self.dtype), return_dict=True)
+        feats = out.pooler_output[0]  # (all frames * per_frame + 1, d)
+        newline = feats[-1:]
+        per_frame = (feats.shape[0] - 1) // pixel_values.shape[0]
+        encoded, start = [], 0
+        for frames, _ in videos:
+            end = start + len(frames) * per_frame
+            video = torch.cat([feats[start:end], newline])
+            groups = [torch.arange(i * per_frame, (i + 1) * per_frame, device=feats.device)
+                      for i in range(len(frames))]
+            encoded.append(EncodedMedia(
+                kind="video", features=video, groups=groups,
+                vision_flops=encoder_flops(self.config.vision_config, out.last_hidden_state.shape[1], len(frames))))
+            start = end
+        return encoded

@@ -59,9 +59,11 @@ class ServingLoop:
             sched.take_inbox()
             for seq in sched.stopped():
                 self._finish(seq, "cancelled")
-            for seq in sched.admit():
+            admitted = sched.admit()
+            encoded = self.runner.encode([s for s in admitted if not s.stop_requested()])
+            for seq in admitted:
                 try:
-                    token = self.runner.prefill(seq)
+                    token = self.runner.prefill(seq, encoded.get(seq.seq_id))
                 except PrefillCancelled:
                     self._finish(seq, "cancelled")
                     continue

@@ -8,9 +8,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..cost import fill_prefill_stats
 from ..decoder import decode_batch, prefill
 from ..flops import decode_step_flops
 from ..generation import IncrementalText, sample_tokens, sequence_generator
+from ..request import ImagePart, VideoPart
 from .kv_pool import DecodeBatchKV
 from .sequence import Sequence
 
@@ -26,12 +28,33 @@ class ModelRunner:
         self.dtype = engine.adapter.dtype
         self.mrope = engine.adapter.uses_mrope
 
-    def prefill(self, seq: Sequence) -> int:
-        """Vision, merging and the LLM prefill of one sequence; returns its first token (on the host).
-        Raises PrefillCancelled if it is stopped between layers."""
+    def encode(self, batch: list[Sequence]) -> dict[int, list]:
+        """The vision tower for the sequences admitted together, in one pass where the family allows: their
+        encoded media by sequence id. Each sequence is charged the pass's time in proportion to its frames and
+        images. If the joint pass fails, nothing is returned and each sequence encodes alone (so one bad
+        request fails alone)."""
+        if len(batch) < 2:
+            return {}
+        start = time.perf_counter()
+        for seq in batch:
+            seq.started = start
+        try:
+            encoded = self.engine.preparer.encode_batch([s.request.parts for s in batch])
+        except Exception:  # noqa: BLE001 - retried one by one, where the culprit fails alone
+            return {}
+        seconds = time.perf_counter() - start
+        weights = [_views(s) for s in batch]
+        total = sum(weights) or 1
+        for seq, weight in zip(batch, weights):
+            seq.stats.timings.vision_s = seconds * weight / total
+        return {s.seq_id: media for s, media in zip(batch, encoded)}
+
+    def prefill(self, seq: Sequence, media: list | None = None) -> int:
+        """Vision (unless `media` is given), merging and the LLM prefill of one sequence; returns its first
+        token (on the host). Raises PrefillCancelled if it is stopped between layers."""
         engine, stats = self.engine, seq.stats
-        seq.started = time.perf_counter()
-        seq.prepared = engine.prepare(seq.request, seq.plan, stats.timings)
+        seq.started = seq.started or time.perf_counter()
+        seq.prepared = engine.preparer.prepare(seq.request, seq.plan, stats.timings, media=media)
         t_llm = time.perf_counter()
         prepared = seq.prepared
         pre = prefill(self.lm, prepared.embeds, prepared.position_ids, prepared.is_visual, seq.plan,
@@ -43,7 +66,7 @@ class ModelRunner:
         seq.first_token = time.perf_counter()
         stats.timings.prefill_s += seq.first_token - t_llm
         stats.timings.ttft_s = seq.first_token - seq.arrival
-        engine._fill_prefill_stats(stats, prepared, pre.tokens_per_layer, pre.visual_per_layer)
+        fill_prefill_stats(stats, engine.shape, prepared, pre.tokens_per_layer, pre.visual_per_layer)
         seq.text = IncrementalText(engine.tokenizer, seq.sampling.stop)
         return token
 
@@ -64,3 +87,9 @@ class ModelRunner:
             seq.batch_size_sum += len(batch)
         sampled = sample_tokens(logits, [s.sampling for s in batch], [s.generator for s in batch])
         return sampled.tolist()  # the step's one device -> host sync
+
+
+def _views(seq: Sequence) -> int:
+    """Images and video frames a sequence sends through the vision tower."""
+    return sum(len(p.frames) if isinstance(p, VideoPart) else 1
+               for p in seq.request.parts if isinstance(p, (ImagePart, VideoPart)))

@@ -112,6 +112,9 @@ def test_batched_equals_alone_with_mixed_plans_and_late_joiners(engine_for, fami
     for key, (result, logits) in enumerate(lone):
         assert_same_answer(run.result(key), run.seqs[key].logits, result, logits)
         assert run.result(key).stats.mean_batch > 1
+        # the reservation made before prefill from the plan was exact: run to max_new_tokens, every layer held
+        # precisely the tokens it was promised
+        assert run.seqs[key].kv.lengths == run.seqs[key].kv_tokens
     assert engine.pool.used_blocks == 0 and engine.pool.reserved_blocks == 0
 
 
@@ -166,10 +169,10 @@ def small_pool_engine(engine: AimEngine, kv_bytes: int, max_batch: int = 8) -> A
 def test_pool_holds_its_budget_queues_what_does_not_fit_and_gets_every_block_back(engine_for):
     base = engine_for("llava_onevision", layers=5)
     requests = mixed_requests("llava_onevision")
-    kv_tokens = [base.kv_tokens(base.decode_request(r), p) for r, p in requests]
+    needs = [base.sequence(base.decode_request(r), p, emit=print).kv_tokens for r, p in requests]
     block_bytes = base.pool.block_bytes
     # room for the largest request and a little more: the rest must wait their turn
-    largest = max(base.pool.blocks_for(t) for t in kv_tokens)
+    largest = max(base.pool.blocks_for(t) for t in needs)
     engine = small_pool_engine(base, (largest + 4) * block_bytes)
     pool = engine.pool
     assert pool.capacity_bytes <= (largest + 4) * block_bytes
@@ -220,3 +223,25 @@ def test_max_batch_one_serves_one_at_a_time(engine_for):
     run.step_until_done()
     assert set(sizes) == {1}
     assert [run.result(k).stats.mean_batch for k in range(3)] == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "llava_dinov2"])
+def test_videos_admitted_together_share_one_pass_through_the_vision_tower(engine_for, family, monkeypatch):
+    engine = engine_for(family, layers=5)
+    videos = [VideoPart(frames=random_frames(40 + i, n), fps=4.0) for i, n in enumerate((3, 5, 2))]
+    alone = [engine.preparer.encode_media([v]) for v in videos]
+    calls = []
+    vision = engine.adapter.model.model
+    method = "get_video_features" if family == "llava_onevision" else "get_image_features"
+    original = getattr(vision, method)
+    monkeypatch.setattr(vision, method, lambda *a, **k: calls.append(1) or original(*a, **k))
+    run = Run(engine)
+    for key, video in enumerate(videos):
+        run.add(key, GenerationRequest([video, TextPart("What moves?")], SamplingParams(max_new_tokens=2)),
+                ReductionPlan())
+    run.step_until_done()
+    assert len(calls) == 1  # three requests' ten frames in one pass
+    for key, media in enumerate(alone):
+        batched = run.seqs[key].prepared.media[0]
+        assert [g.tolist() for g in batched.groups] == [g.tolist() for g in media[0].groups]
+        torch.testing.assert_close(batched.features, media[0].features, atol=logit_tolerance(1e-5), rtol=0)

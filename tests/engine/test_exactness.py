@@ -18,9 +18,9 @@ STEPS = 12
 def hf_inputs(engine, request):
     """The same request as transformers' generate takes it: expanded placeholders + pixel tensors."""
     adapter, tok = engine.adapter, engine.tokenizer
-    parts = engine.decode_media(request)
-    media = engine.encode_media(parts)
-    ids = tok(engine.render_prompt(request), add_special_tokens=False)["input_ids"]
+    parts = engine.preparer.decode_media(request)
+    media = engine.preparer.encode_media(parts)
+    ids = tok(engine.preparer.render_prompt(request), add_special_tokens=False)["input_ids"]
     counts = iter(m.features.shape[0] for m in media)
     expanded = []
     for t in ids:
@@ -71,7 +71,7 @@ def engine_greedy_logits(engine, request, plan, steps):
     for step in range(steps - 1):
         tokens.append(int(torch.argmax(logits[-1])))
         token = torch.tensor([[tokens[-1]]], device=engine.adapter.device)
-        logits.append(decode_step(engine.lm, token, engine.decode_positions(prepared, step), pre.cache))
+        logits.append(decode_step(engine.lm, token, engine.preparer.decode_positions(prepared, step), pre.cache))
     tokens.append(int(torch.argmax(logits[-1])))
     return torch.stack(logits), tokens
 

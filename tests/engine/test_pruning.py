@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from aim_engine import GenerationRequest, ImagePart, ReductionPlan, SamplingParams, TextPart, VideoPart
+from aim_engine import GenerationRequest, ImagePart, ReductionPlan, TextPart, VideoPart
 from aim_engine.decoder import LanguageModel, decode_step, prefill
 from tests.conftest import random_frames, random_image
 
@@ -26,7 +26,7 @@ def physical_run(engine, prepared, plan, steps):
     for step in range(steps):
         tokens.append(int(torch.argmax(logits[-1])))
         token = torch.tensor([[tokens[-1]]])
-        logits.append(decode_step(engine.lm, token, engine.decode_positions(prepared, step), pre.cache))
+        logits.append(decode_step(engine.lm, token, engine.preparer.decode_positions(prepared, step), pre.cache))
     return pre, torch.stack(logits), tokens
 
 
@@ -55,7 +55,7 @@ def masked_reference(engine, prepared, kept_per_layer, tokens):
     logits = [lm.lm_head(lm.norm(hidden[:, -1:]))[0, -1].float()]
     for step, token in enumerate(tokens):
         hidden = lm.embed_tokens(torch.tensor([[token]]))
-        cos, sin = lm.rotary_emb(hidden, engine.decode_positions(prepared, step))
+        cos, sin = lm.rotary_emb(hidden, engine.preparer.decode_positions(prepared, step))
         for layer_idx, layer in enumerate(lm.layers):
             mask = torch.cat([alive[layer_idx], torch.ones(step + 1, dtype=torch.bool)])
             key_bias = torch.cat([bias, torch.zeros(step + 1)])

@@ -1,0 +1,223 @@
+"""Request preparation: media bytes -> images/frames -> vision features -> merged visual tokens placed in the
+prompt's embeddings, with positions and the proportional-attention key bias. Knows the adapter, the tokenizer and
+the media limits; nothing of the KV cache or the serving loop.
+
+    media bytes ─decode─▶ images/frames ─adapter─▶ projector features per item (+ merge groups)
+    ─merge─▶ fewer tokens per frame ─▶ prompt embeddings (placeholders expanded to the merged counts)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .adapters.base import EncodedMedia, FamilyAdapter
+from .cost import RequestShape
+from .decoder import proportional_key_bias
+from .errors import RequestError
+from .media import MediaLimits, decode_image, decode_video
+from .merging import MergeResult
+from .methods import REDUCERS
+from .methods.base import passthrough
+from .plan import ReductionPlan
+from .request import GenerationRequest, ImagePart, Part, TextPart, Timings, VideoPart
+
+
+@dataclass
+class PreparedPrompt:
+    """A request turned into LLM input, before prefill."""
+
+    embeds: torch.Tensor  # (1, n, d)
+    position_ids: torch.Tensor  # (1, n) or (3, 1, n)
+    is_visual: torch.Tensor  # (n,) bool
+    next_position: int  # position id of the first generated token
+    key_bias: torch.Tensor | None  # (n,) log of how many input tokens each token stands for; None: plain attention
+    text_tokens: int
+    visual_in: int
+    media: list[EncodedMedia]
+
+
+class Preparer:
+    def __init__(self, adapter: FamilyAdapter, limits: MediaLimits, num_layers: int):
+        self.adapter = adapter
+        self.tokenizer = adapter.tokenizer
+        self.limits = limits
+        self.num_layers = num_layers
+        self.lm = adapter.language_model()
+
+    def decode_request(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with its media decoded (bytes -> images/frames), validated against the limits."""
+        return GenerationRequest(self.decode_media(request), request.sampling, request.system)
+
+    def decode_media(self, request: GenerationRequest) -> list[Part]:
+        """Bytes -> images/frames, validated against the limits."""
+        out: list[Part] = []
+        for part in request.parts:
+            if isinstance(part, ImagePart) and part.image is None:
+                if part.data is None:
+                    raise RequestError("an image part has neither bytes nor a decoded image")
+                part = ImagePart(image=decode_image(part.data, part.mime_type, self.limits))
+            elif isinstance(part, VideoPart) and part.frames is None and part.encoded_frames is not None:
+                if len(part.encoded_frames) > self.limits.max_frames:
+                    raise RequestError(
+                        f"a video has {len(part.encoded_frames)} frames; the limit is {self.limits.max_frames}")
+                if not part.encoded_frames:
+                    raise RequestError("a video part has an empty list of frames")
+                part = VideoPart(frames=[decode_image(data, mime, self.limits) for data, mime in part.encoded_frames],
+                                 fps=part.fps)
+            elif isinstance(part, VideoPart) and part.frames is None:
+                if part.data is None:
+                    raise RequestError("a video part has neither bytes nor decoded frames")
+                clip = decode_video(part.data, part.mime_type, part.num_frames, self.limits)
+                part = VideoPart(frames=clip.frames, fps=clip.fps)
+            elif isinstance(part, VideoPart):
+                if not part.frames:
+                    raise RequestError("a video part has an empty list of frames")
+                if len(part.frames) > self.limits.max_frames:
+                    raise RequestError(f"a video has {len(part.frames)} frames; the limit is {self.limits.max_frames}")
+            out.append(part)
+        return out
+
+    def encode_media(self, parts: list[Part]) -> list[EncodedMedia]:
+        return self.encode_batch([parts])[0]
+
+    def encode_batch(self, requests: list[list[Part]]) -> list[list[EncodedMedia]]:
+        """Vision for several requests' decoded parts at once: all their videos go to the adapter together (one
+        pass through the tower where the family's frames are independent); images stay per request (a
+        family's packing of an image can depend on how many share its prompt)."""
+        videos = [p for parts in requests for p in parts if isinstance(p, VideoPart)]
+        if videos and not self.adapter.supports_video:
+            raise RequestError(f"model family {self.adapter.family} does not accept video")
+        encoded_videos = iter(self.adapter.encode_videos([(p.frames, p.fps) for p in videos]) if videos else [])
+        out = []
+        for parts in requests:
+            images = [p.image for p in parts if isinstance(p, ImagePart)]
+            encoded_images = iter(self.adapter.encode_images(images) if images else [])
+            out.append([next(encoded_images) if isinstance(p, ImagePart) else next(encoded_videos)
+                        for p in parts if isinstance(p, (ImagePart, VideoPart))])
+        return out
+
+    def render_prompt(self, request: GenerationRequest) -> str:
+        content = []
+        for part in request.parts:
+            if isinstance(part, TextPart):
+                content.append({"type": "text", "text": part.text})
+            else:
+                content.append({"type": "image" if isinstance(part, ImagePart) else "video"})
+        messages = []
+        if request.system:
+            messages.append({"role": "system", "content": [{"type": "text", "text": request.system}]})
+        messages.append({"role": "user", "content": content})
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def validate(self, request: GenerationRequest, plan: ReductionPlan) -> None:
+        if not any(isinstance(p, TextPart) and p.text.strip() for p in request.parts):
+            raise RequestError("the prompt has no text: add a question or instruction")
+        plan.check_depth(self.num_layers)
+
+    def prepare(self, request: GenerationRequest, plan: ReductionPlan, timings: Timings | None = None,
+                media: list[EncodedMedia] | None = None) -> PreparedPrompt:
+        """`media`: the request's media already through the vision tower (`encode_batch`); else encoded here."""
+        timings = timings or Timings()
+        self.validate(request, plan)
+        if media is None:
+            t0 = time.perf_counter()
+            parts = self.decode_media(request)
+            t1 = time.perf_counter()
+            media = self.encode_media(parts)
+            timings.media_s, timings.vision_s = t1 - t0, time.perf_counter() - t1
+        t2 = time.perf_counter()
+        prompt = self.render_prompt(request)
+        ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        prepared = self._assemble(ids, media, plan)
+        timings.prefill_s = time.perf_counter() - t2  # merging counts as prefill; the LLM part is added to it
+        return prepared
+
+    def _assemble(self, ids: torch.Tensor, media: list[EncodedMedia], plan: ReductionPlan) -> PreparedPrompt:
+        is_placeholder = torch.zeros_like(ids, dtype=torch.bool)
+        for pid in {self.adapter.image_token_id, self.adapter.video_token_id} - {None}:
+            is_placeholder |= ids == pid
+        slots = torch.nonzero(is_placeholder).flatten().tolist()
+        if len(slots) != len(media):
+            raise RequestError(
+                f"the prompt has {len(slots)} media placeholders for {len(media)} media items; "
+                "text must not contain the model's image/video placeholder tokens")
+        for slot, item in zip(slots, media):
+            if int(ids[slot]) != self.adapter.placeholder_id(item.kind):
+                raise RequestError("media placeholders are out of order with the media items")
+
+        device = self.adapter.device
+        ids = ids.to(device)
+        text_embeds = self.lm.embed_tokens(ids[None])[0]
+        reduce = REDUCERS[plan.reducer].reduce
+        merged: list[MergeResult] = [
+            reduce(m.features, m.groups, plan.merge_target) if plan.merges else passthrough(m.features)
+            for m in media
+        ]
+        pieces, visual, full_index, full_ids, token_sizes = [], [], [], [], []
+        start, offset = 0, 0  # offset: index in the full (unmerged) prompt
+        for slot, item, res in zip(slots + [len(ids)], media + [None], merged + [None]):
+            if slot > start:
+                n_text = slot - start
+                pieces.append(text_embeds[start:slot])
+                visual.append(torch.zeros(n_text, dtype=torch.bool, device=device))
+                full_index.append(torch.arange(offset, offset + n_text, device=device))
+                full_ids.append(ids[start:slot])
+                token_sizes.append(torch.ones(n_text, device=device))
+                offset += n_text
+            if item is None:
+                break
+            pieces.append(res.features.to(text_embeds.dtype))
+            visual.append(torch.ones(res.keep.numel(), dtype=torch.bool, device=device))
+            full_index.append(offset + res.keep)
+            full_ids.append(ids[slot].repeat(item.features.shape[0]))
+            token_sizes.append(res.sizes.to(device=device, dtype=torch.float32))
+            offset += item.features.shape[0]
+            start = slot + 1
+
+        embeds = torch.cat(pieces)[None]
+        is_visual = torch.cat(visual)
+        n = embeds.shape[1]
+        if self.adapter.uses_mrope:
+            full_pos = self.adapter.mrope_positions(torch.cat(full_ids)[None], media)
+            position_ids = full_pos.index_select(-1, torch.cat(full_index))
+            next_position = int(full_pos.max()) + 1
+        elif plan.positions == "original":
+            position_ids = torch.cat(full_index)[None]
+            next_position = offset
+        else:
+            position_ids = torch.arange(n, device=device)[None]
+            next_position = n
+        key_bias = None
+        if plan.proportional_attention and plan.merges:
+            sizes = torch.cat(token_sizes)
+            if bool((sizes > 1).any()):  # all ones: the bias is 0 and the kernel can stay causal
+                key_bias = proportional_key_bias(sizes)
+        return PreparedPrompt(
+            embeds=embeds, position_ids=position_ids, is_visual=is_visual, next_position=next_position,
+            key_bias=key_bias,
+            text_tokens=int((~is_visual).sum()), visual_in=sum(m.features.shape[0] for m in media), media=media,
+        )
+
+    def shape_of(self, request: GenerationRequest) -> RequestShape:
+        """What a request's cost depends on, under any plan: its media's merge groups and its text length."""
+        self.validate(request, ReductionPlan())
+        parts = self.decode_media(request)
+        images = [p.image for p in parts if isinstance(p, ImagePart)]
+        per_image = iter(self.adapter.estimate_image_groups(images) if images else [])
+        media = []
+        for part in parts:
+            if isinstance(part, VideoPart):
+                if not self.adapter.supports_video:
+                    raise RequestError(f"model family {self.adapter.family} does not accept video")
+                media.append(self.adapter.estimate_video_groups(part.frames))
+            elif isinstance(part, ImagePart):
+                media.append(next(per_image))
+        ids = self.tokenizer(self.render_prompt(request), add_special_tokens=False)["input_ids"]
+        return RequestShape(media=media, text_tokens=len(ids) - len(media))
+
+    def decode_positions(self, prepared: PreparedPrompt, step: int) -> torch.Tensor:
+        pos = torch.tensor([[prepared.next_position + step]], device=self.adapter.device)
+        return pos[None].expand(3, 1, 1) if self.adapter.uses_mrope else pos
