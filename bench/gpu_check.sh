@@ -29,6 +29,6 @@ timeout 150 $PY bench/engine_prefill.py --arch ov-7b --frames 32 --device cuda -
 echo "prefill: rc=${PIPESTATUS[0]} after $(( $(date +%s) - start ))s" | tee -a "$OUT/prefill.log"
 
 timeout 180 $PY bench/engine_batching.py --arch ov-7b --frames 32 --device cuda --dtype bfloat16 \
-  --workloads long short --concurrency 1 16 --requests 4 --repeats 2 \
+  --workloads long short --concurrency 16 1 --requests 2 --repeats 2 \
   --json-out "$OUT/engine-batching-ov7b-cuda.json" 2>&1 | tail -20 | tee "$OUT/batching.log"
 echo "batching: rc=${PIPESTATUS[0]} after $(( $(date +%s) - start ))s" | tee -a "$OUT/batching.log"
