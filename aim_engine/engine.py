@@ -36,9 +36,10 @@ DEFAULT_CPU_KV_BYTES = 2 * 2**30
 CUDA_KV_FREE_SHARE = 0.85
 CUDA_ACTIVATION_HEADROOM_BYTES = 2 * 2**30
 DEFAULT_MAX_BATCH = 32
-# Prompt tokens prefilled per engine step (at least one sequence): bounds how long running sequences wait for
-# a decode step while newcomers are prefilled.
-DEFAULT_PREFILL_TOKENS_PER_STEP = 8192
+# Prompt tokens (after merging) prefilled per engine step, at least one sequence: bounds how long the running
+# sequences wait for their next decode step while newcomers are prefilled. Small, so that a burst of arrivals is
+# prefilled across steps with decode steps between them rather than all before the next one.
+DEFAULT_PREFILL_TOKENS_PER_STEP = 1024
 
 
 def default_kv_cache_bytes(device: torch.device) -> int:
@@ -98,7 +99,8 @@ class AimEngine:
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
              limits: MediaLimits = MediaLimits(), kv_cache_bytes: int | None = None,
-             max_batch: int = DEFAULT_MAX_BATCH) -> "AimEngine":
+             max_batch: int = DEFAULT_MAX_BATCH,
+             prefill_tokens_per_step: int = DEFAULT_PREFILL_TOKENS_PER_STEP) -> "AimEngine":
         """Loads a checkpoint directory (never the hub): model, tokenizer, image processor, chat template."""
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
@@ -116,7 +118,8 @@ class AimEngine:
         if template.is_file() and not tokenizer.chat_template:
             tokenizer.chat_template = template.read_text()
         return cls(adapter_cls(model, tokenizer, image_processor), name=path.name, limits=limits,
-                   default_plan=read_default_plan(path), kv_cache_bytes=kv_cache_bytes, max_batch=max_batch)
+                   default_plan=read_default_plan(path), kv_cache_bytes=kv_cache_bytes, max_batch=max_batch,
+                   prefill_tokens_per_step=prefill_tokens_per_step)
 
     # ---- plan helpers ---------------------------------------------------------------------------
     @property
@@ -152,9 +155,10 @@ class AimEngine:
                  should_stop: Callable[[], bool] | None = None) -> Sequence:
         """A sequence for the serving loop; `request` must hold decoded media. Raises the request's errors."""
         self.preparer.validate(request, plan)
-        need = kv_tokens(self.cost(self.shape_of(request), plan), request.sampling.max_new_tokens)
-        return Sequence(request=request, plan=plan, kv_tokens=need, emit=emit, stats=RequestStats(),
-                        should_stop=should_stop)
+        estimate = self.cost(self.shape_of(request), plan)
+        return Sequence(request=request, plan=plan, kv_tokens=kv_tokens(estimate, request.sampling.max_new_tokens),
+                        prompt_tokens=estimate.text_tokens + estimate.visual_tokens_merged, emit=emit,
+                        stats=RequestStats(), should_stop=should_stop)
 
     def stream(self, request: GenerationRequest, plan: ReductionPlan | None = None,
                should_stop: Callable[[], bool] | None = None) -> Iterator[TokenDelta | GenerationResult]:

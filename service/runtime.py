@@ -105,7 +105,7 @@ class _Slot:
 class ModelRuntime:
     def __init__(self, name: str, engine: AimEngine, metrics: ServiceMetrics, max_queue: int = 16,
                  default_frames: int = 8, default_slo_s: float = 10.0, controller: BudgetController | None = None,
-                 media_workers: int = 2, max_batch: int | None = None):
+                 media_workers: int = 2, max_batch: int | None = None, prefill_tokens_per_step: int | None = None):
         self.name = name
         self.engine = engine
         self.metrics = metrics
@@ -118,8 +118,10 @@ class ModelRuntime:
         self._in_system = 0  # admitted and not yet answered: decoding media, waiting or running
         self._service_times: deque[float] = deque(maxlen=SERVICE_TIME_WINDOW)
         self.scheduler = engine.loop.scheduler
-        if max_batch is not None:
+        if max_batch is not None:  # the settings', also for engines loaded elsewhere (tests, embedding)
             self.scheduler.max_batch = max_batch
+        if prefill_tokens_per_step is not None:
+            self.scheduler.prefill_tokens_per_step = prefill_tokens_per_step
         metrics.model_loaded(name)
         metrics.watch_controller(name, self.controller)
         metrics.watch_engine(name, self)

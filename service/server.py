@@ -69,7 +69,8 @@ def load_engines(settings: Settings) -> dict[str, AimEngine]:
     limits = MediaLimits(max_bytes=settings.max_media_bytes, max_pixels=settings.max_pixels,
                          max_frames=settings.max_frames)
     return {name: AimEngine.load(path, device=settings.device, dtype=getattr(torch, settings.dtype), limits=limits,
-                                 kv_cache_bytes=settings.kv_cache_bytes or None, max_batch=settings.max_batch)
+                                 kv_cache_bytes=settings.kv_cache_bytes or None, max_batch=settings.max_batch,
+                                 prefill_tokens_per_step=settings.prefill_tokens_per_step)
             for name, path in settings.model_paths().items()}
 
 
@@ -136,6 +137,7 @@ async def load_models(running: RunningServer, engines: dict[str, AimEngine] | No
     for name, engine in engines.items():
         runtime = ModelRuntime(
             name, engine, state.metrics, max_queue=settings.max_queue, max_batch=settings.max_batch,
+            prefill_tokens_per_step=settings.prefill_tokens_per_step,
             default_frames=settings.default_frames, default_slo_s=settings.default_slo_ms / 1000,
             controller=build_controller(settings, name, engine, gpu))
         if settings.calibrate:

@@ -28,6 +28,8 @@ class Settings:
     max_batch: int = _f(32, "most sequences decoding together per model (continuous batching; 1 = one at a time)")
     kv_cache_bytes: int = _f(0, "KV cache pool per model, bytes (0 = default: 2 GiB on CPU; on CUDA 85% of the "
                              "memory free after loading, less 2 GiB)")
+    prefill_tokens_per_step: int = _f(1024, "prompt tokens (after merging) prefilled per engine step, at least one "
+                                      "request: smaller keeps running requests decoding through a burst")
     max_queue: int = _f(16, "requests waiting beyond a full batch before new ones get RESOURCE_EXHAUSTED")
     max_message_bytes: int = _f(64 * 1024 * 1024, "largest gRPC message received or sent, bytes")
     max_media_bytes: int = _f(64 * 1024 * 1024, "largest image or video, bytes")
@@ -64,7 +66,7 @@ class Settings:
             raise ValueError("no model to serve: pass --model PATH (or NAME=PATH), or set AIM_MODELS")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("TLS needs both tls_cert and tls_key")
-        for name in ("max_batch", "max_frames", "default_frames", "max_new_tokens", "default_max_new_tokens"):
+        for name in ("max_batch", "prefill_tokens_per_step", "max_frames", "default_frames", "max_new_tokens", "default_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.kv_cache_bytes < 0:

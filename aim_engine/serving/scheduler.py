@@ -73,8 +73,7 @@ class Scheduler:
         admitted, tokens = [], 0
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
-            prompt_tokens = seq.kv_tokens[0]
-            if admitted and tokens + prompt_tokens > self.prefill_tokens_per_step:
+            if admitted and tokens + seq.prompt_tokens > self.prefill_tokens_per_step:
                 break
             if not self.pool.can_reserve(self.pool.blocks_for(seq.kv_tokens)):
                 break
@@ -83,7 +82,7 @@ class Scheduler:
             seq.status = RUNNING
             self.running.append(seq)
             admitted.append(seq)
-            tokens += prompt_tokens
+            tokens += seq.prompt_tokens
         return admitted
 
     def finish(self, seq: Sequence) -> None:

@@ -33,6 +33,7 @@ class Sequence:
     request: "GenerationRequest"
     plan: ReductionPlan
     kv_tokens: list[int]
+    prompt_tokens: int  # LLM input tokens after merging: what its prefill processes
     emit: Callable[[Any], None]
     stats: "RequestStats"
     should_stop: Callable[[], bool] | None = None

@@ -245,3 +245,18 @@ def test_videos_admitted_together_share_one_pass_through_the_vision_tower(engine
         batched = run.seqs[key].prepared.media[0]
         assert [g.tolist() for g in batched.groups] == [g.tolist() for g in media[0].groups]
         torch.testing.assert_close(batched.features, media[0].features, atol=logit_tolerance(1e-5), rtol=0)
+
+
+def test_a_burst_is_prefilled_across_steps_with_decode_steps_between(engine_for):
+    """With a prefill budget of one prompt per step, three arrivals join the batch one step apart (each step also
+    runs a decode step for those already running), and each still gets its whole answer."""
+    base = engine_for("llava", layers=5)
+    engine = AimEngine(base.adapter, kv_cache_bytes=64 * 2**20, prefill_tokens_per_step=1)
+    run = Run(engine)
+    for key, (request, plan) in enumerate(mixed_requests("llava")[:3]):
+        run.add(key, GenerationRequest(request.parts, SamplingParams(max_new_tokens=6, ignore_eos=True)), plan)
+    running = []
+    run.step_until_done(lambda step: running.append(len(engine.loop.scheduler.running)))
+    assert running[:3] == [1, 2, 3]
+    assert [len(run.result(k).token_ids) for k in range(3)] == [6, 6, 6]
+    assert len(run.seqs[0].logits) == 6 and run.seqs[0].decode_steps == 5
