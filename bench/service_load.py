@@ -211,12 +211,12 @@ async def main_async(args) -> list[dict]:
             _, target, port = small
             async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
                 stub = pb_grpc.AimServiceStub(ch)
-                for plan in plans:
-                    row = await run_level(stub, request(plan, "long"), 32, max(args.requests, 32), port)
-                    rows.append({"engine": "batched", "plan": plan, "workload": "long", "concurrency": 32,
+                for plan in plans:  # one wave of 16 callers: how many sequences does each plan fit?
+                    row = await run_level(stub, request(plan, "long"), 16, 16, port)
+                    rows.append({"engine": "batched", "plan": plan, "workload": "long", "concurrency": 16,
                                  "kv_cache_bytes": args.small_kv_bytes, **row})
                     write_rows(args, rows)
-                    print(f"small KV budget ({args.small_kv_bytes / 2**20:.0f} MiB), long, c=32, {plan:11s}: "
+                    print(f"small KV budget ({args.small_kv_bytes / 2**20:.0f} MiB), long, c=16, {plan:11s}: "
                           f"mean batch {row['mean_batch']:.1f}, {row['throughput_rps']:.2f} req/s, "
                           f"kv {row['kv_usage_peak']:.0%}", flush=True)
         return rows
