@@ -70,7 +70,7 @@ class ServingLoop:
                 except Exception as exc:  # noqa: BLE001 - this request's fault or not, it fails alone
                     self._fail(seq, exc)
                     continue
-                self._accept(seq, token)
+                self._accept_or_fail(seq, token)
             batch = list(sched.running)
             if not batch:
                 return
@@ -84,7 +84,14 @@ class ServingLoop:
             if self.on_decode_step is not None:
                 self.on_decode_step(len(batch))
             for seq, token in zip(batch, tokens):
-                self._accept(seq, token)
+                self._accept_or_fail(seq, token)
+
+    def _accept_or_fail(self, seq: Sequence, token: int) -> None:
+        try:
+            self._accept(seq, token)
+        except Exception as exc:  # noqa: BLE001 - e.g. detokenisation: this sequence fails, the batch goes on
+            log.exception("sequence %d failed after a sampled token", seq.seq_id)
+            self._fail(seq, exc)
 
     def _accept(self, seq: Sequence, token: int) -> None:
         """A newly sampled token: the end of the answer, or text for the caller and the next decode input."""
