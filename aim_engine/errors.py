@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from .generation import GenerationError
 from .plan import PlanError
+
+
+class GenerationError(ValueError):
+    """A generation parameter is out of range."""
 
 
 class EngineError(Exception):

@@ -6,9 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-class GenerationError(ValueError):
-    """A generation parameter is out of range."""
+from .errors import GenerationError
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import grpc
 from aim_engine.media import sniff_mime_type
 from aim_engine.plan import ReductionPlan
 
-from .convert import plan_to_proto
+from .plan_proto import plan_to_proto
 from .proto.aim.v1 import aim_service_pb2 as pb
 from .proto.aim.v1 import aim_service_pb2_grpc as pb_grpc
 
