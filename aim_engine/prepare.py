@@ -84,17 +84,17 @@ class Preparer:
         return self.encode_batch([parts])[0]
 
     def encode_batch(self, requests: list[list[Part]]) -> list[list[EncodedMedia]]:
-        """Vision for several requests' decoded parts at once: all their videos go to the adapter together (one
-        pass through the tower where the family's frames are independent); images stay per request (a
-        family's packing of an image can depend on how many share its prompt)."""
+        """Vision for several requests' decoded parts at once: all their videos go to the adapter together, and
+        all their images (one pass through the tower each, where the family encodes items independently)."""
         videos = [p for parts in requests for p in parts if isinstance(p, VideoPart)]
         if videos and not self.adapter.supports_video:
             raise RequestError(f"model family {self.adapter.family} does not accept video")
         encoded_videos = iter(self.adapter.encode_videos([(p.frames, p.fps) for p in videos]) if videos else [])
+        image_sets = self.adapter.encode_image_sets(
+            [[p.image for p in parts if isinstance(p, ImagePart)] for parts in requests])
         out = []
-        for parts in requests:
-            images = [p.image for p in parts if isinstance(p, ImagePart)]
-            encoded_images = iter(self.adapter.encode_images(images) if images else [])
+        for parts, images in zip(requests, image_sets):
+            encoded_images = iter(images)
             out.append([next(encoded_images) if isinstance(p, ImagePart) else next(encoded_videos)
                         for p in parts if isinstance(p, (ImagePart, VideoPart))])
         return out

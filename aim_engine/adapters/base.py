@@ -29,6 +29,9 @@ class FamilyAdapter:
     family: str = ""
     supports_video: bool = False
     uses_mrope: bool = False
+    # An image's features do not depend on the other images of its prompt, so images of several prompts may go
+    # through the vision tower together (False where the family packs an image by how many share its prompt).
+    images_independent: bool = False
 
     def __init__(self, model, tokenizer, image_processor):
         self.model = model
@@ -63,6 +66,15 @@ class FamilyAdapter:
     # ---- media --------------------------------------------------------------------------------
     def encode_images(self, images: list[Image.Image]) -> list[EncodedMedia]:
         raise NotImplementedError
+
+    def encode_image_sets(self, sets: list[list[Image.Image]]) -> list[list[EncodedMedia]]:
+        """The images of several prompts (one list per prompt): in one pass through the tower where the family's
+        images are independent, else prompt by prompt."""
+        if not self.images_independent:
+            return [self.encode_images(images) if images else [] for images in sets]
+        flat = [image for images in sets for image in images]
+        encoded = iter(self.encode_images(flat) if flat else [])
+        return [[next(encoded) for _ in images] for images in sets]
 
     def encode_video(self, frames: list[Image.Image], fps: float | None = None) -> EncodedMedia:
         raise NotImplementedError(f"{self.family} does not take video")

@@ -19,6 +19,7 @@ from .base import EncodedMedia, FamilyAdapter, encoder_flops
 
 class LlavaAdapter(FamilyAdapter):
     family = "llava"
+    images_independent = True
 
     @property
     def supports_video(self) -> bool:

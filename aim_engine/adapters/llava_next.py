@@ -16,6 +16,7 @@ from .llava_onevision import LlavaOnevisionAdapter
 class LlavaNextAdapter(LlavaOnevisionAdapter):
     family = "llava_next"
     supports_video = False
+    images_independent = True  # every image gets its crops however many share the prompt
 
     def _image_features(self, pixel_values, image_sizes, count: int):
         return self.model.model.get_image_features(pixel_values, image_sizes, return_dict=True)

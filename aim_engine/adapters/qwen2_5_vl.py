@@ -21,10 +21,11 @@ DEFAULT_VIDEO_FPS = 2.0
 class Qwen2_5VLAdapter(Qwen2VLAdapter):
     family = "qwen2_5_vl"
 
-    def encode_video(self, frames: list[Image.Image], fps: float | None = None) -> EncodedMedia:
-        media = super().encode_video(frames, fps)
-        media.extra["seconds_per_grid"] = self.config.vision_config.temporal_patch_size / (fps or DEFAULT_VIDEO_FPS)
-        return media
+    def encode_videos(self, videos: list[tuple[list[Image.Image], float | None]]) -> list[EncodedMedia]:
+        encoded = super().encode_videos(videos)
+        for media, (_, fps) in zip(encoded, videos):
+            media.extra["seconds_per_grid"] = self.config.vision_config.temporal_patch_size / (fps or DEFAULT_VIDEO_FPS)
+        return encoded
 
     def rope_index_kwargs(self, media: list[EncodedMedia]) -> dict:
         seconds = [m.extra["seconds_per_grid"] for m in media if m.kind == "video"]

@@ -22,6 +22,7 @@ class Qwen2VLAdapter(FamilyAdapter):
     family = "qwen2_vl"
     supports_video = True
     uses_mrope = True
+    images_independent = True
 
     @property
     def _merge(self) -> int:
@@ -73,16 +74,23 @@ class Qwen2VLAdapter(FamilyAdapter):
         return patches, torch.tensor([gt, gh, gw])
 
     def encode_video(self, frames: list[Image.Image], fps: float | None = None) -> EncodedMedia:
-        patches, grid = self.video_pixels(frames)
-        grid = grid.to(self.device)
+        return self.encode_videos([(frames, fps)])[0]
+
+    def encode_videos(self, videos: list[tuple[list[Image.Image], float | None]]) -> list[EncodedMedia]:
+        """Several videos in one pass: the tower attends within each video's patches only (its own grid), so
+        their patches concatenate whatever their sizes and the output splits back per grid exactly."""
+        pixels = [self.video_pixels(frames) for frames, _ in videos]
+        grids = torch.stack([grid for _, grid in pixels]).to(self.device)
+        patches = torch.cat([patches for patches, _ in pixels])
         with torch.inference_mode():
-            out = self.model.model.get_video_features(patches.to(self.device, self.dtype), grid[None],
-                                                      return_dict=True)
-        feats = out.pooler_output[0]
-        per_t = int(grid[1] * grid[2]) // self._merge**2
-        groups = [torch.arange(i * per_t, (i + 1) * per_t, device=feats.device) for i in range(int(grid[0]))]
-        return EncodedMedia(kind="video", features=feats, groups=groups, vision_flops=self._vit_flops(grid),
-                            grid_thw=grid)
+            out = self.model.model.get_video_features(patches.to(self.device, self.dtype), grids, return_dict=True)
+        encoded = []
+        for feats, grid in zip(out.pooler_output, grids):
+            per_t = int(grid[1] * grid[2]) // self._merge**2
+            groups = [torch.arange(i * per_t, (i + 1) * per_t, device=feats.device) for i in range(int(grid[0]))]
+            encoded.append(EncodedMedia(kind="video", features=feats, groups=groups,
+                                        vision_flops=self._vit_flops(grid), grid_thw=grid))
+        return encoded
 
     def mrope_positions(self, full_ids: torch.Tensor, media: list[EncodedMedia]) -> torch.Tensor:
         types = torch.zeros_like(full_ids, dtype=torch.int32)

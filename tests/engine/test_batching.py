@@ -225,16 +225,33 @@ def test_max_batch_one_serves_one_at_a_time(engine_for):
     assert [run.result(k).stats.mean_batch for k in range(3)] == [1.0, 1.0, 1.0]
 
 
-@pytest.mark.parametrize("family", ["llava_onevision", "llava_dinov2"])
-def test_videos_admitted_together_share_one_pass_through_the_vision_tower(engine_for, family, monkeypatch):
-    engine = engine_for(family, layers=5)
-    videos = [VideoPart(frames=random_frames(40 + i, n), fps=4.0) for i, n in enumerate((3, 5, 2))]
-    alone = [engine.preparer.encode_media([v]) for v in videos]
+def _count_calls(monkeypatch, engine, method: str) -> list:
     calls = []
     vision = engine.adapter.model.model
-    method = "get_video_features" if family == "llava_onevision" else "get_image_features"
     original = getattr(vision, method)
     monkeypatch.setattr(vision, method, lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+def _assert_same_media(batched, alone):
+    assert batched.kind == alone.kind
+    assert [g.tolist() for g in batched.groups] == [g.tolist() for g in alone.groups]
+    if alone.grid_thw is not None:
+        assert batched.grid_thw.tolist() == alone.grid_thw.tolist()
+    assert batched.extra == alone.extra
+    assert batched.vision_flops == alone.vision_flops
+    torch.testing.assert_close(batched.features, alone.features, atol=logit_tolerance(1e-5), rtol=0)
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_videos_admitted_together_share_one_pass_through_the_vision_tower(engine_for, family, monkeypatch):
+    engine = engine_for(family, layers=5)
+    # different lengths, rates and (Qwen: the tower attends per video) frame sizes
+    videos = [VideoPart(frames=random_frames(40 + i, n, size), fps=fps)
+              for i, (n, size, fps) in enumerate(((3, (64, 64), 4.0), (5, (48, 80), 2.0), (2, (64, 64), None)))]
+    alone = [engine.preparer.encode_media([v]) for v in videos]
+    calls = _count_calls(monkeypatch, engine, "get_image_features" if family == "llava_dinov2" else
+                         "get_video_features")
     run = Run(engine)
     for key, video in enumerate(videos):
         run.add(key, GenerationRequest([video, TextPart("What moves?")], SamplingParams(max_new_tokens=2)),
@@ -242,9 +259,31 @@ def test_videos_admitted_together_share_one_pass_through_the_vision_tower(engine
     run.step_until_done()
     assert len(calls) == 1  # three requests' ten frames in one pass
     for key, media in enumerate(alone):
-        batched = run.seqs[key].prepared.media[0]
-        assert [g.tolist() for g in batched.groups] == [g.tolist() for g in media[0].groups]
-        torch.testing.assert_close(batched.features, media[0].features, atol=logit_tolerance(1e-5), rtol=0)
+        _assert_same_media(run.seqs[key].prepared.media[0], media[0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_images_admitted_together_share_one_pass_where_the_family_allows(engine_for, family, monkeypatch):
+    """Families whose image features do not depend on the prompt's other images encode every admitted
+    request's images in one pass; LLaVA-OneVision (several images in a prompt get base views only) encodes
+    prompt by prompt. Either way each image's features are those it gets alone."""
+    engine = engine_for(family, layers=5)
+    image_sets = [[random_image(50, (64, 64))], [random_image(51, (40, 72)), random_image(52, (64, 48))],
+                  [random_image(53, (56, 56))]]
+    alone = [engine.preparer.encode_media([ImagePart(image=im) for im in images]) for images in image_sets]
+    calls = _count_calls(monkeypatch, engine, "get_image_features")
+    run = Run(engine)
+    for key, images in enumerate(image_sets):
+        parts = [ImagePart(image=im) for im in images] + [TextPart("What is shown?")]
+        run.add(key, GenerationRequest(parts, SamplingParams(max_new_tokens=2)), ReductionPlan())
+    run.step_until_done()
+    assert len(calls) == (1 if engine.adapter.images_independent else len(image_sets))
+    assert engine.adapter.images_independent == (family != "llava_onevision")
+    for key, media in enumerate(alone):
+        batched = run.seqs[key].prepared.media
+        assert len(batched) == len(media)
+        for b, a in zip(batched, media):
+            _assert_same_media(b, a)
 
 
 def test_a_burst_is_prefilled_across_steps_with_decode_steps_between(engine_for):
