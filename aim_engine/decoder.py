@@ -28,16 +28,13 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .errors import Cancelled
 from .importance import score_tokens
 from .plan import ReductionPlan
 from .serving.kv_pool import DecodeBatchKV, KVLayout, KVPool, SequenceKV
 
 ATTENTION_IMPL = "aim_sdpa"
 SCORE_KWARG = "aim_score_capture"  # the attention call's keyword argument that carries a ScoreCapture
-
-
-class PrefillCancelled(Exception):
-    """The request was cancelled or its deadline passed between two prefill layers."""
 
 
 def _sdpa_with_score_capture(module, query, key, value, attention_mask, **kwargs):
@@ -127,7 +124,7 @@ def prefill(
     with an explicit (n, n) causal mask instead of `is_causal`, and the pool keeps each key's bias for the
     decode steps. Importance scores for pruning are computed without it.
 
-    should_stop is polled before every layer; when it returns True the prefill raises PrefillCancelled."""
+    should_stop is polled before every layer; when it returns True the prefill raises Cancelled."""
     num_layers = lm.num_layers
     hidden = embeds
     if kv is None:
@@ -146,7 +143,7 @@ def prefill(
     mask = None if key_bias is None else _biased_causal_mask(key_bias, hidden.dtype)
     for layer_idx, layer in enumerate(lm.layers):
         if should_stop is not None and should_stop():
-            raise PrefillCancelled()
+            raise Cancelled()
         if targets is not None and targets[layer_idx] < visual_now:
             keep = _select_kept(capture.scores, visual, targets[layer_idx])
             hidden = hidden.index_select(1, keep)

@@ -131,8 +131,10 @@ class AimEngine:
         return self._default_plan or ReductionPlan.default_for_depth(self.num_layers)
 
     # ---- preparation and cost ----------------------------------------------------------------
-    def decode_request(self, request: GenerationRequest) -> GenerationRequest:
-        return self.preparer.decode_request(request)
+    def decode_request(self, request: GenerationRequest, should_stop: Callable[[], bool] | None = None,
+                       reserve: Callable[[int], None] | None = None) -> GenerationRequest:
+        """Media bytes -> images/frames (see Preparer.decode_media for the budgets and `should_stop`)."""
+        return self.preparer.decode_request(request, should_stop, reserve)
 
     def prepare(self, request: GenerationRequest, plan: ReductionPlan, timings: Timings | None = None
                 ) -> PreparedPrompt:

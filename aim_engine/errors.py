@@ -31,8 +31,13 @@ class RequestError(EngineError):
     """The request as a whole is malformed (empty prompt, media the model cannot take, ...)."""
 
 
+class Cancelled(Exception):
+    """Work stopped because the request's should_stop said so (client gone or deadline passed): media decoding,
+    the vision tower or the prefill. Not an error of the request; whatever it held is released."""
+
+
 class ModelLoadError(Exception):
     """A checkpoint directory cannot be loaded; the message says what is missing."""
 
 
-__all__ = ["EngineError", "MediaError", "RequestError", "ModelLoadError", "PlanError", "GenerationError"]
+__all__ = ["EngineError", "MediaError", "RequestError", "ModelLoadError", "Cancelled", "PlanError", "GenerationError"]

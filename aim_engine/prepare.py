@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+from PIL import Image
 
 from .adapters.base import EncodedMedia, FamilyAdapter
 from .cost import RequestShape
 from .decoder import proportional_key_bias
-from .errors import RequestError
-from .media import MediaLimits, decode_image, decode_video
+from .errors import Cancelled, MediaError, RequestError
+from .media import MediaLimits, decode_image, decode_video, image_info, rgb_bytes
 from .merging import MergeResult
 from .methods import REDUCERS
 from .methods.base import passthrough
@@ -47,45 +49,84 @@ class Preparer:
         self.num_layers = num_layers
         self.lm = adapter.language_model()
 
-    def decode_request(self, request: GenerationRequest) -> GenerationRequest:
+    def decode_request(self, request: GenerationRequest, should_stop: Callable[[], bool] | None = None,
+                       reserve: Callable[[int], None] | None = None) -> GenerationRequest:
         """The request with its media decoded (bytes -> images/frames), validated against the limits."""
-        return GenerationRequest(self.decode_media(request), request.sampling, request.system)
+        return GenerationRequest(self.decode_media(request, should_stop, reserve), request.sampling, request.system)
 
-    def decode_media(self, request: GenerationRequest) -> list[Part]:
-        """Bytes -> images/frames, validated against the limits."""
-        out: list[Part] = []
+    def decode_media(self, request: GenerationRequest, should_stop: Callable[[], bool] | None = None,
+                     reserve: Callable[[int], None] | None = None) -> list[Part]:
+        """Bytes -> images/frames, validated against the limits. Each item's decoded size is known from its
+        header before its pixels are decoded: the request's total is held to `limits.max_decoded_bytes`
+        (MediaError), and each item's bytes are passed to `reserve` first (the server's memory budget: it may
+        wait, or raise). `should_stop` is polled between items and while a video decodes (raises Cancelled)."""
+        limits, out = self.limits, []
+        left = limits.max_decoded_bytes
+
+        def take(nbytes: int, what: str) -> None:
+            nonlocal left
+            if nbytes > left:
+                raise MediaError(MediaError.TOO_LARGE,
+                                 f"{what} takes {nbytes} bytes decoded; the request's decoded-media limit leaves "
+                                 f"{left} of {limits.max_decoded_bytes} bytes: send fewer or smaller media")
+            if reserve is not None:
+                reserve(nbytes)
+            left -= nbytes
+
+        def image(data: bytes, mime: str, what: str) -> Image.Image:
+            width, height = image_info(data, mime, limits)
+            take(rgb_bytes(width, height), f"{what} of {width}x{height}")
+            return decode_image(data, mime, limits)
+
+        def check_stop() -> None:
+            if should_stop is not None and should_stop():
+                raise Cancelled()
+
         for part in request.parts:
+            check_stop()
             if isinstance(part, ImagePart) and part.image is None:
                 if part.data is None:
                     raise RequestError("an image part has neither bytes nor a decoded image")
-                part = ImagePart(image=decode_image(part.data, part.mime_type, self.limits))
+                part = ImagePart(image=image(part.data, part.mime_type, "an image"))
             elif isinstance(part, VideoPart) and part.frames is None and part.encoded_frames is not None:
-                if len(part.encoded_frames) > self.limits.max_frames:
+                if len(part.encoded_frames) > limits.max_frames:
                     raise RequestError(
-                        f"a video has {len(part.encoded_frames)} frames; the limit is {self.limits.max_frames}")
+                        f"a video has {len(part.encoded_frames)} frames; the limit is {limits.max_frames}")
                 if not part.encoded_frames:
                     raise RequestError("a video part has an empty list of frames")
-                part = VideoPart(frames=[decode_image(data, mime, self.limits) for data, mime in part.encoded_frames],
-                                 fps=part.fps)
+                frames = []
+                for data, mime in part.encoded_frames:
+                    check_stop()
+                    frames.append(image(data, mime, "a video frame"))
+                part = VideoPart(frames=frames, fps=part.fps)
             elif isinstance(part, VideoPart) and part.frames is None:
                 if part.data is None:
                     raise RequestError("a video part has neither bytes nor decoded frames")
-                clip = decode_video(part.data, part.mime_type, part.num_frames, self.limits)
+                clip = decode_video(part.data, part.mime_type, part.num_frames, limits,
+                                    frame_size=self.adapter.video_frame_size, budget_bytes=left,
+                                    should_stop=should_stop, reserve=reserve)
+                left -= sum(rgb_bytes(*f.size) for f in clip.frames)
                 part = VideoPart(frames=clip.frames, fps=clip.fps)
             elif isinstance(part, VideoPart):
                 if not part.frames:
                     raise RequestError("a video part has an empty list of frames")
-                if len(part.frames) > self.limits.max_frames:
-                    raise RequestError(f"a video has {len(part.frames)} frames; the limit is {self.limits.max_frames}")
+                if len(part.frames) > limits.max_frames:
+                    raise RequestError(f"a video has {len(part.frames)} frames; the limit is {limits.max_frames}")
             out.append(part)
         return out
 
-    def encode_media(self, parts: list[Part]) -> list[EncodedMedia]:
-        return self.encode_batch([parts])[0]
+    def encode_media(self, parts: list[Part], should_stop: Callable[[], bool] | None = None) -> list[EncodedMedia]:
+        return self.encode_batch([parts], should_stop)[0]
 
-    def encode_batch(self, requests: list[list[Part]]) -> list[list[EncodedMedia]]:
+    def encode_batch(self, requests: list[list[Part]], should_stop: Callable[[], bool] | None = None
+                     ) -> list[list[EncodedMedia]]:
         """Vision for several requests' decoded parts at once: all their videos go to the adapter together, and
-        all their images (one pass through the tower each, where the family encodes items independently)."""
+        all their images (one pass through the tower each, where the family encodes items independently).
+        `should_stop` is polled between the tower's blocks (raises Cancelled)."""
+        with self.adapter.stoppable_vision(should_stop):
+            return self._encode_batch(requests)
+
+    def _encode_batch(self, requests: list[list[Part]]) -> list[list[EncodedMedia]]:
         videos = [p for parts in requests for p in parts if isinstance(p, VideoPart)]
         if videos and not self.adapter.supports_video:
             raise RequestError(f"model family {self.adapter.family} does not accept video")
@@ -118,15 +159,17 @@ class Preparer:
         plan.check_depth(self.num_layers)
 
     def prepare(self, request: GenerationRequest, plan: ReductionPlan, timings: Timings | None = None,
-                media: list[EncodedMedia] | None = None) -> PreparedPrompt:
-        """`media`: the request's media already through the vision tower (`encode_batch`); else encoded here."""
+                media: list[EncodedMedia] | None = None, should_stop: Callable[[], bool] | None = None
+                ) -> PreparedPrompt:
+        """`media`: the request's media already through the vision tower (`encode_batch`); else decoded and
+        encoded here, polling `should_stop` (raises Cancelled)."""
         timings = timings or Timings()
         self.validate(request, plan)
         if media is None:
             t0 = time.perf_counter()
-            parts = self.decode_media(request)
+            parts = self.decode_media(request, should_stop)
             t1 = time.perf_counter()
-            media = self.encode_media(parts)
+            media = self.encode_media(parts, should_stop)
             timings.media_s, timings.vision_s = t1 - t0, time.perf_counter() - t1
         t2 = time.perf_counter()
         prompt = self.render_prompt(request)

@@ -47,3 +47,30 @@ def encode_audio_only() -> bytes:
         for packet in stream.encode():
             out.mux(packet)
     return buf.getvalue()
+
+
+def encode_counter_video(container: str = "mp4", codec: str = "mpeg4", frames: int = 300, gop: int = 10,
+                         fps: int = 25) -> bytes:
+    """Frames that say their own index: the left half's grey level is index // 50, the right half's index % 50
+    (read back by `frame_index`). A short keyframe interval, so the decoder seeks."""
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=container) as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        stream.gop_size = gop
+        stream.options = {"qmin": "1", "qmax": "4"} if codec == "mpeg4" else {}
+        for t in range(frames):
+            arr = np.zeros((32, 64, 3), dtype=np.uint8)
+            arr[:, :32] = (t // 50) * 40
+            arr[:, 32:] = (t % 50) * 5
+            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def frame_index(frame: Image.Image) -> int:
+    arr = np.asarray(frame.convert("L"), dtype=np.float64)
+    h, w = arr.shape
+    return int(round(arr[:, : w // 2 - 2].mean() / 40)) * 50 + int(round(arr[:, w // 2 + 2:].mean() / 5))

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from ..decoder import LanguageModel
+from ..errors import Cancelled
 
 
 @dataclass
@@ -85,6 +89,38 @@ class FamilyAdapter:
         video at a time."""
         return [self.encode_video(frames, fps) for frames, fps in videos]
 
+    def video_frame_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size to decode a `width` x `height` video's frames at: no smaller in either dimension than the
+        model's processor will resize them to, never larger than the source (so decoding holds no more pixels
+        than the model uses, and the processor's own resize still decides the final input). By default, the
+        source size; families override."""
+        return width, height
+
+    @contextmanager
+    def stoppable_vision(self, should_stop: Callable[[], bool] | None):
+        """While active, the vision tower polls `should_stop` before each of its blocks and raises Cancelled
+        when it says so: a cancelled request stops inside the tower, not only after it."""
+        if should_stop is None:
+            yield
+            return
+
+        def check(module, args):
+            if should_stop():
+                raise Cancelled()
+
+        tower = self.vision_tower()
+        blocks = [block for lst in tower.modules() if isinstance(lst, nn.ModuleList) for block in lst]
+        handles = [block.register_forward_pre_hook(check) for block in blocks or [tower]]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def vision_tower(self) -> nn.Module:
+        inner = self.model.model
+        return getattr(inner, "vision_tower", None) or inner.visual
+
     def estimate_image_groups(self, images: list[Image.Image]) -> list[tuple[list[int], int]]:
         """Per image: (merge-group sizes, tokens in no group) the encoder would produce, without running it."""
         raise NotImplementedError
@@ -116,6 +152,15 @@ class FamilyAdapter:
             arr = np.asarray(frame.convert("RGB").resize((size[1], size[0]), Image.BICUBIC), dtype=np.float32)
             out.append((arr.transpose(2, 0, 1) / 255.0 - mean) / std)
         return torch.from_numpy(np.stack(out))
+
+
+def square_input_size(width: int, height: int, side: int) -> tuple[int, int]:
+    """Decode size for an encoder that resizes every frame to `side` x `side` (aspect not kept): the source scaled
+    down, aspect kept, until its shorter dimension is `side` — no dimension below what the resize needs."""
+    scale = max(side / width, side / height)
+    if scale >= 1:
+        return width, height
+    return max(side, round(width * scale)), max(side, round(height * scale))
 
 
 def encoder_flops(vision_config, tokens: int, images: int) -> float:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from .base import EncodedMedia, FamilyAdapter, encoder_flops
+from .base import EncodedMedia, FamilyAdapter, encoder_flops, square_input_size
 
 
 class LlavaAdapter(FamilyAdapter):
@@ -55,6 +55,9 @@ class LlavaAdapter(FamilyAdapter):
             return int(size)
         crop = getattr(self.image_processor, "crop_size", None) or self.image_processor.size
         return int(crop["height"]) if "height" in crop else int(crop["shortest_edge"])
+
+    def video_frame_size(self, width: int, height: int) -> tuple[int, int]:
+        return square_input_size(width, height, self._frame_size())
 
     def encode_video(self, frames: list[Image.Image], fps: float | None = None) -> EncodedMedia:
         return self.encode_videos([(frames, fps)])[0]

@@ -17,7 +17,7 @@ import math
 import torch
 from PIL import Image
 
-from .base import EncodedMedia, FamilyAdapter, encoder_flops
+from .base import EncodedMedia, FamilyAdapter, encoder_flops, square_input_size
 
 
 class LlavaOnevisionAdapter(FamilyAdapter):
@@ -86,6 +86,9 @@ class LlavaOnevisionAdapter(FamilyAdapter):
     def estimate_video_groups(self, frames: list[Image.Image]) -> tuple[list[int], int]:
         side = math.ceil(self.config.vision_config.image_size // self.config.vision_config.patch_size / 2)
         return [side * side] * len(frames), 1
+
+    def video_frame_size(self, width: int, height: int) -> tuple[int, int]:
+        return square_input_size(width, height, self.config.vision_config.image_size)
 
     def encode_video(self, frames: list[Image.Image], fps: float | None = None) -> EncodedMedia:
         return self.encode_videos([(frames, fps)])[0]

@@ -52,17 +52,26 @@ class Qwen2VLAdapter(FamilyAdapter):
         _, (t, h, w) = self.video_pixels(frames)
         return [int(h * w) // self._merge**2] * int(t), 0
 
+    def video_frame_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size `video_pixels` resizes to (its smart_resize), unless that is larger than the source."""
+        h, w = self._resized(height, width)
+        return (w, h) if w * h <= width * height else (width, height)
+
+    def _resized(self, height: int, width: int) -> tuple[int, int]:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        ip, vc = self.image_processor, self.config.vision_config
+        return smart_resize(height, width, factor=vc.patch_size * self._merge, min_pixels=ip.size["shortest_edge"],
+                            max_pixels=ip.size["longest_edge"])
+
     def video_pixels(self, frames: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
         """Frames -> (patches, C * tp * p * p) and grid (t, h, w), the layout of the model's video input:
         frames resized to one size (a multiple of patch * merge), normalised, padded to a multiple of the
         temporal patch by repeating the last frame; each patch flattened as (C, tp, p, p)."""
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-        ip, vc = self.image_processor, self.config.vision_config
+        vc = self.config.vision_config
         p, tp, m = vc.patch_size, vc.temporal_patch_size, self._merge
         w0, h0 = frames[0].size
-        h, w = smart_resize(h0, w0, factor=p * m, min_pixels=ip.size["shortest_edge"],
-                            max_pixels=ip.size["longest_edge"])
+        h, w = self._resized(h0, w0)
         x = self.normalize_frames(frames, (h, w)).numpy()  # (T, C, H, W)
         if x.shape[0] % tp:
             x = np.concatenate([x, np.repeat(x[-1:], tp - x.shape[0] % tp, axis=0)])

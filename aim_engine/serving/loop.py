@@ -12,7 +12,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Callable
 
-from ..decoder import PrefillCancelled
+from ..errors import Cancelled
 from ..request import GenerationResult, TokenDelta
 from .model_runner import ModelRunner
 from .scheduler import Scheduler
@@ -64,7 +64,7 @@ class ServingLoop:
             for seq in admitted:
                 try:
                     token = self.runner.prefill(seq, encoded.get(seq.seq_id))
-                except PrefillCancelled:
+                except Cancelled:
                     self._finish(seq, "cancelled")
                     continue
                 except Exception as exc:  # noqa: BLE001 - this request's fault or not, it fails alone

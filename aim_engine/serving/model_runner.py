@@ -39,7 +39,8 @@ class ModelRunner:
         for seq in batch:
             seq.started = start
         try:
-            encoded = self.engine.preparer.encode_batch([s.request.parts for s in batch])
+            encoded = self.engine.preparer.encode_batch([s.request.parts for s in batch],
+                                                        lambda: all(s.stop_requested() for s in batch))
         except Exception:  # noqa: BLE001 - retried one by one, where the culprit fails alone
             return {}
         seconds = time.perf_counter() - start
@@ -51,10 +52,11 @@ class ModelRunner:
 
     def prefill(self, seq: Sequence, media: list | None = None) -> int:
         """Vision (unless `media` is given), merging and the LLM prefill of one sequence; returns its first
-        token (on the host). Raises PrefillCancelled if it is stopped between layers."""
+        token (on the host). Raises Cancelled if it is stopped in the vision tower or between layers."""
         engine, stats = self.engine, seq.stats
         seq.started = seq.started or time.perf_counter()
-        seq.prepared = engine.preparer.prepare(seq.request, seq.plan, stats.timings, media=media)
+        seq.prepared = engine.preparer.prepare(seq.request, seq.plan, stats.timings, media=media,
+                                               should_stop=seq.stop_requested)
         t_llm = time.perf_counter()
         prepared = seq.prepared
         pre = prefill(self.lm, prepared.embeds, prepared.position_ids, prepared.is_visual, seq.plan,
