@@ -18,6 +18,7 @@ import logging
 import sys
 
 from aim_engine import cli as engine_cli
+from controller.policy import PRIORITIES
 
 from .settings import Settings
 
@@ -38,6 +39,8 @@ def _client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens (benchmarks)")
     p.add_argument("--slo-ms", type=int, default=0, help="auto: latency target")
     p.add_argument("--min-retention", type=float, default=0.0, help="auto: quality floor")
+    p.add_argument("--priority", choices=PRIORITIES,
+                   help="auto: low is reduced first, high last (the decision's safety margin)")
     p.add_argument("--none", action="store_true", help="no reduction")
     p.add_argument("--aim-default", action="store_true", help="the served model's default AIM plan")
     engine_cli.add_plan_flags(p)  # an explicit plan when any merge or prune flag is given
@@ -61,7 +64,7 @@ def _request_kwargs(args, client=None) -> dict:
     return dict(images=args.image, videos=args.video, frames=args.frames, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, seed=args.seed, ignore_eos=args.ignore_eos, plan=plan,
                 no_reduction=args.none,
-                slo_ms=args.slo_ms, min_retention=args.min_retention, model=args.model)
+                slo_ms=args.slo_ms, min_retention=args.min_retention, priority=args.priority, model=args.model)
 
 
 def _print_result(result) -> None:

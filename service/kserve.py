@@ -21,6 +21,7 @@ from aim_engine.errors import GenerationError, PlanError
 from aim_engine.media import sniff_mime_type
 from aim_engine.plan import IMPORTANCE_METHODS, POSITION_RULES, PRE_LLM_METHODS, format_prune_stages, \
     parse_prune_stages
+from controller.policy import PRIORITIES
 
 from .aim_api import ServingState, deadline_of, status_mapping
 from .proto.inference import grpc_service_pb2 as pb
@@ -49,6 +50,7 @@ PARAMETERS = {  # name: (type, meaning)
     "aim_proportional_attention": (bool, "plan: merged tokens draw attention by their size"),
     "aim_slo_ms": (int, "auto: latency target"),
     "aim_min_retention": (float, "auto: quality floor"),
+    "aim_priority": (str, f"auto: {' | '.join(PRIORITIES)} (the decision's safety margin)"),
 }
 # The request parameters of an explicit plan: each names one ReductionPlan field; absent = the field's default.
 PLAN_PARAMETERS = {"aim_merge_tokens": "merge_tokens", "aim_merge_retention": "merge_retention",
@@ -191,8 +193,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 reduction = Reduction("plan", plan=plan_from_parameters(params))
             elif kind == "auto":
                 slo = params.get("aim_slo_ms")
+                priority = params.get("aim_priority", "normal")
+                if priority not in PRIORITIES:
+                    raise ServiceError("invalid_argument", f"aim_priority must be one of {', '.join(PRIORITIES)}, "
+                                                           f"got {priority!r}")
                 reduction = Reduction("auto", slo_s=slo / 1000 if slo else None,
-                                      min_retention=float(params.get("aim_min_retention", 0.0)))
+                                      min_retention=float(params.get("aim_min_retention", 0.0)), priority=priority)
             else:
                 raise ServiceError("invalid_argument", f"aim_reduction must be auto, none or plan, got {kind!r}")
         except (PlanError, GenerationError) as exc:

@@ -118,6 +118,27 @@ def test_kserve_plan_parameters_the_engine_refuses_are_invalid_arguments(params,
     assert err.value.status == "invalid_argument"
 
 
+@pytest.mark.parametrize("value,expected", [(pb.PRIORITY_UNSPECIFIED, "normal"), (pb.PRIORITY_LOW, "low"),
+                                            (pb.PRIORITY_NORMAL, "normal"), (pb.PRIORITY_HIGH, "high")])
+def test_priority_reaches_the_reduction_choice(value, expected):
+    msg = pb.GenerateRequest(parts=[pb.ContentPart(text="Hi")],
+                             reduction=pb.Reduction(auto=pb.AutoBudget(priority=value)))
+    assert request_from_proto(msg, 4, 8)[1].priority == expected
+    client_side = AimClient.build_request("Hi", priority=None if expected == "normal" else expected)
+    assert request_from_proto(client_side, 4, 8)[1].priority == expected
+    assert KSERVE._decode(_infer_request({"aim_priority": expected}))[1].priority == expected
+
+
+def test_unknown_priorities_are_invalid_arguments():
+    msg = pb.GenerateRequest(parts=[pb.ContentPart(text="Hi")], reduction=pb.Reduction(auto=pb.AutoBudget(priority=7)))
+    with pytest.raises(ServiceError, match="unknown auto.priority value 7; use one of PRIORITY_UNSPECIFIED"):
+        request_from_proto(msg, 4, 8)
+    with pytest.raises(ServiceError, match="aim_priority must be one of low, normal, high"):
+        KSERVE._decode(_infer_request({"aim_priority": "urgent"}))
+    with pytest.raises(ValueError, match="priority must be"):
+        AimClient.build_request("Hi", priority="urgent")
+
+
 @pytest.mark.parametrize("argv,expected", [
     (["--prune-stages", "2:0.5/4:0.25", "--importance", "last_token"],
      ReductionPlan(prune_stages=((2, 0.5), (4, 0.25)), importance="last_token")),
@@ -128,8 +149,9 @@ def test_kserve_plan_parameters_the_engine_refuses_are_invalid_arguments(params,
                    positions="original", proportional_attention=True)),
 ])
 def test_the_command_lines_give_every_plan_field(argv, expected):
-    client_args = build_parser().parse_args(["generate", *argv])
-    assert _request_kwargs(client_args)["plan"] == expected
+    client_args = build_parser().parse_args(["generate", *argv, "--priority", "low"])
+    kwargs = _request_kwargs(client_args)
+    assert kwargs["plan"] == expected and kwargs["priority"] == "low"
     from aim_engine.cli import _plan_from_args
 
     ask_args = build_parser().parse_args(["ask", "--model", "m", "--prompt", "p", "--plan", "custom", *argv])

@@ -64,6 +64,16 @@ def test_auto_plan_is_chosen_by_the_controller(server):
         assert floor.applied_plan.reason.startswith("best effort")
 
 
+def test_an_auto_requests_priority_sets_the_margin_of_its_decision(server):
+    """The decision's reason names the margin it used: face value for high, the feedback margin x 1.5 for low."""
+    with AimClient(server.target) as client:
+        client.generate("Hi", videos=[VIDEO], frames=4, max_new_tokens=2, slo_ms=60_000)  # latency data exists
+        reasons = {p: client.generate("Hi", videos=[VIDEO], frames=4, max_new_tokens=2, slo_ms=60_000,
+                                      priority=p).applied_plan.reason for p in ("high", "low", "normal")}
+    assert "x 1.00 (high priority)" in reasons["high"] and "(low priority)" in reasons["low"]
+    assert "priority" not in reasons["normal"]
+
+
 # The tiny LLaVA-OneVision model sees a 4-frame video as 4 x 16 tokens + 1 newline. At retention 0.5 merging keeps
 # 8 per frame, pooling a 4x4 grid to 3x3 keeps 9, and EVS keeps a total of 4 x 8 (the first frame whole).
 STAGED_MERGED = {"merge": 4 * 8 + 1, "pool": 4 * 9 + 1, "evs": 4 * 8 + 1}
@@ -189,6 +199,8 @@ BAD_REQUESTS = [
      grpc.StatusCode.INVALID_ARGUMENT, "prune_start/prune_end or prune_stages, not both"),
     ("stages beyond depth", dict(reduction=pb.Reduction(plan=pb.ReductionPlan(
         prune_stages=[pb.PruneStage(layer=9, keep=0.5)]))), grpc.StatusCode.INVALID_ARGUMENT, "beyond the model"),
+    ("unknown priority", dict(reduction=pb.Reduction(auto=pb.AutoBudget(priority=7))),
+     grpc.StatusCode.INVALID_ARGUMENT, "unknown auto.priority value 7"),
     ("bad floor", dict(reduction=pb.Reduction(auto=pb.AutoBudget(min_retention=2))),
      grpc.StatusCode.INVALID_ARGUMENT, "min_retention"),
     ("bad temperature", dict(sampling=pb.SamplingParams(temperature=-1)), grpc.StatusCode.INVALID_ARGUMENT,
