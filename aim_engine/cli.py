@@ -12,11 +12,46 @@ from pathlib import Path
 
 from .errors import EngineError, ModelLoadError
 from .generation import SamplingParams
-from .plan import IMPORTANCE_METHODS, ReductionPlan
+from .plan import IMPORTANCE_METHODS, POSITION_RULES, PRE_LLM_METHODS, ReductionPlan, parse_prune_stages
 
 mimetypes.add_type("image/webp", ".webp")
 mimetypes.add_type("video/webm", ".webm")
 mimetypes.add_type("video/x-matroska", ".mkv")
+
+
+def prune_stages(text: str) -> tuple[tuple[int, float], ...]:  # argparse names the type by this function
+    return parse_prune_stages(text)
+
+
+def add_plan_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of an explicit plan, one per ReductionPlan field; every command line that takes a plan uses
+    these (and plan_from_flags)."""
+    p.add_argument("--merge-tokens", type=int, help="tokens per frame / image crop after merging")
+    p.add_argument("--merge-retention", type=float, help="share of each frame's tokens kept by merging")
+    p.add_argument("--prune", type=int, nargs=2, metavar=("L1", "L2"), help="prune progressively from L1 to L2")
+    p.add_argument("--prune-stages", type=prune_stages, metavar="L:KEEP/...",
+                   help="staged pruning instead of --prune: from layer L on, KEEP of the merged visual tokens "
+                        "remain, e.g. 2:0.5/4:0.25 (FastV, PDrop)")
+    p.add_argument("--importance", choices=IMPORTANCE_METHODS, default="pagerank", help="ranking for pruning")
+    p.add_argument("--reducer", choices=PRE_LLM_METHODS, default="merge",
+                   help="how the merge target is reached before the LLM")
+    p.add_argument("--positions", choices=POSITION_RULES, default="consecutive",
+                   help="merge survivors' positions (1-D RoPE models)")
+    p.add_argument("--proportional-attention", action="store_true",
+                   help="merged tokens draw attention by how many tokens they stand for")
+
+
+def plan_flags_given(args) -> bool:
+    """Whether the flags ask for any reduction (the other flags only say how)."""
+    return bool(args.merge_retention or args.merge_tokens or args.prune or args.prune_stages)
+
+
+def plan_from_flags(args) -> ReductionPlan:
+    prune = args.prune or (None, None)
+    return ReductionPlan(merge_tokens=args.merge_tokens, merge_retention=args.merge_retention,
+                         prune_start=prune[0], prune_end=prune[1], prune_stages=args.prune_stages or (),
+                         importance=args.importance, reducer=args.reducer, positions=args.positions,
+                         proportional_attention=args.proportional_attention)
 
 
 def _plan_from_args(args, engine) -> ReductionPlan:
@@ -24,9 +59,7 @@ def _plan_from_args(args, engine) -> ReductionPlan:
         return ReductionPlan()
     if args.plan == "default":
         return engine.default_plan()
-    prune = args.prune or (None, None)
-    return ReductionPlan(merge_tokens=args.merge_tokens, merge_retention=args.merge_retention,
-                         prune_start=prune[0], prune_end=prune[1], importance=args.importance)
+    return plan_from_flags(args)
 
 
 def _mime(path: Path) -> str:
@@ -232,10 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--system")
     ask.add_argument("--plan", choices=["none", "default", "custom"], default="default",
                      help="none: untouched model; default: the paper's plan for this depth; custom: the flags below")
-    ask.add_argument("--merge-tokens", type=int, help="custom: tokens per frame after merging")
-    ask.add_argument("--merge-retention", type=float, help="custom: share of tokens per frame kept by merging")
-    ask.add_argument("--prune", type=int, nargs=2, metavar=("L1", "L2"), help="custom: prune from L1 to L2")
-    ask.add_argument("--importance", choices=IMPORTANCE_METHODS, default="pagerank")
+    add_plan_flags(ask)
     ask.add_argument("--max-new-tokens", type=int, default=64)
     ask.add_argument("--temperature", type=float, default=0.0)
     ask.add_argument("--top-p", type=float, default=1.0)

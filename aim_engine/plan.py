@@ -194,11 +194,27 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(text)
 
 
+def parse_prune_stages(text: str) -> tuple[tuple[int, float], ...]:
+    """prune_stages from its text form "layer:keep/layer:keep/...", e.g. "2:0.5/4:0.25" (command lines, KServe
+    parameters, plan specs). Raises ValueError if an item is not layer:keep; the plan validates the values."""
+    stages = []
+    for stage in filter(None, (part.strip() for part in text.split("/"))):
+        layer, sep, keep = stage.partition(":")
+        if not sep:
+            raise ValueError(f"prune stage {stage!r} is not layer:keep")
+        stages.append((int(layer), float(keep)))
+    return tuple(stages)
+
+
+def format_prune_stages(stages: tuple[tuple[int, float], ...]) -> str:
+    """The inverse of parse_prune_stages (repr keeps every float exact)."""
+    return "/".join(f"{layer}:{keep!r}" for layer, keep in stages)
+
+
 _FIELD_PARSERS = {
     "merge_tokens": int, "merge_retention": float, "prune_start": int, "prune_end": int,
     "importance": str, "reducer": str, "positions": str, "proportional_attention": _parse_bool,
-    "prune_stages": lambda v: tuple((int(layer), float(keep)) for layer, keep in
-                                    (stage.split(":") for stage in v.split("/"))),
+    "prune_stages": parse_prune_stages,
 }
 
 

@@ -73,10 +73,11 @@ class BudgetController:
         return 0
 
     def choose(self, predicted_s: Sequence[float | None], budget_s: float, min_retention: float,
-               queue_depth: int = 0) -> Decision:
+               queue_depth: int = 0, priority: str = "normal") -> Decision:
         decision = decide(self.ladder, Features(budget_s=budget_s, min_retention=min_retention,
                                                 predicted_s=predicted_s, margin=self.feedback.margin,
-                                                min_level=self.memory_cap(), queue_depth=queue_depth))
+                                                min_level=self.memory_cap(), queue_depth=queue_depth,
+                                                priority=priority))
         if not decision.rejected:
             self.last_level = decision.level
         return decision

@@ -39,14 +39,35 @@ def default_ladder(num_layers: int, default: ReductionPlan | None = None) -> lis
     ]
 
 
+# A request's priority sets the safety margin of its decision: "high" takes predictions at face value (the
+# feedback margin capped at 1), so under load it keeps more visual tokens; "low" multiplies the feedback margin
+# by LOW_PRIORITY_MARGIN_FACTOR, so it steps down the ladder before "normal" requests do.
+PRIORITIES = ("low", "normal", "high")
+LOW_PRIORITY_MARGIN_FACTOR = 1.5
+
+
+def margin_for_priority(margin: float, priority: str) -> float:
+    """The safety margin a request of `priority` is decided with, given the feedback loop's `margin`."""
+    if priority == "high":
+        return min(margin, 1.0)
+    if priority == "low":
+        return margin * LOW_PRIORITY_MARGIN_FACTOR
+    return margin
+
+
 @dataclass(frozen=True)
 class Features:
     budget_s: float  # min(the request's SLO, its remaining deadline)
     min_retention: float  # quality floor
     predicted_s: Sequence[float | None]  # predicted latency (queue wait included) at each ladder level
-    margin: float = 1.2  # predicted x margin must fit the budget
+    margin: float = 1.2  # the feedback loop's safety margin: predicted x margin must fit the budget
     min_level: int = 0  # no level of higher quality than this (GPU memory pressure)
     queue_depth: int = 0  # requests waiting behind this one: each waits for its service time too
+    priority: str = "normal"  # one of PRIORITIES: scales the margin (margin_for_priority)
+
+    def __post_init__(self) -> None:
+        if self.priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {PRIORITIES}, got {self.priority!r}")
 
 
 @dataclass(frozen=True)
@@ -68,8 +89,9 @@ class Decision:
 
 
 def decide(ladder: Sequence[Level], features: Features) -> Decision:
-    """The highest-quality level whose predicted latency x margin fits the budget — shared with the requests
-    waiting behind — never below the quality floor nor above the memory cap. If none fits, the cheapest allowed level with fits=False (the caller serves
+    """The highest-quality level whose predicted latency x margin (the feedback margin scaled by the request's
+    priority) fits the budget — shared with the requests waiting behind — never below the quality floor nor
+    above the memory cap. If none fits, the cheapest allowed level with fits=False (the caller serves
     best-effort or rejects). If the floor and the cap leave no level at all, rejected."""
     allowed = [i for i, level in enumerate(ladder)
                if i >= features.min_level and level.retention >= features.min_retention]
@@ -82,18 +104,20 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
     # The budget is shared with the queue behind: this request's service time delays every waiting one.
     budget = features.budget_s / (1 + features.queue_depth)
     shared = f" / (1 + {features.queue_depth} waiting)" if features.queue_depth else ""
+    margin = margin_for_priority(features.margin, features.priority)
+    times = f"x {margin:.2f}" + (f" ({features.priority} priority)" if features.priority != "normal" else "")
     if features.predicted_s[allowed[0]] is None:
         return Decision(allowed[0], None, f"{ladder[allowed[0]].name}: no latency data yet{capped}", True)
     for i in allowed:
         predicted = features.predicted_s[i]
-        if predicted is not None and predicted * features.margin <= budget:
+        if predicted is not None and predicted * margin <= budget:
             why = "fits the budget" if i == allowed[0] else f"{ladder[allowed[0]].name} would exceed the budget"
-            return Decision(i, predicted, f"{ladder[i].name}: {why} ({predicted:.3f}s x {features.margin:.2f} "
+            return Decision(i, predicted, f"{ladder[i].name}: {why} ({predicted:.3f}s {times} "
                             f"<= {features.budget_s:.3f}s{shared}){capped}", True)
     last = allowed[-1]
     return Decision(last, features.predicted_s[last],
                     f"{ladder[last].name}: no level fits {features.budget_s:.3f}s{shared} "
-                    f"(cheapest predicted {features.predicted_s[last]:.3f}s x {features.margin:.2f}){capped}", False)
+                    f"(cheapest predicted {features.predicted_s[last]:.3f}s {times}){capped}", False)
 
 
 def load_ladder(path, num_layers: int) -> list[Level]:

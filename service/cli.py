@@ -18,7 +18,7 @@ import logging
 import sys
 
 from aim_engine import cli as engine_cli
-from aim_engine.plan import IMPORTANCE_METHODS, POSITION_RULES, ReductionPlan
+from controller.policy import PRIORITIES
 
 from .settings import Settings
 
@@ -39,16 +39,11 @@ def _client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens (benchmarks)")
     p.add_argument("--slo-ms", type=int, default=0, help="auto: latency target")
     p.add_argument("--min-retention", type=float, default=0.0, help="auto: quality floor")
+    p.add_argument("--priority", choices=PRIORITIES,
+                   help="auto: low is reduced first, high last (the decision's safety margin)")
     p.add_argument("--none", action="store_true", help="no reduction")
     p.add_argument("--aim-default", action="store_true", help="the served model's default AIM plan")
-    p.add_argument("--merge-retention", type=float)
-    p.add_argument("--merge-tokens", type=int)
-    p.add_argument("--prune", type=int, nargs=2, metavar=("L1", "L2"))
-    p.add_argument("--importance", choices=IMPORTANCE_METHODS, default="pagerank")
-    p.add_argument("--positions", choices=POSITION_RULES, default="consecutive",
-                   help="merge survivors' positions (1-D RoPE models)")
-    p.add_argument("--proportional-attention", action="store_true",
-                   help="merged tokens draw attention by how many tokens they stand for")
+    engine_cli.add_plan_flags(p)  # an explicit plan when any merge or prune flag is given
 
 
 def _client(args):
@@ -64,15 +59,12 @@ def _request_kwargs(args, client=None) -> dict:
         from .convert import plan_from_proto
 
         plan = plan_from_proto(client.model_info(args.model).default_plan)
-    elif args.merge_retention or args.merge_tokens or args.prune:
-        prune = args.prune or (None, None)
-        plan = ReductionPlan(merge_tokens=args.merge_tokens, merge_retention=args.merge_retention,
-                             prune_start=prune[0], prune_end=prune[1], importance=args.importance,
-                             positions=args.positions, proportional_attention=args.proportional_attention)
+    elif engine_cli.plan_flags_given(args):
+        plan = engine_cli.plan_from_flags(args)
     return dict(images=args.image, videos=args.video, frames=args.frames, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, seed=args.seed, ignore_eos=args.ignore_eos, plan=plan,
                 no_reduction=args.none,
-                slo_ms=args.slo_ms, min_retention=args.min_retention, model=args.model)
+                slo_ms=args.slo_ms, min_retention=args.min_retention, priority=args.priority, model=args.model)
 
 
 def _print_result(result) -> None:

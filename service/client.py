@@ -22,6 +22,8 @@ from .proto.aim.v1 import aim_service_pb2 as pb
 from .proto.aim.v1 import aim_service_pb2_grpc as pb_grpc
 
 Media = str | Path | bytes
+_PRIORITY = {None: pb.PRIORITY_UNSPECIFIED, "low": pb.PRIORITY_LOW, "normal": pb.PRIORITY_NORMAL,
+             "high": pb.PRIORITY_HIGH}
 
 
 def _load(item: Media) -> tuple[bytes, str]:
@@ -60,7 +62,12 @@ class AimClient:
                       seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
                       plan: ReductionPlan | None = None,
                       no_reduction: bool = False, slo_ms: int = 0, min_retention: float = 0.0,
-                      model: str = "", system_prompt: str = "", message=pb.GenerateRequest):
+                      priority: str | None = None, model: str = "", system_prompt: str = "",
+                      message=pb.GenerateRequest):
+        """`plan` is sent exactly; else `no_reduction`; else auto with `slo_ms`, `min_retention` and `priority`
+        ("low" | "normal" | "high"; None = the server's default, normal)."""
+        if priority not in _PRIORITY:
+            raise ValueError(f"priority must be low, normal or high, got {priority!r}")
         parts = []
         for item in images:
             data, mime = _load(item)
@@ -74,7 +81,8 @@ class AimClient:
         elif plan is not None:
             reduction = pb.Reduction(plan=plan_to_proto(plan))
         else:
-            reduction = pb.Reduction(auto=pb.AutoBudget(latency_slo_ms=slo_ms, min_retention=min_retention))
+            reduction = pb.Reduction(auto=pb.AutoBudget(latency_slo_ms=slo_ms, min_retention=min_retention,
+                                                        priority=_PRIORITY[priority]))
         sampling = pb.SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                      stop=list(stop), ignore_eos=ignore_eos)
         if seed is not None:

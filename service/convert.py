@@ -12,6 +12,8 @@ from .runtime import AppliedPlan, Estimate, Finished, Reduction, ServiceError
 
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "cancelled": pb.FINISH_REASON_CANCELLED}
 _SOURCE = {"none": pb.PLAN_SOURCE_NONE, "explicit": pb.PLAN_SOURCE_EXPLICIT, "auto": pb.PLAN_SOURCE_AUTO}
+_PRIORITY = {pb.PRIORITY_UNSPECIFIED: "normal", pb.PRIORITY_LOW: "low", pb.PRIORITY_NORMAL: "normal",
+             pb.PRIORITY_HIGH: "high"}  # names: controller.policy.PRIORITIES
 
 
 def request_from_proto(msg, default_max_new_tokens: int, max_new_tokens_limit: int
@@ -71,8 +73,11 @@ def _reduction(msg: pb.Reduction) -> Reduction:
     auto = msg.auto
     if not 0.0 <= auto.min_retention <= 1.0:
         raise ServiceError("invalid_argument", f"auto.min_retention must be in [0, 1], got {auto.min_retention}")
+    if auto.priority not in _PRIORITY:
+        raise ServiceError("invalid_argument", f"unknown auto.priority value {auto.priority}; use one of "
+                                               f"{', '.join(pb.Priority.keys())}")
     return Reduction("auto", slo_s=auto.latency_slo_ms / 1000 if auto.latency_slo_ms else None,
-                     min_retention=auto.min_retention, priority=auto.priority)
+                     min_retention=auto.min_retention, priority=_PRIORITY[auto.priority])
 
 
 def applied_to_proto(applied: AppliedPlan) -> pb.AppliedPlan:

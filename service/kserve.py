@@ -19,6 +19,9 @@ from aim_engine import GenerationRequest, ReductionPlan, SamplingParams, TokenDe
 from aim_engine.request import ImagePart, TextPart, VideoPart
 from aim_engine.errors import GenerationError, PlanError
 from aim_engine.media import sniff_mime_type
+from aim_engine.plan import IMPORTANCE_METHODS, POSITION_RULES, PRE_LLM_METHODS, format_prune_stages, \
+    parse_prune_stages
+from controller.policy import PRIORITIES
 
 from .aim_api import ServingState, deadline_of, status_mapping
 from .proto.inference import grpc_service_pb2 as pb
@@ -40,12 +43,42 @@ PARAMETERS = {  # name: (type, meaning)
     "aim_merge_retention": (float, "plan: share kept by merging"),
     "aim_prune_start": (int, "plan: l1"),
     "aim_prune_end": (int, "plan: l2"),
-    "aim_importance": (str, "plan: pagerank | text"),
-    "aim_positions": (str, "plan: consecutive | original"),
+    "aim_prune_stages": (str, "plan: staged pruning instead of l1..l2, layer:keep/layer:keep/..., e.g. 2:0.5/4:0.25"),
+    "aim_importance": (str, f"plan: {' | '.join(IMPORTANCE_METHODS)}"),
+    "aim_reducer": (str, f"plan: {' | '.join(PRE_LLM_METHODS)} (how the merge target is reached)"),
+    "aim_positions": (str, f"plan: {' | '.join(POSITION_RULES)}"),
     "aim_proportional_attention": (bool, "plan: merged tokens draw attention by their size"),
     "aim_slo_ms": (int, "auto: latency target"),
     "aim_min_retention": (float, "auto: quality floor"),
+    "aim_priority": (str, f"auto: {' | '.join(PRIORITIES)} (the decision's safety margin)"),
 }
+# The request parameters of an explicit plan: each names one ReductionPlan field; absent = the field's default.
+PLAN_PARAMETERS = {"aim_merge_tokens": "merge_tokens", "aim_merge_retention": "merge_retention",
+                   "aim_prune_start": "prune_start", "aim_prune_end": "prune_end",
+                   "aim_prune_stages": "prune_stages", "aim_importance": "importance", "aim_reducer": "reducer",
+                   "aim_positions": "positions", "aim_proportional_attention": "proportional_attention"}
+
+
+def plan_from_parameters(params: dict) -> ReductionPlan:
+    """The explicit plan of a request with aim_reduction=plan. Raises PlanError naming the bad parameter."""
+    values = {field: params[name] for name, field in PLAN_PARAMETERS.items() if name in params}
+    if "prune_stages" in values:
+        try:
+            values["prune_stages"] = parse_prune_stages(values["prune_stages"])
+        except ValueError as exc:
+            raise PlanError(f"aim_prune_stages {params['aim_prune_stages']!r}: {exc}; write layer:keep/..., "
+                            "e.g. 2:0.5/4:0.25") from None
+    return ReductionPlan(**values)
+
+
+def plan_to_parameters(plan: ReductionPlan) -> dict:
+    """The request parameters that give `plan` (for OIP clients): the inverse of plan_from_parameters."""
+    params = {"aim_reduction": "plan"}
+    for name, field in PLAN_PARAMETERS.items():
+        value = getattr(plan, field)
+        if value is not None and value != ():
+            params[name] = format_prune_stages(value) if field == "prune_stages" else value
+    return params
 
 
 def _param_value(p: pb.InferParameter):
@@ -157,16 +190,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if kind == "none":
                 reduction = Reduction("none")
             elif kind == "plan":
-                reduction = Reduction("plan", plan=ReductionPlan(
-                    merge_tokens=params.get("aim_merge_tokens"), merge_retention=params.get("aim_merge_retention"),
-                    prune_start=params.get("aim_prune_start"), prune_end=params.get("aim_prune_end"),
-                    importance=params.get("aim_importance", "pagerank"),
-                    positions=params.get("aim_positions", "consecutive"),
-                    proportional_attention=params.get("aim_proportional_attention", False)))
+                reduction = Reduction("plan", plan=plan_from_parameters(params))
             elif kind == "auto":
                 slo = params.get("aim_slo_ms")
+                priority = params.get("aim_priority", "normal")
+                if priority not in PRIORITIES:
+                    raise ServiceError("invalid_argument", f"aim_priority must be one of {', '.join(PRIORITIES)}, "
+                                                           f"got {priority!r}")
                 reduction = Reduction("auto", slo_s=slo / 1000 if slo else None,
-                                      min_retention=float(params.get("aim_min_retention", 0.0)))
+                                      min_retention=float(params.get("aim_min_retention", 0.0)), priority=priority)
             else:
                 raise ServiceError("invalid_argument", f"aim_reduction must be auto, none or plan, got {kind!r}")
         except (PlanError, GenerationError) as exc:

@@ -59,7 +59,7 @@ class Reduction:
     plan: ReductionPlan | None = None
     slo_s: float | None = None
     min_retention: float = 0.0
-    priority: int = 0
+    priority: str = "normal"  # controller.policy.PRIORITIES
 
 
 @dataclass
@@ -257,7 +257,8 @@ class ModelRuntime:
         if deadline is not None:
             budget = min(budget, deadline - now)
         predicted = [self._predict(decoded, level.plan) for level in self.ladder]
-        decision = self.controller.choose(predicted, budget, reduction.min_retention, queue_depth=self.waiting)
+        decision = self.controller.choose(predicted, budget, reduction.min_retention, queue_depth=self.waiting,
+                                          priority=reduction.priority)
         level_name = self.ladder[decision.level].name if decision.level >= 0 else "none"
         self.metrics.controller_decisions.labels(self.name, level_name, decision.outcome).inc()
         if decision.rejected:

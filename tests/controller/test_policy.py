@@ -1,7 +1,8 @@
 import pytest
 
 from aim_engine.plan import ReductionPlan
-from controller.policy import Features, decide, default_ladder, load_ladder
+from controller.policy import (LOW_PRIORITY_MARGIN_FACTOR, PRIORITIES, Features, decide, default_ladder, load_ladder,
+                               margin_for_priority)
 
 LADDER = default_ladder(28)  # full, merge-50, merge-25, aim-default, max-saving
 PRED = [2.0, 1.2, 0.9, 0.7, 0.5]
@@ -85,3 +86,35 @@ def test_budget_is_shared_with_the_queue_behind():
     alone = decide(LADDER, Features(2.4, 0.0, PRED))
     queued = decide(LADDER, Features(2.4, 0.0, PRED, queue_depth=2))  # 2.4 / 3 = 0.8 s each
     assert alone.level == 0 and queued.level == 4 and "2 waiting" in queued.reason
+
+
+# Under one load (budget, predictions, feedback margin), priority alone moves the decision: high takes the
+# predictions at face value, low multiplies the margin by LOW_PRIORITY_MARGIN_FACTOR.
+LOADED = dict(budget_s=1.3, min_retention=0.0, predicted_s=[1.0, 0.8, 0.6, 0.4, 0.2], margin=1.5)
+
+
+def test_priority_high_keeps_more_quality_and_low_less_than_normal_under_the_same_load():
+    levels = {p: decide(LADDER, Features(**LOADED, priority=p)) for p in PRIORITIES}
+    # normal: 1.0 x 1.5 > 1.3, 0.8 x 1.5 <= 1.3; high: 1.0 x 1 <= 1.3; low: x 2.25, first fit 0.4 x 2.25 <= 1.3
+    assert {p: d.level for p, d in levels.items()} == {"high": 0, "normal": 1, "low": 3}
+    assert all(d.fits for d in levels.values())
+    assert "x 1.00 (high priority)" in levels["high"].reason and "x 2.25 (low priority)" in levels["low"].reason
+    assert "priority" not in levels["normal"].reason
+
+
+def test_priority_scales_the_feedback_margin():
+    assert margin_for_priority(1.5, "normal") == 1.5
+    assert margin_for_priority(1.5, "high") == 1.0 and margin_for_priority(0.8, "high") == 0.8
+    assert margin_for_priority(1.5, "low") == 1.5 * LOW_PRIORITY_MARGIN_FACTOR > 1.5
+
+
+def test_priority_leaves_the_floor_the_memory_cap_and_best_effort_alone():
+    high_floor = decide(LADDER, Features(**{**LOADED, "min_retention": 0.3}, min_level=1, priority="high"))
+    assert high_floor.level == 1  # capped by memory even though full would fit at face value
+    low_floor = decide(LADDER, Features(**{**LOADED, "min_retention": 0.5}, priority="low"))
+    assert low_floor.level == 1 and not low_floor.fits  # 0.8 x 2.25 > 1.3, and the floor forbids cheaper
+
+
+def test_an_unknown_priority_is_refused():
+    with pytest.raises(ValueError, match="priority must be one of"):
+        Features(**LOADED, priority="urgent")

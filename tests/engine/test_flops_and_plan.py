@@ -89,6 +89,7 @@ def test_plans_parse_from_text_with_clear_errors():
         plan_from_dict({"proportional_attention": "false"})
     for text, message in [("merge_ratio=2", "not key=value over"), ("merge_tokens", "not key=value"),
                           ("merge_tokens=many", "not a valid merge_tokens"), ("prune_start=3", "together"),
+                          ("prune_stages=2:0.5/4", "not a valid prune_stages"),
                           ("positions=shifted", "positions must be one of"),
                           ("proportional_attention=maybe", "not a valid proportional_attention")]:
         with pytest.raises(PlanError, match=message):

@@ -14,8 +14,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from aim_engine import ReductionPlan
 from service.client import AimClient
 from service.convert import plan_from_proto
+from service.kserve import plan_to_parameters
 from service.proto.aim.v1 import aim_service_pb2 as pb
 from service.proto.aim.v1 import aim_service_pb2_grpc as pb_grpc
+from service.proto.inference import grpc_service_pb2 as kserve_pb
+from service.proto.inference import grpc_service_pb2_grpc as kserve_grpc
 from service.server import load_models, start_listening
 from tests.media_samples import encode_image, encode_video
 from tests.service.conftest import BASE
@@ -54,10 +57,65 @@ def test_auto_plan_is_chosen_by_the_controller(server):
             reply = client.generate("Hi", videos=[VIDEO], frames=4, max_new_tokens=2, slo_ms=60_000)
         assert reply.applied_plan.source == pb.PLAN_SOURCE_AUTO and "fits" in reply.applied_plan.reason
         assert reply.applied_plan.plan == pb.ReductionPlan(importance=pb.IMPORTANCE_PAGERANK,  # ample budget: full
-                                                           positions=pb.POSITION_RULE_CONSECUTIVE)
+                                                           positions=pb.POSITION_RULE_CONSECUTIVE,
+                                                           reducer=pb.REDUCER_MERGE)
         floor = client.generate("Hi", videos=[VIDEO], frames=4, max_new_tokens=2, slo_ms=1, min_retention=0.5)
         assert floor.applied_plan.plan.merge_retention == 0.5  # nothing fits 1 ms: cheapest level above the floor
         assert floor.applied_plan.reason.startswith("best effort")
+
+
+def test_an_auto_requests_priority_sets_the_margin_of_its_decision(server):
+    """The decision's reason names the margin it used: face value for high, the feedback margin x 1.5 for low."""
+    with AimClient(server.target) as client:
+        client.generate("Hi", videos=[VIDEO], frames=4, max_new_tokens=2, slo_ms=60_000)  # latency data exists
+        reasons = {p: client.generate("Hi", videos=[VIDEO], frames=4, max_new_tokens=2, slo_ms=60_000,
+                                      priority=p).applied_plan.reason for p in ("high", "low", "normal")}
+    assert "x 1.00 (high priority)" in reasons["high"] and "(low priority)" in reasons["low"]
+    assert "priority" not in reasons["normal"]
+
+
+# The tiny LLaVA-OneVision model sees a 4-frame video as 4 x 16 tokens + 1 newline. At retention 0.5 merging keeps
+# 8 per frame, pooling a 4x4 grid to 3x3 keeps 9, and EVS keeps a total of 4 x 8 (the first frame whole).
+STAGED_MERGED = {"merge": 4 * 8 + 1, "pool": 4 * 9 + 1, "evs": 4 * 8 + 1}
+STAGED = {reducer: ReductionPlan(merge_retention=0.5, reducer=reducer, prune_stages=((1, 0.5), (3, 0.25)),
+                                 importance="last_token") for reducer in STAGED_MERGED}
+
+
+@pytest.mark.parametrize("reducer", STAGED)
+def test_an_explicit_plan_with_reducer_stages_and_last_token_is_applied_and_echoed(server, reducer):
+    plan = STAGED[reducer]
+    with AimClient(server.target) as client:
+        reply = client.generate("What moves?", videos=[VIDEO], frames=4, max_new_tokens=2, plan=plan)
+    applied = reply.applied_plan
+    assert applied.source == pb.PLAN_SOURCE_EXPLICIT and plan_from_proto(applied.plan) == plan
+    assert applied.plan.importance == pb.IMPORTANCE_LAST_TOKEN and len(applied.plan.prune_stages) == 2
+    assert reply.usage.visual_tokens_in == 4 * 16 + 1 and reply.usage.visual_tokens_merged == STAGED_MERGED[reducer]
+    merged = STAGED_MERGED[reducer]  # the stages: half from layer 1, a quarter from layer 3
+    assert list(reply.usage.visual_tokens_per_layer) == [merged, merged // 2, merged // 2] + [merged // 4] * 3
+
+
+def test_the_evs_reducer_leaves_a_single_image_whole_where_merging_reduces_it(server):
+    with AimClient(server.target) as client:
+        replies = {r: client.generate("What?", images=[encode_image("PNG")], max_new_tokens=2,
+                                      plan=ReductionPlan(merge_retention=0.5, reducer=r)) for r in ("merge", "evs")}
+    assert replies["evs"].usage.visual_tokens_merged == replies["evs"].usage.visual_tokens_in
+    assert replies["merge"].usage.visual_tokens_merged < replies["merge"].usage.visual_tokens_in
+
+
+def test_kserve_parameters_give_the_same_plan(server):
+    plan = STAGED["pool"]
+    request = kserve_pb.ModelInferRequest(model_name="tiny-ov")
+    request.inputs.add(name="text_input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"What?")
+    request.inputs.add(name="video", datatype="BYTES", shape=[1]).contents.bytes_contents.append(VIDEO)
+    for name, value in {**plan_to_parameters(plan), "aim_num_frames": 4, "aim_max_new_tokens": 2}.items():
+        kind = {bool: "bool_param", int: "int64_param", float: "double_param", str: "string_param"}[type(value)]
+        setattr(request.parameters[name], kind, value)
+    with grpc.insecure_channel(server.target) as channel:
+        reply = kserve_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    p = {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in reply.parameters.items()}
+    assert p["aim_plan_source"] == "explicit" and p["aim_plan"] == plan.describe()
+    assert "pool" in p["aim_plan"] and "L1:0.5 L3:0.25 (last_token)" in p["aim_plan"]
+    assert p["aim_visual_tokens_merged"] == STAGED_MERGED["pool"]
 
 
 def test_model_info_and_estimate(server):
@@ -134,6 +192,15 @@ BAD_REQUESTS = [
      grpc.StatusCode.INVALID_ARGUMENT, "beyond the model"),
     ("unknown position rule", dict(reduction=pb.Reduction(plan=pb.ReductionPlan(merge_retention=0.5, positions=7))),
      grpc.StatusCode.INVALID_ARGUMENT, "unknown positions value 7"),
+    ("unknown reducer", dict(reduction=pb.Reduction(plan=pb.ReductionPlan(merge_retention=0.5, reducer=7))),
+     grpc.StatusCode.INVALID_ARGUMENT, "unknown reducer value 7"),
+    ("stages and a range", dict(reduction=pb.Reduction(plan=pb.ReductionPlan(
+        prune_start=2, prune_end=4, prune_stages=[pb.PruneStage(layer=2, keep=0.5)]))),
+     grpc.StatusCode.INVALID_ARGUMENT, "prune_start/prune_end or prune_stages, not both"),
+    ("stages beyond depth", dict(reduction=pb.Reduction(plan=pb.ReductionPlan(
+        prune_stages=[pb.PruneStage(layer=9, keep=0.5)]))), grpc.StatusCode.INVALID_ARGUMENT, "beyond the model"),
+    ("unknown priority", dict(reduction=pb.Reduction(auto=pb.AutoBudget(priority=7))),
+     grpc.StatusCode.INVALID_ARGUMENT, "unknown auto.priority value 7"),
     ("bad floor", dict(reduction=pb.Reduction(auto=pb.AutoBudget(min_retention=2))),
      grpc.StatusCode.INVALID_ARGUMENT, "min_retention"),
     ("bad temperature", dict(sampling=pb.SamplingParams(temperature=-1)), grpc.StatusCode.INVALID_ARGUMENT,

@@ -12,6 +12,14 @@ class Importance(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     IMPORTANCE_UNSPECIFIED: _ClassVar[Importance]
     IMPORTANCE_PAGERANK: _ClassVar[Importance]
     IMPORTANCE_TEXT: _ClassVar[Importance]
+    IMPORTANCE_LAST_TOKEN: _ClassVar[Importance]
+
+class Reducer(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REDUCER_UNSPECIFIED: _ClassVar[Reducer]
+    REDUCER_MERGE: _ClassVar[Reducer]
+    REDUCER_POOL: _ClassVar[Reducer]
+    REDUCER_EVS: _ClassVar[Reducer]
 
 class PositionRule(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -42,6 +50,11 @@ class PlanSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 IMPORTANCE_UNSPECIFIED: Importance
 IMPORTANCE_PAGERANK: Importance
 IMPORTANCE_TEXT: Importance
+IMPORTANCE_LAST_TOKEN: Importance
+REDUCER_UNSPECIFIED: Reducer
+REDUCER_MERGE: Reducer
+REDUCER_POOL: Reducer
+REDUCER_EVS: Reducer
 POSITION_RULE_UNSPECIFIED: PositionRule
 POSITION_RULE_CONSECUTIVE: PositionRule
 POSITION_RULE_ORIGINAL: PositionRule
@@ -112,8 +125,16 @@ class SamplingParams(_message.Message):
     ignore_eos: bool
     def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
+class PruneStage(_message.Message):
+    __slots__ = ("layer", "keep")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    keep: float
+    def __init__(self, layer: _Optional[int] = ..., keep: _Optional[float] = ...) -> None: ...
+
 class ReductionPlan(_message.Message):
-    __slots__ = ("merge_tokens", "merge_retention", "prune_start", "prune_end", "importance", "positions", "proportional_attention")
+    __slots__ = ("merge_tokens", "merge_retention", "prune_start", "prune_end", "importance", "positions", "proportional_attention", "reducer", "prune_stages")
     MERGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MERGE_RETENTION_FIELD_NUMBER: _ClassVar[int]
     PRUNE_START_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +142,8 @@ class ReductionPlan(_message.Message):
     IMPORTANCE_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     PROPORTIONAL_ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    REDUCER_FIELD_NUMBER: _ClassVar[int]
+    PRUNE_STAGES_FIELD_NUMBER: _ClassVar[int]
     merge_tokens: int
     merge_retention: float
     prune_start: int
@@ -128,7 +151,9 @@ class ReductionPlan(_message.Message):
     importance: Importance
     positions: PositionRule
     proportional_attention: bool
-    def __init__(self, merge_tokens: _Optional[int] = ..., merge_retention: _Optional[float] = ..., prune_start: _Optional[int] = ..., prune_end: _Optional[int] = ..., importance: _Optional[_Union[Importance, str]] = ..., positions: _Optional[_Union[PositionRule, str]] = ..., proportional_attention: _Optional[bool] = ...) -> None: ...
+    reducer: Reducer
+    prune_stages: _containers.RepeatedCompositeFieldContainer[PruneStage]
+    def __init__(self, merge_tokens: _Optional[int] = ..., merge_retention: _Optional[float] = ..., prune_start: _Optional[int] = ..., prune_end: _Optional[int] = ..., importance: _Optional[_Union[Importance, str]] = ..., positions: _Optional[_Union[PositionRule, str]] = ..., proportional_attention: _Optional[bool] = ..., reducer: _Optional[_Union[Reducer, str]] = ..., prune_stages: _Optional[_Iterable[_Union[PruneStage, _Mapping]]] = ...) -> None: ...
 
 class AutoBudget(_message.Message):
     __slots__ = ("latency_slo_ms", "priority", "min_retention")

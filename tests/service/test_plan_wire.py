@@ -1,0 +1,164 @@
+"""Every plan the engine accepts survives every front end: the protobuf message, the KServe request parameters,
+the Python client and the command line carry all of ReductionPlan's fields and give back the same plan; what the
+engine refuses is refused with its own message."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from types import SimpleNamespace
+
+import pytest
+
+from aim_engine.plan import IMPORTANCE_METHODS, POSITION_RULES, PRE_LLM_METHODS, PlanError, ReductionPlan
+from service.cli import _request_kwargs, build_parser
+from service.client import AimClient
+from service.convert import request_from_proto
+from service.kserve import PARAMETERS, PLAN_PARAMETERS, InferenceServicer, plan_from_parameters, plan_to_parameters
+from service.plan_proto import plan_from_proto, plan_to_proto
+from service.proto.aim.v1 import aim_service_pb2 as pb
+from service.proto.inference import grpc_service_pb2 as kpb
+from service.runtime import ServiceError
+from tests.service.conftest import BASE
+
+PLAN_FIELDS = {f.name for f in dataclasses.fields(ReductionPlan)}
+MERGES = [{}, dict(merge_tokens=3), dict(merge_retention=0.1), dict(merge_retention=0.333), dict(merge_retention=1.0)]
+PRUNES = [{}, dict(prune_start=2, prune_end=5), dict(prune_stages=((1, 0.5),)),
+          dict(prune_stages=((2, 0.5), (4, 0.35 ** 3), (6, 0.0)))]
+
+
+def all_plans():
+    """The product of every merge and prune shape with every importance, reducer, position rule and attention
+    rule: a new value in the engine's tuples is drawn here without touching the test."""
+    for merge, prune, importance, reducer, positions, proportional in itertools.product(
+            MERGES, PRUNES, IMPORTANCE_METHODS, PRE_LLM_METHODS, POSITION_RULES, (False, True)):
+        yield ReductionPlan(**merge, **prune, importance=importance, reducer=reducer, positions=positions,
+                            proportional_attention=proportional)
+
+
+PLANS = list(all_plans())
+
+
+def test_every_plan_field_has_a_place_on_every_wire():
+    assert {f.name for f in pb.ReductionPlan.DESCRIPTOR.fields} == PLAN_FIELDS
+    assert set(PLAN_PARAMETERS.values()) == PLAN_FIELDS and set(PLAN_PARAMETERS) <= set(PARAMETERS)
+    flags = vars(build_parser().parse_args(["generate"]))
+    assert {f for f in PLAN_FIELDS if f not in ("prune_start", "prune_end")} | {"prune"} <= set(flags)
+
+
+def test_every_plan_round_trips_through_the_proto():
+    assert len(PLANS) == len(MERGES) * len(PRUNES) * 3 * 3 * 2 * 2
+    for plan in PLANS:
+        msg = plan_to_proto(plan)
+        assert plan_from_proto(pb.ReductionPlan.FromString(msg.SerializeToString())) == plan, plan
+
+
+def test_every_plan_round_trips_through_the_client_and_the_servers_decoding():
+    for plan in PLANS[::7]:
+        request = AimClient.build_request("Hi", plan=plan)
+        _, reduction = request_from_proto(pb.GenerateRequest.FromString(request.SerializeToString()), 4, 8)
+        assert reduction.kind == "plan" and reduction.plan == plan, plan
+
+
+def _infer_request(params: dict) -> kpb.ModelInferRequest:
+    request = kpb.ModelInferRequest(model_name="tiny")
+    request.inputs.add(name="text_input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"Hi")
+    for name, value in params.items():  # the parameter kinds tritonclient sends for Python values
+        kind = {bool: "bool_param", int: "int64_param", float: "double_param", str: "string_param"}[type(value)]
+        setattr(request.parameters[name], kind, value)
+    return request
+
+
+KSERVE = InferenceServicer(SimpleNamespace(settings=BASE))
+
+
+def test_every_plan_round_trips_through_kserve_parameters():
+    for plan in PLANS:
+        params = plan_to_parameters(plan)
+        assert plan_from_parameters(params) == plan, plan
+    for plan in PLANS[::7]:  # and through a whole request's decoding, parameter types checked
+        _, reduction = KSERVE._decode(_infer_request(plan_to_parameters(plan)))
+        assert reduction.kind == "plan" and reduction.plan == plan, plan
+
+
+def test_a_float32_merge_retention_reads_back_as_sent():
+    """merge_retention is a float32 on the wire: 0.1 must not come back as 0.100000001490116."""
+    assert plan_from_proto(pb.ReductionPlan(merge_retention=0.1)).merge_retention == 0.1
+    assert plan_from_proto(pb.ReductionPlan(merge_retention=0.1933)).merge_retention == 0.1933
+
+
+ENGINE_REFUSES = [
+    (dict(prune_start=2, prune_end=5, prune_stages=[pb.PruneStage(layer=3, keep=0.5)]), "not both"),
+    (dict(prune_stages=[pb.PruneStage(layer=4, keep=0.5), pb.PruneStage(layer=2, keep=0.25)]), "increasing"),
+    (dict(prune_stages=[pb.PruneStage(layer=2, keep=0.25), pb.PruneStage(layer=4, keep=0.5)]), "non-increasing"),
+    (dict(prune_stages=[pb.PruneStage(layer=0, keep=0.5)]), "layers must be >= 1"),
+    (dict(prune_stages=[pb.PruneStage(layer=2, keep=1.5)]), "in [0, 1]"),
+    (dict(reducer=9), "unknown reducer value 9; use one of REDUCER_UNSPECIFIED"),
+    (dict(importance=9), "unknown importance value 9"),
+]
+
+
+@pytest.mark.parametrize("fields,message", ENGINE_REFUSES)
+def test_plans_the_engine_refuses_are_refused_with_its_message(fields, message):
+    with pytest.raises(PlanError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        plan_from_proto(pb.ReductionPlan(**fields))
+
+
+@pytest.mark.parametrize("params,message", [
+    (dict(aim_prune_stages="2:0.5/4"), "not layer:keep"),
+    (dict(aim_prune_stages="2:half"), "aim_prune_stages '2:half'"),
+    (dict(aim_prune_stages="4:0.5/2:0.25"), "increasing"),
+    (dict(aim_prune_stages="2:0.5", aim_prune_start=2, aim_prune_end=4), "not both"),
+    (dict(aim_reducer="zip"), "reducer must be one of"),
+    (dict(aim_importance="random"), "importance must be one of"),
+])
+def test_kserve_plan_parameters_the_engine_refuses_are_invalid_arguments(params, message):
+    with pytest.raises(ServiceError, match=message) as err:
+        KSERVE._decode(_infer_request({"aim_reduction": "plan", **params}))
+    assert err.value.status == "invalid_argument"
+
+
+@pytest.mark.parametrize("value,expected", [(pb.PRIORITY_UNSPECIFIED, "normal"), (pb.PRIORITY_LOW, "low"),
+                                            (pb.PRIORITY_NORMAL, "normal"), (pb.PRIORITY_HIGH, "high")])
+def test_priority_reaches_the_reduction_choice(value, expected):
+    msg = pb.GenerateRequest(parts=[pb.ContentPart(text="Hi")],
+                             reduction=pb.Reduction(auto=pb.AutoBudget(priority=value)))
+    assert request_from_proto(msg, 4, 8)[1].priority == expected
+    client_side = AimClient.build_request("Hi", priority=None if expected == "normal" else expected)
+    assert request_from_proto(client_side, 4, 8)[1].priority == expected
+    assert KSERVE._decode(_infer_request({"aim_priority": expected}))[1].priority == expected
+
+
+def test_unknown_priorities_are_invalid_arguments():
+    msg = pb.GenerateRequest(parts=[pb.ContentPart(text="Hi")], reduction=pb.Reduction(auto=pb.AutoBudget(priority=7)))
+    with pytest.raises(ServiceError, match="unknown auto.priority value 7; use one of PRIORITY_UNSPECIFIED"):
+        request_from_proto(msg, 4, 8)
+    with pytest.raises(ServiceError, match="aim_priority must be one of low, normal, high"):
+        KSERVE._decode(_infer_request({"aim_priority": "urgent"}))
+    with pytest.raises(ValueError, match="priority must be"):
+        AimClient.build_request("Hi", priority="urgent")
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--prune-stages", "2:0.5/4:0.25", "--importance", "last_token"],
+     ReductionPlan(prune_stages=((2, 0.5), (4, 0.25)), importance="last_token")),
+    (["--merge-retention", "0.5", "--reducer", "pool"], ReductionPlan(merge_retention=0.5, reducer="pool")),
+    (["--merge-tokens", "4", "--reducer", "evs", "--prune", "2", "5", "--importance", "text", "--positions",
+      "original", "--proportional-attention"],
+     ReductionPlan(merge_tokens=4, reducer="evs", prune_start=2, prune_end=5, importance="text",
+                   positions="original", proportional_attention=True)),
+])
+def test_the_command_lines_give_every_plan_field(argv, expected):
+    client_args = build_parser().parse_args(["generate", *argv, "--priority", "low"])
+    kwargs = _request_kwargs(client_args)
+    assert kwargs["plan"] == expected and kwargs["priority"] == "low"
+    from aim_engine.cli import _plan_from_args
+
+    ask_args = build_parser().parse_args(["ask", "--model", "m", "--prompt", "p", "--plan", "custom", *argv])
+    assert _plan_from_args(ask_args, engine=None) == expected
+
+
+def test_a_malformed_prune_stages_flag_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--prune-stages", "2:x"])
+    assert "invalid prune_stages value: '2:x'" in capsys.readouterr().err
