@@ -84,7 +84,8 @@ def test_controller_reads_p95_from_prometheus_and_falls_back_when_it_dies(tiny_e
             assert not controller.prometheus.latest().value
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
         assert 'aim_controller_signal_up{model="tiny-ov",signal="prometheus"} 0.0' in body
-        assert 'aim_controller_signal_up{model="tiny-ov",signal="nvml"} 0.0' in body
+        nvml_up = float(controller.gpu.available)  # the service's real NVML sampler: 0 without a GPU, 1 with one
+        assert f'aim_controller_signal_up{{model="tiny-ov",signal="nvml"}} {nvml_up}' in body
         assert "aim_controller_margin" in body and 'aim_requests_total{model="tiny-ov",outcome="ok"}' in body
         assert 'outcome="internal"' not in body and 'model="-"' not in body
     finally:

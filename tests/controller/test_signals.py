@@ -1,29 +1,28 @@
 from types import SimpleNamespace
 
+import pynvml  # nvidia-ml-py, a dependency: its real error types, whether or not this machine has a GPU
+import pytest
+
 from controller.controller import BudgetController, ControllerConfig
 from controller.policy import default_ladder
 from controller.signals import GpuSampler, LatencyWindow, PromQLReader
 
 
-def test_nvml_absent_reports_unavailable_and_controller_still_decides():
-    gpu = GpuSampler()  # the real nvidia-ml-py: no driver on this machine
-    assert not gpu.available and "NVMLError" in gpu.snapshot().reason  # the library is installed, no driver
-    controller = BudgetController(default_ladder(24), gpu=gpu.start())
-    assert controller.memory_cap() == 0
-    assert controller.choose([1.0] * 5, 10.0, 0.0).level == 0
-
-
 class FakeNVML:
-    """The functions of pynvml the sampler uses, for a machine with one GPU at `used` memory."""
+    """The functions of pynvml the sampler uses, for a machine with `count` GPUs at `used` memory, or (with
+    `init_error`) one where nvmlInit fails as the real library does without a driver."""
 
-    def __init__(self, used: float):
+    def __init__(self, used: float = 0.5, count: int = 1, init_error: int | None = None):
         self.used = used
+        self.count = count
+        self.init_error = init_error
 
     def nvmlInit(self):
-        pass
+        if self.init_error is not None:
+            raise pynvml.NVMLError(self.init_error)
 
     def nvmlDeviceGetCount(self):
-        return 1
+        return self.count
 
     def nvmlDeviceGetHandleByIndex(self, i):
         return i
@@ -33,6 +32,37 @@ class FakeNVML:
 
     def nvmlDeviceGetMemoryInfo(self, handle):
         return SimpleNamespace(used=int(self.used * 80e9), total=int(80e9))
+
+
+NO_GPU = [  # (how NVML says there is no GPU, what the snapshot's reason names)
+    (FakeNVML(init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND), "NVMLError_LibraryNotFound"),  # no driver installed
+    (FakeNVML(init_error=pynvml.NVML_ERROR_DRIVER_NOT_LOADED), "NVMLError_DriverNotLoaded"),
+    (FakeNVML(count=0), "NVML reports no GPU"),
+]
+
+
+@pytest.mark.parametrize("nvml,reason", NO_GPU, ids=["library-not-found", "driver-not-loaded", "no-device"])
+def test_nvml_absent_reports_unavailable_and_controller_still_decides(nvml, reason):
+    gpu = GpuSampler(nvml=nvml)
+    assert not gpu.available and reason in gpu.snapshot().reason
+    controller = BudgetController(default_ladder(24), gpu=gpu.start())
+    assert gpu.sample_once() == gpu.snapshot() and not gpu.snapshot().available
+    assert controller.memory_cap() == 0 and not controller.status().gpu_available
+    assert controller.choose([1.0] * 5, 10.0, 0.0).level == 0
+
+
+def test_the_real_nvml_reports_what_this_machine_has():
+    """With or without a GPU: available with readings in range, or unavailable saying why; the controller decides
+    either way (at the level GPU memory allows)."""
+    gpu = GpuSampler()  # the real nvidia-ml-py
+    snapshot = gpu.sample_once()
+    if gpu.available:
+        assert snapshot.available and 0 <= snapshot.utilization <= 1 and 0 <= snapshot.memory_used_fraction <= 1
+    else:
+        assert not snapshot.available and snapshot.reason
+    controller = BudgetController(default_ladder(24), gpu=gpu)
+    assert controller.status().gpu_available == gpu.available
+    assert controller.choose([1.0] * 5, 10.0, 0.0).level == controller.memory_cap()
 
 
 def test_gpu_memory_above_threshold_caps_quality():

@@ -4,19 +4,19 @@ PromQL (template variables substituted) returns data from a real Prometheus scra
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import grpc
+import pytest
 
 from service.client import AimClient
 from service.settings import Settings
 from tests.controller.test_prometheus import free_port, start_prometheus, target_up, wait_for
 from tests.media_samples import encode_image, encode_video
-from tests.service.conftest import ServerThread
+from tests.service.conftest import HOLD_TOKENS, ServerThread, hold, wait_until
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy/grafana/dashboards/aim-serve.json"
 
@@ -46,11 +46,17 @@ def query(url: str, expr: str) -> list:
     return body["data"]["result"]
 
 
+def scrapes(url: str, instance: str) -> int:
+    """How many times Prometheus has scraped `instance` (one `up` sample per scrape)."""
+    result = query(url, f'count_over_time(up{{instance="{instance}"}}[1h])')
+    return int(float(result[0]["value"][1])) if result else 0
+
+
 def test_every_panel_query_returns_data_from_the_real_service(tiny_engines, tmp_path):
     metrics_port = free_port()
     prometheus, url = start_prometheus(tmp_path, f"127.0.0.1:{metrics_port}")
     settings = Settings(models=["unused"], port=0, metrics_port=metrics_port, max_queue=0, max_batch=1,
-                        calibrate=1)
+                        max_new_tokens=HOLD_TOKENS, calibrate=1)
     server = ServerThread(settings, {"tiny-ov": tiny_engines["tiny-ov"]})
     try:
         wait_for(lambda: target_up(url), 60, "Prometheus to scrape the service")
@@ -59,23 +65,17 @@ def test_every_panel_query_returns_data_from_the_real_service(tiny_engines, tmp_
             for slo_ms in (60_000, 1):  # auto within SLO, and auto over a 1 ms SLO (a violation)
                 client.generate("What moves?", videos=[video], frames=4, max_new_tokens=3, slo_ms=slo_ms)
             client.generate("Describe.", images=[encode_image("PNG")], max_new_tokens=3, no_reduction=True)
-            outcomes = []  # max_batch=1 and max_queue=0: concurrent callers beyond the running one are rejected
-
-            def call():
-                try:
-                    client.generate("Hi", videos=[video], frames=4, max_new_tokens=20)
-                    outcomes.append("ok")
-                except grpc.RpcError as exc:
-                    outcomes.append(exc.code())
-
-            threads = [threading.Thread(target=call) for _ in range(4)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            assert grpc.StatusCode.RESOURCE_EXHAUSTED in outcomes
+            # max_batch=1 and max_queue=0: while one request runs, another is rejected. The first is held (it runs
+            # until cancelled) so that the two overlap.
+            holder = hold(client, no_reduction=True)
+            with pytest.raises(grpc.RpcError) as err:
+                client.generate("Hi", videos=[video], frames=4, max_new_tokens=20)
+            holder.cancel()
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            wait_until(lambda: server.running.state.in_flight() == 0, "the held request to leave")
 
         instance = f"127.0.0.1:{metrics_port}"
+        scrapes_after_traffic = scrapes(url, instance)
         dashboard = load()
         for variable in dashboard["templating"]["list"]:
             if variable["type"] == "query":
@@ -87,7 +87,8 @@ def test_every_panel_query_returns_data_from_the_real_service(tiny_engines, tmp_
         exprs = [(panel["title"], target["expr"].replace("$model", "tiny-ov").replace("$instance", instance)
                   .replace("$__rate_interval", "1m"))
                  for panel in dashboard["panels"] for target in panel["targets"]]
-        time.sleep(2)  # two more scrapes after the last request
+        wait_for(lambda: scrapes(url, instance) >= scrapes_after_traffic + 2, 30,
+                 "two more scrapes after the last request")
         empty = []
         deadline = time.monotonic() + 30
         while True:

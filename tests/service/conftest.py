@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import replace
 
 import pytest
@@ -44,6 +45,27 @@ class ServerThread:
 
 
 BASE = Settings(models=["unused"], port=0, metrics_port=0, max_queue=4)
+
+# A held answer: ignore_eos and far more tokens than any test lets it produce, so it runs until the test cancels it
+# (prompt + HOLD_TOKENS stays within the tiny models' 4096 positions). The server's max_new_tokens must allow it.
+HOLD_TOKENS = 4000
+
+
+def hold(client, prompt: str = "Keep talking.", **request):
+    """Starts a streamed answer that runs until cancelled and returns its stream once the server is decoding it
+    (the first delta arrived). `events.cancel()` releases it."""
+    events = client.stream_events(prompt, max_new_tokens=HOLD_TOKENS, ignore_eos=True, **request)
+    next(events)
+    return events
+
+
+def wait_until(predicate, what: str, timeout: float = 60.0) -> None:
+    """Polls observable state. The timeout only guards against a hang; it is not a bound on how fast anything runs."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.005)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aim_engine import ReductionPlan
+from aim_engine.serving.sequence import FINISHED
 from service.client import AimClient
 from service.convert import plan_from_proto
 from service.kserve import plan_to_parameters
@@ -21,10 +22,9 @@ from service.proto.inference import grpc_service_pb2 as kserve_pb
 from service.proto.inference import grpc_service_pb2_grpc as kserve_grpc
 from service.server import load_models, start_listening
 from tests.media_samples import encode_image, encode_video
-from tests.service.conftest import BASE
+from tests.service.conftest import BASE, HOLD_TOKENS, hold, wait_until
 
 VIDEO = encode_video(frames=16)
-LONG = 400  # tokens; the tiny model's greedy answer to LONG_PROMPT has no EOS this early (checked below)
 LONG_PROMPT = "Keep talking about this clip."
 
 
@@ -226,7 +226,10 @@ def test_bad_input_gets_the_right_status_and_the_server_keeps_serving(server, na
 
 
 def test_concurrent_clients_are_all_answered_or_cleanly_rejected(make_server):
-    srv = make_server(max_queue=2, max_batch=1)
+    """One request holds the only place in the batch while ten more arrive: the queue takes two, which are answered
+    once the holder is cancelled; the other eight are rejected at once."""
+    srv = make_server(max_queue=2, max_batch=1, max_new_tokens=HOLD_TOKENS)
+    runtime = srv.running.state.runtimes["tiny-ov"]
     with AimClient(srv.target) as client:
         def call(i):
             try:
@@ -235,90 +238,101 @@ def test_concurrent_clients_are_all_answered_or_cleanly_rejected(make_server):
             except grpc.RpcError as exc:
                 return exc.code()
 
+        holder = hold(client, no_reduction=True)
         with ThreadPoolExecutor(10) as pool:
-            outcomes = list(pool.map(call, range(10)))
-    assert set(outcomes) <= {"ok", grpc.StatusCode.RESOURCE_EXHAUSTED}
-    assert outcomes.count("ok") >= 3 and grpc.StatusCode.RESOURCE_EXHAUSTED in outcomes  # 1 running + 2 queued
+            try:
+                calls = [pool.submit(call, i) for i in range(10)]
+                wait_until(lambda: sum(c.done() for c in calls) >= 8, "the calls beyond the queue to be rejected")
+                assert (runtime.running, runtime.waiting) == (1, 2)  # the holder runs, two wait behind it
+            finally:
+                holder.cancel()
+            outcomes = [c.result(timeout=60) for c in calls]
+    assert outcomes.count("ok") == 2 and outcomes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 8, outcomes
 
 
-def _long_request_check(client):
-    """Seconds a warm LONG-token request takes (the faster of two runs)."""
-    times = []
-    for _ in range(2):
-        reply = client.generate(LONG_PROMPT, videos=[VIDEO], frames=4, max_new_tokens=LONG, no_reduction=True)
-        assert reply.finish_reason == pb.FINISH_REASON_LENGTH, "test premise: the answer runs to max_new_tokens"
-        times.append(reply.timings.total_seconds)
-    return min(times)
+def _record_calls(monkeypatch, owner, name: str) -> list:
+    """Spies on `owner.name`: the first argument of every call, in order; the call still goes through."""
+    real, seen = getattr(owner, name), []
+
+    def spy(first, *args, **kwargs):
+        seen.append(first)
+        return real(first, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, spy)
+    return seen
 
 
-def _seconds_until_idle(runtime, limit: float) -> float:
-    start = time.monotonic()
-    while runtime.running and time.monotonic() - start < limit:
-        time.sleep(0.005)
-    return time.monotonic() - start
+def _assert_stops_within_one_step(seq) -> None:
+    """Once the server asks `seq` to stop (cancelled, or past its deadline), it leaves after at most the decode
+    step already under way, instead of generating the rest of its answer."""
+    wait_until(seq.stop_requested, "the server to ask the sequence to stop")
+    tokens_when_asked = len(seq.generated)
+    wait_until(lambda: seq.status == FINISHED, "the sequence to leave the batch")
+    assert len(seq.generated) - tokens_when_asked <= 1, (tokens_when_asked, len(seq.generated))
 
 
-def test_cancelled_generation_stops_and_the_next_request_starts_promptly(make_server):
-    srv = make_server(max_batch=1)
+def _requests_counted(metrics, outcome: str) -> float | None:
+    return {s.labels["outcome"]: s.value for s in metrics.requests.collect()[0].samples
+            if s.name == "aim_requests_total"}.get(outcome)
+
+
+def test_cancelled_generation_stops_and_the_next_request_starts_promptly(make_server, monkeypatch):
+    srv = make_server(max_batch=1, max_new_tokens=HOLD_TOKENS)
+    runtime = srv.running.state.runtimes["tiny-ov"]
+    sequences = _record_calls(monkeypatch, runtime.engine.loop, "add")
     with AimClient(srv.target) as client:
-        full = _long_request_check(client)
-        events = client.stream_events(LONG_PROMPT, videos=[VIDEO], frames=4, max_new_tokens=LONG, no_reduction=True)
-        for _ in range(3):
-            next(events)
+        events = hold(client, LONG_PROMPT, videos=[VIDEO], frames=4, no_reduction=True)
+        [held] = sequences
         events.cancel()
-        assert _seconds_until_idle(srv.running.state.runtimes["tiny-ov"], full) < full / 4
-        start = time.monotonic()
+        _assert_stops_within_one_step(held)
+        assert runtime.running == 0
         reply = client.generate("Next", images=[encode_image("PNG")], max_new_tokens=2)
-        waited = time.monotonic() - start
-    # the cancelled request stopped at its next decode step instead of running to LONG tokens
-    assert reply.timings.queue_seconds < full / 2 and waited < full
-    assert _seconds_until_idle(srv.running.state.runtimes["tiny-ov"], full) < full / 4
-
-    def cancelled_count():
-        return {s.labels["outcome"]: s.value for s in srv.metrics.requests.collect()[0].samples
-                if s.name == "aim_requests_total"}.get("cancelled")
-
-    deadline = time.monotonic() + 5
-    while cancelled_count() != 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert cancelled_count() == 1
+    # with max_batch=1 the next request could run only once the cancelled one had left, long before its end
+    assert reply.usage.completion_tokens == 2 and len(held.generated) < HOLD_TOKENS
+    wait_until(lambda: _requests_counted(srv.metrics, "cancelled") == 1, "the cancellation to be counted")
+    assert runtime.running == 0
 
 
-def test_deadline_exceeded_stops_the_request(make_server):
-    srv = make_server(max_batch=1)
+def test_deadline_exceeded_stops_the_request(make_server, monkeypatch):
+    """A held answer with a deadline: it is stopped while decoding. The deadline is doubled only while it passes
+    before the first token (a busy machine), so that the decode step's check is what stops it."""
+    srv = make_server(max_batch=1, max_new_tokens=HOLD_TOKENS)
+    runtime = srv.running.state.runtimes["tiny-ov"]
+    sequences = _record_calls(monkeypatch, runtime.engine.loop, "add")
     with AimClient(srv.target) as client:
-        full = _long_request_check(client)
-        srv.running.state.runtimes["tiny-ov"]._service_times.clear()  # admission has no history: it lets it run
-        slow = AimClient(srv.target, timeout=full / 4)
-        try:
-            reply = slow.generate(LONG_PROMPT, videos=[VIDEO], frames=4, max_new_tokens=LONG, no_reduction=True)
-        except grpc.RpcError as exc:
-            error = exc
+        for seconds in (1, 2, 4, 8, 16):
+            runtime._service_times.clear()  # admission has no history: it lets it run
+            with AimClient(srv.target, timeout=seconds) as hurried:
+                try:
+                    reply = hurried.generate(LONG_PROMPT, videos=[VIDEO], frames=4, max_new_tokens=HOLD_TOKENS,
+                                             ignore_eos=True, no_reduction=True)
+                except grpc.RpcError as exc:
+                    error = exc
+                else:
+                    pytest.fail(f"{reply.usage.completion_tokens} tokens finished within a {seconds}s deadline")
+            assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "cannot cover" not in error.details()
+            if sequences:
+                _assert_stops_within_one_step(sequences[-1])
+                if sequences[-1].generated:
+                    break  # it was decoding when its deadline passed
+            sequences.clear()
         else:
-            pytest.fail(f"finished within a {full / 4:.3f}s deadline: {reply.usage.completion_tokens} tokens in "
-                        f"{reply.timings.total_seconds:.3f}s ({reply.finish_reason=})")
-        finally:
-            slow.close()
-        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "cannot cover" not in error.details()
-        # the expired request stops at its next decode step instead of generating the remaining ~3/4 of LONG
-        assert _seconds_until_idle(srv.running.state.runtimes["tiny-ov"], full) < full / 4
+            pytest.fail("the deadline passed before the first token even at 16 s")
+        assert runtime.running == 0 and len(sequences[-1].generated) < HOLD_TOKENS
         assert client.generate("Next", max_new_tokens=2).usage.completion_tokens == 2
 
 
-def test_deadline_that_cannot_be_met_is_rejected_at_admission(make_server):
+def test_deadline_that_cannot_be_met_is_rejected_at_admission(make_server, monkeypatch):
     srv = make_server(max_batch=1)
-    with AimClient(srv.target) as client:
-        full = _long_request_check(client)
-        runtime = srv.running.state.runtimes["tiny-ov"]
-        runtime._service_times.clear()
-        runtime._service_times.append(full)  # every request so far took `full` seconds
-        hurried = AimClient(srv.target, timeout=full / 3)
-        start = time.monotonic()
-        with pytest.raises(grpc.RpcError) as err:
-            hurried.generate("Hi", max_new_tokens=2)
-        hurried.close()
+    runtime = srv.running.state.runtimes["tiny-ov"]
+    decoded = _record_calls(monkeypatch, runtime.engine, "decode_request")
+    sequences = _record_calls(monkeypatch, runtime.engine.loop, "add")
+    runtime._service_times.clear()
+    runtime._service_times.append(3600.0)  # every request so far took an hour
+    with AimClient(srv.target, timeout=60) as hurried, pytest.raises(grpc.RpcError) as err:
+        hurried.generate("Hi", images=[encode_image("PNG")], max_new_tokens=2)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "cannot cover" in err.value.details()
-    assert time.monotonic() - start < full / 3  # rejected at once, not when the deadline passed
+    assert decoded == [] and sequences == []  # rejected on arrival: no media decoded, nothing reached the engine
 
 
 def test_oversized_message_is_rejected_and_the_server_keeps_serving(make_server):
@@ -449,12 +463,11 @@ def test_request_metrics_use_bounded_model_labels(make_server):
 
 
 def test_no_queue_means_run_if_a_worker_is_free_else_reject(make_server):
-    srv = make_server(max_queue=0, max_batch=1)
+    srv = make_server(max_queue=0, max_batch=1, max_new_tokens=HOLD_TOKENS)
     with AimClient(srv.target) as client:
         for _ in range(20):  # a free worker: served, and free again by the time the answer arrives
             assert client.generate("Hi", max_new_tokens=1).usage.completion_tokens == 1
-        events = client.stream_events(LONG_PROMPT, videos=[VIDEO], frames=4, max_new_tokens=LONG, no_reduction=True)
-        next(events)  # the worker is busy now
+        events = hold(client, no_reduction=True)  # the worker is busy until it is cancelled
         with pytest.raises(grpc.RpcError) as err:
             client.generate("Hi", max_new_tokens=1)
         events.cancel()
