@@ -131,6 +131,22 @@ class AimEngine:
         return self._default_plan or ReductionPlan.default_for_depth(self.num_layers)
 
     # ---- preparation and cost ----------------------------------------------------------------
+    def memory_pressure(self) -> float:
+        """Share of this engine's memory in use, [0, 1]: the KV pool's reserved share or, on CUDA, the share of
+        the device memory outside the pool that the allocator can no longer give (free on the device plus what
+        it has cached but not allocated is still available), whichever is higher. Not NVML's "used", which
+        stays high once the allocator has cached a large request's memory."""
+        pool = self.pool
+        kv = pool.reserved_blocks / pool.num_blocks if pool.num_blocks else 1.0
+        device = torch.device(self.adapter.device)
+        if device.type != "cuda":
+            return kv
+        free, total = torch.cuda.mem_get_info(device)
+        cached_unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        outside = total - pool.capacity_bytes
+        used = 1.0 - (free + cached_unused) / outside if outside > 0 else 1.0
+        return max(kv, min(1.0, max(0.0, used)))
+
     def decode_request(self, request: GenerationRequest, should_stop: Callable[[], bool] | None = None,
                        reserve: Callable[[int], None] | None = None) -> GenerationRequest:
         """Media bytes -> images/frames (see Preparer.decode_media for the budgets and `should_stop`)."""

@@ -2,11 +2,16 @@
 ladder levels through the pure `policy.decide`.
 
 Per request (`choose`): budget = min(SLO, remaining deadline) - time already spent; predicted latency per level
-from the online cost model (plus expected queue wait, supplied by the caller); GPU memory above the threshold
-caps quality at `memory_cap_level`.
-Every `feedback.interval_s` (`tick`, driven by finished requests): the p95 of latency as a share of each request's
-own SLO — so requests of different SLO classes share one loop — against the target share steps the safety
-margin. The service's own window holds these shares; a fresh Prometheus p95 (seconds, from the configured
+from the online cost model (plus expected queue wait, supplied by the caller; media time left out once the
+media are decoded, since the budget already paid for it); memory pressure above the threshold caps quality at
+`memory_cap_level`. Memory pressure is what the serving engine can still use, read by the `memory` callable the
+service supplies (its KV pool's reserved share and the device allocator's headroom), not NVML's "used", which
+stays high after one large request once the allocator has cached the memory.
+Every outcome reaches the latency window (`observe` for answers, `observe_outcome` for requests cut off by their
+deadline — counted at the deadline —, rejected — counted at their SLO — or cancelled — at the time they ran).
+Every `feedback.interval_s` (`tick`: on finished requests, decisions and status reads): the p95 of latency as a
+share of each request's own SLO — so requests of different SLO classes share one loop — against the target share
+steps the safety margin (see feedback.py for the law and its recovery bound). The service's own window holds these shares; a fresh Prometheus p95 (seconds, from the configured
 query) is divided by the default SLO, so point the query at the SLO class that default stands for.
 """
 
@@ -15,10 +20,10 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .cost_model import CostModel, Observation
-from .feedback import FeedbackConfig, FeedbackState, step
+from .feedback import FeedbackConfig, FeedbackState, SinceIncrease, step
 from .policy import Decision, Features, Level, decide
 from .signals import GpuSampler, LatencyWindow, PromQLReader
 
@@ -51,10 +56,12 @@ class ControllerStatus:
 
 class BudgetController:
     def __init__(self, ladder: Sequence[Level], config: ControllerConfig = ControllerConfig(),
-                 gpu: GpuSampler | None = None, prometheus: PromQLReader | None = None, clock=time.monotonic):
+                 gpu: GpuSampler | None = None, prometheus: PromQLReader | None = None, clock=time.monotonic,
+                 memory: Callable[[], float | None] | None = None):
         self.ladder = list(ladder)
         self.config = config
         self.gpu = gpu
+        self.memory = memory  # -> share of the engine's memory in use, [0, 1], or None when unknown
         self.prometheus = prometheus
         self.clock = clock
         self.window = LatencyWindow(clock=clock)
@@ -66,26 +73,30 @@ class BudgetController:
 
     # ---- per request --------------------------------------------------------------------------
     def memory_cap(self) -> int:
-        snap = self.gpu.snapshot() if self.gpu is not None else None
-        if snap is not None and snap.available and snap.memory_used_fraction is not None \
-                and snap.memory_used_fraction > self.config.memory_threshold:
+        used = self.memory() if self.memory is not None else None
+        if used is not None and used > self.config.memory_threshold:
             return min(self.config.memory_cap_level, len(self.ladder) - 1)
         return 0
 
     def choose(self, predicted_s: Sequence[float | None], budget_s: float, min_retention: float,
-               queue_depth: int = 0, priority: str = "normal") -> Decision:
+               queue_depth: int = 0, priority: str = "normal", record: bool = True) -> Decision:
+        """The level for one request. `record=False` (a cost estimate, not a request): nothing about the
+        controller changes."""
+        if record:
+            self.tick()
         decision = decide(self.ladder, Features(budget_s=budget_s, min_retention=min_retention,
                                                 predicted_s=predicted_s, margin=self.feedback.margin,
                                                 min_level=self.memory_cap(), queue_depth=queue_depth,
                                                 priority=priority))
-        if not decision.rejected:
+        if record and not decision.rejected:
             self.last_level = decision.level
         return decision
 
-    def predict(self, visual_tokens_in: int, prefill_flops: float, new_tokens: int, batch: float = 1.0
-                ) -> float | None:
-        """Predicted latency when decoding in a batch of `batch` sequences."""
-        return self.cost_model.predict(visual_tokens_in, prefill_flops, new_tokens, batch)
+    def predict(self, visual_tokens_in: int, prefill_flops: float, new_tokens: int, batch: float = 1.0,
+                media: bool = True) -> float | None:
+        """Predicted latency when decoding in a batch of `batch` sequences; `media=False` once the request's
+        media are decoded (their time is already spent)."""
+        return self.cost_model.predict(visual_tokens_in, prefill_flops, new_tokens, batch, media=media)
 
     # ---- feedback -----------------------------------------------------------------------------
     def observe(self, latency_s: float, observation: Observation | None = None, slo_s: float | None = None,
@@ -99,6 +110,12 @@ class BudgetController:
                 self.cost_model = self.cost_model.observe(observation)
         self.tick()
 
+    def observe_outcome(self, latency_s: float, slo_s: float | None = None, controlled: bool = True) -> None:
+        """A request that ended without an answer: its latency as the caller saw it (the deadline for one cut off
+        by it, the SLO for one rejected, the time it ran for one cancelled). It steers the margin like an answer;
+        it teaches the cost model nothing."""
+        self.observe(latency_s, None, slo_s, controlled)
+
     def p95(self) -> tuple[float | None, str, int]:
         """(p95 latency / SLO, where it came from, samples behind it). Prometheus wins when it has a fresh value."""
         local, samples = self.window.quantile(0.95)
@@ -111,11 +128,16 @@ class BudgetController:
     def tick(self) -> FeedbackState:
         p95, source, samples = self.p95()
         with self._lock:
-            self.feedback = step(self.feedback, p95, 1.0, samples, self.clock(), self.config.feedback)
+            state = self.feedback
+            fresh = self.window.fresh(state.last_step_at)
+            recent_p95, recent = self.window.quantile(0.95, since=state.last_increase_at)
+            self.feedback = step(state, p95, 1.0, samples, self.clock(), self.config.feedback, fresh,
+                                 SinceIncrease(recent, recent_p95))
             self._p95 = (p95, source)
         return self.feedback
 
     def status(self) -> ControllerStatus:
+        self.tick()  # an idle server's margin relaxes with time, and what it reports shows it
         return ControllerStatus(
             margin=self.feedback.margin, level=self.last_level, p95_ratio=self._p95[0], p95_source=self._p95[1],
             gpu_available=self.gpu is not None and self.gpu.available,

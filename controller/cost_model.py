@@ -56,11 +56,12 @@ class CostModel:
         slope = max(0.0, (sxy / w - mean_x * mean_y) / var_x)
         return max(0.0, mean_y + slope * (batch - mean_x))
 
-    def predict(self, visual_tokens_in: int, prefill_flops: float, new_tokens: int, batch: float = 1.0
-                ) -> float | None:
+    def predict(self, visual_tokens_in: int, prefill_flops: float, new_tokens: int, batch: float = 1.0,
+                media: bool = True) -> float | None:
+        """Seconds from arrival (`media=False`: from the end of media decoding)."""
         if not self.ready:
             return None
-        return ((self.media_s or 0.0) + visual_tokens_in * (self.s_per_visual_token or 0.0)
+        return (((self.media_s or 0.0) if media else 0.0) + visual_tokens_in * (self.s_per_visual_token or 0.0)
                 + prefill_flops * self.s_per_prefill_flop + new_tokens * (self.s_per_step(batch) or 0.0))
 
     def observe(self, obs: Observation) -> "CostModel":

@@ -61,7 +61,7 @@ class Features:
     min_retention: float  # quality floor
     predicted_s: Sequence[float | None]  # predicted latency (queue wait included) at each ladder level
     margin: float = 1.2  # the feedback loop's safety margin: predicted x margin must fit the budget
-    min_level: int = 0  # no level of higher quality than this (GPU memory pressure)
+    min_level: int = 0  # no level of higher quality than this (memory pressure: KV pool or device allocator)
     queue_depth: int = 0  # requests waiting behind this one: each waits for its service time too
     priority: str = "normal"  # one of PRIORITIES: scales the margin (margin_for_priority)
 
@@ -98,9 +98,9 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
     if not allowed:
         why = f"the quality floor {features.min_retention:.3g} cannot be met"
         if features.min_level:
-            why += f" while GPU memory pressure caps quality at {ladder[features.min_level].name}"
+            why += f" while memory pressure caps quality at {ladder[features.min_level].name}"
         return Decision(-1, None, why, False, rejected=True)
-    capped = f" (GPU memory caps quality at {ladder[features.min_level].name})" if features.min_level else ""
+    capped = f" (memory pressure caps quality at {ladder[features.min_level].name})" if features.min_level else ""
     # The budget is shared with the queue behind: this request's service time delays every waiting one.
     budget = features.budget_s / (1 + features.queue_depth)
     shared = f" / (1 + {features.queue_depth} waiting)" if features.queue_depth else ""

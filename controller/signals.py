@@ -178,13 +178,23 @@ class LatencyWindow:
         with self._lock:
             self._items.append((self.clock(), latency_s))
 
-    def quantile(self, q: float) -> tuple[float | None, int]:
-        """(the q-quantile of recent latencies or None, how many there are)."""
+    def fresh(self, since: float | None) -> "Fresh":
+        """The latencies added after `since` (all of them if None): how many, the largest, the newest's time."""
+        from .feedback import Fresh
+
+        with self._lock:
+            recent = [(t, v) for t, v in self._items if since is None or t > since]
+        if not recent:
+            return Fresh()
+        return Fresh(len(recent), max(v for _, v in recent), max(t for t, _ in recent))
+
+    def quantile(self, q: float, since: float | None = None) -> tuple[float | None, int]:
+        """(the q-quantile of recent latencies or None, how many there are); `since`: only those added after."""
         now = self.clock()
         with self._lock:
             while self._items and now - self._items[0][0] > self.window_s:
                 self._items.popleft()
-            values = sorted(v for _, v in self._items)
+            values = sorted(v for t, v in self._items if since is None or t > since)
         if not values:
             return None, 0
         rank = min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))

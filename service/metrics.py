@@ -109,7 +109,7 @@ class ServiceMetrics:
     def watch_controller(self, model: str, controller) -> None:
         """Gauges read from the controller at scrape time."""
         nan = float("nan")
-        self.controller_margin.labels(model).set_function(lambda: controller.feedback.margin)
+        self.controller_margin.labels(model).set_function(lambda: controller.status().margin)
         self.controller_levels.labels(model).set(len(controller.ladder))
         self.controller_p95.labels(model).set_function(
             lambda: nan if controller.status().p95_ratio is None else controller.status().p95_ratio)

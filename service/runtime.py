@@ -113,7 +113,8 @@ class ModelRuntime:
         self.default_frames = default_frames
         self.default_slo_s = default_slo_s
         self.controller = controller or BudgetController(default_ladder(engine.num_layers, engine.default_plan()),
-                                                         ControllerConfig(slo_s=default_slo_s))
+                                                         ControllerConfig(slo_s=default_slo_s),
+                                                         memory=engine.memory_pressure)
         self._media_executor = ThreadPoolExecutor(media_workers, thread_name_prefix=f"aim-{name}-media")
         self._in_system = 0  # admitted and not yet answered: decoding media, waiting or running
         self._service_times: deque[float] = deque(maxlen=SERVICE_TIME_WINDOW)

@@ -123,7 +123,7 @@ def build_controller(settings: Settings, name: str, engine: AimEngine, gpu) -> B
                                   stale_after_s=max(5.0, 10 * settings.feedback_interval_s)).start()
     config = ControllerConfig(slo_s=settings.default_slo_ms / 1000, memory_threshold=settings.gpu_memory_threshold,
                               feedback=FeedbackConfig(interval_s=settings.feedback_interval_s))
-    return BudgetController(ladder, config, gpu=gpu, prometheus=prometheus)
+    return BudgetController(ladder, config, gpu=gpu, prometheus=prometheus, memory=engine.memory_pressure)
 
 
 async def load_models(running: RunningServer, engines: dict[str, AimEngine] | None = None) -> None:

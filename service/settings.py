@@ -43,7 +43,9 @@ class Settings:
     prometheus_url: str = _f("", "Prometheus base URL for the p95 signal (empty = the service's own window only)")
     prometheus_query: str = _f("", "PromQL for the p95 in seconds; `{model}` is replaced; empty = the default query")
     feedback_interval_s: float = _f(2.0, "seconds between feedback steps on the safety margin")
-    gpu_memory_threshold: float = _f(0.9, "GPU memory used fraction above which quality is capped")
+    gpu_memory_threshold: float = _f(0.9, "memory pressure above which `auto` quality is capped at the AIM default: "
+                                     "the KV pool's reserved share, or on CUDA the share of device memory outside "
+                                     "the pool the allocator can no longer give")
     calibrate: int = _f(1, "warm-up requests per ladder level at start to seed the latency model (0 = none)")
     drain_seconds: float = _f(30.0, "on SIGTERM: how long in-flight requests may finish before exit")
     tls_cert: str = _f("", "PEM certificate chain; with tls_key, serve TLS")

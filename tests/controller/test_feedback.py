@@ -1,11 +1,12 @@
 """The margin's feedback law, and the whole controller closed around a simulated service under a load ramp."""
 
+import math
 import random
 
 import pytest
 
 from controller.controller import BudgetController, ControllerConfig
-from controller.feedback import FeedbackConfig, FeedbackState, step
+from controller.feedback import FeedbackConfig, FeedbackState, Fresh, SinceIncrease, step
 from controller.policy import default_ladder
 
 CFG = FeedbackConfig(interval_s=2.0, min_samples=5)
@@ -13,24 +14,39 @@ CFG = FeedbackConfig(interval_s=2.0, min_samples=5)
 
 def test_step_rules():
     s = FeedbackState(margin=1.2, last_step_at=0.0)
-    assert step(s, 5.0, 1.0, 50, now=1.0, config=CFG) is s  # not yet time
-    assert step(s, None, 1.0, 50, now=3.0, config=CFG).margin == 1.2  # no data: hold
-    assert step(s, 5.0, 1.0, 2, now=3.0, config=CFG).margin == 1.2  # too few samples: hold
-    assert step(s, 0.75, 1.0, 50, now=3.0, config=CFG).last_action.startswith("hold: inside")  # at target
-    up = step(s, 1.2, 1.0, 50, now=3.0, config=CFG)
+    slow, fast = Fresh(3, 1.2, 2.5), Fresh(3, 0.3, 2.5)
+    assert step(s, 5.0, 1.0, 50, now=1.0, config=CFG, fresh=slow) is s  # not yet time
+    assert step(s, 0.75, 1.0, 50, now=3.0, config=CFG, fresh=slow).last_action.startswith("hold: inside")
+    up = step(s, 1.2, 1.0, 50, now=3.0, config=CFG, fresh=slow)
     assert up.margin == pytest.approx(1.5) and up.last_action.startswith("increase")
-    down = step(s, 0.3, 1.0, 50, now=3.0, config=CFG)
-    assert down.margin == pytest.approx(1.15) and down.last_action.startswith("decrease")
+    # the window is slow but what finished since the last increase is fast: a burst that ended no longer holds
+    # the margin up (decrease_step per step); with too few of those, it holds
+    old_burst = step(s, 1.2, 1.0, 50, now=3.0, config=CFG, fresh=fast, since_increase=SinceIncrease(5, 0.3))
+    assert old_burst.margin == pytest.approx(1.2 - CFG.decrease_step)
+    assert step(s, 1.2, 1.0, 50, now=3.0, config=CFG, fresh=fast, since_increase=SinceIncrease(4, 0.3)).margin == 1.2
+    assert step(s, 1.2, 1.0, 50, now=3.0, config=CFG, fresh=slow, since_increase=SinceIncrease(9, 0.3)).margin > 1.2
+    # slow window, nothing finished since: hold until quiet_s has passed, then relax
+    waiting = step(s, 1.2, 1.0, 50, now=3.0, config=CFG)
+    assert waiting.margin == 1.2 and waiting.last_action.startswith("hold: p95 above")
+    quiet = step(s, 1.2, 1.0, 50, now=CFG.quiet_s + 1.0, config=CFG)
+    assert quiet.margin < 1.2 and quiet.last_action.startswith("relax: nothing")
+    # room to spare, or no evidence: relax toward 1 by elapsed time, exp(-dt / relax_s)
+    down = step(s, 0.3, 1.0, 50, now=3.0, config=CFG, fresh=fast)
+    assert down.margin == pytest.approx(1.2 - CFG.decrease_step) and down.last_action.startswith("decrease")
+    # no evidence at all (the window emptied, or quiet for quiet_s): exponential return with elapsed time
+    assert step(s, None, 1.0, 0, now=3.0, config=CFG).margin == pytest.approx(1 + 0.2 * math.exp(-3.0 / CFG.relax_s))
+    assert step(s, 5.0, 1.0, 2, now=3.0, config=CFG).last_action.startswith("hold: too few")
 
 
 def test_bounds_and_rate_limit():
     fast = FeedbackConfig(increase_factor=3.0, max_step_ratio=1.5, interval_s=0)
-    s = step(FeedbackState(margin=1.2), 10.0, 1.0, 50, 0.0, fast)
+    slow = Fresh(1, 10.0, 0.0)
+    s = step(FeedbackState(margin=1.2), 10.0, 1.0, 50, 0.0, fast, slow)
     assert s.margin == pytest.approx(1.8)  # rate limited to x1.5, not x3
     pinned = FeedbackState(margin=4.0)
-    assert step(pinned, 10.0, 1.0, 50, 0.0, fast).margin == 4.0  # anti-windup: stays at the bound
+    assert step(pinned, 10.0, 1.0, 50, 0.0, fast, slow).margin == 4.0  # stays at the bound
     floor = FeedbackState(margin=1.0)
-    assert step(floor, 0.1, 1.0, 50, 0.0, fast).margin == 1.0
+    assert step(floor, 0.1, 1.0, 50, 0.0, fast, Fresh(1, 0.1, 0.0)).margin == 1.0
 
 
 class FakeClock:
@@ -101,3 +117,42 @@ def test_baselines_for_comparison():
     retention = [l.retention for l in default_ladder(28)]
     mean = lambda rs: sum(retention[lvl] for _, _, lvl in rs) / len(rs)  # noqa: E731
     assert mean(adaptive) > mean(cheap)
+
+
+@pytest.mark.parametrize("calm", ["idle", "fast traffic"])
+def test_a_burst_does_not_wind_the_margin_up_beyond_the_stated_bound(calm):
+    """A fake clock: 60 s of requests at twice their SLO (the margin climbs to its ceiling), then calm — no
+    requests at all, or fast ones every second. Within FeedbackConfig.recovery_bound_s of the burst's last
+    request, the margin the next decision uses is within 0.1 of 1; it never rises again after the burst."""
+    clock = FakeClock()
+    controller = BudgetController(default_ladder(28), ControllerConfig(slo_s=1.0, feedback=CFG), clock=clock)
+    while clock.t < 60.0:
+        clock.t += 0.5
+        controller.observe(2.0)
+    assert controller.feedback.margin == CFG.max_margin
+    end = clock.t
+    bound = CFG.recovery_bound_s(idle=calm == "idle")
+    if calm == "fast traffic":  # counted from the step after min_samples fast requests (one a second) finished
+        bound += CFG.min_samples + CFG.interval_s
+    assert bound <= 130.0  # the old loop: held at the ceiling for its 60 s window, then 116 s; idle, for ever
+    margins = []
+    while clock.t < end + bound:
+        clock.t += 1.0
+        if calm == "fast traffic":
+            controller.observe(0.2)
+        controller.tick()
+        margins.append(controller.feedback.margin)
+    assert all(b <= a for a, b in zip(margins, margins[1:]))
+    assert margins[int(CFG.quiet_s + 2 * CFG.interval_s)] < CFG.max_margin  # off the ceiling within seconds
+    assert controller.choose([0.1] * 5, 1.0, 0.0).level == 0  # a decision now sees the relaxed margin
+    assert controller.feedback.margin <= 1.1
+
+
+def test_overload_keeps_the_margin_up():
+    """The other side of the bound: while requests keep finishing slow, the margin stays at its ceiling."""
+    clock = FakeClock()
+    controller = BudgetController(default_ladder(28), ControllerConfig(slo_s=1.0, feedback=CFG), clock=clock)
+    for _ in range(240):
+        clock.t += 0.5
+        controller.observe(2.0)
+    assert controller.feedback.margin == CFG.max_margin

@@ -56,7 +56,7 @@ def test_quality_floor_is_never_crossed():
 
 def test_memory_cap_limits_quality():
     d = decide(LADDER, Features(10.0, 0.0, PRED, min_level=3))
-    assert d.level == 3 and "GPU memory caps" in d.reason
+    assert d.level == 3 and "memory pressure caps" in d.reason
 
 
 def test_floor_and_memory_cap_in_conflict_reject():
