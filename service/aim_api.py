@@ -29,6 +29,7 @@ STATUS = {
     "not_found": grpc.StatusCode.NOT_FOUND,
     "internal": grpc.StatusCode.INTERNAL,
     "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "cancelled": grpc.StatusCode.CANCELLED,
 }
 
 

@@ -20,6 +20,7 @@ Cancellation and deadlines stop a request between prefill layers and at every de
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -30,7 +31,7 @@ from typing import AsyncIterator
 
 from aim_engine import AimEngine, GenerationRequest, GenerationResult, ReductionPlan, SamplingParams, TokenDelta
 from aim_engine.request import ImagePart, RequestStats, TextPart, VideoPart
-from aim_engine.errors import EngineError, GenerationError, PlanError
+from aim_engine.errors import Cancelled, EngineError, GenerationError, PlanError
 from aim_engine.serving.scheduler import KVBudgetError
 from controller.controller import BudgetController, ControllerConfig
 from controller.cost_model import Observation
@@ -40,6 +41,7 @@ from .metrics import ServiceMetrics, slo_class
 
 log = logging.getLogger("aim.service")
 
+DEFAULT_MEDIA_MEMORY_BYTES = 2 * 1024**3  # decoded media held by one model's requests (settings.media_memory_bytes)
 SERVICE_TIME_WINDOW = 32  # recent service times (on a worker, queueing excluded) used to predict queue waits
 
 
@@ -97,15 +99,46 @@ class _Slot:
 
     stop: threading.Event = field(default_factory=threading.Event)
     deadline: float | None = None  # time.monotonic()
+    media_bytes: int = 0  # decoded media reserved in the runtime's MediaMemory, released when the request ends
 
     def should_stop(self) -> bool:
         return self.stop.is_set() or (self.deadline is not None and time.monotonic() > self.deadline)
 
 
+class MediaMemory:
+    """Bytes of decoded media held by the requests in the system, under one budget per model. A request reserves
+    each item's decoded size (known from its header) before decoding it, and waits while the budget is full (its
+    should_stop still polled); everything is released when the request ends. Together with the per-request limit
+    (MediaLimits.max_decoded_bytes <= the budget) no request, however crafted, makes the server hold more."""
+
+    def __init__(self, capacity_bytes: int):
+        self.capacity_bytes = capacity_bytes
+        self.used_bytes = 0
+        self._cond = threading.Condition()
+
+    def reserve(self, nbytes: int, should_stop) -> None:
+        if nbytes > self.capacity_bytes:
+            raise ServiceError("resource_exhausted", f"the request's media need {nbytes} bytes decoded; the server's "
+                                                     f"media memory is {self.capacity_bytes} bytes")
+        with self._cond:
+            while self.used_bytes + nbytes > self.capacity_bytes:
+                if should_stop():
+                    raise Cancelled()
+                self._cond.wait(0.05)
+            self.used_bytes += nbytes
+
+    def release(self, nbytes: int) -> None:
+        if nbytes:
+            with self._cond:
+                self.used_bytes -= nbytes
+                self._cond.notify_all()
+
+
 class ModelRuntime:
     def __init__(self, name: str, engine: AimEngine, metrics: ServiceMetrics, max_queue: int = 16,
                  default_frames: int = 8, default_slo_s: float = 10.0, controller: BudgetController | None = None,
-                 media_workers: int = 2, max_batch: int | None = None, prefill_tokens_per_step: int | None = None):
+                 media_workers: int = 2, max_batch: int | None = None, prefill_tokens_per_step: int | None = None,
+                 media_memory_bytes: int = DEFAULT_MEDIA_MEMORY_BYTES):
         self.name = name
         self.engine = engine
         self.metrics = metrics
@@ -116,6 +149,7 @@ class ModelRuntime:
                                                          ControllerConfig(slo_s=default_slo_s),
                                                          memory=engine.memory_pressure)
         self._media_executor = ThreadPoolExecutor(media_workers, thread_name_prefix=f"aim-{name}-media")
+        self.media_memory = MediaMemory(max(media_memory_bytes, engine.preparer.limits.max_decoded_bytes))
         self._in_system = 0  # admitted and not yet answered: decoding media, waiting or running
         self._service_times: deque[float] = deque(maxlen=SERVICE_TIME_WINDOW)
         self.scheduler = engine.loop.scheduler
@@ -160,9 +194,14 @@ class ModelRuntime:
     # ---- generation ---------------------------------------------------------------------------
     async def stream(self, request: GenerationRequest, reduction: Reduction, deadline: float | None = None
                      ) -> AsyncIterator[TokenDelta | Finished]:
-        """Yields TokenDelta events and one Finished. `deadline` is on time.monotonic()."""
+        """Yields TokenDelta events and one Finished. `deadline` is on time.monotonic(). Every way it ends —
+        answered, cut off by its deadline, rejected, cancelled by the client — reaches the controller."""
         arrival = time.monotonic()
-        self._admit(deadline, arrival)
+        try:
+            self._admit(deadline, arrival)
+        except ServiceError as exc:
+            self._record_outcome(exc.status, arrival, reduction, deadline)
+            raise
         slot = _Slot(deadline=deadline)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -171,6 +210,7 @@ class ModelRuntime:
             loop.call_soon_threadsafe(events.put_nowait, item)
 
         self._in_system += 1
+        answered = False
         try:
             started = time.perf_counter()
             seq, applied, media_s = await loop.run_in_executor(
@@ -180,19 +220,31 @@ class ModelRuntime:
                 if isinstance(item, BaseException):
                     raise item
                 if isinstance(item, GenerationResult):
-                    yield self._finished(item, seq, applied, slot, media_s, started, reduction.slo_s)
+                    finished = self._finished(item, seq, applied, slot, media_s, started, reduction.slo_s)
+                    answered = True
+                    yield finished
                     return
                 yield item
+        except ServiceError as exc:
+            self._record_outcome(exc.status, arrival, reduction, deadline)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            if not answered:
+                self._record_outcome("cancelled", arrival, reduction, deadline)
+            raise
         finally:
             slot.stop.set()  # client gone, cancelled, or done: the loop drops it at its next step boundary
             self._in_system -= 1
+            self.media_memory.release(slot.media_bytes)
 
     async def generate(self, request: GenerationRequest, reduction: Reduction, deadline: float | None = None
                        ) -> Finished:
-        """The whole answer: `stream` run to its end."""
-        async for event in self.stream(request, reduction, deadline):
-            if isinstance(event, Finished):
-                return event
+        """The whole answer: `stream` run to its end (closed before returning, so the request has left the
+        system when the caller sees its answer)."""
+        async with contextlib.aclosing(self.stream(request, reduction, deadline)) as events:
+            async for event in events:
+                if isinstance(event, Finished):
+                    return event
         raise RuntimeError("generation ended without a result")
 
     def _admit(self, deadline: float | None, now: float) -> None:
@@ -213,10 +265,10 @@ class ModelRuntime:
                 started: float, push):
         """On the media executor: decode media, choose the plan, hand the sequence to the engine's loop."""
         t0 = time.monotonic()
-        decoded = self._decode(request)
+        decoded = self._decode(request, slot)
         media_s = time.monotonic() - t0
         if slot.should_stop():
-            raise ServiceError("deadline_exceeded", "the deadline passed while the request's media were decoded")
+            raise self._stopped(slot, "while the request's media were decoded")
         applied = self._choose(decoded, reduction, slot.deadline, arrival)
         seq = self.engine.sequence(decoded, applied.plan, push, slot.should_stop)
         seq.arrival = started
@@ -225,6 +277,12 @@ class ModelRuntime:
         except KVBudgetError as exc:
             raise ServiceError("resource_exhausted", str(exc)) from None
         return seq, applied, media_s
+
+    @staticmethod
+    def _stopped(slot: _Slot, when: str) -> ServiceError:
+        if slot.stop.is_set():
+            return ServiceError("cancelled", f"the request was cancelled {when}")
+        return ServiceError("deadline_exceeded", f"the deadline passed {when}; allow more time")
 
     def _finished(self, result: GenerationResult, seq, applied: AppliedPlan, slot: _Slot, media_s: float,
                   started: float, slo_s: float | None) -> Finished:
@@ -239,15 +297,25 @@ class ModelRuntime:
         self._record(result.stats, media_s, total_s, applied, slo_s)
         return Finished(result=result, applied=applied, queue_s=queue_s, media_s=media_s, total_s=total_s)
 
-    def _decode(self, request: GenerationRequest) -> GenerationRequest:
+    def _decode(self, request: GenerationRequest, slot: _Slot) -> GenerationRequest:
         parts = [replace(p, num_frames=p.num_frames or self.default_frames) if isinstance(p, VideoPart) else p
                  for p in request.parts]
         if not any(isinstance(p, TextPart) and p.text.strip() for p in parts):
             raise ServiceError("invalid_argument", "the prompt has no text: add a question or instruction")
-        return self.engine.decode_request(GenerationRequest(parts, request.sampling, request.system))
 
-    def _choose(self, decoded: GenerationRequest, reduction: Reduction, deadline: float | None, arrival: float
-                ) -> AppliedPlan:
+        def reserve(nbytes: int) -> None:
+            self.media_memory.reserve(nbytes, slot.should_stop)
+            slot.media_bytes += nbytes
+
+        try:
+            return self.engine.decode_request(GenerationRequest(parts, request.sampling, request.system),
+                                              slot.should_stop, reserve)
+        except Cancelled:
+            raise self._stopped(slot, "while the request's media were decoded") from None
+
+    def _choose(self, decoded: GenerationRequest, reduction: Reduction, deadline: float | None, arrival: float,
+                record: bool = True) -> AppliedPlan:
+        """The plan. `record=False` (a cost estimate): the controller and its metrics are left as they were."""
         if reduction.kind == "none":
             return AppliedPlan(ReductionPlan(), "none", "the request asked for no reduction")
         if reduction.kind == "plan":
@@ -257,27 +325,31 @@ class ModelRuntime:
         budget = (reduction.slo_s or self.default_slo_s) - (now - arrival)
         if deadline is not None:
             budget = min(budget, deadline - now)
-        predicted = [self._predict(decoded, level.plan) for level in self.ladder]
+        predicted = [self._predict(decoded, level.plan, media=not record) for level in self.ladder]
         decision = self.controller.choose(predicted, budget, reduction.min_retention, queue_depth=self.waiting,
-                                          priority=reduction.priority)
-        level_name = self.ladder[decision.level].name if decision.level >= 0 else "none"
-        self.metrics.controller_decisions.labels(self.name, level_name, decision.outcome).inc()
+                                          priority=reduction.priority, record=record)
+        if record:
+            level_name = self.ladder[decision.level].name if decision.level >= 0 else "none"
+            self.metrics.controller_decisions.labels(self.name, level_name, decision.outcome).inc()
         if decision.rejected:
             raise ServiceError("resource_exhausted", f"cannot serve now: {decision.reason}; lower min_retention "
                                                      "or retry later")
-        self.metrics.controller_level.labels(self.name).set(decision.level)
+        if record:
+            self.metrics.controller_level.labels(self.name).set(decision.level)
         if not decision.fits and deadline is not None and decision.predicted_s is not None \
                 and decision.predicted_s > deadline - now:
             raise ServiceError("deadline_exceeded", f"cannot finish before the deadline: {decision.reason}")
         reason = decision.reason if decision.fits else f"best effort: {decision.reason}"
         return AppliedPlan(self.ladder[decision.level].plan, "auto", reason, decision.predicted_s)
 
-    def _predict(self, decoded: GenerationRequest, plan: ReductionPlan, queue_wait_s: float = 0.0) -> float | None:
-        """Predicted latency from now. A request deciding on its worker has no queue ahead any more."""
+    def _predict(self, decoded: GenerationRequest, plan: ReductionPlan, queue_wait_s: float = 0.0,
+                 media: bool = False) -> float | None:
+        """Predicted latency from now; its media are decoded (`media=False`: their time is spent, and the budget
+        it is compared with has already paid for it) unless `media`."""
         est = self.engine.estimate(decoded, plan)
         batch = min(self.max_batch, self.running + 1)  # it joins the running batch
         predicted = self.controller.predict(est.visual_tokens_in, est.prefill_flops, decoded.sampling.max_new_tokens,
-                                            batch)
+                                            batch, media=media)
         return None if predicted is None else predicted + queue_wait_s
 
     def _record(self, stats: RequestStats, media_s: float, total_s: float, applied: AppliedPlan,
@@ -292,6 +364,24 @@ class ModelRuntime:
             self.metrics.prediction_ratio.labels(self.name).observe(total_s / applied.predicted_s)
         if total_s > (slo_s or self.default_slo_s):
             self.metrics.slo_violations.labels(self.name, slo_class(slo_s)).inc()
+
+    def _record_outcome(self, status: str, arrival: float, reduction: Reduction, deadline: float | None) -> None:
+        """A request that ended without an answer, in the controller's window and the SLO-violation counter:
+        cut off by its deadline (its latency: the deadline), rejected for load (its SLO: a miss), cancelled by
+        its client (the time it ran; a miss only if that was already over its SLO). Bad input is no outcome."""
+        slo_s = reduction.slo_s or self.default_slo_s
+        elapsed = time.monotonic() - arrival
+        if status == "deadline_exceeded":
+            latency = max(elapsed, deadline - arrival) if deadline is not None else elapsed
+        elif status == "resource_exhausted":
+            latency = max(elapsed, slo_s)
+        elif status == "cancelled":
+            latency = elapsed
+        else:
+            return
+        self.controller.observe_outcome(latency, reduction.slo_s, controlled=reduction.kind == "auto")
+        if latency >= slo_s:
+            self.metrics.slo_violations.labels(self.name, slo_class(reduction.slo_s)).inc()
 
     def calibrate(self, rounds: int = 1) -> None:
         """Warm-up: a synthetic image question at every ladder level, `rounds` times, to seed the latency
@@ -315,15 +405,25 @@ class ModelRuntime:
 
     # ---- estimates ----------------------------------------------------------------------------
     async def estimate(self, request: GenerationRequest, reduction: Reduction) -> Estimate:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._media_executor, self._estimate, request, reduction)
+        """Decodes the media to know their sizes, so it goes through the same admission and media memory as a
+        generation; it changes nothing in the controller."""
+        self._admit(None, time.monotonic())
+        slot = _Slot()
+        self._in_system += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._media_executor, self._estimate, request, reduction, slot)
+        finally:
+            slot.stop.set()
+            self._in_system -= 1
+            self.media_memory.release(slot.media_bytes)
 
-    def _estimate(self, request: GenerationRequest, reduction: Reduction) -> Estimate:
-        now = time.monotonic()
-        decoded = self._decode(request)
-        applied = self._choose(decoded, reduction, None, now)
+    def _estimate(self, request: GenerationRequest, reduction: Reduction, slot: _Slot) -> Estimate:
+        decoded = self._decode(request, slot)
+        # as if it arrived now, media still to decode: the plan and prediction a Generate of it would get
+        applied = self._choose(decoded, reduction, None, time.monotonic(), record=False)
         est = self.engine.estimate(decoded, applied.plan)
-        predicted = self._predict(decoded, applied.plan, self.expected_queue_wait())
+        predicted = self._predict(decoded, applied.plan, self.expected_queue_wait(), media=True)
         return Estimate(est.visual_tokens_in, est.visual_tokens_merged, est.prefill_flops_baseline,
                         est.prefill_flops, predicted, applied)
 

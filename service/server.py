@@ -67,7 +67,7 @@ def load_engines(settings: Settings) -> dict[str, AimEngine]:
     import torch
 
     limits = MediaLimits(max_bytes=settings.max_media_bytes, max_pixels=settings.max_pixels,
-                         max_frames=settings.max_frames)
+                         max_frames=settings.max_frames, max_decoded_bytes=settings.max_decoded_bytes)
     return {name: AimEngine.load(path, device=settings.device, dtype=getattr(torch, settings.dtype), limits=limits,
                                  kv_cache_bytes=settings.kv_cache_bytes or None, max_batch=settings.max_batch,
                                  prefill_tokens_per_step=settings.prefill_tokens_per_step)
@@ -84,7 +84,8 @@ async def start_listening(settings: Settings, metrics: ServiceMetrics | None = N
     options = [("grpc.max_receive_message_length", settings.max_message_bytes),
                ("grpc.max_send_message_length", settings.max_message_bytes),
                ("grpc.so_reuseport", 0)]
-    server = grpc.aio.server(interceptors=interceptors, options=options)
+    server = grpc.aio.server(interceptors=interceptors, options=options,
+                             maximum_concurrent_rpcs=settings.concurrent_rpcs())
     aim_service_pb2_grpc.add_AimServiceServicer_to_server(AimServicer(state), server)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state), server)
     health_servicer = health.aio.HealthServicer()
@@ -139,6 +140,7 @@ async def load_models(running: RunningServer, engines: dict[str, AimEngine] | No
             name, engine, state.metrics, max_queue=settings.max_queue, max_batch=settings.max_batch,
             prefill_tokens_per_step=settings.prefill_tokens_per_step,
             default_frames=settings.default_frames, default_slo_s=settings.default_slo_ms / 1000,
+            media_workers=settings.media_workers, media_memory_bytes=settings.media_memory_bytes,
             controller=build_controller(settings, name, engine, gpu))
         if settings.calibrate:
             await loop.run_in_executor(None, runtime.calibrate, settings.calibrate)

@@ -35,6 +35,15 @@ class Settings:
     max_media_bytes: int = _f(64 * 1024 * 1024, "largest image or video, bytes")
     max_pixels: int = _f(40_000_000, "largest image or video frame, pixels")
     max_frames: int = _f(64, "most frames sampled from one video")
+    max_decoded_bytes: int = _f(512 * 1024 * 1024, "one request's decoded media (RGB, 3 bytes a pixel, frames at the "
+                                "size the model uses), checked from the headers before decoding; over it: "
+                                "INVALID_ARGUMENT")
+    media_memory_bytes: int = _f(2 * 1024**3, "decoded media held by all of one model's requests; a request waits "
+                                 "for room before decoding (at least max_decoded_bytes)")
+    media_workers: int = _f(2, "threads per model decoding media (and estimating costs) before requests join the "
+                            "batch")
+    max_concurrent_rpcs: int = _f(0, "RPCs the gRPC server runs at once, beyond which it answers RESOURCE_EXHAUSTED "
+                                  "itself (0 = models x (max_batch + max_queue) + 32)")
     default_frames: int = _f(8, "frames sampled from a video when the request does not say")
     max_new_tokens: int = _f(1024, "most tokens one request may generate")
     default_max_new_tokens: int = _f(128, "tokens generated when the request does not say")
@@ -68,13 +77,25 @@ class Settings:
             raise ValueError("no model to serve: pass --model PATH (or NAME=PATH), or set AIM_MODELS")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("TLS needs both tls_cert and tls_key")
-        for name in ("max_batch", "prefill_tokens_per_step", "max_frames", "default_frames", "max_new_tokens", "default_max_new_tokens"):
+        for name in ("max_batch", "prefill_tokens_per_step", "max_frames", "default_frames", "max_new_tokens",
+                     "default_max_new_tokens", "max_decoded_bytes", "media_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.kv_cache_bytes < 0:
             raise ValueError("kv_cache_bytes must be >= 0 (0 = the default)")
         if self.max_queue < 0:
             raise ValueError("max_queue must be >= 0")
+        if self.media_memory_bytes < self.max_decoded_bytes:
+            raise ValueError(f"media_memory_bytes ({self.media_memory_bytes}) must be >= max_decoded_bytes "
+                             f"({self.max_decoded_bytes}): one request must fit")
+        if self.max_concurrent_rpcs < 0:
+            raise ValueError("max_concurrent_rpcs must be >= 0 (0 = derived)")
+
+    def concurrent_rpcs(self) -> int:
+        """The gRPC server's maximum_concurrent_rpcs."""
+        if self.max_concurrent_rpcs:
+            return self.max_concurrent_rpcs
+        return max(1, len(self.models)) * (self.max_batch + self.max_queue) + 32
 
     # ---- loading --------------------------------------------------------------------------------
     @classmethod
