@@ -18,7 +18,11 @@ import time
 import urllib.parse
 import urllib.request
 from collections import deque
+from typing import TYPE_CHECKING
 from dataclasses import dataclass
+
+if TYPE_CHECKING:
+    from .feedback import Fresh
 
 log = logging.getLogger("aim.controller")
 
