@@ -19,7 +19,7 @@ from .adapters import adapter_for_config
 from .adapters.base import FamilyAdapter
 from .cost import CostEstimate, RequestShape, cost, kv_tokens
 from .decoder import ATTENTION_IMPL
-from .errors import ModelLoadError
+from .errors import ModelLoadError, RequestError
 from .flops import LLMShape
 from .media import MediaLimits
 from .plan import PLAN_FILE, PlanError, ReductionPlan, plan_from_dict
@@ -162,11 +162,28 @@ class AimEngine:
     def cost(self, shape: RequestShape, plan: ReductionPlan) -> CostEstimate:
         return cost(self.shape, shape, plan)
 
+    @property
+    def context_length(self) -> int | None:
+        return getattr(self.adapter.text_config, "max_position_embeddings", None)
+
+    def check_context(self, estimate: CostEstimate, max_new_tokens: int) -> None:
+        """The prompt before merging (the positions it spans under the `original` rule) plus the answer must fit
+        the model's context."""
+        limit = self.context_length
+        need = estimate.text_tokens + estimate.visual_tokens_in + max_new_tokens
+        if limit and need > limit:
+            raise RequestError(
+                f"the prompt is {estimate.text_tokens} text + {estimate.visual_tokens_in} visual tokens and asks for "
+                f"up to {max_new_tokens} new ones ({need} positions); the model's context is {limit}: shorten the "
+                "prompt, send fewer or smaller media, or ask for fewer tokens")
+
     def estimate(self, request: GenerationRequest, plan: ReductionPlan) -> CostEstimate:
         """Token counts and LLM prefill FLOPs of `request` under `plan`; media are decoded (to know sizes and
         frame counts) but nothing is encoded. Raises the same errors as generate() for bad input."""
         plan.check_depth(self.num_layers)
-        return self.cost(self.shape_of(request), plan)
+        estimate = self.cost(self.shape_of(request), plan)
+        self.check_context(estimate, request.sampling.max_new_tokens)
+        return estimate
 
     # ---- running --------------------------------------------------------------------------------
     def sequence(self, request: GenerationRequest, plan: ReductionPlan, emit: Callable[[object], None],
@@ -174,6 +191,7 @@ class AimEngine:
         """A sequence for the serving loop; `request` must hold decoded media. Raises the request's errors."""
         self.preparer.validate(request, plan)
         estimate = self.cost(self.shape_of(request), plan)
+        self.check_context(estimate, request.sampling.max_new_tokens)
         return Sequence(request=request, plan=plan, kv_tokens=kv_tokens(estimate, request.sampling.max_new_tokens),
                         prompt_tokens=estimate.text_tokens + estimate.visual_tokens_merged, emit=emit,
                         stats=RequestStats(), should_stop=should_stop)

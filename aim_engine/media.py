@@ -36,6 +36,7 @@ class MediaLimits:
     max_video_seconds: float = 3600.0
     max_source_frames: int = 200_000  # frames in one video's stream (what sampling may have to decode through)
     max_decoded_bytes: int = 512 * 1024 * 1024  # one request's decoded pixels held for the model (RGB, 3 B/pixel)
+    max_items: int = 64  # images and videos in one request
 
 
 # Decode-and-discard is cheaper than a seek for short gaps; beyond this many frames to the next sampled one, seek

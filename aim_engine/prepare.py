@@ -82,6 +82,9 @@ class Preparer:
             if should_stop is not None and should_stop():
                 raise Cancelled()
 
+        items = sum(isinstance(p, (ImagePart, VideoPart)) for p in request.parts)
+        if items > limits.max_items:
+            raise RequestError(f"the request has {items} images and videos; the limit is {limits.max_items}")
         for part in request.parts:
             check_stop()
             if isinstance(part, ImagePart) and part.image is None:

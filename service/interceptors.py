@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import time
 
 import grpc
@@ -145,3 +146,82 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return make(deny_stream, handler.request_deserializer, handler.response_serializer)
         make = grpc.stream_unary_rpc_method_handler if handler.request_streaming else grpc.unary_unary_rpc_method_handler
         return make(deny_unary, handler.request_deserializer, handler.response_serializer)
+
+
+class _Malformed:
+    """What a request's bytes became when they do not parse as its message type."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Bytes that do not parse as the method's request message (invalid UTF-8 in a string field, a truncated or
+    foreign message) get INVALID_ARGUMENT with what was wrong, instead of the library's UNKNOWN: the request
+    deserializer returns a marker instead of raising, and the handler aborts on it before any work."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse, method = handler.request_deserializer, details.method
+
+        def safe(data: bytes):
+            try:
+                return parse(data)
+            except Exception as exc:  # noqa: BLE001 - DecodeError, UnicodeDecodeError, ...
+                return _Malformed(f"the request is not a valid message for {method} ({type(exc).__name__}: "
+                                  f"{exc}); check that the client's stubs come from this server's protos")
+
+        async def check(request, context):
+            if isinstance(request, _Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+        async def checked(requests, context):
+            async for request in requests:
+                await check(request, context)
+                yield request
+
+        kw = dict(request_deserializer=safe, response_serializer=handler.response_serializer)
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary_unary(request, context):
+                await check(request, context)
+                return await _result(inner(request, context))
+            return grpc.unary_unary_rpc_method_handler(unary_unary, **kw)
+        if handler.unary_stream:
+            inner = handler.unary_stream
+
+            async def unary_stream(request, context):
+                await check(request, context)
+                async for response in _responses(inner(request, context)):
+                    yield response
+            return grpc.unary_stream_rpc_method_handler(unary_stream, **kw)
+        if handler.stream_unary:
+            inner = handler.stream_unary
+
+            async def stream_unary(requests, context):
+                return await _result(inner(checked(requests, context), context))
+            return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
+        inner = handler.stream_stream
+
+        async def stream_stream(requests, context):
+            async for response in _responses(inner(checked(requests, context), context)):
+                yield response
+        return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)
+
+
+async def _result(value):
+    """A handler's return value, whether its behaviour is a coroutine function or a plain one."""
+    return await value if inspect.isawaitable(value) else value
+
+
+async def _responses(stream):
+    """A handler's responses, whether it is an async generator or a plain one."""
+    if hasattr(stream, "__aiter__"):
+        async for response in stream:
+            yield response
+    else:
+        for response in stream:
+            yield response

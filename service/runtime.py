@@ -37,6 +37,7 @@ from controller.controller import BudgetController, ControllerConfig
 from controller.cost_model import Observation
 from controller.policy import default_ladder
 
+from . import allocator
 from .metrics import ServiceMetrics, slo_class
 
 log = logging.getLogger("aim.service")
@@ -229,13 +230,15 @@ class ModelRuntime:
             self._record_outcome(exc.status, arrival, reduction, deadline)
             raise
         except (asyncio.CancelledError, GeneratorExit):
-            if not answered:
-                self._record_outcome("cancelled", arrival, reduction, deadline)
+            if not answered:  # the client went away, or gRPC ended the call at its deadline
+                late = deadline is not None and time.monotonic() >= deadline
+                self._record_outcome("deadline_exceeded" if late else "cancelled", arrival, reduction, deadline)
             raise
         finally:
             slot.stop.set()  # client gone, cancelled, or done: the loop drops it at its next step boundary
             self._in_system -= 1
             self.media_memory.release(slot.media_bytes)
+            allocator.release_free_memory(idle=self._in_system == 0)
 
     async def generate(self, request: GenerationRequest, reduction: Reduction, deadline: float | None = None
                        ) -> Finished:
@@ -417,6 +420,7 @@ class ModelRuntime:
             slot.stop.set()
             self._in_system -= 1
             self.media_memory.release(slot.media_bytes)
+            allocator.release_free_memory(idle=self._in_system == 0)
 
     def _estimate(self, request: GenerationRequest, reduction: Reduction, slot: _Slot) -> Estimate:
         decoded = self._decode(request, slot)

@@ -15,7 +15,8 @@ from grpc_reflection.v1alpha import reflection
 from aim_engine import AimEngine, MediaLimits
 
 from .aim_api import AimServicer, ServingState
-from .interceptors import BearerTokenInterceptor, MetricsInterceptor
+from . import allocator
+from .interceptors import BearerTokenInterceptor, MalformedRequestInterceptor, MetricsInterceptor
 from .kserve import InferenceServicer
 from .metrics import ServiceMetrics
 from .proto.aim.v1 import aim_service_pb2, aim_service_pb2_grpc
@@ -78,7 +79,7 @@ async def start_listening(settings: Settings, metrics: ServiceMetrics | None = N
     """Binds and starts the server with health NOT_SERVING and no model yet (every RPC: UNAVAILABLE)."""
     metrics = metrics or ServiceMetrics()
     state = ServingState(settings, metrics)
-    interceptors = [MetricsInterceptor(metrics)]
+    interceptors = [MetricsInterceptor(metrics), MalformedRequestInterceptor()]
     if settings.auth_token:
         interceptors.insert(0, BearerTokenInterceptor(settings.auth_token))
     options = [("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -159,6 +160,7 @@ async def start_server(settings: Settings, engines: dict[str, AimEngine] | None 
 
 async def serve(settings: Settings) -> None:
     """Runs until SIGTERM or SIGINT, then drains."""
+    allocator.tune()
     running = await start_server(settings)
     print(f"aim-serve listening on {settings.host}:{running.port}; metrics on "
           f"http://{settings.host}:{running.metrics_port}/metrics", flush=True)

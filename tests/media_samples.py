@@ -74,3 +74,83 @@ def frame_index(frame: Image.Image) -> int:
     arr = np.asarray(frame.convert("L"), dtype=np.float64)
     h, w = arr.shape
     return int(round(arr[:, : w // 2 - 2].mean() / 40)) * 50 + int(round(arr[:, w // 2 + 2:].mean() / 5))
+
+
+# ---- hostile and unusual media, for the fault suite -------------------------------------------------------------
+def _save(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def bomb_png(width: int = 8000, height: int = 6000) -> bytes:
+    """A few KB of PNG that decodes to width x height pixels."""
+    return _save(Image.new("1", (width, height)), "PNG", optimize=True)
+
+
+def animated_gif(frames: int = 3000, size=(16, 16)) -> bytes:
+    images = [Image.new("P", size, i % 200) for i in range(frames)]
+    for img in images:
+        img.putpalette(list(range(256)) * 3)
+    return _save(images[0], "GIF", save_all=True, append_images=images[1:], duration=20)
+
+
+def animated_webp(frames: int = 500, size=(16, 16)) -> bytes:
+    images = [Image.new("RGB", size, (i % 250, 0, 0)) for i in range(frames)]
+    return _save(images[0], "WEBP", save_all=True, append_images=images[1:], duration=20, lossless=True)
+
+
+def unusual_images() -> dict[str, tuple[bytes, str]]:
+    """Image modes and metadata a decoder must handle: name -> (bytes, MIME type)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    palette = Image.new("P", (40, 30), 1)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.info["transparency"] = 0
+    return {
+        "cmyk jpeg": (_save(Image.new("CMYK", (40, 30), (0, 255, 255, 0)), "JPEG"), "image/jpeg"),
+        "16-bit png": (_save(Image.fromarray(np.full((30, 40), 40000, dtype=np.uint16)), "PNG"), "image/png"),
+        "rgba png": (_save(Image.new("RGBA", (40, 30), (0, 0, 255, 128)), "PNG"), "image/png"),
+        "palette png with transparency": (_save(palette, "PNG"), "image/png"),
+        "greyscale webp": (_save(Image.new("L", (40, 30), 90), "WEBP"), "image/webp"),
+        "exif-rotated jpeg": (_save(Image.new("RGB", (40, 30), (0, 200, 0)), "JPEG", exif=exif), "image/jpeg"),
+        "animated gif (3000 frames)": (animated_gif(), "image/gif"),
+        "animated webp (500 frames)": (animated_webp(), "image/webp"),
+    }
+
+
+def video_formats() -> dict[str, tuple[bytes, str]]:
+    """One short clip in every container the server accepts."""
+    return {
+        "mp4": (encode_video("mp4", "mpeg4"), "video/mp4"),
+        "mp4 h264": (encode_video("mp4", "libx264"), "video/mp4"),
+        "webm": (encode_video("webm", "libvpx"), "video/webm"),
+        "mkv": (encode_video("matroska", "mpeg4"), "video/x-matroska"),
+        "mov": (encode_video("mov", "mpeg4"), "video/quicktime"),
+        "avi": (encode_video("avi", "mpeg4"), "video/x-msvideo"),
+        "gif": (animated_gif(24, (32, 32)), "image/gif"),
+    }
+
+
+def big_clip(frames: int = 900, width: int = 1920, height: int = 1080) -> bytes:
+    """The issue's clip: a red box moving on grey, 1080p, 30 fps, H.264 (fast preset) — ~100 KB that decodes to
+    several GB if every frame is converted."""
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=30, options={"preset": "ultrafast", "tune": "zerolatency"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        y = np.full((height, width), 126, dtype=np.uint8)
+        u = np.full((height // 2, width // 2), 128, dtype=np.uint8)
+        v = np.full((height // 2, width // 2), 128, dtype=np.uint8)
+        for t in range(frames):
+            x = (t * 2) % (width - 100)
+            yy, vv = y.copy(), v.copy()
+            yy[400:500, x:x + 100] = 82
+            vv[200:250, x // 2:x // 2 + 50] = 240
+            frame = av.VideoFrame.from_ndarray(np.concatenate([yy, u.reshape(-1, width), vv.reshape(-1, width)]),
+                                               format="yuv420p")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()

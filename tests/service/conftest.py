@@ -48,7 +48,7 @@ BASE = Settings(models=["unused"], port=0, metrics_port=0, max_queue=4)
 
 # A held answer: ignore_eos and far more tokens than any test lets it produce, so it runs until the test cancels it
 # (prompt + HOLD_TOKENS stays within the tiny models' 4096 positions). The server's max_new_tokens must allow it.
-HOLD_TOKENS = 4000
+HOLD_TOKENS = 3000
 
 
 def hold(client, prompt: str = "Keep talking.", **request):

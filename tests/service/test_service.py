@@ -483,13 +483,13 @@ def _batch_sizes(metrics, model: str) -> dict[str, float]:
 def test_concurrent_requests_decode_in_one_batch_and_answer_as_alone(make_server):
     """While one long request holds its place in the batch (it runs until cancelled), five others arrive over
     gRPC: each is decoded in steps shared with it, and answers exactly what it answers alone."""
-    srv = make_server(max_batch=8, max_queue=8, max_new_tokens=4096)
+    srv = make_server(max_batch=8, max_queue=8, max_new_tokens=HOLD_TOKENS)
     prompts = [f"Question {i}: what moves, and where?" for i in range(5)]
     kwargs = dict(videos=[VIDEO], frames=4, max_new_tokens=12, ignore_eos=True)
     with AimClient(srv.target) as client:
         alone = [client.generate(p, **kwargs, no_reduction=i % 2 == 0).text for i, p in enumerate(prompts)]
         before = _batch_sizes(srv.metrics, "tiny-ov")
-        holder = client.stream_events(LONG_PROMPT, videos=[VIDEO], frames=4, max_new_tokens=4096, ignore_eos=True,
+        holder = client.stream_events(LONG_PROMPT, videos=[VIDEO], frames=4, max_new_tokens=HOLD_TOKENS, ignore_eos=True,
                                       no_reduction=True)
         next(holder)  # it is decoding
         with ThreadPoolExecutor(5) as pool:

@@ -1,0 +1,172 @@
+"""A corpus of bad, hostile and heavy requests, built here (nothing downloaded), with the status each must get.
+Used by tests/service/test_faults.py and by bench/faults.py (which writes docs/results/faults.json)."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from functools import lru_cache
+
+import grpc
+
+from service.proto.aim.v1 import aim_service_pb2 as pb
+from tests.media_samples import big_clip, bomb_png, encode_image, unusual_images, video_formats
+
+OK = grpc.StatusCode.OK
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+# The server flags the corpus expects (small limits, so each limit is reachable with small requests).
+SERVER_FLAGS = ("--max-message-bytes", str(4 * 1024 * 1024), "--max-decoded-bytes", str(1_000_000),
+                "--media-memory-bytes", str(8_000_000), "--calibrate", "0", "--max-queue", "64")
+GOOD_PROMPT = "Describe it."
+
+
+@dataclass(frozen=True)
+class FaultCase:
+    name: str
+    request: object  # a GenerateRequest, or raw bytes sent as one
+    codes: tuple  # acceptable status codes (most cases: exactly one)
+    message: str | None = None  # a fragment the error's details must contain
+    method: str = "Generate"
+
+
+def text(value: str) -> pb.ContentPart:
+    return pb.ContentPart(text=value)
+
+
+def image(data: bytes, mime: str) -> pb.ContentPart:
+    return pb.ContentPart(image=pb.Image(data=data, mime_type=mime))
+
+
+def video(data: bytes, mime: str, frames: int = 4) -> pb.ContentPart:
+    return pb.ContentPart(video=pb.Video(data=data, mime_type=mime, num_frames=frames))
+
+
+def request(*parts, tokens: int = 2, **fields) -> pb.GenerateRequest:
+    sampling = fields.pop("sampling", pb.SamplingParams(max_new_tokens=tokens))
+    return pb.GenerateRequest(parts=list(parts) or [text(GOOD_PROMPT)], sampling=sampling, **fields)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field, for messages the library would refuse to build."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _varint(value: int) -> bytes:
+    out = b""
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out += struct.pack("B", byte | (0x80 if value else 0))
+        if not value:
+            return out
+
+
+@lru_cache(maxsize=1)
+def heavy_clip() -> bytes:
+    return big_clip()
+
+
+def corpus() -> list[FaultCase]:
+    cases: list[FaultCase] = []
+    add = cases.append
+
+    # ---- images: bombs, modes, animations, broken files, wrong types ----------------------------------------
+    add(FaultCase("image: 48 MP decompression bomb in a few KB of PNG", request(image(bomb_png(), "image/png"),
+                  text(GOOD_PROMPT)), (INVALID,), "48000000 pixels; the limit is"))
+    for name, (data, mime) in unusual_images().items():
+        add(FaultCase(f"image: {name}", request(image(data, mime), text(GOOD_PROMPT)), (OK,)))
+    for fmt, mime in (("PNG", "image/png"), ("JPEG", "image/jpeg"), ("WEBP", "image/webp"), ("GIF", "image/gif")):
+        data = encode_image(fmt, size=(48, 64))
+        add(FaultCase(f"image: truncated {fmt}", request(image(data[: len(data) // 2], mime), text(GOOD_PROMPT)),
+                      (INVALID,), "cannot decode"))
+        garbage = data[:16] + bytes(range(256)) * 4
+        add(FaultCase(f"image: {fmt} header then garbage", request(image(garbage, mime), text(GOOD_PROMPT)),
+                      (INVALID,), "cannot decode"))
+    add(FaultCase("image: PNG declared as JPEG", request(image(encode_image("PNG"), "image/jpeg"), text("Hi")),
+                  (INVALID,), "declared type"))
+    add(FaultCase("image: unsupported type", request(image(encode_image("PNG"), "application/octet-stream"),
+                                                     text("Hi")), (INVALID,), "unsupported image type"))
+    add(FaultCase("image: zero bytes", request(image(b"", "image/png"), text("Hi")), (INVALID,), "empty (0 bytes)"))
+
+    # ---- videos: every container, broken, wrong types, limits ------------------------------------------------
+    for name, (data, mime) in video_formats().items():
+        add(FaultCase(f"video: {name}", request(video(data, mime), text(GOOD_PROMPT)), (OK,)))
+        # what survives of a cut or damaged stream may still decode; either way it is answered or refused clearly
+        add(FaultCase(f"video: truncated {name}", request(video(data[: len(data) // 3], mime), text("Hi")),
+                      (OK, INVALID)))
+        damaged = data[:64] + bytes(b ^ 0x5A for b in data[64:])
+        add(FaultCase(f"video: damaged {name}", request(video(damaged, mime), text("Hi")), (OK, INVALID)))
+    mp4 = video_formats()["mp4"][0]
+    add(FaultCase("video: MP4 declared as PNG", request(image(mp4, "image/png"), text("Hi")), (INVALID,),
+                  "cannot decode"))
+    add(FaultCase("video: unsupported type", request(video(mp4, "video/x-flv"), text("Hi")), (INVALID,),
+                  "unsupported video type"))
+    add(FaultCase("video: zero bytes", request(video(b"", "video/mp4"), text("Hi")), (INVALID,), "empty (0 bytes)"))
+    add(FaultCase("video: an empty frame list", request(pb.ContentPart(frames=pb.Frames()), text("Hi")), (INVALID,),
+                  "empty list of frames"))
+    add(FaultCase("video: 65 frames asked", request(video(mp4, "video/mp4", 65), text("Hi")), (INVALID,),
+                  "limit is 64"))
+    add(FaultCase("video: 1080p clip of 900 frames, 8 sampled", request(video(heavy_clip(), "video/mp4", 8),
+                                                                        text(GOOD_PROMPT)), (OK,)))
+    add(FaultCase("video: 1080p clip, 64 frames over the decoded-media limit",
+                  request(video(heavy_clip(), "video/mp4", 64), text("Hi")), (INVALID,), "decoded-media limit"))
+
+    # ---- sizes: parts, prompt, message -----------------------------------------------------------------------
+    small_png = encode_image("PNG", size=(8, 8))
+    add(FaultCase("request: 100 images", request(*[image(small_png, "image/png")] * 100, text("Hi")), (INVALID,),
+                  "100 images and videos; the limit is 64"))
+    add(FaultCase("request: 5000 text parts", request(*[text("hi")] * 5000), (INVALID,), "the model's context is"))
+    add(FaultCase("request: a prompt of 1 MB", request(text("word " * 200_000)), (INVALID,),
+                  "the model's context is"))
+    add(FaultCase("request: a message over the size limit", request(image(b"\x89PNG" + b"\0" * (5 * 1024 * 1024),
+                                                                         "image/png"), text("Hi")),
+                  (grpc.StatusCode.RESOURCE_EXHAUSTED,), "larger than max"))
+    add(FaultCase("request: no parts", pb.GenerateRequest(), (INVALID,), "parts is empty"))
+
+    # ---- bytes no client library would send ------------------------------------------------------------------
+    add(FaultCase("wire: text that is not UTF-8", _field(2, _field(1, b"caf\xe9 \xff\xfe")), (INVALID,),
+                  "not a valid"))
+    add(FaultCase("wire: garbage bytes", b"\xff\xff\xff\xff\x0f\x12", (INVALID,), "not a valid"))
+
+    # ---- numbers ---------------------------------------------------------------------------------------------
+    nan, inf = float("nan"), float("inf")
+    for name, sampling, fragment in [
+        ("NaN temperature", pb.SamplingParams(max_new_tokens=2, temperature=nan), "temperature"),
+        ("infinite temperature", pb.SamplingParams(max_new_tokens=2, temperature=inf), "temperature"),
+        ("negative temperature", pb.SamplingParams(max_new_tokens=2, temperature=-0.5), "temperature"),
+        ("NaN top_p", pb.SamplingParams(max_new_tokens=2, temperature=1, top_p=nan), "top_p"),
+        ("negative top_p", pb.SamplingParams(max_new_tokens=2, temperature=1, top_p=-1), "top_p"),
+        ("an empty stop string", pb.SamplingParams(max_new_tokens=2, stop=[""]), "stop strings"),
+        ("too many new tokens", pb.SamplingParams(max_new_tokens=10**6), "exceeds the limit"),
+    ]:
+        add(FaultCase(f"sampling: {name}", request(text("Hi"), sampling=sampling), (INVALID,), fragment))
+    for name, reduction, fragment in [
+        ("NaN merge_retention", pb.Reduction(plan=pb.ReductionPlan(merge_retention=nan)), "merge_retention"),
+        ("negative merge_retention", pb.Reduction(plan=pb.ReductionPlan(merge_retention=-0.5)), "merge_retention"),
+        ("NaN prune keep", pb.Reduction(plan=pb.ReductionPlan(prune_stages=[pb.PruneStage(layer=2, keep=nan)])),
+         "keep"),
+        ("NaN min_retention", pb.Reduction(auto=pb.AutoBudget(min_retention=nan)), "min_retention"),
+    ]:
+        add(FaultCase(f"plan: {name}", request(text("Hi"), reduction=reduction), (INVALID,), fragment))
+    add(FaultCase("video: negative frame rate", request(pb.ContentPart(frames=pb.Frames(
+        frames=[pb.Image(data=small_png, mime_type="image/png")], fps=-2)), text("Hi")), (INVALID,), "fps"))
+    add(FaultCase("model: unknown", request(text("Hi"), model="gpt-9"), (grpc.StatusCode.NOT_FOUND,),
+                  "unknown model 'gpt-9'"))
+    add(FaultCase("estimate: a decompression bomb", pb.EstimateCostRequest(
+        parts=[image(bomb_png(), "image/png"), text("Hi")]), (INVALID,), "pixels; the limit is", "EstimateCost"))
+    return cases
+
+
+RESPONSES = {"Generate": pb.GenerateResponse, "EstimateCost": pb.EstimateCostResponse}
+
+
+def send(channel: grpc.Channel, case: FaultCase, timeout: float = 120.0) -> tuple[grpc.StatusCode, str]:
+    """(status, details) of one case, sent as raw bytes so that malformed messages reach the server."""
+    call = channel.unary_unary(f"/aim.v1.AimService/{case.method}", request_serializer=None,
+                               response_deserializer=RESPONSES[case.method].FromString)
+    payload = case.request if isinstance(case.request, bytes) else case.request.SerializeToString()
+    try:
+        call(payload, timeout=timeout)
+        return OK, ""
+    except grpc.RpcError as err:
+        return err.code(), err.details() or ""
