@@ -185,7 +185,7 @@ def test_pool_holds_its_budget_queues_what_does_not_fit_and_gets_every_block_bac
             stop_flags[name] = False
             run.add(name, request, plan, should_stop=lambda name=name: stop_flags[name])
     with pytest.raises(KVBudgetError, match="KV cache"):  # could never fit: refused at once
-        big = GenerationRequest(requests[2][0].parts, SamplingParams(max_new_tokens=10_000))
+        big = GenerationRequest(requests[2][0].parts, SamplingParams(max_new_tokens=3000))
         run.add("too-big", big, ReductionPlan())
     observed = {"queued_for_memory": False}
 
