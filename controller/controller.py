@@ -92,22 +92,26 @@ class BudgetController:
             self.last_level = decision.level
         return decision
 
-    def predict(self, visual_tokens_in: int, prefill_flops: float, new_tokens: int, batch: float = 1.0,
-                media: bool = True) -> float | None:
-        """Predicted latency when decoding in a batch of `batch` sequences; `media=False` once the request's
-        media are decoded (their time is already spent)."""
-        return self.cost_model.predict(visual_tokens_in, prefill_flops, new_tokens, batch, media=media)
+    def predict(self, visual_tokens_in: int, prefill_flops: float, max_new_tokens: int, batch: float = 1.0,
+                media: bool = True, ignore_eos: bool = False) -> float | None:
+        """Predicted latency when decoding in a batch of `batch` sequences, for the answer length this model's
+        requests actually reach; `media=False` once the request's media are decoded (their time is spent)."""
+        return self.cost_model.predict(visual_tokens_in, prefill_flops, max_new_tokens, batch, media=media,
+                                       ignore_eos=ignore_eos)
 
     # ---- feedback -----------------------------------------------------------------------------
     def observe(self, latency_s: float, observation: Observation | None = None, slo_s: float | None = None,
-                controlled: bool = True) -> None:
+                controlled: bool = True, prediction: tuple[float, float] | None = None) -> None:
         """A finished request: its end-to-end latency and SLO (None = the default), and its stage timings. Every
-        request teaches the cost model; only those the controller decided (`controlled`) steer the margin."""
+        request teaches the cost model; only those the controller decided (`controlled`) steer the margin, and
+        their `prediction` (observed seconds, predicted seconds, over the same span) corrects its bias."""
         with self._lock:
             if controlled:
                 self.window.add(latency_s / (slo_s or self.config.slo_s))
             if observation is not None:
                 self.cost_model = self.cost_model.observe(observation)
+            if controlled and prediction is not None:
+                self.cost_model = self.cost_model.correct(*prediction)
         self.tick()
 
     def observe_outcome(self, latency_s: float, slo_s: float | None = None, controlled: bool = True) -> None:

@@ -11,13 +11,26 @@ they decoded in); with no spread in the batches seen yet, step(batch) is their w
 Each rate is fitted online from the stage timings of finished requests (exponentially weighted means of
 seconds per unit), so the model follows the machine it runs on. Until a stage has been observed its rate is
 unknown and predictions say so (None).
+
+new_tokens is not the request's max_new_tokens but what requests of this model actually generate: the 90th
+percentile of the answer lengths of the last 64 real requests (one cut off at its max_new_tokens counts at that
+length, a lower bound of what it wanted), never more than the request's own max_new_tokens; all of them when it
+ignores EOS; max_new_tokens until answers have been seen. And what is still wrong is corrected online: the
+prediction is multiplied by exp(bias), where bias is an exponentially weighted mean of log(observed / predicted)
+over the requests the controller decided (bounded to a factor of 4 either way), so an error that is
+systematically one-sided shrinks as requests finish.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 SMOOTHING = 0.2  # weight of the newest observation
+ANSWER_WINDOW = 64  # recent answer lengths kept
+ANSWER_QUANTILE = 0.9  # the answer length predicted: this quantile of the recent ones
+BIAS_SMOOTHING = 0.2  # weight of the newest log(observed / predicted)
+MAX_BIAS = math.log(4.0)  # the correction is at most a factor of 4 either way
 
 
 @dataclass(frozen=True)
@@ -30,6 +43,8 @@ class Observation:
     decode_s: float
     new_tokens: int
     mean_batch: float = 1.0  # sequences per decode step, averaged over the request's steps
+    max_new_tokens: int | None = None  # what it allowed (None: not a real request's answer, e.g. a warm-up)
+    ignore_eos: bool = False  # it generated max_new_tokens whatever the model said: not an answer length
 
 
 @dataclass(frozen=True)
@@ -39,6 +54,8 @@ class CostModel:
     s_per_prefill_flop: float | None = None
     # exponentially weighted sums over (x = mean batch, y = seconds per decode step): weight, x, y, x^2, x*y
     step_fit: tuple[float, float, float, float, float] = (0.0, 0.0, 0.0, 0.0, 0.0)
+    answer_lengths: tuple[int, ...] = ()  # tokens of the recent real answers, oldest first
+    bias: float = 0.0  # log of the correction factor
 
     @property
     def ready(self) -> bool:
@@ -56,19 +73,38 @@ class CostModel:
         slope = max(0.0, (sxy / w - mean_x * mean_y) / var_x)
         return max(0.0, mean_y + slope * (batch - mean_x))
 
-    def predict(self, visual_tokens_in: int, prefill_flops: float, new_tokens: int, batch: float = 1.0,
-                media: bool = True) -> float | None:
-        """Seconds from arrival (`media=False`: from the end of media decoding)."""
+    def expected_new_tokens(self, max_new_tokens: int, ignore_eos: bool = False) -> int:
+        """The answer length to plan for (see the module's docstring)."""
+        if ignore_eos or not self.answer_lengths:
+            return max_new_tokens
+        ordered = sorted(self.answer_lengths)
+        rank = min(len(ordered) - 1, max(0, math.ceil(ANSWER_QUANTILE * len(ordered)) - 1))
+        return max(1, min(max_new_tokens, ordered[rank]))
+
+    def predict(self, visual_tokens_in: int, prefill_flops: float, max_new_tokens: int, batch: float = 1.0,
+                media: bool = True, ignore_eos: bool = False) -> float | None:
+        """Seconds from arrival (`media=False`: from the end of media decoding), corrected by the bias."""
         if not self.ready:
             return None
-        return (((self.media_s or 0.0) if media else 0.0) + visual_tokens_in * (self.s_per_visual_token or 0.0)
-                + prefill_flops * self.s_per_prefill_flop + new_tokens * (self.s_per_step(batch) or 0.0))
+        tokens = self.expected_new_tokens(max_new_tokens, ignore_eos)
+        raw = (((self.media_s or 0.0) if media else 0.0) + visual_tokens_in * (self.s_per_visual_token or 0.0)
+               + prefill_flops * self.s_per_prefill_flop + tokens * (self.s_per_step(batch) or 0.0))
+        return raw * math.exp(self.bias)
+
+    def correct(self, observed_s: float, predicted_s: float) -> "CostModel":
+        """One controlled request: what it took against what `predict` said (same span of time)."""
+        if observed_s <= 0 or predicted_s <= 0:
+            return self
+        bias = self.bias + BIAS_SMOOTHING * math.log(observed_s / predicted_s)  # the residual moves it
+        return replace(self, bias=max(-MAX_BIAS, min(MAX_BIAS, bias)))
 
     def observe(self, obs: Observation) -> "CostModel":
         def ewma(old, new):
             return new if old is None else (1 - SMOOTHING) * old + SMOOTHING * new
 
         updated = replace(self, media_s=ewma(self.media_s, obs.media_s))
+        if obs.max_new_tokens is not None and not obs.ignore_eos and obs.new_tokens > 0:
+            updated = replace(updated, answer_lengths=(self.answer_lengths + (obs.new_tokens,))[-ANSWER_WINDOW:])
         if obs.visual_tokens_in > 0:
             updated = replace(updated,
                               s_per_visual_token=ewma(self.s_per_visual_token, obs.vision_s / obs.visual_tokens_in))

@@ -297,7 +297,7 @@ class ModelRuntime:
             raise ServiceError("deadline_exceeded", f"the deadline passed after {len(result.token_ids)} "
                                                     "generated tokens; allow more time or ask for fewer tokens")
         self.metrics.queue_wait.labels(self.name).observe(queue_s)
-        self._record(result.stats, media_s, total_s, applied, slo_s)
+        self._record(result.stats, seq.sampling, media_s, total_s, applied, slo_s)
         return Finished(result=result, applied=applied, queue_s=queue_s, media_s=media_s, total_s=total_s)
 
     def _decode(self, request: GenerationRequest, slot: _Slot) -> GenerationRequest:
@@ -352,19 +352,22 @@ class ModelRuntime:
         est = self.engine.estimate(decoded, plan)
         batch = min(self.max_batch, self.running + 1)  # it joins the running batch
         predicted = self.controller.predict(est.visual_tokens_in, est.prefill_flops, decoded.sampling.max_new_tokens,
-                                            batch, media=media)
+                                            batch, media=media, ignore_eos=decoded.sampling.ignore_eos)
         return None if predicted is None else predicted + queue_wait_s
 
-    def _record(self, stats: RequestStats, media_s: float, total_s: float, applied: AppliedPlan,
-                slo_s: float | None) -> None:
+    def _record(self, stats: RequestStats, sampling: SamplingParams, media_s: float, total_s: float,
+                applied: AppliedPlan, slo_s: float | None) -> None:
         t = stats.timings
+        # an auto plan's prediction covers the time from its decision (media decoded) to the answer
+        prediction = (total_s - media_s, applied.predicted_s) if applied.source == "auto" and applied.predicted_s \
+            else None
         self.controller.observe(total_s, Observation(
             media_s=media_s, vision_s=t.vision_s, visual_tokens_in=stats.visual_tokens_in, prefill_s=t.prefill_s,
             prefill_flops=stats.prefill_flops, decode_s=t.decode_s, new_tokens=stats.completion_tokens,
-            mean_batch=stats.mean_batch),
-            slo_s=slo_s, controlled=applied.source == "auto")
-        if applied.source == "auto" and applied.predicted_s:
-            self.metrics.prediction_ratio.labels(self.name).observe(total_s / applied.predicted_s)
+            mean_batch=stats.mean_batch, max_new_tokens=sampling.max_new_tokens, ignore_eos=sampling.ignore_eos),
+            slo_s=slo_s, controlled=applied.source == "auto", prediction=prediction)
+        if prediction is not None:
+            self.metrics.prediction_ratio.labels(self.name).observe(prediction[0] / prediction[1])
         if total_s > (slo_s or self.default_slo_s):
             self.metrics.slo_violations.labels(self.name, slo_class(slo_s)).inc()
 

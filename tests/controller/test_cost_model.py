@@ -1,6 +1,8 @@
 """The cost model predicts decode time under batching: seconds per step as a line in the batch size, fitted
 from finished requests' decode time per token and the mean batch they decoded in."""
 
+import math
+
 import pytest
 
 from controller.cost_model import CostModel, Observation
@@ -37,3 +39,37 @@ def test_recent_requests_weigh_more():
     for _ in range(20):
         model = model.observe(observation(1, 0.01))
     assert model.s_per_step(1) == pytest.approx(0.01, abs=0.002)
+
+
+def answer(tokens: int, max_new: int = 128, s_per_step: float = 0.01) -> Observation:
+    return Observation(media_s=0.0, vision_s=0.1, visual_tokens_in=100, prefill_s=0.2, prefill_flops=1e9,
+                       decode_s=s_per_step * max(0, tokens - 1), new_tokens=tokens, max_new_tokens=max_new)
+
+
+def test_decode_length_is_what_answers_reach_not_max_new_tokens():
+    model = CostModel().observe(observation(1, 0.01))  # a warm-up (no max_new_tokens): not an answer length
+    assert model.expected_new_tokens(128) == 128  # nothing learnt yet: the request's own bound
+    for tokens in [2, 3, 3, 4, 2, 3, 5, 3, 2, 40]:  # one-word answers, one long one
+        model = model.observe(answer(tokens))
+    assert model.expected_new_tokens(128) == 5  # the 90th percentile, not the outlier, not 128
+    assert model.expected_new_tokens(3) == 3  # never above the request's own bound
+    assert model.expected_new_tokens(128, ignore_eos=True) == 128
+    short, full = model.predict(100, 1e9, 128), model.predict(100, 1e9, 128, ignore_eos=True)
+    assert full - short == pytest.approx((128 - 5) * model.s_per_step(1), rel=1e-6)
+    model = model.observe(Observation(0.0, 0.1, 100, 0.2, 1e9, 1.27, 128, max_new_tokens=128, ignore_eos=True))
+    assert model.expected_new_tokens(128) == 5  # an answer forced to its length says nothing of answer lengths
+
+
+def test_a_one_sided_prediction_error_shrinks_as_requests_finish():
+    model = CostModel().observe(answer(3))
+    truth = 3.0 * model.predict(100, 1e9, 128)  # the machine is three times slower than the model believes
+    errors = []
+    for _ in range(30):
+        predicted = model.predict(100, 1e9, 128)
+        errors.append(abs(math.log(truth / predicted)))
+        model = model.correct(truth, predicted)
+    assert errors[0] == pytest.approx(math.log(3))
+    assert all(b <= a for a, b in zip(errors, errors[1:])) and errors[-1] < 0.02
+    for _ in range(100):  # wildly wrong observations cannot push it beyond a factor of 4
+        model = model.correct(1000.0, model.predict(100, 1e9, 128))
+    assert model.bias == pytest.approx(math.log(4))
