@@ -101,6 +101,23 @@ class _Slot:
     stop: threading.Event = field(default_factory=threading.Event)
     deadline: float | None = None  # time.monotonic()
     media_bytes: int = 0  # decoded media reserved in the runtime's MediaMemory, released when the request ends
+    closed: bool = False  # the request has ended: nothing more may be reserved for it
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def hold_media(self, nbytes: int) -> bool:
+        """Counts reserved media bytes against the request; False (hold nothing) once it has ended."""
+        with self.lock:
+            if self.closed:
+                return False
+            self.media_bytes += nbytes
+            return True
+
+    def close(self) -> int:
+        """Ends the request: the media bytes it held, to release (once)."""
+        with self.lock:
+            self.closed = True
+            held, self.media_bytes = self.media_bytes, 0
+            return held
 
     def should_stop(self) -> bool:
         return self.stop.is_set() or (self.deadline is not None and time.monotonic() > self.deadline)
@@ -237,7 +254,7 @@ class ModelRuntime:
         finally:
             slot.stop.set()  # client gone, cancelled, or done: the loop drops it at its next step boundary
             self._in_system -= 1
-            self.media_memory.release(slot.media_bytes)
+            self.media_memory.release(slot.close())
             allocator.release_free_memory(idle=self._in_system == 0)
 
     async def generate(self, request: GenerationRequest, reduction: Reduction, deadline: float | None = None
@@ -308,7 +325,9 @@ class ModelRuntime:
 
         def reserve(nbytes: int) -> None:
             self.media_memory.reserve(nbytes, slot.should_stop)
-            slot.media_bytes += nbytes
+            if not slot.hold_media(nbytes):  # it ended (client gone) while this thread was decoding for it
+                self.media_memory.release(nbytes)
+                raise Cancelled()
 
         try:
             return self.engine.decode_request(GenerationRequest(parts, request.sampling, request.system),
@@ -422,7 +441,7 @@ class ModelRuntime:
         finally:
             slot.stop.set()
             self._in_system -= 1
-            self.media_memory.release(slot.media_bytes)
+            self.media_memory.release(slot.close())
             allocator.release_free_memory(idle=self._in_system == 0)
 
     def _estimate(self, request: GenerationRequest, reduction: Reduction, slot: _Slot) -> Estimate:

@@ -97,3 +97,27 @@ def test_estimate_cost_goes_through_admission_and_leaves_the_controller_alone(ma
         wait_until(lambda: runtime.running == 0 and runtime._in_system == 0, "the held request to leave")
         assert client.estimate("Hi", images=[image]).visual_tokens_in > 0
         assert runtime.media_memory.used_bytes == 0  # the estimate's decoded image was released
+
+
+def test_media_memory_waits_for_room_stops_when_asked_and_never_counts_an_ended_request():
+    import threading
+
+    from aim_engine.errors import Cancelled
+    from service.runtime import MediaMemory, ServiceError, _Slot
+
+    memory = MediaMemory(100)
+    memory.reserve(60, lambda: False)
+    with pytest.raises(Cancelled):  # no room, and its client has gone: it stops waiting
+        memory.reserve(60, lambda: True)
+    with pytest.raises(ServiceError, match="media memory is 100 bytes"):
+        memory.reserve(101, lambda: False)
+    reserved = threading.Event()
+    waiter = threading.Thread(target=lambda: (memory.reserve(60, lambda: False), reserved.set()))
+    waiter.start()
+    assert not reserved.is_set() and memory.used_bytes == 60
+    memory.release(60)  # room: the waiter gets it
+    assert reserved.wait(30) and memory.used_bytes == 60
+    waiter.join()
+    slot = _Slot()
+    assert slot.hold_media(10) and slot.close() == 10 and slot.close() == 0
+    assert not slot.hold_media(5)  # ended: whatever a late decoder reserves is handed back, not counted
