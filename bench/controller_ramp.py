@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.service_load import sample_video, start_server  # noqa: E402
 from controller.policy import default_ladder  # noqa: E402
-from service.convert import plan_to_proto  # noqa: E402
+from service.convert import plan_from_proto, plan_to_proto  # noqa: E402
 from service.proto.aim.v1 import aim_service_pb2 as pb  # noqa: E402
 from service.proto.aim.v1 import aim_service_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -131,7 +131,7 @@ async def main_async(args) -> dict:
         async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
             stub = pb_grpc.AimServiceStub(ch)
             info = await stub.GetModelInfo(pb.GetModelInfoRequest())
-            ladder = default_ladder(info.num_layers)
+            ladder = default_ladder(info.num_layers, plan_from_proto(info.default_plan))  # the server's ladder
             ladder_protos = [plan_to_proto(level.plan) for level in ladder]
             base = dict(parts=[pb.ContentPart(video=pb.Video(data=sample_video(64), mime_type="video/mp4",
                                                              num_frames=args.frames)),

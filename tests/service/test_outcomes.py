@@ -19,20 +19,18 @@ def _window(runtime) -> list[float]:
     return [ratio for _, ratio in runtime.controller.window._items]
 
 
+def _counter_total(srv, name: str) -> float:
+    """A counter's value summed over its labels."""
+    return sum(sample.value for metric in srv.metrics.registry.collect() if metric.name == name
+               for sample in metric.samples if sample.name.endswith("_total"))
+
+
 def _violations(srv) -> float:
-    total = 0.0
-    for metric in srv.metrics.registry.collect():
-        if metric.name == "aim_slo_violations":
-            total += sum(s.value for s in metric.samples if s.name.endswith("_total"))
-    return total
+    return _counter_total(srv, "aim_slo_violations")
 
 
 def _decisions(srv) -> float:
-    total = 0.0
-    for metric in srv.metrics.registry.collect():
-        if metric.name == "aim_controller_decisions":
-            total += sum(s.value for s in metric.samples if s.name.endswith("_total"))
-    return total
+    return _counter_total(srv, "aim_controller_decisions")
 
 
 def test_rejections_and_client_cancellations_reach_the_window_and_the_violation_counter(make_server):
