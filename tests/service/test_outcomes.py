@@ -119,3 +119,23 @@ def test_media_memory_waits_for_room_stops_when_asked_and_never_counts_an_ended_
     slot = _Slot()
     assert slot.hold_media(10) and slot.close() == 10 and slot.close() == 0
     assert not slot.hold_media(5)  # ended: whatever a late decoder reserves is handed back, not counted
+
+
+def test_the_server_caps_rpcs_running_at_once(make_server):
+    """--max-concurrent-rpcs: beyond it gRPC itself answers RESOURCE_EXHAUSTED, before any handler runs."""
+    srv = make_server(max_concurrent_rpcs=1, max_new_tokens=HOLD_TOKENS)
+    with AimClient(srv.target) as client:
+        events = hold(client, no_reduction=True)
+        with pytest.raises(grpc.RpcError) as err:
+            client.model_info()
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        events.cancel()
+        wait_until(lambda: srv.running.state.runtimes["tiny-ov"]._in_system == 0, "the held request to leave")
+        wait_until(lambda: _answers_info(client), "the server to take RPCs again")
+
+
+def _answers_info(client) -> bool:
+    try:
+        return bool(client.model_info().model)
+    except grpc.RpcError:
+        return False
