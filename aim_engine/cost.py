@@ -35,11 +35,16 @@ class RequestShape:
     media: list[tuple[list[int], int]]
     text_tokens: int
 
+    @property
+    def visual_tokens_in(self) -> int:
+        """Visual tokens before any reduction."""
+        return sum(sum(groups) + loose for groups, loose in self.media)
+
 
 def cost(llm: LLMShape, shape: RequestShape, plan: ReductionPlan) -> CostEstimate:
     """Token counts and LLM prefill FLOPs of a request of this shape under `plan`."""
     kept = REDUCERS[plan.reducer].kept if plan.merges else (lambda sizes, _: sum(sizes))
-    visual_in = sum(sum(groups) + loose for groups, loose in shape.media)
+    visual_in = shape.visual_tokens_in
     visual_merged = sum(kept(groups, plan.merge_target) + loose for groups, loose in shape.media)
     text = shape.text_tokens
     per_layer = plan.visual_tokens_per_layer(visual_merged, llm.layers)

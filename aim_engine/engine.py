@@ -157,7 +157,11 @@ class AimEngine:
         return self.preparer.prepare(request, plan, timings)
 
     def shape_of(self, request: GenerationRequest) -> RequestShape:
-        return self.preparer.shape_of(request)
+        """The request's token counts per media item and of its text; refuses a request whose prompt and answer
+        cannot fit the model's context (every path to a cost or a sequence goes through here)."""
+        shape = self.preparer.shape_of(request)
+        self.check_context(shape, request.sampling.max_new_tokens)
+        return shape
 
     def cost(self, shape: RequestShape, plan: ReductionPlan) -> CostEstimate:
         return cost(self.shape, shape, plan)
@@ -166,32 +170,32 @@ class AimEngine:
     def context_length(self) -> int | None:
         return getattr(self.adapter.text_config, "max_position_embeddings", None)
 
-    def check_context(self, estimate: CostEstimate, max_new_tokens: int) -> None:
+    def check_context(self, shape: RequestShape, max_new_tokens: int) -> None:
         """The prompt before merging (the positions it spans under the `original` rule) plus the answer must fit
         the model's context."""
         limit = self.context_length
-        need = estimate.text_tokens + estimate.visual_tokens_in + max_new_tokens
+        need = shape.text_tokens + shape.visual_tokens_in + max_new_tokens
         if limit and need > limit:
             raise RequestError(
-                f"the prompt is {estimate.text_tokens} text + {estimate.visual_tokens_in} visual tokens and asks for "
+                f"the prompt is {shape.text_tokens} text + {shape.visual_tokens_in} visual tokens and asks for "
                 f"up to {max_new_tokens} new ones ({need} positions); the model's context is {limit}: shorten the "
                 "prompt, send fewer or smaller media, or ask for fewer tokens")
 
-    def estimate(self, request: GenerationRequest, plan: ReductionPlan) -> CostEstimate:
+    def estimate(self, request: GenerationRequest, plan: ReductionPlan, shape: RequestShape | None = None
+                 ) -> CostEstimate:
         """Token counts and LLM prefill FLOPs of `request` under `plan`; media are decoded (to know sizes and
-        frame counts) but nothing is encoded. Raises the same errors as generate() for bad input."""
+        frame counts) but nothing is encoded (`shape`: its shape_of, if the caller has it already). Raises the
+        same errors as generate() for bad input."""
         plan.check_depth(self.num_layers)
-        estimate = self.cost(self.shape_of(request), plan)
-        self.check_context(estimate, request.sampling.max_new_tokens)
-        return estimate
+        return self.cost(shape or self.shape_of(request), plan)
 
     # ---- running --------------------------------------------------------------------------------
     def sequence(self, request: GenerationRequest, plan: ReductionPlan, emit: Callable[[object], None],
-                 should_stop: Callable[[], bool] | None = None) -> Sequence:
-        """A sequence for the serving loop; `request` must hold decoded media. Raises the request's errors."""
+                 should_stop: Callable[[], bool] | None = None, shape: RequestShape | None = None) -> Sequence:
+        """A sequence for the serving loop; `request` must hold decoded media (`shape`: its shape_of, if the
+        caller has it already). Raises the request's errors."""
         self.preparer.validate(request, plan)
-        estimate = self.cost(self.shape_of(request), plan)
-        self.check_context(estimate, request.sampling.max_new_tokens)
+        estimate = self.cost(shape or self.shape_of(request), plan)
         return Sequence(request=request, plan=plan, kv_tokens=kv_tokens(estimate, request.sampling.max_new_tokens),
                         prompt_tokens=estimate.text_tokens + estimate.visual_tokens_merged, emit=emit,
                         stats=RequestStats(), should_stop=should_stop)

@@ -26,15 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from aim_engine.tiny import build_llava_onevision  # noqa: E402
 from service.proto.aim.v1 import aim_service_pb2 as pb  # noqa: E402
-from tests.fault_corpus import SERVER_FLAGS, corpus, request, send, text  # noqa: E402
+from tests.fault_corpus import SERVER_FLAGS, corpus, request, rss_mib, send, text  # noqa: E402
 from tests.service.test_subprocess import ServerProcess  # noqa: E402
-
-
-def rss_mib(pid: int, key: str = "VmRSS") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(key)
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 from aim_engine import AimEngine, GenerationRequest, GenerationResult, ReductionPlan, SamplingParams, TokenDelta
+from aim_engine.cost import RequestShape
 from aim_engine.request import ImagePart, RequestStats, TextPart, VideoPart
 from aim_engine.errors import Cancelled, EngineError, GenerationError, PlanError
 from aim_engine.serving.scheduler import KVBudgetError
@@ -39,10 +40,11 @@ from controller.policy import default_ladder
 
 from . import allocator
 from .metrics import ServiceMetrics, slo_class
+from .settings import Settings
 
 log = logging.getLogger("aim.service")
 
-DEFAULT_MEDIA_MEMORY_BYTES = 2 * 1024**3  # decoded media held by one model's requests (settings.media_memory_bytes)
+DEFAULT_MEDIA_MEMORY_BYTES = Settings.media_memory_bytes  # decoded media held by one model's requests
 SERVICE_TIME_WINDOW = 32  # recent service times (on a worker, queueing excluded) used to predict queue waits
 
 
@@ -289,8 +291,9 @@ class ModelRuntime:
         media_s = time.monotonic() - t0
         if slot.should_stop():
             raise self._stopped(slot, "while the request's media were decoded")
-        applied = self._choose(decoded, reduction, slot.deadline, arrival)
-        seq = self.engine.sequence(decoded, applied.plan, push, slot.should_stop)
+        shape = self.engine.shape_of(decoded)  # once: every ladder level's prediction and the sequence use it
+        applied = self._choose(decoded, shape, reduction, slot.deadline, arrival)
+        seq = self.engine.sequence(decoded, applied.plan, push, slot.should_stop, shape=shape)
         seq.arrival = started
         try:
             self.engine.loop.add(seq)
@@ -335,8 +338,8 @@ class ModelRuntime:
         except Cancelled:
             raise self._stopped(slot, "while the request's media were decoded") from None
 
-    def _choose(self, decoded: GenerationRequest, reduction: Reduction, deadline: float | None, arrival: float,
-                record: bool = True) -> AppliedPlan:
+    def _choose(self, decoded: GenerationRequest, shape: RequestShape, reduction: Reduction,
+                deadline: float | None, arrival: float, record: bool = True) -> AppliedPlan:
         """The plan. `record=False` (a cost estimate): the controller and its metrics are left as they were."""
         if reduction.kind == "none":
             return AppliedPlan(ReductionPlan(), "none", "the request asked for no reduction")
@@ -347,7 +350,7 @@ class ModelRuntime:
         budget = (reduction.slo_s or self.default_slo_s) - (now - arrival)
         if deadline is not None:
             budget = min(budget, deadline - now)
-        predicted = [self._predict(decoded, level.plan, media=not record) for level in self.ladder]
+        predicted = [self._predict(decoded, shape, level.plan, media=not record) for level in self.ladder]
         decision = self.controller.choose(predicted, budget, reduction.min_retention, queue_depth=self.waiting,
                                           priority=reduction.priority, record=record)
         if record:
@@ -364,11 +367,11 @@ class ModelRuntime:
         reason = decision.reason if decision.fits else f"best effort: {decision.reason}"
         return AppliedPlan(self.ladder[decision.level].plan, "auto", reason, decision.predicted_s)
 
-    def _predict(self, decoded: GenerationRequest, plan: ReductionPlan, queue_wait_s: float = 0.0,
-                 media: bool = False) -> float | None:
+    def _predict(self, decoded: GenerationRequest, shape: RequestShape, plan: ReductionPlan,
+                 queue_wait_s: float = 0.0, media: bool = False) -> float | None:
         """Predicted latency from now; its media are decoded (`media=False`: their time is spent, and the budget
         it is compared with has already paid for it) unless `media`."""
-        est = self.engine.estimate(decoded, plan)
+        est = self.engine.cost(shape, plan)
         batch = min(self.max_batch, self.running + 1)  # it joins the running batch
         predicted = self.controller.predict(est.visual_tokens_in, est.prefill_flops, decoded.sampling.max_new_tokens,
                                             batch, media=media, ignore_eos=decoded.sampling.ignore_eos)
@@ -447,9 +450,10 @@ class ModelRuntime:
     def _estimate(self, request: GenerationRequest, reduction: Reduction, slot: _Slot) -> Estimate:
         decoded = self._decode(request, slot)
         # as if it arrived now, media still to decode: the plan and prediction a Generate of it would get
-        applied = self._choose(decoded, reduction, None, time.monotonic(), record=False)
-        est = self.engine.estimate(decoded, applied.plan)
-        predicted = self._predict(decoded, applied.plan, self.expected_queue_wait(), media=True)
+        shape = self.engine.shape_of(decoded)
+        applied = self._choose(decoded, shape, reduction, None, time.monotonic(), record=False)
+        est = self.engine.estimate(decoded, applied.plan, shape=shape)
+        predicted = self._predict(decoded, shape, applied.plan, self.expected_queue_wait(), media=True)
         return Estimate(est.visual_tokens_in, est.visual_tokens_merged, est.prefill_flops_baseline,
                         est.prefill_flops, predicted, applied)
 

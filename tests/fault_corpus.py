@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import grpc
 
@@ -59,6 +60,14 @@ def _varint(value: int) -> bytes:
         out += struct.pack("B", byte | (0x80 if value else 0))
         if not value:
             return out
+
+
+def rss_mib(pid: int, key: str = "VmRSS") -> float:
+    """A process's resident memory (VmRSS) or its peak since the last reset (VmHWM), MiB, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
 
 
 @lru_cache(maxsize=1)

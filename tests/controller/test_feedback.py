@@ -141,9 +141,12 @@ def test_a_burst_does_not_wind_the_margin_up_beyond_the_stated_bound(calm):
         if calm == "fast traffic":
             controller.observe(0.2)
         controller.tick()
-        margins.append(controller.feedback.margin)
-    assert all(b <= a for a, b in zip(margins, margins[1:]))
-    assert margins[int(CFG.quiet_s + 2 * CFG.interval_s)] < CFG.max_margin  # off the ceiling within seconds
+        margins.append((clock.t - end, controller.feedback.margin))  # (fake seconds since the burst, margin)
+    values = [m for _, m in margins]
+    assert all(b <= a for a, b in zip(values, values[1:]))
+    # off the ceiling once nothing finished for quiet_s (or enough fast requests did), plus a step or two
+    off_by = CFG.quiet_s + 2 * CFG.interval_s + 1
+    assert all(m < CFG.max_margin for since, m in margins if since >= off_by)
     assert controller.choose([0.1] * 5, 1.0, 0.0).level == 0  # a decision now sees the relaxed margin
     assert controller.feedback.margin <= 1.1
 

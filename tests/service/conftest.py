@@ -59,13 +59,17 @@ def hold(client, prompt: str = "Keep talking.", **request):
     return events
 
 
+POLL_S = 0.005  # between two reads of the state waited on: not a bound on anything
+
+
 def wait_until(predicate, what: str, timeout: float = 60.0) -> None:
-    """Polls observable state. The timeout only guards against a hang; it is not a bound on how fast anything runs."""
+    """Waits for observable state to hold, reading it every POLL_S (yielding the CPU between reads). The timeout
+    only guards against a hang; it is not a bound on how fast anything runs."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.005)
+        time.sleep(POLL_S)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.proto.aim.v1 import aim_service_pb2 as pb
-from tests.fault_corpus import GOOD_PROMPT, OK, SERVER_FLAGS, corpus, heavy_clip, request, send, text
+from tests.fault_corpus import GOOD_PROMPT, OK, SERVER_FLAGS, corpus, heavy_clip, request, rss_mib, send, text
 from tests.media_samples import encode_image, encode_video
 from tests.service.test_subprocess import ServerProcess
 
@@ -63,15 +63,6 @@ def test_every_fault_gets_its_status_and_an_actionable_message_and_the_server_ke
     assert not failures, "\n".join(failures)
 
 
-def _status(pid: int) -> dict[str, int]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(value.split()[0]) // 1024  # kB -> MiB
-    return out
-
-
 def test_memory_stays_bounded_through_hundreds_of_bad_and_heavy_requests(faulty, cases):
     """The peak while serving the 1080p clip (900 frames, 8 sampled) and the resident memory after a few hundred
     bad and heavy requests stay within bounds of the level before."""
@@ -80,15 +71,16 @@ def test_memory_stays_bounded_through_hundreds_of_bad_and_heavy_requests(faulty,
     with grpc.insecure_channel(faulty.target, options=CHANNEL_OPTIONS) as channel:
         for case in cases:  # warm: every code path has run once, allocator pools exist
             send(channel, case)
-        before = _status(pid)["VmRSS"]
+        before = rss_mib(pid)
         Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
         assert send(channel, heavy)[0] == OK
-        peak = _status(pid)["VmHWM"] - before
+        peak = rss_mib(pid, "VmHWM") - before
         for _ in range(3):
             for case in cases:
                 send(channel, case)
-        after = _status(pid)["VmRSS"] - before
-    print(f"\nserver RSS {before} MiB; 1080p clip peak +{peak} MiB; after {3 * len(cases) + 1} requests +{after} MiB")
+        after = rss_mib(pid) - before
+    print(f"\nserver RSS {before:.0f} MiB; 1080p clip peak +{peak:.0f} MiB; after {3 * len(cases) + 1} requests "
+          f"+{after:.0f} MiB")
     assert peak < PEAK_BOUND_MIB
     assert after < RETAINED_BOUND_MIB
     assert faulty.proc.poll() is None
