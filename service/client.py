@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 
 import grpc
 
-from aim_engine.media import sniff_mime_type
+from aim_engine.mime import sniff_mime_type
 from aim_engine.plan import ReductionPlan
 
 from .plan_proto import plan_to_proto

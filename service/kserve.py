@@ -18,7 +18,7 @@ import struct
 from aim_engine import GenerationRequest, ReductionPlan, SamplingParams, TokenDelta
 from aim_engine.request import ImagePart, TextPart, VideoPart
 from aim_engine.errors import GenerationError, PlanError
-from aim_engine.media import sniff_mime_type
+from aim_engine.mime import sniff_mime_type
 from aim_engine.plan import IMPORTANCE_METHODS, POSITION_RULES, PRE_LLM_METHODS, format_prune_stages, \
     parse_prune_stages
 from controller.policy import PRIORITIES

@@ -65,13 +65,7 @@ class RunningServer:
 
 
 def load_engines(settings: Settings) -> dict[str, AimEngine]:
-    import sys
-
     import torch
-    from transformers.utils import logging as hf_logging
-
-    if not sys.stderr.isatty():  # a log file or a pipe: no progress bars in it
-        hf_logging.disable_progress_bar()
 
     limits = MediaLimits(max_bytes=settings.max_media_bytes, max_pixels=settings.max_pixels,
                          max_frames=settings.max_frames, max_decoded_bytes=settings.max_decoded_bytes)

@@ -100,9 +100,12 @@ class Settings:
     # ---- loading --------------------------------------------------------------------------------
     @classmethod
     def load(cls, argv: list[str] | None = None, env: dict[str, str] | None = None) -> "Settings":
+        return cls.from_args(cls.argument_parser().parse_args(argv or []), env)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, env: dict[str, str] | None = None) -> "Settings":
+        """Settings from parsed flags (`argument_parser`'s), the environment and the file they name."""
         env = dict(os.environ if env is None else env)
-        parser = cls.argument_parser()
-        args = parser.parse_args(argv or [])
         values: dict = {}
         config_file = args.config or env.get("AIM_CONFIG")
         if config_file:
@@ -127,11 +130,15 @@ class Settings:
         parser = parser or argparse.ArgumentParser(prog="aim-serve serve")
         parser.add_argument("--config", help="settings file (TOML or JSON); also AIM_CONFIG")
         for f in fields(cls):
-            flag = "--" + f.name.replace("_", "-")
+            env = f"AIM_{f.name.upper()}"
             if f.name == "models":
-                parser.add_argument("--model", dest="models", action="append", help=f.metadata["help"])
+                parser.add_argument("--model", dest="models", action="append", metavar="[NAME=]DIR",
+                                    help=f"{f.metadata['help']}; repeatable; env {env}, comma-separated")
             else:
-                parser.add_argument(flag, dest=f.name, type=_type_of(f), help=f.metadata["help"])
+                # the argparse default stays None so that the environment and the file can fill what no flag gave
+                text = f"{f.metadata['help']} (default: {f.default!r}; env {env})".replace("%", "%%")
+                parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_type_of(f), help=text,
+                                    metavar=_type_of(f).__name__.upper())
         return parser
 
 

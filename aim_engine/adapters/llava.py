@@ -6,7 +6,7 @@ What differs for this family: one fixed-size view per image (e.g. 24x24 = 576 CL
 Video is an extension of ours, not of the LLaVA-1.5 paper: a checkpoint whose config names a `video_token_id`
 (and optionally a `video_frame_size`, default the image size) takes a video as its frames, each encoded like an
 image at that size, their tokens concatenated in time order behind one video placeholder; each frame is one
-merge group. The reference model (aim_engine/reference) is such a checkpoint.
+merge group. The reference model (reference_model) is such a checkpoint.
 """
 
 from __future__ import annotations

@@ -95,6 +95,10 @@ def test_dockerfiles_run_non_root_with_a_grpc_healthcheck_and_no_baked_model():
         assert 'VOLUME ["/models"]' in text and "STOPSIGNAL SIGTERM" in text
         for copied in re.findall(r"^COPY (\S+)", text, flags=re.M):
             assert (ROOT / copied).exists(), copied
+        # the server install: the server extra only, and neither the reference model's build nor the evaluation
+        installs = [l for l in lines if "pip install" in l and "torch==" not in l]
+        assert installs and all('pip install ".[server]"' in l for l in installs), installs
+        assert not re.search(r"^COPY (reference_model|evaluation)\b", text, flags=re.M)
 
 
 def test_compose_mounts_the_model_and_provisions_prometheus_and_grafana():

@@ -10,15 +10,15 @@ import pytest
 from PIL import Image
 
 from aim_engine import AimEngine
-from aim_engine.cli import main as engine_main
+from service.cli import main as engine_main
 from aim_engine.errors import ModelLoadError
-from aim_engine.evaluation.datasets import DatasetError, EvalItem, jsonl_dataset, load_dataset, synthetic_dataset
-from aim_engine.evaluation.report import records
-from aim_engine.evaluation.runner import (PlanSpec, build_specs, evaluate, flops_ratio, match_knob,
+from evaluation.datasets import DatasetError, EvalItem, jsonl_dataset, load_dataset, synthetic_dataset
+from evaluation.report import records
+from evaluation.runner import (PlanSpec, build_specs, evaluate, flops_ratio, match_knob,
                                          model_identity)
 from aim_engine.methods import METHODS
 from aim_engine.plan import PLAN_FILE, PlanError, ReductionPlan, plan_from_dict, plan_to_dict
-from aim_engine.reference import synthetic as syn
+from reference_model import synthetic as syn
 from tests.media_samples import encode_video
 
 

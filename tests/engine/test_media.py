@@ -80,7 +80,7 @@ def test_video_pixel_limit():
     (b"hello world, not media", ""),
 ])
 def test_sniff_mime_type(data, mime):
-    from aim_engine.media import sniff_mime_type
+    from aim_engine.mime import sniff_mime_type
 
     assert sniff_mime_type(data) == mime
 

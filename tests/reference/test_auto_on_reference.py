@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from aim_engine import AimEngine, ReductionPlan
-from aim_engine.evaluation.datasets import synthetic_dataset
-from aim_engine.reference.assemble import assemble
+from evaluation.datasets import synthetic_dataset
+from reference_model.assemble import assemble
 from aim_engine.request import ImagePart, TextPart, VideoPart
 from service.client import AimClient
 from service.plan_proto import plan_from_proto

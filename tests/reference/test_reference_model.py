@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from aim_engine import AimEngine, GenerationRequest, ReductionPlan, SamplingParams
-from aim_engine.evaluation.datasets import synthetic_dataset
+from evaluation.datasets import synthetic_dataset
 from aim_engine.plan import PLAN_FILE, plan_from_dict
-from aim_engine.reference.assemble import DINOV2, assemble, fetch
-from aim_engine.reference.dinov2_onnx import convert_dinov2, onnx_backbone_output
+from reference_model.assemble import DINOV2, assemble, fetch
+from reference_model.dinov2_onnx import convert_dinov2, onnx_backbone_output
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,7 +53,7 @@ def _files(directory: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_assembly_is_idempotent(reference_dir, monkeypatch):
-    import aim_engine.reference.assemble as assembly
+    import reference_model.assemble as assembly
 
     def no_rebuild(*args, **kwargs):
         raise AssertionError("assemble() rebuilt a checkpoint whose inputs have not changed")
@@ -67,7 +67,7 @@ def test_assembly_is_idempotent(reference_dir, monkeypatch):
 def test_the_assembled_model_serves_the_committed_calibrated_plan(reference_dir, reference):
     """The product carries the plan `aim-serve calibrate` chose for it; assembly ships it and the engine's default
     (which the service and the controller's "aim-default" rung use) is that plan, not the depth-scaled one."""
-    committed = REPO / "aim_engine" / "reference" / "product" / PLAN_FILE
+    committed = REPO / "reference_model" / "product" / PLAN_FILE
     assert (reference_dir / PLAN_FILE).read_bytes() == committed.read_bytes()
     plan = plan_from_dict(json.loads(committed.read_text())["default_plan"])
     assert reference.default_plan() == plan and plan != ReductionPlan.default_for_depth(reference.num_layers)

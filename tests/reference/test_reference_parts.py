@@ -9,10 +9,10 @@ import json
 import torch
 from torch import nn
 
-from aim_engine.reference.assemble import PRODUCT_DIR, load_product
-from aim_engine.reference.lora import add_lora, lora_state, merge_lora
-from aim_engine.reference import synthetic as syn
-from aim_engine.reference.train import (TRIED_STAGES, Stage, Trainer, TrainConfig, object_patches, patch_coordinates,
+from reference_model.assemble import PRODUCT_DIR, load_product
+from reference_model.lora import add_lora, lora_state, merge_lora
+from reference_model import synthetic as syn
+from reference_model.train import (TRIED_STAGES, Stage, Trainer, TrainConfig, object_patches, patch_coordinates,
                                         position_readout_loss)
 
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from aim_engine.plan import IMPORTANCE_METHODS, POSITION_RULES, PRE_LLM_METHODS, PlanError, ReductionPlan
-from service.cli import _request_kwargs, build_parser
+from service.cli import _request_kwargs, build_parser, plan_from_flags
 from service.client import AimClient
 from service.convert import request_from_proto
 from service.kserve import PARAMETERS, PLAN_PARAMETERS, InferenceServicer, plan_from_parameters, plan_to_parameters
@@ -139,26 +139,59 @@ def test_unknown_priorities_are_invalid_arguments():
         AimClient.build_request("Hi", priority="urgent")
 
 
+MODEL_DEFAULT = ReductionPlan(merge_retention=0.16, importance="text", reducer="pool", positions="original",
+                              proportional_attention=True)
+
+
 @pytest.mark.parametrize("argv,expected", [
     (["--prune-stages", "2:0.5/4:0.25", "--importance", "last_token"],
-     ReductionPlan(prune_stages=((2, 0.5), (4, 0.25)), importance="last_token")),
-    (["--merge-retention", "0.5", "--reducer", "pool"], ReductionPlan(merge_retention=0.5, reducer="pool")),
-    (["--merge-tokens", "4", "--reducer", "evs", "--prune", "2", "5", "--importance", "text", "--positions",
-      "original", "--proportional-attention"],
-     ReductionPlan(merge_tokens=4, reducer="evs", prune_start=2, prune_end=5, importance="text",
+     ReductionPlan(prune_stages=((2, 0.5), (4, 0.25)), importance="last_token", reducer="pool",
                    positions="original", proportional_attention=True)),
+    (["--merge-retention", "0.5", "--reducer", "merge", "--no-proportional-attention"],
+     ReductionPlan(merge_retention=0.5, importance="text", reducer="merge", positions="original")),
+    (["--merge-tokens", "4", "--reducer", "evs", "--prune", "2", "5", "--importance", "pagerank", "--positions",
+      "consecutive", "--proportional-attention"],
+     ReductionPlan(merge_tokens=4, reducer="evs", prune_start=2, prune_end=5, importance="pagerank",
+                   positions="consecutive", proportional_attention=True)),
 ])
-def test_the_command_lines_give_every_plan_field(argv, expected):
-    client_args = build_parser().parse_args(["generate", *argv, "--priority", "low"])
-    kwargs = _request_kwargs(client_args)
-    assert kwargs["plan"] == expected and kwargs["priority"] == "low"
-    from aim_engine.cli import _plan_from_args
+def test_the_command_lines_give_every_plan_field_and_the_rest_from_the_models_default(argv, expected):
+    """Both command lines (the client's and `ask`) read a plan with one helper: the flags say how much to reduce,
+    and the rules they leave out are the model's default plan's, not ReductionPlan's."""
+    for command in (["generate", "--priority", "low"], ["ask", "--model", "m", "--prompt", "p"]):
+        args = build_parser().parse_args([*command, *argv])
+        assert plan_from_flags(args, lambda: MODEL_DEFAULT) == expected
 
-    ask_args = build_parser().parse_args(["ask", "--model", "m", "--prompt", "p", "--plan", "custom", *argv])
-    assert _plan_from_args(ask_args, engine=None) == expected
+
+def test_an_explicit_client_plan_asks_the_server_for_the_models_rules_only_when_needed():
+    asked = []
+    client = SimpleNamespace(model_info=lambda model: asked.append(model) or SimpleNamespace(
+        default_plan=plan_to_proto(MODEL_DEFAULT)))
+    args = build_parser().parse_args(["generate", "--model", "m1", "--merge-tokens", "3"])
+    assert _request_kwargs(args, client)["plan"] == dataclasses.replace(MODEL_DEFAULT, merge_retention=None,
+                                                                        merge_tokens=3)
+    assert asked == ["m1"]
+    every_rule = ["--importance", "text", "--reducer", "merge", "--positions", "original",
+                  "--no-proportional-attention"]
+    args = build_parser().parse_args(["generate", "--merge-tokens", "3", *every_rule])
+    assert _request_kwargs(args, client)["plan"] == ReductionPlan(merge_tokens=3, importance="text",
+                                                                  positions="original")
+    assert asked == ["m1"]  # every rule given: no round trip
+    auto = _request_kwargs(build_parser().parse_args(["generate", "--slo-ms", "500", "--priority", "high"]), client)
+    assert auto["plan"] is None and not auto["no_reduction"] and auto["slo_ms"] == 500
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--importance", "text"], "--importance only say how to reduce: add --merge-tokens"),
+    (["--none", "--merge-tokens", "2", "--positions", "original", "--importance", "text", "--reducer", "merge",
+      "--proportional-attention"], "give one of --none, --aim-default or an explicit plan's flags"),
+    (["--none", "--slo-ms", "100"], "--slo-ms only apply to auto requests"),
+])
+def test_contradictory_reduction_flags_are_refused_before_anything_is_sent(argv, message):
+    with pytest.raises(PlanError, match=message):
+        _request_kwargs(build_parser().parse_args(["generate", *argv]), client=None)
 
 
 def test_a_malformed_prune_stages_flag_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--prune-stages", "2:x"])
-    assert "invalid prune_stages value: '2:x'" in capsys.readouterr().err
+    assert "argument --prune-stages: '2:x' is not LAYER:KEEP/" in capsys.readouterr().err

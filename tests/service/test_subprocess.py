@@ -130,30 +130,95 @@ def test_sigterm_drains_in_flight_requests_then_exits(model_dir):
         server.stop()
 
 
+def _cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service.cli", *argv], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=timeout)
+
+
 def test_cli_client_with_the_models_default_plan(served, tmp_path):
-    """What the quickstart's demo runs: `aim-serve stream ... --aim-default`."""
+    """What the quickstart's demo runs: `aim-serve stream ... --aim-default`: the answer, then a summary a person
+    reads; with --json, one JSON object a line, the last one the whole response."""
     video = tmp_path / "v.mp4"
     video.write_bytes(encode_video(frames=16))
-    proc = subprocess.run([sys.executable, "-m", "service.cli", "stream", "--target", served.target, "--video",
-                           str(video), "--frames", "4", "--prompt", "Where?", "--max-new-tokens", "3", "--aim-default"],
-                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    summary = json.loads(proc.stdout[proc.stdout.index("\n{") + 1:])
-    assert summary["applied_plan"]["source"] == "PLAN_SOURCE_EXPLICIT"
-    assert summary["applied_plan"]["plan"]["merge_retention"] == 0.25
-    assert summary["usage"]["visual_tokens_merged"] < summary["usage"]["visual_tokens_in"]
-    bad = subprocess.run([sys.executable, "-m", "service.cli", "generate", "--target", served.target, "--model",
-                          "nope"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
-                         text=True, timeout=60)
+    argv = ["stream", "--target", served.target, "--video", str(video), "--frames", "4", "--prompt", "Where?",
+            "--max-new-tokens", "3", "--aim-default"]
+    readable = _cli(*argv)
+    assert readable.returncode == 0 and readable.stderr == "", readable.stderr
+    lines = readable.stdout.splitlines()
+    plan_line = next(line for line in lines if "plan: " in line)
+    assert plan_line.startswith("[") and "merge→0.25" in plan_line
+    assert plan_line.endswith("(explicit: the request gave the plan)")
+    tokens_line = next(line for line in lines if line.startswith("visual tokens: "))
+    tokens = [int(word) for word in tokens_line.replace(",", " ").split() if word.isdigit()]
+    assert tokens[0] > tokens[1] >= tokens[2]  # in -> after merging -> at the last layer
+    assert any(line.startswith("LLM prefill: ") and "% saved" in line for line in lines)
+    assert any(line.startswith("time (ms): queue ") for line in lines)
+
+    events = [json.loads(line) for line in _cli(*argv, "--json").stdout.splitlines()]
+    assert all("text_delta" in e for e in events[:-1]) and "result" in events[-1]
+    result = events[-1]["result"]
+    assert result["text"] == "".join(e["text_delta"] for e in events[:-1])
+    assert result["applied_plan"]["source"] == "PLAN_SOURCE_EXPLICIT"
+    assert result["applied_plan"]["plan"]["merge_retention"] == 0.25
+    assert result["usage"]["visual_tokens_merged"] < result["usage"]["visual_tokens_in"]
+
+    bad = _cli("generate", "--target", served.target, "--model", "nope", timeout=60)
     assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--image", "/nonexistent.png"], "argument --image: no such file: '/nonexistent.png'"),
+    (["--video", "/"], "argument --video: '/' is a directory, not a file"),
+    (["--frames", "-1"], "argument --frames: -1 is out of range: must be >= 0"),
+    (["--temperature", "nan"], "argument --temperature: nan is out of range: must be >= 0"),
+    (["--merge-retention", "1.5"], "argument --merge-retention: 1.5 is out of range: must be > 0 and <= 1"),
+    (["--max-new-tokens", "ten"], "argument --max-new-tokens: 'ten' is not an integer"),
+    (["--importance", "text"], "error: --importance only say how to reduce"),
+    (["--prune", "5", "3"], "error: "),
+])
+def test_what_a_user_can_type_wrong_gets_one_line_naming_the_flag_and_value(served, argv, message):
+    proc = _cli("generate", "--target", served.target, *argv, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_an_unreadable_file_is_named(served, tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    path = tmp_path / "a.png" / "b.png"  # a file's path used as a directory: unreadable even for root
+    proc = _cli("generate", "--target", served.target, "--image", str(path), timeout=60)
+    assert proc.returncode == 2 and f"argument --image: cannot read '{path}': Not a directory" in proc.stderr
+
+
 def test_health_command_for_container_probes(served):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "service.cli", "health", *a], cwd=ROOT,  # noqa: E731
-                                    env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
-                                    timeout=60)
+    def run(*argv):
+        return _cli("health", *argv, timeout=60)
+
     ok = run("--target", served.target)
     assert ok.returncode == 0 and ok.stdout.strip() == "SERVING"
     down = run("--target", "127.0.0.1:9", "--timeout", "1")  # nothing listens there
     assert down.returncode == 1 and "UNAVAILABLE" in down.stderr
+
+
+def test_the_client_commands_need_only_the_client_install(served, tmp_path):
+    """With every module of the server and reference extras absent, the client commands work against a real
+    server, and the commands that need them say which extra to install."""
+    from service.cli import _EXTRA_OF
+
+    image = tmp_path / "a.png"
+    image.write_bytes(encode_image("PNG"))
+
+    def run(*argv):
+        return subprocess.run([sys.executable, str(ROOT / "tests/service/scripts/without_server_packages.py"), *argv],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT), AIM_BLOCKED_MODULES=",".join(_EXTRA_OF)))
+
+    target = ["--target", served.target]
+    for argv in (["health", *target], ["info", *target], ["estimate", *target, "--image", str(image)],
+                 ["generate", *target, "--image", str(image), "--max-new-tokens", "2", "--merge-retention", "0.5"],
+                 ["stream", *target, "--image", str(image), "--max-new-tokens", "2", "--json"]):
+        proc = run(*argv)
+        assert proc.returncode == 0 and proc.stderr == "", (argv, proc.stderr)
+    for argv, extra in ((["serve", "--model", "m"], "server"), (["ask", "--model", "m", "--prompt", "p"], "server"),
+                        (["build-reference", "--out", str(tmp_path / "r")], "reference")):
+        proc = run(*argv)
+        assert proc.returncode == 2 and f"pip install 'aim-serve[{extra}]'" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr

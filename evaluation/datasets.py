@@ -22,9 +22,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..generation import SamplingParams
-from ..request import GenerationRequest, ImagePart, TextPart, VideoPart
-from ..reference import synthetic as syn
+from aim_engine.generation import SamplingParams
+from aim_engine.request import GenerationRequest, ImagePart, TextPart, VideoPart
+from reference_model import synthetic as syn
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 LETTERS = "ABCDEFGHIJ"

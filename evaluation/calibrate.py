@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..engine import AimEngine
-from ..plan import POSITION_RULES, ReductionPlan, default_prune_range, plan_to_dict
+from aim_engine.engine import AimEngine
+from aim_engine.plan import POSITION_RULES, ReductionPlan, default_prune_range, plan_to_dict
 from .datasets import Dataset
 from .runner import PlanSpec, evaluate, flops_ratio, match_knob
 
