@@ -39,7 +39,8 @@ class GpuSampler:
     """Samples NVML every `interval_s` seconds on a daemon thread. `nvml` is the pynvml module (or an object
     with the same functions, for tests on machines without a GPU)."""
 
-    def __init__(self, interval_s: float = 1.0, nvml=None):
+    def __init__(self, interval_s: float = 1.0, nvml=None, expect_gpu: bool = True):
+        """`expect_gpu`: whether the models run on a GPU; if not, a missing NVML is expected and logged as info."""
         self.interval_s = interval_s
         self._nvml = nvml
         self._snapshot = GpuSnapshot(False, reason="not sampled yet")
@@ -58,8 +59,9 @@ class GpuSampler:
                 raise RuntimeError("NVML reports no GPU")
         except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ImportError, ...
             self._snapshot = GpuSnapshot(False, reason=f"{type(exc).__name__}: {exc}")
-            log.warning("GPU signal unavailable (%s); the controller works on latency and load alone",
-                        self._snapshot.reason)
+            log.log(logging.WARNING if expect_gpu else logging.INFO,
+                    "GPU signal unavailable (%s); the controller works on latency and load alone",
+                    self._snapshot.reason)
             self._handles = []
 
     @property

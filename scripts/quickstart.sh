@@ -2,9 +2,9 @@
 # Sets everything up, assembles the default model — the reference VLM (SmolLM2-135M-Instruct + DINOv2-small +
 # the projector/LoRA trained in this repository; ~1 minute the first time, cached after) — and serves it over
 # gRPC on 127.0.0.1:50051 (metrics on :9464/metrics). Once the server is up it asks two streamed demo questions
-# (a synthetic scene and a synthetic clip, the model's default AIM plan) with the CLI client and prints the
-# answers, their stats and the right answers; then it keeps serving until Ctrl-C or SIGTERM, which drain
-# in-flight requests first.
+# (a synthetic scene and a synthetic clip, the model's default AIM plan) with the CLI client and prints each
+# answer with a short summary (visual tokens, FLOPs saved, timings, the plan) and the right answer; then it keeps
+# serving until Ctrl-C or SIGTERM, which drain in-flight requests first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 AIM_SKIP_TOOLS=1 bash scripts/setup.sh

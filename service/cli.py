@@ -170,7 +170,8 @@ def _request_flags(p: argparse.ArgumentParser, client: bool) -> None:
                    metavar="N", help="frames sampled uniformly from each video" + server("--default-frames"))
     p.add_argument("--max-new-tokens", type=_number(int, 0 if client else 1, UINT32), default=0 if client else 64,
                    metavar="N", help="most tokens to generate" + server("--default-max-new-tokens"))
-    p.add_argument("--temperature", type=_number(float, 0), default=0.0, metavar="T", help="sampling temperature; 0 = greedy")
+    p.add_argument("--temperature", type=_number(float, 0), default=0.0, metavar="T",
+                   help="sampling temperature; 0 = greedy")
     p.add_argument("--top-p", type=_number(float, 0, 1), default=0.0 if client else 1.0, metavar="P",
                    help="nucleus sampling mass, [0, 1]; " + ("0 or 1 = off" if client else "1 = off"))
     p.add_argument("--seed", type=_number(int, 0, 2**64 - 1), metavar="N", help="sampling seed (default: random)")
@@ -220,7 +221,8 @@ def _prefill_line(prefill: float, baseline: float) -> str:
     if prefill >= baseline:
         return f"LLM prefill: {_gflops(prefill)}, nothing saved"
     ratio = f"{baseline / prefill:.1f}x fewer FLOPs, " if prefill else ""
-    return f"LLM prefill: {ratio}{100 * (1 - prefill / baseline):.1f}% saved ({_gflops(prefill)} of {_gflops(baseline)})"
+    saved = 100 * (1 - prefill / baseline)
+    return f"LLM prefill: {ratio}{saved:.1f}% saved ({_gflops(prefill)} of {_gflops(baseline)})"
 
 
 def summary_lines(response) -> list[str]:

@@ -135,7 +135,7 @@ async def load_models(running: RunningServer, engines: dict[str, AimEngine] | No
     loop = asyncio.get_running_loop()
     if engines is None:
         engines = await loop.run_in_executor(None, load_engines, settings)
-    gpu = GpuSampler().start()
+    gpu = GpuSampler(expect_gpu=settings.device.startswith("cuda")).start()
     for name, engine in engines.items():
         runtime = ModelRuntime(
             name, engine, state.metrics, max_queue=settings.max_queue, max_batch=settings.max_batch,
