@@ -71,4 +71,7 @@ def fill_prefill_stats(stats: RequestStats, llm: LLMShape, prepared: "PreparedPr
     stats.visual_tokens_per_layer = visual_per_layer
     stats.prefill_flops_baseline = prefill_flops(llm, [prepared.text_tokens + prepared.visual_in] * llm.layers)
     stats.prefill_flops = prefill_flops(llm, tokens_per_layer)
-    stats.vision_flops = sum(m.vision_flops for m in prepared.media)
+    stats.vision_flops = sum(m.vision_flops for m in prepared.media if m.cache != "hit")  # a hit spent none
+    stats.feature_cache_hits = sum(m.cache == "hit" for m in prepared.media)
+    stats.feature_cache_misses = sum(m.cache == "miss" for m in prepared.media)
+    stats.vision_s_saved = sum(m.vision_s for m in prepared.media if m.cache == "hit")

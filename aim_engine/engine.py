@@ -20,6 +20,7 @@ from .adapters.base import FamilyAdapter
 from .cost import CostEstimate, RequestShape, cost, kv_tokens
 from .decoder import ATTENTION_IMPL
 from .errors import ModelLoadError, RequestError
+from .feature_cache import FeatureCache, default_capacity_bytes
 from .flops import LLMShape
 from .media import MediaLimits
 from .plan import PLAN_FILE, PlanError, ReductionPlan, plan_from_dict
@@ -66,12 +67,13 @@ class AimEngine:
     many requests' prefills and batched decode steps over one KV pool.
 
     kv_cache_bytes: the KV pool's budget (None: `default_kv_cache_bytes`); max_batch: most sequences decoding
-    together (1 serves one request at a time)."""
+    together (1 serves one request at a time); feature_cache_bytes: the visual-feature cache's budget (0: no
+    cache; None: `feature_cache.default_capacity_bytes`)."""
 
     def __init__(self, adapter: FamilyAdapter, name: str = "model", limits: MediaLimits = MediaLimits(),
                  default_plan: ReductionPlan | None = None, kv_cache_bytes: int | None = None,
                  max_batch: int = DEFAULT_MAX_BATCH,
-                 prefill_tokens_per_step: int = DEFAULT_PREFILL_TOKENS_PER_STEP):
+                 prefill_tokens_per_step: int = DEFAULT_PREFILL_TOKENS_PER_STEP, feature_cache_bytes: int | None = 0):
         self.adapter = adapter
         self.name = name
         self.limits = limits
@@ -89,7 +91,10 @@ class AimEngine:
         if gen_cfg is not None and gen_cfg.eos_token_id is not None:
             eos |= set(gen_cfg.eos_token_id if isinstance(gen_cfg.eos_token_id, list) else [gen_cfg.eos_token_id])
         self.eos_ids = {e for e in eos if e is not None}
-        self.preparer = Preparer(adapter, limits, self.num_layers)
+        if feature_cache_bytes is None:
+            feature_cache_bytes = default_capacity_bytes(adapter.device)
+        self.feature_cache = FeatureCache(feature_cache_bytes) if feature_cache_bytes > 0 else None
+        self.preparer = Preparer(adapter, limits, self.num_layers, self.feature_cache)
         layout = KVLayout.from_config(adapter.text_config, adapter.dtype)
         budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_cache_bytes(adapter.device)
         self.pool = KVPool(layout, budget, device=adapter.device)
@@ -100,7 +105,8 @@ class AimEngine:
     def load(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
              limits: MediaLimits = MediaLimits(), kv_cache_bytes: int | None = None,
              max_batch: int = DEFAULT_MAX_BATCH,
-             prefill_tokens_per_step: int = DEFAULT_PREFILL_TOKENS_PER_STEP) -> "AimEngine":
+             prefill_tokens_per_step: int = DEFAULT_PREFILL_TOKENS_PER_STEP,
+             feature_cache_bytes: int | None = 0) -> "AimEngine":
         """Loads a checkpoint directory (never the hub): model, tokenizer, image processor, chat template."""
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
@@ -119,7 +125,7 @@ class AimEngine:
             tokenizer.chat_template = template.read_text()
         return cls(adapter_cls(model, tokenizer, image_processor), name=path.name, limits=limits,
                    default_plan=read_default_plan(path), kv_cache_bytes=kv_cache_bytes, max_batch=max_batch,
-                   prefill_tokens_per_step=prefill_tokens_per_step)
+                   prefill_tokens_per_step=prefill_tokens_per_step, feature_cache_bytes=feature_cache_bytes)
 
     # ---- plan helpers ---------------------------------------------------------------------------
     @property

@@ -8,6 +8,7 @@ the media limits; nothing of the KV cache or the serving loop.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -19,6 +20,7 @@ from .adapters.base import EncodedMedia, FamilyAdapter
 from .cost import RequestShape
 from .decoder import proportional_key_bias
 from .errors import Cancelled, MediaError, RequestError
+from .feature_cache import CachedMedia, FeatureCache, MediaKey
 from .media import MediaLimits, decode_image, decode_video, image_info, rgb_bytes
 from .merging import MergeResult
 from .methods import REDUCERS
@@ -42,12 +44,25 @@ class PreparedPrompt:
 
 
 class Preparer:
-    def __init__(self, adapter: FamilyAdapter, limits: MediaLimits, num_layers: int):
+    def __init__(self, adapter: FamilyAdapter, limits: MediaLimits, num_layers: int,
+                 feature_cache: FeatureCache | None = None):
         self.adapter = adapter
         self.tokenizer = adapter.tokenizer
         self.limits = limits
         self.num_layers = num_layers
         self.lm = adapter.language_model()
+        self.feature_cache = feature_cache
+
+    def _cache_key(self, kind: str, sampling: str, chunks: list[bytes]) -> MediaKey | None:
+        """The feature cache's key for media from these bytes, or None where they are not cached: no cache, or an
+        image of a family whose image features depend on the other images of the prompt (LLaVA-OneVision)."""
+        if self.feature_cache is None or (kind == "image" and not self.adapter.images_independent):
+            return None
+        return MediaKey.of(kind, sampling, chunks)
+
+    def _cached(self, kind: str, key: MediaKey | None) -> CachedMedia | None:
+        media = None if key is None else self.feature_cache.peek(key)
+        return None if media is None else CachedMedia(kind, key, media)
 
     def decode_request(self, request: GenerationRequest, should_stop: Callable[[], bool] | None = None,
                        reserve: Callable[[int], None] | None = None) -> GenerationRequest:
@@ -63,15 +78,24 @@ class Preparer:
         limits, out = self.limits, []
         left = limits.max_decoded_bytes
 
-        def take(nbytes: int, what: str) -> None:
+        def take(nbytes: int, what: str, held: bool = True) -> None:
+            """Counts `nbytes` of decoded media against the request's limit; `held`: and they will be in memory."""
             nonlocal left
             if nbytes > left:
                 raise MediaError(MediaError.TOO_LARGE,
                                  f"{what} takes {nbytes} bytes decoded; the request's decoded-media limit leaves "
                                  f"{left} of {limits.max_decoded_bytes} bytes: send fewer or smaller media")
-            if reserve is not None:
+            if reserve is not None and held:
                 reserve(nbytes)
             left -= nbytes
+
+        def cached(kind: str, key: MediaKey | None) -> CachedMedia | None:
+            """A hit skips decoding, not the limits: it counts what decoding it took, so a request is refused or
+            served the same whether its media are in the cache or not (nothing is held for it)."""
+            hit = self._cached(kind, key)
+            if hit is not None:
+                take(hit.media.decoded_bytes, f"a cached {kind}", held=False)
+            return hit
 
         def image(data: bytes, mime: str, what: str) -> Image.Image:
             width, height = image_info(data, mime, limits)
@@ -82,7 +106,7 @@ class Preparer:
             if should_stop is not None and should_stop():
                 raise Cancelled()
 
-        items = sum(isinstance(p, (ImagePart, VideoPart)) for p in request.parts)
+        items = sum(isinstance(p, (ImagePart, VideoPart, CachedMedia)) for p in request.parts)
         if items > limits.max_items:
             raise RequestError(f"the request has {items} images and videos; the limit is {limits.max_items}")
         for part in request.parts:
@@ -90,26 +114,39 @@ class Preparer:
             if isinstance(part, ImagePart) and part.image is None:
                 if part.data is None:
                     raise RequestError("an image part has neither bytes nor a decoded image")
-                part = ImagePart(image=image(part.data, part.mime_type, "an image"))
+                key = self._cache_key("image", part.mime_type, [part.data])
+                part = cached("image", key) or ImagePart(image=image(part.data, part.mime_type, "an image"),
+                                                               cache_key=key)
             elif isinstance(part, VideoPart) and part.frames is None and part.encoded_frames is not None:
                 if len(part.encoded_frames) > limits.max_frames:
                     raise RequestError(
                         f"a video has {len(part.encoded_frames)} frames; the limit is {limits.max_frames}")
                 if not part.encoded_frames:
                     raise RequestError("a video part has an empty list of frames")
+                key = self._cache_key("video", f"frames given, fps={part.fps}",
+                                      [f"{m}".encode() + d for d, m in part.encoded_frames])
+                hit = cached("video", key)
+                if hit is not None:
+                    out.append(hit)
+                    continue
                 frames = []
                 for data, mime in part.encoded_frames:
                     check_stop()
                     frames.append(image(data, mime, "a video frame"))
-                part = VideoPart(frames=frames, fps=part.fps)
+                part = VideoPart(frames=frames, fps=part.fps, cache_key=key)
             elif isinstance(part, VideoPart) and part.frames is None:
                 if part.data is None:
                     raise RequestError("a video part has neither bytes nor decoded frames")
+                key = self._cache_key("video", f"{part.mime_type}, frames={part.num_frames}", [part.data])
+                hit = cached("video", key)
+                if hit is not None:
+                    out.append(hit)
+                    continue
                 clip = decode_video(part.data, part.mime_type, part.num_frames, limits,
                                     frame_size=self.adapter.video_frame_size, budget_bytes=left,
                                     should_stop=should_stop, reserve=reserve)
                 left -= sum(rgb_bytes(*f.size) for f in clip.frames)
-                part = VideoPart(frames=clip.frames, fps=clip.fps)
+                part = VideoPart(frames=clip.frames, fps=clip.fps, cache_key=key)
             elif isinstance(part, VideoPart):
                 if not part.frames:
                     raise RequestError("a video part has an empty list of frames")
@@ -130,18 +167,63 @@ class Preparer:
             return self._encode_batch(requests)
 
     def _encode_batch(self, requests: list[list[Part]]) -> list[list[EncodedMedia]]:
-        videos = [p for parts in requests for p in parts if isinstance(p, VideoPart)]
-        if videos and not self.adapter.supports_video:
-            raise RequestError(f"model family {self.adapter.family} does not accept video")
-        encoded_videos = iter(self.adapter.encode_videos([(p.frames, p.fps) for p in videos]) if videos else [])
-        image_sets = self.adapter.encode_image_sets(
-            [[p.image for p in parts if isinstance(p, ImagePart)] for parts in requests])
-        out = []
-        for parts, images in zip(requests, image_sets):
-            encoded_images = iter(images)
-            out.append([next(encoded_images) if isinstance(p, ImagePart) else next(encoded_videos)
-                        for p in parts if isinstance(p, (ImagePart, VideoPart))])
-        return out
+        """Each item is a cache hit (at decoding, or now: a request of the same batch or an earlier one computed
+        it), or goes through the tower; an item that several requests of the batch share goes through once."""
+        cache, adapter = self.feature_cache, self.adapter
+        if any(isinstance(p, VideoPart) for parts in requests for p in parts) and not adapter.supports_video:
+            raise RequestError(f"model family {adapter.family} does not accept video")
+        items = [[p for p in parts if isinstance(p, (ImagePart, VideoPart, CachedMedia))] for parts in requests]
+        resolved: dict[tuple[int, int], EncodedMedia] = {}
+        videos: list[VideoPart] = []  # to encode, one per distinct key
+        images: list[list[ImagePart]] = [[] for _ in requests]  # to encode, per prompt
+        where: dict[tuple[int, int], tuple[str, int, int]] = {}  # item -> ("video", i, 0) | ("image", prompt, j)
+        first: dict[bytes, tuple[int, int]] = {}  # a key -> the item that computes it in this batch
+        shared: list[tuple[tuple[int, int], tuple[int, int]]] = []  # (item, the item computing it)
+        for r, parts in enumerate(items):
+            for i, part in enumerate(parts):
+                if isinstance(part, CachedMedia):
+                    resolved[r, i] = self._hit(part.key) or part.media
+                    continue
+                key = part.cache_key
+                hit = None if key is None else self._hit(key)
+                if hit is not None:
+                    resolved[r, i] = hit
+                elif key is not None and key.digest in first:
+                    shared.append(((r, i), first[key.digest]))
+                    continue
+                elif isinstance(part, VideoPart):
+                    where[r, i] = ("video", len(videos), 0)
+                    videos.append(part)
+                else:
+                    where[r, i] = ("image", r, len(images[r]))
+                    images[r].append(part)
+                if key is not None and hit is None:
+                    first[key.digest] = (r, i)
+        start = time.perf_counter()
+        encoded_videos = adapter.encode_videos([(p.frames, p.fps) for p in videos]) if videos else []
+        encoded_images = adapter.encode_image_sets([[p.image for p in prompt] for prompt in images])
+        seconds = time.perf_counter() - start
+        # the pass's time, shared by the items computed in proportion to their frames / images
+        computed = [(m, p) for m, p in zip(encoded_videos, videos)] + [
+            (m, p) for ms, ps in zip(encoded_images, images) for m, p in zip(ms, ps)]
+        views = sum(len(p.frames) if isinstance(p, VideoPart) else 1 for _, p in computed) or 1
+        for media, part in computed:
+            media.vision_s = seconds * (len(part.frames) if isinstance(part, VideoPart) else 1) / views
+            media.decoded_bytes = sum(rgb_bytes(*im.size) for im in (part.frames if isinstance(part, VideoPart)
+                                                                     else [part.image]))
+            if part.cache_key is not None:
+                media.cache = "miss"
+                cache.put(part.cache_key, media)
+        for (r, i), (kind, a, b) in where.items():
+            resolved[r, i] = encoded_videos[a] if kind == "video" else encoded_images[a][b]
+        for item, computing in shared:  # computed once for the batch: a hit for every other request
+            resolved[item] = self._hit(items[item[0]][item[1]].cache_key) or resolved[computing]
+        return [[resolved[r, i] for i in range(len(parts))] for r, parts in enumerate(items)]
+
+    def _hit(self, key: MediaKey) -> EncodedMedia | None:
+        """A cache hit as this request's own view of the shared entry (marked, nothing copied)."""
+        media = self.feature_cache.get(key) if self.feature_cache is not None else None
+        return None if media is None else dataclasses.replace(media, cache="hit")
 
     def render_prompt(self, request: GenerationRequest) -> str:
         content = []
@@ -149,7 +231,9 @@ class Preparer:
             if isinstance(part, TextPart):
                 content.append({"type": "text", "text": part.text})
             else:
-                content.append({"type": "image" if isinstance(part, ImagePart) else "video"})
+                kind = part.kind if isinstance(part, CachedMedia) else "image" if isinstance(part, ImagePart) \
+                    else "video"
+                content.append({"type": kind})
         messages = []
         if request.system:
             messages.append({"role": "system", "content": [{"type": "text", "text": request.system}]})
@@ -255,7 +339,9 @@ class Preparer:
         per_image = iter(self.adapter.estimate_image_groups(images) if images else [])
         media = []
         for part in parts:
-            if isinstance(part, VideoPart):
+            if isinstance(part, CachedMedia):
+                media.append(part.media.shape)
+            elif isinstance(part, VideoPart):
                 if not self.adapter.supports_video:
                     raise RequestError(f"model family {self.adapter.family} does not accept video")
                 media.append(self.adapter.estimate_video_groups(part.frames))

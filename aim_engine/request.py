@@ -24,6 +24,7 @@ class ImagePart:
     data: bytes | None = None
     mime_type: str = ""
     image: Image.Image | None = None
+    cache_key: object = None  # set when the engine decodes `data`: the feature cache's key for these bytes
 
 
 @dataclass
@@ -39,6 +40,7 @@ class VideoPart:
     frames: list[Image.Image] | None = None
     fps: float | None = None
     encoded_frames: list[tuple[bytes, str]] | None = None
+    cache_key: object = None  # set when the engine decodes `data` / `encoded_frames`: the feature cache's key
 
 
 Part = Union[TextPart, ImagePart, VideoPart]
@@ -75,6 +77,9 @@ class RequestStats:
     decode_flops: float = 0.0
     kv_cache_bytes: int = 0
     mean_batch: float = 1.0  # sequences per decode step, averaged over this request's decode steps
+    feature_cache_hits: int = 0  # media items whose features came from the feature cache
+    feature_cache_misses: int = 0  # media items computed and put in the cache
+    vision_s_saved: float = 0.0  # what the hits' vision-tower passes took when they were computed
     timings: Timings = field(default_factory=Timings)
 
     @property

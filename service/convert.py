@@ -93,13 +93,15 @@ def response_to_proto(model: str, done: Finished) -> pb.GenerateResponse:
         finish_reason=_FINISH[r.finish_reason],
         usage=pb.Usage(prompt_tokens=s.prompt_tokens, completion_tokens=s.completion_tokens,
                        visual_tokens_in=s.visual_tokens_in, visual_tokens_merged=s.visual_tokens_merged,
-                       visual_tokens_per_layer=s.visual_tokens_per_layer),
+                       visual_tokens_per_layer=s.visual_tokens_per_layer, feature_cache_hits=s.feature_cache_hits,
+                       feature_cache_misses=s.feature_cache_misses),
         cost=pb.Cost(baseline_prefill_flops=s.prefill_flops_baseline, prefill_flops=s.prefill_flops,
                      saved_fraction=s.saved_fraction, vision_flops=s.vision_flops, decode_flops=s.decode_flops,
                      kv_cache_bytes=s.kv_cache_bytes),
         timings=pb.Timings(queue_seconds=done.queue_s, media_seconds=done.media_s, vision_seconds=t.vision_s,
                            prefill_seconds=t.prefill_s, time_to_first_token_seconds=t.ttft_s,
-                           decode_seconds=t.decode_s, total_seconds=done.total_s),
+                           decode_seconds=t.decode_s, total_seconds=done.total_s,
+                           vision_seconds_saved=s.vision_s_saved),
         applied_plan=applied_to_proto(done.applied),
     )
 

@@ -61,6 +61,19 @@ class ServiceMetrics:
                                    registry=r)
         self.kv_capacity_bytes = Gauge("aim_kv_cache_capacity_bytes", "Bytes of the KV pool (--kv-cache-bytes, "
                                        "whole blocks).", m, registry=r)
+        self.feature_cache_hits = Counter("aim_feature_cache_hits_total", "Images and videos whose visual features "
+                                          "came from the feature cache (no decoding, no vision encoder).", m,
+                                          registry=r)
+        self.feature_cache_misses = Counter("aim_feature_cache_misses_total", "Images and videos encoded and put in "
+                                            "the feature cache.", m, registry=r)
+        self.feature_cache_evictions = Counter("aim_feature_cache_evictions_total", "Entries the feature cache "
+                                               "dropped to stay within its budget.", m, registry=r)
+        self.feature_cache_saved = Counter("aim_feature_cache_saved_seconds_total", "Vision-encoder seconds the "
+                                           "feature cache's hits did not spend.", m, registry=r)
+        self.feature_cache_bytes = Gauge("aim_feature_cache_bytes", "Bytes of visual features the cache holds.", m,
+                                         registry=r)
+        self.feature_cache_capacity = Gauge("aim_feature_cache_capacity_bytes", "The feature cache's budget "
+                                            "(--feature-cache-bytes; 0 = off).", m, registry=r)
         self.visual_in = Counter("aim_visual_tokens_in_total", "Visual tokens from the vision encoder.", m, registry=r)
         self.visual_merged = Counter("aim_visual_tokens_merged_total", "Visual tokens after merging (LLM input).", m,
                                      registry=r)
@@ -135,9 +148,14 @@ class ServiceMetrics:
         self.kv_used_bytes.labels(model).set_function(lambda: pool.used_blocks * pool.block_bytes)
         self.kv_capacity_bytes.labels(model).set(pool.capacity_bytes)
         self.batch_size.labels(model)
+        cache = runtime.engine.feature_cache
+        self.feature_cache_bytes.labels(model).set_function(lambda: cache.bytes if cache is not None else 0)
+        self.feature_cache_capacity.labels(model).set(cache.capacity_bytes if cache is not None else 0)
 
     def model_loaded(self, model: str) -> None:
         """Creates the per-model series at zero so dashboards and rate() see them before the first request."""
-        for metric in (self.visual_in, self.visual_merged, self.flops_baseline, self.flops_actual):
+        for metric in (self.visual_in, self.visual_merged, self.flops_baseline, self.flops_actual,
+                       self.feature_cache_hits, self.feature_cache_misses, self.feature_cache_evictions,
+                       self.feature_cache_saved):
             metric.labels(model)
         self.model_ready.labels(model).set(1)

@@ -172,6 +172,7 @@ class ModelRuntime:
         self.media_memory = MediaMemory(max(media_memory_bytes, engine.preparer.limits.max_decoded_bytes))
         self._in_system = 0  # admitted and not yet answered: decoding media, waiting or running
         self._service_times: deque[float] = deque(maxlen=SERVICE_TIME_WINDOW)
+        self._evictions_counted = 0  # the feature cache's evictions already added to the metric
         self.scheduler = engine.loop.scheduler
         if max_batch is not None:  # the settings', also for engines loaded elsewhere (tests, embedding)
             self.scheduler.max_batch = max_batch
@@ -380,11 +381,14 @@ class ModelRuntime:
     def _record(self, stats: RequestStats, sampling: SamplingParams, media_s: float, total_s: float,
                 applied: AppliedPlan, slo_s: float | None) -> None:
         t = stats.timings
+        self._record_feature_cache(stats)
         # an auto plan's prediction covers the time from its decision (media decoded) to the answer
         prediction = (total_s - media_s, applied.predicted_s) if applied.source == "auto" and applied.predicted_s \
             else None
         self.controller.observe(total_s, Observation(
-            media_s=media_s, vision_s=t.vision_s, visual_tokens_in=stats.visual_tokens_in, prefill_s=t.prefill_s,
+            # vision as computing costs it: the latency model must not learn that a cache hit's vision is free
+            media_s=media_s, vision_s=t.vision_s + stats.vision_s_saved, visual_tokens_in=stats.visual_tokens_in,
+            prefill_s=t.prefill_s,
             prefill_flops=stats.prefill_flops, decode_s=t.decode_s, new_tokens=stats.completion_tokens,
             mean_batch=stats.mean_batch, max_new_tokens=sampling.max_new_tokens, ignore_eos=sampling.ignore_eos),
             slo_s=slo_s, controlled=applied.source == "auto", prediction=prediction)
@@ -392,6 +396,16 @@ class ModelRuntime:
             self.metrics.prediction_ratio.labels(self.name).observe(prediction[0] / prediction[1])
         if total_s > (slo_s or self.default_slo_s):
             self.metrics.slo_violations.labels(self.name, slo_class(slo_s)).inc()
+
+    def _record_feature_cache(self, stats: RequestStats) -> None:
+        m, cache = self.metrics, self.engine.feature_cache
+        m.feature_cache_hits.labels(self.name).inc(stats.feature_cache_hits)
+        m.feature_cache_misses.labels(self.name).inc(stats.feature_cache_misses)
+        m.feature_cache_saved.labels(self.name).inc(stats.vision_s_saved)
+        if cache is not None:
+            evictions = cache.stats.evictions  # the cache counts them; the counter follows
+            m.feature_cache_evictions.labels(self.name).inc(evictions - self._evictions_counted)
+            self._evictions_counted = evictions
 
     def _record_outcome(self, status: str, arrival: float, reduction: Reduction, deadline: float | None) -> None:
         """A request that ended without an answer, in the controller's window and the SLO-violation counter:

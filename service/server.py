@@ -71,7 +71,9 @@ def load_engines(settings: Settings) -> dict[str, AimEngine]:
                          max_frames=settings.max_frames, max_decoded_bytes=settings.max_decoded_bytes)
     return {name: AimEngine.load(path, device=settings.device, dtype=getattr(torch, settings.dtype), limits=limits,
                                  kv_cache_bytes=settings.kv_cache_bytes or None, max_batch=settings.max_batch,
-                                 prefill_tokens_per_step=settings.prefill_tokens_per_step)
+                                 prefill_tokens_per_step=settings.prefill_tokens_per_step,
+                                 feature_cache_bytes=None if settings.feature_cache_bytes < 0
+                                 else settings.feature_cache_bytes)
             for name, path in settings.model_paths().items()}
 
 

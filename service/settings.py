@@ -40,6 +40,8 @@ class Settings:
                                 "INVALID_ARGUMENT")
     media_memory_bytes: int = _f(2 * 1024**3, "decoded media held by all of one model's requests; a request waits "
                                  "for room before decoding (at least max_decoded_bytes)")
+    feature_cache_bytes: int = _f(-1, "visual features kept per model for repeated images and videos, bytes "
+                                  "(-1 = sized for the device: 512 MiB on CPU, 5% of GPU memory; 0 = off)")
     media_workers: int = _f(2, "threads per model decoding media (and estimating costs) before requests join the "
                             "batch")
     max_concurrent_rpcs: int = _f(0, "RPCs the gRPC server runs at once, beyond which it answers RESOURCE_EXHAUSTED "
@@ -88,6 +90,8 @@ class Settings:
         if self.media_memory_bytes < self.max_decoded_bytes:
             raise ValueError(f"media_memory_bytes ({self.media_memory_bytes}) must be >= max_decoded_bytes "
                              f"({self.max_decoded_bytes}): one request must fit")
+        if self.feature_cache_bytes < -1:
+            raise ValueError("feature_cache_bytes must be >= -1 (-1 = sized for the device, 0 = off)")
         if self.max_concurrent_rpcs < 0:
             raise ValueError("max_concurrent_rpcs must be >= 0 (0 = derived)")
 

@@ -25,6 +25,15 @@ class EncodedMedia:
     vision_flops: float  # encoder FLOPs spent on this item (not reduced by AIM)
     grid_thw: torch.Tensor | None = None  # M-RoPE models: (t, h, w) of the patch grid
     extra: dict = field(default_factory=dict)
+    vision_s: float = 0.0  # seconds the vision tower spent on this item (its share of a batched pass)
+    decoded_bytes: int = 0  # RGB bytes of the images / frames it was encoded from
+    cache: str = ""  # the feature cache: "hit" (reused), "miss" (computed and kept), "" (not cacheable / off)
+
+    @property
+    def shape(self) -> tuple[list[int], int]:
+        """(merge-group sizes, tokens in no group): what the cost of a request holding this item depends on."""
+        sizes = [int(g.numel()) for g in self.groups]
+        return sizes, int(self.features.shape[0]) - sum(sizes)
 
 
 class FamilyAdapter:

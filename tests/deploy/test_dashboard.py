@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from aim_engine import AimEngine
 from service.client import AimClient
 from service.settings import Settings
 from tests.controller.test_prometheus import free_port, start_prometheus, target_up, wait_for
@@ -57,7 +58,9 @@ def test_every_panel_query_returns_data_from_the_real_service(tiny_engines, tmp_
     prometheus, url = start_prometheus(tmp_path, f"127.0.0.1:{metrics_port}")
     settings = Settings(models=["unused"], port=0, metrics_port=metrics_port, max_queue=0, max_batch=1,
                         max_new_tokens=HOLD_TOKENS, calibrate=1)
-    server = ServerThread(settings, {"tiny-ov": tiny_engines["tiny-ov"]})
+    # the model with a feature cache, so the cache's panels have data: the two auto requests share their video
+    engine = AimEngine(tiny_engines["tiny-ov"].adapter, kv_cache_bytes=64 * 2**20, feature_cache_bytes=64 * 2**20)
+    server = ServerThread(settings, {"tiny-ov": engine})
     try:
         wait_for(lambda: target_up(url), 60, "Prometheus to scrape the service")
         with AimClient(server.target) as client:

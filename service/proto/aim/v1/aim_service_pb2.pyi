@@ -208,18 +208,22 @@ class GenerateStreamRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[ContentPart, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, _Mapping]] = ..., system_prompt: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "visual_tokens_in", "visual_tokens_merged", "visual_tokens_per_layer")
+    __slots__ = ("prompt_tokens", "completion_tokens", "visual_tokens_in", "visual_tokens_merged", "visual_tokens_per_layer", "feature_cache_hits", "feature_cache_misses")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     VISUAL_TOKENS_IN_FIELD_NUMBER: _ClassVar[int]
     VISUAL_TOKENS_MERGED_FIELD_NUMBER: _ClassVar[int]
     VISUAL_TOKENS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     visual_tokens_in: int
     visual_tokens_merged: int
     visual_tokens_per_layer: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., visual_tokens_in: _Optional[int] = ..., visual_tokens_merged: _Optional[int] = ..., visual_tokens_per_layer: _Optional[_Iterable[int]] = ...) -> None: ...
+    feature_cache_hits: int
+    feature_cache_misses: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., visual_tokens_in: _Optional[int] = ..., visual_tokens_merged: _Optional[int] = ..., visual_tokens_per_layer: _Optional[_Iterable[int]] = ..., feature_cache_hits: _Optional[int] = ..., feature_cache_misses: _Optional[int] = ...) -> None: ...
 
 class Cost(_message.Message):
     __slots__ = ("baseline_prefill_flops", "prefill_flops", "saved_fraction", "vision_flops", "decode_flops", "kv_cache_bytes")
@@ -238,7 +242,7 @@ class Cost(_message.Message):
     def __init__(self, baseline_prefill_flops: _Optional[float] = ..., prefill_flops: _Optional[float] = ..., saved_fraction: _Optional[float] = ..., vision_flops: _Optional[float] = ..., decode_flops: _Optional[float] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("queue_seconds", "media_seconds", "vision_seconds", "prefill_seconds", "time_to_first_token_seconds", "decode_seconds", "total_seconds")
+    __slots__ = ("queue_seconds", "media_seconds", "vision_seconds", "prefill_seconds", "time_to_first_token_seconds", "decode_seconds", "total_seconds", "vision_seconds_saved")
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MEDIA_SECONDS_FIELD_NUMBER: _ClassVar[int]
     VISION_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -246,6 +250,7 @@ class Timings(_message.Message):
     TIME_TO_FIRST_TOKEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DECODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    VISION_SECONDS_SAVED_FIELD_NUMBER: _ClassVar[int]
     queue_seconds: float
     media_seconds: float
     vision_seconds: float
@@ -253,7 +258,8 @@ class Timings(_message.Message):
     time_to_first_token_seconds: float
     decode_seconds: float
     total_seconds: float
-    def __init__(self, queue_seconds: _Optional[float] = ..., media_seconds: _Optional[float] = ..., vision_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ..., time_to_first_token_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
+    vision_seconds_saved: float
+    def __init__(self, queue_seconds: _Optional[float] = ..., media_seconds: _Optional[float] = ..., vision_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ..., time_to_first_token_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., vision_seconds_saved: _Optional[float] = ...) -> None: ...
 
 class AppliedPlan(_message.Message):
     __slots__ = ("plan", "source", "reason")

@@ -1,0 +1,119 @@
+"""Repeated media: five questions about each of 20 clips, on the reference model served by `aim-serve serve`, with
+the feature cache off and on, under the untouched model (`none`) and the model's default AIM plan. Questions go one
+at a time (latency; req/s is the inverse of the mean). The answers must not depend on the cache.
+
+    python bench/repeated_media.py [--clips 20] [--model models/aim-reference] [--out docs/results/repeated-media.json]
+
+Writes one row per (cache, plan, question_index): latency_p50_s over the clips and throughput_rps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+QUESTIONS = ("Which shape appears?", "Which way does it move?", "What colour is the new shape?",
+             "How many shapes are there?", "Is there a star?")
+
+
+def clips(count: int) -> list[bytes]:
+    import io
+
+    import av
+    import numpy as np
+
+    from reference_model import synthetic as syn
+
+    out = []
+    for index in range(count):
+        clip = syn.make_video(0, "test", 20_000 + index)
+        buf = io.BytesIO()
+        with av.open(buf, mode="w", format="mp4") as container:
+            stream = container.add_stream("mpeg4", rate=len(clip.frames))
+            stream.width, stream.height, stream.pix_fmt = clip.frames[0].width, clip.frames[0].height, "yuv420p"
+            stream.bit_rate = 2_000_000
+            for frame in clip.frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(np.asarray(frame), format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        out.append(buf.getvalue())
+    return out
+
+
+def serve(model: str, cache_bytes: int) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(["aim-serve", "serve", "--model", model, "--port", "0", "--metrics-port", "-1",
+                             "--feature-cache-bytes", str(cache_bytes)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        match = re.search(r"listening on ([\d.]+:\d+);", line)
+        if match:
+            return proc, match[1]
+    raise RuntimeError("the server did not start")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clips", type=int, default=20)
+    ap.add_argument("--model", default=str(ROOT / "models/aim-reference"))
+    ap.add_argument("--out", default=str(ROOT / "docs/results/repeated-media.json"))
+    args = ap.parse_args()
+
+    from service.client import AimClient
+
+    videos = clips(args.clips)
+    rows, answers = [], {}
+    for cache, cache_bytes in (("off", 0), ("features", 256 * 2**20)):
+        proc, target = serve(args.model, cache_bytes)
+        try:
+            with AimClient(target, timeout=120) as client:
+                for plan in ("none", "aim-default"):
+                    kwargs = {"no_reduction": True} if plan == "none" else {
+                        "plan": _default_plan(client)}
+                    seconds = {i: [] for i in range(len(QUESTIONS))}
+                    if cache != "off":  # each plan starts from an empty cache: the clips are new to it
+                        proc.terminate()
+                        proc.wait(60)
+                        proc, target = serve(args.model, cache_bytes)
+                        client = AimClient(target, timeout=120)
+                    for c, video in enumerate(videos):
+                        for q, question in enumerate(QUESTIONS):
+                            start = time.perf_counter()
+                            reply = client.generate(question, videos=[video], max_new_tokens=8, **kwargs)
+                            seconds[q].append(time.perf_counter() - start)
+                            answers.setdefault((plan, c, q), {})[cache] = reply.text
+                            if cache != "off":
+                                expected_hits = int(q > 0)
+                                assert reply.usage.feature_cache_hits == expected_hits, (c, q, reply.usage)
+                    for q, values in seconds.items():
+                        rows.append({"cache": cache, "plan": plan, "question_index": q,
+                                     "latency_p50_s": round(statistics.median(values), 4),
+                                     "throughput_rps": round(len(values) / sum(values), 3), "requests": len(values)})
+                        print(json.dumps(rows[-1]), flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    differing = [key for key, by_cache in answers.items() if len(set(by_cache.values())) > 1]
+    assert not differing, f"answers depend on the cache: {differing[:5]}"
+    Path(args.out).write_text(json.dumps({"command": "python bench/repeated_media.py", "clips": args.clips,
+                                          "questions_per_clip": len(QUESTIONS), "rows": rows}, indent=2) + "\n")
+    print(args.out)
+
+
+def _default_plan(client):
+    from service.plan_proto import plan_from_proto
+
+    return plan_from_proto(client.model_info().default_plan)
+
+
+if __name__ == "__main__":
+    main()
