@@ -113,6 +113,7 @@ def prefill(
     key_bias: torch.Tensor | None = None,
     kv: SequenceKV | None = None,
     should_stop: Callable[[], bool] | None = None,
+    past: int = 0,
 ) -> PrefillResult:
     """embeds (1, n, d); position_ids (1, n) or (3, 1, n); is_visual (n,) bool.
 
@@ -124,7 +125,13 @@ def prefill(
     with an explicit (n, n) causal mask instead of `is_causal`, and the pool keeps each key's bias for the
     decode steps. Importance scores for pruning are computed without it.
 
-    should_stop is polled before every layer; when it returns True the prefill raises Cancelled."""
+    should_stop is polled before every layer; when it returns True the prefill raises Cancelled.
+
+    past: the first `past` prompt tokens are a reused prefix already in `kv` at every layer (attach_prefix);
+    embeds, position_ids and is_visual are then the rest of the prompt only, key_bias the whole prompt's. Only for
+    plans that do not prune (what is pruned depends on the whole prompt)."""
+    if past and plan.prunes:
+        raise ValueError("a reused prefix needs a plan without pruning")
     num_layers = lm.num_layers
     hidden = embeds
     if kv is None:
@@ -140,7 +147,11 @@ def prefill(
     capture: ScoreCapture | None = None
     visual_now = int(is_visual.sum())
 
-    mask = None if key_bias is None else _biased_causal_mask(key_bias, hidden.dtype)
+    if past:
+        mask = _causal_mask_after(past, key_bias, hidden.shape[1], hidden.dtype, hidden.device)
+        key_bias = None if key_bias is None else key_bias[past:]
+    else:
+        mask = None if key_bias is None else _biased_causal_mask(key_bias, hidden.dtype)
     for layer_idx, layer in enumerate(lm.layers):
         if should_stop is not None and should_stop():
             raise Cancelled()
@@ -187,6 +198,17 @@ def _biased_causal_mask(key_bias: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     n = key_bias.numel()
     mask = key_bias.to(dtype)[None, :].expand(n, n).clone()
     mask.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=mask.device).triu_(1), float("-inf"))
+    return mask[None, None]
+
+
+def _causal_mask_after(past: int, key_bias: torch.Tensor | None, n: int, dtype: torch.dtype, device
+                       ) -> torch.Tensor:
+    """(1, 1, n, past + n) additive mask for n queries that follow `past` cached tokens: query i sees keys
+    j <= past + i, each with its bias (key_bias (past + n,) or None: 0)."""
+    bias = torch.zeros(past + n, device=device) if key_bias is None else key_bias
+    mask = bias.to(dtype)[None, :].expand(n, past + n).clone()
+    above = torch.ones(n, past + n, dtype=torch.bool, device=device).triu_(past + 1)
+    mask.masked_fill_(above, float("-inf"))
     return mask[None, None]
 
 

@@ -9,6 +9,8 @@ serving loop. `generate` / `stream` drive the loop inline; the service runs it o
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import time
 from pathlib import Path
@@ -27,6 +29,7 @@ from .plan import PLAN_FILE, PlanError, ReductionPlan, plan_from_dict
 from .prepare import PreparedPrompt, Preparer
 from .request import GenerationRequest, GenerationResult, RequestStats, Timings, TokenDelta
 from .serving.kv_pool import KVLayout, KVPool
+from .serving.prefix_cache import PrefixCache
 from .serving.loop import ServingLoop
 from .serving.sequence import Sequence
 
@@ -68,12 +71,14 @@ class AimEngine:
 
     kv_cache_bytes: the KV pool's budget (None: `default_kv_cache_bytes`); max_batch: most sequences decoding
     together (1 serves one request at a time); feature_cache_bytes: the visual-feature cache's budget (0: no
-    cache; None: `feature_cache.default_capacity_bytes`)."""
+    cache; None: `feature_cache.default_capacity_bytes`); prefix_cache_bytes: the most of the KV pool reused
+    prefixes may hold (0: no reuse; None: a quarter of the pool; serving/prefix_cache.py)."""
 
     def __init__(self, adapter: FamilyAdapter, name: str = "model", limits: MediaLimits = MediaLimits(),
                  default_plan: ReductionPlan | None = None, kv_cache_bytes: int | None = None,
                  max_batch: int = DEFAULT_MAX_BATCH,
-                 prefill_tokens_per_step: int = DEFAULT_PREFILL_TOKENS_PER_STEP, feature_cache_bytes: int | None = 0):
+                 prefill_tokens_per_step: int = DEFAULT_PREFILL_TOKENS_PER_STEP, feature_cache_bytes: int | None = 0,
+                 prefix_cache_bytes: int | None = 0):
         self.adapter = adapter
         self.name = name
         self.limits = limits
@@ -98,6 +103,9 @@ class AimEngine:
         layout = KVLayout.from_config(adapter.text_config, adapter.dtype)
         budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_cache_bytes(adapter.device)
         self.pool = KVPool(layout, budget, device=adapter.device)
+        if prefix_cache_bytes is None:
+            prefix_cache_bytes = self.pool.capacity_bytes // 4
+        self.prefix_cache = PrefixCache(self.pool, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.loop = ServingLoop(self, max_batch, prefill_tokens_per_step)
 
     # ---- loading --------------------------------------------------------------------------------
@@ -106,7 +114,7 @@ class AimEngine:
              limits: MediaLimits = MediaLimits(), kv_cache_bytes: int | None = None,
              max_batch: int = DEFAULT_MAX_BATCH,
              prefill_tokens_per_step: int = DEFAULT_PREFILL_TOKENS_PER_STEP,
-             feature_cache_bytes: int | None = 0) -> "AimEngine":
+             feature_cache_bytes: int | None = 0, prefix_cache_bytes: int | None = 0) -> "AimEngine":
         """Loads a checkpoint directory (never the hub): model, tokenizer, image processor, chat template."""
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
@@ -125,7 +133,8 @@ class AimEngine:
             tokenizer.chat_template = template.read_text()
         return cls(adapter_cls(model, tokenizer, image_processor), name=path.name, limits=limits,
                    default_plan=read_default_plan(path), kv_cache_bytes=kv_cache_bytes, max_batch=max_batch,
-                   prefill_tokens_per_step=prefill_tokens_per_step, feature_cache_bytes=feature_cache_bytes)
+                   prefill_tokens_per_step=prefill_tokens_per_step, feature_cache_bytes=feature_cache_bytes,
+                   prefix_cache_bytes=prefix_cache_bytes)
 
     # ---- plan helpers ---------------------------------------------------------------------------
     @property
@@ -137,13 +146,25 @@ class AimEngine:
         return self._default_plan or ReductionPlan.default_for_depth(self.num_layers)
 
     # ---- preparation and cost ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def without_caches(self):
+        """No feature or prefix cache for what runs inside (measuring what computing costs: the server's warm-up
+        calibration). Only while nothing else is served."""
+        feature, prefix = self.feature_cache, self.prefix_cache
+        self.feature_cache = self.preparer.feature_cache = self.prefix_cache = None
+        try:
+            yield
+        finally:
+            self.feature_cache, self.preparer.feature_cache, self.prefix_cache = feature, feature, prefix
+
     def memory_pressure(self) -> float:
         """Share of this engine's memory in use, [0, 1]: the KV pool's reserved share or, on CUDA, the share of
         the device memory outside the pool that the allocator can no longer give (free on the device plus what
         it has cached but not allocated is still available), whichever is higher. Not NVML's "used", which
         stays high once the allocator has cached a large request's memory."""
         pool = self.pool
-        kv = pool.reserved_blocks / pool.num_blocks if pool.num_blocks else 1.0
+        held = pool.reserved_blocks - (self.prefix_cache.evictable_blocks() if self.prefix_cache else 0)
+        kv = held / pool.num_blocks if pool.num_blocks else 1.0  # prefix entries nobody uses are free to evict
         device = torch.device(self.adapter.device)
         if device.type != "cuda":
             return kv

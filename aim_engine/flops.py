@@ -38,21 +38,25 @@ class LLMShape:
         )
 
 
-def layer_prefill_flops(shape: LLMShape, n: int) -> float:
+def layer_prefill_flops(shape: LLMShape, n: int, past: int = 0) -> float:
+    """F(n) above; with `past` tokens already in the layer's cache (a reused prefix) the n queries attend to
+    c = past + n keys, and the attention terms are 4 n c d + 5 H n c."""
     d, m, h = shape.hidden, shape.ffn, shape.heads
+    c = past + n
     return (
         2 * n * (2 * d * d + 2 * d * shape.kv_width + 3 * d * m)
-        + 4 * n * n * d
-        + 5 * h * n * n
+        + 4 * n * c * d
+        + 5 * h * n * c
         + 17 * n * d
     )
 
 
-def prefill_flops(shape: LLMShape, tokens_per_layer: Sequence[int]) -> float:
-    """LLM prefill FLOPs given the number of tokens entering each layer."""
+def prefill_flops(shape: LLMShape, tokens_per_layer: Sequence[int], past: int = 0) -> float:
+    """LLM prefill FLOPs given the number of tokens entering each layer (`past`: a reused prefix's tokens
+    already cached at every layer, attended to and not computed)."""
     if len(tokens_per_layer) != shape.layers:
         raise ValueError(f"need {shape.layers} per-layer token counts, got {len(tokens_per_layer)}")
-    return sum(layer_prefill_flops(shape, n) for n in tokens_per_layer) + shape.hidden * shape.vocab
+    return sum(layer_prefill_flops(shape, n, past) for n in tokens_per_layer) + shape.hidden * shape.vocab
 
 
 def decode_step_flops(shape: LLMShape, context_per_layer: Sequence[int]) -> float:

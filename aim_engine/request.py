@@ -80,6 +80,7 @@ class RequestStats:
     feature_cache_hits: int = 0  # media items whose features came from the feature cache
     feature_cache_misses: int = 0  # media items computed and put in the cache
     vision_s_saved: float = 0.0  # what the hits' vision-tower passes took when they were computed
+    prefix_tokens_reused: int = 0  # prompt tokens whose KV came from an earlier request (a reused prefix)
     timings: Timings = field(default_factory=Timings)
 
     @property

@@ -94,7 +94,7 @@ def response_to_proto(model: str, done: Finished) -> pb.GenerateResponse:
         usage=pb.Usage(prompt_tokens=s.prompt_tokens, completion_tokens=s.completion_tokens,
                        visual_tokens_in=s.visual_tokens_in, visual_tokens_merged=s.visual_tokens_merged,
                        visual_tokens_per_layer=s.visual_tokens_per_layer, feature_cache_hits=s.feature_cache_hits,
-                       feature_cache_misses=s.feature_cache_misses),
+                       feature_cache_misses=s.feature_cache_misses, prefix_tokens_reused=s.prefix_tokens_reused),
         cost=pb.Cost(baseline_prefill_flops=s.prefill_flops_baseline, prefill_flops=s.prefill_flops,
                      saved_fraction=s.saved_fraction, vision_flops=s.vision_flops, decode_flops=s.decode_flops,
                      kv_cache_bytes=s.kv_cache_bytes),

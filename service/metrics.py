@@ -74,6 +74,16 @@ class ServiceMetrics:
                                          registry=r)
         self.feature_cache_capacity = Gauge("aim_feature_cache_capacity_bytes", "The feature cache's budget "
                                             "(--feature-cache-bytes; 0 = off).", m, registry=r)
+        self.prefix_cache_hits = Counter("aim_prefix_cache_hits_total", "Prefills that started after a reused "
+                                         "prefix (its KV from an earlier request).", m, registry=r)
+        self.prefix_cache_misses = Counter("aim_prefix_cache_misses_total", "Prefills with a reusable prefix not in "
+                                           "the cache (it was computed and offered to it).", m, registry=r)
+        self.prefix_cache_evictions = Counter("aim_prefix_cache_evictions_total", "Prefixes dropped for room (the "
+                                              "cache's budget or admission).", m, registry=r)
+        self.prefix_cache_tokens = Counter("aim_prefix_cache_reused_tokens_total", "Prompt tokens whose prefill a "
+                                           "reused prefix saved.", m, registry=r)
+        self.prefix_cache_bytes = Gauge("aim_prefix_cache_bytes", "Bytes of the KV pool held by cached prefixes.",
+                                        m, registry=r)
         self.visual_in = Counter("aim_visual_tokens_in_total", "Visual tokens from the vision encoder.", m, registry=r)
         self.visual_merged = Counter("aim_visual_tokens_merged_total", "Visual tokens after merging (LLM input).", m,
                                      registry=r)
@@ -151,11 +161,14 @@ class ServiceMetrics:
         cache = runtime.engine.feature_cache
         self.feature_cache_bytes.labels(model).set_function(lambda: cache.bytes if cache is not None else 0)
         self.feature_cache_capacity.labels(model).set(cache.capacity_bytes if cache is not None else 0)
+        prefixes = runtime.engine.prefix_cache
+        self.prefix_cache_bytes.labels(model).set_function(lambda: prefixes.bytes if prefixes is not None else 0)
 
     def model_loaded(self, model: str) -> None:
         """Creates the per-model series at zero so dashboards and rate() see them before the first request."""
         for metric in (self.visual_in, self.visual_merged, self.flops_baseline, self.flops_actual,
                        self.feature_cache_hits, self.feature_cache_misses, self.feature_cache_evictions,
-                       self.feature_cache_saved):
+                       self.feature_cache_saved, self.prefix_cache_hits, self.prefix_cache_misses,
+                       self.prefix_cache_evictions, self.prefix_cache_tokens):
             metric.labels(model)
         self.model_ready.labels(model).set(1)

@@ -172,7 +172,7 @@ class ModelRuntime:
         self.media_memory = MediaMemory(max(media_memory_bytes, engine.preparer.limits.max_decoded_bytes))
         self._in_system = 0  # admitted and not yet answered: decoding media, waiting or running
         self._service_times: deque[float] = deque(maxlen=SERVICE_TIME_WINDOW)
-        self._evictions_counted = 0  # the feature cache's evictions already added to the metric
+        self._cache_counts_seen: dict = {}  # (cache stats, field) -> the count already added to its metric
         self.scheduler = engine.loop.scheduler
         if max_batch is not None:  # the settings', also for engines loaded elsewhere (tests, embedding)
             self.scheduler.max_batch = max_batch
@@ -381,7 +381,7 @@ class ModelRuntime:
     def _record(self, stats: RequestStats, sampling: SamplingParams, media_s: float, total_s: float,
                 applied: AppliedPlan, slo_s: float | None) -> None:
         t = stats.timings
-        self._record_feature_cache(stats)
+        self._record_caches(stats)
         # an auto plan's prediction covers the time from its decision (media decoded) to the answer
         prediction = (total_s - media_s, applied.predicted_s) if applied.source == "auto" and applied.predicted_s \
             else None
@@ -397,15 +397,26 @@ class ModelRuntime:
         if total_s > (slo_s or self.default_slo_s):
             self.metrics.slo_violations.labels(self.name, slo_class(slo_s)).inc()
 
-    def _record_feature_cache(self, stats: RequestStats) -> None:
-        m, cache = self.metrics, self.engine.feature_cache
-        m.feature_cache_hits.labels(self.name).inc(stats.feature_cache_hits)
-        m.feature_cache_misses.labels(self.name).inc(stats.feature_cache_misses)
-        m.feature_cache_saved.labels(self.name).inc(stats.vision_s_saved)
-        if cache is not None:
-            evictions = cache.stats.evictions  # the cache counts them; the counter follows
-            m.feature_cache_evictions.labels(self.name).inc(evictions - self._evictions_counted)
-            self._evictions_counted = evictions
+    def _record_caches(self, stats: RequestStats) -> None:
+        """The caches' counters. The feature cache's hits and misses are the request's own; the rest the caches
+        count themselves (evictions happen between requests), and the metrics follow their counts."""
+        m, name = self.metrics, self.name
+        m.feature_cache_hits.labels(name).inc(stats.feature_cache_hits)
+        m.feature_cache_misses.labels(name).inc(stats.feature_cache_misses)
+        m.feature_cache_saved.labels(name).inc(stats.vision_s_saved)
+        followed = []
+        if self.engine.feature_cache is not None:
+            followed.append((m.feature_cache_evictions, self.engine.feature_cache.stats, "evictions"))
+        if self.engine.prefix_cache is not None:
+            counts = self.engine.prefix_cache.stats
+            followed += [(m.prefix_cache_hits, counts, "hits"), (m.prefix_cache_misses, counts, "misses"),
+                         (m.prefix_cache_evictions, counts, "evictions"),
+                         (m.prefix_cache_tokens, counts, "tokens_reused")]
+        for metric, counts, field_name in followed:
+            now = getattr(counts, field_name)
+            seen = self._cache_counts_seen.get((id(counts), field_name), 0)
+            metric.labels(name).inc(now - seen)
+            self._cache_counts_seen[(id(counts), field_name)] = now
 
     def _record_outcome(self, status: str, arrival: float, reduction: Reduction, deadline: float | None) -> None:
         """A request that ended without an answer, in the controller's window and the SLO-violation counter:
@@ -437,7 +448,8 @@ class ModelRuntime:
         for _ in range(rounds):
             for level in self.ladder:
                 start = time.monotonic()
-                result = self.engine.generate(request, level.plan)
+                with self.engine.without_caches():  # what computing costs, not what a cache saves
+                    result = self.engine.generate(request, level.plan)
                 s = result.stats
                 self.controller.cost_model = self.controller.cost_model.observe(Observation(
                     media_s=0.0, vision_s=s.timings.vision_s, visual_tokens_in=s.visual_tokens_in,

@@ -73,7 +73,9 @@ def load_engines(settings: Settings) -> dict[str, AimEngine]:
                                  kv_cache_bytes=settings.kv_cache_bytes or None, max_batch=settings.max_batch,
                                  prefill_tokens_per_step=settings.prefill_tokens_per_step,
                                  feature_cache_bytes=None if settings.feature_cache_bytes < 0
-                                 else settings.feature_cache_bytes)
+                                 else settings.feature_cache_bytes,
+                                 prefix_cache_bytes=None if settings.prefix_cache_bytes < 0
+                                 else settings.prefix_cache_bytes)
             for name, path in settings.model_paths().items()}
 
 

@@ -42,6 +42,9 @@ class Settings:
                                  "for room before decoding (at least max_decoded_bytes)")
     feature_cache_bytes: int = _f(-1, "visual features kept per model for repeated images and videos, bytes "
                                   "(-1 = sized for the device: 512 MiB on CPU, 5% of GPU memory; 0 = off)")
+    prefix_cache_bytes: int = _f(-1, "KV of shared prompt prefixes (system prompt + media) kept for the next "
+                                 "question about the same media, inside the KV pool and evicted when admission "
+                                 "needs room; plans without pruning; bytes (-1 = a quarter of the pool; 0 = off)")
     media_workers: int = _f(2, "threads per model decoding media (and estimating costs) before requests join the "
                             "batch")
     max_concurrent_rpcs: int = _f(0, "RPCs the gRPC server runs at once, beyond which it answers RESOURCE_EXHAUSTED "
@@ -90,6 +93,8 @@ class Settings:
         if self.media_memory_bytes < self.max_decoded_bytes:
             raise ValueError(f"media_memory_bytes ({self.media_memory_bytes}) must be >= max_decoded_bytes "
                              f"({self.max_decoded_bytes}): one request must fit")
+        if self.prefix_cache_bytes < -1:
+            raise ValueError("prefix_cache_bytes must be >= -1 (-1 = a quarter of the KV pool, 0 = off)")
         if self.feature_cache_bytes < -1:
             raise ValueError("feature_cache_bytes must be >= -1 (-1 = sized for the device, 0 = off)")
         if self.max_concurrent_rpcs < 0:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -77,6 +78,12 @@ class KVPool:
         self.key_bias = torch.empty(slots, dtype=torch.float32, device=device)
         self._free: list[int] = list(range(self.num_blocks - 1, -1, -1))  # a stack: reuse the warmest block
         self._reserved = 0  # blocks promised to sequences and not yet taken
+        # Holders of each block: its sequence, plus every prefix-cache entry and later sequence sharing it (a
+        # reused prefix, serving/prefix_cache.py). A block is free again when its last holder lets go.
+        self._refs = [0] * self.num_blocks
+        # Called with a number of blocks when admission finds too few free: frees what it can (the prefix cache
+        # evicts entries nobody else holds).
+        self.reclaim: Callable[[int], None] | None = None
 
     @staticmethod
     def bytes_for(layout: KVLayout, tokens_per_layer: list[int], block_size: int = BLOCK_SIZE) -> int:
@@ -107,6 +114,23 @@ class KVPool:
     def can_reserve(self, blocks: int) -> bool:
         return blocks <= len(self._free) - self._reserved
 
+    def make_room(self, blocks: int) -> bool:
+        """can_reserve, after asking `reclaim` to free blocks if too few are free."""
+        if not self.can_reserve(blocks) and self.reclaim is not None:
+            self.reclaim(blocks - (len(self._free) - self._reserved))
+        return self.can_reserve(blocks)
+
+    def retain(self, blocks: list[int]) -> None:
+        for block in blocks:
+            self._refs[block] += 1
+
+    def drop(self, blocks: list[int]) -> None:
+        """Lets go of one hold on each block; a block nobody holds is free."""
+        for block in reversed(blocks):
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                self._free.append(block)
+
     # ---- sequences ----------------------------------------------------------------------------
     def reserve(self, tokens_per_layer: list[int]) -> "SequenceKV":
         """A sequence's KV, with every block it may need promised to it. Call `can_reserve` first."""
@@ -122,12 +146,15 @@ class KVPool:
             self._reserved -= 1
         elif len(self._free) <= self._reserved:
             raise KVPoolExhausted("a sequence outgrew its KV reservation and no unreserved block is free")
-        return self._free.pop()
+        block = self._free.pop()
+        self._refs[block] = 1
+        return block
 
     def release(self, kv: "SequenceKV") -> None:
-        """Every block of the sequence back to the pool, and what is left of its reservation."""
+        """The sequence's hold on every block it has (each is free once nobody else holds it), and what is left
+        of its reservation."""
         for blocks in kv.blocks:
-            self._free.extend(reversed(blocks))
+            self.drop(blocks)
             blocks.clear()
         self._reserved -= kv.reserved
         kv.reserved = 0
@@ -145,6 +172,29 @@ class SequenceKV:
         self.lengths = [0] * pool.layout.num_layers
         self.has_bias = [False] * pool.layout.num_layers
         self.released = False
+
+    def attach_prefix(self, blocks: list[list[int]], tokens: int, has_bias: list[bool]) -> None:
+        """Starts this (empty) sequence with a reused prefix: per layer, `blocks` full blocks holding its first
+        `tokens` tokens, shared (held, never written: the sequence's own tokens go to blocks after them). The
+        reservation made for those tokens goes back to the pool."""
+        assert not any(self.lengths) and tokens % self.pool.block_size == 0
+        shared = 0
+        for layer, layer_blocks in enumerate(blocks):
+            self.blocks[layer] = list(layer_blocks)
+            self.lengths[layer] = tokens
+            self.has_bias[layer] = has_bias[layer]
+            self.pool.retain(layer_blocks)
+            shared += len(layer_blocks)
+        give_back = min(shared, self.reserved)
+        self.reserved -= give_back
+        self.pool._reserved -= give_back
+        self.past = tokens
+
+    def slots(self, layer: int) -> torch.Tensor:
+        """The slots of every token the sequence holds at `layer`, in order."""
+        bs = self.pool.block_size
+        return torch.tensor([self.blocks[layer][i // bs] * bs + i % bs for i in range(self.lengths[layer])],
+                            device=self.pool.keys.device)
 
     def append_slots(self, layer: int, count: int) -> list[int]:
         """Slots for `count` more tokens at `layer`, taking blocks as the last one fills."""
@@ -166,15 +216,24 @@ class SequenceKV:
             pool.key_bias.index_fill_(0, slots, 0.0)
         else:
             pool.key_bias.index_copy_(0, slots, key_bias.to(torch.float32))
-        self.has_bias[layer] = key_bias is not None
+        self.has_bias[layer] = self.has_bias[layer] or key_bias is not None  # a reused prefix may carry one
 
     # The prefill's cache protocol: a batch of one with no earlier context (the prompt attends to itself), so
     # the keys a layer writes are the keys it attends to. The prefill sets `prompt_key_bias` before each layer.
     prompt_key_bias: torch.Tensor | None = None
 
+    # Tokens of a reused prefix at the start of every layer: the prefill then runs on the rest of the prompt,
+    # whose queries attend to the prefix's keys as well as to their own.
+    past: int = 0
+
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         self.write_prompt(layer_idx, key[0], value[0], self.prompt_key_bias)
-        return key, value
+        if not self.past:
+            return key, value
+        slots, pool = self.slots(layer_idx), self.pool  # the prefix's keys, then the ones just written
+        keys = pool.keys.index_select(0, slots).transpose(0, 1)[None].to(key.dtype)
+        values = pool.values.index_select(0, slots).transpose(0, 1)[None].to(value.dtype)
+        return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lengths[layer_idx]

@@ -59,8 +59,12 @@ class ModelRunner:
                                                should_stop=seq.stop_requested)
         t_llm = time.perf_counter()
         prepared = seq.prepared
-        pre = prefill(self.lm, prepared.embeds, prepared.position_ids, prepared.is_visual, seq.plan,
-                      key_bias=prepared.key_bias, kv=seq.kv, should_stop=seq.stop_requested)
+        past, offer = self._reuse_prefix(seq)
+        pre = prefill(self.lm, prepared.embeds[:, past:], prepared.position_ids[..., past:],
+                      prepared.is_visual[past:], seq.plan, key_bias=prepared.key_bias, kv=seq.kv,
+                      should_stop=seq.stop_requested, past=past)
+        if offer is not None:
+            engine.prefix_cache.offer(offer, seq.kv)
         seq.generator = sequence_generator(seq.sampling, self.device)
         if seq.logits is not None:
             seq.logits.append(pre.logits.cpu())
@@ -68,9 +72,23 @@ class ModelRunner:
         seq.first_token = time.perf_counter()
         stats.timings.prefill_s += seq.first_token - t_llm
         stats.timings.ttft_s = seq.first_token - seq.arrival
-        fill_prefill_stats(stats, engine.shape, prepared, pre.tokens_per_layer, pre.visual_per_layer)
+        fill_prefill_stats(stats, engine.shape, prepared, pre.tokens_per_layer, pre.visual_per_layer, past)
         seq.text = IncrementalText(engine.tokenizer, seq.sampling.stop)
         return token
+
+    def _reuse_prefix(self, seq: Sequence):
+        """(tokens of a reused prefix now at the start of the sequence's KV, the key to offer after its prefill
+        if it reused none); (0, None) where reuse does not apply (no prefix cache, a pruning plan)."""
+        cache, prepared = self.engine.prefix_cache, seq.prepared
+        if cache is None or seq.plan.prunes:
+            return 0, None
+        key = cache.key_for(prepared.embeds, prepared.position_ids, prepared.is_visual, prepared.key_bias)
+        if key is None:
+            return 0, None
+        entry = cache.lookup(key)
+        if entry is None:
+            return 0, key
+        return cache.attach(entry, seq.kv), None
 
     def decode(self, batch: list[Sequence]) -> list[int]:
         """One step for every sequence in `batch`: feeds each its last sampled token, returns the next ones."""

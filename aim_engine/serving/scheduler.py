@@ -75,7 +75,7 @@ class Scheduler:
             seq = self.waiting[0]
             if admitted and tokens + seq.prompt_tokens > self.prefill_tokens_per_step:
                 break
-            if not self.pool.can_reserve(self.pool.blocks_for(seq.kv_tokens)):
+            if not self.pool.make_room(self.pool.blocks_for(seq.kv_tokens)):  # evicts reused prefixes if needed
                 break
             self.waiting.popleft()
             seq.kv = self.pool.reserve(seq.kv_tokens)

@@ -43,3 +43,21 @@ def test_a_repeated_video_is_answered_from_cached_features(tiny_engines):
         assert exposed('aim_feature_cache_capacity_bytes{model="tiny-ov"}') == 64 * 2**20
     finally:
         srv.stop()
+
+
+def test_a_second_question_about_the_same_video_reuses_the_prefix(tiny_engines):
+    engine = AimEngine(tiny_engines["tiny-ov"].adapter, kv_cache_bytes=64 * 2**20, feature_cache_bytes=64 * 2**20,
+                       prefix_cache_bytes=16 * 2**20)
+    srv = ServerThread(BASE, {"tiny-ov": engine})
+    try:
+        video = encode_video(frames=24)
+        with AimClient(srv.target) as client:
+            first, second = (client.generate(question, videos=[video], frames=16, max_new_tokens=4, no_reduction=True)
+                             for question in ("What moves?", "Which colour is it?"))
+        assert first.usage.prefix_tokens_reused == 0 and second.usage.prefix_tokens_reused > 0
+        assert second.cost.prefill_flops < first.cost.prefill_flops
+        wait_until(lambda: _sample(srv.metrics.prefix_cache_hits, "tiny-ov") == 1, "the hit to be counted")
+        assert _sample(srv.metrics.prefix_cache_misses, "tiny-ov") == 1
+        assert _sample(srv.metrics.prefix_cache_tokens, "tiny-ov") == second.usage.prefix_tokens_reused
+    finally:
+        srv.stop()

@@ -208,7 +208,7 @@ class GenerateStreamRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[ContentPart, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, _Mapping]] = ..., system_prompt: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "visual_tokens_in", "visual_tokens_merged", "visual_tokens_per_layer", "feature_cache_hits", "feature_cache_misses")
+    __slots__ = ("prompt_tokens", "completion_tokens", "visual_tokens_in", "visual_tokens_merged", "visual_tokens_per_layer", "feature_cache_hits", "feature_cache_misses", "prefix_tokens_reused")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     VISUAL_TOKENS_IN_FIELD_NUMBER: _ClassVar[int]
@@ -216,6 +216,7 @@ class Usage(_message.Message):
     VISUAL_TOKENS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
     FEATURE_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     FEATURE_CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_TOKENS_REUSED_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     visual_tokens_in: int
@@ -223,7 +224,8 @@ class Usage(_message.Message):
     visual_tokens_per_layer: _containers.RepeatedScalarFieldContainer[int]
     feature_cache_hits: int
     feature_cache_misses: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., visual_tokens_in: _Optional[int] = ..., visual_tokens_merged: _Optional[int] = ..., visual_tokens_per_layer: _Optional[_Iterable[int]] = ..., feature_cache_hits: _Optional[int] = ..., feature_cache_misses: _Optional[int] = ...) -> None: ...
+    prefix_tokens_reused: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., visual_tokens_in: _Optional[int] = ..., visual_tokens_merged: _Optional[int] = ..., visual_tokens_per_layer: _Optional[_Iterable[int]] = ..., feature_cache_hits: _Optional[int] = ..., feature_cache_misses: _Optional[int] = ..., prefix_tokens_reused: _Optional[int] = ...) -> None: ...
 
 class Cost(_message.Message):
     __slots__ = ("baseline_prefill_flops", "prefill_flops", "saved_fraction", "vision_flops", "decode_flops", "kv_cache_bytes")
