@@ -1,6 +1,7 @@
 """Repeated media: five questions about each of 20 clips, on the reference model served by `aim-serve serve`, with
-the feature cache off and on, under the untouched model (`none`) and the model's default AIM plan. Questions go one
-at a time (latency; req/s is the inverse of the mean). The answers must not depend on the cache.
+the caches off, the feature cache alone, and the feature cache with prefix reuse; under the untouched model (`none`)
+and the model's default AIM plan (merging alone). A fresh server for each (cache, plan). Questions go one at a time
+(latency; req/s is the inverse of the mean latency). The answers must not depend on the caches.
 
     python bench/repeated_media.py [--clips 20] [--model models/aim-reference] [--out docs/results/repeated-media.json]
 
@@ -50,9 +51,13 @@ def clips(count: int) -> list[bytes]:
     return out
 
 
-def serve(model: str, cache_bytes: int) -> tuple[subprocess.Popen, str]:
+CACHES = {"off": (0, 0), "features": (256 * 2**20, 0), "features+prefix": (256 * 2**20, 256 * 2**20)}
+
+
+def serve(model: str, cache: str) -> tuple[subprocess.Popen, str]:
+    feature_bytes, prefix_bytes = CACHES[cache]
     proc = subprocess.Popen(["aim-serve", "serve", "--model", model, "--port", "0", "--metrics-port", "-1",
-                             "--feature-cache-bytes", str(cache_bytes)],
+                             "--feature-cache-bytes", str(feature_bytes), "--prefix-cache-bytes", str(prefix_bytes)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         match = re.search(r"listening on ([\d.]+:\d+);", line)
@@ -72,40 +77,36 @@ def main() -> None:
 
     videos = clips(args.clips)
     rows, answers = [], {}
-    for cache, cache_bytes in (("off", 0), ("features", 256 * 2**20)):
-        proc, target = serve(args.model, cache_bytes)
-        try:
-            with AimClient(target, timeout=120) as client:
-                for plan in ("none", "aim-default"):
-                    kwargs = {"no_reduction": True} if plan == "none" else {
-                        "plan": _default_plan(client)}
+    for cache in CACHES:
+        for plan in ("none", "aim-default"):
+            proc, target = serve(args.model, cache)  # a fresh server: every clip is new to its caches
+            try:
+                with AimClient(target, timeout=120) as client:
+                    kwargs = {"no_reduction": True} if plan == "none" else {"plan": _default_plan(client)}
                     seconds = {i: [] for i in range(len(QUESTIONS))}
-                    if cache != "off":  # each plan starts from an empty cache: the clips are new to it
-                        proc.terminate()
-                        proc.wait(60)
-                        proc, target = serve(args.model, cache_bytes)
-                        client = AimClient(target, timeout=120)
                     for c, video in enumerate(videos):
                         for q, question in enumerate(QUESTIONS):
                             start = time.perf_counter()
                             reply = client.generate(question, videos=[video], max_new_tokens=8, **kwargs)
                             seconds[q].append(time.perf_counter() - start)
                             answers.setdefault((plan, c, q), {})[cache] = reply.text
-                            if cache != "off":
-                                expected_hits = int(q > 0)
-                                assert reply.usage.feature_cache_hits == expected_hits, (c, q, reply.usage)
-                    for q, values in seconds.items():
-                        rows.append({"cache": cache, "plan": plan, "question_index": q,
-                                     "latency_p50_s": round(statistics.median(values), 4),
-                                     "throughput_rps": round(len(values) / sum(values), 3), "requests": len(values)})
-                        print(json.dumps(rows[-1]), flush=True)
-        finally:
-            proc.terminate()
-            proc.wait(60)
+                            if cache != "off":  # the caches do what they say
+                                assert reply.usage.feature_cache_hits == int(q > 0), (cache, c, q, reply.usage)
+                            if cache == "features+prefix":
+                                assert (reply.usage.prefix_tokens_reused > 0) == (q > 0), (c, q, reply.usage)
+            finally:
+                proc.terminate()
+                proc.wait(60)
+            for q, values in seconds.items():
+                rows.append({"cache": cache, "plan": plan, "question_index": q,
+                             "latency_p50_s": round(statistics.median(values), 4),
+                             "throughput_rps": round(len(values) / sum(values), 3), "requests": len(values)})
+                print(json.dumps(rows[-1]), flush=True)
     differing = [key for key, by_cache in answers.items() if len(set(by_cache.values())) > 1]
     assert not differing, f"answers depend on the cache: {differing[:5]}"
     Path(args.out).write_text(json.dumps({"command": "python bench/repeated_media.py", "clips": args.clips,
-                                          "questions_per_clip": len(QUESTIONS), "rows": rows}, indent=2) + "\n")
+                                          "questions_per_clip": len(QUESTIONS), "max_new_tokens": 8,
+                                          "rows": rows}, indent=2) + "\n")
     print(args.out)
 
 
