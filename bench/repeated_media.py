@@ -27,28 +27,10 @@ QUESTIONS = ("Which shape appears?", "Which way does it move?", "What colour is 
 
 
 def clips(count: int) -> list[bytes]:
-    import io
-
-    import av
-    import numpy as np
-
     from reference_model import synthetic as syn
+    from reference_model.samples import encode_mp4
 
-    out = []
-    for index in range(count):
-        clip = syn.make_video(0, "test", 20_000 + index)
-        buf = io.BytesIO()
-        with av.open(buf, mode="w", format="mp4") as container:
-            stream = container.add_stream("mpeg4", rate=len(clip.frames))
-            stream.width, stream.height, stream.pix_fmt = clip.frames[0].width, clip.frames[0].height, "yuv420p"
-            stream.bit_rate = 2_000_000
-            for frame in clip.frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(np.asarray(frame), format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
-        out.append(buf.getvalue())
-    return out
+    return [encode_mp4(syn.make_video(0, "test", 20_000 + index).frames) for index in range(count)]
 
 
 CACHES = {"off": (0, 0), "features": (256 * 2**20, 0), "features+prefix": (256 * 2**20, 256 * 2**20)}
