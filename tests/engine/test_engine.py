@@ -163,8 +163,9 @@ def test_text_only_prompt_works(engine_for):
 @pytest.mark.parametrize("plan", [
     ReductionPlan(), ReductionPlan(merge_retention=0.25, prune_start=1, prune_end=3),
     ReductionPlan(merge_retention=0.3, reducer="pool"), ReductionPlan(merge_retention=0.3, reducer="evs"),
+    ReductionPlan(merge_retention=0.3, reducer="vidcom2", prune_start=2, prune_end=3),
     ReductionPlan(prune_stages=((1, 0.5), (2, 0.25)), importance="last_token"),
-], ids=["none", "aim", "pool", "evs", "staged"])
+], ids=["none", "aim", "pool", "evs", "vidcom2+aim-pruning", "staged"])
 def test_estimate_matches_what_generate_spends(engine_for, family, plan):
     engine = engine_for(family)
     parts = [ImagePart(image=random_image(21, (40, 70))), TextPart("and"), ImagePart(image=random_image(22)),

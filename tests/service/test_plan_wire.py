@@ -47,7 +47,7 @@ def test_every_plan_field_has_a_place_on_every_wire():
 
 
 def test_every_plan_round_trips_through_the_proto():
-    assert len(PLANS) == len(MERGES) * len(PRUNES) * 3 * 3 * 2 * 2
+    assert len(PLANS) == len(MERGES) * len(PRUNES) * len(IMPORTANCE_METHODS) * len(PRE_LLM_METHODS) * 2 * 2
     for plan in PLANS:
         msg = plan_to_proto(plan)
         assert plan_from_proto(pb.ReductionPlan.FromString(msg.SerializeToString())) == plan, plan

@@ -20,6 +20,7 @@ class Reducer(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REDUCER_MERGE: _ClassVar[Reducer]
     REDUCER_POOL: _ClassVar[Reducer]
     REDUCER_EVS: _ClassVar[Reducer]
+    REDUCER_VIDCOM2: _ClassVar[Reducer]
 
 class PositionRule(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -55,6 +56,7 @@ REDUCER_UNSPECIFIED: Reducer
 REDUCER_MERGE: Reducer
 REDUCER_POOL: Reducer
 REDUCER_EVS: Reducer
+REDUCER_VIDCOM2: Reducer
 POSITION_RULE_UNSPECIFIED: PositionRule
 POSITION_RULE_CONSECUTIVE: PositionRule
 POSITION_RULE_ORIGINAL: PositionRule
