@@ -71,4 +71,4 @@ def vidcom2_drop(features: torch.Tensor, groups: Sequence[torch.Tensor], target_
 
 REDUCER = Reducer("vidcom2", reduce=vidcom2_drop, kept=vidcom2_kept)
 METHOD = pre_llm_method("vidcom2", "vidcom2", "per-frame budgets by frame uniqueness, then each frame's most unique "
-                        "tokens, before the LLM (vLLM's built-in)")
+                        "tokens, before the LLM (vLLM's built-in)", sweep=(0.5, 0.25, 0.125, 0.0625))
