@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 IMPORTANCE_METHODS = ("pagerank", "text", "last_token")
 # How visual tokens are reduced before the LLM (aim_engine/methods): AIM's similarity merging, or a peer's.
-PRE_LLM_METHODS = ("merge", "pool", "evs", "vidcom2")
+PRE_LLM_METHODS = ("merge", "pool", "evs", "vidcom2", "fastvid")
 # Where the visual tokens left after the pre-LLM reduction sit on a 1-D RoPE axis: "original" = at the position
 # of the input token each one stands for (a merged token: its B partner), so every token of the prompt keeps
 # the position it has without reduction; "consecutive" = renumbered 0..n-1 (the paper's rule, aim-method.md §1).

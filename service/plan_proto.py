@@ -15,9 +15,9 @@ _IMPORTANCE_TO_NAME = {pb.IMPORTANCE_UNSPECIFIED: "pagerank", pb.IMPORTANCE_PAGE
 _NAME_TO_IMPORTANCE = {"pagerank": pb.IMPORTANCE_PAGERANK, "text": pb.IMPORTANCE_TEXT,
                        "last_token": pb.IMPORTANCE_LAST_TOKEN}
 _REDUCER_TO_NAME = {pb.REDUCER_UNSPECIFIED: "merge", pb.REDUCER_MERGE: "merge", pb.REDUCER_POOL: "pool",
-                    pb.REDUCER_EVS: "evs", pb.REDUCER_VIDCOM2: "vidcom2"}
+                    pb.REDUCER_EVS: "evs", pb.REDUCER_VIDCOM2: "vidcom2", pb.REDUCER_FASTVID: "fastvid"}
 _NAME_TO_REDUCER = {"merge": pb.REDUCER_MERGE, "pool": pb.REDUCER_POOL, "evs": pb.REDUCER_EVS,
-                    "vidcom2": pb.REDUCER_VIDCOM2}
+                    "vidcom2": pb.REDUCER_VIDCOM2, "fastvid": pb.REDUCER_FASTVID}
 _POSITIONS_TO_NAME = {pb.POSITION_RULE_UNSPECIFIED: "consecutive", pb.POSITION_RULE_CONSECUTIVE: "consecutive",
                       pb.POSITION_RULE_ORIGINAL: "original"}
 _NAME_TO_POSITIONS = {"consecutive": pb.POSITION_RULE_CONSECUTIVE, "original": pb.POSITION_RULE_ORIGINAL}

@@ -164,8 +164,9 @@ def test_text_only_prompt_works(engine_for):
     ReductionPlan(), ReductionPlan(merge_retention=0.25, prune_start=1, prune_end=3),
     ReductionPlan(merge_retention=0.3, reducer="pool"), ReductionPlan(merge_retention=0.3, reducer="evs"),
     ReductionPlan(merge_retention=0.3, reducer="vidcom2", prune_start=2, prune_end=3),
+    ReductionPlan(merge_retention=0.3, reducer="fastvid", proportional_attention=True),
     ReductionPlan(prune_stages=((1, 0.5), (2, 0.25)), importance="last_token"),
-], ids=["none", "aim", "pool", "evs", "vidcom2+aim-pruning", "staged"])
+], ids=["none", "aim", "pool", "evs", "vidcom2+aim-pruning", "fastvid", "staged"])
 def test_estimate_matches_what_generate_spends(engine_for, family, plan):
     engine = engine_for(family)
     parts = [ImagePart(image=random_image(21, (40, 70))), TextPart("and"), ImagePart(image=random_image(22)),

@@ -21,6 +21,7 @@ class Reducer(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REDUCER_POOL: _ClassVar[Reducer]
     REDUCER_EVS: _ClassVar[Reducer]
     REDUCER_VIDCOM2: _ClassVar[Reducer]
+    REDUCER_FASTVID: _ClassVar[Reducer]
 
 class PositionRule(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -57,6 +58,7 @@ REDUCER_MERGE: Reducer
 REDUCER_POOL: Reducer
 REDUCER_EVS: Reducer
 REDUCER_VIDCOM2: Reducer
+REDUCER_FASTVID: Reducer
 POSITION_RULE_UNSPECIFIED: PositionRule
 POSITION_RULE_CONSECUTIVE: PositionRule
 POSITION_RULE_ORIGINAL: PositionRule

@@ -1,0 +1,117 @@
+"""FastVID (Shen et al., 2025), before the LLM: cut the clip into scenes, then in each scene keep salient tokens
+as they are and merge the rest by density into spatio-temporal clusters. Written from the paper's description;
+no code of it is used.
+
+1. Dynamic segmentation. Adjacent frames are compared by the cosine similarity of their mean tokens; the clip is
+   cut wherever it falls below SCENE_CUT_SIMILARITY, and at the MIN_SEGMENTS - 1 lowest similarities whatever
+   their value, so a long shot is still split. Tokens never merge across a cut.
+2. Per scene, its budget (the plan's per-frame targets over its frames, summed) is split: SALIENT_SHARE of it goes
+   to salient tokens, each frame's most distinct from its scene (the paper ranks by the vision encoder's [CLS]
+   attention, which the engine's adapters do not expose: distinctness from the scene's mean is the substitute).
+3. The rest of the scene's tokens are clustered by density peaks (DPC-kNN): a token's density is
+   exp(-(mean distance to its k nearest neighbours)^2); a peak is a token far from any denser one; the highest
+   density x distance tokens are the centres, every other token joins its nearest centre, and a cluster becomes
+   its members' mean, at its centre's position, standing for its size (proportional attention uses it).
+
+A single image or frame is one scene of one frame. Survivors are in their original order.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..merging import MergeResult
+from .base import Reducer, TargetFor, passthrough, pre_llm_method
+
+SCENE_CUT_SIMILARITY = 0.9
+MIN_SEGMENTS = 2
+SALIENT_SHARE = 0.3
+NEIGHBOURS = 5
+
+
+def fastvid_kept(sizes: Sequence[int], target_for: TargetFor) -> int:
+    return sum(target_for(n) for n in sizes)
+
+
+def scene_cuts(frames: torch.Tensor) -> list[int]:
+    """frames (T, d), one summary per frame -> the indices t where a new scene starts (0 first)."""
+    if frames.shape[0] < 2:
+        return [0]
+    similarity = F.cosine_similarity(frames[1:], frames[:-1], dim=-1)  # (T-1,): frame t+1 against frame t
+    cuts = set((torch.nonzero(similarity < SCENE_CUT_SIMILARITY).flatten() + 1).tolist())
+    lowest = torch.sort(similarity, stable=True).indices[:MIN_SEGMENTS - 1] + 1
+    cuts |= set(lowest.tolist())
+    return [0, *sorted(cuts)]
+
+
+def density_peaks(x: torch.Tensor, centres: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (m, d) -> (the centres' indices (centres,), each token's cluster (m,) as an index into the centres)."""
+    m = x.shape[0]
+    distance = torch.cdist(x, x)  # (m, m)
+    k = min(NEIGHBOURS, m - 1)
+    if k > 0:
+        knn = torch.topk(distance, k + 1, largest=False).values[:, 1:]  # without itself
+        density = torch.exp(-(knn.mean(-1) ** 2))
+    else:
+        density = torch.ones(m, device=x.device)
+    order = torch.sort(density, descending=True, stable=True).indices  # ties by index: a strict order
+    rank = torch.empty(m, dtype=torch.long, device=x.device)
+    rank[order] = torch.arange(m, device=x.device)
+    denser = rank[None, :] < rank[:, None]  # (i, j): j is denser than i
+    apart = torch.where(denser, distance, torch.full_like(distance, float("inf"))).min(-1).values
+    apart[order[0]] = distance[order[0]].max()  # the densest token: its farthest distance
+    chosen = torch.sort(torch.topk(density * apart, centres).indices).values
+    cluster = torch.argmin(distance[:, chosen], dim=-1)
+    cluster[chosen] = torch.arange(centres, device=x.device)  # a centre is in its own cluster
+    return chosen, cluster
+
+
+def fastvid_merge(features: torch.Tensor, groups: Sequence[torch.Tensor], target_for: TargetFor) -> MergeResult:
+    sizes = [g.numel() for g in groups]
+    if fastvid_kept(sizes, target_for) >= sum(sizes):
+        return passthrough(features)
+    x = features.float()
+    summaries = torch.stack([x[g].mean(0) for g in groups])
+    cuts = scene_cuts(summaries) + [len(groups)]
+    keep, feats, weights = [], [], []
+    for start, end in zip(cuts[:-1], cuts[1:]):
+        scene = list(range(start, end))
+        budget = sum(target_for(sizes[t]) for t in scene)
+        members = torch.cat([groups[t] for t in scene])
+        if budget >= members.numel():
+            keep.append(members)
+            feats.append(x[members])
+            weights.append(torch.ones(members.numel(), device=x.device))
+            continue
+        salient_total = int(round(SALIENT_SHARE * budget))
+        mean = F.normalize(x[members].mean(0), dim=-1)
+        salient = []
+        for t in scene:  # each frame's share of the salient budget, by its share of the scene's tokens
+            share = round(salient_total * sizes[t] / members.numel())
+            if share:
+                closeness = F.normalize(x[groups[t]], dim=-1) @ mean
+                salient.append(groups[t][torch.sort(closeness, stable=True).indices[:share]])
+        salient = (torch.cat(salient) if salient else members[:0])[:budget - 1]  # at least one cluster
+        rest = members[~torch.isin(members, salient)]
+        centres, cluster = density_peaks(x[rest], budget - salient.numel())
+        counts = torch.bincount(cluster, minlength=centres.numel()).float()
+        merged = torch.zeros(centres.numel(), x.shape[1], device=x.device).index_add_(0, cluster, x[rest])
+        keep += [salient, rest[centres]]
+        feats += [x[salient], merged / counts[:, None]]
+        weights += [torch.ones(salient.numel(), device=x.device), counts]
+    in_group = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
+    for g in groups:
+        in_group[g] = True
+    loose = torch.nonzero(~in_group).flatten()
+    keep, feats = torch.cat([*keep, loose]), torch.cat([*feats, x[loose]])
+    weights = torch.cat([*weights, torch.ones(loose.numel(), device=x.device)])
+    order = torch.argsort(keep)
+    return MergeResult(keep[order], feats[order].to(features.dtype), weights[order])
+
+
+REDUCER = Reducer("fastvid", reduce=fastvid_merge, kept=fastvid_kept)
+METHOD = pre_llm_method("fastvid", "fastvid", "scenes by frame similarity; per scene salient tokens kept and the rest "
+                        "merged by density peaks, before the LLM", sweep=(0.5, 0.25, 0.125, 0.0625))
