@@ -132,9 +132,10 @@ class PrefixCache:
         self._blocks += entry.num_blocks
 
     def evictable_blocks(self) -> int:
-        """Blocks that only the cache holds: what evicting everything would free now."""
-        refs = self.pool._refs
-        return sum(refs[b] == 1 for entry in self._entries.values() for layer in entry.blocks for b in layer)
+        """Blocks that only the cache holds: what evicting everything would free now. Read from other threads (the
+        controller's memory signal): the entries are copied in one step first."""
+        refs, entries = self.pool._refs, list(self._entries.values())
+        return sum(refs[b] == 1 for entry in entries for layer in entry.blocks for b in layer)
 
     def evict_blocks(self, needed: int) -> None:
         """Evicts least recently used entries until `needed` blocks were freed or none is left (an entry whose
