@@ -43,6 +43,14 @@ def passthrough(features: torch.Tensor) -> MergeResult:
                        torch.ones(n, device=features.device))
 
 
+def loose_tokens(features: torch.Tensor, groups: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Indices of the tokens in no group (e.g. a family's separator tokens): every reducer keeps them as they are."""
+    in_group = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
+    for g in groups:
+        in_group[g] = True
+    return torch.nonzero(~in_group).flatten()
+
+
 def assemble_kept(features: torch.Tensor, keep: torch.Tensor, replaced: dict[int, torch.Tensor] | None = None
                   ) -> MergeResult:
     """A MergeResult keeping `keep` (any order) with their own features, except those given in `replaced`."""

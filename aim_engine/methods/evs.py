@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..merging import MergeResult
-from .base import Reducer, TargetFor, passthrough, pre_llm_method
+from .base import Reducer, TargetFor, loose_tokens, passthrough, pre_llm_method
 
 
 def evs_kept(sizes: Sequence[int], target_for: TargetFor) -> int:
@@ -32,10 +32,7 @@ def evs_drop(features: torch.Tensor, groups: Sequence[torch.Tensor], target_for:
     # stable order: among equal changes the earlier token is dropped first
     order = torch.sort(change.flatten(), descending=True, stable=True).indices
     survivors = later.flatten()[order[: budget - sizes[0]]]
-    in_group = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
-    for g in groups:
-        in_group[g] = True
-    keep = torch.sort(torch.cat([groups[0], survivors, torch.nonzero(~in_group).flatten()])).values
+    keep = torch.sort(torch.cat([groups[0], survivors, loose_tokens(features, groups)])).values
     return MergeResult(keep, features[keep], torch.ones(keep.numel(), device=features.device))
 
 

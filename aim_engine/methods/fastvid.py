@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..merging import MergeResult
-from .base import Reducer, TargetFor, passthrough, pre_llm_method
+from .base import Reducer, TargetFor, loose_tokens, passthrough, pre_llm_method
 
 SCENE_CUT_SIMILARITY = 0.9
 MIN_SEGMENTS = 2
@@ -102,10 +102,7 @@ def fastvid_merge(features: torch.Tensor, groups: Sequence[torch.Tensor], target
         keep += [salient, rest[centres]]
         feats += [x[salient], merged / counts[:, None]]
         weights += [torch.ones(salient.numel(), device=x.device), counts]
-    in_group = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
-    for g in groups:
-        in_group[g] = True
-    loose = torch.nonzero(~in_group).flatten()
+    loose = loose_tokens(features, groups)
     keep, feats = torch.cat([*keep, loose]), torch.cat([*feats, x[loose]])
     weights = torch.cat([*weights, torch.ones(loose.numel(), device=x.device)])
     order = torch.argsort(keep)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..merging import MergeResult
-from .base import Reducer, TargetFor, passthrough, pre_llm_method
+from .base import Reducer, TargetFor, loose_tokens, passthrough, pre_llm_method
 
 
 def vidcom2_kept(sizes: Sequence[int], target_for: TargetFor) -> int:
@@ -62,10 +62,7 @@ def vidcom2_drop(features: torch.Tensor, groups: Sequence[torch.Tensor], target_
         similarity = (tokens @ summary + tokens @ clip) / 2  # (n,)
         order = torch.sort(similarity, stable=True).indices  # least similar (most unique) first
         kept.append(group[order[:budget]])
-    in_group = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
-    for g in groups:
-        in_group[g] = True
-    keep = torch.sort(torch.cat([*kept, torch.nonzero(~in_group).flatten()])).values
+    keep = torch.sort(torch.cat([*kept, loose_tokens(features, groups)])).values
     return MergeResult(keep, features[keep], torch.ones(keep.numel(), device=features.device))
 
 
