@@ -241,8 +241,7 @@ def summary_lines(response) -> list[str]:
         f"(not reduced)",
         f"tokens: prompt {u.prompt_tokens}, answer {u.completion_tokens}; KV cache {c.kv_cache_bytes / 1024:.0f} KiB"
         + (f"; feature cache: {u.feature_cache_hits} of {u.feature_cache_hits + u.feature_cache_misses} media "
-           f"reused ({ms(t.vision_seconds_saved)} ms of vision saved)"
-           if u.feature_cache_hits + u.feature_cache_misses else "")
+           f"reused ({ms(t.vision_seconds_saved)} ms of vision saved)" if u.feature_cache_hits else "")
         + (f"; {u.prefix_tokens_reused} prompt tokens from a cached prefix" if u.prefix_tokens_reused else ""),
         f"time (ms): queue {ms(t.queue_seconds)}, media {ms(t.media_seconds)}, vision {ms(t.vision_seconds)}, "
         f"prefill {ms(t.prefill_seconds)}, first token {ms(t.time_to_first_token_seconds)}, decode "
