@@ -352,8 +352,10 @@ class ModelRuntime:
         if deadline is not None:
             budget = min(budget, deadline - now)
         predicted = [self._predict(decoded, shape, level.plan, media=not record) for level in self.ladder]
-        decision = self.controller.choose(predicted, budget, reduction.min_retention, queue_depth=self.waiting,
-                                          priority=reduction.priority, record=record)
+        # the requests waiting with this one: `waiting` counts this one too (it is in the system, not running)
+        decision = self.controller.choose(predicted, budget, reduction.min_retention,
+                                          queue_depth=max(0, self.waiting - 1), priority=reduction.priority,
+                                          record=record)
         if record:
             level_name = self.ladder[decision.level].name if decision.level >= 0 else "none"
             self.metrics.controller_decisions.labels(self.name, level_name, decision.outcome).inc()

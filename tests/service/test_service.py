@@ -56,6 +56,7 @@ def test_auto_plan_is_chosen_by_the_controller(server):
         for _ in range(2):  # the first request teaches the cost model
             reply = client.generate("Hi", videos=[VIDEO], frames=4, max_new_tokens=2, slo_ms=60_000)
         assert reply.applied_plan.source == pb.PLAN_SOURCE_AUTO and "fits" in reply.applied_plan.reason
+        assert "waiting" not in reply.applied_plan.reason  # alone on the server: its budget is its own
         assert reply.applied_plan.plan == pb.ReductionPlan(importance=pb.IMPORTANCE_PAGERANK,  # ample budget: full
                                                            positions=pb.POSITION_RULE_CONSECUTIVE,
                                                            reducer=pb.REDUCER_MERGE)
