@@ -42,6 +42,18 @@ def default_capacity_bytes(device) -> int:
     return CPU_DEFAULT_BYTES
 
 
+def fingerprints(chunks: list[bytes]) -> tuple[bytes, bytes]:
+    """(SHA-256, BLAKE2b-128) of a sequence of byte strings, each prefixed by its length so that the boundaries are
+    part of the input: the address of a cache entry and the independent check compared on every hit."""
+    sha, blake = hashlib.sha256(), hashlib.blake2b(digest_size=16)
+    for chunk in chunks:
+        length = len(chunk).to_bytes(8, "little")
+        for h in (sha, blake):
+            h.update(length)
+            h.update(chunk)
+    return sha.digest(), blake.digest()
+
+
 @dataclass(frozen=True)
 class MediaKey:
     digest: bytes  # SHA-256: the address
@@ -50,16 +62,8 @@ class MediaKey:
 
     @classmethod
     def of(cls, kind: str, sampling: str, chunks: list[bytes]) -> "MediaKey":
-        sha, blake = hashlib.sha256(), hashlib.blake2b(digest_size=16)
-        header = f"{kind}\0{sampling}\0{len(chunks)}\0".encode()
-        for h in (sha, blake):
-            h.update(header)
-        for chunk in chunks:
-            length = len(chunk).to_bytes(8, "little")  # chunk boundaries are part of the input
-            for h in (sha, blake):
-                h.update(length)
-                h.update(chunk)
-        return cls(sha.digest(), blake.digest(), sum(map(len, chunks)))
+        digest, check = fingerprints([f"{kind}\0{sampling}".encode(), *chunks])
+        return cls(digest, check, sum(map(len, chunks)))
 
 
 @dataclass(frozen=True)

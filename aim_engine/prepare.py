@@ -60,10 +60,6 @@ class Preparer:
             return None
         return MediaKey.of(kind, sampling, chunks)
 
-    def _cached(self, kind: str, key: MediaKey | None) -> CachedMedia | None:
-        media = None if key is None else self.feature_cache.peek(key)
-        return None if media is None else CachedMedia(kind, key, media)
-
     def decode_request(self, request: GenerationRequest, should_stop: Callable[[], bool] | None = None,
                        reserve: Callable[[int], None] | None = None) -> GenerationRequest:
         """The request with its media decoded (bytes -> images/frames), validated against the limits."""
@@ -92,10 +88,11 @@ class Preparer:
         def cached(kind: str, key: MediaKey | None) -> CachedMedia | None:
             """A hit skips decoding, not the limits: it counts what decoding it took, so a request is refused or
             served the same whether its media are in the cache or not (nothing is held for it)."""
-            hit = self._cached(kind, key)
-            if hit is not None:
-                take(hit.media.decoded_bytes, f"a cached {kind}", held=False)
-            return hit
+            media = None if key is None else self.feature_cache.peek(key)
+            if media is None:
+                return None
+            take(media.decoded_bytes, f"a cached {kind}", held=False)
+            return CachedMedia(kind, key, media)
 
         def image(data: bytes, mime: str, what: str) -> Image.Image:
             width, height = image_info(data, mime, limits)

@@ -18,12 +18,12 @@ evicted when admission needs room (`KVPool.reclaim`); a block is free once no en
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
+from ..feature_cache import fingerprints
 from .kv_pool import KVPool, SequenceKV
 
 
@@ -90,12 +90,7 @@ class PrefixCache:
             return None
         parts = [str(embeds.dtype).encode(), _bytes_of(embeds[0, :tokens]), _bytes_of(position_ids[..., :tokens]),
                  b"no bias" if key_bias is None else _bytes_of(key_bias[:tokens])]
-        sha, blake = hashlib.sha256(), hashlib.blake2b(digest_size=16)
-        for part in parts:
-            for h in (sha, blake):
-                h.update(len(part).to_bytes(8, "little"))
-                h.update(part)
-        return PrefixKey(sha.digest(), blake.digest(), tokens)
+        return PrefixKey(*fingerprints(parts), tokens)
 
     def lookup(self, key: PrefixKey) -> PrefixEntry | None:
         entry = self._entries.get(key.digest)
