@@ -12,7 +12,6 @@ from ..cost import fill_prefill_stats
 from ..decoder import decode_batch, prefill
 from ..flops import decode_step_flops
 from ..generation import IncrementalText, sample_tokens, sequence_generator
-from ..request import ImagePart, VideoPart
 from .kv_pool import DecodeBatchKV
 from .sequence import Sequence
 
@@ -30,8 +29,8 @@ class ModelRunner:
 
     def encode(self, batch: list[Sequence]) -> dict[int, list]:
         """The vision tower for the sequences admitted together, in one pass where the family allows: their
-        encoded media by sequence id. Each sequence is charged the pass's time in proportion to its frames and
-        images. If the joint pass fails, nothing is returned and each sequence encodes alone (so one bad
+        encoded media by sequence id. Each sequence is charged the pass's time in proportion to the frames and
+        images it sent (what it reused from the feature cache cost it nothing). If the joint pass fails, nothing is returned and each sequence encodes alone (so one bad
         request fails alone)."""
         if len(batch) < 2:
             return {}
@@ -43,11 +42,8 @@ class ModelRunner:
                                                         lambda: all(s.stop_requested() for s in batch))
         except Exception:  # noqa: BLE001 - retried one by one, where the culprit fails alone
             return {}
-        seconds = time.perf_counter() - start
-        weights = [_views(s) for s in batch]
-        total = sum(weights) or 1
-        for seq, weight in zip(batch, weights):
-            seq.stats.timings.vision_s = seconds * weight / total
+        for seq, media in zip(batch, encoded):  # each item carries its share of the pass; a hit spent none
+            seq.stats.timings.vision_s = sum(m.vision_s for m in media if m.cache != "hit")
         return {s.seq_id: media for s, media in zip(batch, encoded)}
 
     def prefill(self, seq: Sequence, media: list | None = None) -> int:
@@ -108,8 +104,3 @@ class ModelRunner:
         sampled = sample_tokens(logits, [s.sampling for s in batch], [s.generator for s in batch])
         return sampled.tolist()  # the step's one device -> host sync
 
-
-def _views(seq: Sequence) -> int:
-    """Images and video frames a sequence sends through the vision tower."""
-    return sum(len(p.frames) if isinstance(p, VideoPart) else 1
-               for p in seq.request.parts if isinstance(p, (ImagePart, VideoPart)))
