@@ -165,11 +165,10 @@ class ReductionPlan:
 
     def describe(self) -> str:
         parts = []
-        verb = {"merge": "merge", "pool": "pool", "evs": "evs"}[self.reducer]
         if self.merge_tokens is not None:
-            parts.append(f"{verb}→{self.merge_tokens}/frame")
+            parts.append(f"{self.reducer}→{self.merge_tokens}/frame")
         elif self.merge_retention is not None:
-            parts.append(f"{verb}→{self.merge_retention:.3g}")
+            parts.append(f"{self.reducer}→{self.merge_retention:.3g}")
         if self.prune_stages:
             stages = " ".join(f"L{layer}:{keep:.3g}" for layer, keep in self.prune_stages)
             parts.append(f"prune {stages} ({self.importance})")

@@ -46,6 +46,14 @@ def test_every_plan_field_has_a_place_on_every_wire():
     assert {f for f in PLAN_FIELDS if f not in ("prune_start", "prune_end")} | {"prune"} <= set(flags)
 
 
+def test_every_plan_describes_itself_naming_its_reducer():
+    """The description is what a response's summary, KServe's aim_plan and the evaluation's table show."""
+    for plan in PLANS:
+        text = plan.describe()
+        given = plan.merge_tokens is not None or plan.merge_retention is not None
+        assert text and (given is (f"{plan.reducer}→" in text)), (plan, text)
+
+
 def test_every_plan_round_trips_through_the_proto():
     assert len(PLANS) == len(MERGES) * len(PRUNES) * len(IMPORTANCE_METHODS) * len(PRE_LLM_METHODS) * 2 * 2
     for plan in PLANS:
