@@ -10,6 +10,9 @@ additive causal mask instead, and the KV pool stores each key's bias next to it 
 K/V live in the paged pool (serving/kv_pool.py), per (sequence, layer). Decode runs one step for a whole
 batch of sequences whose layers hold different numbers of tokens; see `DecodeBatchKV`.
 
+Under a plan's merge_pruned, the pruned visual tokens are first averaged into their most similar kept ones
+(`merge_into_kept`, HoliTom's inner merge), so what they carried stays in the residual stream.
+
 Scores for a pruning decision at layer l come from layer l-1's attention (the last layer that saw the full
 current set), from the queries and keys that layer already computed — no extra projections. The prefill
 hands the layer a `ScoreCapture` through the attention call's keyword arguments, so the request's queries and
@@ -23,13 +26,14 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .errors import Cancelled
-from .importance import score_tokens
+from .importance import DEFAULT_SCORE_BUDGET, score_tokens
 from .plan import ReductionPlan
 from .serving.kv_pool import DecodeBatchKV, KVLayout, KVPool, SequenceKV
 
@@ -157,6 +161,8 @@ def prefill(
             raise Cancelled()
         if targets is not None and targets[layer_idx] < visual_now:
             keep = _select_kept(capture.scores, visual, targets[layer_idx])
+            if plan.merge_pruned:
+                hidden = merge_into_kept(hidden, visual, keep)
             hidden = hidden.index_select(1, keep)
             cos, sin = cos.index_select(-2, keep), sin.index_select(-2, keep)
             index, visual = index[keep], visual[keep]
@@ -219,6 +225,30 @@ def _select_kept(scores: torch.Tensor, visual: torch.Tensor, target: int) -> tor
     chosen = vis[order[:target]]
     text = torch.nonzero(~visual).flatten()
     return torch.sort(torch.cat([text, chosen])).values
+
+
+def merge_into_kept(hidden: torch.Tensor, visual: torch.Tensor, keep: torch.Tensor,
+                    budget: int = DEFAULT_SCORE_BUDGET) -> torch.Tensor:
+    """A plan's merge_pruned: every visual token not in `keep` is averaged into the kept visual token whose hidden
+    state is most like its own (cosine); a kept token becomes the plain mean of itself and the tokens it absorbs.
+    hidden (1, n, d) -> a copy with the kept visual tokens' states replaced. Similarities are formed a block of
+    rows at a time, at most `budget` elements at once."""
+    present = torch.zeros_like(visual)
+    present[keep] = True
+    dropped = torch.nonzero(visual & ~present).flatten()
+    kept = torch.nonzero(visual & present).flatten()
+    if dropped.numel() == 0 or kept.numel() == 0:
+        return hidden
+    h = hidden[0].float()
+    keys = F.normalize(h[kept], dim=-1)
+    rows = max(1, budget // kept.numel())
+    nearest = torch.cat([torch.argmax(F.normalize(h[block], dim=-1) @ keys.T, dim=-1)
+                         for block in dropped.split(rows)])
+    total = h[kept].index_add_(0, nearest, h[dropped])
+    count = torch.ones(kept.numel(), device=h.device).index_add_(0, nearest, torch.ones_like(nearest, dtype=h.dtype))
+    merged = hidden.clone()
+    merged[0, kept] = (total / count[:, None]).to(hidden.dtype)
+    return merged
 
 
 @torch.inference_mode()

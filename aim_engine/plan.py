@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 IMPORTANCE_METHODS = ("pagerank", "text", "last_token")
 # How visual tokens are reduced before the LLM (aim_engine/methods): AIM's similarity merging, or a peer's.
-PRE_LLM_METHODS = ("merge", "pool", "evs", "vidcom2", "fastvid")
+PRE_LLM_METHODS = ("merge", "pool", "evs", "vidcom2", "fastvid", "holitom")
 # Where the visual tokens left after the pre-LLM reduction sit on a 1-D RoPE axis: "original" = at the position
 # of the input token each one stands for (a merged token: its B partner), so every token of the prompt keeps
 # the position it has without reduction; "consecutive" = renumbered 0..n-1 (the paper's rule, aim-method.md §1).
@@ -47,14 +47,17 @@ class ReductionPlan:
     importance: how visual tokens are ranked for pruning: "pagerank" (the paper's attention-graph
         score), "text" (attention the text tokens pay to each visual token) or "last_token" (attention the
         last prompt token pays, as FastV and PDrop rank).
-    reducer: how merge_tokens / merge_retention is reached before the LLM: "merge" (AIM's similarity merging),
-        "pool" (uniform spatial pooling) or "evs" (drop tokens unchanged since the previous frame).
+    reducer: how merge_tokens / merge_retention is reached before the LLM, one of PRE_LLM_METHODS: "merge" (AIM's
+        similarity merging) or a peer's (aim_engine/methods).
     positions: the position ids of the reduced prompt on 1-D RoPE models, one of POSITION_RULES. Pruning inside
         the LLM always keeps each token's position.
     proportional_attention: every query adds log(size) to its attention logit for a token that stands for
         `size` input tokens, so a merged token draws the attention its members would together (for identical
-        members, exactly). Off: the paper's plain attention. Only the "merge" reducer makes sizes other than 1;
-        with the others (and without merging) the flag changes nothing.
+        members, exactly). Off: the paper's plain attention. Only reducers that merge (merge, fastvid, holitom)
+        make sizes other than 1; with the others (and without merging) the flag changes nothing.
+    merge_pruned: a visual token pruned inside the LLM is not dropped but averaged into the kept visual token
+        most like it (cosine of their hidden states at the pruning layer), as HoliTom's inner-LLM merge does.
+        Without pruning it changes nothing.
     """
 
     merge_tokens: int | None = None
@@ -66,6 +69,7 @@ class ReductionPlan:
     reducer: str = "merge"
     positions: str = "consecutive"
     proportional_attention: bool = False
+    merge_pruned: bool = False
 
     def __post_init__(self) -> None:
         if self.merge_tokens is not None and self.merge_retention is not None:
@@ -97,8 +101,9 @@ class ReductionPlan:
             raise PlanError(f"reducer must be one of {PRE_LLM_METHODS}, got {self.reducer!r}")
         if self.positions not in POSITION_RULES:
             raise PlanError(f"positions must be one of {POSITION_RULES}, got {self.positions!r}")
-        if not isinstance(self.proportional_attention, bool):
-            raise PlanError(f"proportional_attention must be true or false, got {self.proportional_attention!r}")
+        for flag in ("proportional_attention", "merge_pruned"):
+            if not isinstance(getattr(self, flag), bool):
+                raise PlanError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if self.importance not in IMPORTANCE_METHODS:
             raise PlanError(f"importance must be one of {IMPORTANCE_METHODS}, got {self.importance!r}")
 
@@ -174,9 +179,11 @@ class ReductionPlan:
             parts.append(f"prune {stages} ({self.importance})")
         elif self.prunes:
             parts.append(f"prune {self.prune_start}-{self.prune_end} ({self.importance})")
+        if self.prunes and self.merge_pruned:
+            parts.append("pruned merged into kept")
         if self.merges and self.positions != _DEFAULT_POSITIONS:
             parts.append(f"{self.positions} positions")
-        if self.merges and self.reducer == "merge" and self.proportional_attention:
+        if self.merges and self.proportional_attention:
             parts.append("proportional attention")
         return ", ".join(parts) or "none"
 
@@ -213,6 +220,7 @@ def format_prune_stages(stages: tuple[tuple[int, float], ...]) -> str:
 _FIELD_PARSERS = {
     "merge_tokens": int, "merge_retention": float, "prune_start": int, "prune_end": int,
     "importance": str, "reducer": str, "positions": str, "proportional_attention": _parse_bool,
+    "merge_pruned": _parse_bool,
     "prune_stages": parse_prune_stages,
 }
 

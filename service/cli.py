@@ -114,9 +114,11 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
                    help="positions of merge survivors (1-D RoPE models; M-RoPE models keep their own)")
     g.add_argument("--proportional-attention", action=argparse.BooleanOptionalAction,
                    help="merged tokens draw attention by how many tokens they stand for")
+    g.add_argument("--merge-pruned", action=argparse.BooleanOptionalAction,
+                   help="tokens pruned inside the LLM are averaged into their most similar kept token (HoliTom)")
 
 
-_HOW_FLAGS = ("importance", "reducer", "positions", "proportional_attention")
+_HOW_FLAGS = ("importance", "reducer", "positions", "proportional_attention", "merge_pruned")
 
 
 def plan_from_flags(args, model_default) -> ReductionPlan | None:

@@ -48,6 +48,7 @@ PARAMETERS = {  # name: (type, meaning)
     "aim_reducer": (str, f"plan: {' | '.join(PRE_LLM_METHODS)} (how the merge target is reached)"),
     "aim_positions": (str, f"plan: {' | '.join(POSITION_RULES)}"),
     "aim_proportional_attention": (bool, "plan: merged tokens draw attention by their size"),
+    "aim_merge_pruned": (bool, "plan: tokens pruned in the LLM are merged into their most similar kept token"),
     "aim_slo_ms": (int, "auto: latency target"),
     "aim_min_retention": (float, "auto: quality floor"),
     "aim_priority": (str, f"auto: {' | '.join(PRIORITIES)} (the decision's safety margin)"),
@@ -56,7 +57,8 @@ PARAMETERS = {  # name: (type, meaning)
 PLAN_PARAMETERS = {"aim_merge_tokens": "merge_tokens", "aim_merge_retention": "merge_retention",
                    "aim_prune_start": "prune_start", "aim_prune_end": "prune_end",
                    "aim_prune_stages": "prune_stages", "aim_importance": "importance", "aim_reducer": "reducer",
-                   "aim_positions": "positions", "aim_proportional_attention": "proportional_attention"}
+                   "aim_positions": "positions", "aim_proportional_attention": "proportional_attention",
+                   "aim_merge_pruned": "merge_pruned"}
 
 
 def plan_from_parameters(params: dict) -> ReductionPlan:

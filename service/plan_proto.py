@@ -15,9 +15,11 @@ _IMPORTANCE_TO_NAME = {pb.IMPORTANCE_UNSPECIFIED: "pagerank", pb.IMPORTANCE_PAGE
 _NAME_TO_IMPORTANCE = {"pagerank": pb.IMPORTANCE_PAGERANK, "text": pb.IMPORTANCE_TEXT,
                        "last_token": pb.IMPORTANCE_LAST_TOKEN}
 _REDUCER_TO_NAME = {pb.REDUCER_UNSPECIFIED: "merge", pb.REDUCER_MERGE: "merge", pb.REDUCER_POOL: "pool",
-                    pb.REDUCER_EVS: "evs", pb.REDUCER_VIDCOM2: "vidcom2", pb.REDUCER_FASTVID: "fastvid"}
+                    pb.REDUCER_EVS: "evs", pb.REDUCER_VIDCOM2: "vidcom2", pb.REDUCER_FASTVID: "fastvid",
+                    pb.REDUCER_HOLITOM: "holitom"}
 _NAME_TO_REDUCER = {"merge": pb.REDUCER_MERGE, "pool": pb.REDUCER_POOL, "evs": pb.REDUCER_EVS,
-                    "vidcom2": pb.REDUCER_VIDCOM2, "fastvid": pb.REDUCER_FASTVID}
+                    "vidcom2": pb.REDUCER_VIDCOM2, "fastvid": pb.REDUCER_FASTVID,
+                    "holitom": pb.REDUCER_HOLITOM}
 _POSITIONS_TO_NAME = {pb.POSITION_RULE_UNSPECIFIED: "consecutive", pb.POSITION_RULE_CONSECUTIVE: "consecutive",
                       pb.POSITION_RULE_ORIGINAL: "original"}
 _NAME_TO_POSITIONS = {"consecutive": pb.POSITION_RULE_CONSECUTIVE, "original": pb.POSITION_RULE_ORIGINAL}
@@ -55,6 +57,7 @@ def plan_from_proto(msg: pb.ReductionPlan) -> ReductionPlan:
         reducer=_enum_name(pb.Reducer, _REDUCER_TO_NAME, msg.reducer, "reducer"),
         positions=_enum_name(pb.PositionRule, _POSITIONS_TO_NAME, msg.positions, "positions"),
         proportional_attention=msg.proportional_attention,
+        merge_pruned=msg.merge_pruned,
     )
 
 
@@ -65,4 +68,5 @@ def plan_to_proto(plan: ReductionPlan) -> pb.ReductionPlan:
                             prune_stages=[pb.PruneStage(layer=layer, keep=keep) for layer, keep in plan.prune_stages],
                             reducer=_NAME_TO_REDUCER[plan.reducer],
                             positions=_NAME_TO_POSITIONS[plan.positions],
-                            proportional_attention=plan.proportional_attention)
+                            proportional_attention=plan.proportional_attention,
+                            merge_pruned=plan.merge_pruned)

@@ -16,6 +16,9 @@ import torch
 from ..merging import MergeResult
 from ..plan import ReductionPlan
 
+# DPC-kNN (FastVID, HoliTom): a token's density is over its NEIGHBOURS nearest tokens.
+NEIGHBOURS = 5
+
 TargetFor = Callable[[int], int]  # tokens a group (frame / crop) of n tokens should keep
 
 
@@ -49,6 +52,31 @@ def loose_tokens(features: torch.Tensor, groups: Sequence[torch.Tensor]) -> torc
     for g in groups:
         in_group[g] = True
     return torch.nonzero(~in_group).flatten()
+
+
+def density_peaks(x: torch.Tensor, centres: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Density-peak clustering (DPC-kNN): a token's density is exp(-(mean distance to its k nearest
+    neighbours)^2); a peak is a token far from any denser one; the `centres` highest density x distance tokens
+    are the centres and every other token joins its nearest centre.
+    x (m, d) -> (the centres' indices (centres,), each token's cluster (m,) as an index into the centres)."""
+    m = x.shape[0]
+    distance = torch.cdist(x, x)  # (m, m)
+    k = min(NEIGHBOURS, m - 1)
+    if k > 0:
+        knn = torch.topk(distance, k + 1, largest=False).values[:, 1:]  # without itself
+        density = torch.exp(-(knn.mean(-1) ** 2))
+    else:
+        density = torch.ones(m, device=x.device)
+    order = torch.sort(density, descending=True, stable=True).indices  # ties by index: a strict order
+    rank = torch.empty(m, dtype=torch.long, device=x.device)
+    rank[order] = torch.arange(m, device=x.device)
+    denser = rank[None, :] < rank[:, None]  # (i, j): j is denser than i
+    apart = torch.where(denser, distance, torch.full_like(distance, float("inf"))).min(-1).values
+    apart[order[0]] = distance[order[0]].max()  # the densest token: its farthest distance
+    chosen = torch.sort(torch.topk(density * apart, centres).indices).values
+    cluster = torch.argmin(distance[:, chosen], dim=-1)
+    cluster[chosen] = torch.arange(centres, device=x.device)  # a centre is in its own cluster
+    return chosen, cluster
 
 
 def assemble_kept(features: torch.Tensor, keep: torch.Tensor, replaced: dict[int, torch.Tensor] | None = None

@@ -24,12 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from ..merging import MergeResult
-from .base import Reducer, TargetFor, loose_tokens, passthrough, pre_llm_method
+from .base import Reducer, TargetFor, density_peaks, loose_tokens, passthrough, pre_llm_method
 
 SCENE_CUT_SIMILARITY = 0.9
 MIN_SEGMENTS = 2
 SALIENT_SHARE = 0.3
-NEIGHBOURS = 5
 
 
 def fastvid_kept(sizes: Sequence[int], target_for: TargetFor) -> int:
@@ -45,28 +44,6 @@ def scene_cuts(frames: torch.Tensor) -> list[int]:
     lowest = torch.sort(similarity, stable=True).indices[:MIN_SEGMENTS - 1] + 1
     cuts |= set(lowest.tolist())
     return [0, *sorted(cuts)]
-
-
-def density_peaks(x: torch.Tensor, centres: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (m, d) -> (the centres' indices (centres,), each token's cluster (m,) as an index into the centres)."""
-    m = x.shape[0]
-    distance = torch.cdist(x, x)  # (m, m)
-    k = min(NEIGHBOURS, m - 1)
-    if k > 0:
-        knn = torch.topk(distance, k + 1, largest=False).values[:, 1:]  # without itself
-        density = torch.exp(-(knn.mean(-1) ** 2))
-    else:
-        density = torch.ones(m, device=x.device)
-    order = torch.sort(density, descending=True, stable=True).indices  # ties by index: a strict order
-    rank = torch.empty(m, dtype=torch.long, device=x.device)
-    rank[order] = torch.arange(m, device=x.device)
-    denser = rank[None, :] < rank[:, None]  # (i, j): j is denser than i
-    apart = torch.where(denser, distance, torch.full_like(distance, float("inf"))).min(-1).values
-    apart[order[0]] = distance[order[0]].max()  # the densest token: its farthest distance
-    chosen = torch.sort(torch.topk(density * apart, centres).indices).values
-    cluster = torch.argmin(distance[:, chosen], dim=-1)
-    cluster[chosen] = torch.arange(centres, device=x.device)  # a centre is in its own cluster
-    return chosen, cluster
 
 
 def fastvid_merge(features: torch.Tensor, groups: Sequence[torch.Tensor], target_for: TargetFor) -> MergeResult:

@@ -166,7 +166,10 @@ def test_text_only_prompt_works(engine_for):
     ReductionPlan(merge_retention=0.3, reducer="vidcom2", prune_start=2, prune_end=3),
     ReductionPlan(merge_retention=0.3, reducer="fastvid", proportional_attention=True),
     ReductionPlan(prune_stages=((1, 0.5), (2, 0.25)), importance="last_token"),
-], ids=["none", "aim", "pool", "evs", "vidcom2+aim-pruning", "fastvid", "staged"])
+    ReductionPlan(merge_retention=0.3, reducer="holitom", prune_stages=((2, 0.5),), importance="last_token",
+                  merge_pruned=True),
+    ReductionPlan(merge_retention=0.3, reducer="holitom", prune_start=1, prune_end=3, proportional_attention=True),
+], ids=["none", "aim", "pool", "evs", "vidcom2+aim-pruning", "fastvid", "staged", "holitom", "holitom+aim-pruning"])
 def test_estimate_matches_what_generate_spends(engine_for, family, plan):
     engine = engine_for(family)
     parts = [ImagePart(image=random_image(21, (40, 70))), TextPart("and"), ImagePart(image=random_image(22)),

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from aim_engine.methods.fastvid import density_peaks, fastvid_kept, fastvid_merge, scene_cuts
+from aim_engine.methods.base import density_peaks
+from aim_engine.methods.fastvid import fastvid_kept, fastvid_merge, scene_cuts
 from aim_engine.plan import ReductionPlan
 
 

@@ -98,4 +98,5 @@ def test_reducers_are_chosen_by_the_plan(engine_for):
         kept[reducer] = int(prepared.is_visual.sum())
     # 4 frames of 3x3 = 9 tokens: merge keeps round(4.5) = 4 or 5 per frame; pooling a 2x2 grid; EVS a total
     assert kept["pool"] == 4 * 4 and kept["evs"] == max(9, 4 * round(9 * 0.5)) and kept["merge"] == 4 * round(4.5)
-    assert kept["vidcom2"] == kept["fastvid"] == 4 * round(4.5)  # the per-frame targets' sum, shared unevenly
+    # the per-frame targets' sum, shared unevenly
+    assert kept["vidcom2"] == kept["fastvid"] == kept["holitom"] == 4 * round(4.5)

@@ -31,9 +31,11 @@ def physical_run(engine, prepared, plan, steps):
 
 
 @torch.inference_mode()
-def masked_reference(engine, prepared, kept_per_layer, tokens):
+def masked_reference(engine, prepared, kept_per_layer, tokens, merge_pruned=False):
     """Every token runs through every layer; from a token's decision layer on, no query may attend to it.
-    Under proportional attention every query adds the prompt's key bias (log size) to its logits."""
+    Under proportional attention every query adds the prompt's key bias (log size) to its logits. With
+    `merge_pruned`, at a decision layer each token pruned there is first averaged into the kept visual token whose
+    hidden state is most like its own (cosine), one token at a time, as the plan field says."""
     lm = engine.lm
     n = prepared.embeds.shape[1]
     bias = prepared.key_bias if prepared.key_bias is not None else torch.zeros(n)
@@ -48,6 +50,8 @@ def masked_reference(engine, prepared, kept_per_layer, tokens):
     for layer_idx, layer in enumerate(lm.layers):
         keys_alive = torch.zeros(n, dtype=torch.bool)
         keys_alive[kept_per_layer[layer_idx]] = True
+        if merge_pruned and layer_idx > 0:
+            hidden = merged_reference(hidden, alive[-1] & ~keys_alive, keys_alive & prepared.is_visual)
         alive.append(keys_alive)
         mask = (causal & keys_alive[None, :]) | torch.eye(n, dtype=torch.bool)
         hidden = layer(hidden, attention_mask=additive(mask, bias[None, :])[None, None],
@@ -63,6 +67,20 @@ def masked_reference(engine, prepared, kept_per_layer, tokens):
                            position_embeddings=(cos, sin), cache=cache, use_cache=True)
         logits.append(lm.lm_head(lm.norm(hidden))[0, -1].float())
     return torch.stack(logits)
+
+
+def merged_reference(hidden, pruned, kept):
+    states = hidden[0].clone()
+    groups = {int(k): [int(k)] for k in torch.nonzero(kept).flatten()}
+    if not groups:
+        return hidden
+    for d in torch.nonzero(pruned).flatten().tolist():
+        nearest = max(groups, key=lambda k: float(torch.nn.functional.cosine_similarity(
+            hidden[0, d].float(), hidden[0, k].float(), dim=0)))
+        groups[nearest].append(d)
+    for k, members in groups.items():
+        states[k] = hidden[0, members].float().mean(0).to(hidden.dtype)
+    return states[None]
 
 
 def cases():
@@ -86,6 +104,10 @@ PLANS = {
                                                     positions="original"),
     "merge+prune/proportional": ReductionPlan(merge_retention=0.5, prune_start=2, prune_end=5,
                                               proportional_attention=True),
+    # HoliTom's shape: its reducer, and the pruned averaged into their nearest kept token
+    "holitom/merge-pruned": ReductionPlan(merge_retention=0.5, reducer="holitom", prune_stages=((2, 0.5), (4, 0.2)),
+                                          importance="last_token", merge_pruned=True),
+    "progressive/merge-pruned": ReductionPlan(prune_start=2, prune_end=5, merge_pruned=True),
 }
 
 
@@ -107,8 +129,11 @@ def test_physical_pruning_equals_masked_reference(engine_for, family, case, part
     for layer_idx, n_tokens in enumerate(pre.tokens_per_layer):
         assert pre.cache.get_seq_length(layer_idx) == n_tokens + DECODE_STEPS
 
-    reference = masked_reference(engine, prepared, pre.kept_per_layer, tokens)
+    reference = masked_reference(engine, prepared, pre.kept_per_layer, tokens, plan.merge_pruned)
     torch.testing.assert_close(logits, reference, atol=2e-5, rtol=1e-5)
+    if plan.merge_pruned:  # and merging is not dropping: the plain-pruned reference differs
+        dropped = masked_reference(engine, prepared, pre.kept_per_layer, tokens)
+        assert not torch.allclose(logits, dropped, atol=1e-3)
 
 
 @pytest.mark.parametrize("importance", ["pagerank", "text"])

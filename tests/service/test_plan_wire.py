@@ -30,10 +30,10 @@ PRUNES = [{}, dict(prune_start=2, prune_end=5), dict(prune_stages=((1, 0.5),)),
 def all_plans():
     """The product of every merge and prune shape with every importance, reducer, position rule and attention
     rule: a new value in the engine's tuples is drawn here without touching the test."""
-    for merge, prune, importance, reducer, positions, proportional in itertools.product(
-            MERGES, PRUNES, IMPORTANCE_METHODS, PRE_LLM_METHODS, POSITION_RULES, (False, True)):
+    for merge, prune, importance, reducer, positions, proportional, merge_pruned in itertools.product(
+            MERGES, PRUNES, IMPORTANCE_METHODS, PRE_LLM_METHODS, POSITION_RULES, (False, True), (False, True)):
         yield ReductionPlan(**merge, **prune, importance=importance, reducer=reducer, positions=positions,
-                            proportional_attention=proportional)
+                            proportional_attention=proportional, merge_pruned=merge_pruned)
 
 
 PLANS = list(all_plans())
@@ -55,7 +55,7 @@ def test_every_plan_describes_itself_naming_its_reducer():
 
 
 def test_every_plan_round_trips_through_the_proto():
-    assert len(PLANS) == len(MERGES) * len(PRUNES) * len(IMPORTANCE_METHODS) * len(PRE_LLM_METHODS) * 2 * 2
+    assert len(PLANS) == len(MERGES) * len(PRUNES) * len(IMPORTANCE_METHODS) * len(PRE_LLM_METHODS) * 2 * 2 * 2
     for plan in PLANS:
         msg = plan_to_proto(plan)
         assert plan_from_proto(pb.ReductionPlan.FromString(msg.SerializeToString())) == plan, plan
@@ -158,9 +158,9 @@ MODEL_DEFAULT = ReductionPlan(merge_retention=0.16, importance="text", reducer="
     (["--merge-retention", "0.5", "--reducer", "merge", "--no-proportional-attention"],
      ReductionPlan(merge_retention=0.5, importance="text", reducer="merge", positions="original")),
     (["--merge-tokens", "4", "--reducer", "evs", "--prune", "2", "5", "--importance", "pagerank", "--positions",
-      "consecutive", "--proportional-attention"],
+      "consecutive", "--proportional-attention", "--merge-pruned"],
      ReductionPlan(merge_tokens=4, reducer="evs", prune_start=2, prune_end=5, importance="pagerank",
-                   positions="consecutive", proportional_attention=True)),
+                   positions="consecutive", proportional_attention=True, merge_pruned=True)),
 ])
 def test_the_command_lines_give_every_plan_field_and_the_rest_from_the_models_default(argv, expected):
     """Both command lines (the client's and `ask`) read a plan with one helper: the flags say how much to reduce,
@@ -179,7 +179,7 @@ def test_an_explicit_client_plan_asks_the_server_for_the_models_rules_only_when_
                                                                         merge_tokens=3)
     assert asked == ["m1"]
     every_rule = ["--importance", "text", "--reducer", "merge", "--positions", "original",
-                  "--no-proportional-attention"]
+                  "--no-proportional-attention", "--no-merge-pruned"]
     args = build_parser().parse_args(["generate", "--merge-tokens", "3", *every_rule])
     assert _request_kwargs(args, client)["plan"] == ReductionPlan(merge_tokens=3, importance="text",
                                                                   positions="original")
@@ -191,7 +191,7 @@ def test_an_explicit_client_plan_asks_the_server_for_the_models_rules_only_when_
 @pytest.mark.parametrize("argv,message", [
     (["--importance", "text"], "--importance only say how to reduce: add --merge-tokens"),
     (["--none", "--merge-tokens", "2", "--positions", "original", "--importance", "text", "--reducer", "merge",
-      "--proportional-attention"], "give one of --none, --aim-default or an explicit plan's flags"),
+      "--proportional-attention", "--no-merge-pruned"], "give one of --none, --aim-default or an explicit plan's flags"),
     (["--none", "--slo-ms", "100"], "--slo-ms only apply to auto requests"),
 ])
 def test_contradictory_reduction_flags_are_refused_before_anything_is_sent(argv, message):

@@ -24,25 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61im/v1/aim_service.proto\x12\x06\x61im.v1\"(\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\"<\n\x05Video\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\x12\n\nnum_frames\x18\x03 \x01(\r\"4\n\x06\x46rames\x12\x1d\n\x06\x66rames\x18\x01 \x03(\x0b\x32\r.aim.v1.Image\x12\x0b\n\x03\x66ps\x18\x02 \x01(\x01\"\x8a\x01\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x1e\n\x05image\x18\x02 \x01(\x0b\x32\r.aim.v1.ImageH\x00\x12\x1e\n\x05video\x18\x03 \x01(\x0b\x32\r.aim.v1.VideoH\x00\x12 \n\x06\x66rames\x18\x04 \x01(\x0b\x32\x0e.aim.v1.FramesH\x00\x42\t\n\x07\x63ontent\"\x8a\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x42\x07\n\x05_seed\")\n\nPruneStage\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0c\n\x04keep\x18\x02 \x01(\x01\"\xa3\x02\n\rReductionPlan\x12\x14\n\x0cmerge_tokens\x18\x01 \x01(\r\x12\x17\n\x0fmerge_retention\x18\x02 \x01(\x02\x12\x13\n\x0bprune_start\x18\x03 \x01(\r\x12\x11\n\tprune_end\x18\x04 \x01(\r\x12&\n\nimportance\x18\x05 \x01(\x0e\x32\x12.aim.v1.Importance\x12\'\n\tpositions\x18\x06 \x01(\x0e\x32\x14.aim.v1.PositionRule\x12\x1e\n\x16proportional_attention\x18\x07 \x01(\x08\x12 \n\x07reducer\x18\x08 \x01(\x0e\x32\x0f.aim.v1.Reducer\x12(\n\x0cprune_stages\x18\t \x03(\x0b\x32\x12.aim.v1.PruneStage\"_\n\nAutoBudget\x12\x16\n\x0elatency_slo_ms\x18\x01 \x01(\r\x12\"\n\x08priority\x18\x02 \x01(\x0e\x32\x10.aim.v1.Priority\x12\x15\n\rmin_retention\x18\x03 \x01(\x02\"\r\n\x0bNoReduction\"\x85\x01\n\tReduction\x12\"\n\x04\x61uto\x18\x01 \x01(\x0b\x32\x12.aim.v1.AutoBudgetH\x00\x12%\n\x04plan\x18\x02 \x01(\x0b\x32\x15.aim.v1.ReductionPlanH\x00\x12#\n\x04none\x18\x03 \x01(\x0b\x32\x13.aim.v1.NoReductionH\x00\x42\x08\n\x06\x63hoice\"\xab\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x05parts\x18\x02 \x03(\x0b\x32\x13.aim.v1.ContentPart\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.aim.v1.SamplingParams\x12$\n\treduction\x18\x04 \x01(\x0b\x32\x11.aim.v1.Reduction\x12\x15\n\rsystem_prompt\x18\x05 \x01(\t\"\xb1\x01\n\x15GenerateStreamRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x05parts\x18\x02 \x03(\x0b\x32\x13.aim.v1.ContentPart\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.aim.v1.SamplingParams\x12$\n\treduction\x18\x04 \x01(\x0b\x32\x11.aim.v1.Reduction\x12\x15\n\rsystem_prompt\x18\x05 \x01(\t\"\xea\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x18\n\x10visual_tokens_in\x18\x03 \x01(\r\x12\x1c\n\x14visual_tokens_merged\x18\x04 \x01(\r\x12\x1f\n\x17visual_tokens_per_layer\x18\x05 \x03(\r\x12\x1a\n\x12\x66\x65\x61ture_cache_hits\x18\x06 \x01(\r\x12\x1c\n\x14\x66\x65\x61ture_cache_misses\x18\x07 \x01(\r\x12\x1c\n\x14prefix_tokens_reused\x18\x08 \x01(\r\"\x99\x01\n\x04\x43ost\x12\x1e\n\x16\x62\x61seline_prefill_flops\x18\x01 \x01(\x01\x12\x15\n\rprefill_flops\x18\x02 \x01(\x01\x12\x16\n\x0esaved_fraction\x18\x03 \x01(\x01\x12\x14\n\x0cvision_flops\x18\x04 \x01(\x01\x12\x14\n\x0c\x64\x65\x63ode_flops\x18\x05 \x01(\x01\x12\x16\n\x0ekv_cache_bytes\x18\x06 \x01(\x04\"\xda\x01\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x15\n\rmedia_seconds\x18\x02 \x01(\x01\x12\x16\n\x0evision_seconds\x18\x03 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x04 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x05 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x06 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x07 \x01(\x01\x12\x1c\n\x14vision_seconds_saved\x18\x08 \x01(\x01\"f\n\x0b\x41ppliedPlan\x12#\n\x04plan\x18\x01 \x01(\x0b\x32\x15.aim.v1.ReductionPlan\x12\"\n\x06source\x18\x02 \x01(\x0e\x32\x12.aim.v1.PlanSource\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xe3\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x14.aim.v1.FinishReason\x12\x1c\n\x05usage\x18\x03 \x01(\x0b\x32\r.aim.v1.Usage\x12\x1a\n\x04\x63ost\x18\x04 \x01(\x0b\x32\x0c.aim.v1.Cost\x12 \n\x07timings\x18\x05 \x01(\x0b\x32\x0f.aim.v1.Timings\x12)\n\x0c\x61pplied_plan\x18\x06 \x01(\x0b\x32\x13.aim.v1.AppliedPlan\x12\r\n\x05model\x18\x07 \x01(\t\"c\n\x16GenerateStreamResponse\x12\x14\n\ntext_delta\x18\x01 \x01(\tH\x00\x12*\n\x06result\x18\x02 \x01(\x0b\x32\x18.aim.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"|\n\x06Limits\x12\x17\n\x0fmax_media_bytes\x18\x01 \x01(\x04\x12\x12\n\nmax_pixels\x18\x02 \x01(\x04\x12\x12\n\nmax_frames\x18\x03 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x04\"\xda\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x16\n\x0esupports_video\x18\x05 \x01(\x08\x12+\n\x0c\x64\x65\x66\x61ult_plan\x18\x06 \x01(\x0b\x32\x15.aim.v1.ReductionPlan\x12\x1e\n\x06limits\x18\x07 \x01(\x0b\x32\x0e.aim.v1.Limits\x12\x15\n\rserved_models\x18\x08 \x03(\t\"\xaf\x01\n\x13\x45stimateCostRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x05parts\x18\x02 \x03(\x0b\x32\x13.aim.v1.ContentPart\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.aim.v1.SamplingParams\x12$\n\treduction\x18\x04 \x01(\x0b\x32\x11.aim.v1.Reduction\x12\x15\n\rsystem_prompt\x18\x05 \x01(\t\"\xd3\x01\n\x14\x45stimateCostResponse\x12\x18\n\x10visual_tokens_in\x18\x01 \x01(\r\x12\x1c\n\x14visual_tokens_merged\x18\x02 \x01(\r\x12\x1e\n\x16\x62\x61seline_prefill_flops\x18\x03 \x01(\x01\x12\x15\n\rprefill_flops\x18\x04 \x01(\x01\x12!\n\x19predicted_latency_seconds\x18\x05 \x01(\x01\x12)\n\x0c\x61pplied_plan\x18\x06 \x01(\x0b\x32\x13.aim.v1.AppliedPlan*q\n\nImportance\x12\x1a\n\x16IMPORTANCE_UNSPECIFIED\x10\x00\x12\x17\n\x13IMPORTANCE_PAGERANK\x10\x01\x12\x13\n\x0fIMPORTANCE_TEXT\x10\x02\x12\x19\n\x15IMPORTANCE_LAST_TOKEN\x10\x03*\x82\x01\n\x07Reducer\x12\x17\n\x13REDUCER_UNSPECIFIED\x10\x00\x12\x11\n\rREDUCER_MERGE\x10\x01\x12\x10\n\x0cREDUCER_POOL\x10\x02\x12\x0f\n\x0bREDUCER_EVS\x10\x03\x12\x13\n\x0fREDUCER_VIDCOM2\x10\x04\x12\x13\n\x0fREDUCER_FASTVID\x10\x05*h\n\x0cPositionRule\x12\x1d\n\x19POSITION_RULE_UNSPECIFIED\x10\x00\x12\x1d\n\x19POSITION_RULE_CONSECUTIVE\x10\x01\x12\x1a\n\x16POSITION_RULE_ORIGINAL\x10\x02*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03*o\n\nPlanSource\x12\x1b\n\x17PLAN_SOURCE_UNSPECIFIED\x10\x00\x12\x14\n\x10PLAN_SOURCE_NONE\x10\x01\x12\x18\n\x14PLAN_SOURCE_EXPLICIT\x10\x02\x12\x14\n\x10PLAN_SOURCE_AUTO\x10\x03\x32\xb4\x02\n\nAimService\x12=\n\x08Generate\x12\x17.aim.v1.GenerateRequest\x1a\x18.aim.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1d.aim.v1.GenerateStreamRequest\x1a\x1e.aim.v1.GenerateStreamResponse0\x01\x12I\n\x0cGetModelInfo\x12\x1b.aim.v1.GetModelInfoRequest\x1a\x1c.aim.v1.GetModelInfoResponse\x12I\n\x0c\x45stimateCost\x12\x1b.aim.v1.EstimateCostRequest\x1a\x1c.aim.v1.EstimateCostResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61im/v1/aim_service.proto\x12\x06\x61im.v1\"(\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\"<\n\x05Video\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\x12\n\nnum_frames\x18\x03 \x01(\r\"4\n\x06\x46rames\x12\x1d\n\x06\x66rames\x18\x01 \x03(\x0b\x32\r.aim.v1.Image\x12\x0b\n\x03\x66ps\x18\x02 \x01(\x01\"\x8a\x01\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x1e\n\x05image\x18\x02 \x01(\x0b\x32\r.aim.v1.ImageH\x00\x12\x1e\n\x05video\x18\x03 \x01(\x0b\x32\r.aim.v1.VideoH\x00\x12 \n\x06\x66rames\x18\x04 \x01(\x0b\x32\x0e.aim.v1.FramesH\x00\x42\t\n\x07\x63ontent\"\x8a\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x42\x07\n\x05_seed\")\n\nPruneStage\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0c\n\x04keep\x18\x02 \x01(\x01\"\xb9\x02\n\rReductionPlan\x12\x14\n\x0cmerge_tokens\x18\x01 \x01(\r\x12\x17\n\x0fmerge_retention\x18\x02 \x01(\x02\x12\x13\n\x0bprune_start\x18\x03 \x01(\r\x12\x11\n\tprune_end\x18\x04 \x01(\r\x12&\n\nimportance\x18\x05 \x01(\x0e\x32\x12.aim.v1.Importance\x12\'\n\tpositions\x18\x06 \x01(\x0e\x32\x14.aim.v1.PositionRule\x12\x1e\n\x16proportional_attention\x18\x07 \x01(\x08\x12 \n\x07reducer\x18\x08 \x01(\x0e\x32\x0f.aim.v1.Reducer\x12(\n\x0cprune_stages\x18\t \x03(\x0b\x32\x12.aim.v1.PruneStage\x12\x14\n\x0cmerge_pruned\x18\n \x01(\x08\"_\n\nAutoBudget\x12\x16\n\x0elatency_slo_ms\x18\x01 \x01(\r\x12\"\n\x08priority\x18\x02 \x01(\x0e\x32\x10.aim.v1.Priority\x12\x15\n\rmin_retention\x18\x03 \x01(\x02\"\r\n\x0bNoReduction\"\x85\x01\n\tReduction\x12\"\n\x04\x61uto\x18\x01 \x01(\x0b\x32\x12.aim.v1.AutoBudgetH\x00\x12%\n\x04plan\x18\x02 \x01(\x0b\x32\x15.aim.v1.ReductionPlanH\x00\x12#\n\x04none\x18\x03 \x01(\x0b\x32\x13.aim.v1.NoReductionH\x00\x42\x08\n\x06\x63hoice\"\xab\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x05parts\x18\x02 \x03(\x0b\x32\x13.aim.v1.ContentPart\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.aim.v1.SamplingParams\x12$\n\treduction\x18\x04 \x01(\x0b\x32\x11.aim.v1.Reduction\x12\x15\n\rsystem_prompt\x18\x05 \x01(\t\"\xb1\x01\n\x15GenerateStreamRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x05parts\x18\x02 \x03(\x0b\x32\x13.aim.v1.ContentPart\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.aim.v1.SamplingParams\x12$\n\treduction\x18\x04 \x01(\x0b\x32\x11.aim.v1.Reduction\x12\x15\n\rsystem_prompt\x18\x05 \x01(\t\"\xea\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x18\n\x10visual_tokens_in\x18\x03 \x01(\r\x12\x1c\n\x14visual_tokens_merged\x18\x04 \x01(\r\x12\x1f\n\x17visual_tokens_per_layer\x18\x05 \x03(\r\x12\x1a\n\x12\x66\x65\x61ture_cache_hits\x18\x06 \x01(\r\x12\x1c\n\x14\x66\x65\x61ture_cache_misses\x18\x07 \x01(\r\x12\x1c\n\x14prefix_tokens_reused\x18\x08 \x01(\r\"\x99\x01\n\x04\x43ost\x12\x1e\n\x16\x62\x61seline_prefill_flops\x18\x01 \x01(\x01\x12\x15\n\rprefill_flops\x18\x02 \x01(\x01\x12\x16\n\x0esaved_fraction\x18\x03 \x01(\x01\x12\x14\n\x0cvision_flops\x18\x04 \x01(\x01\x12\x14\n\x0c\x64\x65\x63ode_flops\x18\x05 \x01(\x01\x12\x16\n\x0ekv_cache_bytes\x18\x06 \x01(\x04\"\xda\x01\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x15\n\rmedia_seconds\x18\x02 \x01(\x01\x12\x16\n\x0evision_seconds\x18\x03 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x04 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x05 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x06 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x07 \x01(\x01\x12\x1c\n\x14vision_seconds_saved\x18\x08 \x01(\x01\"f\n\x0b\x41ppliedPlan\x12#\n\x04plan\x18\x01 \x01(\x0b\x32\x15.aim.v1.ReductionPlan\x12\"\n\x06source\x18\x02 \x01(\x0e\x32\x12.aim.v1.PlanSource\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xe3\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x14.aim.v1.FinishReason\x12\x1c\n\x05usage\x18\x03 \x01(\x0b\x32\r.aim.v1.Usage\x12\x1a\n\x04\x63ost\x18\x04 \x01(\x0b\x32\x0c.aim.v1.Cost\x12 \n\x07timings\x18\x05 \x01(\x0b\x32\x0f.aim.v1.Timings\x12)\n\x0c\x61pplied_plan\x18\x06 \x01(\x0b\x32\x13.aim.v1.AppliedPlan\x12\r\n\x05model\x18\x07 \x01(\t\"c\n\x16GenerateStreamResponse\x12\x14\n\ntext_delta\x18\x01 \x01(\tH\x00\x12*\n\x06result\x18\x02 \x01(\x0b\x32\x18.aim.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"|\n\x06Limits\x12\x17\n\x0fmax_media_bytes\x18\x01 \x01(\x04\x12\x12\n\nmax_pixels\x18\x02 \x01(\x04\x12\x12\n\nmax_frames\x18\x03 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x04\"\xda\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x16\n\x0esupports_video\x18\x05 \x01(\x08\x12+\n\x0c\x64\x65\x66\x61ult_plan\x18\x06 \x01(\x0b\x32\x15.aim.v1.ReductionPlan\x12\x1e\n\x06limits\x18\x07 \x01(\x0b\x32\x0e.aim.v1.Limits\x12\x15\n\rserved_models\x18\x08 \x03(\t\"\xaf\x01\n\x13\x45stimateCostRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x05parts\x18\x02 \x03(\x0b\x32\x13.aim.v1.ContentPart\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.aim.v1.SamplingParams\x12$\n\treduction\x18\x04 \x01(\x0b\x32\x11.aim.v1.Reduction\x12\x15\n\rsystem_prompt\x18\x05 \x01(\t\"\xd3\x01\n\x14\x45stimateCostResponse\x12\x18\n\x10visual_tokens_in\x18\x01 \x01(\r\x12\x1c\n\x14visual_tokens_merged\x18\x02 \x01(\r\x12\x1e\n\x16\x62\x61seline_prefill_flops\x18\x03 \x01(\x01\x12\x15\n\rprefill_flops\x18\x04 \x01(\x01\x12!\n\x19predicted_latency_seconds\x18\x05 \x01(\x01\x12)\n\x0c\x61pplied_plan\x18\x06 \x01(\x0b\x32\x13.aim.v1.AppliedPlan*q\n\nImportance\x12\x1a\n\x16IMPORTANCE_UNSPECIFIED\x10\x00\x12\x17\n\x13IMPORTANCE_PAGERANK\x10\x01\x12\x13\n\x0fIMPORTANCE_TEXT\x10\x02\x12\x19\n\x15IMPORTANCE_LAST_TOKEN\x10\x03*\x97\x01\n\x07Reducer\x12\x17\n\x13REDUCER_UNSPECIFIED\x10\x00\x12\x11\n\rREDUCER_MERGE\x10\x01\x12\x10\n\x0cREDUCER_POOL\x10\x02\x12\x0f\n\x0bREDUCER_EVS\x10\x03\x12\x13\n\x0fREDUCER_VIDCOM2\x10\x04\x12\x13\n\x0fREDUCER_FASTVID\x10\x05\x12\x13\n\x0fREDUCER_HOLITOM\x10\x06*h\n\x0cPositionRule\x12\x1d\n\x19POSITION_RULE_UNSPECIFIED\x10\x00\x12\x1d\n\x19POSITION_RULE_CONSECUTIVE\x10\x01\x12\x1a\n\x16POSITION_RULE_ORIGINAL\x10\x02*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03*o\n\nPlanSource\x12\x1b\n\x17PLAN_SOURCE_UNSPECIFIED\x10\x00\x12\x14\n\x10PLAN_SOURCE_NONE\x10\x01\x12\x18\n\x14PLAN_SOURCE_EXPLICIT\x10\x02\x12\x14\n\x10PLAN_SOURCE_AUTO\x10\x03\x32\xb4\x02\n\nAimService\x12=\n\x08Generate\x12\x17.aim.v1.GenerateRequest\x1a\x18.aim.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1d.aim.v1.GenerateStreamRequest\x1a\x1e.aim.v1.GenerateStreamResponse0\x01\x12I\n\x0cGetModelInfo\x12\x1b.aim.v1.GetModelInfoRequest\x1a\x1c.aim.v1.GetModelInfoResponse\x12I\n\x0c\x45stimateCost\x12\x1b.aim.v1.EstimateCostRequest\x1a\x1c.aim.v1.EstimateCostResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aim.v1.aim_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_IMPORTANCE']._serialized_start=3241
-  _globals['_IMPORTANCE']._serialized_end=3354
-  _globals['_REDUCER']._serialized_start=3357
-  _globals['_REDUCER']._serialized_end=3487
-  _globals['_POSITIONRULE']._serialized_start=3489
-  _globals['_POSITIONRULE']._serialized_end=3593
-  _globals['_PRIORITY']._serialized_start=3595
-  _globals['_PRIORITY']._serialized_end=3689
-  _globals['_FINISHREASON']._serialized_start=3691
-  _globals['_FINISHREASON']._serialized_end=3815
-  _globals['_PLANSOURCE']._serialized_start=3817
-  _globals['_PLANSOURCE']._serialized_end=3928
+  _globals['_IMPORTANCE']._serialized_start=3263
+  _globals['_IMPORTANCE']._serialized_end=3376
+  _globals['_REDUCER']._serialized_start=3379
+  _globals['_REDUCER']._serialized_end=3530
+  _globals['_POSITIONRULE']._serialized_start=3532
+  _globals['_POSITIONRULE']._serialized_end=3636
+  _globals['_PRIORITY']._serialized_start=3638
+  _globals['_PRIORITY']._serialized_end=3732
+  _globals['_FINISHREASON']._serialized_start=3734
+  _globals['_FINISHREASON']._serialized_end=3858
+  _globals['_PLANSOURCE']._serialized_start=3860
+  _globals['_PLANSOURCE']._serialized_end=3971
   _globals['_IMAGE']._serialized_start=36
   _globals['_IMAGE']._serialized_end=76
   _globals['_VIDEO']._serialized_start=78
@@ -56,39 +56,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PRUNESTAGE']._serialized_start=476
   _globals['_PRUNESTAGE']._serialized_end=517
   _globals['_REDUCTIONPLAN']._serialized_start=520
-  _globals['_REDUCTIONPLAN']._serialized_end=811
-  _globals['_AUTOBUDGET']._serialized_start=813
-  _globals['_AUTOBUDGET']._serialized_end=908
-  _globals['_NOREDUCTION']._serialized_start=910
-  _globals['_NOREDUCTION']._serialized_end=923
-  _globals['_REDUCTION']._serialized_start=926
-  _globals['_REDUCTION']._serialized_end=1059
-  _globals['_GENERATEREQUEST']._serialized_start=1062
-  _globals['_GENERATEREQUEST']._serialized_end=1233
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=1236
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=1413
-  _globals['_USAGE']._serialized_start=1416
-  _globals['_USAGE']._serialized_end=1650
-  _globals['_COST']._serialized_start=1653
-  _globals['_COST']._serialized_end=1806
-  _globals['_TIMINGS']._serialized_start=1809
-  _globals['_TIMINGS']._serialized_end=2027
-  _globals['_APPLIEDPLAN']._serialized_start=2029
-  _globals['_APPLIEDPLAN']._serialized_end=2131
-  _globals['_GENERATERESPONSE']._serialized_start=2134
-  _globals['_GENERATERESPONSE']._serialized_end=2361
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=2363
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2462
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2464
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2500
-  _globals['_LIMITS']._serialized_start=2502
-  _globals['_LIMITS']._serialized_end=2626
-  _globals['_GETMODELINFORESPONSE']._serialized_start=2629
-  _globals['_GETMODELINFORESPONSE']._serialized_end=2847
-  _globals['_ESTIMATECOSTREQUEST']._serialized_start=2850
-  _globals['_ESTIMATECOSTREQUEST']._serialized_end=3025
-  _globals['_ESTIMATECOSTRESPONSE']._serialized_start=3028
-  _globals['_ESTIMATECOSTRESPONSE']._serialized_end=3239
-  _globals['_AIMSERVICE']._serialized_start=3931
-  _globals['_AIMSERVICE']._serialized_end=4239
+  _globals['_REDUCTIONPLAN']._serialized_end=833
+  _globals['_AUTOBUDGET']._serialized_start=835
+  _globals['_AUTOBUDGET']._serialized_end=930
+  _globals['_NOREDUCTION']._serialized_start=932
+  _globals['_NOREDUCTION']._serialized_end=945
+  _globals['_REDUCTION']._serialized_start=948
+  _globals['_REDUCTION']._serialized_end=1081
+  _globals['_GENERATEREQUEST']._serialized_start=1084
+  _globals['_GENERATEREQUEST']._serialized_end=1255
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=1258
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=1435
+  _globals['_USAGE']._serialized_start=1438
+  _globals['_USAGE']._serialized_end=1672
+  _globals['_COST']._serialized_start=1675
+  _globals['_COST']._serialized_end=1828
+  _globals['_TIMINGS']._serialized_start=1831
+  _globals['_TIMINGS']._serialized_end=2049
+  _globals['_APPLIEDPLAN']._serialized_start=2051
+  _globals['_APPLIEDPLAN']._serialized_end=2153
+  _globals['_GENERATERESPONSE']._serialized_start=2156
+  _globals['_GENERATERESPONSE']._serialized_end=2383
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=2385
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2484
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2486
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2522
+  _globals['_LIMITS']._serialized_start=2524
+  _globals['_LIMITS']._serialized_end=2648
+  _globals['_GETMODELINFORESPONSE']._serialized_start=2651
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2869
+  _globals['_ESTIMATECOSTREQUEST']._serialized_start=2872
+  _globals['_ESTIMATECOSTREQUEST']._serialized_end=3047
+  _globals['_ESTIMATECOSTRESPONSE']._serialized_start=3050
+  _globals['_ESTIMATECOSTRESPONSE']._serialized_end=3261
+  _globals['_AIMSERVICE']._serialized_start=3974
+  _globals['_AIMSERVICE']._serialized_end=4282
 # @@protoc_insertion_point(module_scope)

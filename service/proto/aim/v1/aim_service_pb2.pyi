@@ -22,6 +22,7 @@ class Reducer(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REDUCER_EVS: _ClassVar[Reducer]
     REDUCER_VIDCOM2: _ClassVar[Reducer]
     REDUCER_FASTVID: _ClassVar[Reducer]
+    REDUCER_HOLITOM: _ClassVar[Reducer]
 
 class PositionRule(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -59,6 +60,7 @@ REDUCER_POOL: Reducer
 REDUCER_EVS: Reducer
 REDUCER_VIDCOM2: Reducer
 REDUCER_FASTVID: Reducer
+REDUCER_HOLITOM: Reducer
 POSITION_RULE_UNSPECIFIED: PositionRule
 POSITION_RULE_CONSECUTIVE: PositionRule
 POSITION_RULE_ORIGINAL: PositionRule
@@ -138,7 +140,7 @@ class PruneStage(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., keep: _Optional[float] = ...) -> None: ...
 
 class ReductionPlan(_message.Message):
-    __slots__ = ("merge_tokens", "merge_retention", "prune_start", "prune_end", "importance", "positions", "proportional_attention", "reducer", "prune_stages")
+    __slots__ = ("merge_tokens", "merge_retention", "prune_start", "prune_end", "importance", "positions", "proportional_attention", "reducer", "prune_stages", "merge_pruned")
     MERGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MERGE_RETENTION_FIELD_NUMBER: _ClassVar[int]
     PRUNE_START_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +150,7 @@ class ReductionPlan(_message.Message):
     PROPORTIONAL_ATTENTION_FIELD_NUMBER: _ClassVar[int]
     REDUCER_FIELD_NUMBER: _ClassVar[int]
     PRUNE_STAGES_FIELD_NUMBER: _ClassVar[int]
+    MERGE_PRUNED_FIELD_NUMBER: _ClassVar[int]
     merge_tokens: int
     merge_retention: float
     prune_start: int
@@ -157,7 +160,8 @@ class ReductionPlan(_message.Message):
     proportional_attention: bool
     reducer: Reducer
     prune_stages: _containers.RepeatedCompositeFieldContainer[PruneStage]
-    def __init__(self, merge_tokens: _Optional[int] = ..., merge_retention: _Optional[float] = ..., prune_start: _Optional[int] = ..., prune_end: _Optional[int] = ..., importance: _Optional[_Union[Importance, str]] = ..., positions: _Optional[_Union[PositionRule, str]] = ..., proportional_attention: _Optional[bool] = ..., reducer: _Optional[_Union[Reducer, str]] = ..., prune_stages: _Optional[_Iterable[_Union[PruneStage, _Mapping]]] = ...) -> None: ...
+    merge_pruned: bool
+    def __init__(self, merge_tokens: _Optional[int] = ..., merge_retention: _Optional[float] = ..., prune_start: _Optional[int] = ..., prune_end: _Optional[int] = ..., importance: _Optional[_Union[Importance, str]] = ..., positions: _Optional[_Union[PositionRule, str]] = ..., proportional_attention: _Optional[bool] = ..., reducer: _Optional[_Union[Reducer, str]] = ..., prune_stages: _Optional[_Iterable[_Union[PruneStage, _Mapping]]] = ..., merge_pruned: _Optional[bool] = ...) -> None: ...
 
 class AutoBudget(_message.Message):
     __slots__ = ("latency_slo_ms", "priority", "min_retention")
