@@ -18,7 +18,7 @@ from typing import Callable
 
 from aim_engine.engine import AimEngine
 from aim_engine.methods import METHODS
-from aim_engine.plan import ReductionPlan, parse_plan
+from aim_engine.plan import ReductionPlan, parse_plan, plan_to_dict
 from .datasets import Dataset, EvalItem
 
 
@@ -168,6 +168,13 @@ def model_identity(path: Path, device: str = "cpu", dtype: str = "float32") -> s
     return f"{path.name}@{digest.hexdigest()[:16]}/{device}/{dtype}"
 
 
+def plan_key(plan: ReductionPlan) -> str:
+    """A plan in a journal's keys: the fields that differ from the empty plan's, so a field added to the plan later
+    (whose default changes nothing) leaves every answer already journaled valid."""
+    empty = plan_to_dict(ReductionPlan())
+    return json.dumps({k: v for k, v in plan_to_dict(plan).items() if v != empty[k]}, sort_keys=True)
+
+
 def evaluate(engine: AimEngine, dataset: Dataset, specs: list[PlanSpec],
              on_item: Callable[[], None] | None = None, journal: Path | None = None,
              model_id: str | None = None) -> list[SpecResult]:
@@ -187,7 +194,7 @@ def evaluate(engine: AimEngine, dataset: Dataset, specs: list[PlanSpec],
             rows = []
             for item in dataset.items:
                 plan = spec.plan_for(item)
-                key = (model_id or engine.name, dataset.name, item.uid, repr(plan))
+                key = (model_id or engine.name, dataset.name, item.uid, plan_key(plan))
                 row = done.get(key)
                 if row is None:
                     result = engine.generate(item.request(), plan)

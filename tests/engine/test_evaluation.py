@@ -3,6 +3,7 @@ report files; end to end on a tiny model."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -14,7 +15,7 @@ from service.cli import main as engine_main
 from aim_engine.errors import ModelLoadError
 from evaluation.datasets import DatasetError, EvalItem, jsonl_dataset, load_dataset, synthetic_dataset
 from evaluation.report import records
-from evaluation.runner import (PlanSpec, build_specs, evaluate, flops_ratio, match_knob,
+from evaluation.runner import (PlanSpec, build_specs, evaluate, flops_ratio, match_knob, plan_key,
                                          model_identity)
 from aim_engine.methods import METHODS
 from aim_engine.plan import PLAN_FILE, PlanError, ReductionPlan, plan_from_dict, plan_to_dict
@@ -113,6 +114,15 @@ def test_eval_end_to_end_on_a_tiny_model(engine_for, checkpoint_dir, tmp_path):
     assert data[2]["label"] == "merge only" and data[2]["plan"] == "merge→0.5, original positions"
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| method | plan | FLOPs ratio |" in out.with_suffix(".md").read_text()
+
+
+def test_a_journal_key_names_a_plan_by_what_differs_from_the_empty_plan():
+    """So a field added to ReductionPlan later leaves the answers journaled before it valid."""
+    assert plan_key(ReductionPlan()) == "{}"
+    plan = ReductionPlan(merge_retention=0.25, reducer="vidcom2", prune_stages=((2, 0.5),))
+    assert json.loads(plan_key(plan)) == {"merge_retention": 0.25, "reducer": "vidcom2", "prune_stages": [[2, 0.5]]}
+    assert plan_key(plan) != plan_key(dataclasses.replace(plan, merge_pruned=True))
+    assert len({plan_key(p) for p in (plan, dataclasses.replace(plan, importance="text"), ReductionPlan())}) == 3
 
 
 def test_model_identity_follows_the_checkpoint_content_not_its_name(checkpoint_dir, tmp_path):
