@@ -9,6 +9,7 @@ cost — no model run is needed to match.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import statistics
@@ -114,25 +115,55 @@ def match_knob(engine: AimEngine, plan_of: Callable[[float], ReductionPlan], sha
     return lo  # the largest knob still at or above the target saving
 
 
-def custom_plan(text: str, default: ReductionPlan) -> ReductionPlan:
-    """"key=value,..." (plan.parse_plan) on the empty plan, or on `default` when `text` starts with "default"."""
-    head, _, rest = text.partition(",")
-    return parse_plan(rest, default) if head.strip() == "default" else parse_plan(text)
+# In a custom plan, "merge_retention=match": the retention that gives AIM-default's FLOPs (per item kind, as peers
+# are matched), so any combination (a peer's reducer with AIM's pruning, say) is compared at the same cost.
+MATCH = "merge_retention=match"
+
+
+def custom_plan(text: str, default: ReductionPlan) -> tuple[ReductionPlan, bool]:
+    """"key=value,..." (plan.parse_plan) on the empty plan, or on `default` when `text` starts with "default";
+    and whether its merge retention is to be matched (MATCH among the items; the plan then has none)."""
+    items = [item.strip() for item in text.split(",")]
+    matched = MATCH in items
+    items = [item for item in items if item != MATCH]
+    if items and items[0] == "default":
+        plan = parse_plan(",".join(items[1:]), default)
+    else:
+        plan = parse_plan(",".join(items))
+    if matched:
+        plan = dataclasses.replace(plan, merge_tokens=None, merge_retention=None)
+    return plan, matched
 
 
 def build_specs(engine: AimEngine, dataset: Dataset, methods: list[str], sweep: list[str] | None = None,
                 match: bool = True, custom: dict[str, str] | None = None) -> list[PlanSpec]:
     """The empty plan, AIM's default, the knob sweep of each method in `sweep` (default: all of `methods`),
     with `match` every peer method at AIM-default's FLOPs, and the `custom` plans: label -> "key=value,..."
-    (plan.parse_plan), where a leading "default" starts from the model's default plan."""
+    (custom_plan), where a leading "default" starts from the model's default plan and "merge_retention=match"
+    matches the plan's merge retention to AIM-default's FLOPs."""
     layers = engine.num_layers
     default = engine.default_plan()
     default_spec = PlanSpec("aim", "AIM default", {"*": default}, is_default=True)
     specs = [PlanSpec("none", "no reduction", {"*": ReductionPlan()}), default_spec]
+    shapes_by_kind: dict[str, list] = {}
+    for item in dataset.items:
+        shapes_by_kind.setdefault(item.kind, []).append(engine.shape_of(item.request()))
+
+    def matched(plan_of: Callable[[float], ReductionPlan]) -> tuple[dict, dict]:
+        plans, knobs = {}, {}
+        for kind, shapes in shapes_by_kind.items():
+            knobs[kind] = match_knob(engine, plan_of, shapes, flops_ratio(engine, shapes, default))
+            plans[kind] = plan_of(knobs[kind])
+        return plans, knobs
+
     for label, text in (custom or {}).items():
-        plan = custom_plan(text, default)
+        plan, match_it = custom_plan(text, default)
         plan.check_depth(layers)
-        specs.append(PlanSpec("custom", label, {"*": plan}))
+        if match_it:
+            plans, knobs = matched(lambda r, plan=plan: dataclasses.replace(plan, merge_retention=r))
+            specs.append(PlanSpec("custom", label, plans, knobs, matched_to="aim-default"))
+        else:
+            specs.append(PlanSpec("custom", label, {"*": plan}))
     for name in methods if sweep is None else sweep:
         for knob in METHODS[name].sweep:
             plan = METHODS[name].plan(layers, knob)
@@ -141,17 +172,10 @@ def build_specs(engine: AimEngine, dataset: Dataset, methods: list[str], sweep: 
             elif name == default_spec.method:  # the default is a point of this sweep (not a calibrated plan)
                 default_spec.knobs["*"] = knob
     if match:
-        shapes_by_kind: dict[str, list] = {}
-        for item in dataset.items:
-            shapes_by_kind.setdefault(item.kind, []).append(engine.shape_of(item.request()))
         for name in methods:
             if name == "aim":
                 continue
-            plans, knobs = {}, {}
-            for kind, shapes in shapes_by_kind.items():
-                target = flops_ratio(engine, shapes, default)
-                knobs[kind] = match_knob(engine, lambda k: METHODS[name].plan(layers, k), shapes, target)
-                plans[kind] = METHODS[name].plan(layers, knobs[kind])
+            plans, knobs = matched(lambda k, name=name: METHODS[name].plan(layers, k))
             specs.append(PlanSpec(name, f"{name} @ AIM-default FLOPs", plans, knobs, matched_to="aim-default"))
     return specs
 

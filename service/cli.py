@@ -630,7 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-match", action="store_true", help="skip the peers matched to AIM-default FLOPs")
     ev.add_argument("--plan", action="append", default=[], metavar="LABEL:SPEC",
                     help="also run a custom plan (repeatable); SPEC is key=value,... over the plan's fields, "
-                         "e.g. 'merge only:merge_retention=0.25' or 'late:default,prune_start=22,prune_end=30'")
+                         "e.g. 'merge only:merge_retention=0.25' or 'late:default,prune_start=22,prune_end=30'; "
+                         "merge_retention=match: the retention at which it costs AIM-default's FLOPs")
     ev.add_argument("--out", default="eval/fidelity", metavar="PREFIX",
                     help="writes PREFIX.md, .json, .png and .answers.jsonl (every answer; a run of the same "
                          "checkpoint content, device and dtype resumes from it) (default: eval/fidelity)")

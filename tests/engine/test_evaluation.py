@@ -142,11 +142,22 @@ def test_custom_plans_start_empty_or_from_the_default(engine_for, capsys):
     engine = engine_for("llava_dinov2", layers=8)
     ds = synthetic_dataset(1)
     specs = build_specs(engine, ds, ["aim"], sweep=[], match=False, custom={
-        "late": "default,prune_start=6,prune_end=8", "merge only": "merge_retention=0.25"})
+        "late": "default,prune_start=6,prune_end=8", "merge only": "merge_retention=0.25",
+        "vidcom2 + late pruning": "reducer=vidcom2,merge_retention=match,prune_start=6,prune_end=8"})
     default = engine.default_plan()
     late, merge_only = specs[2].plans["*"], specs[3].plans["*"]
     assert (late.merge_retention, late.prune_start, late.prune_end) == (default.merge_retention, 6, 8)
     assert merge_only == ReductionPlan(merge_retention=0.25)
+    combined = specs[4]  # matched to the default's FLOPs for each kind, the rest of the plan as given
+    assert combined.matched_to == "aim-default" and set(combined.plans) == {i.kind for i in ds.items}
+    for kind, plan in combined.plans.items():
+        shapes = [engine.shape_of(i.request()) for i in ds.items if i.kind == kind]
+        assert plan == ReductionPlan(reducer="vidcom2", merge_retention=combined.knobs[kind], prune_start=6,
+                                     prune_end=8)
+        target = flops_ratio(engine, shapes, default)
+        assert flops_ratio(engine, shapes, plan) >= target  # and one more token per 16-token image misses it
+        more = dataclasses.replace(plan, merge_retention=min(1.0, combined.knobs[kind] + 1 / 16))
+        assert flops_ratio(engine, shapes, more) < target
     with pytest.raises(PlanError, match="beyond the model's 8 layers"):
         build_specs(engine, ds, ["aim"], sweep=[], match=False, custom={"x": "prune_start=9,prune_end=12"})
     assert engine_main(["eval", "--model", "/nonexistent", "--plan", "bad:merge_ratio=2"]) == 2
