@@ -94,6 +94,14 @@ UINT32 = 2**32 - 1
 
 
 # ---- the flags shared by several commands -----------------------------------------------------------------------
+def _reducer_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PRE_LLM_METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected reducers of {', '.join(PRE_LLM_METHODS)}, comma-separated")
+    return names
+
+
 def add_plan_flags(p: argparse.ArgumentParser) -> None:
     """An explicit plan, one flag per ReductionPlan field. How much to reduce comes from the merge and prune flags;
     how (ranking, reducer, positions, attention) starts from the model's default plan unless a flag says otherwise."""
@@ -530,7 +538,7 @@ def cmd_calibrate(args) -> int:
     engine = _load_engine(args)
     dataset = load_dataset(args.dataset, seed=args.seed)
     with tqdm(desc=f"calibrate on {dataset.name}", unit="q", disable=not sys.stderr.isatty()) as bar:
-        content = calibrate(engine, dataset, args.target_ratio, on_item=bar.update)
+        content = calibrate(engine, dataset, args.target_ratio, on_item=bar.update, reducers=tuple(args.reducers))
     table = content["calibration"]
     print(f"target: {table['target_flops_ratio']:.2f}x fewer LLM prefill FLOPs (the paper default's)")
     for c in table["candidates"]:
@@ -647,6 +655,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: synthetic-val:15)")
     cal.add_argument("--target-ratio", type=_number(float, 1), metavar="X",
                      help="LLM prefill FLOPs reduction to hold (default: the paper default plan's on this data)")
+    cal.add_argument("--reducers", type=_reducer_list, default=["merge"], metavar="R,...",
+                     help="pre-LLM reducers to try, each alone and under each prune range, e.g. merge,vidcom2,holitom "
+                          f"(of {', '.join(PRE_LLM_METHODS)}; default: merge)")
     cal.add_argument("--out", metavar="FILE", help="where to write the plan file (default: MODEL/aim-plan.json)")
     cal.add_argument("--seed", type=int, default=0, help="dataset seed")
     cal.add_argument("--threads", type=_number(int, 1), metavar="N", help="CPU threads (default: torch's)")

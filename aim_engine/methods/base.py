@@ -2,8 +2,8 @@
 
 A method is a family of ReductionPlans indexed by one knob in (0, 1] — roughly the share of visual work kept —
 so an evaluation can sweep it or solve for the knob that matches another method's FLOPs. What a plan does is
-carried out by the engine: before the LLM by the plan's `reducer` (a `Reducer`: merge, pool or evs), inside it
-by the pruning schedule and importance scorer.
+carried out by the engine: before the LLM by the plan's `reducer` (a `Reducer`: AIM's merge or a peer's), inside
+it by the pruning schedule, importance scorer and what becomes of the pruned (dropped, or merged into the kept).
 """
 
 from __future__ import annotations
@@ -25,11 +25,14 @@ TargetFor = Callable[[int], int]  # tokens a group (frame / crop) of n tokens sh
 @dataclass(frozen=True)
 class Reducer:
     """Visual-token reduction before the LLM. `reduce` keeps (ascending indices, features) per media item;
-    `kept` counts what `reduce` would keep, from group sizes alone (for cost estimates without encoding)."""
+    `kept` counts what `reduce` would keep, from group sizes alone (for cost estimates without encoding).
+    `sized`: its survivors can stand for several input tokens (MergeResult.sizes > 1), which proportional
+    attention weighs; for the others that plan flag changes nothing."""
 
     name: str
     reduce: Callable[[torch.Tensor, Sequence[torch.Tensor], TargetFor], MergeResult]
     kept: Callable[[Sequence[int], TargetFor], int]
+    sized: bool = False
 
 
 @dataclass(frozen=True)

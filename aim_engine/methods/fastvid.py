@@ -86,6 +86,6 @@ def fastvid_merge(features: torch.Tensor, groups: Sequence[torch.Tensor], target
     return MergeResult(keep[order], feats[order].to(features.dtype), weights[order])
 
 
-REDUCER = Reducer("fastvid", reduce=fastvid_merge, kept=fastvid_kept)
+REDUCER = Reducer("fastvid", reduce=fastvid_merge, kept=fastvid_kept, sized=True)
 METHOD = pre_llm_method("fastvid", "fastvid", "scenes by frame similarity; per scene salient tokens kept and the rest "
                         "merged by density peaks, before the LLM", sweep=(0.5, 0.25, 0.125, 0.0625))

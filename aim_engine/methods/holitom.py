@@ -191,7 +191,7 @@ def holitom_plan(num_layers: int, retention: float) -> ReductionPlan:
                          importance="last_token", merge_pruned=True)
 
 
-REDUCER = Reducer("holitom", reduce=holitom_merge, kept=holitom_kept)
+REDUCER = Reducer("holitom", reduce=holitom_merge, kept=holitom_kept, sized=True)
 METHOD = Method("holitom", "global temporal merging of still patches and spatial merging before the LLM, then "
                 "half the visual tokens merged into their nearest at 64% depth", holitom_plan,
                 sweep=(0.5, 0.25, 0.125, 0.0625))

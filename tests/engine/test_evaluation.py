@@ -14,6 +14,7 @@ from aim_engine import AimEngine
 from service.cli import main as engine_main
 from aim_engine.errors import ModelLoadError
 from evaluation.datasets import DatasetError, EvalItem, jsonl_dataset, load_dataset, synthetic_dataset
+from evaluation.calibrate import candidates
 from evaluation.report import records
 from evaluation.runner import (PlanSpec, build_specs, evaluate, flops_ratio, match_knob, plan_key,
                                          model_identity)
@@ -195,6 +196,27 @@ def test_calibration_keeps_the_paper_defaults_flops_and_becomes_the_models_defau
     reloaded = AimEngine.load(model)
     assert reloaded.default_plan() == plan_from_dict(content["default_plan"])
     assert reloaded.default_plan().describe() == content["describe"]
+
+
+def test_calibration_can_search_peer_reducers_under_aims_pruning(engine_for, capsys):
+    engine = engine_for("llava_dinov2", layers=8)
+    shapes = [engine.shape_of(i.request()) for i in load_dataset("synthetic-val:1").items]
+    target = flops_ratio(engine, shapes, ReductionPlan.default_for_depth(8))
+    pool = candidates(engine, shapes, target, ("merge", "vidcom2", "holitom"))
+    by_reducer = {r: [c for c in pool[1:] if c.plan.reducer == r] for r in ("merge", "vidcom2", "holitom")}
+    assert len(by_reducer["merge"]) + 1 == len(pool) - len(by_reducer["vidcom2"]) - len(by_reducer["holitom"])
+    # vidcom2's survivors stand for one token each: proportional attention would change nothing, so it is not tried
+    assert not any(c.plan.proportional_attention for c in by_reducer["vidcom2"])
+    assert any(c.plan.proportional_attention for c in by_reducer["holitom"])
+    for reducer, group in by_reducer.items():
+        assert any(c.plan.prunes for c in group) and any(not c.plan.prunes for c in group)  # with and without
+        for c in group:
+            assert reducer in c.label and (not c.reachable or target <= c.flops_ratio <= 1.1 * target)
+    with pytest.raises(ValueError, match="unknown"):
+        candidates(engine, shapes, target, ("tome",))
+    with pytest.raises(SystemExit) as usage:  # a usage error, before the model loads
+        engine_main(["calibrate", "--model", "/nonexistent", "--reducers", "merge,tome"])
+    assert usage.value.code == 2 and "--reducers" in capsys.readouterr().err
 
 
 def test_the_aim_sweep_holds_the_paper_point_unless_a_calibrated_default_replaces_it(checkpoint_dir, tmp_path):
