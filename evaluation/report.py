@@ -55,12 +55,15 @@ def plot(results: list[SpecResult], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     baseline = next(r for r in results if r.spec.method == "none")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 6))
     ax.axhline(100 * baseline.accuracy, color="grey", linestyle="--", linewidth=1, label="no reduction")
-    markers = {"aim": "o", "fastv": "s", "pdrop": "^", "evs": "v", "pool": "D"}
-    for r in results:
-        if r.spec.method == "custom":  # unrelated plans: points, not a line
-            ax.scatter([r.flops_ratio], [100 * r.accuracy], marker="x", zorder=4, label=r.spec.label)
+    markers = {"aim": "o", "fastv": "s", "pdrop": "^", "evs": "v", "pool": "D", "vidcom2": "P", "fastvid": "X",
+               "holitom": "h"}
+    customs = [r for r in results if r.spec.method == "custom"]  # unrelated plans: points, not a line
+    colours = plt.get_cmap("tab20b")
+    for i, r in enumerate(customs):
+        ax.scatter([r.flops_ratio], [100 * r.accuracy], marker="x" if i % 2 else "+", s=70, zorder=4,
+                   color=colours(i / max(1, len(customs) - 1)), label=r.spec.label)
     for method in dict.fromkeys(r.spec.method for r in results if r.spec.method not in ("none", "custom")):
         # a calibrated default is not a point of its method's knob sweep: it is starred, not joined to the line
         rows = sorted((r for r in results if r.spec.method == method and (r.spec.knobs or not r.spec.is_default)),
@@ -76,7 +79,7 @@ def plot(results: list[SpecResult], path: Path, title: str) -> None:
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
