@@ -161,14 +161,19 @@ def prefill(
             raise Cancelled()
         if targets is not None and targets[layer_idx] < visual_now:
             keep = _select_kept(capture.scores, visual, targets[layer_idx])
-            if plan.merge_pruned:
-                hidden = merge_into_kept(hidden, visual, keep)
+            merged = merge_into_kept(hidden, visual, keep, key_bias) if plan.merge_pruned else None
             hidden = hidden.index_select(1, keep)
             cos, sin = cos.index_select(-2, keep), sin.index_select(-2, keep)
             index, visual = index[keep], visual[keep]
             visual_now = targets[layer_idx]
             if key_bias is not None:
                 key_bias = key_bias[keep]
+            if merged is not None:
+                rows, states, bias = merged
+                hidden[0, rows] = states
+                if bias is not None:
+                    key_bias[rows] = bias
+            if key_bias is not None:
                 mask = _biased_causal_mask(key_bias, hidden.dtype)
         kv.prompt_key_bias = key_bias
         result.tokens_per_layer.append(hidden.shape[1])
@@ -227,28 +232,31 @@ def _select_kept(scores: torch.Tensor, visual: torch.Tensor, target: int) -> tor
     return torch.sort(torch.cat([text, chosen])).values
 
 
-def merge_into_kept(hidden: torch.Tensor, visual: torch.Tensor, keep: torch.Tensor,
-                    budget: int = DEFAULT_SCORE_BUDGET) -> torch.Tensor:
+def merge_into_kept(hidden: torch.Tensor, visual: torch.Tensor, keep: torch.Tensor, key_bias: torch.Tensor | None,
+                    budget: int = DEFAULT_SCORE_BUDGET
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
     """A plan's merge_pruned: every visual token not in `keep` is averaged into the kept visual token whose hidden
-    state is most like its own (cosine); a kept token becomes the plain mean of itself and the tokens it absorbs.
-    hidden (1, n, d) -> a copy with the kept visual tokens' states replaced. Similarities are formed a block of
-    rows at a time, at most `budget` elements at once."""
+    state is most like its own (cosine). A kept token becomes the mean of itself and what it absorbs, weighted by how
+    many input tokens each stands for (exp(key_bias); all 1 under plain attention), and under proportional
+    attention its bias becomes the log of their total.
+    hidden (1, n, d), visual (n,), keep (k,) ascending. Returns (rows of the changed tokens within `keep`, their
+    new states, their new key bias or None), or None when nothing merges. Similarities are formed a block of
+    dropped rows at a time, at most `budget` elements at once."""
     present = torch.zeros_like(visual)
     present[keep] = True
     dropped = torch.nonzero(visual & ~present).flatten()
     kept = torch.nonzero(visual & present).flatten()
     if dropped.numel() == 0 or kept.numel() == 0:
-        return hidden
-    h = hidden[0].float()
-    keys = F.normalize(h[kept], dim=-1)
+        return None
+    size = torch.ones(visual.numel(), device=hidden.device) if key_bias is None else key_bias.float().exp()
+    states, absorbed = hidden[0, kept].float(), hidden[0, dropped].float()
+    keys = F.normalize(states, dim=-1)
     rows = max(1, budget // kept.numel())
-    nearest = torch.cat([torch.argmax(F.normalize(h[block], dim=-1) @ keys.T, dim=-1)
-                         for block in dropped.split(rows)])
-    total = h[kept].index_add_(0, nearest, h[dropped])
-    count = torch.ones(kept.numel(), device=h.device).index_add_(0, nearest, torch.ones_like(nearest, dtype=h.dtype))
-    merged = hidden.clone()
-    merged[0, kept] = (total / count[:, None]).to(hidden.dtype)
-    return merged
+    nearest = torch.cat([torch.argmax(F.normalize(block, dim=-1) @ keys.T, dim=-1) for block in absorbed.split(rows)])
+    total = (states * size[kept, None]).index_add_(0, nearest, absorbed * size[dropped, None])
+    weight = size[kept].index_add_(0, nearest, size[dropped])
+    return (torch.searchsorted(keep, kept), (total / weight[:, None]).to(hidden.dtype),
+            None if key_bias is None else weight.log())
 
 
 @torch.inference_mode()

@@ -56,8 +56,9 @@ class ReductionPlan:
         members, exactly). Off: the paper's plain attention. Only reducers that merge (merge, fastvid, holitom)
         make sizes other than 1; with the others (and without merging) the flag changes nothing.
     merge_pruned: a visual token pruned inside the LLM is not dropped but averaged into the kept visual token
-        most like it (cosine of their hidden states at the pruning layer), as HoliTom's inner-LLM merge does.
-        Without pruning it changes nothing.
+        most like it (cosine of their hidden states at the pruning layer), as HoliTom's inner-LLM merge does; the
+        mean is weighted by the tokens each stands for, and under proportional attention the kept token then
+        stands for their total. Without pruning it changes nothing.
     """
 
     merge_tokens: int | None = None

@@ -67,10 +67,10 @@ def candidates(engine: AimEngine, shapes, target_ratio: float, reducers: tuple[s
     families.append(("merge only", lambda r: ReductionPlan(merge_retention=r)))
     rules = ("consecutive",) if engine.adapter.uses_mrope else POSITION_RULES
     for reducer, (label, family) in itertools.product(reducers, families):
-        attention = (False, True) if REDUCERS[reducer].sized else (False,)
+        attention_rules = (False, True) if REDUCERS[reducer].sized else (False,)
         if label == "merge only":
             label = f"{reducer} only"
-        for rule, proportional in itertools.product(rules, attention):
+        for rule, proportional in itertools.product(rules, attention_rules):
             def plan_of(r: float, family=family, reducer=reducer, rule=rule, proportional=proportional
                         ) -> ReductionPlan:
                 return dataclasses.replace(family(r), reducer=reducer, positions=rule,

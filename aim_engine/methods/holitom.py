@@ -65,12 +65,15 @@ def segment(masks: list[torch.Tensor]) -> list[tuple[int, int]]:
     """The segments (first, last frame) covering T = len(masks) + 1 frames that save the most tokens, where a
     segment [a, b] saves (b - a) x (positions static at every step a..b-1). Ties keep frames apart."""
     frames = len(masks) + 1
+    masks = [m.cpu() for m in masks]  # T^2 small reductions below: on the host, no device syncs
     best = [0] * (frames + 1)  # best[i]: the most saved over frames 0..i-1
     start = [0] * (frames + 1)  # the first frame of the last segment in that best split
     for last in range(frames):
         best[last + 1], start[last + 1] = best[last], last  # frame `last` alone
         static = None
         for first in range(last - 1, -1, -1):  # grow the segment [first, last] backwards
+            if static is not None and static.shape != masks[first].shape:
+                break  # frames of another size: no position is shared with them
             static = masks[first] if static is None else static & masks[first]
             saved = best[first] + (last - first) * int(static.sum())
             if saved > best[last + 1]:
@@ -114,20 +117,20 @@ def holitom_merge(features: torch.Tensor, groups: Sequence[torch.Tensor], target
         dynamic += [(t, torch.nonzero(~static).flatten()) for t in range(first, last + 1)]
 
     # Restoring (a very still clip): temporal merging alone leaves `left` tokens; the merged members least like
-    # their mean go back to their frames until the budget is met. A member is (segment, frame, position).
+    # their mean go back to their frames until the budget is met. restored[t, p]: frame t's token p went back.
     left = sum(p.numel() for *_, p in static_members) + sum(p.numel() for _, p in dynamic)
-    restored: set[tuple[int, int, int]] = set()
+    restored = torch.zeros(len(groups), max(sizes), dtype=torch.bool, device=x.device)
     if left < budget:
-        candidates, distance = [], []
-        for s, (first, last, positions) in enumerate(static_members):
+        distance, frame_of, position_of = [], [], []
+        for first, last, positions in static_members:
             if positions.numel():
-                mean = F.normalize(torch.stack([x[groups[t][positions]] for t in range(first, last + 1)]).mean(0),
-                                   dim=-1)
+                mean = F.normalize(sum(x[groups[t][positions]] for t in range(first, last + 1)), dim=-1)
                 for t in range(first + 1, last + 1):  # the first frame's member always stays merged
                     distance.append(1 - (frames[t][positions] * mean).sum(-1))
-                    candidates += [(s, t, int(p)) for p in positions]
+                    frame_of.append(torch.full_like(positions, t))
+                    position_of.append(positions)
         order = torch.sort(torch.cat(distance), descending=True, stable=True).indices[:budget - left]
-        restored = {candidates[int(i)] for i in order}
+        restored[torch.cat(frame_of)[order], torch.cat(position_of)[order]] = True
 
     keep, feats, weights = [], [], []
 
@@ -138,14 +141,14 @@ def holitom_merge(features: torch.Tensor, groups: Sequence[torch.Tensor], target
 
     # every static position of a segment as one token (its unrestored members' mean), at its first frame's place
     merged = []  # per segment: (indices at the first frame (s,), means (s, d), sizes (s,))
-    for s, (first, last, positions) in enumerate(static_members):
+    for first, last, positions in static_members:
         if not positions.numel():
             merged.append(None)
             continue
         total = torch.zeros(positions.numel(), x.shape[1], device=x.device)
         count = torch.zeros(positions.numel(), device=x.device)
         for t in range(first, last + 1):
-            stays = torch.tensor([(s, t, int(p)) not in restored for p in positions], device=x.device)
+            stays = ~restored[t, positions]
             total += x[groups[t][positions]] * stays[:, None]
             count += stays
             back = positions[~stays]

@@ -111,3 +111,23 @@ def test_the_method_merges_half_the_rest_inside_the_llm_at_the_papers_depth():
     assert plan.reducer == "holitom" and plan.merge_retention == 0.1 and plan.merge_pruned
     assert plan.prune_stages == ((18, 0.5),) and plan.importance == "last_token"
     assert holitom_plan(28, 1.0).is_empty
+
+
+def test_groups_of_different_sizes_share_no_positions():
+    """An image's crops (or a thumbnail beside tiles) are groups of other sizes: never merged across them."""
+    g = torch.Generator().manual_seed(5)
+    small, large = torch.randn(4, 32, generator=g), torch.randn(6, 32, generator=g)
+    features = torch.cat([small, large, large + 0.01 * torch.randn(6, 32, generator=g), large])
+    groups = [torch.arange(0, 4), torch.arange(4, 10), torch.arange(10, 16), torch.arange(16, 22)]
+    assert segment(static_masks([torch.nn.functional.normalize(features[i], dim=-1) for i in groups])) == \
+        [(0, 0), (1, 3)]
+    result = holitom_merge(features, groups, lambda n: n // 2)
+    assert result.keep.numel() == 2 + 3 * 3 and int(result.sizes.sum()) <= 22
+
+
+def test_restoring_spans_segments_and_keeps_the_budget():
+    features, groups, _ = _frames(6, 16, [0, 0, 0, 1, 1, 1])
+    result = holitom_merge(features, groups, lambda n: 6)  # 36: two segments' 32 merged tokens and 4 restored
+    assert result.keep.numel() == 36 and int(result.sizes.sum()) == 96
+    firsts = set(groups[0].tolist()) | set(groups[3].tolist())
+    assert sum(k in firsts for k in result.keep.tolist()) == 32  # every patch of both segments still merged

@@ -46,13 +46,15 @@ def masked_reference(engine, prepared, kept_per_layer, tokens, merge_pruned=Fals
     def additive(allowed, key_bias):
         return torch.where(allowed, key_bias, torch.tensor(float("-inf"))).to(prepared.embeds.dtype)
 
-    alive, hidden = [], prepared.embeds
+    alive, biases, hidden = [], [], prepared.embeds
     for layer_idx, layer in enumerate(lm.layers):
         keys_alive = torch.zeros(n, dtype=torch.bool)
         keys_alive[kept_per_layer[layer_idx]] = True
         if merge_pruned and layer_idx > 0:
-            hidden = merged_reference(hidden, alive[-1] & ~keys_alive, keys_alive & prepared.is_visual)
+            hidden, bias = merged_reference(hidden, bias, alive[-1] & ~keys_alive, keys_alive & prepared.is_visual,
+                                            prepared.key_bias is not None)
         alive.append(keys_alive)
+        biases.append(bias)
         mask = (causal & keys_alive[None, :]) | torch.eye(n, dtype=torch.bool)
         hidden = layer(hidden, attention_mask=additive(mask, bias[None, :])[None, None],
                        position_embeddings=(cos, sin), cache=cache, use_cache=True)
@@ -62,25 +64,30 @@ def masked_reference(engine, prepared, kept_per_layer, tokens, merge_pruned=Fals
         cos, sin = lm.rotary_emb(hidden, engine.preparer.decode_positions(prepared, step))
         for layer_idx, layer in enumerate(lm.layers):
             mask = torch.cat([alive[layer_idx], torch.ones(step + 1, dtype=torch.bool)])
-            key_bias = torch.cat([bias, torch.zeros(step + 1)])
+            key_bias = torch.cat([biases[layer_idx], torch.zeros(step + 1)])
             hidden = layer(hidden, attention_mask=additive(mask, key_bias)[None, None, None],
                            position_embeddings=(cos, sin), cache=cache, use_cache=True)
         logits.append(lm.lm_head(lm.norm(hidden))[0, -1].float())
     return torch.stack(logits)
 
 
-def merged_reference(hidden, pruned, kept):
-    states = hidden[0].clone()
+def merged_reference(hidden, bias, pruned, kept, proportional):
+    """Each pruned token joins the kept visual token most like it; a kept token becomes its group's mean weighted
+    by the tokens each member stands for (exp(bias)), and under proportional attention stands for their total."""
+    states, bias = hidden[0].clone(), bias.clone()
     groups = {int(k): [int(k)] for k in torch.nonzero(kept).flatten()}
     if not groups:
-        return hidden
+        return hidden, bias
     for d in torch.nonzero(pruned).flatten().tolist():
         nearest = max(groups, key=lambda k: float(torch.nn.functional.cosine_similarity(
             hidden[0, d].float(), hidden[0, k].float(), dim=0)))
         groups[nearest].append(d)
     for k, members in groups.items():
-        states[k] = hidden[0, members].float().mean(0).to(hidden.dtype)
-    return states[None]
+        sizes = bias[members].exp()
+        states[k] = ((hidden[0, members].float() * sizes[:, None]).sum(0) / sizes.sum()).to(hidden.dtype)
+        if proportional:
+            bias[k] = sizes.sum().log()
+    return states[None], bias
 
 
 def cases():
@@ -108,6 +115,9 @@ PLANS = {
     "holitom/merge-pruned": ReductionPlan(merge_retention=0.5, reducer="holitom", prune_stages=((2, 0.5), (4, 0.2)),
                                           importance="last_token", merge_pruned=True),
     "progressive/merge-pruned": ReductionPlan(prune_start=2, prune_end=5, merge_pruned=True),
+    "merge+prune/proportional+merge-pruned": ReductionPlan(merge_retention=0.5, prune_start=2, prune_end=5,
+                                                           positions="original", proportional_attention=True,
+                                                           merge_pruned=True),
 }
 
 
