@@ -69,7 +69,7 @@ def plot(results: list[SpecResult], path: Path, title: str) -> None:
         rows = sorted((r for r in results if r.spec.method == method and (r.spec.knobs or not r.spec.is_default)),
                       key=lambda r: r.flops_ratio)
         ax.plot([r.flops_ratio for r in rows], [100 * r.accuracy for r in rows], marker=markers.get(method, "o"),
-                label=method)
+                label="aim (the paper's plan shape)" if method == "aim" else method)
     for r in results:
         if r.spec.is_default:
             ax.scatter([r.flops_ratio], [100 * r.accuracy], s=220, marker="*", color="black", zorder=5,
