@@ -43,6 +43,12 @@ class Method:
     sweep: tuple[float, ...]  # knobs an evaluation runs by default
 
 
+def summed_targets(sizes: Sequence[int], target_for: TargetFor) -> int:
+    """What a reducer that meets the plan's per-group targets in total keeps (AIM's merge, VidCom2, FastVID,
+    HoliTom share them out differently, but keep exactly their sum)."""
+    return sum(target_for(n) for n in sizes)
+
+
 def passthrough(features: torch.Tensor) -> MergeResult:
     n = features.shape[0]
     return MergeResult(torch.arange(n, device=features.device), features,

@@ -24,15 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from ..merging import MergeResult
-from .base import Reducer, TargetFor, density_peaks, loose_tokens, passthrough, pre_llm_method
+from .base import (Reducer, TargetFor, density_peaks, loose_tokens, passthrough, pre_llm_method,
+                   summed_targets)
 
 SCENE_CUT_SIMILARITY = 0.9
 MIN_SEGMENTS = 2
 SALIENT_SHARE = 0.3
-
-
-def fastvid_kept(sizes: Sequence[int], target_for: TargetFor) -> int:
-    return sum(target_for(n) for n in sizes)
 
 
 def scene_cuts(frames: torch.Tensor) -> list[int]:
@@ -48,7 +45,7 @@ def scene_cuts(frames: torch.Tensor) -> list[int]:
 
 def fastvid_merge(features: torch.Tensor, groups: Sequence[torch.Tensor], target_for: TargetFor) -> MergeResult:
     sizes = [g.numel() for g in groups]
-    if fastvid_kept(sizes, target_for) >= sum(sizes):
+    if summed_targets(sizes, target_for) >= sum(sizes):
         return passthrough(features)
     x = features.float()
     summaries = torch.stack([x[g].mean(0) for g in groups])
@@ -86,6 +83,6 @@ def fastvid_merge(features: torch.Tensor, groups: Sequence[torch.Tensor], target
     return MergeResult(keep[order], feats[order].to(features.dtype), weights[order])
 
 
-REDUCER = Reducer("fastvid", reduce=fastvid_merge, kept=fastvid_kept, sized=True)
+REDUCER = Reducer("fastvid", reduce=fastvid_merge, kept=summed_targets, sized=True)
 METHOD = pre_llm_method("fastvid", "fastvid", "scenes by frame similarity; per scene salient tokens kept and the rest "
                         "merged by density peaks, before the LLM", sweep=(0.5, 0.25, 0.125, 0.0625))

@@ -38,15 +38,11 @@ import torch.nn.functional as F
 
 from ..merging import MergeResult
 from ..plan import ReductionPlan
-from .base import Method, Reducer, TargetFor, density_peaks, loose_tokens, passthrough
+from .base import Method, Reducer, TargetFor, density_peaks, loose_tokens, passthrough, summed_targets
 
 STATIC_SIMILARITY = 0.8
 HOLITOM_LAYER_FRACTION = 18 / 28
 INNER_KEEP = 0.5
-
-
-def holitom_kept(sizes: Sequence[int], target_for: TargetFor) -> int:
-    return sum(target_for(n) for n in sizes)
 
 
 def static_masks(frames: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -100,7 +96,7 @@ def apportion(total: int, sizes: Sequence[int]) -> list[int]:
 
 def holitom_merge(features: torch.Tensor, groups: Sequence[torch.Tensor], target_for: TargetFor) -> MergeResult:
     sizes = [g.numel() for g in groups]
-    budget = holitom_kept(sizes, target_for)
+    budget = summed_targets(sizes, target_for)
     if budget >= sum(sizes):
         return passthrough(features)
     x = features.float()
@@ -194,7 +190,7 @@ def holitom_plan(num_layers: int, retention: float) -> ReductionPlan:
                          importance="last_token", merge_pruned=True)
 
 
-REDUCER = Reducer("holitom", reduce=holitom_merge, kept=holitom_kept, sized=True)
+REDUCER = Reducer("holitom", reduce=holitom_merge, kept=summed_targets, sized=True)
 METHOD = Method("holitom", "global temporal merging of still patches and spatial merging before the LLM, then "
                 "half the visual tokens merged into their nearest at 64% depth", holitom_plan,
                 sweep=(0.5, 0.25, 0.125, 0.0625))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ..merging import merge_groups
-from .base import Reducer
+from .base import Reducer, summed_targets
 
-REDUCER = Reducer("merge", reduce=merge_groups, kept=lambda sizes, target_for: sum(target_for(n) for n in sizes),
-                  sized=True)
+REDUCER = Reducer("merge", reduce=merge_groups, kept=summed_targets, sized=True)

@@ -22,11 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..merging import MergeResult
-from .base import Reducer, TargetFor, loose_tokens, passthrough, pre_llm_method
-
-
-def vidcom2_kept(sizes: Sequence[int], target_for: TargetFor) -> int:
-    return sum(target_for(n) for n in sizes)
+from .base import Reducer, TargetFor, loose_tokens, passthrough, pre_llm_method, summed_targets
 
 
 def frame_budgets(weights: Sequence[float], sizes: Sequence[int], total: int) -> list[int]:
@@ -45,7 +41,7 @@ def frame_budgets(weights: Sequence[float], sizes: Sequence[int], total: int) ->
 
 def vidcom2_drop(features: torch.Tensor, groups: Sequence[torch.Tensor], target_for: TargetFor) -> MergeResult:
     sizes = [g.numel() for g in groups]
-    total = vidcom2_kept(sizes, target_for)
+    total = summed_targets(sizes, target_for)
     if total >= sum(sizes):
         return passthrough(features)
     frames = [F.normalize(features[g].float(), dim=-1) for g in groups]
@@ -66,6 +62,6 @@ def vidcom2_drop(features: torch.Tensor, groups: Sequence[torch.Tensor], target_
     return MergeResult(keep, features[keep], torch.ones(keep.numel(), device=features.device))
 
 
-REDUCER = Reducer("vidcom2", reduce=vidcom2_drop, kept=vidcom2_kept)
+REDUCER = Reducer("vidcom2", reduce=vidcom2_drop, kept=summed_targets)
 METHOD = pre_llm_method("vidcom2", "vidcom2", "per-frame budgets by frame uniqueness, then each frame's most unique "
                         "tokens, before the LLM (vLLM's built-in)", sweep=(0.5, 0.25, 0.125, 0.0625))

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from aim_engine.methods.base import density_peaks
-from aim_engine.methods.fastvid import fastvid_kept, fastvid_merge, scene_cuts
+from aim_engine.methods.base import density_peaks, summed_targets
+from aim_engine.methods.fastvid import fastvid_merge, scene_cuts
 from aim_engine.plan import ReductionPlan
 
 
@@ -29,7 +29,7 @@ def test_no_merged_token_spans_a_cut_and_the_budget_is_exact():
     features, groups, (first, second) = _clip_with_a_cut(cut=5)
     plan = ReductionPlan(merge_retention=0.25, reducer="fastvid")
     result = fastvid_merge(features, groups, plan.merge_target)
-    assert result.keep.numel() == fastvid_kept([16] * 8, plan.merge_target)
+    assert result.keep.numel() == summed_targets([16] * 8, plan.merge_target)
     assert torch.equal(result.keep, torch.sort(result.keep).values)
     assert int(result.sizes.sum()) == features.shape[0]  # every token is in exactly one survivor
     # a survivor stands for tokens of its own scene only: its features are nearest to one of that scene's tokens

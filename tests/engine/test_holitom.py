@@ -10,7 +10,8 @@ import itertools
 import pytest
 import torch
 
-from aim_engine.methods.holitom import holitom_kept, holitom_merge, holitom_plan, segment, static_masks
+from aim_engine.methods.base import summed_targets
+from aim_engine.methods.holitom import holitom_merge, holitom_plan, segment, static_masks
 from aim_engine.plan import ReductionPlan
 
 
@@ -71,7 +72,7 @@ def test_the_budget_is_exact_and_no_token_is_counted_twice(retention, shots):
     features = torch.cat([features, torch.randn(2, 32)])  # two loose tokens (a family's separators)
     plan = ReductionPlan(merge_retention=retention, reducer="holitom")
     result = holitom_merge(features, groups, plan.merge_target)
-    assert result.keep.numel() == holitom_kept([16] * 6, plan.merge_target) + 2
+    assert result.keep.numel() == summed_targets([16] * 6, plan.merge_target) + 2
     assert torch.equal(result.keep, torch.unique(result.keep))  # ascending, no place twice
     # merged tokens stand for their members; dynamic tokens beyond a frame's share are dropped, as in the paper
     assert int(result.sizes.sum()) <= features.shape[0]
