@@ -1,7 +1,10 @@
 """FLOPs accounting — the one implementation of the paper's formula (aim-method.md §3, LLM-Viewer).
 
-Per decoder layer with n tokens, hidden d, FFN m, heads H, KV width d_kv = d * H_kv / H:
-    F(n) = 2n(2d^2 + 2 d d_kv + 3 d m) + 4 n^2 d + 5 H n^2 + 17 n d
+Per decoder layer with n tokens, hidden d, FFN m, heads H of width h_d, attention width a = H h_d, KV width
+d_kv = H_kv h_d:
+    F(n) = 2n(2 d a + 2 d d_kv + 3 d m) + 4 n^2 a + 5 H n^2 + 17 n d
+For the paper's models a = d (h_d = d / H), and this is its formula; models whose config gives a head_dim with
+H h_d != d (Gemma 3, some Qwen3) project to and attend over a instead.
 Prefill total = sum over layers F(n_l) + d * V   (V = vocabulary: the LM head for one token).
 
 Decoding and the vision encoder are separate figures: AIM does not reduce the encoder.
@@ -21,10 +24,15 @@ class LLMShape:
     kv_heads: int
     vocab: int
     layers: int
+    head_dim: int | None = None  # None: hidden / heads
+
+    @property
+    def attention_width(self) -> float:
+        return self.hidden if self.head_dim is None else self.heads * self.head_dim
 
     @property
     def kv_width(self) -> float:
-        return self.hidden * self.kv_heads / self.heads
+        return self.attention_width * self.kv_heads / self.heads
 
     @classmethod
     def from_config(cls, text_config) -> "LLMShape":
@@ -35,17 +43,18 @@ class LLMShape:
             kv_heads=getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads,
             vocab=text_config.vocab_size,
             layers=text_config.num_hidden_layers,
+            head_dim=getattr(text_config, "head_dim", None),
         )
 
 
 def layer_prefill_flops(shape: LLMShape, n: int, past: int = 0) -> float:
     """F(n) above; with `past` tokens already in the layer's cache (a reused prefix) the n queries attend to
-    c = past + n keys, and the attention terms are 4 n c d + 5 H n c."""
-    d, m, h = shape.hidden, shape.ffn, shape.heads
+    c = past + n keys, and the attention terms are 4 n c a + 5 H n c."""
+    d, m, h, a = shape.hidden, shape.ffn, shape.heads, shape.attention_width
     c = past + n
     return (
-        2 * n * (2 * d * d + 2 * d * shape.kv_width + 3 * d * m)
-        + 4 * n * c * d
+        2 * n * (2 * d * a + 2 * d * shape.kv_width + 3 * d * m)
+        + 4 * n * c * a
         + 5 * h * n * c
         + 17 * n * d
     )
@@ -61,11 +70,11 @@ def prefill_flops(shape: LLMShape, tokens_per_layer: Sequence[int], past: int = 
 
 def decode_step_flops(shape: LLMShape, context_per_layer: Sequence[int]) -> float:
     """One generated token: the same terms as the prefill formula for a single query attending to
-    `context_per_layer[l]` cached keys (linear layers 2(2d^2 + 2 d d_kv + 3dm), attention 4 d c + 5 H c,
+    `context_per_layer[l]` cached keys (linear layers 2(2 d a + 2 d d_kv + 3dm), attention 4 a c + 5 H c,
     elementwise 17 d), plus the LM head."""
-    d, m, h = shape.hidden, shape.ffn, shape.heads
-    linear = 2 * (2 * d * d + 2 * d * shape.kv_width + 3 * d * m) + 17 * d
-    attention = sum(4 * c * d + 5 * h * c for c in context_per_layer)
+    d, m, h, a = shape.hidden, shape.ffn, shape.heads, shape.attention_width
+    linear = 2 * (2 * d * a + 2 * d * shape.kv_width + 3 * d * m) + 17 * d
+    attention = sum(4 * c * a + 5 * h * c for c in context_per_layer)
     return shape.layers * linear + attention + shape.hidden * shape.vocab
 
 

@@ -19,6 +19,20 @@ def test_spec_check_values_qwen2_7b_32_frames():
     assert tflops(ReductionPlan.default_for_depth(28)) == pytest.approx(14.76, abs=0.005)
 
 
+def test_an_explicit_head_dim_changes_only_the_attention_width():
+    """Gemma-3-4B's shape: 8 heads of 256 attend over 2048 of its 2560 hidden width. Counted by hand: q and o
+    project d -> a -> d, k and v d -> 4 x 256, the scores and the weighted sum are n x c x a each."""
+    gemma = LLMShape(hidden=2560, ffn=10240, heads=8, kv_heads=4, vocab=262208, layers=34, head_dim=256)
+    n, past, d, a, kv = 100, 20, 2560, 2048, 1024
+    by_hand = 2 * n * (d * a + a * d) + 2 * n * 2 * d * kv + 2 * n * 3 * d * 10240 \
+        + 2 * 2 * n * (past + n) * a + 5 * 8 * n * (past + n) + 17 * n * d
+    assert layer_prefill_flops(gemma, n, past) == by_hand
+    # a head_dim that is hidden / heads is the paper's formula exactly
+    same = LLMShape(hidden=3584, ffn=18944, heads=28, kv_heads=4, vocab=152064, layers=28, head_dim=128)
+    assert prefill_flops(same, [900] * 28) == prefill_flops(QWEN2_7B, [900] * 28)
+    assert decode_step_flops(same, [900] * 28) == decode_step_flops(QWEN2_7B, [900] * 28)
+
+
 def test_decode_step_matches_the_prefill_terms_for_one_token():
     # one token with an empty cache: the prefill formula for n=1 minus its n^2 terms plus c=1 attention
     one = decode_step_flops(QWEN2_7B, [1] * 28)
