@@ -251,8 +251,9 @@ def merge_into_kept(hidden: torch.Tensor, visual: torch.Tensor, keep: torch.Tens
     size = torch.ones(visual.numel(), device=hidden.device) if key_bias is None else key_bias.float().exp()
     states, absorbed = hidden[0, kept].float(), hidden[0, dropped].float()
     keys = F.normalize(states, dim=-1)
-    rows = max(1, budget // kept.numel())
-    nearest = torch.cat([torch.argmax(F.normalize(block, dim=-1) @ keys.T, dim=-1) for block in absorbed.split(rows)])
+    per_block = max(1, budget // kept.numel())
+    nearest = torch.cat([torch.argmax(F.normalize(block, dim=-1) @ keys.T, dim=-1)
+                         for block in absorbed.split(per_block)])
     total = (states * size[kept, None]).index_add_(0, nearest, absorbed * size[dropped, None])
     weight = size[kept].index_add_(0, nearest, size[dropped])
     return (torch.searchsorted(keep, kept), (total / weight[:, None]).to(hidden.dtype),

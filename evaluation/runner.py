@@ -192,11 +192,13 @@ def model_identity(path: Path, device: str = "cpu", dtype: str = "float32") -> s
     return f"{path.name}@{digest.hexdigest()[:16]}/{device}/{dtype}"
 
 
+_EMPTY_PLAN = plan_to_dict(ReductionPlan())
+
+
 def plan_key(plan: ReductionPlan) -> str:
     """A plan in a journal's keys: the fields that differ from the empty plan's, so a field added to the plan later
     (whose default changes nothing) leaves every answer already journaled valid."""
-    empty = plan_to_dict(ReductionPlan())
-    return json.dumps({k: v for k, v in plan_to_dict(plan).items() if v != empty[k]}, sort_keys=True)
+    return json.dumps({k: v for k, v in plan_to_dict(plan).items() if v != _EMPTY_PLAN[k]}, sort_keys=True)
 
 
 def evaluate(engine: AimEngine, dataset: Dataset, specs: list[PlanSpec],

@@ -30,8 +30,8 @@ class ModelRunner:
     def encode(self, batch: list[Sequence]) -> dict[int, list]:
         """The vision tower for the sequences admitted together, in one pass where the family allows: their
         encoded media by sequence id. Each sequence is charged the pass's time in proportion to the frames and
-        images it sent (what it reused from the feature cache cost it nothing). If the joint pass fails, nothing is returned and each sequence encodes alone (so one bad
-        request fails alone)."""
+        images it sent (what it reused from the feature cache cost it nothing). If the joint pass fails, nothing
+        is returned and each sequence encodes alone (so one bad request fails alone)."""
         if len(batch) < 2:
             return {}
         start = time.perf_counter()
