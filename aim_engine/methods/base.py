@@ -88,6 +88,16 @@ def density_peaks(x: torch.Tensor, centres: int) -> tuple[torch.Tensor, torch.Te
     return chosen, cluster
 
 
+def cluster_means(x: torch.Tensor, sizes: torch.Tensor, centres: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (m, d), each row standing for `sizes` (m,) input tokens, in `centres` density-peak clusters as merged
+    tokens: (their size-weighted means (centres, d), the sizes they stand for (centres,), the centres' indices
+    into x (centres,))."""
+    chosen, cluster = density_peaks(x, centres)
+    weight = torch.zeros(centres, device=x.device).index_add_(0, cluster, sizes)
+    total = torch.zeros(centres, x.shape[1], device=x.device).index_add_(0, cluster, x * sizes[:, None])
+    return total / weight[:, None], weight, chosen
+
+
 def assemble_kept(features: torch.Tensor, keep: torch.Tensor, replaced: dict[int, torch.Tensor] | None = None
                   ) -> MergeResult:
     """A MergeResult keeping `keep` (any order) with their own features, except those given in `replaced`."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..merging import MergeResult
-from .base import (Reducer, TargetFor, density_peaks, loose_tokens, passthrough, pre_llm_method,
+from .base import (Reducer, TargetFor, cluster_means, loose_tokens, passthrough, pre_llm_method,
                    summed_targets)
 
 SCENE_CUT_SIMILARITY = 0.9
@@ -70,11 +70,10 @@ def fastvid_merge(features: torch.Tensor, groups: Sequence[torch.Tensor], target
                 salient.append(groups[t][torch.sort(closeness, stable=True).indices[:share]])
         salient = (torch.cat(salient) if salient else members[:0])[:budget - 1]  # at least one cluster
         rest = members[~torch.isin(members, salient)]
-        centres, cluster = density_peaks(x[rest], budget - salient.numel())
-        counts = torch.bincount(cluster, minlength=centres.numel()).float()
-        merged = torch.zeros(centres.numel(), x.shape[1], device=x.device).index_add_(0, cluster, x[rest])
+        merged, counts, centres = cluster_means(x[rest], torch.ones(rest.numel(), device=x.device),
+                                                budget - salient.numel())
         keep += [salient, rest[centres]]
-        feats += [x[salient], merged / counts[:, None]]
+        feats += [x[salient], merged]
         weights += [torch.ones(salient.numel(), device=x.device), counts]
     loose = loose_tokens(features, groups)
     keep, feats = torch.cat([*keep, loose]), torch.cat([*feats, x[loose]])

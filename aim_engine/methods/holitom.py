@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..merging import MergeResult
 from ..plan import ReductionPlan
-from .base import Method, Reducer, TargetFor, density_peaks, loose_tokens, passthrough, summed_targets
+from .base import Method, Reducer, TargetFor, cluster_means, loose_tokens, passthrough, summed_targets
 
 STATIC_SIMILARITY = 0.8
 HOLITOM_LAYER_FRACTION = 18 / 28
@@ -162,10 +162,8 @@ def holitom_merge(features: torch.Tensor, groups: Sequence[torch.Tensor], target
         if share >= index.numel():
             emit(index, mean, count)
             continue
-        centres, cluster = density_peaks(mean, share)
-        weight = torch.zeros(share, device=x.device).index_add_(0, cluster, count)
-        total = torch.zeros(share, x.shape[1], device=x.device).index_add_(0, cluster, mean * count[:, None])
-        emit(index[centres], total / weight[:, None], weight)
+        means, weight, centres = cluster_means(mean, count, share)
+        emit(index[centres], means, weight)
     for (t, positions), share in zip(dynamic, shares[len(merged):]):
         if share == 0:
             continue
