@@ -118,6 +118,7 @@ def prefill(
     kv: SequenceKV | None = None,
     should_stop: Callable[[], bool] | None = None,
     past: int = 0,
+    deepstack: torch.Tensor | None = None,
 ) -> PrefillResult:
     """embeds (1, n, d); position_ids (1, n) or (3, 1, n); is_visual (n,) bool.
 
@@ -133,7 +134,11 @@ def prefill(
 
     past: the first `past` prompt tokens are a reused prefix already in `kv` at every layer (attach_prefix);
     embeds, position_ids and is_visual are then the rest of the prompt only, key_bias the whole prompt's. Only for
-    plans that do not prune (what is pruned depends on the whole prompt)."""
+    plans that do not prune (what is pruned depends on the whole prompt).
+
+    deepstack (levels, v, d): Qwen3-VL's DeepStack, row r for the r-th visual token of `is_visual`; level l is
+    added to the visual tokens' hidden states after layer l. A token pruned before layer l + 1 takes its levels
+    from l on with it, exactly as masking it from then on would (they reach no other token)."""
     if past and plan.prunes:
         raise ValueError("a reused prefix needs a plan without pruning")
     num_layers = lm.num_layers
@@ -146,6 +151,7 @@ def prefill(
     cos, sin = lm.rotary_emb(hidden, position_ids)
     index = torch.arange(hidden.shape[1], device=hidden.device)  # prompt index of each present token
     visual = is_visual
+    visual_row = torch.cumsum(is_visual, 0) - 1  # a prompt token's row in `deepstack` (where it is visual)
     targets = plan.visual_tokens_per_layer(int(is_visual.sum()), num_layers) if plan.prunes else None
     result = PrefillResult(logits=None, cache=kv, tokens_per_layer=[], visual_per_layer=[])
     capture: ScoreCapture | None = None
@@ -193,6 +199,9 @@ def prefill(
             result.scoring_s += capture.seconds
         if isinstance(hidden, tuple):
             hidden = hidden[0]
+        if deepstack is not None and layer_idx < deepstack.shape[0]:
+            rows = torch.nonzero(visual).flatten()
+            hidden[0].index_add_(0, rows, deepstack[layer_idx, visual_row[index[rows]]].to(hidden.dtype))
     kv.prompt_key_bias = None
 
     result.logits = lm.lm_head(lm.norm(hidden[:, -1:]))[0, -1].float()

@@ -92,8 +92,8 @@ class _Entry:
 
 
 def media_bytes(media: EncodedMedia) -> int:
-    """Device bytes an entry holds: its features, merge-group indices and grid."""
-    tensors = [media.features, *media.groups] + ([media.grid_thw] if media.grid_thw is not None else [])
+    """Device bytes an entry holds: its features, DeepStack features, merge-group indices and grid."""
+    tensors = [media.features, *media.groups] + [t for t in (media.grid_thw, media.deepstack) if t is not None]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

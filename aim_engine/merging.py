@@ -33,33 +33,95 @@ ROUND_SHARE = 0.5
 
 @dataclass
 class MergeResult:
+    """What a reduction before the LLM (AIM's merge or a peer's) kept of one media item's n tokens."""
+
     keep: torch.Tensor  # (k,) int64, ascending indices into the input of the surviving tokens
     features: torch.Tensor  # (k, d) size-weighted means of the tokens each survivor stands for
     sizes: torch.Tensor  # (k,) how many original tokens each survivor stands for
+    # (2, m) int64 pairs (survivor row, input row): each survivor's features are the mean of its members' rows (a
+    # token kept as it is is its own only member). The one description of the reduction that other tensors with
+    # the same rows (Qwen3-VL's DeepStack levels) are reduced by: `merged_rows`.
+    members: torch.Tensor
+
+
+def merged_rows(result: MergeResult, rows: torch.Tensor) -> torch.Tensor:
+    """rows (..., n, d), one per input token as the reduced features were, reduced the same way: (..., k, d), each
+    survivor the mean of its members' rows."""
+    survivor, member = result.members
+    k = result.keep.numel()
+    total = rows.new_zeros(*rows.shape[:-2], k, rows.shape[-1], dtype=torch.float32)
+    total.index_add_(-2, survivor, rows.index_select(-2, member).float())
+    count = torch.zeros(k, device=rows.device).index_add_(0, survivor, torch.ones_like(survivor, dtype=torch.float32))
+    return (total / count[:, None]).to(rows.dtype)
+
+
+def kept_as_is(count: int, device) -> torch.Tensor:
+    """Members of `count` survivors that are each one input token: (2, count) pairs (i, i)."""
+    rows = torch.arange(count, device=device)
+    return torch.stack([rows, rows])
+
+
+class Survivors:
+    """A reduction's survivors, collected piece by piece in any order and returned in input order. Each piece gives
+    its survivors' input indices (the token whose position each takes), features, sizes and members (survivor
+    rows numbered within the piece)."""
+
+    def __init__(self, features: torch.Tensor):
+        self.features = features
+        self.pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def add(self, index: torch.Tensor, features: torch.Tensor, sizes: torch.Tensor, members: torch.Tensor) -> None:
+        self.pieces.append((index, features, sizes.float(), members))
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Input tokens kept as they are."""
+        self.add(index, self.features[index], torch.ones(index.numel(), device=index.device),
+                 torch.stack([torch.arange(index.numel(), device=index.device), index]))
+
+    def result(self) -> MergeResult:
+        device = self.features.device
+        starts, total = [], 0
+        for index, *_ in self.pieces:
+            starts.append(total)
+            total += index.numel()
+        keep = torch.cat([p[0] for p in self.pieces]) if self.pieces else torch.zeros(0, dtype=torch.long,
+                                                                                        device=device)
+        order = torch.argsort(keep)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=device)
+        members = torch.cat([torch.stack([rank[start + m[0]], m[1]]) for start, (*_, m) in zip(starts, self.pieces)],
+                            dim=1) if self.pieces else torch.zeros(2, 0, dtype=torch.long, device=device)
+        features = torch.cat([p[1].to(self.features.dtype) for p in self.pieces]) if self.pieces \
+            else self.features[:0]
+        sizes = torch.cat([p[2] for p in self.pieces]) if self.pieces else torch.zeros(0, device=device)
+        return MergeResult(keep[order], features[order], sizes[order], members)
 
 
 def merge_frame_tokens(features: torch.Tensor, target: int) -> MergeResult:
     """Merge one frame's tokens (n, d) down to `target` tokens (1 <= target <= n)."""
-    keep, feats, sizes = merge_frames(features[None], target)
-    return MergeResult(keep[0], feats[0], sizes[0])
+    keep, feats, sizes, owner = merge_frames(features[None], target)
+    return MergeResult(keep[0], feats[0], sizes[0],
+                       torch.stack([owner[0], torch.arange(features.shape[0], device=features.device)]))
 
 
-def merge_frames(x: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def merge_frames(x: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Merge each of G frames (G, n, d) down to `target` tokens. Returns keep (G, k) ascending indices,
-    features (G, k, d) and sizes (G, k)."""
+    features (G, k, d), sizes (G, k) and owner (G, n): the survivor each input token is folded into (or is)."""
     groups, n, _ = x.shape
     if not 1 <= target <= n:
         raise ValueError(f"merge target must be in 1..{n}, got {target}")
     keep = torch.arange(n, device=x.device).expand(groups, n)
+    owner = keep
     size = torch.ones(groups, n, dtype=torch.float32, device=x.device)
     # Similarities and averages in fp32: the ranking must not depend on the serving dtype.
     xf = x.float()
     while xf.shape[1] > target:
         before = xf.shape[1]
-        xf, size, keep = _merge_round(xf, size, keep, before - target)
+        xf, size, keep, moved = _merge_round(xf, size, keep, before - target)
+        owner = moved.gather(1, owner)
         if xf.shape[1] == before:  # a single token left cannot merge further
             break
-    return keep, xf.to(x.dtype), size
+    return keep, xf.to(x.dtype), size, owner
 
 
 def _gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -75,7 +137,7 @@ def _merge_round(x: torch.Tensor, size: torch.Tensor, keep: torch.Tensor, excess
     b_idx = torch.arange(1, n, 2, device=x.device)
     r = min(excess, math.ceil(ROUND_SHARE * a_idx.numel()), b_idx.numel())
     if r == 0:
-        return x, size, keep
+        return x, size, keep, torch.arange(n, device=x.device).expand(groups, n)
     xn = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     sim = xn[:, a_idx] @ xn[:, b_idx].transpose(1, 2)  # (G, |A|, |B|)
     best_sim, best_b = sim.max(dim=-1)  # (G, |A|)
@@ -97,7 +159,16 @@ def _merge_round(x: torch.Tensor, size: torch.Tensor, keep: torch.Tensor, excess
     sizes = torch.cat([size.gather(1, kept_a_tokens), b_size], dim=1)
     back = torch.argsort(survivors, dim=1)
     survivors = survivors.gather(1, back)
-    return _gather_rows(feats, back), sizes.gather(1, back), keep.gather(1, survivors)
+    # where each of this round's n tokens went: its entry in `survivors` before the sort (a folded A token: its
+    # partner's), then that entry's place after it
+    kept_count = kept_a_tokens.shape[1]
+    entry = torch.empty(groups, n, dtype=torch.long, device=x.device)
+    entry.scatter_(1, kept_a_tokens, torch.arange(kept_count, device=x.device).expand(groups, -1))
+    entry[:, b_idx] = kept_count + torch.arange(b_idx.numel(), device=x.device)
+    entry.scatter_(1, src, kept_count + dst)
+    place = torch.empty_like(back)
+    place.scatter_(1, back, torch.arange(back.shape[1], device=x.device).expand(groups, -1))
+    return _gather_rows(feats, back), sizes.gather(1, back), keep.gather(1, survivors), place.gather(1, entry)
 
 
 def merge_groups(features: torch.Tensor, groups: Sequence[torch.Tensor], target_for: Callable[[int], int]
@@ -111,17 +182,13 @@ def merge_groups(features: torch.Tensor, groups: Sequence[torch.Tensor], target_
     for idx in groups:
         in_group[idx] = True
         by_size[idx.numel()].append(idx)
-    keeps, feats, sizes = [], [], []
+    out = Survivors(features)
     for group_size, members in by_size.items():
         index = torch.stack(members)  # (G, group_size)
-        keep, merged, size = merge_frames(features[index], target_for(group_size))
-        keeps.append(index.gather(1, keep).flatten())
-        feats.append(merged.flatten(0, 1))
-        sizes.append(size.flatten())
-    loose = torch.nonzero(~in_group).flatten()
-    keeps.append(loose)
-    feats.append(features[loose])
-    sizes.append(torch.ones(loose.numel(), device=features.device))
-    keep = torch.cat(keeps)
-    order = torch.argsort(keep)
-    return MergeResult(keep=keep[order], features=torch.cat(feats)[order], sizes=torch.cat(sizes)[order])
+        keep, merged, size, owner = merge_frames(features[index], target_for(group_size))
+        k = keep.shape[1]
+        survivor = owner + k * torch.arange(index.shape[0], device=features.device)[:, None]
+        out.add(index.gather(1, keep).flatten(), merged.flatten(0, 1), size.flatten(),
+                torch.stack([survivor.flatten(), index.flatten()]))
+    out.keep(torch.nonzero(~in_group).flatten())
+    return out.result()

@@ -22,7 +22,7 @@ from .decoder import proportional_key_bias
 from .errors import Cancelled, MediaError, RequestError
 from .feature_cache import CachedMedia, FeatureCache, MediaKey
 from .media import MediaLimits, decode_image, decode_video, image_info, rgb_bytes
-from .merging import MergeResult
+from .merging import MergeResult, merged_rows
 from .methods import REDUCERS
 from .methods.base import passthrough
 from .plan import ReductionPlan
@@ -41,6 +41,16 @@ class PreparedPrompt:
     text_tokens: int
     visual_in: int
     media: list[EncodedMedia]
+    deepstack: torch.Tensor | None = None  # (levels, visual tokens, d): Qwen3-VL's DeepStack rows, merged as they
+
+
+def _starts(counts: list[int]) -> list[tuple[int, int]]:
+    """(first row, rows) of consecutive runs of `counts` rows."""
+    out, start = [], 0
+    for count in counts:
+        out.append((start, count))
+        start += count
+    return out
 
 
 class Preparer:
@@ -222,7 +232,9 @@ class Preparer:
         media = self.feature_cache.get(key) if self.feature_cache is not None else None
         return None if media is None else dataclasses.replace(media, cache="hit")
 
-    def render_prompt(self, request: GenerationRequest) -> str:
+    def render_prompt(self, request: GenerationRequest, media: list[EncodedMedia] | None = None) -> str:
+        """The prompt as text, a placeholder per media part. Where the family writes videos' times into it, they
+        come from `media` (the encoded items) when given, else from the request's decoded parts."""
         content = []
         for part in request.parts:
             if isinstance(part, TextPart):
@@ -235,7 +247,14 @@ class Preparer:
         if request.system:
             messages.append({"role": "system", "content": [{"type": "text", "text": request.system}]})
         messages.append({"role": "user", "content": content})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if media is not None:
+            times = [m.extra.get("timestamps") for m in media if m.kind == "video"]
+        else:
+            times = [p.media.extra.get("timestamps") if isinstance(p, CachedMedia)
+                     else self.adapter.video_timestamps(len(p.frames), p.fps) for p in request.parts
+                     if isinstance(p, VideoPart) or isinstance(p, CachedMedia) and p.kind == "video"]
+        return self.adapter.expand_videos(prompt, times) if times and times[0] is not None else prompt
 
     def validate(self, request: GenerationRequest, plan: ReductionPlan) -> None:
         if not any(isinstance(p, TextPart) and p.text.strip() for p in request.parts):
@@ -256,23 +275,27 @@ class Preparer:
             media = self.encode_media(parts, should_stop)
             timings.media_s, timings.vision_s = t1 - t0, time.perf_counter() - t1
         t2 = time.perf_counter()
-        prompt = self.render_prompt(request)
+        prompt = self.render_prompt(request, media)
         ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
         prepared = self._assemble(ids, media, plan)
         timings.prefill_s = time.perf_counter() - t2  # merging counts as prefill; the LLM part is added to it
         return prepared
 
     def _assemble(self, ids: torch.Tensor, media: list[EncodedMedia], plan: ReductionPlan) -> PreparedPrompt:
+        """The prompt with each placeholder token replaced by its media rows as the plan reduced them. An item sits
+        behind one placeholder, or several with text between them (`adapter.placeholder_spans`)."""
+        spans = [(i, start, rows) for i, item in enumerate(media)
+                 for start, rows in _starts(self.adapter.placeholder_spans(item))]
         is_placeholder = torch.zeros_like(ids, dtype=torch.bool)
         for pid in {self.adapter.image_token_id, self.adapter.video_token_id} - {None}:
             is_placeholder |= ids == pid
         slots = torch.nonzero(is_placeholder).flatten().tolist()
-        if len(slots) != len(media):
+        if len(slots) != len(spans):
             raise RequestError(
-                f"the prompt has {len(slots)} media placeholders for {len(media)} media items; "
+                f"the prompt has {len(slots)} media placeholders for {len(media)} media items taking {len(spans)}; "
                 "text must not contain the model's image/video placeholder tokens")
-        for slot, item in zip(slots, media):
-            if int(ids[slot]) != self.adapter.placeholder_id(item.kind):
+        for slot, (i, _, _) in zip(slots, spans):
+            if int(ids[slot]) != self.adapter.placeholder_id(media[i].kind):
                 raise RequestError("media placeholders are out of order with the media items")
 
         device = self.adapter.device
@@ -283,9 +306,10 @@ class Preparer:
             reduce(m.features, m.groups, plan.merge_target) if plan.merges else passthrough(m.features)
             for m in media
         ]
-        pieces, visual, full_index, full_ids, token_sizes = [], [], [], [], []
+        deep = [None if m.deepstack is None else merged_rows(res, m.deepstack) for m, res in zip(media, merged)]
+        pieces, visual, full_index, full_ids, token_sizes, deepstack = [], [], [], [], [], []
         start, offset = 0, 0  # offset: index in the full (unmerged) prompt
-        for slot, item, res in zip(slots + [len(ids)], media + [None], merged + [None]):
+        for slot, span in zip(slots + [len(ids)], spans + [None]):
             if slot > start:
                 n_text = slot - start
                 pieces.append(text_embeds[start:slot])
@@ -294,14 +318,19 @@ class Preparer:
                 full_ids.append(ids[start:slot])
                 token_sizes.append(torch.ones(n_text, device=device))
                 offset += n_text
-            if item is None:
+            if span is None:
                 break
-            pieces.append(res.features.to(text_embeds.dtype))
-            visual.append(torch.ones(res.keep.numel(), dtype=torch.bool, device=device))
-            full_index.append(offset + res.keep)
-            full_ids.append(ids[slot].repeat(item.features.shape[0]))
-            token_sizes.append(res.sizes.to(device=device, dtype=torch.float32))
-            offset += item.features.shape[0]
+            i, row0, rows = span
+            res = merged[i]
+            inside = (res.keep >= row0) & (res.keep < row0 + rows)
+            pieces.append(res.features[inside].to(text_embeds.dtype))
+            visual.append(torch.ones_like(inside)[inside])
+            full_index.append(offset + res.keep[inside] - row0)
+            full_ids.append(ids[slot].repeat(rows))
+            token_sizes.append(res.sizes[inside].to(device=device, dtype=torch.float32))
+            if deep[i] is not None:
+                deepstack.append(deep[i][:, inside])
+            offset += rows
             start = slot + 1
 
         embeds = torch.cat(pieces)[None]
@@ -326,6 +355,7 @@ class Preparer:
             embeds=embeds, position_ids=position_ids, is_visual=is_visual, next_position=next_position,
             key_bias=key_bias,
             text_tokens=int((~is_visual).sum()), visual_in=sum(m.features.shape[0] for m in media), media=media,
+            deepstack=torch.cat(deepstack, dim=1).to(text_embeds.dtype) if deepstack else None,
         )
 
     def shape_of(self, request: GenerationRequest) -> RequestShape:
@@ -344,8 +374,10 @@ class Preparer:
                 media.append(self.adapter.estimate_video_groups(part.frames))
             elif isinstance(part, ImagePart):
                 media.append(next(per_image))
-        ids = self.tokenizer(self.render_prompt(request), add_special_tokens=False)["input_ids"]
-        return RequestShape(media=media, text_tokens=len(ids) - len(media))
+        ids = self.tokenizer(self.render_prompt(GenerationRequest(parts, request.sampling, request.system)),
+                             add_special_tokens=False)["input_ids"]
+        placeholders = {self.adapter.image_token_id, self.adapter.video_token_id} - {None}
+        return RequestShape(media=media, text_tokens=sum(t not in placeholders for t in ids))
 
     def decode_positions(self, prepared: PreparedPrompt, step: int) -> torch.Tensor:
         pos = torch.tensor([[prepared.next_position + step]], device=self.adapter.device)

@@ -226,7 +226,53 @@ def build_qwen2_5_vl(path: str | Path, **kwargs) -> Path:
     return build_qwen2_vl(path, version="2.5", **kwargs)
 
 
+def build_qwen3_vl(path: str | Path, layers: int = 4, hidden: int = 64, patch_size: int = 4, seed: int = 0,
+                   max_pixels: int = 32 * 32, experts: int = 0) -> Path:
+    """A tiny Qwen3-VL: ViT (patch 4, 2x2 merger, temporal patch 2, learned position grid) whose blocks 0 and 1
+    also feed DeepStack mergers, + a Qwen3 LM (qk-norm, explicit head_dim, interleaved M-RoPE). `experts` > 0:
+    the MoE text model (Qwen3-VL-MoE), `experts` experts with 2 active per token in every layer."""
+    from transformers import (Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
+                              Qwen3VLMoeForConditionalGeneration)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    path = Path(path)
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = chat_template("<|vision_start|><|image_pad|><|vision_end|>",
+                                            "<|vision_start|><|video_pad|><|vision_end|>")
+    head_dim = hidden // 4
+    half = head_dim // 2  # rotary frequencies, shared out among (t, h, w) and interleaved
+    section = [half - 2 * (half // 4), half // 4, half // 4]
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, head_dim=head_dim,
+                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=4096, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+                pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section,
+                                 "mrope_interleaved": True})
+    if experts:
+        text.update(num_experts=experts, num_experts_per_tok=2, moe_intermediate_size=hidden, decoder_sparse_step=1)
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
+                  patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                  num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+    config_cls, model_cls = ((Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration) if experts
+                             else (Qwen3VLConfig, Qwen3VLForConditionalGeneration))
+    config = config_cls(text_config=text, vision_config=vision,
+                        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+                        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+                        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+                        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"))
+    _save_random_model(model_cls, config, tokenizer, path, seed)
+    Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=2, temporal_patch_size=2,
+                             size={"shortest_edge": 8 * 8, "longest_edge": max_pixels},
+                             image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(path)
+    return path
+
+
+def build_qwen3_vl_moe(path: str | Path, **kwargs) -> Path:
+    return build_qwen3_vl(path, experts=4, **kwargs)
+
+
 BUILDERS = {"llava_onevision": build_llava_onevision, "llava": build_llava, "llava_dinov2": build_llava_dinov2,
             "llava_next": build_llava_next,
             "qwen2_vl": build_qwen2_vl,
-            "qwen2_5_vl": build_qwen2_5_vl}
+            "qwen2_5_vl": build_qwen2_5_vl,
+            "qwen3_vl": build_qwen3_vl, "qwen3_vl_moe": build_qwen3_vl_moe}

@@ -24,6 +24,7 @@ class EncodedMedia:
     groups: list[torch.Tensor]  # frames / crops: index tensors into `features`, merged separately
     vision_flops: float  # encoder FLOPs spent on this item (not reduced by AIM)
     grid_thw: torch.Tensor | None = None  # M-RoPE models: (t, h, w) of the patch grid
+    deepstack: torch.Tensor | None = None  # (levels, n, d): Qwen3-VL's DeepStack features, rows as `features`
     extra: dict = field(default_factory=dict)
     vision_s: float = 0.0  # seconds the vision tower spent on this item (its share of a batched pass)
     decoded_bytes: int = 0  # RGB bytes of the images / frames it was encoded from
@@ -75,6 +76,21 @@ class FamilyAdapter:
 
     def placeholder_id(self, kind: str) -> int:
         return self.image_token_id if kind == "image" else self.video_token_id
+
+    def placeholder_spans(self, media: EncodedMedia) -> list[int]:
+        """How the item's feature rows, in order, sit behind placeholder tokens of the prompt: one count per
+        placeholder. By default all behind one; a family that puts text between parts of an item (Qwen3-VL's
+        video timestamps) gives one per part, and its `expand_videos` writes that many placeholders."""
+        return [int(media.features.shape[0])]
+
+    def video_timestamps(self, frames: int, fps: float | None) -> list[float] | None:
+        """Families that write a video's times into the prompt: seconds of each of its parts. None: no such text."""
+        return None
+
+    def expand_videos(self, prompt: str, timestamps: list[list[float]]) -> str:
+        """The rendered prompt with each video's placeholder written out as the family's processor does, given
+        each video's `video_timestamps` in order. By default, unchanged."""
+        return prompt
 
     # ---- media --------------------------------------------------------------------------------
     def encode_images(self, images: list[Image.Image]) -> list[EncodedMedia]:

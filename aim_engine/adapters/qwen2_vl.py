@@ -40,9 +40,13 @@ class Qwen2VLAdapter(FamilyAdapter):
                                                       return_dict=True)
         return [
             EncodedMedia(kind="image", features=feats, groups=[torch.arange(feats.shape[0], device=feats.device)],
-                         vision_flops=self._vit_flops(g), grid_thw=g)
-            for feats, g in zip(out.pooler_output, grid)
+                         vision_flops=self._vit_flops(g), grid_thw=g, deepstack=self.deepstack_of(out, i))
+            for i, (feats, g) in enumerate(zip(out.pooler_output, grid))
         ]
+
+    def deepstack_of(self, output, item: int) -> torch.Tensor | None:
+        """The item's DeepStack features from the tower's output (Qwen3-VL), or None."""
+        return None
 
     def estimate_image_groups(self, images: list[Image.Image]) -> list[tuple[list[int], int]]:
         grids = self.image_processor(images=images, return_tensors="pt")["image_grid_thw"]
@@ -94,11 +98,12 @@ class Qwen2VLAdapter(FamilyAdapter):
         with torch.inference_mode():
             out = self.model.model.get_video_features(patches.to(self.device, self.dtype), grids, return_dict=True)
         encoded = []
-        for feats, grid in zip(out.pooler_output, grids):
+        for i, (feats, grid) in enumerate(zip(out.pooler_output, grids)):
             per_t = int(grid[1] * grid[2]) // self._merge**2
             groups = [torch.arange(i * per_t, (i + 1) * per_t, device=feats.device) for i in range(int(grid[0]))]
             encoded.append(EncodedMedia(kind="video", features=feats, groups=groups,
-                                        vision_flops=self._vit_flops(grid), grid_thw=grid))
+                                        vision_flops=self._vit_flops(grid), grid_thw=grid,
+                                        deepstack=self.deepstack_of(out, i)))
         return encoded
 
     def mrope_positions(self, full_ids: torch.Tensor, media: list[EncodedMedia]) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..merging import MergeResult
+from ..merging import MergeResult, kept_as_is
 from ..plan import ReductionPlan
 
 # DPC-kNN (FastVID, HoliTom): a token's density is over its NEIGHBOURS nearest tokens.
@@ -51,8 +51,14 @@ def summed_targets(sizes: Sequence[int], target_for: TargetFor) -> int:
 
 def passthrough(features: torch.Tensor) -> MergeResult:
     n = features.shape[0]
-    return MergeResult(torch.arange(n, device=features.device), features,
-                       torch.ones(n, device=features.device))
+    return MergeResult(torch.arange(n, device=features.device), features, torch.ones(n, device=features.device),
+                       kept_as_is(n, features.device))
+
+
+def selected(features: torch.Tensor, keep: torch.Tensor) -> MergeResult:
+    """The tokens `keep` (ascending) kept as they are, the rest dropped (a reducer that only selects)."""
+    return MergeResult(keep, features[keep], torch.ones(keep.numel(), device=features.device),
+                       torch.stack([torch.arange(keep.numel(), device=keep.device), keep]))
 
 
 def loose_tokens(features: torch.Tensor, groups: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -88,26 +94,15 @@ def density_peaks(x: torch.Tensor, centres: int) -> tuple[torch.Tensor, torch.Te
     return chosen, cluster
 
 
-def cluster_means(x: torch.Tensor, sizes: torch.Tensor, centres: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cluster_means(x: torch.Tensor, sizes: torch.Tensor, centres: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (m, d), each row standing for `sizes` (m,) input tokens, in `centres` density-peak clusters as merged
     tokens: (their size-weighted means (centres, d), the sizes they stand for (centres,), the centres' indices
-    into x (centres,))."""
+    into x (centres,), each row's cluster (m,))."""
     chosen, cluster = density_peaks(x, centres)
     weight = torch.zeros(centres, device=x.device).index_add_(0, cluster, sizes)
     total = torch.zeros(centres, x.shape[1], device=x.device).index_add_(0, cluster, x * sizes[:, None])
-    return total / weight[:, None], weight, chosen
-
-
-def assemble_kept(features: torch.Tensor, keep: torch.Tensor, replaced: dict[int, torch.Tensor] | None = None
-                  ) -> MergeResult:
-    """A MergeResult keeping `keep` (any order) with their own features, except those given in `replaced`."""
-    keep = torch.sort(keep).values
-    feats = features[keep].clone()
-    if replaced:
-        pos = {int(k): i for i, k in enumerate(keep.tolist())}
-        for k, f in replaced.items():
-            feats[pos[k]] = f.to(feats.dtype)
-    return MergeResult(keep, feats, torch.ones(keep.numel(), device=features.device))
+    return total / weight[:, None], weight, chosen, cluster
 
 
 def pre_llm_method(name: str, reducer: str, summary: str, sweep: tuple[float, ...] = (0.5, 0.25, 0.125)) -> Method:

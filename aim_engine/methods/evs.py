@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..merging import MergeResult
-from .base import Reducer, TargetFor, loose_tokens, passthrough, pre_llm_method
+from .base import Reducer, TargetFor, loose_tokens, passthrough, pre_llm_method, selected
 
 
 def evs_kept(sizes: Sequence[int], target_for: TargetFor) -> int:
@@ -33,7 +33,7 @@ def evs_drop(features: torch.Tensor, groups: Sequence[torch.Tensor], target_for:
     order = torch.sort(change.flatten(), descending=True, stable=True).indices
     survivors = later.flatten()[order[: budget - sizes[0]]]
     keep = torch.sort(torch.cat([groups[0], survivors, loose_tokens(features, groups)])).values
-    return MergeResult(keep, features[keep], torch.ones(keep.numel(), device=features.device))
+    return selected(features, keep)
 
 
 REDUCER = Reducer("evs", reduce=evs_drop, kept=evs_kept)

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..merging import MergeResult
+from ..merging import MergeResult, Survivors
 from .base import (Reducer, TargetFor, cluster_means, loose_tokens, passthrough, pre_llm_method,
                    summed_targets)
 
@@ -50,15 +50,13 @@ def fastvid_merge(features: torch.Tensor, groups: Sequence[torch.Tensor], target
     x = features.float()
     summaries = torch.stack([x[g].mean(0) for g in groups])
     cuts = scene_cuts(summaries) + [len(groups)]
-    keep, feats, weights = [], [], []
+    out = Survivors(features)
     for start, end in zip(cuts[:-1], cuts[1:]):
         scene = list(range(start, end))
         budget = sum(target_for(sizes[t]) for t in scene)
         members = torch.cat([groups[t] for t in scene])
         if budget >= members.numel():
-            keep.append(members)
-            feats.append(x[members])
-            weights.append(torch.ones(members.numel(), device=x.device))
+            out.keep(members)
             continue
         salient_total = int(round(SALIENT_SHARE * budget))
         mean = F.normalize(x[members].mean(0), dim=-1)
@@ -70,16 +68,12 @@ def fastvid_merge(features: torch.Tensor, groups: Sequence[torch.Tensor], target
                 salient.append(groups[t][torch.sort(closeness, stable=True).indices[:share]])
         salient = (torch.cat(salient) if salient else members[:0])[:budget - 1]  # at least one cluster
         rest = members[~torch.isin(members, salient)]
-        merged, counts, centres = cluster_means(x[rest], torch.ones(rest.numel(), device=x.device),
-                                                budget - salient.numel())
-        keep += [salient, rest[centres]]
-        feats += [x[salient], merged]
-        weights += [torch.ones(salient.numel(), device=x.device), counts]
-    loose = loose_tokens(features, groups)
-    keep, feats = torch.cat([*keep, loose]), torch.cat([*feats, x[loose]])
-    weights = torch.cat([*weights, torch.ones(loose.numel(), device=x.device)])
-    order = torch.argsort(keep)
-    return MergeResult(keep[order], feats[order].to(features.dtype), weights[order])
+        merged, counts, centres, cluster = cluster_means(x[rest], torch.ones(rest.numel(), device=x.device),
+                                                         budget - salient.numel())
+        out.keep(salient)
+        out.add(rest[centres], merged, counts, torch.stack([cluster, rest]))
+    out.keep(loose_tokens(features, groups))
+    return out.result()
 
 
 REDUCER = Reducer("fastvid", reduce=fastvid_merge, kept=summed_targets, sized=True)

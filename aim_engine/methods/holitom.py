@@ -36,7 +36,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..merging import MergeResult
+from ..merging import MergeResult, Survivors
 from ..plan import ReductionPlan
 from .base import Method, Reducer, TargetFor, cluster_means, loose_tokens, passthrough, summed_targets
 
@@ -128,28 +128,24 @@ def holitom_merge(features: torch.Tensor, groups: Sequence[torch.Tensor], target
         order = torch.sort(torch.cat(distance), descending=True, stable=True).indices[:budget - left]
         restored[torch.cat(frame_of)[order], torch.cat(position_of)[order]] = True
 
-    keep, feats, weights = [], [], []
-
-    def emit(index: torch.Tensor, feature: torch.Tensor, weight: torch.Tensor) -> None:
-        keep.append(index)
-        feats.append(feature)
-        weights.append(weight)
+    out = Survivors(features)
 
     # every static position of a segment as one token (its unrestored members' mean), at its first frame's place
-    merged = []  # per segment: (indices at the first frame (s,), means (s, d), sizes (s,))
+    merged = []  # per segment: (indices at the first frame (s,), means (s, d), sizes (s,), members (2, m))
     for first, last, positions in static_members:
         if not positions.numel():
             merged.append(None)
             continue
         total = torch.zeros(positions.numel(), x.shape[1], device=x.device)
         count = torch.zeros(positions.numel(), device=x.device)
+        members = []
         for t in range(first, last + 1):
             stays = ~restored[t, positions]
             total += x[groups[t][positions]] * stays[:, None]
             count += stays
-            back = positions[~stays]
-            emit(groups[t][back], x[groups[t][back]], torch.ones(back.numel(), device=x.device))
-        merged.append((groups[first][positions], total / count[:, None], count))
+            members.append(torch.stack([torch.nonzero(stays).flatten(), groups[t][positions[stays]]]))
+            out.keep(groups[t][positions[~stays]])
+        merged.append((groups[first][positions], total / count[:, None], count, torch.cat(members, dim=1)))
 
     # spatial merging to the budget: what temporal merging left, shared out among the segments' static tokens
     # and the frames' dynamic tokens (all of it when restoring)
@@ -158,25 +154,22 @@ def holitom_merge(features: torch.Tensor, groups: Sequence[torch.Tensor], target
     for m, share in zip(merged, shares[:len(merged)]):
         if m is None or share == 0:
             continue
-        index, mean, count = m
+        index, mean, count, members = m
         if share >= index.numel():
-            emit(index, mean, count)
+            out.add(index, mean, count, members)
             continue
-        means, weight, centres = cluster_means(mean, count, share)
-        emit(index[centres], means, weight)
+        means, weight, centres, cluster = cluster_means(mean, count, share)
+        out.add(index[centres], means, weight, torch.stack([cluster[members[0]], members[1]]))
     for (t, positions), share in zip(dynamic, shares[len(merged):]):
         if share == 0:
             continue
         if share < positions.numel():
             closeness = frames[t][positions] @ F.normalize(x[groups[t]].mean(0), dim=-1)
             positions = positions[torch.sort(closeness, stable=True).indices[:share]]  # most distinct first
-        emit(groups[t][positions], x[groups[t][positions]], torch.ones(positions.numel(), device=x.device))
+        out.keep(groups[t][positions])
 
-    loose = loose_tokens(features, groups)
-    emit(loose, x[loose], torch.ones(loose.numel(), device=x.device))
-    keep, feats, weights = torch.cat(keep), torch.cat(feats), torch.cat(weights)
-    order = torch.argsort(keep)
-    return MergeResult(keep[order], feats[order].to(features.dtype), weights[order])
+    out.keep(loose_tokens(features, groups))
+    return out.result()
 
 
 def holitom_plan(num_layers: int, retention: float) -> ReductionPlan:

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..merging import MergeResult
+from ..merging import MergeResult, Survivors, kept_as_is
 from .base import Reducer, TargetFor, pre_llm_method
 
 
@@ -30,18 +30,20 @@ def pooled_count(n: int, target: int) -> int:
     return out * out
 
 
-def pool_group(x: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (n, d) -> (kept index (k,), pooled features (k, d)) with k = pooled_count(n, target)."""
+def pool_group(x: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (n, d) -> (kept index (k,), pooled features (k, d), members (2, m): (window, token) pairs) with
+    k = pooled_count(n, target). Adaptive pooling's windows may overlap by a token."""
     n, d = x.shape
     k = pooled_count(n, target)
     if k == n:
-        return torch.arange(n, device=x.device), x
+        return torch.arange(n, device=x.device), x, kept_as_is(n, x.device)
     side = _side(n)
     if side is None:  # raster-order 1-D pooling
         feats = F.adaptive_avg_pool1d(x.float().t()[None], k)[0].t()
         edges = [(i * n // k, -(-(i + 1) * n // k)) for i in range(k)]
         centre = torch.tensor([(a + b - 1) // 2 for a, b in edges], device=x.device)
-        return centre, feats.to(x.dtype)
+        pairs = [(i, t) for i, (a, b) in enumerate(edges) for t in range(a, b)]
+        return centre, feats.to(x.dtype), torch.tensor(pairs, device=x.device).t()
     out = math.isqrt(k)
     grid = x.float().t().reshape(1, d, side, side)
     feats = F.adaptive_avg_pool2d(grid, out)[0].reshape(d, k).t()
@@ -49,23 +51,23 @@ def pool_group(x: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor
     spans = [(i * side // out, -(-(i + 1) * side // out)) for i in range(out)]
     rows = [(a + b - 1) // 2 for a, b in spans]
     centre = torch.tensor([r * side + c for r in rows for c in rows], device=x.device)
-    return centre, feats.to(x.dtype)
+    pairs = [(i * out + j, r * side + c) for i, (r0, r1) in enumerate(spans) for j, (c0, c1) in enumerate(spans)
+             for r in range(r0, r1) for c in range(c0, c1)]
+    return centre, feats.to(x.dtype), torch.tensor(pairs, device=x.device).t()
 
 
 def pool_groups(features: torch.Tensor, groups: Sequence[torch.Tensor], target_for: TargetFor) -> MergeResult:
+    """Each survivor reports size 1 (what its window averaged is not weighed by proportional attention)."""
     n = features.shape[0]
     in_group = torch.zeros(n, dtype=torch.bool, device=features.device)
-    keeps, feats = [], []
+    out = Survivors(features)
     for idx in groups:
         in_group[idx] = True
-        centre, pooled = pool_group(features[idx], target_for(idx.numel()))
-        keeps.append(idx[centre])
-        feats.append(pooled)
-    loose = torch.nonzero(~in_group).flatten()
-    keep = torch.cat(keeps + [loose])
-    feat = torch.cat(feats + [features[loose]])
-    order = torch.argsort(keep)
-    return MergeResult(keep[order], feat[order], torch.ones(keep.numel(), device=features.device))
+        centre, pooled, members = pool_group(features[idx], target_for(idx.numel()))
+        out.add(idx[centre], pooled, torch.ones(centre.numel(), device=features.device),
+                torch.stack([members[0], idx[members[1]]]))
+    out.keep(torch.nonzero(~in_group).flatten())
+    return out.result()
 
 
 REDUCER = Reducer("pool", reduce=pool_groups,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..merging import MergeResult
-from .base import Reducer, TargetFor, loose_tokens, passthrough, pre_llm_method, summed_targets
+from .base import Reducer, TargetFor, loose_tokens, passthrough, pre_llm_method, selected, summed_targets
 
 
 def frame_budgets(weights: Sequence[float], sizes: Sequence[int], total: int) -> list[int]:
@@ -59,7 +59,7 @@ def vidcom2_drop(features: torch.Tensor, groups: Sequence[torch.Tensor], target_
         order = torch.sort(similarity, stable=True).indices  # least similar (most unique) first
         kept.append(group[order[:budget]])
     keep = torch.sort(torch.cat([*kept, loose_tokens(features, groups)])).values
-    return MergeResult(keep, features[keep], torch.ones(keep.numel(), device=features.device))
+    return selected(features, keep)
 
 
 REDUCER = Reducer("vidcom2", reduce=vidcom2_drop, kept=summed_targets)

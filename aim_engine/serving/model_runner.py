@@ -56,9 +56,12 @@ class ModelRunner:
         t_llm = time.perf_counter()
         prepared = seq.prepared
         past, offer = self._reuse_prefix(seq)
+        deepstack = prepared.deepstack
+        if deepstack is not None and past:  # the reused prefix's visual rows are in its cached K/V already
+            deepstack = deepstack[:, int(prepared.is_visual[:past].sum()):]
         pre = prefill(self.lm, prepared.embeds[:, past:], prepared.position_ids[..., past:],
                       prepared.is_visual[past:], seq.plan, key_bias=prepared.key_bias, kv=seq.kv,
-                      should_stop=seq.stop_requested, past=past)
+                      should_stop=seq.stop_requested, past=past, deepstack=deepstack)
         if offer is not None:
             engine.prefix_cache.offer(offer, seq.kv)
         seq.generator = sequence_generator(seq.sampling, self.device)
@@ -78,7 +81,8 @@ class ModelRunner:
         cache, prepared = self.engine.prefix_cache, seq.prepared
         if cache is None or seq.plan.prunes:
             return 0, None
-        key = cache.key_for(prepared.embeds, prepared.position_ids, prepared.is_visual, prepared.key_bias)
+        key = cache.key_for(prepared.embeds, prepared.position_ids, prepared.is_visual, prepared.key_bias,
+                            prepared.deepstack)
         if key is None:
             return 0, None
         entry = cache.lookup(key)

@@ -77,9 +77,10 @@ class PrefixCache:
         return len(self._entries)
 
     def key_for(self, embeds: torch.Tensor, position_ids: torch.Tensor, is_visual: torch.Tensor,
-                key_bias: torch.Tensor | None) -> PrefixKey | None:
-        """The key of a prompt's reusable prefix (embeds (1, n, d), position_ids (1, n) or (3, 1, n)), or None
-        if it has none: no visual token, or fewer tokens before its last one than a block."""
+                key_bias: torch.Tensor | None, deepstack: torch.Tensor | None = None) -> PrefixKey | None:
+        """The key of a prompt's reusable prefix (embeds (1, n, d), position_ids (1, n) or (3, 1, n), and the
+        DeepStack rows (levels, v, d) its visual tokens' K/V also depend on), or None if it has none: no visual
+        token, or fewer tokens before its last one than a block."""
         visual = torch.nonzero(is_visual).flatten()
         if visual.numel() == 0:
             return None
@@ -90,6 +91,8 @@ class PrefixCache:
             return None
         parts = [str(embeds.dtype).encode(), _bytes_of(embeds[0, :tokens]), _bytes_of(position_ids[..., :tokens]),
                  b"no bias" if key_bias is None else _bytes_of(key_bias[:tokens])]
+        if deepstack is not None:
+            parts.append(_bytes_of(deepstack[:, :int(is_visual[:tokens].sum())]))
         return PrefixKey(*fingerprints(parts), tokens)
 
     def lookup(self, key: PrefixKey) -> PrefixEntry | None:

@@ -21,7 +21,7 @@ def hf_inputs(engine, request):
     parts = engine.preparer.decode_media(request)
     media = engine.preparer.encode_media(parts)
     ids = tok(engine.preparer.render_prompt(request), add_special_tokens=False)["input_ids"]
-    counts = iter(m.features.shape[0] for m in media)
+    counts = iter(rows for m in media for rows in adapter.placeholder_spans(m))
     expanded = []
     for t in ids:
         expanded += [t] * next(counts) if t in (adapter.image_token_id, adapter.video_token_id) else [t]
@@ -66,7 +66,7 @@ def hf_inputs(engine, request):
 def engine_greedy_logits(engine, request, plan, steps):
     prepared = engine.prepare(request, plan)
     pre = prefill(engine.lm, prepared.embeds, prepared.position_ids, prepared.is_visual, plan, steps,
-                  key_bias=prepared.key_bias)
+                  key_bias=prepared.key_bias, deepstack=prepared.deepstack)
     logits, tokens = [pre.logits], []
     for step in range(steps - 1):
         tokens.append(int(torch.argmax(logits[-1])))

@@ -79,10 +79,11 @@ def test_batched_frames_merge_exactly_like_one_frame_at_a_time():
     from aim_engine.merging import merge_frames
 
     frames = torch.stack([frame(seed=s) for s in range(5)])
-    keep, feats, sizes = merge_frames(frames, 13)
+    keep, feats, sizes, owner = merge_frames(frames, 13)
     for g in range(5):
         single = merge_frame_tokens(frames[g], 13)
         assert torch.equal(keep[g], single.keep) and torch.equal(sizes[g], single.sizes)
+        assert torch.equal(owner[g], single.members[0])
         torch.testing.assert_close(feats[g], single.features, atol=1e-6, rtol=1e-6)
 
 

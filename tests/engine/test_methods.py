@@ -18,15 +18,59 @@ from tests.conftest import random_frames, random_image
 
 def test_pooling_averages_square_windows_and_keeps_window_centres():
     x = torch.randn(16, 5)  # a 4x4 grid
-    keep, feats = pool_group(x, 4)
+    keep, feats, _ = pool_group(x, 4)
     assert keep.tolist() == [0, 2, 8, 10]  # top-left token of each 2x2 window stands for it
     grid = x.reshape(4, 4, 5)
     expected = torch.stack([grid[r:r + 2, c:c + 2].mean(dim=(0, 1)) for r in (0, 2) for c in (0, 2)])
     torch.testing.assert_close(feats, expected)
     assert pooled_count(16, 4) == 4 and pooled_count(16, 6) == 4 and pooled_count(16, 9) == 9
     assert pooled_count(10, 4) == 4  # not square: raster-order pooling hits the target exactly
-    keep, feats = pool_group(torch.arange(10.0)[:, None], 5)
+    keep, feats, _ = pool_group(torch.arange(10.0)[:, None], 5)
     assert feats.flatten().tolist() == [0.5, 2.5, 4.5, 6.5, 8.5] and keep.tolist() == [0, 2, 4, 6, 8]
+
+
+def _clip(seed: int, frames: int, side: int, d: int = 12, loose: int = 1):
+    """Frames of a drifting pattern (some positions still, some changing, one cut) plus `loose` tokens in no
+    frame: (features, groups)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(side * side, d, generator=g)
+    rows = []
+    for t in range(frames):
+        frame = base.clone()
+        frame[: side * side // 3] += 0.3 * t * torch.randn(side * side // 3, d, generator=g)  # a part moves
+        if t == frames // 2:
+            base = torch.randn(side * side, d, generator=g)  # a cut
+        rows.append(frame)
+    features = torch.cat(rows + [torch.randn(loose, d, generator=g)])
+    return features, [torch.arange(side * side * t, side * side * (t + 1)) for t in range(frames)]
+
+
+@pytest.mark.parametrize("reducer", sorted(REDUCERS))
+@pytest.mark.parametrize("retention", [0.6, 0.3, 0.1])
+@pytest.mark.parametrize("frames,side", [(1, 5), (6, 4), (5, 6)])
+def test_members_describe_every_reduction(reducer, retention, frames, side):
+    """Each survivor's features are the mean of its members' input rows, so `merged_rows` reduces any tensor with
+    the same rows (DeepStack levels) exactly as the features were; sizes and positions agree with them."""
+    from aim_engine.merging import merged_rows
+
+    features, groups = _clip(frames * 10 + side, frames, side)
+    plan = ReductionPlan(merge_retention=retention, reducer=reducer)
+    result = REDUCERS[reducer].reduce(features, groups, plan.merge_target)
+    survivor, member = result.members
+    assert result.keep.numel() == result.features.shape[0] and torch.all(result.keep[1:] > result.keep[:-1])
+    assert set(survivor.tolist()) == set(range(result.keep.numel()))  # every survivor has members
+    torch.testing.assert_close(merged_rows(result, features), result.features, atol=1e-5, rtol=1e-5)
+    # two levels of other rows at once, as DeepStack's are
+    levels = torch.stack([features * 2 + 1, -features])
+    torch.testing.assert_close(merged_rows(result, levels), torch.stack([result.features * 2 + 1, -result.features]),
+                               atol=1e-5, rtol=1e-5)
+    if reducer != "pool":  # pooled windows may overlap; every other reducer assigns each input token once at most
+        assert member.unique().numel() == member.numel()
+        counts = torch.bincount(survivor, minlength=result.keep.numel()).float()
+        if REDUCERS[reducer].sized:
+            assert torch.equal(counts, result.sizes.float())
+        # a survivor takes the place of one of its own members
+        assert all(int(k) in member[survivor == i].tolist() for i, k in enumerate(result.keep))
 
 
 def test_evs_keeps_the_first_frame_and_the_patches_that_changed():

@@ -21,7 +21,7 @@ LAYERS = 6
 
 def physical_run(engine, prepared, plan, steps):
     pre = prefill(engine.lm, prepared.embeds, prepared.position_ids, prepared.is_visual, plan, steps,
-                  record_kept=True, key_bias=prepared.key_bias)
+                  record_kept=True, key_bias=prepared.key_bias, deepstack=prepared.deepstack)
     logits, tokens = [pre.logits], []
     for step in range(steps):
         tokens.append(int(torch.argmax(logits[-1])))
@@ -33,6 +33,7 @@ def physical_run(engine, prepared, plan, steps):
 @torch.inference_mode()
 def masked_reference(engine, prepared, kept_per_layer, tokens, merge_pruned=False):
     """Every token runs through every layer; from a token's decision layer on, no query may attend to it.
+    DeepStack levels are added to every visual token, pruned or not (what a pruned token holds reaches no one).
     Under proportional attention every query adds the prompt's key bias (log size) to its logits. With
     `merge_pruned`, at a decision layer each token pruned there is first averaged into the kept visual token whose
     hidden state is most like its own (cosine), one token at a time, as the plan field says."""
@@ -58,6 +59,9 @@ def masked_reference(engine, prepared, kept_per_layer, tokens, merge_pruned=Fals
         mask = (causal & keys_alive[None, :]) | torch.eye(n, dtype=torch.bool)
         hidden = layer(hidden, attention_mask=additive(mask, bias[None, :])[None, None],
                        position_embeddings=(cos, sin), cache=cache, use_cache=True)
+        if prepared.deepstack is not None and layer_idx < prepared.deepstack.shape[0]:  # into every visual token
+            hidden = hidden.clone()
+            hidden[0, prepared.is_visual] += prepared.deepstack[layer_idx]
     logits = [lm.lm_head(lm.norm(hidden[:, -1:]))[0, -1].float()]
     for step, token in enumerate(tokens):
         hidden = lm.embed_tokens(torch.tensor([[token]]))
@@ -100,6 +104,9 @@ def cases():
     yield "qwen2_vl", "image+video", [ImagePart(image=random_image(10, (32, 48))), TextPart("then"),
                                       VideoPart(frames=random_frames(11, 4)), TextPart("Describe.")]
     yield "qwen2_5_vl", "video", [VideoPart(frames=random_frames(14, 6), fps=3.0), TextPart("Describe.")]
+    # DeepStack levels after layers 0 and 1; a video's temporal patches with their timestamps between them
+    yield "qwen3_vl", "image+video", [ImagePart(image=random_image(16, (32, 48))), TextPart("then"),
+                                      VideoPart(frames=random_frames(17, 6), fps=4.0), TextPart("Describe.")]
 
 
 PLANS = {
@@ -107,6 +114,8 @@ PLANS = {
     "prune-only/text": ReductionPlan(prune_start=1, prune_end=4, importance="text"),
     # FastV / PDrop shape: staged cuts ranked by the last prompt token
     "stages/last_token": ReductionPlan(prune_stages=((2, 0.5), (4, 0.2)), importance="last_token"),
+    # a cut before layer 1: Qwen3-VL's DeepStack still adds a level after it, to the survivors only
+    "early-stage/last_token": ReductionPlan(prune_stages=((1, 0.5), (3, 0.2)), importance="last_token"),
     "merge+prune/original-positions": ReductionPlan(merge_retention=0.5, prune_start=2, prune_end=5,
                                                     positions="original"),
     "merge+prune/proportional": ReductionPlan(merge_retention=0.5, prune_start=2, prune_end=5,
