@@ -7,6 +7,12 @@ For the paper's models a = d (h_d = d / H), and this is its formula; models whos
 H h_d != d (Gemma 3, some Qwen3) project to and attend over a instead.
 Prefill total = sum over layers F(n_l) + d * V   (V = vocabulary: the LM head for one token).
 
+Mixture-of-experts layers (Qwen3-VL-MoE) count what a token runs: its k active experts of FFN width m_e and the
+router's scores over E experts, so the 6 d m of a dense FFN becomes k 6 d m_e + 2 d E. Which layers are sparse is
+the model's own rule (every `decoder_sparse_step`-th, except `mlp_only_layers`). Qwen3's qk-norm (an RMSNorm of each
+query and key head, ~4 (a + d_kv) per token) and DeepStack's additions (d per visual token, in three layers) are
+elementwise work below the formula's 17 n d and are not counted.
+
 Decoding and the vision encoder are separate figures: AIM does not reduce the encoder.
 """
 
@@ -25,6 +31,18 @@ class LLMShape:
     vocab: int
     layers: int
     head_dim: int | None = None  # None: hidden / heads
+    # mixture of experts: experts E, active per token k, each expert's FFN width m_e, and the sparse layers
+    experts: int = 0
+    active_experts: int = 0
+    expert_ffn: int = 0
+    sparse_layers: frozenset[int] = frozenset()
+
+    def ffn_flops_per_token(self, layer: int) -> float:
+        """The FFN of one token at `layer`: 6 d m dense; k 6 d m_e + 2 d E (the router) where the layer is sparse."""
+        d = self.hidden
+        if layer in self.sparse_layers:
+            return self.active_experts * 6 * d * self.expert_ffn + 2 * d * self.experts
+        return 6 * d * self.ffn
 
     @property
     def attention_width(self) -> float:
@@ -36,24 +54,37 @@ class LLMShape:
 
     @classmethod
     def from_config(cls, text_config) -> "LLMShape":
+        layers = text_config.num_hidden_layers
+        experts = getattr(text_config, "num_experts", 0) or 0
+        sparse = frozenset()
+        if experts:
+            step = getattr(text_config, "decoder_sparse_step", 1) or 1
+            dense = set(getattr(text_config, "mlp_only_layers", None) or [])
+            sparse = frozenset(l for l in range(layers) if l not in dense and (l + 1) % step == 0)
         return cls(
             hidden=text_config.hidden_size,
             ffn=text_config.intermediate_size,
             heads=text_config.num_attention_heads,
             kv_heads=getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads,
             vocab=text_config.vocab_size,
-            layers=text_config.num_hidden_layers,
+            layers=layers,
             head_dim=getattr(text_config, "head_dim", None),
+            experts=experts,
+            active_experts=getattr(text_config, "num_experts_per_tok", 0) if experts else 0,
+            expert_ffn=getattr(text_config, "moe_intermediate_size", 0) if experts else 0,
+            sparse_layers=sparse,
         )
 
 
-def layer_prefill_flops(shape: LLMShape, n: int, past: int = 0) -> float:
-    """F(n) above; with `past` tokens already in the layer's cache (a reused prefix) the n queries attend to
-    c = past + n keys, and the attention terms are 4 n c a + 5 H n c."""
-    d, m, h, a = shape.hidden, shape.ffn, shape.heads, shape.attention_width
+def layer_prefill_flops(shape: LLMShape, n: int, past: int = 0, layer: int = 0) -> float:
+    """F(n) above for layer `layer` (which matters only where some layers are sparse); with `past` tokens already
+    in the layer's cache (a reused prefix) the n queries attend to c = past + n keys, and the attention terms are
+    4 n c a + 5 H n c."""
+    d, h, a = shape.hidden, shape.heads, shape.attention_width
     c = past + n
     return (
-        2 * n * (2 * d * a + 2 * d * shape.kv_width + 3 * d * m)
+        2 * n * (2 * d * a + 2 * d * shape.kv_width)
+        + n * shape.ffn_flops_per_token(layer)
         + 4 * n * c * a
         + 5 * h * n * c
         + 17 * n * d
@@ -65,17 +96,19 @@ def prefill_flops(shape: LLMShape, tokens_per_layer: Sequence[int], past: int = 
     already cached at every layer, attended to and not computed)."""
     if len(tokens_per_layer) != shape.layers:
         raise ValueError(f"need {shape.layers} per-layer token counts, got {len(tokens_per_layer)}")
-    return sum(layer_prefill_flops(shape, n, past) for n in tokens_per_layer) + shape.hidden * shape.vocab
+    return sum(layer_prefill_flops(shape, n, past, layer) for layer, n in enumerate(tokens_per_layer)) \
+        + shape.hidden * shape.vocab
 
 
 def decode_step_flops(shape: LLMShape, context_per_layer: Sequence[int]) -> float:
     """One generated token: the same terms as the prefill formula for a single query attending to
-    `context_per_layer[l]` cached keys (linear layers 2(2 d a + 2 d d_kv + 3dm), attention 4 a c + 5 H c,
+    `context_per_layer[l]` cached keys (linear layers 2(2 d a + 2 d d_kv) + the FFN, attention 4 a c + 5 H c,
     elementwise 17 d), plus the LM head."""
-    d, m, h, a = shape.hidden, shape.ffn, shape.heads, shape.attention_width
-    linear = 2 * (2 * d * a + 2 * d * shape.kv_width + 3 * d * m) + 17 * d
+    d, h, a = shape.hidden, shape.heads, shape.attention_width
+    linear = shape.layers * (2 * (2 * d * a + 2 * d * shape.kv_width) + 17 * d) \
+        + sum(shape.ffn_flops_per_token(layer) for layer in range(shape.layers))
     attention = sum(4 * c * a + 5 * h * c for c in context_per_layer)
-    return shape.layers * linear + attention + shape.hidden * shape.vocab
+    return linear + attention + shape.hidden * shape.vocab
 
 
 def vit_flops(hidden: int, ffn: int, layers: int, tokens: int, images: int) -> float:

@@ -33,6 +33,30 @@ def test_an_explicit_head_dim_changes_only_the_attention_width():
     assert decode_step_flops(same, [900] * 28) == decode_step_flops(QWEN2_7B, [900] * 28)
 
 
+def test_moe_layers_count_the_active_experts_and_the_router():
+    """Qwen3-VL-30B-A3B's text model: 8 of 128 experts of width 768 per token, in every layer by default; the
+    model's own rule picks the sparse layers when it spaces them."""
+    from transformers import Qwen3VLMoeTextConfig
+
+    config = Qwen3VLMoeTextConfig(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                                  num_hidden_layers=48, num_experts=128, num_experts_per_tok=8,
+                                  moe_intermediate_size=768, intermediate_size=6144, vocab_size=151936)
+    shape = LLMShape.from_config(config)
+    assert shape.sparse_layers == frozenset(range(48))
+    n, d, a, kv = 100, 2048, 4096, 512
+    by_hand = 2 * n * (d * a + a * d) + 2 * n * 2 * d * kv + n * (8 * 6 * d * 768 + 2 * d * 128) \
+        + 2 * 2 * n * n * a + 5 * 32 * n * n + 17 * n * d
+    assert layer_prefill_flops(shape, n, layer=5) == by_hand
+    config.decoder_sparse_step, config.mlp_only_layers = 2, [1]
+    spaced = LLMShape.from_config(config)
+    assert spaced.sparse_layers == frozenset(range(3, 48, 2))
+    dense = by_hand - n * (8 * 6 * d * 768 + 2 * d * 128) + n * 6 * d * 6144
+    assert layer_prefill_flops(spaced, n, layer=1) == dense and layer_prefill_flops(spaced, n, layer=3) == by_hand
+    # decoding runs the same FFN per layer as a one-token prefill
+    assert decode_step_flops(spaced, [1] * 48) == pytest.approx(
+        sum(layer_prefill_flops(spaced, 1, layer=l) for l in range(48)) + d * 151936)
+
+
 def test_decode_step_matches_the_prefill_terms_for_one_token():
     # one token with an empty cache: the prefill formula for n=1 minus its n^2 terms plus c=1 attention
     one = decode_step_flops(QWEN2_7B, [1] * 28)

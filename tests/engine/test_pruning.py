@@ -107,6 +107,8 @@ def cases():
     # DeepStack levels after layers 0 and 1; a video's temporal patches with their timestamps between them
     yield "qwen3_vl", "image+video", [ImagePart(image=random_image(16, (32, 48))), TextPart("then"),
                                       VideoPart(frames=random_frames(17, 6), fps=4.0), TextPart("Describe.")]
+    yield "qwen3_vl_moe", "two-images", [ImagePart(image=random_image(18, (32, 48))), TextPart("or"),
+                                         ImagePart(image=random_image(19, (40, 32))), TextPart("Which?")]
 
 
 PLANS = {
