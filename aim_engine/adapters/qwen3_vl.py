@@ -48,7 +48,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         tp = self.config.vision_config.temporal_patch_size
         rate = fps or DEFAULT_VIDEO_FPS
         index = list(range(frames)) + [frames - 1] * (-frames % tp)
-        return [(index[i] + index[i + tp - 1]) / 2 / rate for i in range(0, len(index), tp)]
+        return [(index[i] / rate + index[i + tp - 1] / rate) / 2 for i in range(0, len(index), tp)]
 
     def placeholder_spans(self, media: EncodedMedia) -> list[int]:
         if media.kind != "video":

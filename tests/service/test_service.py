@@ -22,7 +22,7 @@ from service.proto.inference import grpc_service_pb2 as kserve_pb
 from service.proto.inference import grpc_service_pb2_grpc as kserve_grpc
 from service.server import load_models, start_listening
 from tests.media_samples import encode_image, encode_video
-from tests.service.conftest import BASE, HOLD_TOKENS, hold, wait_until
+from tests.service.conftest import BASE, HOLD_TOKENS, ServerThread, hold, wait_until
 
 VIDEO = encode_video(frames=16)
 LONG_PROMPT = "Keep talking about this clip."
@@ -506,3 +506,24 @@ def test_concurrent_requests_decode_in_one_batch_and_answer_as_alone(make_server
     for name in ("aim_kv_cache_usage_ratio", "aim_kv_cache_reserved_ratio", "aim_kv_cache_used_bytes",
                  "aim_kv_cache_capacity_bytes", "aim_batch_size_bucket"):
         assert f'{name}{{' in text
+
+
+def test_a_qwen3_vl_model_is_served_with_its_family_and_default_plan(engine_for):
+    """The 2026 family over the wire: info names it, its default plan fits its depth, and a video (timestamps,
+    DeepStack) is answered under the default plan and the controller's, as estimated."""
+    srv = ServerThread(BASE, {"tiny-qwen3": engine_for("qwen3_vl", layers=8)})
+    try:
+        with AimClient(srv.target) as client:
+            info = client.model_info()
+            assert (info.model, info.family, info.num_layers, info.supports_video) == ("tiny-qwen3", "qwen3_vl", 8,
+                                                                                       True)
+            default = plan_from_proto(info.default_plan)
+            assert default == ReductionPlan.default_for_depth(8)
+            est = client.estimate("What happens?", videos=[VIDEO], frames=6, max_new_tokens=3, plan=default)
+            run = client.generate("What happens?", videos=[VIDEO], frames=6, max_new_tokens=3, plan=default)
+            auto = client.generate("What happens?", videos=[VIDEO], frames=6, max_new_tokens=3)
+        assert run.usage.visual_tokens_merged < run.usage.visual_tokens_in
+        assert est.prefill_flops == run.cost.prefill_flops and run.cost.prefill_flops < run.cost.baseline_prefill_flops
+        assert auto.applied_plan.source == pb.PLAN_SOURCE_AUTO and auto.usage.completion_tokens == 3
+    finally:
+        srv.stop()
