@@ -1,16 +1,21 @@
 """LLM prefill benchmark: the empty plan vs AIM plans, side by side in one run.
 
-Architecture of LLaVA-OneVision-0.5B (Qwen2-0.5B + SigLIP-so400m) or -7B, random weights built from the
-config (no download). The vision tower + projector + 2x2 pooling run once on random frames; their features
-feed every plan, so the LLM is timed on its own and the encoder's share is reported separately. All plans are
-timed in one process on one model, interleaved (every plan once per round, --repeats rounds after a warm-up
-round), so the machine's drift falls on every plan alike; the spread over rounds is reported. Peak memory is
+Architectures (`--arch`), random weights built from the real config (no download): LLaVA-OneVision-0.5B
+(Qwen2-0.5B + SigLIP-so400m) or -7B, and Qwen3-VL-2B or -8B (ViT with DeepStack + Qwen3 LM). The vision tower +
+projector (+ OV's 2x2 pooling) run once on random frames; their features (and Qwen3-VL's DeepStack levels) feed
+every plan, so the LLM is timed on its own and the encoder's share is reported separately. A Qwen3-VL video is
+`--frames` frames at 448x448: one group of 196 tokens per temporal patch of 2 frames; its prompt is the bench's
+100 text tokens around the visual block (a real prompt adds ~8 timestamp tokens per temporal patch) and its
+positions are sequential on all three M-RoPE axes (what the prefill computes does not depend on their values).
+All plans are timed in one process on one model, interleaved (every plan once per round, --repeats rounds after a
+warm-up round), so the machine's drift falls on every plan alike; the spread over rounds is reported. Peak memory is
 each plan's own: on CUDA the allocator's peak around its warm-up run, on CPU (where resident memory is not
 given back) a fresh subprocess per plan. Per plan: merge time, prefill time (median), importance-scoring time,
 KV-cache bytes, peak memory, FLOPs (the engine's formula), measured speedup next to the FLOPs ratio.
 
     python bench/engine_prefill.py                                  # CPU, OV-0.5B, 8 frames
     python bench/engine_prefill.py --arch ov-7b --frames 32 --device cuda --dtype bfloat16
+    python bench/engine_prefill.py --arch qwen3-vl-2b --frames 16   # CPU
 """
 
 from __future__ import annotations
@@ -34,19 +39,34 @@ sys.path.insert(0, str(ROOT))
 
 from aim_engine.decoder import ATTENTION_IMPL, LanguageModel, prefill, proportional_key_bias  # noqa: E402
 from aim_engine.flops import LLMShape, prefill_flops  # noqa: E402
-from aim_engine.merging import merge_groups  # noqa: E402
+from aim_engine.merging import merge_groups, merged_rows  # noqa: E402
 from aim_engine.plan import ReductionPlan, default_prune_range  # noqa: E402
 
 TEXT_BEFORE, TEXT_AFTER = 15, 85  # 100 text tokens, the paper's assumption for video
 
 ARCHS = {
-    "ov-0.5b": dict(text=dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+    "ov-0.5b": dict(family="llava_onevision",
+                    text=dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                               num_attention_heads=14, num_key_value_heads=2)),
-    "ov-7b": dict(text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+    "ov-7b": dict(family="llava_onevision",
+                  text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                             num_attention_heads=28, num_key_value_heads=4)),
+    # Qwen/Qwen3-VL-2B-Instruct and -8B-Instruct's config.json
+    "qwen3-vl-2b": dict(family="qwen3_vl",
+                        text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                                  num_attention_heads=16, num_key_value_heads=8, head_dim=128),
+                        vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16,
+                                    out_hidden_size=2048, deepstack_visual_indexes=[5, 11, 17])),
+    "qwen3-vl-8b": dict(family="qwen3_vl",
+                        text=dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                                  num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+                        vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
+                                    out_hidden_size=4096, deepstack_visual_indexes=[8, 16, 24])),
 }
 SIGLIP = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
               image_size=384, patch_size=14)
+QWEN3_VIT = dict(patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304)
+QWEN3_SIDE = 448  # frame side: 28 x 28 patches, 196 tokens per temporal patch after the 2 x 2 merger
 
 
 def plans_for(layers: int) -> dict[str, tuple[ReductionPlan, bool]]:
@@ -65,6 +85,12 @@ def plans_for(layers: int) -> dict[str, tuple[ReductionPlan, bool]]:
 
 
 def text_config(arch: str):
+    if ARCHS[arch]["family"] == "qwen3_vl":
+        from transformers import Qwen3VLTextConfig
+
+        return Qwen3VLTextConfig(**ARCHS[arch]["text"], max_position_embeddings=262144,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                                  "mrope_section": [24, 20, 20], "mrope_interleaved": True})
     from transformers import Qwen2Config
 
     return Qwen2Config(**ARCHS[arch]["text"], max_position_embeddings=32768, tie_word_embeddings=False)
@@ -114,55 +140,85 @@ class PeakMemory:
 
 
 def worker_vision(args) -> dict:
-    """Runs SigLIP + projector + pooling on random frames; saves the features; times the encoder."""
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
-
-    dtype = getattr(torch, args.dtype)
-    config = LlavaOnevisionConfig(text_config=text_config(args.arch), vision_config=SiglipVisionConfig(**SIGLIP),
-                                  vision_feature_layer=-1, vision_feature_select_strategy="full")
-    torch.manual_seed(0)
-    with torch.device(args.device):
-        model = LlavaOnevisionForConditionalGeneration(config).to(dtype).eval()
-    frames = torch.randn(1, args.frames, 3, 384, 384, device=args.device, dtype=dtype)
-    times = []
-    with torch.inference_mode():
-        for _ in range(1):  # once: the encoder is not what AIM reduces, only its share is reported
-            sync(args.device)
-            t0 = time.perf_counter()
-            feats = model.model.get_video_features(frames, return_dict=True).pooler_output[0]
-            sync(args.device)
-            times.append(time.perf_counter() - t0)
-    torch.save(feats.float().cpu(), args.features)
+    """Runs the vision tower (+ projector, pooling / DeepStack mergers) on random frames; saves the features and
+    their merge groups; times the encoder."""
     from aim_engine.flops import vit_flops
 
-    return {"vision_s": statistics.median(times), "visual_tokens": int(feats.shape[0]),
-            "vision_flops": vit_flops(SIGLIP["hidden_size"], SIGLIP["intermediate_size"],
-                                      SIGLIP["num_hidden_layers"], 729, args.frames)}
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    if ARCHS[args.arch]["family"] == "qwen3_vl":
+        from transformers import Qwen3VLVisionConfig
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+        vc = Qwen3VLVisionConfig(**ARCHS[args.arch]["vision"], **QWEN3_VIT)
+        with torch.device(args.device):
+            tower = Qwen3VLVisionModel(vc).to(dtype).eval()
+        side = QWEN3_SIDE // vc.patch_size
+        grid = torch.tensor([[args.frames // vc.temporal_patch_size, side, side]], device=args.device)
+        pixels = torch.randn(int(grid.prod()), 3 * vc.temporal_patch_size * vc.patch_size ** 2, device=args.device,
+                             dtype=dtype)
+        run = lambda: tower(pixels, grid_thw=grid, return_dict=True)  # noqa: E731
+        per_view, views = side * side, args.frames // vc.temporal_patch_size
+        flops = vit_flops(vc.hidden_size, vc.intermediate_size, vc.depth, per_view, views)
+    else:
+        from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+
+        config = LlavaOnevisionConfig(text_config=text_config(args.arch), vision_config=SiglipVisionConfig(**SIGLIP),
+                                      vision_feature_layer=-1, vision_feature_select_strategy="full")
+        with torch.device(args.device):
+            model = LlavaOnevisionForConditionalGeneration(config).to(dtype).eval()
+        frames = torch.randn(1, args.frames, 3, 384, 384, device=args.device, dtype=dtype)
+        run = lambda: model.model.get_video_features(frames, return_dict=True)  # noqa: E731
+        flops = vit_flops(SIGLIP["hidden_size"], SIGLIP["intermediate_size"], SIGLIP["num_hidden_layers"], 729,
+                          args.frames)
+    with torch.inference_mode():  # once: the encoder is not what AIM reduces, only its share is reported
+        sync(args.device)
+        t0 = time.perf_counter()
+        out = run()
+        sync(args.device)
+        seconds = time.perf_counter() - t0
+    if ARCHS[args.arch]["family"] == "qwen3_vl":
+        feats, deepstack = out.pooler_output, torch.stack(out.deepstack_features)
+        groups = views
+    else:  # OV: every frame's pooled tokens, then one newline token in no group
+        feats, deepstack, groups = out.pooler_output[0], None, args.frames
+    torch.save({"features": feats.float().cpu(), "groups": groups,
+                "deepstack": None if deepstack is None else deepstack.float().cpu()}, args.features)
+    return {"vision_s": seconds, "visual_tokens": int(feats.shape[0]), "vision_flops": flops}
 
 
 class PlanRunner:
     """The LM with random weights, the encoder's features, and one prefill per call under a named plan."""
 
     def __init__(self, args):
-        from transformers import Qwen2ForCausalLM
-
         self.device = args.device
         dtype = getattr(torch, args.dtype)
         self.cfg = text_config(args.arch)
+        self.cfg._attn_implementation = ATTENTION_IMPL
+        self.mrope = ARCHS[args.arch]["family"] == "qwen3_vl"
         torch.manual_seed(0)
         with torch.device(args.device):
-            model = Qwen2ForCausalLM(self.cfg).to(dtype).eval()
-        model.config._attn_implementation = ATTENTION_IMPL
-        self.lm = LanguageModel(model.model.embed_tokens, model.model.layers, model.model.norm,
-                                model.model.rotary_emb, model.lm_head)
+            if self.mrope:
+                from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel
+
+                text = Qwen3VLTextModel(self.cfg).to(dtype).eval()
+                head = torch.nn.Linear(self.cfg.hidden_size, self.cfg.vocab_size, bias=False).to(dtype)
+            else:
+                from transformers import Qwen2ForCausalLM
+
+                model = Qwen2ForCausalLM(self.cfg).to(dtype).eval()
+                text, head = model.model, model.lm_head
+        self.lm = LanguageModel(text.embed_tokens, text.layers, text.norm, text.rotary_emb, head)
         self.plans = plans_for(self.cfg.num_hidden_layers)
-        self.feats = torch.load(args.features).to(args.device, dtype)  # (frames * per_frame + 1, d)
-        per_frame = (self.feats.shape[0] - 1) // args.frames
-        self.groups = [torch.arange(i * per_frame, (i + 1) * per_frame, device=args.device)
-                       for i in range(args.frames)]
+        saved = torch.load(args.features)
+        self.feats = saved["features"].to(args.device, dtype)
+        self.deepstack = None if saved["deepstack"] is None else saved["deepstack"].to(args.device, dtype)
+        per_group = self.feats.shape[0] // saved["groups"]
+        self.groups = [torch.arange(i * per_group, (i + 1) * per_group, device=args.device)
+                       for i in range(saved["groups"])]
         g = torch.Generator().manual_seed(1)
         with torch.inference_mode():
-            self.text = model.model.embed_tokens(
+            self.text = text.embed_tokens(
                 torch.randint(0, self.cfg.vocab_size, (TEXT_BEFORE + TEXT_AFTER,), generator=g).to(args.device))
 
     @torch.inference_mode()
@@ -174,17 +230,23 @@ class PlanRunner:
         t0 = time.perf_counter()
         merged = merge_groups(self.feats, self.groups, plan.merge_target) if plan.merges else None
         visual = merged.features if merged is not None else self.feats
+        deepstack = self.deepstack
+        if deepstack is not None and merged is not None:
+            deepstack = merged_rows(merged, deepstack)
         sync(device)
         t1 = time.perf_counter()
         embeds = torch.cat([self.text[:TEXT_BEFORE], visual, self.text[TEXT_BEFORE:]])[None]
         is_visual = torch.zeros(embeds.shape[1], dtype=torch.bool, device=device)
         is_visual[TEXT_BEFORE:TEXT_BEFORE + visual.shape[0]] = True
         positions = torch.arange(embeds.shape[1], device=device)[None]
+        if self.mrope:
+            positions = positions[None].expand(3, 1, -1)
         key_bias = None
         if plan.proportional_attention and merged is not None:
             key_bias = torch.zeros(embeds.shape[1], device=device)
             key_bias[TEXT_BEFORE:TEXT_BEFORE + visual.shape[0]] = proportional_key_bias(merged.sizes)
-        result = prefill(self.lm, embeds, positions, is_visual, plan, decode_capacity=1, key_bias=key_bias)
+        result = prefill(self.lm, embeds, positions, is_visual, plan, decode_capacity=1, key_bias=key_bias,
+                         deepstack=deepstack)
         sync(device)
         return t1 - t0, time.perf_counter() - t1, result
 
