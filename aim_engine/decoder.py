@@ -78,21 +78,44 @@ def _synced_clock(tensor: torch.Tensor) -> float:
 
 @dataclass
 class LanguageModel:
-    """The parts of a Hugging Face causal LM the loop needs."""
+    """The parts of a Hugging Face causal LM the loop needs. Models that mix attention kinds (Gemma 3) name each
+    layer's (`layer_types`, Hugging Face's "full_attention" / "sliding_attention"): a sliding layer attends only to
+    keys less than `sliding_window` positions back, and each kind has its own rotary embedding."""
 
     embed_tokens: nn.Module
     layers: nn.ModuleList
     norm: nn.Module
     rotary_emb: nn.Module
     lm_head: nn.Module
+    layer_types: tuple[str, ...] = ()
+    sliding_window: int | None = None
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
 
+    def window(self, layer: int) -> int | None:
+        """The layer's sliding window in positions, or None (it attends to every earlier key)."""
+        if self.layer_types and self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+    @property
+    def windows(self) -> list[int | None]:
+        return [self.window(layer) for layer in range(self.num_layers)]
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """cos/sin for every attention kind present: {kind: (cos, sin)}; `rope_of(layer)` says which a layer uses."""
+        if not self.layer_types:
+            return {"": self.rotary_emb(hidden, position_ids)}
+        return {kind: self.rotary_emb(hidden, position_ids, kind) for kind in sorted(set(self.layer_types))}
+
+    def rope_of(self, layer: int) -> str:
+        return self.layer_types[layer] if self.layer_types else ""
+
     def kv_layout(self, dtype: torch.dtype) -> KVLayout:
         full = KVLayout.from_config(self.layers[0].self_attn.config, dtype)
-        return KVLayout(self.num_layers, full.kv_heads, full.head_dim, dtype)
+        return KVLayout(self.num_layers, full.kv_heads, full.head_dim, dtype, positions=full.positions)
 
 
 @dataclass
@@ -119,6 +142,7 @@ def prefill(
     should_stop: Callable[[], bool] | None = None,
     past: int = 0,
     deepstack: torch.Tensor | None = None,
+    blocks: torch.Tensor | None = None,
 ) -> PrefillResult:
     """embeds (1, n, d); position_ids (1, n) or (3, 1, n); is_visual (n,) bool.
 
@@ -133,12 +157,17 @@ def prefill(
     should_stop is polled before every layer; when it returns True the prefill raises Cancelled.
 
     past: the first `past` prompt tokens are a reused prefix already in `kv` at every layer (attach_prefix);
-    embeds, position_ids and is_visual are then the rest of the prompt only, key_bias the whole prompt's. Only for
-    plans that do not prune (what is pruned depends on the whole prompt).
+    embeds, position_ids and is_visual are then the rest of the prompt only, key_bias and blocks the whole prompt's.
+    Only for plans that do not prune (what is pruned depends on the whole prompt).
 
     deepstack (levels, v, d): Qwen3-VL's DeepStack, row r for the r-th visual token of `is_visual`; level l is
     added to the visual tokens' hidden states after layer l. A token pruned before layer l + 1 takes its levels
-    from l on with it, exactly as masking it from then on would (they reach no other token)."""
+    from l on with it, exactly as masking it from then on would (they reach no other token).
+
+    blocks (n,) int: bidirectional blocks (Gemma 3: an image's tokens attend to each other both ways), -1 for a
+    token in none. Sliding-window layers (`lm.window`) see a key only if its position is less than the window before
+    the query's: windows are by position, so pruning never widens one (a kept token sees what it saw unpruned,
+    less what was pruned), and a block is its surviving tokens, still within the window."""
     if past and plan.prunes:
         raise ValueError("a reused prefix needs a plan without pruning")
     num_layers = lm.num_layers
@@ -148,7 +177,7 @@ def prefill(
         tokens = [embeds.shape[1] + decode_capacity] * num_layers
         pool = KVPool(layout, KVPool.bytes_for(layout, tokens), device=embeds.device)
         kv = pool.reserve(tokens)
-    cos, sin = lm.rotary_emb(hidden, position_ids)
+    rotary = lm.rotary(hidden, position_ids)
     index = torch.arange(hidden.shape[1], device=hidden.device)  # prompt index of each present token
     visual = is_visual
     visual_row = torch.cumsum(is_visual, 0) - 1  # a prompt token's row in `deepstack` (where it is visual)
@@ -157,11 +186,24 @@ def prefill(
     capture: ScoreCapture | None = None
     visual_now = int(is_visual.sum())
 
-    if past:
-        mask = _causal_mask_after(past, key_bias, hidden.shape[1], hidden.dtype, hidden.device)
-        key_bias = None if key_bias is None else key_bias[past:]
-    else:
-        mask = None if key_bias is None else _biased_causal_mask(key_bias, hidden.dtype)
+    # what the masks are made of, for the keys (a reused prefix's, then the present tokens')
+    positions = position_ids[0] if position_ids.dim() == 2 else None  # 1-D positions: the only ones with windows
+    windowed = kv.pool.layout.positions
+    past_bias = None if key_bias is None or not past else key_bias[:past]
+    key_bias = key_bias[past:] if key_bias is not None and past else key_bias
+    past_positions = kv.prefix_positions() if past and windowed else None
+    past_blocks, blocks = (blocks[:past], blocks[past:]) if blocks is not None else (None, None)
+
+    def masks() -> dict[int | None, torch.Tensor | None]:
+        keys_bias = key_bias if past_bias is None or key_bias is None else torch.cat([past_bias, key_bias])
+        keys_pos = None if positions is None else positions[index] if past_positions is None \
+            else torch.cat([past_positions, positions[index]])
+        keys_block = None if blocks is None else blocks[index] if past_blocks is None \
+            else torch.cat([past_blocks, blocks[index]])
+        return {w: attention_mask(hidden.shape[1], past, keys_bias, keys_pos, keys_block, w, hidden.dtype)
+                for w in set(lm.windows)}
+
+    mask = masks()
     for layer_idx, layer in enumerate(lm.layers):
         if should_stop is not None and should_stop():
             raise Cancelled()
@@ -169,7 +211,8 @@ def prefill(
             keep = _select_kept(capture.scores, visual, targets[layer_idx])
             merged = merge_into_kept(hidden, visual, keep, key_bias) if plan.merge_pruned else None
             hidden = hidden.index_select(1, keep)
-            cos, sin = cos.index_select(-2, keep), sin.index_select(-2, keep)
+            rotary = {kind: (cos.index_select(-2, keep), sin.index_select(-2, keep))
+                      for kind, (cos, sin) in rotary.items()}
             index, visual = index[keep], visual[keep]
             visual_now = targets[layer_idx]
             if key_bias is not None:
@@ -179,9 +222,9 @@ def prefill(
                 hidden[0, rows] = states
                 if bias is not None:
                     key_bias[rows] = bias
-            if key_bias is not None:
-                mask = _biased_causal_mask(key_bias, hidden.dtype)
+            mask = masks()
         kv.prompt_key_bias = key_bias
+        kv.prompt_key_positions = positions[index] if windowed else None
         result.tokens_per_layer.append(hidden.shape[1])
         result.visual_per_layer.append(visual_now)
         if record_kept:
@@ -193,8 +236,8 @@ def prefill(
         if targets is not None and next_layer < num_layers and targets[next_layer] < visual_now:
             capture = ScoreCapture(plan.importance, visual)
             extra[SCORE_KWARG] = capture
-        hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), cache=kv,
-                       use_cache=True, **extra)
+        hidden = layer(hidden, attention_mask=mask[lm.window(layer_idx)],
+                       position_embeddings=rotary[lm.rope_of(layer_idx)], cache=kv, use_cache=True, **extra)
         if capture is not None:
             result.scoring_s += capture.seconds
         if isinstance(hidden, tuple):
@@ -202,7 +245,7 @@ def prefill(
         if deepstack is not None and layer_idx < deepstack.shape[0]:
             rows = torch.nonzero(visual).flatten()
             hidden[0].index_add_(0, rows, deepstack[layer_idx, visual_row[index[rows]]].to(hidden.dtype))
-    kv.prompt_key_bias = None
+    kv.prompt_key_bias = kv.prompt_key_positions = None
 
     result.logits = lm.lm_head(lm.norm(hidden[:, -1:]))[0, -1].float()
     return result
@@ -213,23 +256,28 @@ def proportional_key_bias(sizes: torch.Tensor) -> torch.Tensor:
     return sizes.float().log()
 
 
-def _biased_causal_mask(key_bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(1, 1, n, n) additive mask: key j's bias for queries i >= j, -inf above the diagonal."""
-    n = key_bias.numel()
-    mask = key_bias.to(dtype)[None, :].expand(n, n).clone()
-    mask.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=mask.device).triu_(1), float("-inf"))
-    return mask[None, None]
-
-
-def _causal_mask_after(past: int, key_bias: torch.Tensor | None, n: int, dtype: torch.dtype, device
-                       ) -> torch.Tensor:
-    """(1, 1, n, past + n) additive mask for n queries that follow `past` cached tokens: query i sees keys
-    j <= past + i, each with its bias (key_bias (past + n,) or None: 0)."""
-    bias = torch.zeros(past + n, device=device) if key_bias is None else key_bias
-    mask = bias.to(dtype)[None, :].expand(n, past + n).clone()
-    above = torch.ones(n, past + n, dtype=torch.bool, device=device).triu_(past + 1)
-    mask.masked_fill_(above, float("-inf"))
-    return mask[None, None]
+def attention_mask(n: int, past: int, key_bias: torch.Tensor | None, key_positions: torch.Tensor | None,
+                   blocks: torch.Tensor | None, window: int | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """(1, 1, n, past + n) additive mask of n queries that follow `past` cached keys (the keys: those, then the
+    queries' own). Query i sees key j when j is not after it (causal by order), or when both are in the same
+    bidirectional block (`blocks` >= 0); under a sliding `window`, only if the key's position is less than `window`
+    before the query's. A seen key adds its bias (`key_bias`). None where that is plain causal attention without
+    bias, which SDPA runs as `is_causal` with no mask at all."""
+    c = past + n
+    has_blocks = blocks is not None and bool((blocks >= 0).any())
+    binds = window is not None and key_positions is not None and int(key_positions.max() - key_positions.min()) >= window
+    if not past and key_bias is None and not has_blocks and not binds:
+        return None
+    device = key_bias.device if key_bias is not None else blocks.device if blocks is not None else \
+        key_positions.device if key_positions is not None else None
+    key = torch.arange(c, device=device)
+    allowed = key[None, :] <= key[past:, None]
+    if has_blocks:
+        allowed |= (blocks[past:, None] == blocks[None, :]) & (blocks[None, :] >= 0)
+    if binds:
+        allowed &= (key_positions[past:, None] - key_positions[None, :]) < window
+    bias = torch.zeros(c, device=device) if key_bias is None else key_bias
+    return bias.to(dtype)[None, :].expand(n, c).masked_fill(~allowed, float("-inf"))[None, None]
 
 
 def _select_kept(scores: torch.Tensor, visual: torch.Tensor, target: int) -> torch.Tensor:
@@ -275,9 +323,9 @@ def decode_batch(lm: LanguageModel, tokens: torch.Tensor, position_ids: torch.Te
     """One decode step for B sequences. tokens (B, 1) int64; position_ids (B, 1) or (3, B, 1).
     Returns (B, vocab) fp32 logits."""
     hidden = lm.embed_tokens(tokens)
-    cos, sin = lm.rotary_emb(hidden, position_ids)
+    rotary = lm.rotary(hidden, position_ids)
     for layer_idx, layer in enumerate(lm.layers):
-        hidden = layer(hidden, attention_mask=kv.mask(layer_idx), position_embeddings=(cos, sin),
+        hidden = layer(hidden, attention_mask=kv.mask(layer_idx), position_embeddings=rotary[lm.rope_of(layer_idx)],
                        cache=kv, use_cache=True)
         if isinstance(hidden, tuple):
             hidden = hidden[0]
@@ -289,5 +337,6 @@ def decode_step(lm: LanguageModel, token: torch.Tensor, position_ids: torch.Tens
                 ) -> torch.Tensor:
     """One sequence's decode step (a batch of one). token (1, 1); position_ids (1, 1) or (3, 1, 1).
     Returns (vocab,) fp32 logits."""
-    batch = DecodeBatchKV(cache.pool, [cache], token.device, lm.embed_tokens.weight.dtype)
+    batch = DecodeBatchKV(cache.pool, [cache], token.device, lm.embed_tokens.weight.dtype,
+                          positions=position_ids.reshape(-1)[:1], windows=lm.windows)
     return decode_batch(lm, token, position_ids, batch)[0]

@@ -84,6 +84,9 @@ class AimEngine:
         self.limits = limits
         self.lm = adapter.language_model()
         self.shape = LLMShape.from_config(adapter.text_config)
+        if self.shape.sliding_layers and not any(w is not None for w in self.lm.windows):
+            raise ModelLoadError(f"the {adapter.family} checkpoint has sliding-window layers, which its adapter does "
+                                 "not run (only Gemma 3's are supported)")
         if default_plan is not None:
             try:
                 default_plan.check_depth(self.shape.layers)

@@ -7,6 +7,9 @@ For the paper's models a = d (h_d = d / H), and this is its formula; models whos
 H h_d != d (Gemma 3, some Qwen3) project to and attend over a instead.
 Prefill total = sum over layers F(n_l) + d * V   (V = vocabulary: the LM head for one token).
 
+A sliding-window layer (Gemma 3's five of six) attends over at most w keys: c becomes min(c, w) in its attention
+terms, in prefill and decode.
+
 Mixture-of-experts layers (Qwen3-VL-MoE) count what a token runs: its k active experts of FFN width m_e and the
 router's scores over E experts, so the 6 d m of a dense FFN becomes k 6 d m_e + 2 d E. Which layers are sparse is
 the model's own rule (every `decoder_sparse_step`-th, except `mlp_only_layers`). Qwen3's qk-norm (an RMSNorm of each
@@ -36,6 +39,15 @@ class LLMShape:
     active_experts: int = 0
     expert_ffn: int = 0
     sparse_layers: frozenset[int] = frozenset()
+    # sliding-window attention: the window w, and the layers that use it
+    sliding_window: int | None = None
+    sliding_layers: frozenset[int] = frozenset()
+
+    def keys_seen(self, layer: int, context: int) -> int:
+        """How many of `context` keys a query at `layer` attends to: all, or the window at a sliding layer."""
+        if layer in self.sliding_layers and self.sliding_window is not None:
+            return min(context, self.sliding_window)
+        return context
 
     def ffn_flops_per_token(self, layer: int) -> float:
         """The FFN of one token at `layer`: 6 d m dense; k 6 d m_e + 2 d E (the router) where the layer is sparse."""
@@ -61,6 +73,8 @@ class LLMShape:
             step = getattr(text_config, "decoder_sparse_step", 1) or 1
             dense = set(getattr(text_config, "mlp_only_layers", None) or [])
             sparse = frozenset(l for l in range(layers) if l not in dense and (l + 1) % step == 0)
+        types = getattr(text_config, "layer_types", None) or []
+        sliding = frozenset(l for l, kind in enumerate(types) if kind == "sliding_attention")
         return cls(
             hidden=text_config.hidden_size,
             ffn=text_config.intermediate_size,
@@ -73,15 +87,17 @@ class LLMShape:
             active_experts=getattr(text_config, "num_experts_per_tok", 0) if experts else 0,
             expert_ffn=getattr(text_config, "moe_intermediate_size", 0) if experts else 0,
             sparse_layers=sparse,
+            sliding_window=getattr(text_config, "sliding_window", None) if sliding else None,
+            sliding_layers=sliding,
         )
 
 
 def layer_prefill_flops(shape: LLMShape, n: int, past: int = 0, layer: int = 0) -> float:
-    """F(n) above for layer `layer` (which matters only where some layers are sparse); with `past` tokens already
-    in the layer's cache (a reused prefix) the n queries attend to c = past + n keys, and the attention terms are
-    4 n c a + 5 H n c."""
+    """F(n) above for layer `layer` (which matters where some layers are sparse or sliding); with `past` tokens
+    already in the layer's cache (a reused prefix) the n queries attend to c = past + n keys (at most the window at
+    a sliding layer), and the attention terms are 4 n c a + 5 H n c."""
     d, h, a = shape.hidden, shape.heads, shape.attention_width
-    c = past + n
+    c = shape.keys_seen(layer, past + n)
     return (
         2 * n * (2 * d * a + 2 * d * shape.kv_width)
         + n * shape.ffn_flops_per_token(layer)
@@ -107,7 +123,8 @@ def decode_step_flops(shape: LLMShape, context_per_layer: Sequence[int]) -> floa
     d, h, a = shape.hidden, shape.heads, shape.attention_width
     linear = shape.layers * (2 * (2 * d * a + 2 * d * shape.kv_width) + 17 * d) \
         + sum(shape.ffn_flops_per_token(layer) for layer in range(shape.layers))
-    attention = sum(4 * c * a + 5 * h * c for c in context_per_layer)
+    seen = [shape.keys_seen(layer, c) for layer, c in enumerate(context_per_layer)]
+    attention = sum(4 * c * a + 5 * h * c for c in seen)
     return linear + attention + shape.hidden * shape.vocab
 
 

@@ -42,6 +42,7 @@ class PreparedPrompt:
     visual_in: int
     media: list[EncodedMedia]
     deepstack: torch.Tensor | None = None  # (levels, visual tokens, d): Qwen3-VL's DeepStack rows, merged as they
+    blocks: torch.Tensor | None = None  # (n,): the bidirectional block of each token (Gemma 3's images), -1: none
 
 
 def _starts(counts: list[int]) -> list[tuple[int, int]]:
@@ -254,7 +255,7 @@ class Preparer:
             times = [p.media.extra.get("timestamps") if isinstance(p, CachedMedia)
                      else self.adapter.video_timestamps(len(p.frames), p.fps) for p in request.parts
                      if isinstance(p, VideoPart) or isinstance(p, CachedMedia) and p.kind == "video"]
-        return self.adapter.expand_videos(prompt, times) if times and times[0] is not None else prompt
+        return self.adapter.expand_media(prompt, times)
 
     def validate(self, request: GenerationRequest, plan: ReductionPlan) -> None:
         if not any(isinstance(p, TextPart) and p.text.strip() for p in request.parts):
@@ -307,7 +308,7 @@ class Preparer:
             for m in media
         ]
         deep = [None if m.deepstack is None else merged_rows(res, m.deepstack) for m, res in zip(media, merged)]
-        pieces, visual, full_index, full_ids, token_sizes, deepstack = [], [], [], [], [], []
+        pieces, visual, full_index, full_ids, token_sizes, deepstack, blocks = [], [], [], [], [], [], []
         start, offset = 0, 0  # offset: index in the full (unmerged) prompt
         for slot, span in zip(slots + [len(ids)], spans + [None]):
             if slot > start:
@@ -317,6 +318,7 @@ class Preparer:
                 full_index.append(torch.arange(offset, offset + n_text, device=device))
                 full_ids.append(ids[start:slot])
                 token_sizes.append(torch.ones(n_text, device=device))
+                blocks.append(torch.full((n_text,), -1, device=device))
                 offset += n_text
             if span is None:
                 break
@@ -330,6 +332,7 @@ class Preparer:
             token_sizes.append(res.sizes[inside].to(device=device, dtype=torch.float32))
             if deep[i] is not None:
                 deepstack.append(deep[i][:, inside])
+            blocks.append(torch.full_like(res.keep[inside], len(blocks)))  # a span is a block (where blocks apply)
             offset += rows
             start = slot + 1
 
@@ -356,6 +359,7 @@ class Preparer:
             key_bias=key_bias,
             text_tokens=int((~is_visual).sum()), visual_in=sum(m.features.shape[0] for m in media), media=media,
             deepstack=torch.cat(deepstack, dim=1).to(text_embeds.dtype) if deepstack else None,
+            blocks=torch.cat(blocks) if self.adapter.bidirectional_media else None,
         )
 
     def shape_of(self, request: GenerationRequest) -> RequestShape:

@@ -27,8 +27,8 @@ def chat_template(image: str, video: str) -> str:
     return _CHATML.replace("{IMAGE}", image).replace("{VIDEO}", video)
 
 
-def build_tokenizer():
-    """A byte-level BPE tokenizer with no merges (one token per byte) plus the special tokens."""
+def build_tokenizer(extra: tuple[str, ...] = ()):
+    """A byte-level BPE tokenizer with no merges (one token per byte) plus the special tokens (and `extra` ones)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -38,7 +38,7 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS + list(extra)})
     return tokenizer
 
 
@@ -271,8 +271,61 @@ def build_qwen3_vl_moe(path: str | Path, **kwargs) -> Path:
     return build_qwen3_vl(path, experts=4, **kwargs)
 
 
+def build_internvl(path: str | Path, layers: int = 4, hidden: int = 64, image_size: int = 32, patch_size: int = 4,
+                   seed: int = 0) -> Path:
+    """A tiny InternVL (InternVL3 shape): InternViT (8 x 8 patches per 32-px tile, CLS dropped), pixel shuffle to
+    4 x 4 = 16 tokens per tile, MLP projector, Qwen2 LM; an image is cut into up to 4 tiles plus a thumbnail."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    path = Path(path)
+    tokenizer = build_tokenizer(extra=("<img>", "</img>", "<IMG_CONTEXT>"))
+    tokenizer.chat_template = chat_template("<IMG_CONTEXT>\n", "<video>\n")
+    vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=[image_size, image_size], patch_size=[patch_size, patch_size])
+    tokens = (image_size // patch_size // 2) ** 2
+    config = InternVLConfig(text_config=_qwen2_text_config(tokenizer, layers, hidden, 4, 2, 2 * hidden),
+                            vision_config=vision, image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+                            image_seq_length=tokens, tie_word_embeddings=False)
+    _save_random_model(InternVLForConditionalGeneration, config, tokenizer, path, seed)
+    GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=True, min_patches=1,
+                             max_patches=4, image_mean=[0.5, 0.5, 0.5],
+                             image_std=[0.5, 0.5, 0.5]).save_pretrained(path)
+    return path
+
+
+def build_gemma3(path: str | Path, layers: int = 6, hidden: int = 64, image_size: int = 32, patch_size: int = 4,
+                 sliding_window: int = 8, seed: int = 0) -> Path:
+    """A tiny Gemma 3: SigLIP (8 x 8 patches per 32-px image) average-pooled to 4 x 4 = 16 tokens per image, Gemma 3
+    LM whose layers are sliding-window (window `sliding_window`, small enough to bind inside an image) except every
+    sixth, with image tokens attending to each other both ways."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    path = Path(path)
+    tokenizer = build_tokenizer(extra=("<start_of_image>", "<end_of_image>", "<image_soft_token>"))
+    tokenizer.chat_template = chat_template("<start_of_image>", "<video>")
+    head_dim = hidden // 4
+    text = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
+                            query_pre_attn_scalar=head_dim, sliding_window=sliding_window,
+                            max_position_embeddings=4096, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+                            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=image_size, patch_size=patch_size)
+    ids = tokenizer.convert_tokens_to_ids
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=(image_size // patch_size) ** 2 // 4,
+                          boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
+                          image_token_index=ids("<image_soft_token>"), tie_word_embeddings=False)
+    _save_random_model(Gemma3ForConditionalGeneration, config, tokenizer, path, seed)
+    Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size}, image_mean=[0.5, 0.5, 0.5],
+                            image_std=[0.5, 0.5, 0.5]).save_pretrained(path)
+    return path
+
+
 BUILDERS = {"llava_onevision": build_llava_onevision, "llava": build_llava, "llava_dinov2": build_llava_dinov2,
             "llava_next": build_llava_next,
             "qwen2_vl": build_qwen2_vl,
             "qwen2_5_vl": build_qwen2_5_vl,
-            "qwen3_vl": build_qwen3_vl, "qwen3_vl_moe": build_qwen3_vl_moe}
+            "qwen3_vl": build_qwen3_vl, "qwen3_vl_moe": build_qwen3_vl_moe,
+            "internvl": build_internvl, "gemma3": build_gemma3}

@@ -16,8 +16,8 @@ from aim_engine.tiny import BUILDERS
 # model (DINOv2 tower read at two layers, video as frames behind a <video> placeholder); qwen3_vl_moe is Qwen3-VL
 # with a mixture-of-experts text model.
 FAMILIES = ("llava_onevision", "llava", "llava_dinov2", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
-            "qwen3_vl_moe")
-VIDEO_FAMILIES = ("llava_onevision", "llava_dinov2", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+            "qwen3_vl_moe", "internvl", "gemma3")
+VIDEO_FAMILIES = ("llava_onevision", "llava_dinov2", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "internvl")
 
 # The engine tests run on CPU in fp32 (CI). bench/gpu_check.sh runs the exactness and batching tests again on
 # CUDA in bf16 by setting these; tolerances follow the dtype.

@@ -46,6 +46,8 @@ class FamilyAdapter:
     # An image's features do not depend on the other images of its prompt, so images of several prompts may go
     # through the vision tower together (False where the family packs an image by how many share its prompt).
     images_independent: bool = False
+    # The tokens behind one placeholder attend to each other both ways (Gemma 3's images), not only causally.
+    bidirectional_media: bool = False
 
     def __init__(self, model, tokenizer, image_processor):
         self.model = model
@@ -84,12 +86,13 @@ class FamilyAdapter:
         return [int(media.features.shape[0])]
 
     def video_timestamps(self, frames: int, fps: float | None) -> list[float] | None:
-        """Families that write a video's times into the prompt: seconds of each of its parts. None: no such text."""
+        """Families that write a video out as several parts with text between them: the time of each part, in
+        seconds. None: the video is one placeholder."""
         return None
 
-    def expand_videos(self, prompt: str, timestamps: list[list[float]]) -> str:
-        """The rendered prompt with each video's placeholder written out as the family's processor does, given
-        each video's `video_timestamps` in order. By default, unchanged."""
+    def expand_media(self, prompt: str, timestamps: list[list[float] | None]) -> str:
+        """The rendered prompt with its media placeholders written out as the family's processor does (each
+        video's parts from its `video_timestamps`, in order). By default, unchanged."""
         return prompt
 
     # ---- media --------------------------------------------------------------------------------

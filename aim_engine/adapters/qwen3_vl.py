@@ -55,7 +55,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
             return [int(media.features.shape[0])]
         return [int(g.numel()) for g in media.groups]
 
-    def expand_videos(self, prompt: str, timestamps: list[list[float]]) -> str:
+    def expand_media(self, prompt: str, timestamps: list[list[float]]) -> str:
         tok = self.tokenizer
         start, end = tok.convert_ids_to_tokens([self.config.vision_start_token_id, self.config.vision_end_token_id])
         pad = tok.convert_ids_to_tokens(self.video_token_id)

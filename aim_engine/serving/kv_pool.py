@@ -7,7 +7,8 @@ of blocks, so a layer holds exactly the tokens that survived to it.
 
 Layout: one slot-major tensor per K and V for all layers, `(num_blocks * BLOCK_SIZE, kv_heads, head_dim)`,
 plus one fp32 key bias per slot (proportional attention: log of how many input tokens a key stands for; 0 for
-a plain token). A slot is `block * BLOCK_SIZE + offset`. Blocks are all the same size and any free block
+a plain token), and for models with sliding-window layers (Gemma 3) each key's position, which decode's windows
+are measured in. A slot is `block * BLOCK_SIZE + offset`. Blocks are all the same size and any free block
 serves any (sequence, layer), so freeing never leaves holes that grow with time: the pool's only waste is the
 unfilled tail of each (sequence, layer)'s last block (< BLOCK_SIZE tokens).
 
@@ -28,6 +29,7 @@ import torch
 
 BLOCK_SIZE = 16  # tokens per block: small enough that the unfilled tail per (sequence, layer) stays small
 BIAS_BYTES = 4  # the fp32 key bias stored per slot
+POSITION_BYTES = 4  # the int32 key position stored per slot, where a layer has a sliding window
 
 
 class KVPoolExhausted(RuntimeError):
@@ -42,18 +44,21 @@ class KVLayout:
     kv_heads: int
     head_dim: int
     dtype: torch.dtype
+    positions: bool = False  # each key's position is kept (sliding-window layers)
 
     @property
     def bytes_per_token(self) -> int:
-        """K and V of one token at one layer, plus its key bias."""
-        return 2 * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size() + BIAS_BYTES
+        """K and V of one token at one layer, plus its key bias (and position)."""
+        return 2 * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size() + BIAS_BYTES \
+            + (POSITION_BYTES if self.positions else 0)
 
     @classmethod
     def from_config(cls, text_config, dtype: torch.dtype) -> "KVLayout":
         heads = text_config.num_attention_heads
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
         kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
-        return cls(text_config.num_hidden_layers, kv_heads, head_dim, dtype)
+        sliding = "sliding_attention" in (getattr(text_config, "layer_types", None) or [])
+        return cls(text_config.num_hidden_layers, kv_heads, head_dim, dtype, positions=sliding)
 
 
 def blocks_for(tokens_per_layer: list[int], block_size: int = BLOCK_SIZE) -> int:
@@ -76,6 +81,7 @@ class KVPool:
         self.keys = torch.empty(slots, layout.kv_heads, layout.head_dim, dtype=layout.dtype, device=device)
         self.values = torch.empty_like(self.keys)
         self.key_bias = torch.empty(slots, dtype=torch.float32, device=device)
+        self.key_position = torch.empty(slots, dtype=torch.int32, device=device) if layout.positions else None
         self._free: list[int] = list(range(self.num_blocks - 1, -1, -1))  # a stack: reuse the warmest block
         self._reserved = 0  # blocks promised to sequences and not yet taken
         # Holders of each block: its sequence, plus every prefix-cache entry and later sequence sharing it (a
@@ -217,10 +223,18 @@ class SequenceKV:
         else:
             pool.key_bias.index_copy_(0, slots, key_bias.to(torch.float32))
         self.has_bias[layer] = self.has_bias[layer] or key_bias is not None  # a reused prefix may carry one
+        if pool.key_position is not None:
+            pool.key_position.index_copy_(0, slots, self.prompt_key_positions.to(torch.int32))
+
+    def prefix_positions(self) -> torch.Tensor:
+        """The positions of a reused prefix's tokens (the same at every layer: a prefix is never pruned)."""
+        return self.pool.key_position.index_select(0, self.slots(0)[:self.past]).long()
 
     # The prefill's cache protocol: a batch of one with no earlier context (the prompt attends to itself), so
-    # the keys a layer writes are the keys it attends to. The prefill sets `prompt_key_bias` before each layer.
+    # the keys a layer writes are the keys it attends to. The prefill sets `prompt_key_bias` (and, where the pool
+    # keeps positions, `prompt_key_positions`) before each layer.
     prompt_key_bias: torch.Tensor | None = None
+    prompt_key_positions: torch.Tensor | None = None
 
     # Tokens of a reused prefix at the start of every layer: the prefill then runs on the rest of the prompt,
     # whose queries attend to the prefix's keys as well as to their own.
@@ -253,13 +267,15 @@ class DecodeBatchKV:
 
     Per layer l: `write_slots[l]` (B,) where the new token goes; `gather[l]` (B, T_l) the slots of each
     sequence's keys, padded to the longest (T_l); `mask(l)` (B, 1, 1, T_l) additive: the key bias, -inf on
-    padding; None when no sequence pads or has a bias (the kernel then needs no mask at all).
+    padding and, at a sliding-window layer (`windows[l]`), on keys at least the window before the new token's
+    position (`positions` (B,)); None when none of that applies (the kernel then needs no mask at all).
 
     Attention reads the keys through a gather into a padded (B, kv_heads, T_l, head_dim) tensor: correct on
     any device with SDPA. A paged kernel (e.g. FlashAttention's block-table decode) would take `tables` and
     `lengths` instead and skip the gather; the block tables are per (sequence, layer) either way."""
 
-    def __init__(self, pool: KVPool, sequences: list[SequenceKV], device: torch.device | str, dtype: torch.dtype):
+    def __init__(self, pool: KVPool, sequences: list[SequenceKV], device: torch.device | str, dtype: torch.dtype,
+                 positions: torch.Tensor | None = None, windows: list[int | None] | None = None):
         self.pool = pool
         bs, num_layers = pool.block_size, pool.layout.num_layers
         write, lengths, tables = [], [], []
@@ -271,6 +287,10 @@ class DecodeBatchKV:
             tables.append([kv.blocks[layer] + [0] * (max_blocks - len(kv.blocks[layer])) for kv in sequences])
         self.write_slots = torch.tensor(write, device=device).T.contiguous()  # (L, B)
         pool.key_bias.index_fill_(0, self.write_slots.flatten(), 0.0)  # a generated token stands for itself
+        if pool.key_position is not None:
+            pool.key_position.index_copy_(0, self.write_slots.flatten(),
+                                          positions.to(device, torch.int32).repeat(num_layers))
+        windows = windows or [None] * num_layers
         self.lengths_host = [list(col) for col in zip(*lengths)]  # [layer][sequence]
         lengths_t = torch.tensor(self.lengths_host, device=device)  # (L, B)
         tables_t = torch.tensor(tables, device=device)  # (L, B, max_blocks)
@@ -284,13 +304,17 @@ class DecodeBatchKV:
             if padded:  # padding reads the sequence's first key (written, finite); the mask hides it
                 slots = torch.where(pos[None, :] < lengths_t[layer][:, None], slots, slots[:, :1])
             self.gather.append(slots)
-            if not padded and not self.has_bias[layer]:
+            window = windows[layer]
+            if not padded and not self.has_bias[layer] and window is None:
                 self._masks.append(None)
                 continue
             mask = pool.key_bias.index_select(0, slots.flatten()).view(slots.shape) if self.has_bias[layer] else \
                 torch.zeros(slots.shape, device=device)
             if padded:
                 mask = mask.masked_fill(pos[None, :] >= lengths_t[layer][:, None], float("-inf"))
+            if window is not None:
+                keys = pool.key_position.index_select(0, slots.flatten()).view(slots.shape)
+                mask = mask.masked_fill(positions.to(device)[:, None] - keys >= window, float("-inf"))
             self._masks.append(mask.to(dtype)[:, None, None, :])
 
     def mask(self, layer: int) -> torch.Tensor | None:

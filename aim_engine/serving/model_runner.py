@@ -61,7 +61,7 @@ class ModelRunner:
             deepstack = deepstack[:, int(prepared.is_visual[:past].sum()):]
         pre = prefill(self.lm, prepared.embeds[:, past:], prepared.position_ids[..., past:],
                       prepared.is_visual[past:], seq.plan, key_bias=prepared.key_bias, kv=seq.kv,
-                      should_stop=seq.stop_requested, past=past, deepstack=deepstack)
+                      should_stop=seq.stop_requested, past=past, deepstack=deepstack, blocks=prepared.blocks)
         if offer is not None:
             engine.prefix_cache.offer(offer, seq.kv)
         seq.generator = sequence_generator(seq.sampling, self.device)
@@ -82,7 +82,7 @@ class ModelRunner:
         if cache is None or seq.plan.prunes:
             return 0, None
         key = cache.key_for(prepared.embeds, prepared.position_ids, prepared.is_visual, prepared.key_bias,
-                            prepared.deepstack)
+                            prepared.deepstack, prepared.blocks)
         if key is None:
             return 0, None
         entry = cache.lookup(key)
@@ -95,9 +95,10 @@ class ModelRunner:
         tokens = torch.tensor([[s.next_token] for s in batch], device=self.device)
         positions = torch.tensor([[s.prepared.next_position + len(s.generated) - 1] for s in batch],
                                  device=self.device)
+        kv = DecodeBatchKV(self.engine.pool, [s.kv for s in batch], self.device, self.dtype,
+                           positions=positions[:, 0], windows=self.lm.windows)
         if self.mrope:
             positions = positions[None].expand(3, -1, -1)
-        kv = DecodeBatchKV(self.engine.pool, [s.kv for s in batch], self.device, self.dtype)
         logits = decode_batch(self.lm, tokens, positions, kv)
         for row, seq in enumerate(batch):
             if seq.logits is not None:

@@ -77,10 +77,12 @@ class PrefixCache:
         return len(self._entries)
 
     def key_for(self, embeds: torch.Tensor, position_ids: torch.Tensor, is_visual: torch.Tensor,
-                key_bias: torch.Tensor | None, deepstack: torch.Tensor | None = None) -> PrefixKey | None:
+                key_bias: torch.Tensor | None, deepstack: torch.Tensor | None = None,
+                blocks: torch.Tensor | None = None) -> PrefixKey | None:
         """The key of a prompt's reusable prefix (embeds (1, n, d), position_ids (1, n) or (3, 1, n), and the
         DeepStack rows (levels, v, d) its visual tokens' K/V also depend on), or None if it has none: no visual
-        token, or fewer tokens before its last one than a block."""
+        token, or fewer tokens before its last one than a block. Where the prefix ends inside a bidirectional
+        block (`blocks`, Gemma 3's images), its tokens also attended to the rest of the block: the key covers it."""
         visual = torch.nonzero(is_visual).flatten()
         if visual.numel() == 0:
             return None
@@ -89,8 +91,13 @@ class PrefixCache:
         tokens = min(int(visual[-1]) + 1, embeds.shape[1] - 1) // bs * bs
         if tokens == 0:
             return None
-        parts = [str(embeds.dtype).encode(), _bytes_of(embeds[0, :tokens]), _bytes_of(position_ids[..., :tokens]),
-                 b"no bias" if key_bias is None else _bytes_of(key_bias[:tokens])]
+        seen = tokens  # the tokens the prefix's K/V depend on
+        if blocks is not None and blocks[tokens - 1] >= 0:
+            seen = int(torch.nonzero(blocks == blocks[tokens - 1]).max()) + 1
+        parts = [str(embeds.dtype).encode(), _bytes_of(embeds[0, :seen]), _bytes_of(position_ids[..., :seen]),
+                 b"no bias" if key_bias is None else _bytes_of(key_bias[:seen])]
+        if blocks is not None:
+            parts.append(_bytes_of(blocks[:seen]))
         if deepstack is not None:
             parts.append(_bytes_of(deepstack[:, :int(is_visual[:tokens].sum())]))
         return PrefixKey(*fingerprints(parts), tokens)

@@ -250,8 +250,8 @@ def test_videos_admitted_together_share_one_pass_through_the_vision_tower(engine
     videos = [VideoPart(frames=random_frames(40 + i, n, size), fps=fps)
               for i, (n, size, fps) in enumerate(((3, (64, 64), 4.0), (5, (48, 80), 2.0), (2, (64, 64), None)))]
     alone = [engine.preparer.encode_media([v]) for v in videos]
-    calls = _count_calls(monkeypatch, engine, "get_image_features" if family == "llava_dinov2" else
-                         "get_video_features")
+    calls = _count_calls(monkeypatch, engine, "get_image_features" if family in ("llava_dinov2", "internvl") else
+                         "get_video_features")  # those two encode a frame as an image
     run = Run(engine)
     for key, video in enumerate(videos):
         run.add(key, GenerationRequest([video, TextPart("What moves?")], SamplingParams(max_new_tokens=2)),

@@ -44,6 +44,8 @@ def hf_inputs(engine, request):
         side = adapter._frame_size()
         kwargs["pixel_values"] = adapter.normalize_frames(videos[0].frames, (side, side))
         input_ids[input_ids == adapter.video_token_id] = adapter.image_token_id
+    elif videos and family == "internvl":  # every frame one tile, behind its own <img> ... </img>
+        kwargs["pixel_values"] = adapter.normalize_frames(videos[0].frames, (adapter._side, adapter._side))
     elif videos:
         if family == "llava_onevision":
             size = adapter.config.vision_config.image_size
@@ -54,6 +56,8 @@ def hf_inputs(engine, request):
             kwargs["video_grid_thw"] = grid[None]
         if family == "qwen2_5_vl":  # seconds per temporal patch of 2 frames
             kwargs["second_per_grid_ts"] = torch.tensor([2 / videos[0].fps])
+    if family == "gemma3":  # its image tokens attend to each other both ways: the processor's token types say where
+        kwargs["token_type_ids"] = (input_ids == adapter.image_token_id).long()
     if family.startswith("qwen"):
         types = torch.zeros_like(input_ids, dtype=torch.int32)
         types[input_ids == adapter.image_token_id] = 1
@@ -66,7 +70,8 @@ def hf_inputs(engine, request):
 def engine_greedy_logits(engine, request, plan, steps):
     prepared = engine.prepare(request, plan)
     pre = prefill(engine.lm, prepared.embeds, prepared.position_ids, prepared.is_visual, plan, steps,
-                  key_bias=prepared.key_bias, deepstack=prepared.deepstack)
+                  key_bias=prepared.key_bias, deepstack=prepared.deepstack,
+                  blocks=prepared.blocks)
     logits, tokens = [pre.logits], []
     for step in range(steps - 1):
         tokens.append(int(torch.argmax(logits[-1])))

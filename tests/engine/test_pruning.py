@@ -21,7 +21,8 @@ LAYERS = 6
 
 def physical_run(engine, prepared, plan, steps):
     pre = prefill(engine.lm, prepared.embeds, prepared.position_ids, prepared.is_visual, plan, steps,
-                  record_kept=True, key_bias=prepared.key_bias, deepstack=prepared.deepstack)
+                  record_kept=True, key_bias=prepared.key_bias, deepstack=prepared.deepstack,
+                  blocks=prepared.blocks)
     logits, tokens = [pre.logits], []
     for step in range(steps):
         tokens.append(int(torch.argmax(logits[-1])))
@@ -41,8 +42,19 @@ def masked_reference(engine, prepared, kept_per_layer, tokens, merge_pruned=Fals
     n = prepared.embeds.shape[1]
     bias = prepared.key_bias if prepared.key_bias is not None else torch.zeros(n)
     cache = DynamicCache()
-    cos, sin = lm.rotary_emb(prepared.embeds, prepared.position_ids)
+    rotary = lm.rotary(prepared.embeds, prepared.position_ids)
     causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    if prepared.blocks is not None:  # Gemma 3: an image's tokens see each other both ways
+        blocks = prepared.blocks
+        causal |= (blocks[:, None] == blocks[None, :]) & (blocks[None, :] >= 0)
+    positions = prepared.position_ids[0] if prepared.position_ids.dim() == 2 else None
+
+    def in_window(layer_idx, query_positions, key_positions):
+        """Sliding-window layers: keys less than the window before the query, by position."""
+        window = lm.window(layer_idx)
+        if window is None:
+            return torch.ones(len(query_positions), len(key_positions), dtype=torch.bool)
+        return (query_positions[:, None] - key_positions[None, :]) < window
 
     def additive(allowed, key_bias):
         return torch.where(allowed, key_bias, torch.tensor(float("-inf"))).to(prepared.embeds.dtype)
@@ -56,21 +68,25 @@ def masked_reference(engine, prepared, kept_per_layer, tokens, merge_pruned=Fals
                                             prepared.key_bias is not None)
         alive.append(keys_alive)
         biases.append(bias)
-        mask = (causal & keys_alive[None, :]) | torch.eye(n, dtype=torch.bool)
+        seen = causal if positions is None else causal & in_window(layer_idx, positions, positions)
+        mask = (seen & keys_alive[None, :]) | torch.eye(n, dtype=torch.bool)
         hidden = layer(hidden, attention_mask=additive(mask, bias[None, :])[None, None],
-                       position_embeddings=(cos, sin), cache=cache, use_cache=True)
+                       position_embeddings=rotary[lm.rope_of(layer_idx)], cache=cache, use_cache=True)
         if prepared.deepstack is not None and layer_idx < prepared.deepstack.shape[0]:  # into every visual token
             hidden = hidden.clone()
             hidden[0, prepared.is_visual] += prepared.deepstack[layer_idx]
     logits = [lm.lm_head(lm.norm(hidden[:, -1:]))[0, -1].float()]
     for step, token in enumerate(tokens):
         hidden = lm.embed_tokens(torch.tensor([[token]]))
-        cos, sin = lm.rotary_emb(hidden, engine.preparer.decode_positions(prepared, step))
+        rotary = lm.rotary(hidden, engine.preparer.decode_positions(prepared, step))
         for layer_idx, layer in enumerate(lm.layers):
             mask = torch.cat([alive[layer_idx], torch.ones(step + 1, dtype=torch.bool)])
+            if positions is not None:
+                keys = torch.cat([positions, prepared.next_position + torch.arange(step + 1)])
+                mask &= in_window(layer_idx, torch.tensor([prepared.next_position + step]), keys)[0]
             key_bias = torch.cat([biases[layer_idx], torch.zeros(step + 1)])
             hidden = layer(hidden, attention_mask=additive(mask, key_bias)[None, None, None],
-                           position_embeddings=(cos, sin), cache=cache, use_cache=True)
+                           position_embeddings=rotary[lm.rope_of(layer_idx)], cache=cache, use_cache=True)
         logits.append(lm.lm_head(lm.norm(hidden))[0, -1].float())
     return torch.stack(logits)
 
@@ -107,6 +123,12 @@ def cases():
     # DeepStack levels after layers 0 and 1; a video's temporal patches with their timestamps between them
     yield "qwen3_vl", "image+video", [ImagePart(image=random_image(16, (32, 48))), TextPart("then"),
                                       VideoPart(frames=random_frames(17, 6), fps=4.0), TextPart("Describe.")]
+    # an image of 2 tiles + thumbnail, then a video: one <img> ... </img> per frame, "FrameN:" between them
+    yield "internvl", "image+video", [ImagePart(image=random_image(20, (40, 90))), TextPart("then"),
+                                      VideoPart(frames=random_frames(21, 4)), TextPart("Describe.")]
+    # sliding layers (window 8 positions) and two images whose tokens see each other both ways
+    yield "gemma3", "two-images", [TextPart("Compare"), ImagePart(image=random_image(22)), TextPart("with"),
+                                   ImagePart(image=random_image(23, (30, 30))), TextPart("please.")]
     yield "qwen3_vl_moe", "two-images", [ImagePart(image=random_image(18, (32, 48))), TextPart("or"),
                                          ImagePart(image=random_image(19, (40, 32))), TextPart("Which?")]
 
