@@ -1,7 +1,9 @@
 """LLM prefill benchmark: the empty plan vs AIM plans, side by side in one run.
 
 Architectures (`--arch`), random weights built from the real config (no download): LLaVA-OneVision-0.5B
-(Qwen2-0.5B + SigLIP-so400m) or -7B, and Qwen3-VL-2B or -8B (ViT with DeepStack + Qwen3 LM). The vision tower +
+(Qwen2-0.5B + SigLIP-so400m) or -7B, Qwen3-VL-2B or -8B (ViT with DeepStack + Qwen3 LM), InternVL3-2B (InternViT,
+a 448-px tile per frame, + Qwen2.5-1.5B) and Gemma-3-4B (SigLIP at 896 px per image; sliding-window layers, image
+tokens attending both ways). The vision tower +
 projector (+ OV's 2x2 pooling) run once on random frames; their features (and Qwen3-VL's DeepStack levels) feed
 every plan, so the LLM is timed on its own and the encoder's share is reported separately. A Qwen3-VL video is
 `--frames` frames at 448x448: one group of 196 tokens per temporal patch of 2 frames; its prompt is the bench's
@@ -15,7 +17,9 @@ KV-cache bytes, peak memory, FLOPs (the engine's formula), measured speedup next
 
     python bench/engine_prefill.py                                  # CPU, OV-0.5B, 8 frames
     python bench/engine_prefill.py --arch ov-7b --frames 32 --device cuda --dtype bfloat16
-    python bench/engine_prefill.py --arch qwen3-vl-2b --frames 16   # CPU
+    python bench/engine_prefill.py --arch qwen3-vl-2b --frames 8    # CPU
+    python bench/engine_prefill.py --arch internvl3-2b --frames 8   # CPU: 8 frames, one 448-px tile each
+    python bench/engine_prefill.py --arch gemma3-4b --frames 4      # CPU: 4 images (Gemma 3 takes no video)
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aim_engine.decoder import ATTENTION_IMPL, LanguageModel, prefill, proportional_key_bias  # noqa: E402
-from aim_engine.flops import LLMShape, prefill_flops  # noqa: E402
+from aim_engine.flops import LLMShape, prefill_flops, vit_flops  # noqa: E402
 from aim_engine.merging import merge_groups, merged_rows  # noqa: E402
 from aim_engine.plan import ReductionPlan, default_prune_range  # noqa: E402
 
@@ -62,6 +66,19 @@ ARCHS = {
                                   num_attention_heads=32, num_key_value_heads=8, head_dim=128),
                         vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
                                     out_hidden_size=4096, deepstack_visual_indexes=[8, 16, 24])),
+    # OpenGVLab/InternVL3-2B-hf: InternViT-300M + Qwen2.5-1.5B
+    "internvl3-2b": dict(family="internvl",
+                         text=dict(vocab_size=151674, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                   num_attention_heads=12, num_key_value_heads=2),
+                         vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                     num_attention_heads=16, image_size=[448, 448], patch_size=[14, 14])),
+    # google/gemma-3-4b-it: SigLIP-so400m at 896 px + Gemma 3 (every sixth layer global, the rest over 1024)
+    "gemma3-4b": dict(family="gemma3",
+                      text=dict(vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                                num_attention_heads=8, num_key_value_heads=4, head_dim=256, sliding_window=1024,
+                                query_pre_attn_scalar=256),
+                      vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                  num_attention_heads=16, image_size=896, patch_size=14)),
 }
 SIGLIP = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
               image_size=384, patch_size=14)
@@ -85,6 +102,10 @@ def plans_for(layers: int) -> dict[str, tuple[ReductionPlan, bool]]:
 
 
 def text_config(arch: str):
+    if ARCHS[arch]["family"] == "gemma3":
+        from transformers import Gemma3TextConfig
+
+        return Gemma3TextConfig(**ARCHS[arch]["text"], max_position_embeddings=131072, tie_word_embeddings=False)
     if ARCHS[arch]["family"] == "qwen3_vl":
         from transformers import Qwen3VLTextConfig
 
@@ -139,49 +160,99 @@ class PeakMemory:
             self.bytes = max(self.peak, self._rss()) - self.start
 
 
+def _vision_qwen3_vl(args, dtype):
+    from transformers import Qwen3VLVisionConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+    vc = Qwen3VLVisionConfig(**ARCHS[args.arch]["vision"], **QWEN3_VIT)
+    with torch.device(args.device):
+        tower = Qwen3VLVisionModel(vc).to(dtype).eval()
+    side = QWEN3_SIDE // vc.patch_size
+    views = args.frames // vc.temporal_patch_size
+    grid = torch.tensor([[views, side, side]], device=args.device)
+    pixels = torch.randn(int(grid.prod()), 3 * vc.temporal_patch_size * vc.patch_size ** 2, device=args.device,
+                         dtype=dtype)
+
+    def run():
+        out = tower(pixels, grid_thw=grid, return_dict=True)
+        return out.pooler_output, torch.stack(out.deepstack_features), views
+
+    return run, vit_flops(vc.hidden_size, vc.intermediate_size, vc.depth, side * side, views)
+
+
+def _vision_internvl(args, dtype):
+    """A frame is one 448-px tile: InternViT, pixel shuffle, projector (the model's own get_image_features)."""
+    from transformers import InternVLConfig, InternVLVisionConfig
+    from transformers.models.internvl.modeling_internvl import InternVLModel
+
+    arch = ARCHS[args.arch]
+    config = InternVLConfig(vision_config=InternVLVisionConfig(**arch["vision"]), text_config=text_config(args.arch))
+    config.text_config.num_hidden_layers = 1  # the tower and projector are what run here
+    with torch.device(args.device):
+        model = InternVLModel(config).to(dtype).eval()
+    side = arch["vision"]["image_size"][0]
+    tiles = torch.randn(args.frames, 3, side, side, device=args.device, dtype=dtype)
+
+    def run():
+        return model.get_image_features(tiles, return_dict=True).pooler_output.flatten(0, 1), None, args.frames
+
+    patches = (side // arch["vision"]["patch_size"][0]) ** 2 + 1
+    return run, vit_flops(arch["vision"]["hidden_size"], arch["vision"]["intermediate_size"],
+                          arch["vision"]["num_hidden_layers"], patches, args.frames)
+
+
+def _vision_gemma3(args, dtype):
+    """Gemma 3 takes images, not video: `--frames` images of 896 px, 256 tokens each."""
+    from transformers import Gemma3Config, SiglipVisionConfig
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector
+    from transformers.models.siglip.modeling_siglip import SiglipVisionModel
+
+    vc = SiglipVisionConfig(**ARCHS[args.arch]["vision"])
+    config = Gemma3Config(vision_config=vc, text_config=text_config(args.arch))
+    with torch.device(args.device):
+        tower = SiglipVisionModel(vc).to(dtype).eval()
+        projector = Gemma3MultiModalProjector(config).to(dtype).eval()
+    images = torch.randn(args.frames, 3, vc.image_size, vc.image_size, device=args.device, dtype=dtype)
+
+    def run():
+        return projector(tower(images).last_hidden_state).flatten(0, 1), None, args.frames
+
+    return run, vit_flops(vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers,
+                          (vc.image_size // vc.patch_size) ** 2, args.frames)
+
+
+def _vision_llava_onevision(args, dtype):
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+
+    config = LlavaOnevisionConfig(text_config=text_config(args.arch), vision_config=SiglipVisionConfig(**SIGLIP),
+                                  vision_feature_layer=-1, vision_feature_select_strategy="full")
+    with torch.device(args.device):
+        model = LlavaOnevisionForConditionalGeneration(config).to(dtype).eval()
+    frames = torch.randn(1, args.frames, 3, 384, 384, device=args.device, dtype=dtype)
+
+    def run():  # every frame's pooled tokens, then one newline token in no group
+        return model.model.get_video_features(frames, return_dict=True).pooler_output[0], None, args.frames
+
+    return run, vit_flops(SIGLIP["hidden_size"], SIGLIP["intermediate_size"], SIGLIP["num_hidden_layers"], 729,
+                          args.frames)
+
+
+VISION = {"llava_onevision": _vision_llava_onevision, "qwen3_vl": _vision_qwen3_vl, "internvl": _vision_internvl,
+          "gemma3": _vision_gemma3}
+
+
 def worker_vision(args) -> dict:
     """Runs the vision tower (+ projector, pooling / DeepStack mergers) on random frames; saves the features and
     their merge groups; times the encoder."""
-    from aim_engine.flops import vit_flops
-
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
-    if ARCHS[args.arch]["family"] == "qwen3_vl":
-        from transformers import Qwen3VLVisionConfig
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
-
-        vc = Qwen3VLVisionConfig(**ARCHS[args.arch]["vision"], **QWEN3_VIT)
-        with torch.device(args.device):
-            tower = Qwen3VLVisionModel(vc).to(dtype).eval()
-        side = QWEN3_SIDE // vc.patch_size
-        grid = torch.tensor([[args.frames // vc.temporal_patch_size, side, side]], device=args.device)
-        pixels = torch.randn(int(grid.prod()), 3 * vc.temporal_patch_size * vc.patch_size ** 2, device=args.device,
-                             dtype=dtype)
-        run = lambda: tower(pixels, grid_thw=grid, return_dict=True)  # noqa: E731
-        per_view, views = side * side, args.frames // vc.temporal_patch_size
-        flops = vit_flops(vc.hidden_size, vc.intermediate_size, vc.depth, per_view, views)
-    else:
-        from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
-
-        config = LlavaOnevisionConfig(text_config=text_config(args.arch), vision_config=SiglipVisionConfig(**SIGLIP),
-                                      vision_feature_layer=-1, vision_feature_select_strategy="full")
-        with torch.device(args.device):
-            model = LlavaOnevisionForConditionalGeneration(config).to(dtype).eval()
-        frames = torch.randn(1, args.frames, 3, 384, 384, device=args.device, dtype=dtype)
-        run = lambda: model.model.get_video_features(frames, return_dict=True)  # noqa: E731
-        flops = vit_flops(SIGLIP["hidden_size"], SIGLIP["intermediate_size"], SIGLIP["num_hidden_layers"], 729,
-                          args.frames)
+    run, flops = VISION[ARCHS[args.arch]["family"]](args, dtype)
     with torch.inference_mode():  # once: the encoder is not what AIM reduces, only its share is reported
         sync(args.device)
         t0 = time.perf_counter()
-        out = run()
+        feats, deepstack, groups = run()
         sync(args.device)
         seconds = time.perf_counter() - t0
-    if ARCHS[args.arch]["family"] == "qwen3_vl":
-        feats, deepstack = out.pooler_output, torch.stack(out.deepstack_features)
-        groups = views
-    else:  # OV: every frame's pooled tokens, then one newline token in no group
-        feats, deepstack, groups = out.pooler_output[0], None, args.frames
     torch.save({"features": feats.float().cpu(), "groups": groups,
                 "deepstack": None if deepstack is None else deepstack.float().cpu()}, args.features)
     return {"vision_s": seconds, "visual_tokens": int(feats.shape[0]), "vision_flops": flops}
@@ -195,26 +266,31 @@ class PlanRunner:
         dtype = getattr(torch, args.dtype)
         self.cfg = text_config(args.arch)
         self.cfg._attn_implementation = ATTENTION_IMPL
-        self.mrope = ARCHS[args.arch]["family"] == "qwen3_vl"
+        family = ARCHS[args.arch]["family"]
+        self.mrope = family == "qwen3_vl"
+        self.bidirectional = family == "gemma3"  # an image's tokens attend to each other both ways
         torch.manual_seed(0)
         with torch.device(args.device):
-            if self.mrope:
+            if family in ("qwen3_vl", "gemma3"):
+                from transformers.models.gemma3.modeling_gemma3 import Gemma3TextModel
                 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel
 
-                text = Qwen3VLTextModel(self.cfg).to(dtype).eval()
+                text = (Qwen3VLTextModel if self.mrope else Gemma3TextModel)(self.cfg).to(dtype).eval()
                 head = torch.nn.Linear(self.cfg.hidden_size, self.cfg.vocab_size, bias=False).to(dtype)
             else:
                 from transformers import Qwen2ForCausalLM
 
                 model = Qwen2ForCausalLM(self.cfg).to(dtype).eval()
                 text, head = model.model, model.lm_head
-        self.lm = LanguageModel(text.embed_tokens, text.layers, text.norm, text.rotary_emb, head)
+        kinds = dict(layer_types=tuple(self.cfg.layer_types), sliding_window=self.cfg.sliding_window) \
+            if family == "gemma3" else {}
+        self.lm = LanguageModel(text.embed_tokens, text.layers, text.norm, text.rotary_emb, head, **kinds)
         self.plans = plans_for(self.cfg.num_hidden_layers)
         saved = torch.load(args.features)
         self.feats = saved["features"].to(args.device, dtype)
         self.deepstack = None if saved["deepstack"] is None else saved["deepstack"].to(args.device, dtype)
-        per_group = self.feats.shape[0] // saved["groups"]
-        self.groups = [torch.arange(i * per_group, (i + 1) * per_group, device=args.device)
+        self.per_group = self.feats.shape[0] // saved["groups"]
+        self.groups = [torch.arange(i * self.per_group, (i + 1) * self.per_group, device=args.device)
                        for i in range(saved["groups"])]
         g = torch.Generator().manual_seed(1)
         with torch.inference_mode():
@@ -245,8 +321,13 @@ class PlanRunner:
         if plan.proportional_attention and merged is not None:
             key_bias = torch.zeros(embeds.shape[1], device=device)
             key_bias[TEXT_BEFORE:TEXT_BEFORE + visual.shape[0]] = proportional_key_bias(merged.sizes)
+        blocks = None
+        if self.bidirectional:  # one block per image: what is left of its tokens
+            kept = merged.keep if merged is not None else torch.arange(self.feats.shape[0], device=device)
+            blocks = torch.full((embeds.shape[1],), -1, device=device)
+            blocks[TEXT_BEFORE:TEXT_BEFORE + visual.shape[0]] = kept // self.per_group
         result = prefill(self.lm, embeds, positions, is_visual, plan, decode_capacity=1, key_bias=key_bias,
-                         deepstack=deepstack)
+                         deepstack=deepstack, blocks=blocks)
         sync(device)
         return t1 - t0, time.perf_counter() - t1, result
 
