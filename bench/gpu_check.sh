@@ -6,6 +6,9 @@
 #    request alone (the CPU suite's own tests, on the GPU, tolerance by dtype);
 # 2. the LLM prefill benchmark on LLaVA-OneVision-7B's architecture at 32 frames (plans interleaved);
 # 3. the batching benchmark on it: batched vs one at a time, no reduction vs the AIM default.
+# `bash bench/gpu_check.sh families` runs instead the prefill benchmark on the 2026 families' real configs
+# (Qwen3-VL-8B at 32 frames, InternVL3-2B at 32 frames, Gemma-3-4B at 8 images), well inside 8 minutes too: a
+# second call, for a session with device time left after the first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-check-out}
@@ -19,6 +22,16 @@ export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
 torch.cuda.get_device_name())" 2>&1 | tee "$OUT/env.txt"
 start=$(date +%s)
+
+if [ "${1:-}" = families ]; then
+  for run in "qwen3-vl-8b 32" "internvl3-2b 32" "gemma3-4b 8"; do
+    set -- $run
+    timeout 150 $PY bench/engine_prefill.py --arch "$1" --frames "$2" --device cuda --dtype bfloat16 --repeats 3 \
+      --json-out "$OUT/engine-prefill-$1-cuda.json" 2>&1 | tail -12 | tee "$OUT/prefill-$1.log"
+    echo "prefill $1: rc=${PIPESTATUS[0]} after $(( $(date +%s) - start ))s" | tee -a "$OUT/prefill-$1.log"
+  done
+  exit 0
+fi
 
 AIM_TEST_DEVICE=cuda AIM_TEST_DTYPE=bfloat16 timeout 180 $PY -m pytest -q -p no:cacheprovider \
   tests/engine/test_exactness.py tests/engine/test_batching.py 2>&1 | tail -25 | tee "$OUT/exactness.log"

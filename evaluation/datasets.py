@@ -63,6 +63,13 @@ class Dataset:
     def types(self) -> list[str]:
         return list(dict.fromkeys(i.qtype for i in self.items))
 
+    def for_family(self, supports_video: bool) -> "Dataset":
+        """What a model can be asked: all of it, or for a family that takes no video (Gemma 3, LLaVA-1.5) its image
+        and text questions, named so ("<name>-images")."""
+        if supports_video or not any(i.kind == "video" for i in self.items):
+            return self
+        return Dataset(f"{self.name}-images", [i for i in self.items if i.kind != "video"])
+
 
 def synthetic_dataset(per_type: int, seed: int = 0, split: str = "test") -> Dataset:
     items = []

@@ -25,7 +25,7 @@ from .settings import Settings
 
 DTYPES = ("float32", "bfloat16", "float16")
 TINY_FAMILIES = ("llava_onevision", "llava", "llava_dinov2", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
-                 "qwen3_vl_moe")
+                 "qwen3_vl_moe", "internvl", "gemma3")  # aim_engine.tiny.BUILDERS' keys (without importing torch)
 # the extra (pyproject.toml) that brings a module the client install lacks
 _EXTRA_OF = {**dict.fromkeys(("torch", "transformers", "safetensors", "numpy", "PIL", "av", "grpc_reflection",
                               "prometheus_client", "pynvml"), "server"),
@@ -511,7 +511,7 @@ def cmd_eval(args) -> int:
         custom_plan(spec, ReductionPlan())  # a bad plan fails before the model loads
         custom[label.strip()] = spec
     engine = _load_engine(args)
-    dataset = load_dataset(args.dataset, seed=args.seed)
+    dataset = load_dataset(args.dataset, seed=args.seed).for_family(engine.adapter.supports_video)
     specs = build_specs(engine, dataset, methods, sweep=sweep, match=not args.no_match, custom=custom)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -537,7 +537,7 @@ def cmd_calibrate(args) -> int:
     from evaluation.datasets import load_dataset
 
     engine = _load_engine(args)
-    dataset = load_dataset(args.dataset, seed=args.seed)
+    dataset = load_dataset(args.dataset, seed=args.seed).for_family(engine.adapter.supports_video)
     with tqdm(desc=f"calibrate on {dataset.name}", unit="q", disable=not sys.stderr.isatty()) as bar:
         content = calibrate(engine, dataset, args.target_ratio, on_item=bar.update, reducers=tuple(args.reducers))
     table = content["calibration"]

@@ -184,3 +184,10 @@ def test_estimate_matches_what_generate_spends(engine_for, family, plan):
         assert estimate.visual_tokens_per_layer == stats.visual_tokens_per_layer
         assert estimate.prefill_flops == stats.prefill_flops
         assert estimate.prefill_flops_baseline == stats.prefill_flops_baseline
+
+
+def test_build_tiny_offers_every_tiny_family():
+    from aim_engine.tiny import BUILDERS
+    from service.cli import TINY_FAMILIES
+
+    assert sorted(TINY_FAMILIES) == sorted(BUILDERS)

@@ -117,6 +117,20 @@ def test_eval_end_to_end_on_a_tiny_model(engine_for, checkpoint_dir, tmp_path):
     assert "| method | plan | FLOPs ratio |" in out.with_suffix(".md").read_text()
 
 
+def test_a_family_without_video_is_evaluated_on_the_image_questions(checkpoint_dir, tmp_path):
+    ds = synthetic_dataset(1)
+    assert ds.for_family(True) is ds
+    images = ds.for_family(False)
+    assert images.name == ds.name + "-images" and {i.kind for i in images.items} == {"image"}
+    assert len(images.items) == sum(i.kind == "image" for i in ds.items) > 0
+    out = tmp_path / "fid"
+    argv = ["eval", "--model", str(checkpoint_dir("gemma3")), "--dataset", "synthetic:1", "--methods", "aim",
+            "--sweep", "", "--out", str(out)]
+    assert engine_main(argv) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [r["method"] for r in data] == ["none", "aim"] and data[1]["questions"] == len(images.items)
+
+
 def test_a_journal_key_names_a_plan_by_what_differs_from_the_empty_plan():
     """So a field added to ReductionPlan later leaves the answers journaled before it valid."""
     assert plan_key(ReductionPlan()) == "{}"
