@@ -162,7 +162,8 @@ def prefill(
 
     deepstack (levels, v, d): Qwen3-VL's DeepStack, row r for the r-th visual token of `is_visual`; level l is
     added to the visual tokens' hidden states after layer l. A token pruned before layer l + 1 takes its levels
-    from l on with it, exactly as masking it from then on would (they reach no other token).
+    from l on with it, exactly as masking it from then on would (they reach no other token); under merge_pruned the
+    kept token it is averaged into goes on receiving its own levels only.
 
     blocks (n,) int: bidirectional blocks (Gemma 3: an image's tokens attend to each other both ways), -1 for a
     token in none. Sliding-window layers (`lm.window`) see a key only if its position is less than the window before

@@ -1,7 +1,7 @@
 """Gemma 3 (SigLIP + Gemma 3 LM): images.
 
 What differs for this family:
-- An image is 896 x 896 (no pan-and-scan crops: the processor's default), 64 x 64 patches average-pooled to
+- An image is 896 x 896 (never pan-and-scan crops, whatever the processor says), 64 x 64 patches pooled to
   16 x 16 = 256 tokens, written `\\n\\n<start_of_image>` + its tokens + `<end_of_image>\\n\\n` in place of the chat
   template's `<start_of_image>`. One merge group per image.
 - Attention kinds. Five of every six layers attend over a sliding window (1024 positions for Gemma-3-4B) with
@@ -52,7 +52,7 @@ class Gemma3Adapter(FamilyAdapter):
         return self.config.mm_tokens_per_image
 
     def encode_images(self, images: list[Image.Image]) -> list[EncodedMedia]:
-        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        pixels = self.image_processor(images=images, do_pan_and_scan=False, return_tensors="pt")["pixel_values"]
         with torch.inference_mode():
             feats = self.model.model.get_image_features(pixels.to(self.device, self.dtype), return_dict=True)
         vc = self.config.vision_config
