@@ -195,16 +195,28 @@ def prefill(
     past_positions = kv.prefix_positions() if past and windowed else None
     past_blocks, blocks = (blocks[:past], blocks[past:]) if blocks is not None else (None, None)
 
+    # Decided once, on the host: whether any block exists, and which windows can bind (pruning only narrows the
+    # span of positions), so rebuilding the masks after a pruning step never syncs the device.
+    if blocks is not None and not bool((blocks >= 0).any()) and \
+            (past_blocks is None or not bool((past_blocks >= 0).any())):
+        blocks = past_blocks = None
+    binding = set()
+    if positions is not None and any(w is not None for w in lm.windows):
+        every = positions if past_positions is None else torch.cat([past_positions, positions])
+        span = int(every.max() - every.min())
+        binding = {w for w in lm.windows if w is not None and span >= w}
+
     def masks() -> dict[int | None, torch.Tensor | None]:
         keys_bias = key_bias if past_bias is None or key_bias is None else torch.cat([past_bias, key_bias])
         keys_pos = None if positions is None else positions[index] if past_positions is None \
             else torch.cat([past_positions, positions[index]])
         keys_block = None if blocks is None else blocks[index] if past_blocks is None \
             else torch.cat([past_blocks, blocks[index]])
-        return {w: attention_mask(hidden.shape[1], past, keys_bias, keys_pos, keys_block, w, hidden.dtype)
-                for w in set(lm.windows)}
+        return {w: attention_mask(hidden.shape[1], past, keys_bias, keys_pos, keys_block,
+                                  w if w in binding else None, hidden.dtype, hidden.device) for w in set(lm.windows)}
 
     mask = masks()
+    visual_rows = torch.nonzero(visual).flatten() if deepstack is not None else None  # the present visual tokens
     for layer_idx, layer in enumerate(lm.layers):
         if should_stop is not None and should_stop():
             raise Cancelled()
@@ -218,6 +230,8 @@ def prefill(
             visual_now = targets[layer_idx]
             if key_bias is not None:
                 key_bias = key_bias[keep]
+            if deepstack is not None:
+                visual_rows = torch.nonzero(visual).flatten()
             if merged is not None:
                 rows, states, bias = merged
                 hidden[0, rows] = states
@@ -244,8 +258,8 @@ def prefill(
         if isinstance(hidden, tuple):
             hidden = hidden[0]
         if deepstack is not None and layer_idx < deepstack.shape[0]:
-            rows = torch.nonzero(visual).flatten()
-            hidden[0].index_add_(0, rows, deepstack[layer_idx, visual_row[index[rows]]].to(hidden.dtype))
+            hidden[0].index_add_(0, visual_rows,
+                                 deepstack[layer_idx, visual_row[index[visual_rows]]].to(hidden.dtype))
     kv.prompt_key_bias = kv.prompt_key_positions = None
 
     result.logits = lm.lm_head(lm.norm(hidden[:, -1:]))[0, -1].float()
@@ -258,25 +272,22 @@ def proportional_key_bias(sizes: torch.Tensor) -> torch.Tensor:
 
 
 def attention_mask(n: int, past: int, key_bias: torch.Tensor | None, key_positions: torch.Tensor | None,
-                   blocks: torch.Tensor | None, window: int | None, dtype: torch.dtype) -> torch.Tensor | None:
+                   blocks: torch.Tensor | None, window: int | None, dtype: torch.dtype, device: torch.device
+                   ) -> torch.Tensor | None:
     """(1, 1, n, past + n) additive mask of n queries that follow `past` cached keys (the keys: those, then the
     queries' own). Query i sees key j when j is not after it (causal by order), or when both are in the same
-    bidirectional block (`blocks` >= 0); under a sliding `window`, only if the key's position is less than `window`
-    before the query's. A seen key adds its bias (`key_bias`). None where that is plain causal attention without
-    bias, which SDPA runs as `is_causal` with no mask at all."""
-    c = past + n
-    has_blocks = blocks is not None and bool((blocks >= 0).any())
-    binds = window is not None and key_positions is not None and int(key_positions.max() - key_positions.min()) >= window
-    if not past and key_bias is None and not has_blocks and not binds:
+    bidirectional block (`blocks` >= 0); under a sliding `window` (None: none that binds), only if the key's position
+    is less than `window` before the query's (`key_positions`). A seen key adds its bias (`key_bias`). None where that
+    is plain causal attention without bias, which SDPA runs as `is_causal` with no mask at all."""
+    if not past and key_bias is None and blocks is None and window is None:
         return None
-    device = key_bias.device if key_bias is not None else blocks.device if blocks is not None else \
-        key_positions.device if key_positions is not None else None
+    c = past + n
     key = torch.arange(c, device=device)
     allowed = key[None, :] <= key[past:, None]
-    if has_blocks:
+    if blocks is not None:
         allowed |= (blocks[past:, None] == blocks[None, :]) & (blocks[None, :] >= 0)
-    if binds:
-        allowed &= (key_positions[past:, None] - key_positions[None, :]) < window
+    if window is not None:
+        allowed &= key_positions[None, :] > (key_positions[past:] - window)[:, None]
     bias = torch.zeros(c, device=device) if key_bias is None else key_bias
     return bias.to(dtype)[None, :].expand(n, c).masked_fill(~allowed, float("-inf"))[None, None]
 

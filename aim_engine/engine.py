@@ -84,7 +84,7 @@ class AimEngine:
         self.limits = limits
         self.lm = adapter.language_model()
         self.shape = LLMShape.from_config(adapter.text_config)
-        if self.shape.sliding_layers and not any(w is not None for w in self.lm.windows):
+        if self.shape.sliding_layers and (adapter.uses_mrope or not any(w is not None for w in self.lm.windows)):
             raise ModelLoadError(f"the {adapter.family} checkpoint has sliding-window layers, which its adapter does "
                                  "not run (only Gemma 3's are supported)")
         if default_plan is not None:

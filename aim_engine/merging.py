@@ -49,10 +49,15 @@ def merged_rows(result: MergeResult, rows: torch.Tensor) -> torch.Tensor:
     survivor the mean of its members' rows."""
     survivor, member = result.members
     k = result.keep.numel()
-    total = rows.new_zeros(*rows.shape[:-2], k, rows.shape[-1], dtype=torch.float32)
-    total.index_add_(-2, survivor, rows.index_select(-2, member).float())
+    if survivor.numel() == k:  # every survivor one token (kept as it is, or the only member of its group)
+        return rows.index_select(-2, member[torch.argsort(survivor)])
     count = torch.zeros(k, device=rows.device).index_add_(0, survivor, torch.ones_like(survivor, dtype=torch.float32))
-    return (total / count[:, None]).to(rows.dtype)
+    flat = rows.reshape(-1, *rows.shape[-2:])
+    out = torch.empty(flat.shape[0], k, rows.shape[-1], dtype=rows.dtype, device=rows.device)
+    for level in range(flat.shape[0]):  # one (n, d) at a time in fp32: no copy of every level at once
+        total = torch.zeros(k, rows.shape[-1], device=rows.device).index_add_(0, survivor, flat[level, member].float())
+        out[level] = (total / count[:, None]).to(rows.dtype)
+    return out.reshape(*rows.shape[:-2], k, rows.shape[-1])
 
 
 def kept_as_is(count: int, device) -> torch.Tensor:

@@ -252,14 +252,22 @@ class Preparer:
         if media is not None:
             times = [m.extra.get("timestamps") for m in media if m.kind == "video"]
         else:
+            videos = [p for p in request.parts
+                      if isinstance(p, VideoPart) or isinstance(p, CachedMedia) and p.kind == "video"]
+            if any(isinstance(p, VideoPart) and p.frames is None for p in videos):
+                raise RequestError("the prompt's videos must be decoded (or encoded) before it is rendered")
             times = [p.media.extra.get("timestamps") if isinstance(p, CachedMedia)
-                     else self.adapter.video_timestamps(len(p.frames), p.fps) for p in request.parts
-                     if isinstance(p, VideoPart) or isinstance(p, CachedMedia) and p.kind == "video"]
+                     else self.adapter.video_timestamps(len(p.frames), p.fps) for p in videos]
         return self.adapter.expand_media(prompt, times)
 
     def validate(self, request: GenerationRequest, plan: ReductionPlan) -> None:
         if not any(isinstance(p, TextPart) and p.text.strip() for p in request.parts):
             raise RequestError("the prompt has no text: add a question or instruction")
+        texts = [p.text for p in request.parts if isinstance(p, TextPart)] + [request.system or ""]
+        for token in self.adapter.reserved_text:
+            if any(token in text for text in texts):
+                raise RequestError(f"the text contains {token!r}, one of the model's media placeholder tokens; "
+                                   "send media as image or video parts")
         plan.check_depth(self.num_layers)
 
     def prepare(self, request: GenerationRequest, plan: ReductionPlan, timings: Timings | None = None,

@@ -79,6 +79,13 @@ class FamilyAdapter:
     def placeholder_id(self, kind: str) -> int:
         return self.image_token_id if kind == "image" else self.video_token_id
 
+    @property
+    def reserved_text(self) -> tuple[str, ...]:
+        """Token strings a request's text may not contain: they would be read as the prompt's media structure (the
+        placeholders, and the family's own media delimiters)."""
+        ids = [i for i in (self.image_token_id, self.video_token_id) if i is not None]
+        return tuple(self.tokenizer.convert_ids_to_tokens(ids))
+
     def placeholder_spans(self, media: EncodedMedia) -> list[int]:
         """How the item's feature rows, in order, sit behind placeholder tokens of the prompt: one count per
         placeholder. By default all behind one; a family that puts text between parts of an item (Qwen3-VL's

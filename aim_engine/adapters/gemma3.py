@@ -48,6 +48,11 @@ class Gemma3Adapter(FamilyAdapter):
     def video_token_id(self) -> int | None:
         return None
 
+    @property
+    def reserved_text(self) -> tuple[str, ...]:
+        return tuple(self.tokenizer.convert_ids_to_tokens(
+            [self.image_token_id, self.config.boi_token_index, self.config.eoi_token_index]))
+
     def _tokens(self) -> int:
         return self.config.mm_tokens_per_image
 

@@ -32,6 +32,11 @@ class InternVLAdapter(FamilyAdapter):
     def placeholder_id(self, kind: str) -> int:
         return self.image_token_id
 
+    @property
+    def reserved_text(self) -> tuple[str, ...]:
+        return (self._token("context_image_token", "<IMG_CONTEXT>"), self._token("start_image_token", "<img>"),
+                self._token("end_image_token", "</img>"), self._token("video_token", "<video>"))
+
     def _token(self, name: str, default: str) -> str:
         return getattr(self.tokenizer, name, None) or default
 

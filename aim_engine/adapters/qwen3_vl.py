@@ -33,6 +33,11 @@ DEFAULT_VIDEO_FPS = 2.0
 class Qwen3VLAdapter(Qwen2VLAdapter):
     family = "qwen3_vl"
 
+    @property
+    def reserved_text(self) -> tuple[str, ...]:
+        return super().reserved_text + tuple(self.tokenizer.convert_ids_to_tokens(
+            [self.config.vision_start_token_id, self.config.vision_end_token_id]))
+
     def deepstack_of(self, output, item: int) -> torch.Tensor:
         return torch.stack([level[item] for level in output.deepstack_features])
 

@@ -288,6 +288,8 @@ class DecodeBatchKV:
         self.write_slots = torch.tensor(write, device=device).T.contiguous()  # (L, B)
         pool.key_bias.index_fill_(0, self.write_slots.flatten(), 0.0)  # a generated token stands for itself
         if pool.key_position is not None:
+            if positions is None:
+                raise ValueError("a pool that keeps key positions (sliding windows) needs the new tokens' positions")
             pool.key_position.index_copy_(0, self.write_slots.flatten(),
                                           positions.to(device, torch.int32).repeat(num_layers))
         windows = windows or [None] * num_layers

@@ -134,6 +134,19 @@ def test_bad_requests_raise_typed_errors(engine_for, parts, error, message):
         engine_for("llava_onevision").generate(GenerationRequest(parts))
 
 
+@pytest.mark.parametrize("family,text", [("internvl", "see <video> here"), ("internvl", "an <img> tag"),
+                                         ("gemma3", "<start_of_image>"), ("qwen3_vl", "a <|vision_start|>"),
+                                         ("qwen2_vl", "<|image_pad|>")])
+def test_text_with_a_familys_media_tokens_is_refused_before_it_can_misplace_media(engine_for, family, text):
+    """A family's media delimiters in the text would be read as structure (InternVL's frames would go where the
+    text's <video> is, with the placeholder count still right): refused, for the text and the system prompt."""
+    engine = engine_for(family)
+    for request in (GenerationRequest([TextPart(text), ImagePart(image=random_image(0))]),
+                    GenerationRequest([ImagePart(image=random_image(0)), TextPart("What?")], system=text)):
+        with pytest.raises(RequestError, match="placeholder tokens"):
+            engine.generate(request)
+
+
 def test_video_to_an_image_only_family_is_a_request_error(engine_for):
     request = GenerationRequest([VideoPart(frames=random_frames(0, 2)), TextPart("hi")])
     with pytest.raises(RequestError, match="does not accept video"):
