@@ -272,10 +272,11 @@ def build_qwen3_vl_moe(path: str | Path, **kwargs) -> Path:
 
 
 def build_internvl(path: str | Path, layers: int = 4, hidden: int = 64, image_size: int = 32, patch_size: int = 4,
-                   seed: int = 0) -> Path:
-    """A tiny InternVL (InternVL3 shape): InternViT (8 x 8 patches per 32-px tile, CLS dropped), pixel shuffle to
-    4 x 4 = 16 tokens per tile, MLP projector, Qwen2 LM; an image is cut into up to 4 tiles plus a thumbnail."""
-    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig
+                   seed: int = 0, lm: str = "qwen2") -> Path:
+    """A tiny InternVL: InternViT (8 x 8 patches per 32-px tile, CLS dropped), pixel shuffle to 4 x 4 = 16 tokens per
+    tile, MLP projector, and a Qwen2 LM (InternVL3's shape) or with `lm="qwen3"` a Qwen3 one (InternVL3.5's); an
+    image is cut into up to 4 tiles plus a thumbnail."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen3Config
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
     path = Path(path)
@@ -284,7 +285,13 @@ def build_internvl(path: str | Path, layers: int = 4, hidden: int = 64, image_si
     vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                   image_size=[image_size, image_size], patch_size=[patch_size, patch_size])
     tokens = (image_size // patch_size // 2) ** 2
-    config = InternVLConfig(text_config=_qwen2_text_config(tokenizer, layers, hidden, 4, 2, 2 * hidden),
+    text = _qwen2_text_config(tokenizer, layers, hidden, 4, 2, 2 * hidden)
+    if lm == "qwen3":  # qk-norm and an explicit head_dim
+        text = Qwen3Config(**{k: v for k, v in text.to_dict().items() if k in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings", "eos_token_id", "pad_token_id", "tie_word_embeddings")},
+            head_dim=hidden // 4)
+    config = InternVLConfig(text_config=text,
                             vision_config=vision, image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
                             image_seq_length=tokens, tie_word_embeddings=False)
     _save_random_model(InternVLForConditionalGeneration, config, tokenizer, path, seed)
@@ -328,4 +335,5 @@ BUILDERS = {"llava_onevision": build_llava_onevision, "llava": build_llava, "lla
             "qwen2_vl": build_qwen2_vl,
             "qwen2_5_vl": build_qwen2_5_vl,
             "qwen3_vl": build_qwen3_vl, "qwen3_vl_moe": build_qwen3_vl_moe,
-            "internvl": build_internvl, "gemma3": build_gemma3}
+            "internvl": build_internvl, "internvl_qwen3": lambda path, **kw: build_internvl(path, lm="qwen3", **kw),
+            "gemma3": build_gemma3}

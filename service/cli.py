@@ -25,7 +25,7 @@ from .settings import Settings
 
 DTYPES = ("float32", "bfloat16", "float16")
 TINY_FAMILIES = ("llava_onevision", "llava", "llava_dinov2", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
-                 "qwen3_vl_moe", "internvl", "gemma3")  # aim_engine.tiny.BUILDERS' keys (without importing torch)
+                 "qwen3_vl_moe", "internvl", "internvl_qwen3", "gemma3")  # aim_engine.tiny.BUILDERS' keys (without importing torch)
 # the extra (pyproject.toml) that brings a module the client install lacks
 _EXTRA_OF = {**dict.fromkeys(("torch", "transformers", "safetensors", "numpy", "PIL", "av", "grpc_reflection",
                               "prometheus_client", "pynvml"), "server"),

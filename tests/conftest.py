@@ -14,9 +14,9 @@ from aim_engine.tiny import BUILDERS
 
 # Tiny checkpoint builders (aim_engine.tiny.BUILDERS); llava_dinov2 is the LLaVA family shaped like the reference
 # model (DINOv2 tower read at two layers, video as frames behind a <video> placeholder); qwen3_vl_moe is Qwen3-VL
-# with a mixture-of-experts text model.
+# with a mixture-of-experts text model, internvl_qwen3 InternVL with a Qwen3 LM (InternVL3.5's).
 FAMILIES = ("llava_onevision", "llava", "llava_dinov2", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
-            "qwen3_vl_moe", "internvl", "gemma3")
+            "qwen3_vl_moe", "internvl", "internvl_qwen3", "gemma3")
 VIDEO_FAMILIES = ("llava_onevision", "llava_dinov2", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "internvl")
 
 # The engine tests run on CPU in fp32 (CI). bench/gpu_check.sh runs the exactness and batching tests again on
