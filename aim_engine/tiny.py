@@ -181,22 +181,43 @@ def build_llava_next(path: str | Path, layers: int = 4, hidden: int = 64, image_
     return path
 
 
+def _qwen_vl_tokenizer(hidden: int):
+    """The Qwen-VL families' tokenizer and chat template, their head width (4 heads) and M-RoPE section (the
+    head_dim / 2 rotary frequencies shared out among t, h and w)."""
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = chat_template("<|vision_start|><|image_pad|><|vision_end|>",
+                                            "<|vision_start|><|video_pad|><|vision_end|>")
+    head_dim = hidden // 4
+    half = head_dim // 2
+    return tokenizer, head_dim, [half - 2 * (half // 4), half // 4, half // 4]
+
+
+def _save_qwen_vl(config_cls, model_cls, text: dict, vision: dict, tokenizer, path: Path, seed: int, patch_size: int,
+                  max_pixels: int) -> Path:
+    """The Qwen-VL families' checkpoint: their special tokens, and the shared image processor (2x2 merge, temporal
+    patch 2)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    ids = tokenizer.convert_tokens_to_ids
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
+                        video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                        vision_end_token_id=ids("<|vision_end|>"))
+    _save_random_model(model_cls, config, tokenizer, path, seed)
+    Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=2, temporal_patch_size=2,
+                             size={"shortest_edge": 8 * 8, "longest_edge": max_pixels},
+                             image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(path)
+    return path
+
+
 def build_qwen2_vl(path: str | Path, layers: int = 4, hidden: int = 64, patch_size: int = 4, seed: int = 0,
                    max_pixels: int = 32 * 32, version: str = "2") -> Path:
     """A tiny Qwen2-VL (version "2") or Qwen2.5-VL ("2.5"): ViT (patch 4, 2x2 merger, temporal patch 2) +
     Qwen2 LM with M-RoPE."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                               Qwen2VLForConditionalGeneration)
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     path = Path(path)
-    tokenizer = build_tokenizer()
-    tokenizer.chat_template = chat_template("<|vision_start|><|image_pad|><|vision_end|>",
-                                            "<|vision_start|><|video_pad|><|vision_end|>")
-    head_dim = hidden // 4
-    # mrope_section splits head_dim/2 rotary frequencies among (t, h, w)
-    half = head_dim // 2
-    section = [half - 2 * (half // 4), half // 4, half // 4]
+    tokenizer, head_dim, section = _qwen_vl_tokenizer(hidden)
     text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                 num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=4096, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
@@ -210,16 +231,7 @@ def build_qwen2_vl(path: str | Path, layers: int = 4, hidden: int = 64, patch_si
         config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=hidden, num_heads=2,
                       window_size=4 * patch_size * 2, fullatt_block_indexes=[1], tokens_per_second=4, **common)
-    config = config_cls(text_config=text, vision_config=vision,
-                        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-                        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-                        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-                        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"))
-    _save_random_model(model_cls, config, tokenizer, path, seed)
-    Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=2, temporal_patch_size=2,
-                             size={"shortest_edge": 8 * 8, "longest_edge": max_pixels},
-                             image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(path)
-    return path
+    return _save_qwen_vl(config_cls, model_cls, text, vision, tokenizer, path, seed, patch_size, max_pixels)
 
 
 def build_qwen2_5_vl(path: str | Path, **kwargs) -> Path:
@@ -233,15 +245,9 @@ def build_qwen3_vl(path: str | Path, layers: int = 4, hidden: int = 64, patch_si
     the MoE text model (Qwen3-VL-MoE), `experts` experts with 2 active per token in every layer."""
     from transformers import (Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
                               Qwen3VLMoeForConditionalGeneration)
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     path = Path(path)
-    tokenizer = build_tokenizer()
-    tokenizer.chat_template = chat_template("<|vision_start|><|image_pad|><|vision_end|>",
-                                            "<|vision_start|><|video_pad|><|vision_end|>")
-    head_dim = hidden // 4
-    half = head_dim // 2  # rotary frequencies, shared out among (t, h, w) and interleaved
-    section = [half - 2 * (half // 4), half // 4, half // 4]
+    tokenizer, head_dim, section = _qwen_vl_tokenizer(hidden)
     text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, head_dim=head_dim,
                 num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=4096, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
@@ -255,16 +261,7 @@ def build_qwen3_vl(path: str | Path, layers: int = 4, hidden: int = 64, patch_si
                   num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
     config_cls, model_cls = ((Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration) if experts
                              else (Qwen3VLConfig, Qwen3VLForConditionalGeneration))
-    config = config_cls(text_config=text, vision_config=vision,
-                        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-                        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-                        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-                        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"))
-    _save_random_model(model_cls, config, tokenizer, path, seed)
-    Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=2, temporal_patch_size=2,
-                             size={"shortest_edge": 8 * 8, "longest_edge": max_pixels},
-                             image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(path)
-    return path
+    return _save_qwen_vl(config_cls, model_cls, text, vision, tokenizer, path, seed, patch_size, max_pixels)
 
 
 def build_qwen3_vl_moe(path: str | Path, **kwargs) -> Path:
