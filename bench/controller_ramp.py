@@ -115,7 +115,7 @@ def plot(results: dict, schedule, start_rate, peak_rate, ramp_s, hold_s, slo_s, 
     axes[1].set_yscale("log")
     axes[1].set_ylabel("rolling p95 latency (s, last 20)")
     axes[1].legend(loc="upper left")
-    adaptive = [r for r in results["adaptive"] if r["ok"]]
+    adaptive = [r for r in results.get("adaptive", []) if r["ok"]]
     axes[2].scatter([r["sent"] for r in adaptive], [r["level"] for r in adaptive], s=8, color="tab:green")
     axes[2].set_yticks(range(len(ladder)), [level.name for level in ladder])
     axes[2].set_ylabel("adaptive: ladder level")
@@ -141,13 +141,14 @@ async def main_async(args) -> dict:
             cheapest = pb.Reduction(plan=ladder_protos[-1])
             t_full = await service_time(stub, base, full)
             t_max = await service_time(stub, base, cheapest)
-            slo_s = args.slo_factor * t_full
-            start_rate, peak_rate = 0.3 / t_full, args.peak_utilization / t_max
+            slo_s = args.slo_s or args.slo_factor * t_full
+            start_rate, peak_rate = args.rates or (0.3 / t_full, args.peak_utilization / t_max)
             print(f"service time: full {t_full:.3f}s, max saving {t_max:.3f}s; SLO {slo_s:.2f}s; "
                   f"load {start_rate:.2f} -> {peak_rate:.2f} req/s", flush=True)
             schedule = arrival_times(start_rate, peak_rate, args.ramp_s, args.hold_s, args.seed)
             policies = {"always_full": full, "always_max_saving": cheapest,
                         "adaptive": pb.Reduction(auto=pb.AutoBudget(latency_slo_ms=int(slo_s * 1000)))}
+            policies = {name: policies[name] for name in args.policies}
             results, summary = {}, {}
             for name, reduction in policies.items():
                 await asyncio.sleep(3 * slo_s)  # let the previous policy's stragglers drain
@@ -177,6 +178,12 @@ def main() -> None:
     parser.add_argument("--slo-factor", type=float, default=5.0, help="SLO = factor x full-model service time")
     parser.add_argument("--peak-utilization", type=float, default=0.75, help="peak load / max-saving capacity")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rates", type=float, nargs=2, metavar=("START", "PEAK"),
+                        help="fixed arrival rates, req/s (default: from the measured service times); with --slo-s, "
+                             "for comparing builds under one load")
+    parser.add_argument("--slo-s", type=float, help="fixed SLO, seconds (default: --slo-factor x full service time)")
+    parser.add_argument("--policies", nargs="+", default=["always_full", "always_max_saving", "adaptive"],
+                        choices=["always_full", "always_max_saving", "adaptive"])
     parser.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch (1 = one at a time)")
     parser.add_argument("--json-out", default=str(ROOT / "docs/results/controller.json"))
     parser.add_argument("--plot-out", type=Path, default=ROOT / "docs/controller-ramp.png")
