@@ -115,7 +115,8 @@ class LanguageModel:
 
     def kv_layout(self, dtype: torch.dtype) -> KVLayout:
         full = KVLayout.from_config(self.layers[0].self_attn.config, dtype)
-        return KVLayout(self.num_layers, full.kv_heads, full.head_dim, dtype, positions=full.positions)
+        return KVLayout(self.num_layers, full.kv_heads, full.head_dim, dtype,
+                        positions=any(w is not None for w in self.windows))
 
 
 @dataclass

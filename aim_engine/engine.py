@@ -28,7 +28,7 @@ from .media import MediaLimits
 from .plan import PLAN_FILE, PlanError, ReductionPlan, plan_from_dict
 from .prepare import PreparedPrompt, Preparer
 from .request import GenerationRequest, GenerationResult, RequestStats, Timings, TokenDelta
-from .serving.kv_pool import KVLayout, KVPool
+from .serving.kv_pool import KVPool
 from .serving.prefix_cache import PrefixCache
 from .serving.loop import ServingLoop
 from .serving.sequence import Sequence
@@ -103,7 +103,7 @@ class AimEngine:
             feature_cache_bytes = default_capacity_bytes(adapter.device)
         self.feature_cache = FeatureCache(feature_cache_bytes) if feature_cache_bytes > 0 else None
         self.preparer = Preparer(adapter, limits, self.num_layers, self.feature_cache)
-        layout = KVLayout.from_config(adapter.text_config, adapter.dtype)
+        layout = self.lm.kv_layout(adapter.dtype)
         budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_cache_bytes(adapter.device)
         self.pool = KVPool(layout, budget, device=adapter.device)
         if prefix_cache_bytes is None:

@@ -84,22 +84,19 @@ class Survivors:
                  torch.stack([torch.arange(index.numel(), device=index.device), index]))
 
     def result(self) -> MergeResult:
-        device = self.features.device
-        starts, total = [], 0
-        for index, *_ in self.pieces:
-            starts.append(total)
-            total += index.numel()
-        keep = torch.cat([p[0] for p in self.pieces]) if self.pieces else torch.zeros(0, dtype=torch.long,
-                                                                                        device=device)
+        """Every reducer ends with `keep(tokens in no group)`, so there is at least one piece."""
+        index, features, sizes, members = zip(*self.pieces)
+        keep = torch.cat(index)
         order = torch.argsort(keep)
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(order.numel(), device=device)
-        members = torch.cat([torch.stack([rank[start + m[0]], m[1]]) for start, (*_, m) in zip(starts, self.pieces)],
-                            dim=1) if self.pieces else torch.zeros(2, 0, dtype=torch.long, device=device)
-        features = torch.cat([p[1].to(self.features.dtype) for p in self.pieces]) if self.pieces \
-            else self.features[:0]
-        sizes = torch.cat([p[2] for p in self.pieces]) if self.pieces else torch.zeros(0, device=device)
-        return MergeResult(keep[order], features[order], sizes[order], members)
+        rank = torch.empty_like(order)  # a survivor's row in input order, by its row in `keep`
+        rank[order] = torch.arange(order.numel(), device=order.device)
+        start = 0
+        renumbered = []
+        for piece, pairs in zip(index, members):
+            renumbered.append(torch.stack([rank[start + pairs[0]], pairs[1]]))
+            start += piece.numel()
+        features = torch.cat([f.to(self.features.dtype) for f in features])
+        return MergeResult(keep[order], features[order], torch.cat(sizes)[order], torch.cat(renumbered, dim=1))
 
 
 def merge_frame_tokens(features: torch.Tensor, target: int) -> MergeResult:

@@ -211,6 +211,10 @@ class Preparer:
         encoded_videos = adapter.encode_videos([(p.frames, p.fps) for p in videos]) if videos else []
         encoded_images = adapter.encode_image_sets([[p.image for p in prompt] for prompt in images])
         seconds = time.perf_counter() - start
+        for media, part in zip(encoded_videos, videos):  # where the family writes a video out in parts
+            times = adapter.video_timestamps(len(part.frames), part.fps)
+            if times is not None:
+                media.extra["timestamps"] = times
         # the pass's time, shared by the items computed in proportion to their frames / images
         computed = [(m, p) for m, p in zip(encoded_videos, videos)] + [
             (m, p) for ms, ps in zip(encoded_images, images) for m, p in zip(ms, ps)]

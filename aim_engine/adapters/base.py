@@ -88,13 +88,16 @@ class FamilyAdapter:
 
     def placeholder_spans(self, media: EncodedMedia) -> list[int]:
         """How the item's feature rows, in order, sit behind placeholder tokens of the prompt: one count per
-        placeholder. By default all behind one; a family that puts text between parts of an item (Qwen3-VL's
-        video timestamps) gives one per part, and its `expand_videos` writes that many placeholders."""
+        placeholder. All behind one, except a video of a family that writes it out in parts (`video_timestamps`,
+        kept in `extra["timestamps"]` when it was encoded): one per part, a merge group each, with `expand_media`
+        writing as many placeholders."""
+        if media.kind == "video" and media.extra.get("timestamps") is not None:
+            return [int(g.numel()) for g in media.groups]
         return [int(media.features.shape[0])]
 
     def video_timestamps(self, frames: int, fps: float | None) -> list[float] | None:
-        """Families that write a video out as several parts with text between them: the time of each part, in
-        seconds. None: the video is one placeholder."""
+        """Families that write a video out as several parts with text between them (Qwen3-VL's timestamped temporal
+        patches, InternVL's numbered frames): the time of each part, in seconds. None: one placeholder."""
         return None
 
     def expand_media(self, prompt: str, timestamps: list[list[float] | None]) -> str:

@@ -81,10 +81,7 @@ class InternVLAdapter(FamilyAdapter):
         """Every frame of every video in one pass (a frame is a tile, encoded alone)."""
         pixels = torch.cat([self.normalize_frames(frames, (self._side, self._side)) for frames, _ in videos])
         tiles = self._tiles(pixels)
-        encoded = [self._item("video", part) for part in torch.split(tiles, [len(f) for f, _ in videos])]
-        for media, (frames, fps) in zip(encoded, videos):
-            media.extra["timestamps"] = self.video_timestamps(len(frames), fps)
-        return encoded
+        return [self._item("video", part) for part in torch.split(tiles, [len(f) for f, _ in videos])]
 
     def estimate_video_groups(self, frames: list[Image.Image]) -> tuple[list[int], int]:
         return [self.config.image_seq_length] * len(frames), 0
@@ -92,11 +89,6 @@ class InternVLAdapter(FamilyAdapter):
     def video_timestamps(self, frames: int, fps: float | None) -> list[float]:
         """One part per frame (its time is not written: frames are numbered)."""
         return [i / fps if fps else float(i) for i in range(frames)]
-
-    def placeholder_spans(self, media: EncodedMedia) -> list[int]:
-        if media.kind != "video":
-            return [int(media.features.shape[0])]
-        return [int(g.numel()) for g in media.groups]
 
     def expand_media(self, prompt: str, timestamps: list[list[float]]) -> str:
         context = self._token("context_image_token", "<IMG_CONTEXT>")

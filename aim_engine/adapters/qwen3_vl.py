@@ -22,9 +22,7 @@ Attention has qk-norm before RoPE and an explicit head_dim; neither changes the 
 from __future__ import annotations
 
 import torch
-from PIL import Image
 
-from .base import EncodedMedia
 from .qwen2_vl import Qwen2VLAdapter
 
 DEFAULT_VIDEO_FPS = 2.0
@@ -41,12 +39,6 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     def deepstack_of(self, output, item: int) -> torch.Tensor:
         return torch.stack([level[item] for level in output.deepstack_features])
 
-    def encode_videos(self, videos: list[tuple[list[Image.Image], float | None]]) -> list[EncodedMedia]:
-        encoded = super().encode_videos(videos)
-        for media, (frames, fps) in zip(encoded, videos):
-            media.extra["timestamps"] = self.video_timestamps(len(frames), fps)
-        return encoded
-
     def video_timestamps(self, frames: int, fps: float | None) -> list[float]:
         """Seconds of each temporal patch: the mean time of its first and last frame (the last frame repeated to
         fill the final patch, as the frames themselves are)."""
@@ -54,11 +46,6 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         rate = fps or DEFAULT_VIDEO_FPS
         index = list(range(frames)) + [frames - 1] * (-frames % tp)
         return [(index[i] / rate + index[i + tp - 1] / rate) / 2 for i in range(0, len(index), tp)]
-
-    def placeholder_spans(self, media: EncodedMedia) -> list[int]:
-        if media.kind != "video":
-            return [int(media.features.shape[0])]
-        return [int(g.numel()) for g in media.groups]
 
     def expand_media(self, prompt: str, timestamps: list[list[float]]) -> str:
         tok = self.tokenizer

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..merging import MergeResult, kept_as_is
+from ..merging import MergeResult
 from ..plan import ReductionPlan
 
 # DPC-kNN (FastVID, HoliTom): a token's density is over its NEIGHBOURS nearest tokens.
@@ -50,9 +50,7 @@ def summed_targets(sizes: Sequence[int], target_for: TargetFor) -> int:
 
 
 def passthrough(features: torch.Tensor) -> MergeResult:
-    n = features.shape[0]
-    return MergeResult(torch.arange(n, device=features.device), features, torch.ones(n, device=features.device),
-                       kept_as_is(n, features.device))
+    return selected(features, torch.arange(features.shape[0], device=features.device))
 
 
 def selected(features: torch.Tensor, keep: torch.Tensor) -> MergeResult:

@@ -57,8 +57,7 @@ class KVLayout:
         heads = text_config.num_attention_heads
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
         kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
-        sliding = "sliding_attention" in (getattr(text_config, "layer_types", None) or [])
-        return cls(text_config.num_hidden_layers, kv_heads, head_dim, dtype, positions=sliding)
+        return cls(text_config.num_hidden_layers, kv_heads, head_dim, dtype)
 
 
 def blocks_for(tokens_per_layer: list[int], block_size: int = BLOCK_SIZE) -> int:
