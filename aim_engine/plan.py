@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 IMPORTANCE_METHODS = ("pagerank", "text", "last_token")
 # How visual tokens are reduced before the LLM (aim_engine/methods): AIM's similarity merging, or a peer's.
@@ -218,12 +219,85 @@ def format_prune_stages(stages: tuple[tuple[int, float], ...]) -> str:
     return "/".join(f"{layer}:{keep!r}" for layer, keep in stages)
 
 
-_FIELD_PARSERS = {
-    "merge_tokens": int, "merge_retention": float, "prune_start": int, "prune_end": int,
-    "importance": str, "reducer": str, "positions": str, "proportional_attention": _parse_bool,
-    "merge_pruned": _parse_bool,
-    "prune_stages": parse_prune_stages,
-}
+@dataclass(frozen=True)
+class PlanField:
+    """One ReductionPlan field as every input form sees it: the CLI flags, the KServe parameters (`aim_<name>`),
+    the HTTP API's JSON, eval's `key=value` and the plan file all read this table. `value_type` is the type a
+    typed wire (JSON, KServe) carries; `parse` reads the field's text form. `role` says whether the field sets how
+    much is reduced ("amount") or how ("method"). A field not given takes ReductionPlan's default (or, on top of a
+    base plan, the base's value; a merge or prune field given replaces the base's whole merge or prune group)."""
+
+    name: str
+    value_type: type
+    parse: Callable[[str], object]
+    help: str
+    role: str  # "amount" | "method"
+
+
+PLAN_FIELDS: tuple[PlanField, ...] = (
+    PlanField("merge_tokens", int, int, "visual tokens per frame / image crop after merging (>= 1)", "amount"),
+    PlanField("merge_retention", float, float, "share of each frame's visual tokens merging keeps, in (0, 1]",
+              "amount"),
+    PlanField("prune_start", int, int, "first layer l1 of progressive pruning (>= 1; with prune_end)", "amount"),
+    PlanField("prune_end", int, int, "layer l2 by which progressive pruning leaves no visual token (> l1)",
+              "amount"),
+    PlanField("prune_stages", tuple, parse_prune_stages, "staged pruning instead of l1..l2: layer:keep/..., "
+              "e.g. 2:0.5/4:0.25 (layers increasing, keep shares non-increasing)", "amount"),
+    PlanField("importance", str, str, f"ranking of visual tokens for pruning: {' | '.join(IMPORTANCE_METHODS)}",
+              "method"),
+    PlanField("reducer", str, str, f"how the merge target is reached before the LLM: {' | '.join(PRE_LLM_METHODS)}",
+              "method"),
+    PlanField("positions", str, str, f"positions of the merged tokens on 1-D RoPE: {' | '.join(POSITION_RULES)}",
+              "method"),
+    PlanField("proportional_attention", bool, _parse_bool, "merged tokens draw attention by their size (bool)",
+              "method"),
+    PlanField("merge_pruned", bool, _parse_bool, "tokens pruned in the LLM are merged into their most similar kept "
+              "token (bool)", "method"),
+)
+PLAN_FIELD = {f.name: f for f in PLAN_FIELDS}
+_MERGE_GROUP = ("merge_tokens", "merge_retention")
+_PRUNE_GROUP = ("prune_start", "prune_end", "prune_stages")
+
+
+def plan_value(name: str, value: object, label: str = "") -> object:
+    """A field's value from a typed wire (JSON, KServe parameters): a value of its type (an int also passes as a
+    float; prune_stages as [[layer, keep], ...] or its text form). Raises PlanError naming the field as the wire
+    does (`label` + name, e.g. "aim_prune_stages")."""
+    field = PLAN_FIELD[name]
+    try:
+        if field.value_type is tuple and isinstance(value, (list, tuple)):
+            stages = tuple((int(layer), float(keep)) for layer, keep in value)
+            if any(isinstance(x, bool) or not isinstance(x, (int, float)) for stage in value for x in stage):
+                raise ValueError(value)
+            return stages
+        if field.value_type is tuple and isinstance(value, str):
+            return field.parse(value.strip())
+    except (TypeError, ValueError) as exc:
+        raise PlanError(f"{label}{name} {value!r} is not a valid {name}: {exc} ({field.help})") from None
+    if field.value_type is bool:
+        return value  # ReductionPlan refuses what is not a bool, with its own message
+    if field.value_type is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, field.value_type) or isinstance(value, bool) and field.value_type is not bool:
+        raise PlanError(f"{label}{name} must be {field.value_type.__name__}, got {value!r} ({field.help})")
+    return value
+
+
+def plan_from_values(values: dict, base: ReductionPlan | None = None, label: str = "") -> ReductionPlan:
+    """The one rule of every input form: the fields given (by name, as plan_value reads them) on top of `base`
+    (default: the empty plan); a field not given (or null) keeps the base's value, except that a merge or prune field given
+    replaces the base's whole group. Raises PlanError on an unknown field or a bad value."""
+    unknown = set(values) - set(PLAN_FIELD)
+    if unknown:
+        raise PlanError(f"unknown plan field(s) {sorted(label + n for n in unknown)}; known: "
+                        f"{sorted(label + n for n in PLAN_FIELD)}")
+    given = {name: plan_value(name, value, label) for name, value in values.items() if value is not None}
+    base = base or ReductionPlan()
+    for group in (_MERGE_GROUP, _PRUNE_GROUP):
+        if any(name in given for name in group):
+            base = dataclasses.replace(base, **{name: ReductionPlan.__dataclass_fields__[name].default
+                                                for name in group})
+    return dataclasses.replace(base, **given)
 
 
 def plan_to_dict(plan: ReductionPlan) -> dict:
@@ -233,13 +307,7 @@ def plan_to_dict(plan: ReductionPlan) -> dict:
 
 def plan_from_dict(values: dict) -> ReductionPlan:
     """The inverse of plan_to_dict; missing fields take their defaults. Raises PlanError on unknown fields."""
-    unknown = set(values) - set(_FIELD_PARSERS)
-    if unknown:
-        raise PlanError(f"unknown plan field(s) {sorted(unknown)}; known: {sorted(_FIELD_PARSERS)}")
-    values = dict(values)
-    if "prune_stages" in values:
-        values["prune_stages"] = tuple((int(layer), float(keep)) for layer, keep in values["prune_stages"])
-    return ReductionPlan(**values)
+    return plan_from_values(values)
 
 
 def parse_plan(text: str, base: ReductionPlan | None = None) -> ReductionPlan:
@@ -251,17 +319,14 @@ def parse_plan(text: str, base: ReductionPlan | None = None) -> ReductionPlan:
         if item == "none":
             continue
         key, sep, raw = item.partition("=")
-        if not sep or key.strip() not in _FIELD_PARSERS:
-            raise PlanError(f"plan item {item!r} is not key=value over {sorted(_FIELD_PARSERS)}")
+        if not sep or key.strip() not in PLAN_FIELD:
+            raise PlanError(f"plan item {item!r} is not key=value over {sorted(PLAN_FIELD)}")
+        field = PLAN_FIELD[key.strip()]
         try:
-            values[key.strip()] = _FIELD_PARSERS[key.strip()](raw.strip())
+            values[field.name] = field.parse(raw.strip())
         except ValueError:
-            raise PlanError(f"plan item {item!r}: {raw.strip()!r} is not a valid {key.strip()}") from None
-    if base is not None and ("merge_tokens" in values or "merge_retention" in values):
-        base = dataclasses.replace(base, merge_tokens=None, merge_retention=None)
-    if base is not None and any(k in values for k in ("prune_start", "prune_end", "prune_stages")):
-        base = dataclasses.replace(base, prune_start=None, prune_end=None, prune_stages=())
-    return dataclasses.replace(base or ReductionPlan(), **values)
+            raise PlanError(f"plan item {item!r}: {raw.strip()!r} is not a valid {field.name}") from None
+    return plan_from_values(values, base)
 
 
 def default_prune_range(num_layers: int) -> tuple[int, int]:

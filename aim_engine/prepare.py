@@ -74,7 +74,7 @@ class Preparer:
     def decode_request(self, request: GenerationRequest, should_stop: Callable[[], bool] | None = None,
                        reserve: Callable[[int], None] | None = None) -> GenerationRequest:
         """The request with its media decoded (bytes -> images/frames), validated against the limits."""
-        return GenerationRequest(self.decode_media(request, should_stop, reserve), request.sampling, request.system)
+        return dataclasses.replace(request, parts=self.decode_media(request, should_stop, reserve))
 
     def decode_media(self, request: GenerationRequest, should_stop: Callable[[], bool] | None = None,
                      reserve: Callable[[int], None] | None = None) -> list[Part]:
@@ -240,18 +240,15 @@ class Preparer:
     def render_prompt(self, request: GenerationRequest, media: list[EncodedMedia] | None = None) -> str:
         """The prompt as text, a placeholder per media part. Where the family writes videos' times into it, they
         come from `media` (the encoded items) when given, else from the request's decoded parts."""
-        content = []
-        for part in request.parts:
-            if isinstance(part, TextPart):
-                content.append({"type": "text", "text": part.text})
-            else:
-                kind = part.kind if isinstance(part, CachedMedia) else "image" if isinstance(part, ImagePart) \
-                    else "video"
-                content.append({"type": kind})
+        def content(parts) -> list[dict]:
+            return [{"type": "text", "text": p.text} if isinstance(p, TextPart) else
+                    {"type": p.kind if isinstance(p, CachedMedia) else "image" if isinstance(p, ImagePart)
+                     else "video"} for p in parts]
+
         messages = []
         if request.system:
             messages.append({"role": "system", "content": [{"type": "text", "text": request.system}]})
-        messages.append({"role": "user", "content": content})
+        messages += [{"role": role, "content": content(parts)} for role, parts in request.messages()]
         prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         if media is not None:
             times = [m.extra.get("timestamps") for m in media if m.kind == "video"]
@@ -267,6 +264,7 @@ class Preparer:
     def validate(self, request: GenerationRequest, plan: ReductionPlan) -> None:
         if not any(isinstance(p, TextPart) and p.text.strip() for p in request.parts):
             raise RequestError("the prompt has no text: add a question or instruction")
+        request.messages()  # the turns split the parts as they say
         texts = [p.text for p in request.parts if isinstance(p, TextPart)] + [request.system or ""]
         for token in self.adapter.reserved_text:
             if any(token in text for text in texts):
@@ -390,7 +388,7 @@ class Preparer:
                 media.append(self.adapter.estimate_video_groups(part.frames))
             elif isinstance(part, ImagePart):
                 media.append(next(per_image))
-        ids = self.tokenizer(self.render_prompt(GenerationRequest(parts, request.sampling, request.system)),
+        ids = self.tokenizer(self.render_prompt(dataclasses.replace(request, parts=parts)),
                              add_special_tokens=False)["input_ids"]
         placeholders = {self.adapter.image_token_id, self.adapter.video_token_id} - {None}
         return RequestShape(media=media, text_tokens=sum(t not in placeholders for t in ids))

@@ -7,6 +7,7 @@ from typing import Union
 
 from PIL import Image
 
+from .errors import RequestError
 from .generation import SamplingParams
 from .plan import ReductionPlan
 
@@ -46,11 +47,41 @@ class VideoPart:
 Part = Union[TextPart, ImagePart, VideoPart]
 
 
+ROLES = ("user", "assistant")
+
+
 @dataclass
 class GenerationRequest:
+    """`parts` in prompt order. `turns` splits them into the conversation's messages, in order, as (role, number
+    of parts), role one of ROLES: earlier questions and answers before the one to answer, rendered through the
+    model's chat template. Empty: the parts are one user message. The last message is the user's, and an
+    assistant's holds text only."""
+
     parts: list[Part]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     system: str | None = None
+    turns: tuple[tuple[str, int], ...] = ()
+
+    def messages(self) -> list[tuple[str, list[Part]]]:
+        """(role, parts) per message, as `turns` splits the parts (RequestError if they do not)."""
+        if not self.turns:
+            return [("user", list(self.parts))]
+        out, start = [], 0
+        for i, (role, count) in enumerate(self.turns):
+            if role not in ROLES:
+                raise RequestError(f"message {i} has role {role!r}; use one of {', '.join(ROLES)}")
+            if count < 0 or start + count > len(self.parts):
+                raise RequestError(f"message {i} takes parts beyond the request's {len(self.parts)}")
+            parts = list(self.parts[start:start + count])
+            if role == "assistant" and any(not isinstance(p, TextPart) for p in parts):
+                raise RequestError(f"message {i} is the assistant's: it may hold text only")
+            out.append((role, parts))
+            start += count
+        if start != len(self.parts):
+            raise RequestError(f"the messages hold {start} of the request's {len(self.parts)} parts")
+        if out[-1][0] != "user":
+            raise RequestError("the last message must be the user's: it is the one answered")
+        return out
 
 
 # ---- what comes back ---------------------------------------------------------------------------

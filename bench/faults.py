@@ -5,7 +5,8 @@ over the case. Writes docs/results/faults.json (a list of {case, status, server_
     python bench/faults.py                       # tiny random LLaVA-OneVision built in a temporary directory
     python bench/faults.py --rounds 3            # the corpus 3 times; the figures of the last round
 
-The figures of the last round are reported: the first round also pays one-time costs (imports, allocator pools,
+The HTTP API's cases (tests/fault_corpus.http_corpus) follow, with status "HTTP <code>". The figures of the last
+round are reported: the first round also pays one-time costs (imports, allocator pools,
 the tokenizer's caches). The peak line is the server's high-water mark while it serves the 1080p clip of 900
 frames, over its resident memory before.
 """
@@ -26,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from aim_engine.tiny import build_llava_onevision  # noqa: E402
 from service.proto.aim.v1 import aim_service_pb2 as pb  # noqa: E402
-from tests.fault_corpus import SERVER_FLAGS, corpus, request, rss_mib, send, text  # noqa: E402
+from tests.fault_corpus import (SERVER_FLAGS, corpus, http_corpus, http_server_flags, request, rss_mib,  # noqa: E402
+                                send, send_http, text)
 from tests.service.test_subprocess import ServerProcess  # noqa: E402
 
 
@@ -39,7 +41,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         model = build_llava_onevision(Path(tmp) / "tiny-ov", layers=6, image_size=64)
-        server = ServerProcess(model, *SERVER_FLAGS)
+        allowed, outside = Path(tmp) / "allowed", Path(tmp) / "outside"
+        allowed.mkdir()
+        outside.mkdir()
+        http_cases = http_corpus(allowed, outside / "secret.png")
+        server = ServerProcess(model, *SERVER_FLAGS, *http_server_flags(allowed))
         pid = server.proc.pid
         good = request(text("Describe it."), tokens=3)
         rows = []
@@ -66,6 +72,13 @@ def main() -> None:
                                      "server_kept_serving": kept,
                                      "rss_delta_mib": round(rss_mib(pid) - before, 1),
                                      "message": details[:200]})
+                    for case in http_cases:  # the HTTP API's cases: status "HTTP <code>"
+                        before = rss_mib(pid)
+                        status, details = send_http(server.http_url, case)
+                        kept = server.proc.poll() is None and generate(good, timeout=120).text == expected
+                        rows.append({"case": case.name, "status": f"HTTP {status}",
+                                     "expected": [f"HTTP {case.status}"], "server_kept_serving": kept,
+                                     "rss_delta_mib": round(rss_mib(pid) - before, 1), "message": details[:200]})
                     print(f"round {round_ + 1}: resident {rss_mib(pid):.0f} MiB "
                           f"({rss_mib(pid) - start:+.0f} since the first good request)", flush=True)
                 end = rss_mib(pid)

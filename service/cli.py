@@ -28,7 +28,7 @@ TINY_FAMILIES = ("llava_onevision", "llava", "llava_dinov2", "llava_next", "qwen
                  "qwen3_vl_moe", "internvl", "internvl_qwen3", "gemma3")  # aim_engine.tiny.BUILDERS' keys (without importing torch)
 # the extra (pyproject.toml) that brings a module the client install lacks
 _EXTRA_OF = {**dict.fromkeys(("torch", "transformers", "safetensors", "numpy", "PIL", "av", "grpc_reflection",
-                              "prometheus_client", "pynvml"), "server"),
+                              "prometheus_client", "pynvml", "fastapi", "uvicorn"), "server"),
              **dict.fromkeys(("gguf", "onnx", "accelerate", "tqdm", "matplotlib", "reference_model", "evaluation"),
                              "reference")}  # the last two: this project's, absent from the server images
 
@@ -402,7 +402,7 @@ def cmd_ask(args) -> int:
     from aim_engine.request import GenerationRequest, GenerationResult, ImagePart, TextPart, VideoPart
 
     from .convert import response_to_proto
-    from .runtime import AppliedPlan, Finished
+    from .types import AppliedPlan, Finished
 
     engine = _load_engine(args)
     if args.none and (args.aim_default or plan_from_flags(args, engine.default_plan)):

@@ -8,7 +8,7 @@ from aim_engine.errors import GenerationError, PlanError
 
 from .plan_proto import plan_from_proto, plan_to_proto  # noqa: F401 - the service's converters, in one place
 from .proto.aim.v1 import aim_service_pb2 as pb
-from .runtime import AppliedPlan, Estimate, Finished, Reduction, ServiceError
+from .types import AppliedPlan, Estimate, Finished, Reduction, ServiceError
 
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "cancelled": pb.FINISH_REASON_CANCELLED}
 _SOURCE = {"none": pb.PLAN_SOURCE_NONE, "explicit": pb.PLAN_SOURCE_EXPLICIT, "auto": pb.PLAN_SOURCE_AUTO}

@@ -19,14 +19,14 @@ from aim_engine import GenerationRequest, ReductionPlan, SamplingParams, TokenDe
 from aim_engine.request import ImagePart, TextPart, VideoPart
 from aim_engine.errors import GenerationError, PlanError
 from aim_engine.mime import sniff_mime_type
-from aim_engine.plan import IMPORTANCE_METHODS, POSITION_RULES, PRE_LLM_METHODS, format_prune_stages, \
-    parse_prune_stages
+from aim_engine.plan import PLAN_FIELDS, format_prune_stages, plan_from_values
 from controller.policy import PRIORITIES
 
-from .aim_api import ServingState, deadline_of, status_mapping
+from .aim_api import deadline_of, status_mapping
+from .registry import ServedModels
 from .proto.inference import grpc_service_pb2 as pb
 from .proto.inference import grpc_service_pb2_grpc as pb_grpc
-from .runtime import Finished, Reduction, ServiceError, to_service_error
+from .types import Finished, Reduction, ServiceError, to_service_error
 
 SERVER_NAME = "aim-serve"
 PARAMETERS = {  # name: (type, meaning)
@@ -39,38 +39,20 @@ PARAMETERS = {  # name: (type, meaning)
     "aim_system": (str, "system prompt"),
     "aim_num_frames": (int, "frames sampled from the video"),
     "aim_reduction": (str, "auto (default) | none | plan"),
-    "aim_merge_tokens": (int, "plan: tokens per frame after merging"),
-    "aim_merge_retention": (float, "plan: share kept by merging"),
-    "aim_prune_start": (int, "plan: l1"),
-    "aim_prune_end": (int, "plan: l2"),
-    "aim_prune_stages": (str, "plan: staged pruning instead of l1..l2, layer:keep/layer:keep/..., e.g. 2:0.5/4:0.25"),
-    "aim_importance": (str, f"plan: {' | '.join(IMPORTANCE_METHODS)}"),
-    "aim_reducer": (str, f"plan: {' | '.join(PRE_LLM_METHODS)} (how the merge target is reached)"),
-    "aim_positions": (str, f"plan: {' | '.join(POSITION_RULES)}"),
-    "aim_proportional_attention": (bool, "plan: merged tokens draw attention by their size"),
-    "aim_merge_pruned": (bool, "plan: tokens pruned in the LLM are merged into their most similar kept token"),
+    # an explicit plan: one parameter per ReductionPlan field, from the plan's own table (prune_stages as text)
+    **{f"aim_{f.name}": (str if f.value_type is tuple else f.value_type, f"plan: {f.help}") for f in PLAN_FIELDS},
     "aim_slo_ms": (int, "auto: latency target"),
     "aim_min_retention": (float, "auto: quality floor"),
     "aim_priority": (str, f"auto: {' | '.join(PRIORITIES)} (the decision's safety margin)"),
 }
 # The request parameters of an explicit plan: each names one ReductionPlan field; absent = the field's default.
-PLAN_PARAMETERS = {"aim_merge_tokens": "merge_tokens", "aim_merge_retention": "merge_retention",
-                   "aim_prune_start": "prune_start", "aim_prune_end": "prune_end",
-                   "aim_prune_stages": "prune_stages", "aim_importance": "importance", "aim_reducer": "reducer",
-                   "aim_positions": "positions", "aim_proportional_attention": "proportional_attention",
-                   "aim_merge_pruned": "merge_pruned"}
+PLAN_PARAMETERS = {f"aim_{f.name}": f.name for f in PLAN_FIELDS}
 
 
 def plan_from_parameters(params: dict) -> ReductionPlan:
     """The explicit plan of a request with aim_reduction=plan. Raises PlanError naming the bad parameter."""
-    values = {field: params[name] for name, field in PLAN_PARAMETERS.items() if name in params}
-    if "prune_stages" in values:
-        try:
-            values["prune_stages"] = parse_prune_stages(values["prune_stages"])
-        except ValueError as exc:
-            raise PlanError(f"aim_prune_stages {params['aim_prune_stages']!r}: {exc}; write layer:keep/..., "
-                            "e.g. 2:0.5/4:0.25") from None
-    return ReductionPlan(**values)
+    return plan_from_values({field: params[name] for name, field in PLAN_PARAMETERS.items() if name in params},
+                            label="aim_")
 
 
 def plan_to_parameters(plan: ReductionPlan) -> dict:
@@ -109,7 +91,7 @@ def _bytes_tensor(values: list[bytes]) -> bytes:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, state: ServingState):
+    def __init__(self, state: ServedModels):
         self.state = state
 
     # ---- health and metadata ------------------------------------------------------------------
@@ -132,7 +114,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=ver, extensions=["parameters", "streaming"])
 
     async def ModelMetadata(self, request, context):
-        async with status_mapping(context, self.state.metrics, self.state.model_label(request.name), count=False):
+        async with status_mapping(context, self.state, self.state.model_label(request.name), count=False):
             runtime = self.state.runtime(request.name)
             t = pb.ModelMetadataResponse.TensorMetadata
             return pb.ModelMetadataResponse(
@@ -230,7 +212,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def ModelInfer(self, request, context):
-        async with status_mapping(context, self.state.metrics, self.state.model_label(request.model_name)):
+        async with status_mapping(context, self.state, self.state.model_label(request.model_name)):
             runtime = self.state.runtime(request.model_name)
             engine_request, reduction = self._decode(request)
             done = await runtime.generate(engine_request, reduction, deadline_of(context))
@@ -248,12 +230,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         yield pb.ModelStreamInferResponse(
                             infer_response=self._response(request, runtime.name, event.text, None, False))
                     else:
-                        self.state.metrics.requests.labels(runtime.name, "ok").inc()
+                        self.state.count_outcome(runtime.name, "ok")
                         yield pb.ModelStreamInferResponse(
                             infer_response=self._response(request, runtime.name, "", event, True))
             except Exception as exc:  # noqa: BLE001 - reported in-band, as Triton does
                 err = to_service_error(exc)
-                self.state.metrics.requests.labels(self.state.model_label(request.model_name), err.status).inc()
+                self.state.count_outcome(self.state.model_label(request.model_name), err.status)
                 yield pb.ModelStreamInferResponse(error_message=f"{err.status}: {err}", infer_response=
                                                   pb.ModelInferResponse(model_name=request.model_name, id=request.id))
 

@@ -32,7 +32,7 @@ from typing import AsyncIterator
 from aim_engine import AimEngine, GenerationRequest, GenerationResult, ReductionPlan, SamplingParams, TokenDelta
 from aim_engine.cost import RequestShape
 from aim_engine.request import ImagePart, RequestStats, TextPart, VideoPart
-from aim_engine.errors import Cancelled, EngineError, GenerationError, PlanError
+from aim_engine.errors import Cancelled
 from aim_engine.serving.scheduler import KVBudgetError
 from controller.controller import BudgetController, ControllerConfig
 from controller.cost_model import Observation
@@ -41,59 +41,12 @@ from controller.policy import default_ladder
 from . import allocator
 from .metrics import ServiceMetrics, slo_class
 from .settings import Settings
+from .types import AppliedPlan, Estimate, Finished, Reduction, ServiceError
 
 log = logging.getLogger("aim.service")
 
 DEFAULT_MEDIA_MEMORY_BYTES = Settings.media_memory_bytes  # decoded media held by one model's requests
 SERVICE_TIME_WINDOW = 32  # recent service times (on a worker, queueing excluded) used to predict queue waits
-
-
-class ServiceError(Exception):
-    """A request that cannot be served; `status` is a gRPC status name in lower case."""
-
-    def __init__(self, status: str, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass(frozen=True)
-class Reduction:
-    """The request's choice: "auto" (with SLO/priority/floor), "plan" (explicit), or "none"."""
-
-    kind: str = "auto"
-    plan: ReductionPlan | None = None
-    slo_s: float | None = None
-    min_retention: float = 0.0
-    priority: str = "normal"  # controller.policy.PRIORITIES
-
-
-@dataclass
-class AppliedPlan:
-    plan: ReductionPlan
-    source: str  # "none" | "explicit" | "auto"
-    reason: str
-    predicted_s: float | None = None
-
-
-@dataclass
-class Finished:
-    """The last event of a stream."""
-
-    result: GenerationResult
-    applied: AppliedPlan
-    queue_s: float
-    media_s: float
-    total_s: float
-
-
-@dataclass
-class Estimate:
-    visual_tokens_in: int
-    visual_tokens_merged: int
-    prefill_flops_baseline: float
-    prefill_flops: float
-    predicted_s: float | None
-    applied: AppliedPlan
 
 
 @dataclass
@@ -317,9 +270,9 @@ class ModelRuntime:
             # stopped by its own deadline, not by the client: the RPC fails as such instead of answering a part
             raise ServiceError("deadline_exceeded", f"the deadline passed after {len(result.token_ids)} "
                                                     "generated tokens; allow more time or ask for fewer tokens")
-        self.metrics.queue_wait.labels(self.name).observe(queue_s)
-        self._record(result.stats, seq.sampling, media_s, total_s, applied, slo_s)
-        return Finished(result=result, applied=applied, queue_s=queue_s, media_s=media_s, total_s=total_s)
+        done = Finished(result=result, applied=applied, queue_s=queue_s, media_s=media_s, total_s=total_s)
+        self.observe(done, seq.sampling, slo_s)
+        return done
 
     def _decode(self, request: GenerationRequest, slot: _Slot) -> GenerationRequest:
         parts = [replace(p, num_frames=p.num_frames or self.default_frames) if isinstance(p, VideoPart) else p
@@ -334,7 +287,7 @@ class ModelRuntime:
                 raise Cancelled()
 
         try:
-            return self.engine.decode_request(GenerationRequest(parts, request.sampling, request.system),
+            return self.engine.decode_request(replace(request, parts=parts),
                                               slot.should_stop, reserve)
         except Cancelled:
             raise self._stopped(slot, "while the request's media were decoded") from None
@@ -380,24 +333,40 @@ class ModelRuntime:
                                             batch, media=media, ignore_eos=decoded.sampling.ignore_eos)
         return None if predicted is None else predicted + queue_wait_s
 
-    def _record(self, stats: RequestStats, sampling: SamplingParams, media_s: float, total_s: float,
-                applied: AppliedPlan, slo_s: float | None) -> None:
-        t = stats.timings
-        self._record_caches(stats)
+    def observe(self, done: Finished, sampling: SamplingParams, slo_s: float | None) -> None:
+        """An answered request, whatever wire it came on: its metrics, the caches' counters, the controller's
+        observation and the SLO-violation counter, all here once."""
+        m, s, name = self.metrics, done.result.stats, self.name
+        t = s.timings
+        m.queue_wait.labels(name).observe(done.queue_s)
+        m.latency.labels(name, slo_class(slo_s)).observe(done.total_s)
+        m.ttft.labels(name).observe(t.ttft_s)  # from the request's arrival
+        m.prefill.labels(name).observe(t.prefill_s)
+        if s.completion_tokens > 1:
+            m.tpot.labels(name).observe(t.decode_s / (s.completion_tokens - 1))
+        m.visual_in.labels(name).inc(s.visual_tokens_in)
+        m.visual_merged.labels(name).inc(s.visual_tokens_merged)
+        m.flops_baseline.labels(name).inc(s.prefill_flops_baseline)
+        m.flops_actual.labels(name).inc(s.prefill_flops)
+        if s.visual_tokens_in:
+            m.retention.labels(name).observe(s.retention)
+        m.plans.labels(name, done.applied.source).inc()
+        self._record_caches(s)
+        applied, media_s, total_s = done.applied, done.media_s, done.total_s
         # an auto plan's prediction covers the time from its decision (media decoded) to the answer
         prediction = (total_s - media_s, applied.predicted_s) if applied.source == "auto" and applied.predicted_s \
             else None
         self.controller.observe(total_s, Observation(
             # vision as computing costs it: the latency model must not learn that a cache hit's vision is free
-            media_s=media_s, vision_s=t.vision_s + stats.vision_s_saved, visual_tokens_in=stats.visual_tokens_in,
+            media_s=media_s, vision_s=t.vision_s + s.vision_s_saved, visual_tokens_in=s.visual_tokens_in,
             prefill_s=t.prefill_s,
-            prefill_flops=stats.prefill_flops, decode_s=t.decode_s, new_tokens=stats.completion_tokens,
-            mean_batch=stats.mean_batch, max_new_tokens=sampling.max_new_tokens, ignore_eos=sampling.ignore_eos),
+            prefill_flops=s.prefill_flops, decode_s=t.decode_s, new_tokens=s.completion_tokens,
+            mean_batch=s.mean_batch, max_new_tokens=sampling.max_new_tokens, ignore_eos=sampling.ignore_eos),
             slo_s=slo_s, controlled=applied.source == "auto", prediction=prediction)
         if prediction is not None:
-            self.metrics.prediction_ratio.labels(self.name).observe(prediction[0] / prediction[1])
+            m.prediction_ratio.labels(name).observe(prediction[0] / prediction[1])
         if total_s > (slo_s or self.default_slo_s):
-            self.metrics.slo_violations.labels(self.name, slo_class(slo_s)).inc()
+            m.slo_violations.labels(name, slo_class(slo_s)).inc()
 
     def _record_caches(self, stats: RequestStats) -> None:
         """The caches' counters. The feature cache's hits and misses are the request's own; the rest the caches
@@ -492,14 +461,4 @@ class ModelRuntime:
         self._media_executor.shutdown(wait=False, cancel_futures=True)
 
 
-def to_service_error(exc: BaseException) -> ServiceError:
-    """Engine errors are the caller's fault: invalid_argument with the engine's message."""
-    if isinstance(exc, ServiceError):
-        return exc
-    if isinstance(exc, (EngineError, PlanError, GenerationError)):
-        return ServiceError("invalid_argument", str(exc))
-    return ServiceError("internal", "internal error; the server log has the details")
-
-
-__all__ = ["ModelRuntime", "Reduction", "AppliedPlan", "Finished", "Estimate", "ServiceError", "to_service_error",
-           "ImagePart", "VideoPart", "TextPart"]
+__all__ = ["ModelRuntime", "MediaMemory"]

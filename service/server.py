@@ -14,7 +14,8 @@ from grpc_reflection.v1alpha import reflection
 
 from aim_engine import AimEngine, MediaLimits
 
-from .aim_api import AimServicer, ServingState
+from .aim_api import AimServicer
+from .registry import ServedModels
 from . import allocator
 from .interceptors import BearerTokenInterceptor, MalformedRequestInterceptor, MetricsInterceptor
 from .kserve import InferenceServicer
@@ -38,11 +39,13 @@ SERVICES = (AIM_SERVICE, INFERENCE_SERVICE)
 @dataclass
 class RunningServer:
     server: grpc.aio.Server
-    state: ServingState
+    state: ServedModels
     health: health.aio.HealthServicer
     port: int
     metrics_port: int | None
     _metrics_http: object = None
+    http_port: int | None = None  # the OpenAI-compatible HTTP API's, when on
+    _http: object = None  # (uvicorn server, its task)
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -58,6 +61,10 @@ class RunningServer:
         while self.state.in_flight() and loop.time() < end:
             await asyncio.sleep(0.05)
         await self.server.stop(max(0.0, end - loop.time()))
+        if self._http is not None:
+            http, task = self._http
+            http.should_exit = True
+            await task
         for runtime in self.state.runtimes.values():
             runtime.close()
         if self._metrics_http is not None:
@@ -82,7 +89,7 @@ def load_engines(settings: Settings) -> dict[str, AimEngine]:
 async def start_listening(settings: Settings, metrics: ServiceMetrics | None = None) -> RunningServer:
     """Binds and starts the server with health NOT_SERVING and no model yet (every RPC: UNAVAILABLE)."""
     metrics = metrics or ServiceMetrics()
-    state = ServingState(settings, metrics)
+    state = ServedModels(settings, metrics)
     interceptors = [MetricsInterceptor(metrics), MalformedRequestInterceptor()]
     if settings.auth_token:
         interceptors.insert(0, BearerTokenInterceptor(settings.auth_token))
@@ -113,9 +120,32 @@ async def start_listening(settings: Settings, metrics: ServiceMetrics | None = N
         http, _thread = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
         metrics_port = http.server_port
     running = RunningServer(server, state, health_servicer, port, metrics_port, http)
+    if settings.http_port >= 0:
+        running.http_port, running._http = await _start_http(state, settings)
     await running.set_serving(False)
-    log.info("listening on %s:%d (metrics on %s)", settings.host, port, metrics_port)
+    log.info("listening on %s:%d (metrics on %s, HTTP API on %s)", settings.host, port, metrics_port,
+             running.http_port)
     return running
+
+
+async def _start_http(state: ServedModels, settings: Settings):
+    """The OpenAI-compatible HTTP API in this event loop, over the same models: (port, (server, task))."""
+    import socket
+
+    from .openai_api import http_server
+
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.host, settings.http_port))
+    http = http_server(state, sock, settings.drain_seconds)
+    task = asyncio.create_task(http.serve(sockets=[sock]))
+    while not http.started:
+        if task.done():  # it failed to start: its exception, here
+            await task
+            raise RuntimeError("the HTTP server stopped while starting")
+        await asyncio.sleep(0.01)
+    return sock.getsockname()[1], (http, task)
 
 
 def build_controller(settings: Settings, name: str, engine: AimEngine, gpu) -> BudgetController:
@@ -166,8 +196,11 @@ async def serve(settings: Settings) -> None:
     """Runs until SIGTERM or SIGINT, then drains."""
     allocator.tune()
     running = await start_server(settings)
-    print(f"aim-serve listening on {settings.host}:{running.port}; metrics on "
-          f"http://{settings.host}:{running.metrics_port}/metrics", flush=True)
+    metrics = f"on http://{settings.host}:{running.metrics_port}/metrics" if running.metrics_port is not None \
+        else "off"
+    http = f" (OpenAI-compatible API on http://{settings.host}:{running.http_port}/v1)" \
+        if running.http_port is not None else ""
+    print(f"aim-serve listening on {settings.host}:{running.port}; metrics {metrics}{http}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

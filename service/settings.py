@@ -22,6 +22,8 @@ class Settings:
         "help": "models to serve: PATH or NAME=PATH (local checkpoint directories); the first is the default"})
     host: str = _f("127.0.0.1", "address to listen on")
     port: int = _f(50051, "gRPC port (0 = pick a free one)")
+    http_port: int = _f(-1, "OpenAI-compatible HTTP API port, beside gRPC over the same models (0 = pick a free "
+                         "one, -1 = off)")
     metrics_port: int = _f(9464, "Prometheus /metrics HTTP port (0 = pick a free one, -1 = off)")
     device: str = _f("cpu", "torch device for the models: cpu, cuda, cuda:1")
     dtype: str = _f("float32", "model dtype: float32, bfloat16, float16")
@@ -31,7 +33,8 @@ class Settings:
     prefill_tokens_per_step: int = _f(1024, "prompt tokens (after merging) prefilled per engine step, at least one "
                                       "request: smaller keeps running requests decoding through a burst")
     max_queue: int = _f(16, "requests waiting beyond a full batch before new ones get RESOURCE_EXHAUSTED")
-    max_message_bytes: int = _f(64 * 1024 * 1024, "largest gRPC message received or sent, bytes")
+    max_message_bytes: int = _f(64 * 1024 * 1024, "largest gRPC message received or sent, and largest HTTP request "
+                                "body (media in base64 take 4/3 of their size), bytes")
     max_media_bytes: int = _f(64 * 1024 * 1024, "largest image or video, bytes")
     max_pixels: int = _f(40_000_000, "largest image or video frame, pixels")
     max_frames: int = _f(64, "most frames sampled from one video")
@@ -49,6 +52,10 @@ class Settings:
                             "batch")
     max_concurrent_rpcs: int = _f(0, "RPCs the gRPC server runs at once, beyond which it answers RESOURCE_EXHAUSTED "
                                   "itself (0 = models x (max_batch + max_queue) + 32)")
+    allowed_local_media_path: str = _f("", "HTTP API: a directory whose files `file://` media URLs may name "
+                                       "(symlinks resolved; empty = file:// refused)")
+    allowed_media_domains: str = _f("", "HTTP API: hosts http(s) media URLs may name, comma-separated (the server "
+                                    "fetches them, redirects refused; empty = remote URLs refused)")
     default_frames: int = _f(8, "frames sampled from a video when the request does not say")
     max_new_tokens: int = _f(1024, "most tokens one request may generate")
     default_max_new_tokens: int = _f(128, "tokens generated when the request does not say")
@@ -64,7 +71,8 @@ class Settings:
     drain_seconds: float = _f(30.0, "on SIGTERM: how long in-flight requests may finish before exit")
     tls_cert: str = _f("", "PEM certificate chain; with tls_key, serve TLS")
     tls_key: str = _f("", "PEM private key")
-    auth_token: str = _f("", "if set, every RPC needs `authorization: Bearer <token>` (health checks excepted)")
+    auth_token: str = _f("", "if set, every RPC and HTTP API call needs `authorization: Bearer <token>` (health "
+                         "checks and probes excepted)")
     log_level: str = _f("INFO", "Python log level")
 
     def model_paths(self) -> dict[str, Path]:
@@ -97,8 +105,15 @@ class Settings:
             raise ValueError("prefix_cache_bytes must be >= -1 (-1 = a quarter of the KV pool, 0 = off)")
         if self.feature_cache_bytes < -1:
             raise ValueError("feature_cache_bytes must be >= -1 (-1 = sized for the device, 0 = off)")
+        if self.http_port < -1:
+            raise ValueError("http_port must be >= -1 (-1 = off, 0 = pick a free one)")
+        if self.allowed_local_media_path and not Path(self.allowed_local_media_path).is_dir():
+            raise ValueError(f"allowed_local_media_path {self.allowed_local_media_path!r} is not a directory")
         if self.max_concurrent_rpcs < 0:
             raise ValueError("max_concurrent_rpcs must be >= 0 (0 = derived)")
+
+    def media_hosts(self) -> frozenset[str]:
+        return frozenset(h.strip().lower() for h in self.allowed_media_domains.split(",") if h.strip())
 
     def concurrent_rpcs(self) -> int:
         """The gRPC server's maximum_concurrent_rpcs."""

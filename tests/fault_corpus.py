@@ -166,6 +166,94 @@ def corpus() -> list[FaultCase]:
     return cases
 
 
+# ---- the OpenAI-compatible HTTP API ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HttpFaultCase:
+    name: str
+    body: bytes  # sent as it is to POST /v1/chat/completions
+    status: int  # the HTTP status it must get
+    message: str | None = None  # a fragment the error object's message must contain
+
+
+def http_server_flags(media_dir: Path) -> tuple[str, ...]:
+    """The HTTP API on a free port, with `media_dir` the one directory file:// URLs may name."""
+    return ("--http-port", "0", "--allowed-local-media-path", str(media_dir))
+
+
+def http_corpus(media_dir: Path, outside: Path) -> list[HttpFaultCase]:
+    """`media_dir` (the allowed directory) gets a good image and a symlink to `outside`, a file beyond it."""
+    import base64
+    import json
+    import os
+
+    (media_dir / "ok.png").write_bytes(encode_image("PNG"))
+    outside.write_bytes(encode_image("PNG"))
+    link = media_dir / "escape.png"
+    if not link.is_symlink():
+        os.symlink(outside, link)
+
+    def chat(*parts, **fields) -> bytes:
+        content = list(parts) + [{"type": "text", "text": GOOD_PROMPT}]
+        return json.dumps({"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 2,
+                           **fields}).encode()
+
+    def image_url(url: str) -> dict:
+        return {"type": "image_url", "image_url": {"url": url}}
+
+    png = base64.b64encode(encode_image("PNG")).decode()
+    return [
+        HttpFaultCase("http: a good image by data URL", chat(image_url(f"data:image/png;base64,{png}")), 200),
+        HttpFaultCase("http: malformed JSON", b'{"model": "tiny", "messages": [', 400, "not valid JSON"),
+        HttpFaultCase("http: a JSON array, not an object", b"[]", 400, "must be a JSON object"),
+        HttpFaultCase("http: wrong type, max_tokens as a string", chat(max_tokens="2"), 400,
+                      "max_tokens must be an integer"),
+        HttpFaultCase("http: wrong type, messages as a string", b'{"model": "tiny", "messages": "Hi"}', 400,
+                      "messages must be a non-empty list"),
+        HttpFaultCase("http: wrong type, temperature as a string", chat(temperature="hot"), 400,
+                      "temperature must be a number"),
+        HttpFaultCase("http: a huge body", b" " * (4 * 1024 * 1024 + 1), 413, "the limit is"),
+        HttpFaultCase("http: a data URL without base64", chat(image_url("data:image/png,abc")), 400,
+                      "not a base64 data URL"),
+        HttpFaultCase("http: a data URL with invalid base64", chat(image_url("data:image/png;base64,@@@@")), 400,
+                      "invalid base64"),
+        HttpFaultCase("http: a data URL of bytes that are no image", chat(image_url(
+            "data:image/png;base64," + base64.b64encode(b"no image here").decode())), 400, None),
+        HttpFaultCase("http: an unknown part type", chat({"type": "input_audio", "input_audio": {}}), 400,
+                      "type 'input_audio'"),
+        HttpFaultCase("http: a file path outside the allowed directory", chat(image_url("file:///etc/passwd")), 400,
+                      "outside the allowed media directory"),
+        HttpFaultCase("http: a file path escaping by ..", chat(image_url(
+            f"file://{media_dir}/../{outside.parent.name}/{outside.name}")), 400,
+            "outside the allowed media directory"),
+        HttpFaultCase("http: a file path escaping by a symlink", chat(image_url(f"file://{link}")), 400,
+                      "outside the allowed media directory"),
+        HttpFaultCase("http: a file under the allowed directory", chat(image_url(f"file://{media_dir}/ok.png")), 200),
+        HttpFaultCase("http: a remote URL not allowed", chat(image_url("http://169.254.169.254/latest/meta-data")),
+                      400, "remote media URLs are off"),
+        HttpFaultCase("http: an unknown model", json.dumps({"model": "gpt-9", "messages": [
+            {"role": "user", "content": "Hi"}]}).encode(), 404, "unknown model 'gpt-9'"),
+        HttpFaultCase("http: n > 1", chat(n=3), 400, "n is not supported"),
+    ]
+
+
+def send_http(base_url: str, case: HttpFaultCase, timeout: float = 120.0) -> tuple[int, str]:
+    """(HTTP status, the error object's message, or "" for a 200) of one case."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"{base_url}/chat/completions", data=case.body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, ""
+    except urllib.error.HTTPError as err:
+        try:
+            return err.code, json.loads(err.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            return err.code, "(not an OpenAI error object)"
+
+
 RESPONSES = {"Generate": pb.GenerateResponse, "EstimateCost": pb.EstimateCostResponse}
 
 

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.proto.aim.v1 import aim_service_pb2 as pb
-from tests.fault_corpus import GOOD_PROMPT, OK, SERVER_FLAGS, corpus, heavy_clip, request, rss_mib, send, text
+from tests.fault_corpus import (GOOD_PROMPT, OK, SERVER_FLAGS, corpus, heavy_clip, http_corpus, http_server_flags,
+                                request, rss_mib, send, send_http, text)
 from tests.media_samples import encode_image, encode_video
 from tests.service.test_subprocess import ServerProcess
 
@@ -28,8 +29,14 @@ RETAINED_BOUND_MIB = 60
 
 
 @pytest.fixture(scope="module")
-def faulty(checkpoint_dir):
-    server = ServerProcess(checkpoint_dir("llava_onevision", layers=6, image_size=64), *SERVER_FLAGS)
+def media_dirs(tmp_path_factory):
+    return tmp_path_factory.mktemp("allowed"), tmp_path_factory.mktemp("outside") / "secret.png"
+
+
+@pytest.fixture(scope="module")
+def faulty(checkpoint_dir, media_dirs):
+    server = ServerProcess(checkpoint_dir("llava_onevision", layers=6, image_size=64), *SERVER_FLAGS,
+                           *http_server_flags(media_dirs[0]))
     yield server
     server.stop()
 
@@ -57,6 +64,26 @@ def test_every_fault_gets_its_status_and_an_actionable_message_and_the_server_ke
                 failures.append(f"{case.name}: unhelpful message {details!r}")
             elif case.message is not None and code != OK and case.message not in details:
                 failures.append(f"{case.name}: message {details!r} lacks {case.message!r}")
+            if good_answer(channel) != expected:
+                failures.append(f"after {case.name}: the good request's answer changed")
+    assert faulty.proc.poll() is None, "the server died"
+    assert not failures, "\n".join(failures)
+
+
+def test_every_http_fault_gets_its_status_and_message_and_the_server_keeps_serving(faulty, media_dirs):
+    """The OpenAI-compatible API's share of the corpus: malformed JSON, wrong types, a huge body, bad data URLs,
+    an unknown part type, file paths escaping the allowed directory (.. and a symlink), a remote URL."""
+    failures = []
+    with grpc.insecure_channel(faulty.target, options=CHANNEL_OPTIONS) as channel:
+        expected = good_answer(channel)
+        for case in http_corpus(*media_dirs):
+            status, message = send_http(faulty.http_url, case)
+            if status != case.status:
+                failures.append(f"{case.name}: HTTP {status} ({message[:200]}), expected {case.status}")
+            elif case.message and case.message not in message:
+                failures.append(f"{case.name}: message {message[:200]!r} lacks {case.message!r}")
+            elif "Traceback" in message:
+                failures.append(f"{case.name}: a stack trace reached the client")
             if good_answer(channel) != expected:
                 failures.append(f"after {case.name}: the good request's answer changed")
     assert faulty.proc.poll() is None, "the server died"

@@ -101,7 +101,8 @@ def test_media_memory_waits_for_room_stops_when_asked_and_never_counts_an_ended_
     import threading
 
     from aim_engine.errors import Cancelled
-    from service.runtime import MediaMemory, ServiceError, _Slot
+    from service.runtime import MediaMemory, _Slot
+    from service.types import ServiceError
 
     memory = MediaMemory(100)
     memory.reserve(60, lambda: False)

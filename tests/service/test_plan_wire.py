@@ -18,7 +18,7 @@ from service.kserve import PARAMETERS, PLAN_PARAMETERS, InferenceServicer, plan_
 from service.plan_proto import plan_from_proto, plan_to_proto
 from service.proto.aim.v1 import aim_service_pb2 as pb
 from service.proto.inference import grpc_service_pb2 as kpb
-from service.runtime import ServiceError
+from service.types import ServiceError
 from tests.service.conftest import BASE
 
 PLAN_FIELDS = {f.name for f in dataclasses.fields(ReductionPlan)}
@@ -203,3 +203,26 @@ def test_a_malformed_prune_stages_flag_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--prune-stages", "2:x"])
     assert "argument --prune-stages: '2:x' is not LAYER:KEEP/" in capsys.readouterr().err
+
+
+def test_one_plan_in_every_input_form_is_the_same_plan():
+    """The proto, the KServe parameters, the HTTP API's JSON and eval's key=value text (all read through the one
+    field table, aim_engine.plan.PLAN_FIELDS, where they are not the proto's enums) give one ReductionPlan, and a
+    field not given takes ReductionPlan's default in each."""
+    from aim_engine.plan import PLAN_FIELDS as FIELD_TABLE
+    from aim_engine.plan import format_prune_stages, parse_plan, plan_from_values, plan_to_dict
+    from service.openai_convert import _reduction
+
+    assert {f.name for f in FIELD_TABLE} == PLAN_FIELDS
+    for plan in PLANS[::5]:
+        given = {k: v for k, v in plan_to_dict(plan).items() if v not in (None, [])}
+        text = ",".join(f"{k}={format_prune_stages(plan.prune_stages) if k == 'prune_stages' else v}"
+                        for k, v in given.items())
+        forms = {"proto": plan_from_proto(plan_to_proto(plan)),
+                 "kserve": plan_from_parameters(plan_to_parameters(plan)),
+                 "http": _reduction({"plan": given}).plan,
+                 "text": parse_plan(text),
+                 "dict": plan_from_values(given)}
+        assert all(p == plan for p in forms.values()), (plan, forms)
+    assert _reduction({"plan": {"merge_retention": 0.5}}).plan == plan_from_parameters(
+        {"aim_merge_retention": 0.5}) == parse_plan("merge_retention=0.5") == ReductionPlan(merge_retention=0.5)
