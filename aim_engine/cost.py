@@ -5,15 +5,10 @@ predictions all read these."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from .flops import LLMShape, prefill_flops
 from .methods import REDUCERS
 from .plan import ReductionPlan
-from .request import RequestStats
-
-if TYPE_CHECKING:
-    from .prepare import PreparedPrompt
 
 
 @dataclass
@@ -60,21 +55,3 @@ def kv_tokens(estimate: CostEstimate, max_new_tokens: int) -> list[int]:
     """Per layer, the most tokens a request holds in the KV cache: its prompt after merging and the plan's
     pruning, plus max_new_tokens - 1 generated ones (the last sampled token is never fed back)."""
     return [estimate.text_tokens + v + max_new_tokens - 1 for v in estimate.visual_tokens_per_layer]
-
-
-def fill_prefill_stats(stats: RequestStats, llm: LLMShape, prepared: "PreparedPrompt", tokens_per_layer: list[int],
-                       visual_per_layer: list[int], past: int = 0) -> None:
-    """A finished prefill's counts and FLOPs into the request's stats. `past`: the prompt's first tokens were a
-    reused prefix; the prefill computed the rest (`tokens_per_layer`, `visual_per_layer` count only those)."""
-    prefix_visual = int(prepared.is_visual[:past].sum())
-    stats.prompt_tokens = prepared.embeds.shape[1]
-    stats.visual_tokens_in = prepared.visual_in
-    stats.visual_tokens_merged = int(prepared.is_visual.sum())
-    stats.visual_tokens_per_layer = [prefix_visual + v for v in visual_per_layer]
-    stats.prefill_flops_baseline = prefill_flops(llm, [prepared.text_tokens + prepared.visual_in] * llm.layers)
-    stats.prefill_flops = prefill_flops(llm, tokens_per_layer, past)
-    stats.prefix_tokens_reused = past
-    stats.vision_flops = sum(m.vision_flops for m in prepared.media if m.cache != "hit")  # a hit spent none
-    stats.feature_cache_hits = sum(m.cache == "hit" for m in prepared.media)
-    stats.feature_cache_misses = sum(m.cache == "miss" for m in prepared.media)
-    stats.vision_s_saved = sum(m.vision_s for m in prepared.media if m.cache == "hit")

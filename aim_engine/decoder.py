@@ -7,7 +7,7 @@ with the tokens. Causality is by order, which gathering preserves, so prefill ru
 `is_causal`. Under proportional attention (a per-key bias for merged tokens) prefill passes an explicit
 additive causal mask instead, and the KV pool stores each key's bias next to it for decode.
 
-K/V live in the paged pool (serving/kv_pool.py), per (sequence, layer). Decode runs one step for a whole
+K/V live in the paged pool (kv_pool.py), per (sequence, layer). Decode runs one step for a whole
 batch of sequences whose layers hold different numbers of tokens; see `DecodeBatchKV`.
 
 Under a plan's merge_pruned, the pruned visual tokens are first averaged into their most similar kept ones
@@ -35,7 +35,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .errors import Cancelled
 from .importance import DEFAULT_SCORE_BUDGET, score_tokens
 from .plan import ReductionPlan
-from .serving.kv_pool import DecodeBatchKV, KVLayout, KVPool, SequenceKV
+from .kv_pool import DecodeBatchKV, KVLayout, KVPool, SequenceKV
 
 ATTENTION_IMPL = "aim_sdpa"
 SCORE_KWARG = "aim_score_capture"  # the attention call's keyword argument that carries a ScoreCapture

@@ -9,9 +9,8 @@ serving loop. `generate` / `stream` drive the loop inline; the service runs it o
 
 from __future__ import annotations
 
-import contextlib
-
 import json
+import queue
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -19,6 +18,7 @@ from typing import Callable, Iterator
 import torch
 from .adapters import adapter_for_config
 from .adapters.base import FamilyAdapter
+from .caches import Caches
 from .cost import CostEstimate, RequestShape, cost, kv_tokens
 from .decoder import ATTENTION_IMPL
 from .errors import ModelLoadError, RequestError
@@ -28,9 +28,11 @@ from .media import MediaLimits
 from .plan import PLAN_FILE, PlanError, ReductionPlan, plan_from_dict
 from .prepare import PreparedPrompt, Preparer
 from .request import GenerationRequest, GenerationResult, RequestStats, Timings, TokenDelta
-from .serving.kv_pool import KVPool
+from .kv_pool import KVPool
 from .serving.prefix_cache import PrefixCache
 from .serving.loop import ServingLoop
+from .serving.model_runner import ModelRunner
+from .serving.scheduler import Scheduler
 from .serving.sequence import Sequence
 
 # KV pool of a model on CPU when no budget is given. The pool is allocated untouched (torch.empty), so the
@@ -101,15 +103,16 @@ class AimEngine:
         self.eos_ids = {e for e in eos if e is not None}
         if feature_cache_bytes is None:
             feature_cache_bytes = default_capacity_bytes(adapter.device)
-        self.feature_cache = FeatureCache(feature_cache_bytes) if feature_cache_bytes > 0 else None
-        self.preparer = Preparer(adapter, limits, self.num_layers, self.feature_cache)
         layout = self.lm.kv_layout(adapter.dtype)
         budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_cache_bytes(adapter.device)
         self.pool = KVPool(layout, budget, device=adapter.device)
         if prefix_cache_bytes is None:
             prefix_cache_bytes = self.pool.capacity_bytes // 4
-        self.prefix_cache = PrefixCache(self.pool, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
-        self.loop = ServingLoop(self, max_batch, prefill_tokens_per_step)
+        self.caches = Caches(FeatureCache(feature_cache_bytes) if feature_cache_bytes > 0 else None,
+                             PrefixCache(self.pool, prefix_cache_bytes) if prefix_cache_bytes > 0 else None)
+        self.preparer = Preparer(adapter, limits, self.num_layers, self.caches)
+        runner = ModelRunner(adapter, self.lm, self.shape, self.preparer, self.pool, self.caches)
+        self.loop = ServingLoop(Scheduler(self.pool, max_batch, prefill_tokens_per_step), runner, self.eos_ids)
 
     # ---- loading --------------------------------------------------------------------------------
     @classmethod
@@ -149,16 +152,18 @@ class AimEngine:
         return self._default_plan or ReductionPlan.default_for_depth(self.num_layers)
 
     # ---- preparation and cost ----------------------------------------------------------------
-    @contextlib.contextmanager
+    @property
+    def feature_cache(self) -> FeatureCache | None:
+        return self.caches.features
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        return self.caches.prefixes
+
     def without_caches(self):
         """No feature or prefix cache for what runs inside (measuring what computing costs: the server's warm-up
         calibration). Only while nothing else is served."""
-        feature, prefix = self.feature_cache, self.prefix_cache
-        self.feature_cache = self.preparer.feature_cache = self.prefix_cache = None
-        try:
-            yield
-        finally:
-            self.feature_cache, self.preparer.feature_cache, self.prefix_cache = feature, feature, prefix
+        return self.caches.off()
 
     def memory_pressure(self) -> float:
         """Share of this engine's memory in use, [0, 1]: the KV pool's reserved share or, on CUDA, the share of
@@ -232,30 +237,31 @@ class AimEngine:
 
     def stream(self, request: GenerationRequest, plan: ReductionPlan | None = None,
                should_stop: Callable[[], bool] | None = None) -> Iterator[TokenDelta | GenerationResult]:
-        """Yields TokenDelta as text becomes final, then one GenerationResult, driving the serving loop on this
-        thread (other requests in the loop advance with it). `should_stop` is polled between prefill layers
-        and before every decode step; when it returns True generation ends with finish_reason 'cancelled'."""
+        """Yields TokenDelta as text becomes final, then one GenerationResult. The serving loop is driven on this
+        thread (other requests in the loop advance with it), unless its own thread runs it: then this waits for
+        that thread's steps. `should_stop` is polled between prefill layers and before every decode step; when it
+        returns True generation ends with finish_reason 'cancelled'."""
         plan = plan or ReductionPlan()
         t0 = time.perf_counter()
         request = self.decode_request(request)
         media_s = time.perf_counter() - t0
-        events: list = []
-        seq = self.sequence(request, plan, events.append, should_stop)
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        seq = self.sequence(request, plan, events.put, should_stop)
         seq.arrival = t0
         self.loop.add(seq)
         try:
             while True:
-                if not events:
+                if events.empty() and not self.loop.running:
                     self.loop.step()
-                while events:
-                    event = events.pop(0)
-                    if isinstance(event, BaseException):
-                        raise event
-                    if isinstance(event, GenerationResult):
-                        event.stats.timings.media_s += media_s
-                    yield event
-                    if isinstance(event, GenerationResult):
-                        return
+                    continue
+                event = events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                if isinstance(event, GenerationResult):
+                    event.stats.timings.media_s += media_s
+                yield event
+                if isinstance(event, GenerationResult):
+                    return
         finally:
             self.loop.cancel(seq)  # a caller that stops iterating early frees the sequence's KV at once
 

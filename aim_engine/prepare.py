@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from .adapters.base import EncodedMedia, FamilyAdapter
+from .caches import Caches
 from .cost import RequestShape
 from .decoder import proportional_key_bias
 from .errors import Cancelled, MediaError, RequestError
@@ -55,14 +56,17 @@ def _starts(counts: list[int]) -> list[tuple[int, int]]:
 
 
 class Preparer:
-    def __init__(self, adapter: FamilyAdapter, limits: MediaLimits, num_layers: int,
-                 feature_cache: FeatureCache | None = None):
+    def __init__(self, adapter: FamilyAdapter, limits: MediaLimits, num_layers: int, caches: Caches | None = None):
         self.adapter = adapter
         self.tokenizer = adapter.tokenizer
         self.limits = limits
         self.num_layers = num_layers
         self.lm = adapter.language_model()
-        self.feature_cache = feature_cache
+        self.caches = caches or Caches()
+
+    @property
+    def feature_cache(self) -> FeatureCache | None:
+        return self.caches.features
 
     def _cache_key(self, kind: str, sampling: str, chunks: list[bytes]) -> MediaKey | None:
         """The feature cache's key for media from these bytes, or None where they are not cached: no cache, or an

@@ -110,8 +110,7 @@ class MediaMemory:
 class ModelRuntime:
     def __init__(self, name: str, engine: AimEngine, metrics: ServiceMetrics, max_queue: int = 16,
                  default_frames: int = 8, default_slo_s: float = 10.0, controller: BudgetController | None = None,
-                 media_workers: int = 2, max_batch: int | None = None, prefill_tokens_per_step: int | None = None,
-                 media_memory_bytes: int = DEFAULT_MEDIA_MEMORY_BYTES):
+                 media_workers: int = 2, media_memory_bytes: int = DEFAULT_MEDIA_MEMORY_BYTES):
         self.name = name
         self.engine = engine
         self.metrics = metrics
@@ -126,16 +125,12 @@ class ModelRuntime:
         self._in_system = 0  # admitted and not yet answered: decoding media, waiting or running
         self._service_times: deque[float] = deque(maxlen=SERVICE_TIME_WINDOW)
         self._cache_counts_seen: dict = {}  # (cache stats, field) -> the count already added to its metric
-        self.scheduler = engine.loop.scheduler
-        if max_batch is not None:  # the settings', also for engines loaded elsewhere (tests, embedding)
-            self.scheduler.max_batch = max_batch
-        if prefill_tokens_per_step is not None:
-            self.scheduler.prefill_tokens_per_step = prefill_tokens_per_step
+        self.loop = engine.loop  # its limits are the engine's (server.load_models sets the settings' once)
         metrics.model_loaded(name)
         metrics.watch_controller(name, self.controller)
         metrics.watch_engine(name, self)
-        engine.loop.on_decode_step = metrics.batch_size.labels(name).observe
-        engine.loop.start(name=f"aim-{name}-loop")
+        self.loop.on_decode_step = metrics.batch_size.labels(name).observe
+        self.loop.start(name=f"aim-{name}-loop")
 
     @property
     def ladder(self):
@@ -143,13 +138,13 @@ class ModelRuntime:
 
     @property
     def max_batch(self) -> int:
-        return self.scheduler.max_batch
+        return self.loop.max_batch
 
     # ---- load signals -------------------------------------------------------------------------
     @property
     def running(self) -> int:
         """Sequences in the running batch."""
-        return self.scheduler.num_running
+        return self.loop.num_running
 
     @property
     def waiting(self) -> int:
@@ -250,7 +245,7 @@ class ModelRuntime:
         seq = self.engine.sequence(decoded, applied.plan, push, slot.should_stop, shape=shape)
         seq.arrival = started
         try:
-            self.engine.loop.add(seq)
+            self.loop.add(seq)
         except KVBudgetError as exc:
             raise ServiceError("resource_exhausted", str(exc)) from None
         return seq, applied, media_s
@@ -456,8 +451,8 @@ class ModelRuntime:
 
     def close(self) -> None:
         self.controller.close()
-        self.engine.loop.close()
-        self.engine.loop.on_decode_step = None
+        self.loop.close()
+        self.loop.on_decode_step = None
         self._media_executor.shutdown(wait=False, cancel_futures=True)
 
 

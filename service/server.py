@@ -77,8 +77,7 @@ def load_engines(settings: Settings) -> dict[str, AimEngine]:
     limits = MediaLimits(max_bytes=settings.max_media_bytes, max_pixels=settings.max_pixels,
                          max_frames=settings.max_frames, max_decoded_bytes=settings.max_decoded_bytes)
     return {name: AimEngine.load(path, device=settings.device, dtype=getattr(torch, settings.dtype), limits=limits,
-                                 kv_cache_bytes=settings.kv_cache_bytes or None, max_batch=settings.max_batch,
-                                 prefill_tokens_per_step=settings.prefill_tokens_per_step,
+                                 kv_cache_bytes=settings.kv_cache_bytes or None,
                                  feature_cache_bytes=None if settings.feature_cache_bytes < 0
                                  else settings.feature_cache_bytes,
                                  prefix_cache_bytes=None if settings.prefix_cache_bytes < 0
@@ -171,9 +170,9 @@ async def load_models(running: RunningServer, engines: dict[str, AimEngine] | No
         engines = await loop.run_in_executor(None, load_engines, settings)
     gpu = GpuSampler(expect_gpu=settings.device.startswith("cuda")).start()
     for name, engine in engines.items():
+        engine.loop.limit(settings.max_batch, settings.prefill_tokens_per_step)  # the settings' limits, given once
         runtime = ModelRuntime(
-            name, engine, state.metrics, max_queue=settings.max_queue, max_batch=settings.max_batch,
-            prefill_tokens_per_step=settings.prefill_tokens_per_step,
+            name, engine, state.metrics, max_queue=settings.max_queue,
             default_frames=settings.default_frames, default_slo_s=settings.default_slo_ms / 1000,
             media_workers=settings.media_workers, media_memory_bytes=settings.media_memory_bytes,
             controller=build_controller(settings, name, engine, gpu))

@@ -173,6 +173,7 @@ class HttpFaultCase:
     body: bytes  # sent as it is to POST /v1/chat/completions
     status: int  # the HTTP status it must get
     message: str | None = None  # a fragment the error object's message must contain
+    declared_only: bool = False  # send the headers (its Content-Length) and not the body: refused from them alone
 
 
 def http_server_flags(media_dir: Path) -> tuple[str, ...]:
@@ -211,7 +212,7 @@ def http_corpus(media_dir: Path, outside: Path) -> list[HttpFaultCase]:
                       "messages must be a non-empty list"),
         HttpFaultCase("http: wrong type, temperature as a string", chat(temperature="hot"), 400,
                       "temperature must be a number"),
-        HttpFaultCase("http: a huge body", b" " * (4 * 1024 * 1024 + 1), 413, "the limit is"),
+        HttpFaultCase("http: a huge body", b" " * (4 * 1024 * 1024 + 1), 413, "the limit is", declared_only=True),
         HttpFaultCase("http: a data URL without base64", chat(image_url("data:image/png,abc")), 400,
                       "not a base64 data URL"),
         HttpFaultCase("http: a data URL with invalid base64", chat(image_url("data:image/png;base64,@@@@")), 400,
@@ -238,20 +239,35 @@ def http_corpus(media_dir: Path, outside: Path) -> list[HttpFaultCase]:
 
 def send_http(base_url: str, case: HttpFaultCase, timeout: float = 120.0) -> tuple[int, str]:
     """(HTTP status, the error object's message, or "" for a 200) of one case."""
-    import json
-    import urllib.error
-    import urllib.request
+    return post_json(base_url, case.body, timeout, declared_only=case.declared_only)
 
-    request = urllib.request.Request(f"{base_url}/chat/completions", data=case.body, method="POST",
-                                     headers={"Content-Type": "application/json"})
+
+def post_json(base_url: str, body: bytes, timeout: float = 120.0, declared_only: bool = False) -> tuple[int, str]:
+    """POST /chat/completions: (status, the error object's message or ""). `declared_only`: the headers alone,
+    so that a body the server refuses by its Content-Length is not cut off mid-send (a broken pipe, not a reply)."""
+    import http.client
+    import json
+    import urllib.parse
+
+    url = urllib.parse.urlparse(f"{base_url}/chat/completions")
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, ""
-    except urllib.error.HTTPError as err:
-        try:
-            return err.code, json.loads(err.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            return err.code, "(not an OpenAI error object)"
+        conn.putrequest("POST", url.path)
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders()
+        if not declared_only:
+            conn.send(body)
+        response = conn.getresponse()
+        data = response.read()
+    finally:
+        conn.close()
+    if response.status == 200:
+        return 200, ""
+    try:
+        return response.status, json.loads(data)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return response.status, "(not an OpenAI error object)"
 
 
 RESPONSES = {"Generate": pb.GenerateResponse, "EstimateCost": pb.EstimateCostResponse}

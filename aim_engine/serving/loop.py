@@ -1,8 +1,9 @@
 """The step loop: one per model. Each step admits waiting sequences and prefills them, then runs one batched
 decode step for every running sequence, and hands each caller its new text.
 
-`step()` can be driven inline (the engine's own `generate`, evaluation, tests) or by `start()`'s thread (the
-service). Steps are serialised by a lock, so both may drive it: every step advances every sequence.
+One driver at a time: `start()`'s thread (the service) or, while no thread runs, whoever calls `step()` inline
+(the engine's own `generate` without a server, evaluation, tests). The engine waits for the thread's steps
+when one runs (`running`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from ..errors import Cancelled
 from ..request import GenerationResult, TokenDelta
@@ -18,17 +19,16 @@ from .model_runner import ModelRunner
 from .scheduler import Scheduler
 from .sequence import FINISHED, Sequence
 
-if TYPE_CHECKING:
-    from ..engine import AimEngine
-
 log = logging.getLogger("aim.engine")
 
 
 class ServingLoop:
-    def __init__(self, engine: "AimEngine", max_batch: int, prefill_tokens_per_step: int):
-        self.engine = engine
-        self.scheduler = Scheduler(engine.pool, max_batch, prefill_tokens_per_step)
-        self.runner = ModelRunner(engine)
+    """Owns its scheduler and runner; `eos_ids` end an answer (unless it ignores EOS)."""
+
+    def __init__(self, scheduler: Scheduler, runner: ModelRunner, eos_ids: set[int]):
+        self.scheduler = scheduler
+        self.runner = runner
+        self.eos_ids = eos_ids
         self.on_decode_step: Callable[[int], None] | None = None  # batch size of each decode step (metrics)
         self._step_lock = threading.RLock()
         self._wake = threading.Condition()
@@ -51,6 +51,26 @@ class ServingLoop:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def limit(self, max_batch: int, prefill_tokens_per_step: int) -> None:
+        """The batching limits: most sequences decoding together, prompt tokens prefilled per step."""
+        with self._step_lock:
+            self.scheduler.max_batch = max_batch
+            self.scheduler.prefill_tokens_per_step = prefill_tokens_per_step
+
+    @property
+    def max_batch(self) -> int:
+        return self.scheduler.max_batch
+
+    @property
+    def num_running(self) -> int:
+        """Sequences in the running batch."""
+        return self.scheduler.num_running
+
+    @property
+    def running(self) -> bool:
+        """Whether the loop's own thread drives it (then nobody else steps it)."""
+        return self._thread is not None and self._thread.is_alive()
 
     # ---- one step -------------------------------------------------------------------------------
     def step(self) -> None:
@@ -96,7 +116,7 @@ class ServingLoop:
     def _accept(self, seq: Sequence, token: int) -> None:
         """A newly sampled token: the end of the answer, or text for the caller and the next decode input."""
         params = seq.sampling
-        if token in self.engine.eos_ids and not params.ignore_eos:
+        if token in self.eos_ids and not params.ignore_eos:
             self._finish(seq, "stop")
             return
         seq.generated.append(token)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..feature_cache import fingerprints
-from .kv_pool import KVPool, SequenceKV
+from ..kv_pool import KVPool, SequenceKV
 
 
 @dataclass(frozen=True)

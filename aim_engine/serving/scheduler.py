@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 
-from .kv_pool import KVPool
+from ..kv_pool import KVPool
 from .sequence import FINISHED, RUNNING, WAITING, Sequence
 
 

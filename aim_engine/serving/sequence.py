@@ -11,7 +11,7 @@ import torch
 
 from ..generation import IncrementalText
 from ..plan import ReductionPlan
-from .kv_pool import SequenceKV
+from ..kv_pool import SequenceKV
 
 if TYPE_CHECKING:
     from ..prepare import PreparedPrompt

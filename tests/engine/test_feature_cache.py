@@ -165,7 +165,7 @@ def test_a_hit_is_refused_or_served_as_computing_would(engine_for):
     assert decoded > 0
     tight = AimEngine(engine.adapter, limits=dataclasses.replace(engine.limits, max_decoded_bytes=2 * decoded - 1),
                       kv_cache_bytes=KV, feature_cache_bytes=0)
-    tight.preparer.feature_cache = engine.feature_cache  # warm, but with a limit two copies exceed
+    tight.caches.features = engine.feature_cache  # warm, but with a limit two copies exceed
     twice = GenerationRequest([VideoPart(data=video, mime_type="video/mp4", num_frames=4)] * 2 + [TextPart("What?")])
     with pytest.raises(MediaError, match="decoded-media limit"):
         tight.decode_request(twice)

@@ -40,7 +40,7 @@ class ServerProcess:
             match = re.search(r"listening on ([\d.]+):(\d+); metrics on (http://\S+)", line)
             if match:
                 self.target, self.metrics_url = f"{match[1]}:{match[2]}", match[3]
-                api = re.search(r"OpenAI-compatible API on (http://\S+)", line)
+                api = re.search(r"OpenAI-compatible API on (http://[^\s)]+)", line)
                 self.http_url = api[1] if api else None
                 return
         self.proc.kill()
