@@ -232,6 +232,7 @@ class PlanField:
     parse: Callable[[str], object]
     help: str
     role: str  # "amount" | "method"
+    choices: tuple[str, ...] | None = None
 
 
 PLAN_FIELDS: tuple[PlanField, ...] = (
@@ -244,11 +245,11 @@ PLAN_FIELDS: tuple[PlanField, ...] = (
     PlanField("prune_stages", tuple, parse_prune_stages, "staged pruning instead of l1..l2: layer:keep/..., "
               "e.g. 2:0.5/4:0.25 (layers increasing, keep shares non-increasing)", "amount"),
     PlanField("importance", str, str, f"ranking of visual tokens for pruning: {' | '.join(IMPORTANCE_METHODS)}",
-              "method"),
+              "method", IMPORTANCE_METHODS),
     PlanField("reducer", str, str, f"how the merge target is reached before the LLM: {' | '.join(PRE_LLM_METHODS)}",
-              "method"),
-    PlanField("positions", str, str, f"positions of the merged tokens on 1-D RoPE: {' | '.join(POSITION_RULES)}",
-              "method"),
+              "method", PRE_LLM_METHODS),
+    PlanField("positions", str, str, f"positions of the merged tokens on 1-D RoPE (M-RoPE models keep their own): "
+              f"{' | '.join(POSITION_RULES)}", "method", POSITION_RULES),
     PlanField("proportional_attention", bool, _parse_bool, "merged tokens draw attention by their size (bool)",
               "method"),
     PlanField("merge_pruned", bool, _parse_bool, "tokens pruned in the LLM are merged into their most similar kept "

@@ -55,7 +55,7 @@ def scene(seed: int) -> bytes:
 
 
 def start(model: str) -> tuple[subprocess.Popen, str, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", f"m={model}", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--model", f"m={model}", "--port", "0",
                              "--metrics-port", "-1", "--http-port", "0", "--feature-cache-bytes", "0",
                              "--prefix-cache-bytes", "0"],
                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"),

@@ -61,7 +61,7 @@ def start_server(model: str, max_queue: int, max_batch: int, extra: list[str] = 
                  ) -> tuple[subprocess.Popen, str, int]:
     # caches off: every request of these benchmarks repeats one clip, and they measure computing it (batching, the
     # controller); bench/repeated_media.py measures the caches
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", model, "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--model", model, "--port", "0",
                              "--metrics-port", "0", "--max-queue", str(max_queue), "--max-batch", str(max_batch),
                              "--feature-cache-bytes", "0", "--prefix-cache-bytes", "0", *extra],
                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"),

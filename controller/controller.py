@@ -114,6 +114,11 @@ class BudgetController:
                 self.cost_model = self.cost_model.correct(*prediction)
         self.tick()
 
+    def learn(self, observation: Observation) -> None:
+        """A warm-up request's stage timings: they teach the cost model and steer nothing."""
+        with self._lock:
+            self.cost_model = self.cost_model.observe(observation)
+
     def observe_outcome(self, latency_s: float, slo_s: float | None = None, controlled: bool = True) -> None:
         """A request that ended without an answer: its latency as the caller saw it (the deadline for one cut off
         by it, the SLO for one rejected, the time it ran for one cancelled). It steers the margin like an answer;

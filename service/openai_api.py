@@ -122,68 +122,61 @@ async def _unless_client_leaves(request: Request, awaitable):
     return work.result()
 
 
-def build_app(models: ServedModels) -> FastAPI:
-    settings = models.settings
-    access = MediaAccess(settings.allowed_local_media_path, settings.media_hosts(), settings.max_media_bytes)
-    expected = f"Bearer {settings.auth_token}".encode() if settings.auth_token else None
-    app = FastAPI(title="aim-serve", docs_url=None, redoc_url=None, openapi_url=None)
+class _Routes:
+    """The API's handlers over the served models (each wire's translation, nothing else: the runtime does the rest)."""
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):  # unknown routes, wrong methods
-        kind = "not_found" if exc.status_code == 404 else "invalid_argument"
-        response = error_response(kind, f"{request.method} {request.url.path}: {exc.detail}")
-        response.status_code = exc.status_code
-        return response
+    def __init__(self, models: ServedModels):
+        self.models = models
+        self.settings = settings = models.settings
+        self.access = MediaAccess(settings.allowed_local_media_path, settings.media_hosts(), settings.max_media_bytes)
+        self.expected = f"Bearer {settings.auth_token}".encode() if settings.auth_token else None
 
-    def authorize(request: Request) -> None:
-        if expected is None:
+    def authorize(self, request: Request) -> None:
+        if self.expected is None:
             return
         given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
+        if not hmac.compare_digest(given, self.expected):
             raise ServiceError("unauthenticated", "missing bearer token" if not given else "invalid bearer token")
 
-    @app.get("/health")
-    async def health():
+    async def health(self):
         return {"status": "ok"}
 
-    @app.get("/ready")
-    async def ready():
-        if not models.accepting:
+    async def ready(self):
+        if not self.models.accepting:
             return error_response("unavailable", "not ready: the models are loading, or the server is draining")
-        return {"status": "ready", "models": list(models.runtimes)}
+        return {"status": "ready", "models": list(self.models.runtimes)}
 
-    def model_card(name: str, created: int) -> dict:
+    @staticmethod
+    def _card(name: str, created: int) -> dict:
         return {"id": name, "object": "model", "created": created, "owned_by": "aim-serve"}
 
-    @app.get("/v1/models")
-    async def list_models(request: Request):
+    async def list_models(self, request: Request):
         try:
-            authorize(request)
-            models.runtime("")  # unavailable while loading or draining
+            self.authorize(request)
+            self.models.runtime("")  # unavailable while loading or draining
         except ServiceError as exc:
             return _service_error_response(exc)
         created = now()
-        return {"object": "list", "data": [model_card(name, created) for name in models.runtimes]}
+        return {"object": "list", "data": [self._card(name, created) for name in self.models.runtimes]}
 
-    @app.get("/v1/models/{name:path}")
-    async def get_model(name: str, request: Request):
+    async def get_model(self, name: str, request: Request):
         try:
-            authorize(request)
-            return model_card(models.runtime(name).name, now())
+            self.authorize(request)
+            return self._card(self.models.runtime(name).name, now())
         except ServiceError as exc:
             return _service_error_response(exc)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def chat_completions(self, request: Request):
         arrival = time.monotonic()
         label, outcome, streaming = "unknown", "ok", False
         try:
-            authorize(request)  # before the body is read
-            body = _parse_json(await _read_body(request, settings.max_message_bytes))
+            self.authorize(request)  # before the body is read
+            body = _parse_json(await _read_body(request, self.settings.max_message_bytes))
             name = body.get("model") if isinstance(body, dict) else None
-            label = models.model_label(name if isinstance(name, str) else "")
-            runtime = models.runtime(name if isinstance(name, str) else "")
-            chat = await asyncio.to_thread(chat_request_from_json, body, settings, access)  # media URLs read here
+            name = name if isinstance(name, str) else ""
+            label = self.models.model_label(name)
+            runtime = self.models.runtime(name)
+            chat = await asyncio.to_thread(chat_request_from_json, body, self.settings, self.access)  # reads URLs
             deadline = None if chat.deadline_s is None else arrival + chat.deadline_s
             cid, created = completion_id(), now()
             if not chat.stream:
@@ -193,23 +186,38 @@ def build_app(models: ServedModels) -> FastAPI:
             # the first event before the headers: a request refused at admission or by its media gets its status
             first = await _unless_client_leaves(request, events.__anext__())
             streaming = True
-            return StreamingResponse(_chunks(models, label, events, first, cid, runtime.name, created,
+            return StreamingResponse(_chunks(self.models, label, events, first, cid, runtime.name, created,
                                              chat.include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         except _ClientGone:
             outcome = "cancelled"
             return Response(status_code=499)
-        except ServiceError as exc:
-            outcome = exc.status
-            return _service_error_response(exc)
-        except Exception as exc:  # noqa: BLE001 - answered without details; the log has them
+        except Exception as exc:  # noqa: BLE001 - ServiceErrors with their status; the rest without details
             outcome = to_service_error(exc).status
             return _service_error_response(exc)
         finally:
             if not streaming:
-                models.count_outcome(label, outcome)
+                self.models.count_outcome(label, outcome)
 
+
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    """Unknown routes and wrong methods, as OpenAI error objects too."""
+    response = error_response("not_found" if exc.status_code == 404 else "invalid_argument",
+                              f"{request.method} {request.url.path}: {exc.detail}")
+    response.status_code = exc.status_code
+    return response
+
+
+def build_app(models: ServedModels) -> FastAPI:
+    routes = _Routes(models)
+    app = FastAPI(title="aim-serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_api_route("/health", routes.health, methods=["GET"])
+    app.add_api_route("/ready", routes.ready, methods=["GET"])
+    app.add_api_route("/v1/models", routes.list_models, methods=["GET"])
+    app.add_api_route("/v1/models/{name:path}", routes.get_model, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", routes.chat_completions, methods=["POST"])
     return app
 
 

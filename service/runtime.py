@@ -22,16 +22,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import AsyncIterator
 
-from aim_engine import AimEngine, GenerationRequest, GenerationResult, ReductionPlan, SamplingParams, TokenDelta
+from aim_engine import AimEngine, GenerationRequest, GenerationResult, SamplingParams, TokenDelta
 from aim_engine.cost import RequestShape
-from aim_engine.request import ImagePart, RequestStats, TextPart, VideoPart
+from aim_engine.request import RequestStats, TextPart, VideoPart
 from aim_engine.errors import Cancelled
 from aim_engine.serving.scheduler import KVBudgetError
 from controller.controller import BudgetController, ControllerConfig
@@ -40,71 +39,16 @@ from controller.policy import default_ladder
 
 from . import allocator
 from .metrics import ServiceMetrics, slo_class
+from .media_memory import MediaMemory, RequestSlot
+from .plan_choice import PlanChoice
 from .settings import Settings
 from .types import AppliedPlan, Estimate, Finished, Reduction, ServiceError
+from .warmup import warm_up
 
 log = logging.getLogger("aim.service")
 
 DEFAULT_MEDIA_MEMORY_BYTES = Settings.media_memory_bytes  # decoded media held by one model's requests
 SERVICE_TIME_WINDOW = 32  # recent service times (on a worker, queueing excluded) used to predict queue waits
-
-
-@dataclass
-class _Slot:
-    """Shared between a request's handler and its worker thread."""
-
-    stop: threading.Event = field(default_factory=threading.Event)
-    deadline: float | None = None  # time.monotonic()
-    media_bytes: int = 0  # decoded media reserved in the runtime's MediaMemory, released when the request ends
-    closed: bool = False  # the request has ended: nothing more may be reserved for it
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def hold_media(self, nbytes: int) -> bool:
-        """Counts reserved media bytes against the request; False (hold nothing) once it has ended."""
-        with self.lock:
-            if self.closed:
-                return False
-            self.media_bytes += nbytes
-            return True
-
-    def close(self) -> int:
-        """Ends the request: the media bytes it held, to release (once)."""
-        with self.lock:
-            self.closed = True
-            held, self.media_bytes = self.media_bytes, 0
-            return held
-
-    def should_stop(self) -> bool:
-        return self.stop.is_set() or (self.deadline is not None and time.monotonic() > self.deadline)
-
-
-class MediaMemory:
-    """Bytes of decoded media held by the requests in the system, under one budget per model. A request reserves
-    each item's decoded size (known from its header) before decoding it, and waits while the budget is full (its
-    should_stop still polled); everything is released when the request ends. Together with the per-request limit
-    (MediaLimits.max_decoded_bytes <= the budget) no request, however crafted, makes the server hold more."""
-
-    def __init__(self, capacity_bytes: int):
-        self.capacity_bytes = capacity_bytes
-        self.used_bytes = 0
-        self._cond = threading.Condition()
-
-    def reserve(self, nbytes: int, should_stop) -> None:
-        if nbytes > self.capacity_bytes:
-            raise ServiceError("resource_exhausted", f"the request's media need {nbytes} bytes decoded; the server's "
-                                                     f"media memory is {self.capacity_bytes} bytes")
-        with self._cond:
-            while self.used_bytes + nbytes > self.capacity_bytes:
-                if should_stop():
-                    raise Cancelled()
-                self._cond.wait(0.05)
-            self.used_bytes += nbytes
-
-    def release(self, nbytes: int) -> None:
-        if nbytes:
-            with self._cond:
-                self.used_bytes -= nbytes
-                self._cond.notify_all()
 
 
 class ModelRuntime:
@@ -120,6 +64,7 @@ class ModelRuntime:
         self.controller = controller or BudgetController(default_ladder(engine.num_layers, engine.default_plan()),
                                                          ControllerConfig(slo_s=default_slo_s),
                                                          memory=engine.memory_pressure)
+        self.plans = PlanChoice(name, engine, self.controller, metrics, default_slo_s)
         self._media_executor = ThreadPoolExecutor(media_workers, thread_name_prefix=f"aim-{name}-media")
         self.media_memory = MediaMemory(max(media_memory_bytes, engine.preparer.limits.max_decoded_bytes))
         self._in_system = 0  # admitted and not yet answered: decoding media, waiting or running
@@ -171,7 +116,7 @@ class ModelRuntime:
         except ServiceError as exc:
             self._record_outcome(exc.status, arrival, reduction, deadline)
             raise
-        slot = _Slot(deadline=deadline)
+        slot = RequestSlot(deadline=deadline)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -232,7 +177,7 @@ class ModelRuntime:
                                    f"the deadline ({deadline - now:.3f}s left) cannot cover the expected queue wait "
                                    f"and service time ({needed:.3f}s); raise the deadline or retry later")
 
-    def _submit(self, request: GenerationRequest, reduction: Reduction, slot: _Slot, arrival: float,
+    def _submit(self, request: GenerationRequest, reduction: Reduction, slot: RequestSlot, arrival: float,
                 started: float, push):
         """On the media executor: decode media, choose the plan, hand the sequence to the engine's loop."""
         t0 = time.monotonic()
@@ -251,12 +196,12 @@ class ModelRuntime:
         return seq, applied, media_s
 
     @staticmethod
-    def _stopped(slot: _Slot, when: str) -> ServiceError:
+    def _stopped(slot: RequestSlot, when: str) -> ServiceError:
         if slot.stop.is_set():
             return ServiceError("cancelled", f"the request was cancelled {when}")
         return ServiceError("deadline_exceeded", f"the deadline passed {when}; allow more time")
 
-    def _finished(self, result: GenerationResult, seq, applied: AppliedPlan, slot: _Slot, media_s: float,
+    def _finished(self, result: GenerationResult, seq, applied: AppliedPlan, slot: RequestSlot, media_s: float,
                   started: float, slo_s: float | None) -> Finished:
         total_s = time.perf_counter() - started
         queue_s = max(0.0, seq.started - started - media_s) if seq.started else total_s
@@ -269,7 +214,7 @@ class ModelRuntime:
         self.observe(done, seq.sampling, slo_s)
         return done
 
-    def _decode(self, request: GenerationRequest, slot: _Slot) -> GenerationRequest:
+    def _decode(self, request: GenerationRequest, slot: RequestSlot) -> GenerationRequest:
         parts = [replace(p, num_frames=p.num_frames or self.default_frames) if isinstance(p, VideoPart) else p
                  for p in request.parts]
         if not any(isinstance(p, TextPart) and p.text.strip() for p in parts):
@@ -289,44 +234,7 @@ class ModelRuntime:
 
     def _choose(self, decoded: GenerationRequest, shape: RequestShape, reduction: Reduction,
                 deadline: float | None, arrival: float, record: bool = True) -> AppliedPlan:
-        """The plan. `record=False` (a cost estimate): the controller and its metrics are left as they were."""
-        if reduction.kind == "none":
-            return AppliedPlan(ReductionPlan(), "none", "the request asked for no reduction")
-        if reduction.kind == "plan":
-            reduction.plan.check_depth(self.engine.num_layers)
-            return AppliedPlan(reduction.plan, "explicit", "the request gave the plan")
-        now = time.monotonic()
-        budget = (reduction.slo_s or self.default_slo_s) - (now - arrival)
-        if deadline is not None:
-            budget = min(budget, deadline - now)
-        predicted = [self._predict(decoded, shape, level.plan, media=not record) for level in self.ladder]
-        # the requests waiting with this one: `waiting` counts this one too (it is in the system, not running)
-        decision = self.controller.choose(predicted, budget, reduction.min_retention,
-                                          queue_depth=max(0, self.waiting - 1), priority=reduction.priority,
-                                          record=record)
-        if record:
-            level_name = self.ladder[decision.level].name if decision.level >= 0 else "none"
-            self.metrics.controller_decisions.labels(self.name, level_name, decision.outcome).inc()
-        if decision.rejected:
-            raise ServiceError("resource_exhausted", f"cannot serve now: {decision.reason}; lower min_retention "
-                                                     "or retry later")
-        if record:
-            self.metrics.controller_level.labels(self.name).set(decision.level)
-        if not decision.fits and deadline is not None and decision.predicted_s is not None \
-                and decision.predicted_s > deadline - now:
-            raise ServiceError("deadline_exceeded", f"cannot finish before the deadline: {decision.reason}")
-        reason = decision.reason if decision.fits else f"best effort: {decision.reason}"
-        return AppliedPlan(self.ladder[decision.level].plan, "auto", reason, decision.predicted_s)
-
-    def _predict(self, decoded: GenerationRequest, shape: RequestShape, plan: ReductionPlan,
-                 queue_wait_s: float = 0.0, media: bool = False) -> float | None:
-        """Predicted latency from now; its media are decoded (`media=False`: their time is spent, and the budget
-        it is compared with has already paid for it) unless `media`."""
-        est = self.engine.cost(shape, plan)
-        batch = min(self.max_batch, self.running + 1)  # it joins the running batch
-        predicted = self.controller.predict(est.visual_tokens_in, est.prefill_flops, decoded.sampling.max_new_tokens,
-                                            batch, media=media, ignore_eos=decoded.sampling.ignore_eos)
-        return None if predicted is None else predicted + queue_wait_s
+        return self.plans.choose(decoded, shape, reduction, deadline, arrival, self.running, self.waiting, record)
 
     def observe(self, done: Finished, sampling: SamplingParams, slo_s: float | None) -> None:
         """An answered request, whatever wire it came on: its metrics, the caches' counters, the controller's
@@ -403,32 +311,15 @@ class ModelRuntime:
             self.metrics.slo_violations.labels(self.name, slo_class(reduction.slo_s)).inc()
 
     def calibrate(self, rounds: int = 1) -> None:
-        """Warm-up: a synthetic image question at every ladder level, `rounds` times, to seed the latency
-        model (and warm kernels) before the first real request. Not counted as traffic."""
-        import numpy as np
-        from PIL import Image
-
-        image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (224, 224, 3), dtype=np.uint8))
-        request = GenerationRequest([ImagePart(image=image), TextPart("Describe the image.")],
-                                    SamplingParams(max_new_tokens=4))
-        for _ in range(rounds):
-            for level in self.ladder:
-                start = time.monotonic()
-                with self.engine.without_caches():  # what computing costs, not what a cache saves
-                    result = self.engine.generate(request, level.plan)
-                s = result.stats
-                self.controller.cost_model = self.controller.cost_model.observe(Observation(
-                    media_s=0.0, vision_s=s.timings.vision_s, visual_tokens_in=s.visual_tokens_in,
-                    prefill_s=s.timings.prefill_s, prefill_flops=s.prefill_flops, decode_s=s.timings.decode_s,
-                    new_tokens=s.completion_tokens))
-                self._service_times.append(time.monotonic() - start)
+        """Warm-up before the first real request (service/warmup.py); not counted as traffic."""
+        self._service_times.extend(warm_up(self.engine, self.controller, rounds))
 
     # ---- estimates ----------------------------------------------------------------------------
     async def estimate(self, request: GenerationRequest, reduction: Reduction) -> Estimate:
         """Decodes the media to know their sizes, so it goes through the same admission and media memory as a
         generation; it changes nothing in the controller."""
         self._admit(None, time.monotonic())
-        slot = _Slot()
+        slot = RequestSlot()
         self._in_system += 1
         try:
             loop = asyncio.get_running_loop()
@@ -439,13 +330,14 @@ class ModelRuntime:
             self.media_memory.release(slot.close())
             allocator.release_free_memory(idle=self._in_system == 0)
 
-    def _estimate(self, request: GenerationRequest, reduction: Reduction, slot: _Slot) -> Estimate:
+    def _estimate(self, request: GenerationRequest, reduction: Reduction, slot: RequestSlot) -> Estimate:
         decoded = self._decode(request, slot)
         # as if it arrived now, media still to decode: the plan and prediction a Generate of it would get
         shape = self.engine.shape_of(decoded)
         applied = self._choose(decoded, shape, reduction, None, time.monotonic(), record=False)
         est = self.engine.estimate(decoded, applied.plan, shape=shape)
-        predicted = self._predict(decoded, shape, applied.plan, self.expected_queue_wait(), media=True)
+        predicted = self.plans.predict(decoded, shape, applied.plan, self.running, self.expected_queue_wait(),
+                                       media=True)
         return Estimate(est.visual_tokens_in, est.visual_tokens_merged, est.prefill_flops_baseline,
                         est.prefill_flops, predicted, applied)
 
@@ -456,4 +348,4 @@ class ModelRuntime:
         self._media_executor.shutdown(wait=False, cancel_futures=True)
 
 
-__all__ = ["ModelRuntime", "MediaMemory"]
+__all__ = ["ModelRuntime"]

@@ -201,6 +201,6 @@ def test_estimate_matches_what_generate_spends(engine_for, family, plan):
 
 def test_build_tiny_offers_every_tiny_family():
     from aim_engine.tiny import BUILDERS
-    from service.cli import TINY_FAMILIES
+    from cli.engine import TINY_FAMILIES
 
     assert sorted(TINY_FAMILIES) == sorted(BUILDERS)

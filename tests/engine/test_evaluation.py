@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from aim_engine import AimEngine
-from service.cli import main as engine_main
+from cli.main import main as engine_main
 from aim_engine.errors import ModelLoadError
 from evaluation.datasets import DatasetError, EvalItem, jsonl_dataset, load_dataset, synthetic_dataset
 from evaluation.calibrate import candidates

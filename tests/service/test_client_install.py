@@ -10,7 +10,7 @@ import tomllib
 from importlib.metadata import distribution
 from pathlib import Path
 
-from service.cli import _EXTRA_OF
+from cli.main import _EXTRA_OF
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -34,7 +34,7 @@ def test_the_cli_knows_which_extra_brings_each_module_the_client_install_lacks()
             if name == "aim-serve":
                 continue
             modules = _top_level_modules(name) & set(_EXTRA_OF)
-            assert modules, f"{name} (extra {extra}): none of its modules is in service.cli._EXTRA_OF"
+            assert modules, f"{name} (extra {extra}): none of its modules is in cli.main._EXTRA_OF"
             assert {_EXTRA_OF[m] for m in modules} == {extra}
     base = {_dist_name(r) for r in PROJECT["dependencies"]}
     assert base == {"protobuf", "grpcio", "grpcio-health-checking"}
@@ -42,7 +42,7 @@ def test_the_cli_knows_which_extra_brings_each_module_the_client_install_lacks()
 
 def test_importing_the_client_and_the_cli_loads_nothing_of_the_server():
     # grpc itself imports grpc_reflection when it is installed: what `import grpc` loads is not counted
-    code = ("import sys, grpc; before = set(sys.modules); import service.client, service.cli; "
+    code = ("import sys, grpc; before = set(sys.modules); import service.client, cli.main; "
             f"print(','.join(m for m in {sorted(_EXTRA_OF)!r} if m in set(sys.modules) - before))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == ""

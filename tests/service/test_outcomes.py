@@ -101,7 +101,7 @@ def test_media_memory_waits_for_room_stops_when_asked_and_never_counts_an_ended_
     import threading
 
     from aim_engine.errors import Cancelled
-    from service.runtime import MediaMemory, _Slot
+    from service.media_memory import MediaMemory, RequestSlot as _Slot
     from service.types import ServiceError
 
     memory = MediaMemory(100)

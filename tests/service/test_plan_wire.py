@@ -11,7 +11,9 @@ from types import SimpleNamespace
 import pytest
 
 from aim_engine.plan import IMPORTANCE_METHODS, POSITION_RULES, PRE_LLM_METHODS, PlanError, ReductionPlan
-from service.cli import _request_kwargs, build_parser, plan_from_flags
+from cli.client import request_kwargs as _request_kwargs
+from cli.flags import plan_from_flags
+from cli.main import build_parser
 from service.client import AimClient
 from service.convert import request_from_proto
 from service.kserve import PARAMETERS, PLAN_PARAMETERS, InferenceServicer, plan_from_parameters, plan_to_parameters

@@ -27,7 +27,7 @@ class ServerProcess:
     def __init__(self, model_dir: Path, *flags: str):
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--model", f"tiny={model_dir}", "--port", "0",
+            [sys.executable, "-m", "cli", "serve", "--model", f"tiny={model_dir}", "--port", "0",
              "--metrics-port", "0", *flags],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines = []
@@ -133,7 +133,7 @@ def test_sigterm_drains_in_flight_requests_then_exits(model_dir):
 
 
 def _cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", *argv], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli", *argv], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=timeout)
 
 
@@ -203,7 +203,7 @@ def test_health_command_for_container_probes(served):
 def test_the_client_commands_need_only_the_client_install(served, tmp_path):
     """With every module of the server and reference extras absent, the client commands work against a real
     server, and the commands that need them say which extra to install."""
-    from service.cli import _EXTRA_OF
+    from cli.main import _EXTRA_OF
 
     image = tmp_path / "a.png"
     image.write_bytes(encode_image("PNG"))

@@ -17,6 +17,6 @@ class Absent(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, Absent())
 
-from service.cli import main  # noqa: E402
+from cli.main import main  # noqa: E402
 
 sys.exit(main(sys.argv[1:]))
