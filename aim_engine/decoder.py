@@ -11,7 +11,7 @@ K/V live in the paged pool (kv_pool.py), per (sequence, layer). Decode runs one 
 batch of sequences whose layers hold different numbers of tokens; see `DecodeBatchKV`.
 
 Under a plan's merge_pruned, the pruned visual tokens are first averaged into their most similar kept ones
-(`merge_into_kept`, HoliTom's inner merge), so what they carried stays in the residual stream.
+(`methods/holitom.merge_into_kept`, HoliTom's inner merge), so what they carried stays in the residual stream.
 
 Scores for a pruning decision at layer l come from layer l-1's attention (the last layer that saw the full
 current set), from the queries and keys that layer already computed — no extra projections. The prefill
@@ -26,16 +26,16 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .errors import Cancelled
-from .importance import DEFAULT_SCORE_BUDGET, score_tokens
+from .importance import score_tokens
+from .methods.holitom import merge_into_kept
 from .plan import ReductionPlan
-from .kv_pool import DecodeBatchKV, KVLayout, KVPool, SequenceKV
+from .kv_pool import DecodeBatchKV, KVLayout, SequenceKV, standalone_kv
 
 ATTENTION_IMPL = "aim_sdpa"
 SCORE_KWARG = "aim_score_capture"  # the attention call's keyword argument that carries a ScoreCapture
@@ -147,8 +147,8 @@ def prefill(
 ) -> PrefillResult:
     """embeds (1, n, d); position_ids (1, n) or (3, 1, n); is_visual (n,) bool.
 
-    kv: where the sequence's K/V go (a reservation in the served model's pool). Without one, a private pool
-    sized for the prompt plus `decode_capacity` decode steps at every layer.
+    kv: where the sequence's K/V go (a reservation in the served model's pool). Without one (a prefill run alone:
+    tests, benchmarks), a pool of its own sized for the prompt plus `decode_capacity` decode steps at every layer.
 
     key_bias (n,): proportional attention. Every query adds it to its logit for that key, so a merged token
     that stands for s tokens (bias log s) draws the attention s identical tokens would. Prefill then runs SDPA
@@ -173,98 +173,116 @@ def prefill(
     if past and plan.prunes:
         raise ValueError("a reused prefix needs a plan without pruning")
     num_layers = lm.num_layers
-    hidden = embeds
     if kv is None:
-        layout = lm.kv_layout(embeds.dtype)
-        tokens = [embeds.shape[1] + decode_capacity] * num_layers
-        pool = KVPool(layout, KVPool.bytes_for(layout, tokens), device=embeds.device)
-        kv = pool.reserve(tokens)
-    rotary = lm.rotary(hidden, position_ids)
-    index = torch.arange(hidden.shape[1], device=hidden.device)  # prompt index of each present token
-    visual = is_visual
+        kv = standalone_kv(lm.kv_layout(embeds.dtype), [embeds.shape[1] + decode_capacity] * num_layers, embeds.device)
+    tokens = _Present.of(lm, embeds, position_ids, is_visual, key_bias[past:] if key_bias is not None else None)
+    masks = _Masks(lm, kv, position_ids, past, key_bias, blocks)
     visual_row = torch.cumsum(is_visual, 0) - 1  # a prompt token's row in `deepstack` (where it is visual)
-    targets = plan.visual_tokens_per_layer(int(is_visual.sum()), num_layers) if plan.prunes else None
+    targets = plan.visual_tokens_per_layer(tokens.visual_now, num_layers) if plan.prunes else None
     result = PrefillResult(logits=None, cache=kv, tokens_per_layer=[], visual_per_layer=[])
     capture: ScoreCapture | None = None
-    visual_now = int(is_visual.sum())
-
-    # what the masks are made of, for the keys (a reused prefix's, then the present tokens')
-    positions = position_ids[0] if position_ids.dim() == 2 else None  # 1-D positions: the only ones with windows
-    windowed = kv.pool.layout.positions
-    past_bias = None if key_bias is None or not past else key_bias[:past]
-    key_bias = key_bias[past:] if key_bias is not None and past else key_bias
-    past_positions = kv.prefix_positions() if past and windowed else None
-    past_blocks, blocks = (blocks[:past], blocks[past:]) if blocks is not None else (None, None)
-
-    # Decided once, on the host: whether any block exists, and which windows can bind (pruning only narrows the
-    # span of positions), so rebuilding the masks after a pruning step never syncs the device.
-    if blocks is not None and not bool((blocks >= 0).any()) and \
-            (past_blocks is None or not bool((past_blocks >= 0).any())):
-        blocks = past_blocks = None
-    binding = set()
-    if positions is not None and any(w is not None for w in lm.windows):
-        every = positions if past_positions is None else torch.cat([past_positions, positions])
-        span = int(every.max() - every.min())
-        binding = {w for w in lm.windows if w is not None and span >= w}
-
-    def masks() -> dict[int | None, torch.Tensor | None]:
-        keys_bias = key_bias if past_bias is None or key_bias is None else torch.cat([past_bias, key_bias])
-        keys_pos = None if positions is None else positions[index] if past_positions is None \
-            else torch.cat([past_positions, positions[index]])
-        keys_block = None if blocks is None else blocks[index] if past_blocks is None \
-            else torch.cat([past_blocks, blocks[index]])
-        return {w: attention_mask(hidden.shape[1], past, keys_bias, keys_pos, keys_block,
-                                  w if w in binding else None, hidden.dtype, hidden.device) for w in set(lm.windows)}
-
-    mask = masks()
-    visual_rows = torch.nonzero(visual).flatten() if deepstack is not None else None  # the present visual tokens
+    mask = masks.for_present(tokens)
     for layer_idx, layer in enumerate(lm.layers):
         if should_stop is not None and should_stop():
             raise Cancelled()
-        if targets is not None and targets[layer_idx] < visual_now:
-            keep = _select_kept(capture.scores, visual, targets[layer_idx])
-            merged = merge_into_kept(hidden, visual, keep, key_bias) if plan.merge_pruned else None
-            hidden = hidden.index_select(1, keep)
-            rotary = {kind: (cos.index_select(-2, keep), sin.index_select(-2, keep))
-                      for kind, (cos, sin) in rotary.items()}
-            index, visual = index[keep], visual[keep]
-            visual_now = targets[layer_idx]
-            if key_bias is not None:
-                key_bias = key_bias[keep]
-            if deepstack is not None:
-                visual_rows = torch.nonzero(visual).flatten()
-            if merged is not None:
-                rows, states, bias = merged
-                hidden[0, rows] = states
-                if bias is not None:
-                    key_bias[rows] = bias
-            mask = masks()
-        kv.prompt_key_bias = key_bias
-        kv.prompt_key_positions = positions[index] if windowed else None
-        result.tokens_per_layer.append(hidden.shape[1])
-        result.visual_per_layer.append(visual_now)
+        if targets is not None and targets[layer_idx] < tokens.visual_now:
+            tokens.prune(_select_kept(capture.scores, tokens.visual, targets[layer_idx]), targets[layer_idx],
+                         plan.merge_pruned)
+            mask = masks.for_present(tokens)
+        result.tokens_per_layer.append(tokens.hidden.shape[1])
+        result.visual_per_layer.append(tokens.visual_now)
         if record_kept:
-            result.kept_per_layer.append(index.clone())
+            result.kept_per_layer.append(tokens.index.clone())
 
         next_layer = layer_idx + 1
-        capture = None
-        extra = {}
-        if targets is not None and next_layer < num_layers and targets[next_layer] < visual_now:
-            capture = ScoreCapture(plan.importance, visual)
+        capture, extra = None, {}
+        if targets is not None and next_layer < num_layers and targets[next_layer] < tokens.visual_now:
+            capture = ScoreCapture(plan.importance, tokens.visual)
             extra[SCORE_KWARG] = capture
-        hidden = layer(hidden, attention_mask=mask[lm.window(layer_idx)],
-                       position_embeddings=rotary[lm.rope_of(layer_idx)], cache=kv, use_cache=True, **extra)
+        writes = kv.prompt_writes(tokens.key_bias, masks.positions[tokens.index] if masks.windowed else None)
+        hidden = layer(tokens.hidden, attention_mask=mask[lm.window(layer_idx)],
+                       position_embeddings=tokens.rotary[lm.rope_of(layer_idx)], cache=writes, use_cache=True,
+                       **extra)
+        tokens.hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         if capture is not None:
             result.scoring_s += capture.seconds
-        if isinstance(hidden, tuple):
-            hidden = hidden[0]
         if deepstack is not None and layer_idx < deepstack.shape[0]:
-            hidden[0].index_add_(0, visual_rows,
-                                 deepstack[layer_idx, visual_row[index[visual_rows]]].to(hidden.dtype))
-    kv.prompt_key_bias = kv.prompt_key_positions = None
-
-    result.logits = lm.lm_head(lm.norm(hidden[:, -1:]))[0, -1].float()
+            rows = torch.nonzero(tokens.visual).flatten()  # the present visual tokens
+            tokens.hidden[0].index_add_(0, rows, deepstack[layer_idx, visual_row[tokens.index[rows]]]
+                                        .to(tokens.hidden.dtype))
+    result.logits = lm.lm_head(lm.norm(tokens.hidden[:, -1:]))[0, -1].float()
     return result
+
+
+@dataclass
+class _Present:
+    """The prompt tokens present at a layer of the prefill: hidden states, cos/sin, prompt index, which are visual,
+    and the key bias of each (proportional attention)."""
+
+    hidden: torch.Tensor  # (1, n, d)
+    rotary: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    index: torch.Tensor  # (n,) prompt index
+    visual: torch.Tensor  # (n,) bool
+    key_bias: torch.Tensor | None
+    visual_now: int
+
+    @classmethod
+    def of(cls, lm: LanguageModel, embeds, position_ids, is_visual, key_bias) -> "_Present":
+        return cls(embeds, lm.rotary(embeds, position_ids), torch.arange(embeds.shape[1], device=embeds.device),
+                   is_visual, key_bias, int(is_visual.sum()))
+
+    def prune(self, keep: torch.Tensor, visual_target: int, merge_pruned: bool) -> None:
+        """Keeps the tokens at `keep` (ascending); under merge_pruned what is dropped is first averaged into them."""
+        merged = merge_into_kept(self.hidden, self.visual, keep, self.key_bias) if merge_pruned else None
+        self.hidden = self.hidden.index_select(1, keep)
+        self.rotary = {kind: (cos.index_select(-2, keep), sin.index_select(-2, keep))
+                       for kind, (cos, sin) in self.rotary.items()}
+        self.index, self.visual = self.index[keep], self.visual[keep]
+        self.visual_now = visual_target
+        if self.key_bias is not None:
+            self.key_bias = self.key_bias[keep]
+        if merged is not None:
+            rows, states, bias = merged
+            self.hidden[0, rows] = states
+            if bias is not None:
+                self.key_bias[rows] = bias
+
+
+class _Masks:
+    """The prefill's attention masks, one per attention kind, for the tokens present: the keys are a reused
+    prefix's (`past` of them), then the present tokens'. What they are made of is decided once, on the host:
+    whether any block exists, and which windows can bind (pruning only narrows the span of positions), so
+    rebuilding them after a pruning step never syncs the device."""
+
+    def __init__(self, lm: LanguageModel, kv: SequenceKV, position_ids: torch.Tensor, past: int,
+                 key_bias: torch.Tensor | None, blocks: torch.Tensor | None):
+        self.lm, self.past = lm, past
+        self.positions = position_ids[0] if position_ids.dim() == 2 else None  # 1-D: the only ones with windows
+        self.windowed = kv.pool.layout.positions
+        self.past_bias = None if key_bias is None or not past else key_bias[:past]
+        self.past_positions = kv.prefix_positions() if past and self.windowed else None
+        self.past_blocks, self.blocks = (blocks[:past], blocks[past:]) if blocks is not None else (None, None)
+        if blocks is not None and not bool((blocks >= 0).any()):
+            self.blocks = self.past_blocks = None
+        self.binding = set()
+        if self.positions is not None and any(w is not None for w in lm.windows):
+            every = self.positions if self.past_positions is None else torch.cat([self.past_positions,
+                                                                                  self.positions])
+            span = int(every.max() - every.min())
+            self.binding = {w for w in lm.windows if w is not None and span >= w}
+
+    @staticmethod
+    def _keys(past: torch.Tensor | None, present: torch.Tensor | None) -> torch.Tensor | None:
+        return present if past is None or present is None else torch.cat([past, present])
+
+    def for_present(self, tokens: _Present) -> dict[int | None, torch.Tensor | None]:
+        index, hidden = tokens.index, tokens.hidden
+        bias = self._keys(self.past_bias, tokens.key_bias)
+        positions = None if self.positions is None else self._keys(self.past_positions, self.positions[index])
+        blocks = None if self.blocks is None else self._keys(self.past_blocks, self.blocks[index])
+        return {w: attention_mask(hidden.shape[1], self.past, bias, positions, blocks,
+                                  w if w in self.binding else None, hidden.dtype, hidden.device)
+                for w in set(self.lm.windows)}
 
 
 def proportional_key_bias(sizes: torch.Tensor) -> torch.Tensor:
@@ -300,34 +318,6 @@ def _select_kept(scores: torch.Tensor, visual: torch.Tensor, target: int) -> tor
     chosen = vis[order[:target]]
     text = torch.nonzero(~visual).flatten()
     return torch.sort(torch.cat([text, chosen])).values
-
-
-def merge_into_kept(hidden: torch.Tensor, visual: torch.Tensor, keep: torch.Tensor, key_bias: torch.Tensor | None,
-                    budget: int = DEFAULT_SCORE_BUDGET
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-    """A plan's merge_pruned: every visual token not in `keep` is averaged into the kept visual token whose hidden
-    state is most like its own (cosine). A kept token becomes the mean of itself and what it absorbs, weighted by how
-    many input tokens each stands for (exp(key_bias); all 1 under plain attention), and under proportional
-    attention its bias becomes the log of their total.
-    hidden (1, n, d), visual (n,), keep (k,) ascending. Returns (rows of the changed tokens within `keep`, their
-    new states, their new key bias or None), or None when nothing merges. Similarities are formed a block of
-    dropped rows at a time, at most `budget` elements at once."""
-    present = torch.zeros_like(visual)
-    present[keep] = True
-    dropped = torch.nonzero(visual & ~present).flatten()
-    kept = torch.nonzero(visual & present).flatten()
-    if dropped.numel() == 0 or kept.numel() == 0:
-        return None
-    size = torch.ones(visual.numel(), device=hidden.device) if key_bias is None else key_bias.float().exp()
-    states, absorbed = hidden[0, kept].float(), hidden[0, dropped].float()
-    keys = F.normalize(states, dim=-1)
-    per_block = max(1, budget // kept.numel())
-    nearest = torch.cat([torch.argmax(F.normalize(block, dim=-1) @ keys.T, dim=-1)
-                         for block in absorbed.split(per_block)])
-    total = (states * size[kept, None]).index_add_(0, nearest, absorbed * size[dropped, None])
-    weight = size[kept].index_add_(0, nearest, size[dropped])
-    return (torch.searchsorted(keep, kept), (total / weight[:, None]).to(hidden.dtype),
-            None if key_bias is None else weight.log())
 
 
 @torch.inference_mode()

@@ -210,9 +210,10 @@ class SequenceKV:
         self.lengths[layer] = start + count
         return [blocks[i // bs] * bs + i % bs for i in range(start, start + count)]
 
-    def write_prompt(self, layer: int, key: torch.Tensor, value: torch.Tensor,
-                     key_bias: torch.Tensor | None) -> None:
-        """key/value (kv_heads, n, head_dim) of the prompt tokens present at `layer`; key_bias (n,) or None."""
+    def write_prompt(self, layer: int, key: torch.Tensor, value: torch.Tensor, key_bias: torch.Tensor | None,
+                     key_positions: torch.Tensor | None = None) -> None:
+        """key/value (kv_heads, n, head_dim) of the prompt tokens present at `layer`; key_bias (n,) or None;
+        key_positions (n,), where the pool keeps positions."""
         slots = torch.tensor(self.append_slots(layer, key.shape[1]), device=key.device)
         pool = self.pool
         pool.keys.index_copy_(0, slots, key.transpose(0, 1).to(pool.keys.dtype))
@@ -223,27 +224,26 @@ class SequenceKV:
             pool.key_bias.index_copy_(0, slots, key_bias.to(torch.float32))
         self.has_bias[layer] = self.has_bias[layer] or key_bias is not None  # a reused prefix may carry one
         if pool.key_position is not None:
-            pool.key_position.index_copy_(0, slots, self.prompt_key_positions.to(torch.int32))
+            pool.key_position.index_copy_(0, slots, key_positions.to(torch.int32))
 
     def prefix_positions(self) -> torch.Tensor:
         """The positions of a reused prefix's tokens (the same at every layer: a prefix is never pruned)."""
         return self.pool.key_position.index_select(0, self.slots(0)[:self.past]).long()
 
-    # The prefill's cache protocol: a batch of one with no earlier context (the prompt attends to itself), so
-    # the keys a layer writes are the keys it attends to. The prefill sets `prompt_key_bias` (and, where the pool
-    # keeps positions, `prompt_key_positions`) before each layer.
-    prompt_key_bias: torch.Tensor | None = None
-    prompt_key_positions: torch.Tensor | None = None
-
     # Tokens of a reused prefix at the start of every layer: the prefill then runs on the rest of the prompt,
     # whose queries attend to the prefix's keys as well as to their own.
     past: int = 0
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        self.write_prompt(layer_idx, key[0], value[0], self.prompt_key_bias)
+    def prompt_writes(self, key_bias: torch.Tensor | None, key_positions: torch.Tensor | None) -> "PromptWrites":
+        """The cache a prefill layer is handed: it writes the present prompt tokens' K/V with their key bias and
+        positions (where the pool keeps them)."""
+        return PromptWrites(self, key_bias, key_positions)
+
+    def read_prompt(self, layer: int, key: torch.Tensor, value: torch.Tensor):
+        """What a prefill layer attends to after writing: its own keys, or a reused prefix's followed by them."""
         if not self.past:
             return key, value
-        slots, pool = self.slots(layer_idx), self.pool  # the prefix's keys, then the ones just written
+        slots, pool = self.slots(layer), self.pool  # the prefix's keys, then the ones just written
         keys = pool.keys.index_select(0, slots).transpose(0, 1)[None].to(key.dtype)
         values = pool.values.index_select(0, slots).transpose(0, 1)[None].to(value.dtype)
         return keys, values
@@ -257,6 +257,28 @@ class SequenceKV:
 
     def held_blocks(self) -> int:
         return sum(len(b) for b in self.blocks)
+
+
+@dataclass
+class PromptWrites:
+    """The prefill's cache protocol for one layer: a batch of one whose keys are the prompt tokens present (after a
+    reused prefix, if any); the bias and positions of those keys are given, not kept on the sequence."""
+
+    kv: SequenceKV
+    key_bias: torch.Tensor | None
+    key_positions: torch.Tensor | None
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.kv.write_prompt(layer_idx, key[0], value[0], self.key_bias, self.key_positions)
+        return self.kv.read_prompt(layer_idx, key, value)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.kv.get_seq_length(layer_idx)
+
+
+def standalone_kv(layout: KVLayout, tokens_per_layer: list[int], device) -> SequenceKV:
+    """A sequence's KV in a pool of its own, sized to it (a prefill run outside a served model)."""
+    return KVPool(layout, KVPool.bytes_for(layout, tokens_per_layer), device=device).reserve(tokens_per_layer)
 
 
 class DecodeBatchKV:

@@ -72,20 +72,20 @@ class AimServicer(pb_grpc.AimServiceServicer):
         self.state = state
         self.settings = state.settings
 
-    def _decode(self, request):
+    def _parse(self, request):
         return request_from_proto(request, self.settings.default_max_new_tokens, self.settings.max_new_tokens)
 
     async def Generate(self, request, context):
         async with status_mapping(context, self.state, self.state.model_label(request.model)):
             runtime = self.state.runtime(request.model)
-            engine_request, reduction = self._decode(request)
+            engine_request, reduction = self._parse(request)
             done = await runtime.generate(engine_request, reduction, deadline_of(context))
             return response_to_proto(runtime.name, done)
 
     async def GenerateStream(self, request, context):
         async with status_mapping(context, self.state, self.state.model_label(request.model)):
             runtime = self.state.runtime(request.model)
-            engine_request, reduction = self._decode(request)
+            engine_request, reduction = self._parse(request)
             async for event in runtime.stream(engine_request, reduction, deadline_of(context)):
                 if isinstance(event, TokenDelta):
                     yield pb.GenerateStreamResponse(text_delta=event.text)
@@ -107,5 +107,5 @@ class AimServicer(pb_grpc.AimServiceServicer):
     async def EstimateCost(self, request, context):
         async with status_mapping(context, self.state, self.state.model_label(request.model), count=False):
             runtime = self.state.runtime(request.model)
-            engine_request, reduction = self._decode(request)
+            engine_request, reduction = self._parse(request)
             return estimate_to_proto(await runtime.estimate(engine_request, reduction))

@@ -90,6 +90,51 @@ def _bytes_tensor(values: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(v)) + v for v in values)
 
 
+def _parts(request: pb.ModelInferRequest, params: dict) -> list:
+    """The request's BYTES inputs as content parts: its images, its video, then the prompt."""
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise ServiceError("invalid_argument", "raw_input_contents must have one entry per input")
+    tensors = {}
+    for i, tensor in enumerate(request.inputs):
+        tensors[tensor.name] = _bytes_elements(tensor, raw[i] if raw else None)
+    unknown_inputs = set(tensors) - {"text_input", "image", "video"}
+    if unknown_inputs:
+        raise ServiceError("invalid_argument", f"unknown inputs {sorted(unknown_inputs)}; "
+                                               "use text_input, image, video")
+    if len(tensors.get("text_input", [])) != 1:
+        raise ServiceError("invalid_argument", "text_input must hold exactly one prompt")
+    parts = [ImagePart(data=d, mime_type=sniff_mime_type(d)) for d in tensors.get("image", [])]
+    videos = tensors.get("video", [])
+    if len(videos) > 1:
+        raise ServiceError("invalid_argument", "at most one video per request")
+    for data in videos:
+        parts.append(VideoPart(data=data, mime_type=sniff_mime_type(data),
+                               num_frames=params.get("aim_num_frames", 0)))
+    try:
+        prompt = tensors["text_input"][0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ServiceError("invalid_argument", "text_input is not valid UTF-8") from None
+    parts.append(TextPart(prompt))
+    return parts
+
+
+def _reduction(params: dict) -> Reduction:
+    kind = params.get("aim_reduction", "auto")
+    if kind == "none":
+        return Reduction("none")
+    if kind == "plan":
+        return Reduction("plan", plan=plan_from_parameters(params))
+    if kind != "auto":
+        raise ServiceError("invalid_argument", f"aim_reduction must be auto, none or plan, got {kind!r}")
+    slo = params.get("aim_slo_ms")
+    priority = params.get("aim_priority", "normal")
+    if priority not in PRIORITIES:
+        raise ServiceError("invalid_argument", f"aim_priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
+    return Reduction("auto", slo_s=slo / 1000 if slo else None,
+                     min_retention=float(params.get("aim_min_retention", 0.0)), priority=priority)
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, state: ServedModels):
         self.state = state
@@ -125,7 +170,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 outputs=[t(name="text_output", datatype="BYTES", shape=[1])])
 
     # ---- inference ----------------------------------------------------------------------------
-    def _decode(self, request: pb.ModelInferRequest) -> tuple[GenerationRequest, Reduction]:
+    def parse_request(self, request: pb.ModelInferRequest) -> tuple[GenerationRequest, Reduction]:
         params = {k: _param_value(v) for k, v in request.parameters.items()}
         unknown = [k for k in params if k.startswith("aim_") and k not in PARAMETERS]
         if unknown:
@@ -133,31 +178,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         for name, (kind, _) in PARAMETERS.items():
             if name in params and not isinstance(params[name], (kind, int) if kind is float else kind):
                 raise ServiceError("invalid_argument", f"parameter {name} must be {kind.__name__}")
-        raw = list(request.raw_input_contents)
-        if raw and len(raw) != len(request.inputs):
-            raise ServiceError("invalid_argument", "raw_input_contents must have one entry per input")
-        tensors = {}
-        for i, tensor in enumerate(request.inputs):
-            tensors[tensor.name] = _bytes_elements(tensor, raw[i] if raw else None)
-        unknown_inputs = set(tensors) - {"text_input", "image", "video"}
-        if unknown_inputs:
-            raise ServiceError("invalid_argument", f"unknown inputs {sorted(unknown_inputs)}; "
-                                                   "use text_input, image, video")
-        if len(tensors.get("text_input", [])) != 1:
-            raise ServiceError("invalid_argument", "text_input must hold exactly one prompt")
-        parts = [ImagePart(data=d, mime_type=sniff_mime_type(d)) for d in tensors.get("image", [])]
-        videos = tensors.get("video", [])
-        if len(videos) > 1:
-            raise ServiceError("invalid_argument", "at most one video per request")
-        for data in videos:
-            parts.append(VideoPart(data=data, mime_type=sniff_mime_type(data),
-                                   num_frames=params.get("aim_num_frames", 0)))
+        parts = _parts(request, params)
         try:
-            prompt = tensors["text_input"][0].decode("utf-8")
-        except UnicodeDecodeError:
-            raise ServiceError("invalid_argument", "text_input is not valid UTF-8") from None
-        parts.append(TextPart(prompt))
+            sampling = self._sampling(params)
+            reduction = _reduction(params)
+        except (PlanError, GenerationError) as exc:
+            raise ServiceError("invalid_argument", str(exc)) from None
+        return GenerationRequest(parts, sampling, params.get("aim_system")), reduction
 
+    def _sampling(self, params: dict) -> SamplingParams:
         settings = self.state.settings
         stop = params.get("aim_stop")
         stops = tuple(json.loads(stop)) if isinstance(stop, str) and stop.startswith("[") else \
@@ -166,28 +195,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if max_new > settings.max_new_tokens:
             raise ServiceError("invalid_argument", f"aim_max_new_tokens {max_new} exceeds the limit "
                                                    f"{settings.max_new_tokens}")
-        try:
-            sampling = SamplingParams(max_new_tokens=max_new, temperature=float(params.get("aim_temperature", 0.0)),
-                                      top_p=float(params.get("aim_top_p", 1.0)), seed=params.get("aim_seed"),
-                                      stop=stops, ignore_eos=bool(params.get("aim_ignore_eos", False)))
-            kind = params.get("aim_reduction", "auto")
-            if kind == "none":
-                reduction = Reduction("none")
-            elif kind == "plan":
-                reduction = Reduction("plan", plan=plan_from_parameters(params))
-            elif kind == "auto":
-                slo = params.get("aim_slo_ms")
-                priority = params.get("aim_priority", "normal")
-                if priority not in PRIORITIES:
-                    raise ServiceError("invalid_argument", f"aim_priority must be one of {', '.join(PRIORITIES)}, "
-                                                           f"got {priority!r}")
-                reduction = Reduction("auto", slo_s=slo / 1000 if slo else None,
-                                      min_retention=float(params.get("aim_min_retention", 0.0)), priority=priority)
-            else:
-                raise ServiceError("invalid_argument", f"aim_reduction must be auto, none or plan, got {kind!r}")
-        except (PlanError, GenerationError) as exc:
-            raise ServiceError("invalid_argument", str(exc)) from None
-        return GenerationRequest(parts, sampling, params.get("aim_system")), reduction
+        return SamplingParams(max_new_tokens=max_new, temperature=float(params.get("aim_temperature", 0.0)),
+                              top_p=float(params.get("aim_top_p", 1.0)), seed=params.get("aim_seed"),
+                              stop=stops, ignore_eos=bool(params.get("aim_ignore_eos", False)))
 
     def _response(self, request, runtime_name: str, text: str, done: Finished | None, final: bool | None
                   ) -> pb.ModelInferResponse:
@@ -214,7 +224,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         async with status_mapping(context, self.state, self.state.model_label(request.model_name)):
             runtime = self.state.runtime(request.model_name)
-            engine_request, reduction = self._decode(request)
+            engine_request, reduction = self.parse_request(request)
             done = await runtime.generate(engine_request, reduction, deadline_of(context))
             return self._response(request, runtime.name, done.result.text, done, None)
 
@@ -224,7 +234,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async for request in request_iterator:
             try:
                 runtime = self.state.runtime(request.model_name)
-                engine_request, reduction = self._decode(request)
+                engine_request, reduction = self.parse_request(request)
                 async for event in runtime.stream(engine_request, reduction, deadline_of(context)):
                     if isinstance(event, TokenDelta):
                         yield pb.ModelStreamInferResponse(

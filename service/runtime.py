@@ -181,7 +181,7 @@ class ModelRuntime:
                 started: float, push):
         """On the media executor: decode media, choose the plan, hand the sequence to the engine's loop."""
         t0 = time.monotonic()
-        decoded = self._decode(request, slot)
+        decoded = self._decode_media(request, slot)
         media_s = time.monotonic() - t0
         if slot.should_stop():
             raise self._stopped(slot, "while the request's media were decoded")
@@ -214,7 +214,7 @@ class ModelRuntime:
         self.observe(done, seq.sampling, slo_s)
         return done
 
-    def _decode(self, request: GenerationRequest, slot: RequestSlot) -> GenerationRequest:
+    def _decode_media(self, request: GenerationRequest, slot: RequestSlot) -> GenerationRequest:
         parts = [replace(p, num_frames=p.num_frames or self.default_frames) if isinstance(p, VideoPart) else p
                  for p in request.parts]
         if not any(isinstance(p, TextPart) and p.text.strip() for p in parts):
@@ -331,7 +331,7 @@ class ModelRuntime:
             allocator.release_free_memory(idle=self._in_system == 0)
 
     def _estimate(self, request: GenerationRequest, reduction: Reduction, slot: RequestSlot) -> Estimate:
-        decoded = self._decode(request, slot)
+        decoded = self._decode_media(request, slot)
         # as if it arrived now, media still to decode: the plan and prediction a Generate of it would get
         shape = self.engine.shape_of(decoded)
         applied = self._choose(decoded, shape, reduction, None, time.monotonic(), record=False)

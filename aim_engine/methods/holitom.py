@@ -36,6 +36,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..importance import DEFAULT_SCORE_BUDGET
 from ..merging import MergeResult, Survivors
 from ..plan import ReductionPlan
 from .base import Method, Reducer, TargetFor, cluster_means, loose_tokens, passthrough, summed_targets
@@ -185,3 +186,32 @@ REDUCER = Reducer("holitom", reduce=holitom_merge, kept=summed_targets, sized=Tr
 METHOD = Method("holitom", "global temporal merging of still patches and spatial merging before the LLM, then "
                 "half the visual tokens merged into their nearest at 64% depth", holitom_plan,
                 sweep=(0.5, 0.25, 0.125, 0.0625))
+
+
+# ---- inside the LLM (a plan's merge_pruned, which the prefill applies at each pruning step) ----------------
+def merge_into_kept(hidden: torch.Tensor, visual: torch.Tensor, keep: torch.Tensor, key_bias: torch.Tensor | None,
+                    budget: int = DEFAULT_SCORE_BUDGET
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """A plan's merge_pruned: every visual token not in `keep` is averaged into the kept visual token whose hidden
+    state is most like its own (cosine). A kept token becomes the mean of itself and what it absorbs, weighted by how
+    many input tokens each stands for (exp(key_bias); all 1 under plain attention), and under proportional
+    attention its bias becomes the log of their total.
+    hidden (1, n, d), visual (n,), keep (k,) ascending. Returns (rows of the changed tokens within `keep`, their
+    new states, their new key bias or None), or None when nothing merges. Similarities are formed a block of
+    dropped rows at a time, at most `budget` elements at once."""
+    present = torch.zeros_like(visual)
+    present[keep] = True
+    dropped = torch.nonzero(visual & ~present).flatten()
+    kept = torch.nonzero(visual & present).flatten()
+    if dropped.numel() == 0 or kept.numel() == 0:
+        return None
+    size = torch.ones(visual.numel(), device=hidden.device) if key_bias is None else key_bias.float().exp()
+    states, absorbed = hidden[0, kept].float(), hidden[0, dropped].float()
+    keys = F.normalize(states, dim=-1)
+    per_block = max(1, budget // kept.numel())
+    nearest = torch.cat([torch.argmax(F.normalize(block, dim=-1) @ keys.T, dim=-1)
+                         for block in absorbed.split(per_block)])
+    total = (states * size[kept, None]).index_add_(0, nearest, absorbed * size[dropped, None])
+    weight = size[kept].index_add_(0, nearest, size[dropped])
+    return (torch.searchsorted(keep, kept), (total / weight[:, None]).to(hidden.dtype),
+            None if key_bias is None else weight.log())

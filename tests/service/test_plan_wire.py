@@ -87,7 +87,7 @@ def test_every_plan_round_trips_through_kserve_parameters():
         params = plan_to_parameters(plan)
         assert plan_from_parameters(params) == plan, plan
     for plan in PLANS[::7]:  # and through a whole request's decoding, parameter types checked
-        _, reduction = KSERVE._decode(_infer_request(plan_to_parameters(plan)))
+        _, reduction = KSERVE.parse_request(_infer_request(plan_to_parameters(plan)))
         assert reduction.kind == "plan" and reduction.plan == plan, plan
 
 
@@ -124,7 +124,7 @@ def test_plans_the_engine_refuses_are_refused_with_its_message(fields, message):
 ])
 def test_kserve_plan_parameters_the_engine_refuses_are_invalid_arguments(params, message):
     with pytest.raises(ServiceError, match=message) as err:
-        KSERVE._decode(_infer_request({"aim_reduction": "plan", **params}))
+        KSERVE.parse_request(_infer_request({"aim_reduction": "plan", **params}))
     assert err.value.status == "invalid_argument"
 
 
@@ -136,7 +136,7 @@ def test_priority_reaches_the_reduction_choice(value, expected):
     assert request_from_proto(msg, 4, 8)[1].priority == expected
     client_side = AimClient.build_request("Hi", priority=None if expected == "normal" else expected)
     assert request_from_proto(client_side, 4, 8)[1].priority == expected
-    assert KSERVE._decode(_infer_request({"aim_priority": expected}))[1].priority == expected
+    assert KSERVE.parse_request(_infer_request({"aim_priority": expected}))[1].priority == expected
 
 
 def test_unknown_priorities_are_invalid_arguments():
@@ -144,7 +144,7 @@ def test_unknown_priorities_are_invalid_arguments():
     with pytest.raises(ServiceError, match="unknown auto.priority value 7; use one of PRIORITY_UNSPECIFIED"):
         request_from_proto(msg, 4, 8)
     with pytest.raises(ServiceError, match="aim_priority must be one of low, normal, high"):
-        KSERVE._decode(_infer_request({"aim_priority": "urgent"}))
+        KSERVE.parse_request(_infer_request({"aim_priority": "urgent"}))
     with pytest.raises(ValueError, match="priority must be"):
         AimClient.build_request("Hi", priority="urgent")
 
