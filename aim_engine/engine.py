@@ -26,7 +26,7 @@ from .feature_cache import FeatureCache, default_capacity_bytes
 from .flops import LLMShape
 from .media import MediaLimits
 from .plan import PLAN_FILE, PlanError, ReductionPlan, plan_from_dict
-from .prepare import PreparedPrompt, Preparer
+from .prepare import DecodedRequest, PreparedPrompt, Preparer
 from .request import GenerationRequest, GenerationResult, RequestStats, Timings, TokenDelta
 from .kv_pool import KVPool
 from .serving.prefix_cache import PrefixCache
@@ -183,9 +183,12 @@ class AimEngine:
         return max(kv, min(1.0, max(0.0, used)))
 
     def decode_request(self, request: GenerationRequest, should_stop: Callable[[], bool] | None = None,
-                       reserve: Callable[[int], None] | None = None) -> GenerationRequest:
-        """Media bytes -> images/frames (see Preparer.decode_media for the budgets and `should_stop`)."""
-        return self.preparer.decode_request(request, should_stop, reserve)
+                       reserve: Callable[[int], None] | None = None) -> DecodedRequest:
+        """The request taken in once (Preparer.decode_request: text checked, media decoded under the budgets,
+        prompt tokenized), refused if its prompt and answer cannot fit the model's context."""
+        decoded = self.preparer.decode_request(request, should_stop, reserve)
+        self.check_context(decoded.shape, request.sampling.max_new_tokens)
+        return decoded
 
     def prepare(self, request: GenerationRequest, plan: ReductionPlan, timings: Timings | None = None
                 ) -> PreparedPrompt:
@@ -193,10 +196,8 @@ class AimEngine:
 
     def shape_of(self, request: GenerationRequest) -> RequestShape:
         """The request's token counts per media item and of its text; refuses a request whose prompt and answer
-        cannot fit the model's context (every path to a cost or a sequence goes through here)."""
-        shape = self.preparer.shape_of(request)
-        self.check_context(shape, request.sampling.max_new_tokens)
-        return shape
+        cannot fit the model's context (every path to a cost or a sequence goes through decode_request)."""
+        return self.decode_request(request).shape
 
     def cost(self, shape: RequestShape, plan: ReductionPlan) -> CostEstimate:
         return cost(self.shape, shape, plan)
@@ -226,11 +227,12 @@ class AimEngine:
 
     # ---- running --------------------------------------------------------------------------------
     def sequence(self, request: GenerationRequest, plan: ReductionPlan, emit: Callable[[object], None],
-                 should_stop: Callable[[], bool] | None = None, shape: RequestShape | None = None) -> Sequence:
-        """A sequence for the serving loop; `request` must hold decoded media (`shape`: its shape_of, if the
-        caller has it already). Raises the request's errors."""
-        self.preparer.validate(request, plan)
-        estimate = self.cost(shape or self.shape_of(request), plan)
+                 should_stop: Callable[[], bool] | None = None) -> Sequence:
+        """A sequence for the serving loop, of a DecodedRequest (another request is taken in first). Raises the
+        request's errors."""
+        request = self.decode_request(request)
+        plan.check_depth(self.num_layers)
+        estimate = self.cost(request.shape, plan)
         return Sequence(request=request, plan=plan, kv_tokens=kv_tokens(estimate, request.sampling.max_new_tokens),
                         prompt_tokens=estimate.text_tokens + estimate.visual_tokens_merged, emit=emit,
                         stats=RequestStats(), should_stop=should_stop)

@@ -46,6 +46,19 @@ class PreparedPrompt:
     blocks: torch.Tensor | None = None  # (n,): the bidirectional block of each token (Gemma 3's images), -1: none
 
 
+@dataclass
+class DecodedRequest(GenerationRequest):
+    """A request taken in once: its media decoded under the limits (or found in the feature cache), its text
+    validated, its prompt rendered and tokenized, its cost shape known. Cost, admission, the sequence and the
+    prefill all read this one value; none of them decodes, validates or tokenizes again.
+
+    ids: the rendered prompt's token ids (each media item still one placeholder); shape: what its cost depends
+    on under any plan."""
+
+    ids: tuple[int, ...] = ()
+    shape: RequestShape | None = None
+
+
 def _starts(counts: list[int]) -> list[tuple[int, int]]:
     """(first row, rows) of consecutive runs of `counts` rows."""
     out, start = [], 0
@@ -77,8 +90,17 @@ class Preparer:
 
     def decode_request(self, request: GenerationRequest, should_stop: Callable[[], bool] | None = None,
                        reserve: Callable[[int], None] | None = None) -> GenerationRequest:
-        """The request with its media decoded (bytes -> images/frames), validated against the limits."""
-        return dataclasses.replace(request, parts=self.decode_media(request, should_stop, reserve))
+        """The request taken in once (DecodedRequest): its text checked first, then its media decoded (bytes ->
+        images/frames, see decode_media for the limits, `should_stop` and `reserve`), then the prompt rendered and
+        tokenized and its cost shape computed. A request already decoded is returned as it is."""
+        if isinstance(request, DecodedRequest):
+            return request
+        self.validate(request)
+        decoded = GenerationRequest(self.decode_media(request, should_stop, reserve), request.sampling,
+                                    request.system, request.turns)
+        ids = tuple(self.tokenizer(self.render_prompt(decoded), add_special_tokens=False)["input_ids"])
+        return DecodedRequest(decoded.parts, request.sampling, request.system, request.turns, ids=ids,
+                              shape=self._shape(decoded.parts, ids))
 
     def decode_media(self, request: GenerationRequest, should_stop: Callable[[], bool] | None = None,
                      reserve: Callable[[int], None] | None = None) -> list[Part]:
@@ -265,7 +287,8 @@ class Preparer:
                      else self.adapter.video_timestamps(len(p.frames), p.fps) for p in videos]
         return self.adapter.expand_media(prompt, times)
 
-    def validate(self, request: GenerationRequest, plan: ReductionPlan) -> None:
+    def validate(self, request: GenerationRequest) -> None:
+        """The request's text and turns (its plan is checked against the depth where it is applied)."""
         if not any(isinstance(p, TextPart) and p.text.strip() for p in request.parts):
             raise RequestError("the prompt has no text: add a question or instruction")
         request.messages()  # the turns split the parts as they say
@@ -274,25 +297,24 @@ class Preparer:
             if any(token in text for text in texts):
                 raise RequestError(f"the text contains {token!r}, one of the model's media placeholder tokens; "
                                    "send media as image or video parts")
-        plan.check_depth(self.num_layers)
 
     def prepare(self, request: GenerationRequest, plan: ReductionPlan, timings: Timings | None = None,
                 media: list[EncodedMedia] | None = None, should_stop: Callable[[], bool] | None = None
                 ) -> PreparedPrompt:
-        """`media`: the request's media already through the vision tower (`encode_batch`); else decoded and
-        encoded here, polling `should_stop` (raises Cancelled)."""
+        """`request`: a DecodedRequest (else taken in here: evaluation, tests). `media`: its media already through
+        the vision tower (`encode_batch`); else encoded here, polling `should_stop` (raises Cancelled)."""
         timings = timings or Timings()
-        self.validate(request, plan)
-        if media is None:
+        if not isinstance(request, DecodedRequest):
             t0 = time.perf_counter()
-            parts = self.decode_media(request, should_stop)
+            request = self.decode_request(request, should_stop)
+            timings.media_s = time.perf_counter() - t0
+        plan.check_depth(self.num_layers)
+        if media is None:
             t1 = time.perf_counter()
-            media = self.encode_media(parts, should_stop)
-            timings.media_s, timings.vision_s = t1 - t0, time.perf_counter() - t1
+            media = self.encode_media(request.parts, should_stop)
+            timings.vision_s = time.perf_counter() - t1
         t2 = time.perf_counter()
-        prompt = self.render_prompt(request, media)
-        ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-        prepared = self._assemble(ids, media, plan)
+        prepared = self._assemble(torch.tensor(request.ids, dtype=torch.long), media, plan)
         timings.prefill_s = time.perf_counter() - t2  # merging counts as prefill; the LLM part is added to it
         return prepared
 
@@ -378,8 +400,9 @@ class Preparer:
 
     def shape_of(self, request: GenerationRequest) -> RequestShape:
         """What a request's cost depends on, under any plan: its media's merge groups and its text length."""
-        self.validate(request, ReductionPlan())
-        parts = self.decode_media(request)
+        return self.decode_request(request).shape
+
+    def _shape(self, parts: list[Part], ids: tuple[int, ...]) -> RequestShape:
         images = [p.image for p in parts if isinstance(p, ImagePart)]
         per_image = iter(self.adapter.estimate_image_groups(images) if images else [])
         media = []
@@ -392,8 +415,6 @@ class Preparer:
                 media.append(self.adapter.estimate_video_groups(part.frames))
             elif isinstance(part, ImagePart):
                 media.append(next(per_image))
-        ids = self.tokenizer(self.render_prompt(dataclasses.replace(request, parts=parts)),
-                             add_special_tokens=False)["input_ids"]
         placeholders = {self.adapter.image_token_id, self.adapter.video_token_id} - {None}
         return RequestShape(media=media, text_tokens=sum(t not in placeholders for t in ids))
 

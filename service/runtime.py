@@ -30,7 +30,7 @@ from typing import AsyncIterator
 
 from aim_engine import AimEngine, GenerationRequest, GenerationResult, SamplingParams, TokenDelta
 from aim_engine.cost import RequestShape
-from aim_engine.request import RequestStats, TextPart, VideoPart
+from aim_engine.request import RequestStats, VideoPart
 from aim_engine.errors import Cancelled
 from aim_engine.serving.scheduler import KVBudgetError
 from controller.controller import BudgetController, ControllerConfig
@@ -185,9 +185,8 @@ class ModelRuntime:
         media_s = time.monotonic() - t0
         if slot.should_stop():
             raise self._stopped(slot, "while the request's media were decoded")
-        shape = self.engine.shape_of(decoded)  # once: every ladder level's prediction and the sequence use it
-        applied = self._choose(decoded, shape, reduction, slot.deadline, arrival)
-        seq = self.engine.sequence(decoded, applied.plan, push, slot.should_stop, shape=shape)
+        applied = self._choose(decoded, decoded.shape, reduction, slot.deadline, arrival)
+        seq = self.engine.sequence(decoded, applied.plan, push, slot.should_stop)
         seq.arrival = started
         try:
             self.loop.add(seq)
@@ -217,8 +216,6 @@ class ModelRuntime:
     def _decode_media(self, request: GenerationRequest, slot: RequestSlot) -> GenerationRequest:
         parts = [replace(p, num_frames=p.num_frames or self.default_frames) if isinstance(p, VideoPart) else p
                  for p in request.parts]
-        if not any(isinstance(p, TextPart) and p.text.strip() for p in parts):
-            raise ServiceError("invalid_argument", "the prompt has no text: add a question or instruction")
 
         def reserve(nbytes: int) -> None:
             self.media_memory.reserve(nbytes, slot.should_stop)
@@ -333,7 +330,7 @@ class ModelRuntime:
     def _estimate(self, request: GenerationRequest, reduction: Reduction, slot: RequestSlot) -> Estimate:
         decoded = self._decode_media(request, slot)
         # as if it arrived now, media still to decode: the plan and prediction a Generate of it would get
-        shape = self.engine.shape_of(decoded)
+        shape = decoded.shape
         applied = self._choose(decoded, shape, reduction, None, time.monotonic(), record=False)
         est = self.engine.estimate(decoded, applied.plan, shape=shape)
         predicted = self.plans.predict(decoded, shape, applied.plan, self.running, self.expected_queue_wait(),
