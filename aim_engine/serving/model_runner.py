@@ -11,7 +11,8 @@ from ..caches import Caches
 from ..decoder import LanguageModel, decode_batch, prefill
 from ..flops import LLMShape, decode_step_flops, prefill_flops
 from ..generation import IncrementalText, sample_tokens, sequence_generator
-from ..prepare import PreparedPrompt, Preparer
+from ..assembly import PreparedPrompt
+from ..prepare import Preparer
 from ..request import RequestStats
 from ..kv_pool import DecodeBatchKV, KVPool
 from .sequence import Sequence

@@ -14,7 +14,7 @@ from ..plan import ReductionPlan
 from ..kv_pool import SequenceKV
 
 if TYPE_CHECKING:
-    from ..prepare import PreparedPrompt
+    from ..assembly import PreparedPrompt
     from ..request import GenerationRequest, RequestStats
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
