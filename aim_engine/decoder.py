@@ -130,46 +130,21 @@ class PrefillResult:
 
 
 @torch.inference_mode()
-def prefill(
-    lm: LanguageModel,
-    embeds: torch.Tensor,
-    position_ids: torch.Tensor,
-    is_visual: torch.Tensor,
-    plan: ReductionPlan,
-    decode_capacity: int = 1,
-    record_kept: bool = False,
-    key_bias: torch.Tensor | None = None,
-    kv: SequenceKV | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    past: int = 0,
-    deepstack: torch.Tensor | None = None,
-    blocks: torch.Tensor | None = None,
-) -> PrefillResult:
-    """embeds (1, n, d); position_ids (1, n) or (3, 1, n); is_visual (n,) bool.
-
-    kv: where the sequence's K/V go (a reservation in the served model's pool). Without one (a prefill run alone:
-    tests, benchmarks), a pool of its own sized for the prompt plus `decode_capacity` decode steps at every layer.
-
-    key_bias (n,): proportional attention. Every query adds it to its logit for that key, so a merged token
-    that stands for s tokens (bias log s) draws the attention s identical tokens would. Prefill then runs SDPA
-    with an explicit (n, n) causal mask instead of `is_causal`, and the pool keeps each key's bias for the
-    decode steps. Importance scores for pruning are computed without it.
-
-    should_stop is polled before every layer; when it returns True the prefill raises Cancelled.
-
-    past: the first `past` prompt tokens are a reused prefix already in `kv` at every layer (attach_prefix);
-    embeds, position_ids and is_visual are then the rest of the prompt only, key_bias and blocks the whole prompt's.
-    Only for plans that do not prune (what is pruned depends on the whole prompt).
-
-    deepstack (levels, v, d): Qwen3-VL's DeepStack, row r for the r-th visual token of `is_visual`; level l is
-    added to the visual tokens' hidden states after layer l. A token pruned before layer l + 1 takes its levels
-    from l on with it, exactly as masking it from then on would (they reach no other token); under merge_pruned the
-    kept token it is averaged into goes on receiving its own levels only.
-
-    blocks (n,) int: bidirectional blocks (Gemma 3: an image's tokens attend to each other both ways), -1 for a
-    token in none. Sliding-window layers (`lm.window`) see a key only if its position is less than the window before
-    the query's: windows are by position, so pruning never widens one (a kept token sees what it saw unpruned,
-    less what was pruned), and a block is its surviving tokens, still within the window."""
+def prefill(lm: LanguageModel, embeds: torch.Tensor, position_ids: torch.Tensor, is_visual: torch.Tensor,
+            plan: ReductionPlan, decode_capacity: int = 1, record_kept: bool = False,
+            key_bias: torch.Tensor | None = None, kv: SequenceKV | None = None,
+            should_stop: Callable[[], bool] | None = None, past: int = 0, deepstack: torch.Tensor | None = None,
+            blocks: torch.Tensor | None = None) -> PrefillResult:
+    """embeds (1, n, d); position_ids (1, n) or (3, 1, n); is_visual (n,) bool. `kv`: where the sequence's K/V
+    go (without one: a pool of its own for the prompt and `decode_capacity` decode steps). `should_stop` is polled
+    before every layer (raises Cancelled).
+    key_bias (n,): proportional attention, added to every query's logit for that key (and kept beside the key for
+    decode); importance scores are computed without it. past: the first `past` prompt tokens are a reused prefix
+    already in `kv` (plans without pruning only); embeds, position_ids and is_visual are the rest, key_bias and
+    blocks the whole prompt's. deepstack (levels, v, d): Qwen3-VL's DeepStack, row r for the r-th visual token;
+    level l is added to the present visual tokens after layer l, so a pruned token takes its levels with it, as
+    masking it would. blocks (n,) int: bidirectional blocks, -1 for none (_Masks says how they and the sliding
+    windows are masked)."""
     if past and plan.prunes:
         raise ValueError("a reused prefix needs a plan without pruning")
     num_layers = lm.num_layers
@@ -250,7 +225,10 @@ class _Present:
 
 class _Masks:
     """The prefill's attention masks, one per attention kind, for the tokens present: the keys are a reused
-    prefix's (`past` of them), then the present tokens'. What they are made of is decided once, on the host:
+    prefix's (`past` of them), then the present tokens'. A bidirectional block (Gemma 3: an image's tokens attend to
+    each other both ways) is what survives of it. A sliding-window layer (`lm.window`) sees a key only if its
+    position is less than the window before the query's: windows are by position, so pruning never widens one (a
+    kept token sees what it saw unpruned, less what was pruned). What they are made of is decided once, on the host:
     whether any block exists, and which windows can bind (pruning only narrows the span of positions), so
     rebuilding them after a pruning step never syncs the device."""
 

@@ -139,16 +139,7 @@ def decode_video(data: bytes, mime_type: str, num_frames: int, limits: MediaLimi
     (the server's memory budget; it may wait or raise). `should_stop` is polled while decoding."""
     import av
 
-    mime = (mime_type or "").lower().strip()
-    if mime not in VIDEO_MIME_TYPES:
-        raise MediaError(MediaError.UNSUPPORTED,
-                         f"unsupported video type {mime_type!r}; use one of {sorted(VIDEO_MIME_TYPES)}")
-    if num_frames < 1:
-        raise MediaError(MediaError.TOO_MANY_FRAMES, f"frame count must be >= 1, got {num_frames}")
-    if num_frames > limits.max_frames:
-        raise MediaError(MediaError.TOO_MANY_FRAMES,
-                         f"{num_frames} frames requested; the limit is {limits.max_frames}")
-    _check_bytes(data, limits, "video")
+    mime = _check_video_request(data, mime_type, num_frames, limits)
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             if not container.streams.video:
@@ -157,17 +148,7 @@ def decode_video(data: bytes, mime_type: str, num_frames: int, limits: MediaLimi
             stream.thread_type = "AUTO"
             info = _video_info(container, stream, limits)
             width, height = frame_size(info.width, info.height) if frame_size else (info.width, info.height)
-            need = rgb_bytes(width, height, num_frames)
-            if budget_bytes is not None and need > budget_bytes:
-                raise MediaError(MediaError.TOO_LARGE,
-                                 f"{num_frames} frames of {width}x{height} take {need} bytes decoded; the request's "
-                                 f"decoded-media limit leaves {max(0, budget_bytes)} of {limits.max_decoded_bytes} "
-                                 "bytes: ask for fewer frames or send smaller media")
-            if reserve is not None:
-                try:
-                    reserve(need)
-                except BaseException as exc:  # the caller's own error (over budget, cancelled): not the media's
-                    raise _CallerError(exc) from None
+            _reserve_frames(num_frames, width, height, limits, budget_bytes, reserve)
             total = info.frames
             if total is None:  # no count and no duration in the container: one pass to count, nothing kept
                 total = _count_frames(container, stream, limits, should_stop)
@@ -192,6 +173,37 @@ def decode_video(data: bytes, mime_type: str, num_frames: int, limits: MediaLimi
         raise MediaError(MediaError.CORRUPT, "the video contains no decodable frames")
     seconds = info.seconds or (total / info.rate if info.rate else None)
     return VideoClip(picked, num_frames / seconds if seconds else None)
+
+
+def _check_video_request(data: bytes, mime_type: str, num_frames: int, limits: MediaLimits) -> str:
+    """The video's MIME type (normalised), once its type, frame count and size are known to be acceptable."""
+    mime = (mime_type or "").lower().strip()
+    if mime not in VIDEO_MIME_TYPES:
+        raise MediaError(MediaError.UNSUPPORTED,
+                         f"unsupported video type {mime_type!r}; use one of {sorted(VIDEO_MIME_TYPES)}")
+    if num_frames < 1:
+        raise MediaError(MediaError.TOO_MANY_FRAMES, f"frame count must be >= 1, got {num_frames}")
+    if num_frames > limits.max_frames:
+        raise MediaError(MediaError.TOO_MANY_FRAMES,
+                         f"{num_frames} frames requested; the limit is {limits.max_frames}")
+    _check_bytes(data, limits, "video")
+    return mime
+
+
+def _reserve_frames(num_frames: int, width: int, height: int, limits: MediaLimits, budget_bytes: int | None,
+                    reserve: Callable[[int], None] | None) -> None:
+    """The sampled frames' RGB bytes, checked against the request's budget and reserved, before any is decoded."""
+    need = rgb_bytes(width, height, num_frames)
+    if budget_bytes is not None and need > budget_bytes:
+        raise MediaError(MediaError.TOO_LARGE,
+                         f"{num_frames} frames of {width}x{height} take {need} bytes decoded; the request's "
+                         f"decoded-media limit leaves {max(0, budget_bytes)} of {limits.max_decoded_bytes} "
+                         "bytes: ask for fewer frames or send smaller media")
+    if reserve is not None:
+        try:
+            reserve(need)
+        except BaseException as exc:  # the caller's own error (over budget, cancelled): not the media's
+            raise _CallerError(exc) from None
 
 
 class _CallerError(Exception):

@@ -112,27 +112,39 @@ def holitom_merge(features: torch.Tensor, groups: Sequence[torch.Tensor], target
             static = torch.stack(masks[first:last]).all(0)
         static_members.append((first, last, torch.nonzero(static).flatten()))
         dynamic += [(t, torch.nonzero(~static).flatten()) for t in range(first, last + 1)]
-
-    # Restoring (a very still clip): temporal merging alone leaves `left` tokens; the merged members least like
-    # their mean go back to their frames until the budget is met. restored[t, p]: frame t's token p went back.
     left = sum(p.numel() for *_, p in static_members) + sum(p.numel() for _, p in dynamic)
-    restored = torch.zeros(len(groups), max(sizes), dtype=torch.bool, device=x.device)
-    if left < budget:
-        distance, frame_of, position_of = [], [], []
-        for first, last, positions in static_members:
-            if positions.numel():
-                mean = F.normalize(sum(x[groups[t][positions]] for t in range(first, last + 1)), dim=-1)
-                for t in range(first + 1, last + 1):  # the first frame's member always stays merged
-                    distance.append(1 - (frames[t][positions] * mean).sum(-1))
-                    frame_of.append(torch.full_like(positions, t))
-                    position_of.append(positions)
-        order = torch.sort(torch.cat(distance), descending=True, stable=True).indices[:budget - left]
-        restored[torch.cat(frame_of)[order], torch.cat(position_of)[order]] = True
-
+    restored = _restored(x, groups, frames, static_members, left, budget, max(sizes))
     out = Survivors(features)
+    merged = _temporal_means(x, groups, static_members, restored, out)
+    _spatial(x, groups, frames, merged, dynamic, left, budget, out)
+    out.keep(loose_tokens(features, groups))
+    return out.result()
 
-    # every static position of a segment as one token (its unrestored members' mean), at its first frame's place
-    merged = []  # per segment: (indices at the first frame (s,), means (s, d), sizes (s,), members (2, m))
+
+def _restored(x, groups, frames, static_members, left: int, budget: int, width: int) -> torch.Tensor:
+    """Restoring (a very still clip): temporal merging alone leaves `left` tokens; the merged members least like
+    their mean go back to their frames until the budget is met. restored[t, p]: frame t's token p went back."""
+    restored = torch.zeros(len(groups), width, dtype=torch.bool, device=x.device)
+    if left >= budget:
+        return restored
+    distance, frame_of, position_of = [], [], []
+    for first, last, positions in static_members:
+        if positions.numel():
+            mean = F.normalize(sum(x[groups[t][positions]] for t in range(first, last + 1)), dim=-1)
+            for t in range(first + 1, last + 1):  # the first frame's member always stays merged
+                distance.append(1 - (frames[t][positions] * mean).sum(-1))
+                frame_of.append(torch.full_like(positions, t))
+                position_of.append(positions)
+    order = torch.sort(torch.cat(distance), descending=True, stable=True).indices[:budget - left]
+    restored[torch.cat(frame_of)[order], torch.cat(position_of)[order]] = True
+    return restored
+
+
+def _temporal_means(x, groups, static_members, restored, out: Survivors) -> list:
+    """Every static position of a segment as one token (its unrestored members' mean), at its first frame's
+    place; restored members are kept as they are. Per segment: (indices at the first frame (s,), means (s, d),
+    sizes (s,), members (2, m)), or None without static positions."""
+    merged = []
     for first, last, positions in static_members:
         if not positions.numel():
             merged.append(None)
@@ -147,9 +159,12 @@ def holitom_merge(features: torch.Tensor, groups: Sequence[torch.Tensor], target
             members.append(torch.stack([torch.nonzero(stays).flatten(), groups[t][positions[stays]]]))
             out.keep(groups[t][positions[~stays]])
         merged.append((groups[first][positions], total / count[:, None], count, torch.cat(members, dim=1)))
+    return merged
 
-    # spatial merging to the budget: what temporal merging left, shared out among the segments' static tokens
-    # and the frames' dynamic tokens (all of it when restoring)
+
+def _spatial(x, groups, frames, merged, dynamic, left: int, budget: int, out: Survivors) -> None:
+    """Spatial merging to the budget: what temporal merging left, shared out among the segments' static tokens
+    and the frames' dynamic tokens (all of it when restoring)."""
     units = [0 if m is None else m[0].numel() for m in merged] + [p.numel() for _, p in dynamic]
     shares = units if left <= budget else apportion(budget, units)
     for m, share in zip(merged, shares[:len(merged)]):
@@ -168,9 +183,6 @@ def holitom_merge(features: torch.Tensor, groups: Sequence[torch.Tensor], target
             closeness = frames[t][positions] @ F.normalize(x[groups[t]].mean(0), dim=-1)
             positions = positions[torch.sort(closeness, stable=True).indices[:share]]  # most distinct first
         out.keep(groups[t][positions])
-
-    out.keep(loose_tokens(features, groups))
-    return out.result()
 
 
 def holitom_plan(num_layers: int, retention: float) -> ReductionPlan:
