@@ -1,10 +1,12 @@
 """The engine: a request and a ReductionPlan in, streamed tokens and per-request stats out.
 
-    request ─prepare (prepare.py)─▶ merged prompt embeddings ─serving loop (serving/)─▶ prefill with pruning
-    into the KV pool, then batched decode steps with every other running request ─▶ tokens
+    request ─decode_request (prepare.py)─▶ DecodedRequest (media decoded, prompt tokenized, cost shape)
+    ─serving loop (serving/)─▶ vision (vision.py), assembly (assembly.py), prefill with pruning (decoder.py) into
+    the KV pool (kv_pool.py), then batched decode steps with every other running request ─▶ tokens
 
-This file loads a model and wires the parts: the preparer, the cost arithmetic (cost.py), the KV pool and the
-serving loop. `generate` / `stream` drive the loop inline; the service runs it on its own thread.
+This file loads a model and builds the parts from one another, explicitly: the preparer, the KV pool, the caches,
+the model runner, the scheduler and the loop (which owns the last two and imports nothing of this file).
+`generate` / `stream` drive the loop inline, or wait for its thread when the service runs one.
 """
 
 from __future__ import annotations

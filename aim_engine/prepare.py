@@ -1,9 +1,11 @@
-"""Request preparation: media bytes -> images/frames -> vision features -> merged visual tokens placed in the
-prompt's embeddings, with positions and the proportional-attention key bias. Knows the adapter, the tokenizer and
+"""A request taken in at request level, once: its text checked, its media bytes decoded into images/frames under
+the limits (or found in the feature cache), its prompt rendered through the chat template and tokenized, its cost
+shape computed: one DecodedRequest that cost, admission, the sequence and the prefill all read. `prepare` then
+turns it into LLM input: vision (vision.py) and the assembly (assembly.py). Knows the adapter, the tokenizer and
 the media limits; nothing of the KV cache or the serving loop.
 
-    media bytes ─decode─▶ images/frames ─adapter─▶ projector features per item (+ merge groups)
-    ─merge─▶ fewer tokens per frame ─▶ prompt embeddings (placeholders expanded to the merged counts)
+    media bytes ─decode─▶ images/frames ─vision─▶ projector features per item (+ merge groups)
+    ─assemble (reduce, place)─▶ prompt embeddings with positions and the proportional-attention key bias
 """
 
 from __future__ import annotations

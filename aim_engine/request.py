@@ -1,4 +1,4 @@
-"""The request an engine serves and what it gives back: engine types, no torch tensors, no gRPC."""
+"""The request an engine serves and what it gives back: plain data (no tensors in them, no gRPC)."""
 
 from __future__ import annotations
 

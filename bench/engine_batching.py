@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from aim_engine import AimEngine, GenerationRequest, GenerationResult, SamplingParams, TextPart, VideoPart  # noqa: E402
 from aim_engine.decoder import ATTENTION_IMPL  # noqa: E402
-from bench.engine_prefill import ARCHS, SIGLIP  # noqa: E402
+from bench.prefill_archs import ARCHS, SIGLIP  # noqa: E402
 
 ENGINES = {"batched": 32, "one-at-a-time": 1}
 
@@ -121,7 +121,7 @@ def run_level(engine: AimEngine, request: GenerationRequest, plan, concurrency: 
             "kv_peak_bytes": peak_blocks * engine.pool.block_bytes}
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="checkpoint directory (else --arch)")
     parser.add_argument("--arch", choices=sorted(ARCHS), default="ov-0.5b")
@@ -136,7 +136,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--kv-cache-bytes", type=int, default=0, help="0 = the engine's default")
     parser.add_argument("--json-out", default="")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = _arguments()
 
     dtype = getattr(torch, args.dtype)
     kv_bytes = args.kv_cache_bytes or None
@@ -162,7 +166,7 @@ def main() -> None:
             for _ in range(args.repeats):
                 for plan_name, plan in plans.items():
                     for engine_name, max_batch in ENGINES.items():
-                        engine.loop.scheduler.max_batch = max_batch
+                        engine.loop.limit(max_batch)
                         runs.setdefault((engine_name, plan_name), []).append(
                             run_level(engine, request, plan, concurrency, max(args.requests, concurrency)))
             for (engine_name, plan_name), results in runs.items():

@@ -32,11 +32,22 @@ from tests.fault_corpus import (SERVER_FLAGS, corpus, http_corpus, http_server_f
 from tests.service.test_subprocess import ServerProcess  # noqa: E402
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json-out", default=str(ROOT / "docs/results/faults.json"))
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def _print_rows(rows: list[dict]) -> None:
+    width = max(len(r["case"]) for r in rows)
+    for r in rows:
+        print(f"{r['case']:<{width}}  {r['status']:<18} kept serving: {r['server_kept_serving']!s:<5} "
+              f"rss {r['rss_delta_mib']:+6.1f} MiB")
+
+
+def main() -> None:
+    args = _arguments()
     cases = corpus()
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
@@ -85,10 +96,7 @@ def main() -> None:
         finally:
             server.stop()
     bad = [r for r in rows if r["status"] not in r["expected"] or not r["server_kept_serving"]]
-    width = max(len(r["case"]) for r in rows)
-    for r in rows:
-        print(f"{r['case']:<{width}}  {r['status']:<18} kept serving: {r['server_kept_serving']!s:<5} "
-              f"rss {r['rss_delta_mib']:+6.1f} MiB")
+    _print_rows(rows)
     print(f"\n{len(rows)} cases; {len(bad)} with an unexpected status or a server that stopped serving; "
           f"resident memory {start:.0f} -> {end:.0f} MiB over {args.rounds} rounds; the 1080p clip's peak "
           f"+{peak:.0f} MiB")

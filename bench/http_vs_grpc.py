@@ -67,14 +67,18 @@ def start(model: str) -> tuple[subprocess.Popen, str, str]:
     raise RuntimeError("server did not start")
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "models/aim-reference"))
     parser.add_argument("--requests", type=int, default=40, help="requests per path")
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json-out", default=str(ROOT / "docs/results/http-vs-grpc.json"))
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = _arguments()
 
     import openai
 

@@ -160,7 +160,7 @@ ENGINES = {"batched": 32, "one-at-a-time": 1}
 
 
 async def main_async(args) -> list[dict]:
-    no_warmup = ["--calibrate", "0"]  # explicit plans only: the controller's latency model is not used
+    no_warmup = ["--calibrate", "0"]  # explicit plans only: the controller's cost model is not used
     servers = {name: start_server(args.model, args.max_queue, max_batch, no_warmup)
                for name, max_batch in ENGINES.items()}
     small = start_server(args.model, args.max_queue, 32, [*no_warmup, "--kv-cache-bytes", str(args.small_kv_bytes)]) \
@@ -210,17 +210,7 @@ async def main_async(args) -> list[dict]:
                           f"spread {row['spread']['throughput_rps']:.0%}", flush=True)
                 write_rows(args, rows)  # after every level: a killed run keeps what it measured
         if small is not None:
-            _, target, port = small
-            async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
-                stub = pb_grpc.AimServiceStub(ch)
-                for plan in plans:  # one wave of 16 callers: how many sequences does each plan fit?
-                    row = await run_level(stub, request(plan, "long"), 16, 16, port)
-                    rows.append({"engine": "batched", "plan": plan, "workload": "long", "concurrency": 16,
-                                 "kv_cache_bytes": args.small_kv_bytes, **row})
-                    write_rows(args, rows)
-                    print(f"small KV budget ({args.small_kv_bytes / 2**20:.0f} MiB), long, c=16, {plan:11s}: "
-                          f"mean batch {row['mean_batch']:.1f}, {row['throughput_rps']:.2f} req/s, "
-                          f"kv {row['kv_usage_peak']:.0%}", flush=True)
+            await _small_kv_rows(args, small, request, plans, rows)
         return rows
     finally:
         for channel in channels:
@@ -228,6 +218,21 @@ async def main_async(args) -> list[dict]:
         for proc, _, _ in list(servers.values()) + ([small] if small else []):
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
+
+
+async def _small_kv_rows(args, small, request, plans, rows: list[dict]) -> None:
+    """One wave of 16 callers on the server with a small KV budget: how many sequences does each plan fit?"""
+    _, target, port = small
+    async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+        stub = pb_grpc.AimServiceStub(ch)
+        for plan in plans:
+            row = await run_level(stub, request(plan, "long"), 16, 16, port)
+            rows.append({"engine": "batched", "plan": plan, "workload": "long", "concurrency": 16,
+                         "kv_cache_bytes": args.small_kv_bytes, **row})
+            write_rows(args, rows)
+            print(f"small KV budget ({args.small_kv_bytes / 2**20:.0f} MiB), long, c=16, {plan:11s}: "
+                  f"mean batch {row['mean_batch']:.1f}, {row['throughput_rps']:.2f} req/s, "
+                  f"kv {row['kv_usage_peak']:.0%}", flush=True)
 
 
 def write_rows(args, rows: list[dict]) -> None:

@@ -257,7 +257,7 @@ class ModelRuntime:
         prediction = (total_s - media_s, applied.predicted_s) if applied.source == "auto" and applied.predicted_s \
             else None
         self.controller.observe(total_s, Observation(
-            # vision as computing costs it: the latency model must not learn that a cache hit's vision is free
+            # vision as computing costs it: the cost model must not learn that a cache hit's vision is free
             media_s=media_s, vision_s=t.vision_s + s.vision_s_saved, visual_tokens_in=s.visual_tokens_in,
             prefill_s=t.prefill_s,
             prefill_flops=s.prefill_flops, decode_s=t.decode_s, new_tokens=s.completion_tokens,

@@ -162,7 +162,7 @@ def build_controller(settings: Settings, name: str, engine: AimEngine, gpu) -> B
 
 
 async def load_models(running: RunningServer, engines: dict[str, AimEngine] | None = None) -> None:
-    """Loads the models off the event loop (unless given), calibrates each controller's latency model with
+    """Loads the models off the event loop (unless given), calibrates each controller's cost model with
     warm-up requests, then reports SERVING."""
     settings, state = running.state.settings, running.state
     loop = asyncio.get_running_loop()

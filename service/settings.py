@@ -67,7 +67,7 @@ class Settings:
     gpu_memory_threshold: float = _f(0.9, "memory pressure above which `auto` quality is capped at the AIM default: "
                                      "the KV pool's reserved share, or on CUDA the share of device memory outside "
                                      "the pool the allocator can no longer give")
-    calibrate: int = _f(1, "warm-up requests per ladder level at start to seed the latency model (0 = none)")
+    calibrate: int = _f(1, "warm-up requests per ladder level at start to seed the cost model (0 = none)")
     drain_seconds: float = _f(30.0, "on SIGTERM: how long in-flight requests may finish before exit")
     tls_cert: str = _f("", "PEM certificate chain; with tls_key, serve TLS")
     tls_key: str = _f("", "PEM private key")

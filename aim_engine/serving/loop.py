@@ -52,11 +52,13 @@ class ServingLoop:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    def limit(self, max_batch: int, prefill_tokens_per_step: int) -> None:
-        """The batching limits: most sequences decoding together, prompt tokens prefilled per step."""
+    def limit(self, max_batch: int, prefill_tokens_per_step: int | None = None) -> None:
+        """The batching limits: most sequences decoding together, prompt tokens prefilled per step (None: as
+        they are)."""
         with self._step_lock:
             self.scheduler.max_batch = max_batch
-            self.scheduler.prefill_tokens_per_step = prefill_tokens_per_step
+            if prefill_tokens_per_step is not None:
+                self.scheduler.prefill_tokens_per_step = prefill_tokens_per_step
 
     @property
     def max_batch(self) -> int:

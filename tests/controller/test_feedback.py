@@ -59,7 +59,7 @@ class FakeClock:
 
 def simulate(policy: str, seed: int = 0, slo: float = 1.0, duration: float = 600.0):
     """One server; Poisson arrivals whose rate ramps from 0.5/s to 4/s over the first half, then holds. Service
-    time per level; the real service is 30% slower than the latency model predicts (the margin must learn it),
+    time per level; the real service is 30% slower than the cost model predicts (the margin must learn it),
     with 15% noise. Returns per-request (arrival, latency, level) and the margins over time."""
     rng = random.Random(seed)
     clock = FakeClock()
