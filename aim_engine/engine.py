@@ -1,6 +1,6 @@
 """The engine: a request and a ReductionPlan in, streamed tokens and per-request stats out.
 
-    request ─decode_request (prepare.py)─▶ DecodedRequest (media decoded, prompt tokenized, cost shape)
+    request ─ingest (prepare.py)─▶ IngestedRequest (media decoded, prompt tokenized, cost shape)
     ─serving loop (serving/)─▶ vision (vision.py), assembly (assembly.py), prefill with pruning (decoder.py) into
     the KV pool (kv_pool.py), then batched decode steps with every other running request ─▶ tokens
 
@@ -28,7 +28,7 @@ from .feature_cache import FeatureCache, default_capacity_bytes
 from .flops import LLMShape
 from .media import MediaLimits
 from .plan import PLAN_FILE, PlanError, ReductionPlan, plan_from_dict
-from .prepare import DecodedRequest, PreparedPrompt, Preparer
+from .prepare import IngestedRequest, PreparedPrompt, Preparer
 from .request import GenerationRequest, GenerationResult, RequestStats, Timings, TokenDelta
 from .kv_pool import KVPool
 from .serving.prefix_cache import PrefixCache
@@ -184,11 +184,11 @@ class AimEngine:
         used = 1.0 - (free + cached_unused) / outside if outside > 0 else 1.0
         return max(kv, min(1.0, max(0.0, used)))
 
-    def decode_request(self, request: GenerationRequest, should_stop: Callable[[], bool] | None = None,
-                       reserve: Callable[[int], None] | None = None) -> DecodedRequest:
-        """The request taken in once (Preparer.decode_request: text checked, media decoded under the budgets,
+    def ingest(self, request: GenerationRequest, should_stop: Callable[[], bool] | None = None,
+                       reserve: Callable[[int], None] | None = None) -> IngestedRequest:
+        """The request taken in once (Preparer.ingest: text checked, media decoded under the budgets,
         prompt tokenized), refused if its prompt and answer cannot fit the model's context."""
-        decoded = self.preparer.decode_request(request, should_stop, reserve)
+        decoded = self.preparer.ingest(request, should_stop, reserve)
         self.check_context(decoded.shape, request.sampling.max_new_tokens)
         return decoded
 
@@ -198,8 +198,8 @@ class AimEngine:
 
     def shape_of(self, request: GenerationRequest) -> RequestShape:
         """The request's token counts per media item and of its text; refuses a request whose prompt and answer
-        cannot fit the model's context (every path to a cost or a sequence goes through decode_request)."""
-        return self.decode_request(request).shape
+        cannot fit the model's context (every path to a cost or a sequence goes through ingest)."""
+        return self.ingest(request).shape
 
     def cost(self, shape: RequestShape, plan: ReductionPlan) -> CostEstimate:
         return cost(self.shape, shape, plan)
@@ -230,9 +230,9 @@ class AimEngine:
     # ---- running --------------------------------------------------------------------------------
     def sequence(self, request: GenerationRequest, plan: ReductionPlan, emit: Callable[[object], None],
                  should_stop: Callable[[], bool] | None = None) -> Sequence:
-        """A sequence for the serving loop, of a DecodedRequest (another request is taken in first). Raises the
+        """A sequence for the serving loop, of a IngestedRequest (another request is taken in first). Raises the
         request's errors."""
-        request = self.decode_request(request)
+        request = self.ingest(request)
         plan.check_depth(self.num_layers)
         estimate = self.cost(request.shape, plan)
         return Sequence(request=request, plan=plan, kv_tokens=kv_tokens(estimate, request.sampling.max_new_tokens),
@@ -247,7 +247,7 @@ class AimEngine:
         returns True generation ends with finish_reason 'cancelled'."""
         plan = plan or ReductionPlan()
         t0 = time.perf_counter()
-        request = self.decode_request(request)
+        request = self.ingest(request)
         media_s = time.perf_counter() - t0
         events: queue.SimpleQueue = queue.SimpleQueue()
         seq = self.sequence(request, plan, events.put, should_stop)

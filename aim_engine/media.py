@@ -49,12 +49,12 @@ def rgb_bytes(width: int, height: int, frames: int = 1) -> int:
 
 
 def image_info(data: bytes, mime_type: str, limits: MediaLimits = MediaLimits()) -> tuple[int, int]:
-    """(width, height) from the image's header, without decoding its pixels; the same checks as decode_image."""
+    """(width, height) from the image's header, without decoding its pixels; the same checks as read_image."""
     with _open_image(data, mime_type, limits) as img:
         return img.size
 
 
-def decode_image(data: bytes, mime_type: str, limits: MediaLimits = MediaLimits()) -> Image.Image:
+def read_image(data: bytes, mime_type: str, limits: MediaLimits = MediaLimits()) -> Image.Image:
     """PNG, JPEG, WebP, GIF (first frame) -> RGB image, upright (EXIF orientation applied). Any mode Pillow
     reads (palette, alpha — composited on white —, CMYK, 16-bit, greyscale) is converted to 8-bit RGB."""
     try:
@@ -125,7 +125,7 @@ class VideoInfo:
     rate: float | None  # frames per second of the stream
 
 
-def decode_video(data: bytes, mime_type: str, num_frames: int, limits: MediaLimits = MediaLimits(),
+def read_video(data: bytes, mime_type: str, num_frames: int, limits: MediaLimits = MediaLimits(),
                  frame_size: FrameSize | None = None, budget_bytes: int | None = None,
                  should_stop: Callable[[], bool] | None = None,
                  reserve: Callable[[int], None] | None = None) -> VideoClip:

@@ -224,8 +224,10 @@ class PlanField:
     """One ReductionPlan field as every input form sees it: the CLI flags, the KServe parameters (`aim_<name>`),
     the HTTP API's JSON, eval's `key=value` and the plan file all read this table. `value_type` is the type a
     typed wire (JSON, KServe) carries; `parse` reads the field's text form. `role` says whether the field sets how
-    much is reduced ("amount") or how ("method"). A field not given takes ReductionPlan's default (or, on top of a
-    base plan, the base's value; a merge or prune field given replaces the base's whole merge or prune group)."""
+    much is reduced ("amount") or how ("method"). The one rule for a field not given (plan_from_values): it keeps
+    the base's value, and a merge or prune field given replaces the base's whole merge or prune group. The base is
+    the empty plan on the wires (proto, KServe, HTTP) and in plan files, the model's default plan's rules (its
+    "method" fields) on the command line, and the plan an eval spec is written on (`default,...`)."""
 
     name: str
     value_type: type

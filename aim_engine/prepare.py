@@ -1,6 +1,6 @@
 """A request taken in at request level, once: its text checked, its media bytes decoded into images/frames under
 the limits (or found in the feature cache), its prompt rendered through the chat template and tokenized, its cost
-shape computed: one DecodedRequest that cost, admission, the sequence and the prefill all read. `prepare` then
+shape computed: one IngestedRequest that cost, admission, the sequence and the prefill all read. `prepare` then
 turns it into LLM input: vision (vision.py) and the assembly (assembly.py). Knows the adapter, the tokenizer and
 the media limits; nothing of the KV cache or the serving loop.
 
@@ -24,13 +24,13 @@ from .cost import RequestShape
 from .assembly import PreparedPrompt, assemble_prompt
 from .errors import Cancelled, MediaError, RequestError
 from .feature_cache import CachedMedia, FeatureCache, MediaKey
-from .media import MediaLimits, decode_image, decode_video, image_info, rgb_bytes
+from .media import MediaLimits, read_image, read_video, image_info, rgb_bytes
 from .plan import ReductionPlan
 from .request import GenerationRequest, ImagePart, Part, TextPart, Timings, VideoPart
 
 
 @dataclass
-class DecodedRequest(GenerationRequest):
+class IngestedRequest(GenerationRequest):
     """A request taken in once: its media decoded under the limits (or found in the feature cache), its text
     validated, its prompt rendered and tokenized, its cost shape known. Cost, admission, the sequence and the
     prefill all read this one value; none of them decodes, validates or tokenizes again.
@@ -42,7 +42,7 @@ class DecodedRequest(GenerationRequest):
     shape: RequestShape | None = None
 
 
-class _DecodeBudget:
+class _PixelBudget:
     """What a request's decoded media may still take (`limits.max_decoded_bytes` less what is taken), and the
     server's reservation of memory for what is held."""
 
@@ -80,21 +80,21 @@ class Preparer:
             return None
         return MediaKey.of(kind, sampling, chunks)
 
-    def decode_request(self, request: GenerationRequest, should_stop: Callable[[], bool] | None = None,
+    def ingest(self, request: GenerationRequest, should_stop: Callable[[], bool] | None = None,
                        reserve: Callable[[int], None] | None = None) -> GenerationRequest:
-        """The request taken in once (DecodedRequest): its text checked first, then its media decoded (bytes ->
-        images/frames, see decode_media for the limits, `should_stop` and `reserve`), then the prompt rendered and
+        """The request taken in once (IngestedRequest): its text checked first, then its media decoded (bytes ->
+        images/frames, see read_media for the limits, `should_stop` and `reserve`), then the prompt rendered and
         tokenized and its cost shape computed. A request already decoded is returned as it is."""
-        if isinstance(request, DecodedRequest):
+        if isinstance(request, IngestedRequest):
             return request
         self.validate(request)
-        decoded = GenerationRequest(self.decode_media(request, should_stop, reserve), request.sampling,
+        decoded = GenerationRequest(self.read_media(request, should_stop, reserve), request.sampling,
                                     request.system, request.turns)
         ids = tuple(self.tokenizer(self.render_prompt(decoded), add_special_tokens=False)["input_ids"])
-        return DecodedRequest(decoded.parts, request.sampling, request.system, request.turns, ids=ids,
+        return IngestedRequest(decoded.parts, request.sampling, request.system, request.turns, ids=ids,
                               shape=self._shape(decoded.parts, ids))
 
-    def decode_media(self, request: GenerationRequest, should_stop: Callable[[], bool] | None = None,
+    def read_media(self, request: GenerationRequest, should_stop: Callable[[], bool] | None = None,
                      reserve: Callable[[int], None] | None = None) -> list[Part]:
         """Bytes -> images/frames, validated against the limits. Each item's decoded size is known from its
         header before its pixels are decoded: the request's total is held to `limits.max_decoded_bytes`
@@ -104,17 +104,17 @@ class Preparer:
         items = sum(isinstance(p, (ImagePart, VideoPart, CachedMedia)) for p in request.parts)
         if items > limits.max_items:
             raise RequestError(f"the request has {items} images and videos; the limit is {limits.max_items}")
-        budget = _DecodeBudget(limits.max_decoded_bytes, reserve)
+        budget = _PixelBudget(limits.max_decoded_bytes, reserve)
         out = []
         for part in request.parts:
             if should_stop is not None and should_stop():
                 raise Cancelled()
             if isinstance(part, ImagePart) and part.image is None:
-                out.append(self._decode_image(part, budget))
+                out.append(self._read_image(part, budget))
             elif isinstance(part, VideoPart) and part.frames is None and part.encoded_frames is not None:
-                out.append(self._decode_frames(part, budget, should_stop))
+                out.append(self._read_frames(part, budget, should_stop))
             elif isinstance(part, VideoPart) and part.frames is None:
-                out.append(self._decode_clip(part, budget, should_stop))
+                out.append(self._read_clip(part, budget, should_stop))
             else:
                 if isinstance(part, VideoPart):
                     self._check_frames(part.frames)
@@ -127,7 +127,7 @@ class Preparer:
         if len(frames) > self.limits.max_frames:
             raise RequestError(f"a video has {len(frames)} frames; the limit is {self.limits.max_frames}")
 
-    def _cached(self, kind: str, key: MediaKey | None, budget: "_DecodeBudget") -> CachedMedia | None:
+    def _cached(self, kind: str, key: MediaKey | None, budget: "_PixelBudget") -> CachedMedia | None:
         """A hit skips decoding, not the limits: it counts what decoding it took, so a request is refused or
         served the same whether its media are in the cache or not (nothing is held for it)."""
         media = None if key is None else self.feature_cache.peek(key)
@@ -136,19 +136,19 @@ class Preparer:
         budget.take(media.decoded_bytes, f"a cached {kind}", held=False)
         return CachedMedia(kind, key, media)
 
-    def _image(self, data: bytes, mime: str, what: str, budget: "_DecodeBudget") -> Image.Image:
+    def _image(self, data: bytes, mime: str, what: str, budget: "_PixelBudget") -> Image.Image:
         width, height = image_info(data, mime, self.limits)
         budget.take(rgb_bytes(width, height), f"{what} of {width}x{height}")
-        return decode_image(data, mime, self.limits)
+        return read_image(data, mime, self.limits)
 
-    def _decode_image(self, part: ImagePart, budget: "_DecodeBudget") -> Part:
+    def _read_image(self, part: ImagePart, budget: "_PixelBudget") -> Part:
         if part.data is None:
             raise RequestError("an image part has neither bytes nor a decoded image")
         key = self._cache_key("image", part.mime_type, [part.data])
         return self._cached("image", key, budget) or ImagePart(
             image=self._image(part.data, part.mime_type, "an image", budget), cache_key=key)
 
-    def _decode_frames(self, part: VideoPart, budget: "_DecodeBudget", should_stop) -> Part:
+    def _read_frames(self, part: VideoPart, budget: "_PixelBudget", should_stop) -> Part:
         """A video sent as encoded frames."""
         self._check_frames(part.encoded_frames)
         key = self._cache_key("video", f"frames given, fps={part.fps}",
@@ -163,7 +163,7 @@ class Preparer:
             frames.append(self._image(data, mime, "a video frame", budget))
         return VideoPart(frames=frames, fps=part.fps, cache_key=key)
 
-    def _decode_clip(self, part: VideoPart, budget: "_DecodeBudget", should_stop) -> Part:
+    def _read_clip(self, part: VideoPart, budget: "_PixelBudget", should_stop) -> Part:
         """A video file: only the frames sampling needs are decoded, within what the budget leaves."""
         if part.data is None:
             raise RequestError("a video part has neither bytes nor decoded frames")
@@ -171,7 +171,7 @@ class Preparer:
         hit = self._cached("video", key, budget)
         if hit is not None:
             return hit
-        clip = decode_video(part.data, part.mime_type, part.num_frames, self.limits,
+        clip = read_video(part.data, part.mime_type, part.num_frames, self.limits,
                             frame_size=self.adapter.video_frame_size, budget_bytes=budget.left,
                             should_stop=should_stop, reserve=budget.reserve)
         budget.left -= sum(rgb_bytes(*f.size) for f in clip.frames)
@@ -226,12 +226,12 @@ class Preparer:
     def prepare(self, request: GenerationRequest, plan: ReductionPlan, timings: Timings | None = None,
                 media: list[EncodedMedia] | None = None, should_stop: Callable[[], bool] | None = None
                 ) -> PreparedPrompt:
-        """`request`: a DecodedRequest (else taken in here: evaluation, tests). `media`: its media already through
+        """`request`: a IngestedRequest (else taken in here: evaluation, tests). `media`: its media already through
         the vision tower (`encode_batch`); else encoded here, polling `should_stop` (raises Cancelled)."""
         timings = timings or Timings()
-        if not isinstance(request, DecodedRequest):
+        if not isinstance(request, IngestedRequest):
             t0 = time.perf_counter()
-            request = self.decode_request(request, should_stop)
+            request = self.ingest(request, should_stop)
             timings.media_s = time.perf_counter() - t0
         plan.check_depth(self.num_layers)
         if media is None:
@@ -245,7 +245,7 @@ class Preparer:
 
     def shape_of(self, request: GenerationRequest) -> RequestShape:
         """What a request's cost depends on, under any plan: its media's merge groups and its text length."""
-        return self.decode_request(request).shape
+        return self.ingest(request).shape
 
     def _shape(self, parts: list[Part], ids: tuple[int, ...]) -> RequestShape:
         images = [p.image for p in parts if isinstance(p, ImagePart)]

@@ -160,7 +160,7 @@ def main() -> None:
 
     rows = []
     for workload in args.workloads:
-        request = engine.decode_request(GenerationRequest(parts, workloads[workload]))
+        request = engine.ingest(GenerationRequest(parts, workloads[workload]))
         for concurrency in args.concurrency:
             runs: dict[tuple[str, str], list[dict]] = {}
             for _ in range(args.repeats):

@@ -7,7 +7,8 @@ import argparse
 import math
 from pathlib import Path
 
-from aim_engine.plan import PLAN_FIELD, PLAN_FIELDS, PRE_LLM_METHODS, PlanError, ReductionPlan, parse_prune_stages
+from aim_engine.plan import (PLAN_FIELD, PLAN_FIELDS, PRE_LLM_METHODS, PlanError, ReductionPlan, parse_prune_stages,
+                             plan_from_values)
 from controller.policy import PRIORITIES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -113,21 +114,25 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
 
 
 def plan_from_flags(args, model_default) -> ReductionPlan | None:
-    """The explicit plan the flags give, or None when they give none. `model_default` is called, only when needed,
-    for the model's default plan, whose rules fill the ones not given."""
-    if not (args.merge_tokens or args.merge_retention or args.prune or args.prune_stages):
-        given = [f"--{name.replace('_', '-')}" for name in HOW_FIELDS if getattr(args, name) is not None]
+    """The explicit plan the flags give, or None when they give none, by the plan's one rule (plan_from_values) on
+    the base of the model's default rules: how much to reduce is the flags' alone, how (ranking, reducer,
+    positions, attention) the flags' where given, else the model's default plan's. `model_default` is called, only
+    when a rule is not given, for the model's default plan."""
+    given = {name: getattr(args, name) for name in ("merge_tokens", "merge_retention", "prune_stages", *HOW_FIELDS)
+             if getattr(args, name) not in (None, ())}
+    if args.prune:
+        given["prune_start"], given["prune_end"] = args.prune
+    if not set(given) - set(HOW_FIELDS):
         if given:
-            raise PlanError(f"{', '.join(given)} only say how to reduce: add --merge-tokens, --merge-retention, "
+            flags = [f"--{name.replace('_', '-')}" for name in HOW_FIELDS if name in given]
+            raise PlanError(f"{', '.join(flags)} only say how to reduce: add --merge-tokens, --merge-retention, "
                             "--prune or --prune-stages to say how much")
         return None
-    rules = {name: getattr(args, name) for name in HOW_FIELDS}
-    if any(value is None for value in rules.values()):
-        base = model_default()
-        rules = {name: getattr(base, name) if value is None else value for name, value in rules.items()}
-    prune = args.prune or (None, None)
-    return ReductionPlan(merge_tokens=args.merge_tokens, merge_retention=args.merge_retention,
-                         prune_start=prune[0], prune_end=prune[1], prune_stages=args.prune_stages or (), **rules)
+    rules = ReductionPlan()
+    if any(name not in given for name in HOW_FIELDS):
+        default = model_default()
+        rules = ReductionPlan(**{name: getattr(default, name) for name in HOW_FIELDS})
+    return plan_from_values(given, rules)
 
 
 def choose_plan(args, model_default, auto: bool) -> tuple[str, ReductionPlan | None]:

@@ -3,69 +3,13 @@ a message the caller can act on; unexpected failures are logged here and answere
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
-import uuid
-from contextlib import asynccontextmanager
-
-import grpc
-
 from aim_engine import TokenDelta
 
 from .convert import estimate_to_proto, plan_to_proto, request_from_proto, response_to_proto
 from .proto.aim.v1 import aim_service_pb2 as pb
 from .proto.aim.v1 import aim_service_pb2_grpc as pb_grpc
+from .grpc_status import deadline_of, status_mapping
 from .registry import ServedModels
-from .types import ServiceError, to_service_error
-
-log = logging.getLogger("aim.service")
-
-STATUS = {
-    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
-    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "deadline_exceeded": grpc.StatusCode.DEADLINE_EXCEEDED,
-    "unavailable": grpc.StatusCode.UNAVAILABLE,
-    "not_found": grpc.StatusCode.NOT_FOUND,
-    "internal": grpc.StatusCode.INTERNAL,
-    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
-    "cancelled": grpc.StatusCode.CANCELLED,
-}
-
-
-def deadline_of(context) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
-
-
-@asynccontextmanager
-async def status_mapping(context, models: ServedModels, model: str, count: bool = True):
-    """Maps exceptions to gRPC statuses and counts the outcome of a generation request (`model`: the metrics
-    label, ServedModels.model_label)."""
-    outcome = "ok"
-    try:
-        yield
-    except ServiceError as exc:
-        outcome = exc.status
-        await context.abort(STATUS[exc.status], str(exc))
-    except grpc.aio.AbortError:
-        raise
-    except (asyncio.CancelledError, GeneratorExit):  # the client cancelled or went away
-        outcome = "cancelled"
-        raise
-    except BaseException as exc:  # noqa: BLE001
-        err = to_service_error(exc)
-        outcome = err.status
-        if err.status == "internal":
-            incident = uuid.uuid4().hex[:12]
-            log.exception("internal error (incident %s)", incident)
-            await context.abort(STATUS["internal"], f"internal error (incident {incident}); the server log has "
-                                                    "the details")
-        await context.abort(STATUS[err.status], str(err))
-    finally:
-        if count:
-            models.count_outcome(model, outcome)
-
 
 class AimServicer(pb_grpc.AimServiceServicer):
     def __init__(self, state: ServedModels):

@@ -22,7 +22,7 @@ from aim_engine.mime import sniff_mime_type
 from aim_engine.plan import PLAN_FIELDS, format_prune_stages, plan_from_values
 from controller.policy import PRIORITIES
 
-from .aim_api import deadline_of, status_mapping
+from .grpc_status import deadline_of, status_mapping
 from .registry import ServedModels
 from .proto.inference import grpc_service_pb2 as pb
 from .proto.inference import grpc_service_pb2_grpc as pb_grpc

@@ -1,20 +1,15 @@
-"""A served model: admission, plan choice, and the engine's serving loop, streamed to asyncio.
+"""A served model, whatever wire its requests come on: admission (admission.py), media memory (media_memory.py),
+the plan choice (plan_choice.py), the engine's serving loop streamed to asyncio, and the one `observe` of every
+answer (metrics, caches, the controller).
 
-No protobuf here: requests come in as engine types plus a `Reduction` choice; errors leave as ServiceError
-with a status name the gRPC layer maps. The event loop never runs model or media work: media are decoded on a
-small executor, the model runs on the engine's loop thread (one per model), which serves every admitted
-request together (continuous batching: up to the engine's max_batch sequences decode in one step).
-
-Admission (at arrival, before any work):
-- `max_batch + max_queue` requests already in the system (decoding media, waiting or running)
-  -> resource_exhausted;
-- the request's deadline cannot cover the expected queue wait plus the fastest recent service time
-  -> deadline_exceeded;
-- its KV need (its plan's tokens per layer + max new tokens) exceeds the whole KV pool -> resource_exhausted.
-Auto plans (once its media are decoded): budget = min(SLO, remaining deadline); the controller's `decide` picks
-the highest ladder level whose predicted latency fits. If none fits, the request is served best-effort at the
-cheapest allowed level, unless even that is predicted to miss its deadline -> deadline_exceeded.
-Cancellation and deadlines stop a request between prefill layers and at every decode step, and free its KV.
+No protobuf or HTTP here: requests come in as engine types plus a `Reduction` choice; errors leave as ServiceError
+with a status name each wire maps. The event loop never runs model or media work: media are read on a small
+executor, the model runs on the engine's loop thread (one per model), which serves every admitted request together
+(continuous batching: up to the engine's max_batch sequences decode in one step). A request whose KV need exceeds
+the whole pool -> resource_exhausted. Auto plans (once its media are read): the controller picks the highest ladder
+level whose predicted latency fits; if none does, it is served best-effort at the cheapest allowed level, unless
+even that is predicted to miss its deadline -> deadline_exceeded. Cancellation and deadlines stop a request
+between prefill layers and at every decode step, and free its KV.
 """
 
 from __future__ import annotations
@@ -23,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import AsyncIterator
@@ -38,6 +32,7 @@ from controller.cost_model import Observation
 from controller.policy import default_ladder
 
 from . import allocator
+from .admission import Admission
 from .metrics import ServiceMetrics, slo_class
 from .media_memory import MediaMemory, RequestSlot
 from .plan_choice import PlanChoice
@@ -48,7 +43,6 @@ from .warmup import warm_up
 log = logging.getLogger("aim.service")
 
 DEFAULT_MEDIA_MEMORY_BYTES = Settings.media_memory_bytes  # decoded media held by one model's requests
-SERVICE_TIME_WINDOW = 32  # recent service times (on a worker, queueing excluded) used to predict queue waits
 
 
 class ModelRuntime:
@@ -67,10 +61,9 @@ class ModelRuntime:
         self.plans = PlanChoice(name, engine, self.controller, metrics, default_slo_s)
         self._media_executor = ThreadPoolExecutor(media_workers, thread_name_prefix=f"aim-{name}-media")
         self.media_memory = MediaMemory(max(media_memory_bytes, engine.preparer.limits.max_decoded_bytes))
-        self._in_system = 0  # admitted and not yet answered: decoding media, waiting or running
-        self._service_times: deque[float] = deque(maxlen=SERVICE_TIME_WINDOW)
         self._cache_counts_seen: dict = {}  # (cache stats, field) -> the count already added to its metric
         self.loop = engine.loop  # its limits are the engine's (server.load_models sets the settings' once)
+        self.admission = Admission(name, self.loop, max_queue)
         metrics.model_loaded(name)
         metrics.watch_controller(name, self.controller)
         metrics.watch_engine(name, self)
@@ -85,25 +78,17 @@ class ModelRuntime:
     def max_batch(self) -> int:
         return self.loop.max_batch
 
-    # ---- load signals -------------------------------------------------------------------------
+    # ---- load signals (the admission's) ---------------------------------------------------------
     @property
     def running(self) -> int:
-        """Sequences in the running batch."""
-        return self.loop.num_running
+        return self.admission.running
 
     @property
     def waiting(self) -> int:
-        """Admitted requests not in the running batch (decoding media, or waiting for a place or KV memory)."""
-        return max(0, self._in_system - self.running)
+        return self.admission.waiting
 
     def expected_queue_wait(self) -> float:
-        """A newcomer waits only when the batch is full: then for its share of the requests ahead."""
-        if not self._service_times:
-            return 0.0
-        ahead = self._in_system - self.max_batch + 1
-        if ahead <= 0:
-            return 0.0
-        return ahead * (sum(self._service_times) / len(self._service_times)) / self.max_batch
+        return self.admission.expected_queue_wait()
 
     # ---- generation ---------------------------------------------------------------------------
     async def stream(self, request: GenerationRequest, reduction: Reduction, deadline: float | None = None
@@ -112,7 +97,7 @@ class ModelRuntime:
         answered, cut off by its deadline, rejected, cancelled by the client — reaches the controller."""
         arrival = time.monotonic()
         try:
-            self._admit(deadline, arrival)
+            self.admission.admit(deadline, arrival)
         except ServiceError as exc:
             self._record_outcome(exc.status, arrival, reduction, deadline)
             raise
@@ -123,7 +108,7 @@ class ModelRuntime:
         def push(item) -> None:
             loop.call_soon_threadsafe(events.put_nowait, item)
 
-        self._in_system += 1
+        self.admission.in_system += 1
         answered = False
         try:
             started = time.perf_counter()
@@ -149,9 +134,9 @@ class ModelRuntime:
             raise
         finally:
             slot.stop.set()  # client gone, cancelled, or done: the loop drops it at its next step boundary
-            self._in_system -= 1
+            self.admission.in_system -= 1
             self.media_memory.release(slot.close())
-            allocator.release_free_memory(idle=self._in_system == 0)
+            allocator.release_free_memory(idle=self.admission.in_system == 0)
 
     async def generate(self, request: GenerationRequest, reduction: Reduction, deadline: float | None = None
                        ) -> Finished:
@@ -163,25 +148,11 @@ class ModelRuntime:
                     return event
         raise RuntimeError("generation ended without a result")
 
-    def _admit(self, deadline: float | None, now: float) -> None:
-        limit = self.max_batch + self.max_queue
-        if self._in_system >= limit:
-            raise ServiceError("resource_exhausted",
-                               f"model {self.name} has {self.running} requests running and {self.waiting} waiting "
-                               f"(limit {self.max_batch} + {self.max_queue}); retry with backoff")
-        if deadline is not None and self._service_times:
-            fastest = min(self._service_times)
-            needed = self.expected_queue_wait() + fastest
-            if deadline - now < needed:
-                raise ServiceError("deadline_exceeded",
-                                   f"the deadline ({deadline - now:.3f}s left) cannot cover the expected queue wait "
-                                   f"and service time ({needed:.3f}s); raise the deadline or retry later")
-
     def _submit(self, request: GenerationRequest, reduction: Reduction, slot: RequestSlot, arrival: float,
                 started: float, push):
         """On the media executor: decode media, choose the plan, hand the sequence to the engine's loop."""
         t0 = time.monotonic()
-        decoded = self._decode_media(request, slot)
+        decoded = self._ingest(request, slot)
         media_s = time.monotonic() - t0
         if slot.should_stop():
             raise self._stopped(slot, "while the request's media were decoded")
@@ -204,7 +175,7 @@ class ModelRuntime:
                   started: float, slo_s: float | None) -> Finished:
         total_s = time.perf_counter() - started
         queue_s = max(0.0, seq.started - started - media_s) if seq.started else total_s
-        self._service_times.append(total_s - queue_s)  # media, prefill and decode: what a queued request waits for
+        self.admission.service_times.append(total_s - queue_s)  # media, prefill and decode: what a queued request waits for
         if result.finish_reason == "cancelled" and not slot.stop.is_set():
             # stopped by its own deadline, not by the client: the RPC fails as such instead of answering a part
             raise ServiceError("deadline_exceeded", f"the deadline passed after {len(result.token_ids)} "
@@ -213,7 +184,7 @@ class ModelRuntime:
         self.observe(done, seq.sampling, slo_s)
         return done
 
-    def _decode_media(self, request: GenerationRequest, slot: RequestSlot) -> GenerationRequest:
+    def _ingest(self, request: GenerationRequest, slot: RequestSlot) -> GenerationRequest:
         parts = [replace(p, num_frames=p.num_frames or self.default_frames) if isinstance(p, VideoPart) else p
                  for p in request.parts]
 
@@ -224,7 +195,7 @@ class ModelRuntime:
                 raise Cancelled()
 
         try:
-            return self.engine.decode_request(replace(request, parts=parts),
+            return self.engine.ingest(replace(request, parts=parts),
                                               slot.should_stop, reserve)
         except Cancelled:
             raise self._stopped(slot, "while the request's media were decoded") from None
@@ -309,26 +280,26 @@ class ModelRuntime:
 
     def calibrate(self, rounds: int = 1) -> None:
         """Warm-up before the first real request (service/warmup.py); not counted as traffic."""
-        self._service_times.extend(warm_up(self.engine, self.controller, rounds))
+        self.admission.service_times.extend(warm_up(self.engine, self.controller, rounds))
 
     # ---- estimates ----------------------------------------------------------------------------
     async def estimate(self, request: GenerationRequest, reduction: Reduction) -> Estimate:
         """Decodes the media to know their sizes, so it goes through the same admission and media memory as a
         generation; it changes nothing in the controller."""
-        self._admit(None, time.monotonic())
+        self.admission.admit(None, time.monotonic())
         slot = RequestSlot()
-        self._in_system += 1
+        self.admission.in_system += 1
         try:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._media_executor, self._estimate, request, reduction, slot)
         finally:
             slot.stop.set()
-            self._in_system -= 1
+            self.admission.in_system -= 1
             self.media_memory.release(slot.close())
-            allocator.release_free_memory(idle=self._in_system == 0)
+            allocator.release_free_memory(idle=self.admission.in_system == 0)
 
     def _estimate(self, request: GenerationRequest, reduction: Reduction, slot: RequestSlot) -> Estimate:
-        decoded = self._decode_media(request, slot)
+        decoded = self._ingest(request, slot)
         # as if it arrived now, media still to decode: the plan and prediction a Generate of it would get
         shape = decoded.shape
         applied = self._choose(decoded, shape, reduction, None, time.monotonic(), record=False)

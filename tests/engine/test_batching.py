@@ -52,7 +52,7 @@ class Run:
 
     def add(self, key, request: GenerationRequest, plan: ReductionPlan, should_stop=None):
         events = self.events.setdefault(key, [])
-        seq = self.engine.sequence(self.engine.decode_request(request), plan, events.append, should_stop)
+        seq = self.engine.sequence(self.engine.ingest(request), plan, events.append, should_stop)
         seq.logits = []
         self.engine.loop.add(seq)
         self.seqs[key] = seq
@@ -169,7 +169,7 @@ def small_pool_engine(engine: AimEngine, kv_bytes: int, max_batch: int = 8) -> A
 def test_pool_holds_its_budget_queues_what_does_not_fit_and_gets_every_block_back(engine_for):
     base = engine_for("llava_onevision", layers=5)
     requests = mixed_requests("llava_onevision")
-    needs = [base.sequence(base.decode_request(r), p, emit=print).kv_tokens for r, p in requests]
+    needs = [base.sequence(base.ingest(r), p, emit=print).kv_tokens for r, p in requests]
     block_bytes = base.pool.block_bytes
     # room for the largest request and a little more: the rest must wait their turn
     largest = max(base.pool.blocks_for(t) for t in needs)

@@ -18,7 +18,7 @@ STEPS = 12
 def hf_inputs(engine, request):
     """The same request as transformers' generate takes it: expanded placeholders + pixel tensors."""
     adapter, tok = engine.adapter, engine.tokenizer
-    parts = engine.preparer.decode_media(request)
+    parts = engine.preparer.read_media(request)
     media = engine.preparer.encode_media(parts)
     ids = tok(engine.preparer.render_prompt(request), add_special_tokens=False)["input_ids"]
     counts = iter(rows for m in media for rows in adapter.placeholder_spans(m))

@@ -85,7 +85,7 @@ def test_two_requests_of_one_batch_compute_shared_media_once(engine_for):
     video = VideoPart(data=encode_video(frames=12), mime_type="video/mp4", num_frames=4)
     image = ImagePart(data=encode_image("PNG", seed=5), mime_type="image/png")
     requests = [GenerationRequest([video, image, TextPart(q)]) for q in ("What happens?", "Which colour?")]
-    decoded = [engine.decode_request(r).parts for r in requests]  # both decoded before either is encoded
+    decoded = [engine.ingest(r).parts for r in requests]  # both decoded before either is encoded
     seen = []
     adapter = engine.adapter
     encode_videos, encode_image_sets = adapter.encode_videos, adapter.encode_image_sets
@@ -160,12 +160,12 @@ def test_a_hit_is_refused_or_served_as_computing_would(engine_for):
     engine.generate(ok, ReductionPlan())
     flv = GenerationRequest([VideoPart(data=video, mime_type="video/x-flv", num_frames=4), TextPart("What?")])
     with pytest.raises(MediaError, match="unsupported video type"):
-        engine.decode_request(flv)
-    decoded = engine.feature_cache.peek(engine.decode_request(ok).parts[0].key).decoded_bytes
+        engine.ingest(flv)
+    decoded = engine.feature_cache.peek(engine.ingest(ok).parts[0].key).decoded_bytes
     assert decoded > 0
     tight = AimEngine(engine.adapter, limits=dataclasses.replace(engine.limits, max_decoded_bytes=2 * decoded - 1),
                       kv_cache_bytes=KV, feature_cache_bytes=0)
     tight.caches.features = engine.feature_cache  # warm, but with a limit two copies exceed
     twice = GenerationRequest([VideoPart(data=video, mime_type="video/mp4", num_frames=4)] * 2 + [TextPart("What?")])
     with pytest.raises(MediaError, match="decoded-media limit"):
-        tight.decode_request(twice)
+        tight.ingest(twice)

@@ -1,14 +1,14 @@
 import pytest
 
 from aim_engine.errors import MediaError
-from aim_engine.media import MediaLimits, decode_image, decode_video, sample_frame_indices
+from aim_engine.media import MediaLimits, read_image, read_video, sample_frame_indices
 from tests.media_samples import encode_audio_only, encode_image, encode_video
 
 
 @pytest.mark.parametrize("fmt,mime", [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("WEBP", "image/webp"),
                                       ("GIF", "image/gif")])
 def test_images_decode_to_rgb(fmt, mime):
-    img = decode_image(encode_image(fmt), mime)
+    img = read_image(encode_image(fmt), mime)
     assert img.mode == "RGB" and img.size == (64, 48)
 
 
@@ -16,7 +16,7 @@ def test_images_decode_to_rgb(fmt, mime):
                                                   ("webm", "libvpx", "video/webm"),
                                                   ("matroska", "mpeg4", "video/x-matroska")])
 def test_videos_decode_and_sample_uniformly(container, codec, mime):
-    clip = decode_video(encode_video(container, codec), mime, num_frames=4)
+    clip = read_video(encode_video(container, codec), mime, num_frames=4)
     frames = clip.frames
     assert clip.fps == pytest.approx(4 / 1.0, rel=0.1)  # 12 frames at 12 fps = 1 s, 4 sampled
     assert len(frames) == 4 and all(f.size == (64, 64) for f in frames)
@@ -39,16 +39,16 @@ def test_frame_sampling_indices():
 ])
 def test_bad_images(data, mime, reason, message):
     with pytest.raises(MediaError, match=message) as err:
-        decode_image(data, mime)
+        read_image(data, mime)
     assert err.value.reason == reason
 
 
 def test_image_limits():
     with pytest.raises(MediaError, match="pixels") as err:
-        decode_image(encode_image("PNG"), "image/png", MediaLimits(max_pixels=1000))
+        read_image(encode_image("PNG"), "image/png", MediaLimits(max_pixels=1000))
     assert err.value.reason == MediaError.TOO_LARGE
     with pytest.raises(MediaError, match="bytes") as err:
-        decode_image(encode_image("PNG"), "image/png", MediaLimits(max_bytes=100))
+        read_image(encode_image("PNG"), "image/png", MediaLimits(max_bytes=100))
     assert err.value.reason == MediaError.TOO_LARGE
 
 
@@ -63,13 +63,13 @@ def test_image_limits():
 ])
 def test_bad_videos(data, mime, frames, reason, message):
     with pytest.raises(MediaError, match=message) as err:
-        decode_video(data, mime, frames)
+        read_video(data, mime, frames)
     assert err.value.reason == reason
 
 
 def test_video_pixel_limit():
     with pytest.raises(MediaError, match="pixels") as err:
-        decode_video(encode_video(), "video/mp4", 2, MediaLimits(max_pixels=64 * 32))
+        read_video(encode_video(), "video/mp4", 2, MediaLimits(max_pixels=64 * 32))
     assert err.value.reason == MediaError.TOO_LARGE
 
 
@@ -97,7 +97,7 @@ def test_sampled_frames_are_exactly_the_frames_at_the_sampled_indices(container,
     through; either way each returned frame is the one at its sampled index, as decoding every frame would give."""
     from tests.media_samples import encode_counter_video, frame_index
 
-    clip = decode_video(encode_counter_video(container, codec), mime, wanted)
+    clip = read_video(encode_counter_video(container, codec), mime, wanted)
     assert [frame_index(f) for f in clip.frames] == sample_frame_indices(300, wanted)
     assert clip.fps == pytest.approx(wanted / 12.0, rel=0.02)  # 300 frames at 25 fps
 
@@ -106,7 +106,7 @@ def test_frames_are_decoded_at_the_size_the_model_uses():
     from tests.media_samples import encode_counter_video
 
     sizes = []
-    clip = decode_video(encode_counter_video(), "video/mp4", 4,
+    clip = read_video(encode_counter_video(), "video/mp4", 4,
                         frame_size=lambda w, h: sizes.append((w, h)) or (w // 2, h // 2))
     assert sizes == [(64, 32)] and {f.size for f in clip.frames} == {(32, 16)}
 
@@ -118,10 +118,10 @@ def test_the_decoded_bytes_are_budgeted_and_reserved_before_decoding():
     data = encode_counter_video()
     need = 8 * 64 * 32 * 3
     with pytest.raises(MediaError, match=f"8 frames of 64x32 take {need} bytes decoded") as err:
-        decode_video(data, "video/mp4", 8, budget_bytes=need - 1)
+        read_video(data, "video/mp4", 8, budget_bytes=need - 1)
     assert err.value.reason == MediaError.TOO_LARGE
     reserved = []
-    decode_video(data, "video/mp4", 8, budget_bytes=need, reserve=reserved.append)
+    read_video(data, "video/mp4", 8, budget_bytes=need, reserve=reserved.append)
     assert reserved == [need]
 
     class Full(Exception):
@@ -131,10 +131,10 @@ def test_the_decoded_bytes_are_budgeted_and_reserved_before_decoding():
         raise Full(nbytes)
 
     with pytest.raises(Full):  # the caller's error passes through, not turned into "corrupt media"
-        decode_video(data, "video/mp4", 8, reserve=refuse)
+        read_video(data, "video/mp4", 8, reserve=refuse)
     polls = []
     with pytest.raises(Cancelled):
-        decode_video(data, "video/mp4", 8, should_stop=lambda: polls.append(1) or True)
+        read_video(data, "video/mp4", 8, should_stop=lambda: polls.append(1) or True)
     assert len(polls) == 1  # stopped at the first poll, a few frames in
 
 
@@ -142,7 +142,7 @@ def test_stream_length_limit_is_checked_from_the_metadata():
     from tests.media_samples import encode_counter_video
 
     with pytest.raises(MediaError, match="300 frames; the limit is 100") as err:
-        decode_video(encode_counter_video(), "video/mp4", 4, MediaLimits(max_source_frames=100))
+        read_video(encode_counter_video(), "video/mp4", 4, MediaLimits(max_source_frames=100))
     assert err.value.reason == MediaError.TOO_LARGE
 
 
@@ -159,16 +159,16 @@ def test_image_modes_become_8_bit_rgb():
     import numpy as np
     from PIL import Image
 
-    cmyk = decode_image(_encoded(Image.new("CMYK", (20, 10), (0, 255, 255, 0)), "JPEG"), "image/jpeg")
+    cmyk = read_image(_encoded(Image.new("CMYK", (20, 10), (0, 255, 255, 0)), "JPEG"), "image/jpeg")
     assert cmyk.mode == "RGB" and np.asarray(cmyk)[5, 5, 0] > 200 and np.asarray(cmyk)[5, 5, 1] < 60  # red
     deep = Image.fromarray(np.full((10, 20), 65535, dtype=np.uint16))  # 16-bit greyscale, full white
-    assert np.asarray(decode_image(_encoded(deep, "PNG"), "image/png")).min() == 255
+    assert np.asarray(read_image(_encoded(deep, "PNG"), "image/png")).min() == 255
     rgba = Image.new("RGBA", (20, 10), (0, 0, 0, 0))  # fully transparent black: shows the white background
-    assert np.asarray(decode_image(_encoded(rgba, "PNG"), "image/png")).min() == 255
+    assert np.asarray(read_image(_encoded(rgba, "PNG"), "image/png")).min() == 255
     palette = Image.new("P", (20, 10), 1)
     palette.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
-    assert tuple(np.asarray(decode_image(_encoded(palette, "PNG"), "image/png"))[0, 0]) == (0, 0, 255)
-    grey = decode_image(_encoded(Image.new("L", (20, 10), 7), "WEBP", lossless=True), "image/webp")
+    assert tuple(np.asarray(read_image(_encoded(palette, "PNG"), "image/png"))[0, 0]) == (0, 0, 255)
+    grey = read_image(_encoded(Image.new("L", (20, 10), 7), "WEBP", lossless=True), "image/webp")
     assert grey.mode == "RGB" and tuple(np.asarray(grey)[0, 0]) == (7, 7, 7)
 
 
@@ -178,7 +178,7 @@ def test_exif_orientation_is_applied():
     img = Image.new("RGB", (40, 20), (10, 200, 10))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    decoded = decode_image(_encoded(img, "JPEG", exif=exif), "image/jpeg")
+    decoded = read_image(_encoded(img, "JPEG", exif=exif), "image/jpeg")
     assert decoded.size == (20, 40)
 
 
@@ -188,7 +188,7 @@ def test_a_small_file_that_expands_to_a_huge_image_is_refused_before_decoding():
     bomb = _encoded(Image.new("1", (8000, 6000)), "PNG", optimize=True)  # 48 MP from a few KB
     assert len(bomb) < 100_000
     with pytest.raises(MediaError, match="8000x6000 = 48000000 pixels; the limit is 40000000") as err:
-        decode_image(bomb, "image/png")
+        read_image(bomb, "image/png")
     assert err.value.reason == MediaError.TOO_LARGE
 
 
@@ -199,5 +199,5 @@ def test_an_animation_with_thousands_of_frames_gives_its_first_frame_quickly():
     for f in frames:
         f.putpalette(list(range(256)) * 3)
     gif = _encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=10)
-    img = decode_image(gif, "image/gif")
+    img = read_image(gif, "image/gif")
     assert img.size == (8, 8) and img.mode == "RGB"

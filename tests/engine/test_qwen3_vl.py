@@ -38,7 +38,7 @@ def test_a_video_is_written_as_timestamped_temporal_patches(engine_for):
             "<|vision_end|><1.1 seconds><|vision_start|><|video_pad|><|vision_end|>What happens?") in prompt
     assert prompt.count("<|vision_start|><|image_pad|><|vision_end|>") == 1  # an image is one placeholder
     # from the encoded items (a cache hit's) the same
-    media = engine.preparer.encode_media(engine.preparer.decode_media(_video_request()))
+    media = engine.preparer.encode_media(engine.preparer.read_media(_video_request()))
     assert engine.preparer.render_prompt(_video_request(), media) == prompt
 
 
@@ -77,7 +77,7 @@ def test_pruning_never_touches_the_timestamps(engine_for):
 def test_deepstack_levels_are_reduced_by_the_features_own_merge(engine_for):
     engine = engine_for("qwen3_vl")
     request = _video_request()
-    media = engine.preparer.encode_media(engine.preparer.decode_media(request))
+    media = engine.preparer.encode_media(engine.preparer.read_media(request))
     levels = len(engine.adapter.config.vision_config.deepstack_visual_indexes)
     for item in media:
         assert item.deepstack.shape == (levels, *item.features.shape)

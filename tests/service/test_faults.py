@@ -173,9 +173,9 @@ class _Raw:
 def test_the_heavy_clip_decodes_only_what_it_samples():
     """The clip of the issue: 900 frames of 1080p (the old decoder held every frame, 5.6 GB); 8 frames at the
     model's size come back, as the frames at their sampled indices."""
-    from aim_engine.media import decode_video, sample_frame_indices
+    from aim_engine.media import read_video, sample_frame_indices
 
-    clip = decode_video(heavy_clip(), "video/mp4", 8, frame_size=lambda w, h: (w // 10, h // 10))
+    clip = read_video(heavy_clip(), "video/mp4", 8, frame_size=lambda w, h: (w // 10, h // 10))
     assert len(clip.frames) == 8 and {f.size for f in clip.frames} == {(192, 108)}
     # the box moves 2 px a frame: where it is tells which frame was decoded
     import numpy as np

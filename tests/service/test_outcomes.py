@@ -56,14 +56,14 @@ def test_rejections_and_client_cancellations_reach_the_window_and_the_violation_
             client.generate("Hi", max_new_tokens=2, no_reduction=True)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         events.cancel()
-        wait_until(lambda: runtime._in_system == 0, "the held request to leave")
+        wait_until(lambda: runtime.admission.in_system == 0, "the held request to leave")
     assert len(_window(runtime)) == before + 2
 
 
 def test_a_request_cut_off_by_its_deadline_counts_at_its_deadline(make_server):
     srv = make_server(max_batch=1, max_new_tokens=HOLD_TOKENS)
     runtime = srv.running.state.runtimes["tiny-ov"]
-    runtime._service_times.clear()  # no history: admission lets it run
+    runtime.admission.service_times.clear()  # no history: admission lets it run
     violations = _violations(srv)
     with AimClient(srv.target, timeout=1.0) as hurried, pytest.raises(grpc.RpcError) as err:
         hurried.generate("Keep talking.", max_new_tokens=HOLD_TOKENS, ignore_eos=True, slo_ms=SLO_MS)
@@ -92,7 +92,7 @@ def test_estimate_cost_goes_through_admission_and_leaves_the_controller_alone(ma
             client.estimate("Hi", images=[image])
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         events.cancel()
-        wait_until(lambda: runtime.running == 0 and runtime._in_system == 0, "the held request to leave")
+        wait_until(lambda: runtime.running == 0 and runtime.admission.in_system == 0, "the held request to leave")
         assert client.estimate("Hi", images=[image]).visual_tokens_in > 0
         assert runtime.media_memory.used_bytes == 0  # the estimate's decoded image was released
 
@@ -131,7 +131,7 @@ def test_the_server_caps_rpcs_running_at_once(make_server):
             client.model_info()
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         events.cancel()
-        wait_until(lambda: srv.running.state.runtimes["tiny-ov"]._in_system == 0, "the held request to leave")
+        wait_until(lambda: srv.running.state.runtimes["tiny-ov"].admission.in_system == 0, "the held request to leave")
         wait_until(lambda: _answers_info(client), "the server to take RPCs again")
 
 

@@ -208,9 +208,9 @@ def test_a_malformed_prune_stages_flag_is_a_usage_error(capsys):
 
 
 def test_one_plan_in_every_input_form_is_the_same_plan():
-    """The proto, the KServe parameters, the HTTP API's JSON and eval's key=value text (all read through the one
-    field table, aim_engine.plan.PLAN_FIELDS, where they are not the proto's enums) give one ReductionPlan, and a
-    field not given takes ReductionPlan's default in each."""
+    """The command line, the proto, the KServe parameters, the HTTP API's JSON and eval's key=value text (all read
+    through the one field table, aim_engine.plan.PLAN_FIELDS, where they are not the proto's enums) give one
+    ReductionPlan, and a field not given takes ReductionPlan's default in each."""
     from aim_engine.plan import PLAN_FIELDS as FIELD_TABLE
     from aim_engine.plan import format_prune_stages, parse_plan, plan_from_values, plan_to_dict
     from service.openai_convert import _reduction
@@ -220,7 +220,8 @@ def test_one_plan_in_every_input_form_is_the_same_plan():
         given = {k: v for k, v in plan_to_dict(plan).items() if v not in (None, [])}
         text = ",".join(f"{k}={format_prune_stages(plan.prune_stages) if k == 'prune_stages' else v}"
                         for k, v in given.items())
-        forms = {"proto": plan_from_proto(plan_to_proto(plan)),
+        forms = {"cli": _cli_plan(plan) if plan.merges or plan.prunes else plan,
+                 "proto": plan_from_proto(plan_to_proto(plan)),
                  "kserve": plan_from_parameters(plan_to_parameters(plan)),
                  "http": _reduction({"plan": given}).plan,
                  "text": parse_plan(text),
@@ -228,3 +229,23 @@ def test_one_plan_in_every_input_form_is_the_same_plan():
         assert all(p == plan for p in forms.values()), (plan, forms)
     assert _reduction({"plan": {"merge_retention": 0.5}}).plan == plan_from_parameters(
         {"aim_merge_retention": 0.5}) == parse_plan("merge_retention=0.5") == ReductionPlan(merge_retention=0.5)
+
+
+def _cli_plan(plan: ReductionPlan) -> ReductionPlan:
+    """The plan the client's command line gives for `plan`'s flags (every rule given: no model default asked)."""
+    from aim_engine.plan import format_prune_stages
+
+    argv = ["generate"]
+    if plan.merge_tokens is not None:
+        argv += ["--merge-tokens", str(plan.merge_tokens)]
+    if plan.merge_retention is not None:
+        argv += ["--merge-retention", repr(plan.merge_retention)]
+    if plan.prune_start is not None:
+        argv += ["--prune", str(plan.prune_start), str(plan.prune_end)]
+    if plan.prune_stages:
+        argv += ["--prune-stages", format_prune_stages(plan.prune_stages)]
+    argv += ["--importance", plan.importance, "--reducer", plan.reducer, "--positions", plan.positions,
+             "--proportional-attention" if plan.proportional_attention else "--no-proportional-attention",
+             "--merge-pruned" if plan.merge_pruned else "--no-merge-pruned"]
+    return plan_from_flags(build_parser().parse_args(argv), model_default=None)
+

@@ -302,7 +302,7 @@ def test_deadline_exceeded_stops_the_request(make_server, monkeypatch):
     sequences = _record_calls(monkeypatch, runtime.engine.loop, "add")
     with AimClient(srv.target) as client:
         for seconds in (1, 2, 4, 8, 16):
-            runtime._service_times.clear()  # admission has no history: it lets it run
+            runtime.admission.service_times.clear()  # admission has no history: it lets it run
             with AimClient(srv.target, timeout=seconds) as hurried:
                 try:
                     reply = hurried.generate(LONG_PROMPT, videos=[VIDEO], frames=4, max_new_tokens=HOLD_TOKENS,
@@ -326,10 +326,10 @@ def test_deadline_exceeded_stops_the_request(make_server, monkeypatch):
 def test_deadline_that_cannot_be_met_is_rejected_at_admission(make_server, monkeypatch):
     srv = make_server(max_batch=1)
     runtime = srv.running.state.runtimes["tiny-ov"]
-    decoded = _record_calls(monkeypatch, runtime.engine, "decode_request")
+    decoded = _record_calls(monkeypatch, runtime.engine, "ingest")
     sequences = _record_calls(monkeypatch, runtime.engine.loop, "add")
-    runtime._service_times.clear()
-    runtime._service_times.append(3600.0)  # every request so far took an hour
+    runtime.admission.service_times.clear()
+    runtime.admission.service_times.append(3600.0)  # every request so far took an hour
     with AimClient(srv.target, timeout=60) as hurried, pytest.raises(grpc.RpcError) as err:
         hurried.generate("Hi", images=[encode_image("PNG")], max_new_tokens=2)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "cannot cover" in err.value.details()
