@@ -459,3 +459,40 @@ def test_a_request_on_each_wire_moves_the_same_series(oai, http_server):
         assert all(moved), (wire.__name__, [s for s, m in zip(SERIES, moved) if not m])
         counts = [a - b for (m, _), b, a in zip(SERIES, before, after) if not m.endswith("flops_total")]
         assert counts == [1.0] * len(counts), (wire.__name__, counts)
+
+
+def test_a_remote_url_on_an_allowed_host_is_fetched_and_a_redirect_is_refused(make_server):
+    """A real HTTP server on loopback holds the image; the operator allows its host. A redirect could leave the
+    allowed hosts, so it is refused, not followed."""
+    import http.server
+
+    class Media(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/a.png":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(IMAGE)))
+                self.end_headers()
+                self.wfile.write(IMAGE)
+            else:
+                self.send_response(302)
+                self.send_header("Location", "http://example.com/a.png")
+                self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    media = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Media)
+    threading.Thread(target=media.serve_forever, daemon=True).start()
+    try:
+        srv = make_server(http_port=0, allowed_media_domains="127.0.0.1")
+        base = f"http://127.0.0.1:{media.server_port}"
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{srv.running.http_port}/v1", api_key="x", max_retries=0) as c:
+            reply = c.chat.completions.create(model="tiny-ov", max_tokens=2, extra_body={"reduction": "none"},
+                                              messages=user({"type": "image_url", "image_url": {"url": f"{base}/a.png"}},
+                                                            {"type": "text", "text": "Hi"}))
+            assert reply.usage.aim["visual_tokens_in"] > 0
+            with pytest.raises(openai.BadRequestError, match="fetching it failed"):
+                c.chat.completions.create(model="tiny-ov", max_tokens=2, messages=user(
+                    {"type": "image_url", "image_url": {"url": f"{base}/moved.png"}}, {"type": "text", "text": "Hi"}))
+    finally:
+        media.shutdown()
