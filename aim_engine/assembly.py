@@ -45,7 +45,8 @@ def _starts(counts: list[int]) -> list[tuple[int, int]]:
 def _placeholder_slots(adapter: FamilyAdapter, ids: torch.Tensor, media: list[EncodedMedia]):
     """(the placeholders' indices in `ids`, (item, first row, rows) of the span behind each). An item sits behind
     one placeholder, or several with text between them (`adapter.placeholder_spans`)."""
-    spans = [(i, start, rows) for i, item in enumerate(media) for start, rows in _starts(adapter.placeholder_spans(item))]
+    spans = [(i, start, rows) for i, item in enumerate(media)
+             for start, rows in _starts(adapter.placeholder_spans(item))]
     is_placeholder = torch.zeros_like(ids, dtype=torch.bool)
     for pid in {adapter.image_token_id, adapter.video_token_id} - {None}:
         is_placeholder |= ids == pid

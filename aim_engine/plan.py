@@ -288,8 +288,8 @@ def plan_value(name: str, value: object, label: str = "") -> object:
 
 def plan_from_values(values: dict, base: ReductionPlan | None = None, label: str = "") -> ReductionPlan:
     """The one rule of every input form: the fields given (by name, as plan_value reads them) on top of `base`
-    (default: the empty plan); a field not given (or null) keeps the base's value, except that a merge or prune field given
-    replaces the base's whole group. Raises PlanError on an unknown field or a bad value."""
+    (default: the empty plan); a field not given (or null) keeps the base's value, except that a merge or prune
+    field given replaces the base's whole group. Raises PlanError on an unknown field or a bad value."""
     unknown = set(values) - set(PLAN_FIELD)
     if unknown:
         raise PlanError(f"unknown plan field(s) {sorted(label + n for n in unknown)}; known: "

@@ -1,4 +1,5 @@
-"""aim-serve: serve multimodal LLMs over gRPC and HTTP with AIM token reduction, call them, and work with the engine alone.
+"""aim-serve: serve multimodal LLMs over gRPC and HTTP with AIM token reduction, call them, and work with the
+engine alone.
 
   serving        serve                                       (cli/server.py)
   client         generate, stream, estimate, info, health    (cli/client.py: gRPC only, never torch)
