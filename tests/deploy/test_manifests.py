@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -95,6 +96,8 @@ def test_dockerfiles_run_non_root_with_a_grpc_healthcheck_and_no_baked_model():
         assert 'VOLUME ["/models"]' in text and "STOPSIGNAL SIGTERM" in text
         for copied in re.findall(r"^COPY (\S+)", text, flags=re.M):
             assert (ROOT / copied).exists(), copied
+        entry = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["aim-serve"]
+        assert re.search(rf"^COPY {entry.split('.')[0]} ", text, flags=re.M), "the aim-serve command's package"
         # the server install: the server extra only, and neither the reference model's build nor the evaluation
         installs = [l for l in lines if "pip install" in l and "torch==" not in l]
         assert installs and all('pip install ".[server]"' in l for l in installs), installs
