@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,8 @@ def sequence_generator(params: SamplingParams, device: torch.device | str) -> to
     if params.temperature == 0:
         return None
     generator = torch.Generator(device=device)
-    generator.manual_seed(params.seed if params.seed is not None else int(torch.seed()) % 2**63)
+    # an unseeded request draws its seed from the OS, never by reseeding torch's global generator (torch.seed())
+    generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
     return generator
 
 

@@ -119,6 +119,22 @@ def _parts(request: pb.ModelInferRequest, params: dict) -> list:
     return parts
 
 
+def _stops(stop) -> tuple[str, ...]:
+    """aim_stop: one stop string, or a JSON list of them."""
+    if not stop:
+        return ()
+    if not stop.startswith("["):
+        return (stop,)
+    try:
+        stops = json.loads(stop)
+    except ValueError:
+        stops = None
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise ServiceError("invalid_argument", f"aim_stop {stop[:80]!r} is neither a stop string nor a JSON list of "
+                                               'strings; send e.g. "END" or ["END", "\\n\\n"]')
+    return tuple(stops)
+
+
 def _reduction(params: dict) -> Reduction:
     kind = params.get("aim_reduction", "auto")
     if kind == "none":
@@ -128,11 +144,16 @@ def _reduction(params: dict) -> Reduction:
     if kind != "auto":
         raise ServiceError("invalid_argument", f"aim_reduction must be auto, none or plan, got {kind!r}")
     slo = params.get("aim_slo_ms")
+    if slo is not None and slo < 0:
+        raise ServiceError("invalid_argument", f"aim_slo_ms must be >= 0 (0 = the server's default), got {slo}")
+    floor = float(params.get("aim_min_retention", 0.0))
+    if not 0.0 <= floor <= 1.0:
+        raise ServiceError("invalid_argument", f"aim_min_retention must be in [0, 1], got {floor}")
     priority = params.get("aim_priority", "normal")
     if priority not in PRIORITIES:
         raise ServiceError("invalid_argument", f"aim_priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
     return Reduction("auto", slo_s=slo / 1000 if slo else None,
-                     min_retention=float(params.get("aim_min_retention", 0.0)), priority=priority)
+                     min_retention=floor, priority=priority)
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -188,9 +209,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _sampling(self, params: dict) -> SamplingParams:
         settings = self.state.settings
-        stop = params.get("aim_stop")
-        stops = tuple(json.loads(stop)) if isinstance(stop, str) and stop.startswith("[") else \
-            ((stop,) if stop else ())
+        stops = _stops(params.get("aim_stop"))
         max_new = params.get("aim_max_new_tokens", settings.default_max_new_tokens)
         if max_new > settings.max_new_tokens:
             raise ServiceError("invalid_argument", f"aim_max_new_tokens {max_new} exceeds the limit "

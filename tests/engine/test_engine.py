@@ -38,6 +38,17 @@ def test_sampling_is_reproducible_by_seed_and_differs_from_greedy(engine_for):
     assert nucleus.token_ids == greedy.token_ids
 
 
+def test_an_unseeded_sampled_request_leaves_torchs_global_generator_alone(engine_for):
+    """Its own seed comes from the OS: reseeding torch's global generator (torch.seed()) would change what every
+    other user of it in the process draws."""
+    engine = engine_for("llava_onevision")
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    engine.generate(video_request(max_new_tokens=4, temperature=1.0))
+    assert torch.initial_seed() == 1234 and torch.equal(torch.rand(3), expected)
+
+
 def test_stop_string_ends_generation_and_is_not_returned(engine_for):
     engine = engine_for("llava_onevision")
     full = engine.generate(video_request(max_new_tokens=24))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -249,3 +250,21 @@ def _cli_plan(plan: ReductionPlan) -> ReductionPlan:
              "--merge-pruned" if plan.merge_pruned else "--no-merge-pruned"]
     return plan_from_flags(build_parser().parse_args(argv), model_default=None)
 
+
+
+@pytest.mark.parametrize("params,message", [
+    (dict(aim_stop="[1, 2"), "is neither a stop string nor a JSON list of strings"),
+    (dict(aim_stop='["END", 3]'), "is neither a stop string nor a JSON list of strings"),
+    (dict(aim_min_retention=1.5), "aim_min_retention must be in [0, 1], got 1.5"),
+    (dict(aim_min_retention=-0.25), "aim_min_retention must be in [0, 1], got -0.25"),
+    (dict(aim_slo_ms=-5), "aim_slo_ms must be >= 0"),
+])
+def test_malformed_oip_parameters_are_invalid_arguments_not_internal(params, message):
+    with pytest.raises(ServiceError, match=re.escape(message)) as err:
+        KSERVE.parse_request(_infer_request(params))
+    assert err.value.status == "invalid_argument"
+
+
+def test_oip_stop_strings_come_as_one_string_or_a_json_list():
+    assert KSERVE.parse_request(_infer_request({"aim_stop": "END"}))[0].sampling.stop == ("END",)
+    assert KSERVE.parse_request(_infer_request({"aim_stop": '["END", "\\n\\n"]'}))[0].sampling.stop == ("END", "\n\n")
