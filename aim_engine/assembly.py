@@ -48,7 +48,7 @@ def _placeholder_slots(adapter: FamilyAdapter, ids: torch.Tensor, media: list[En
     spans = [(i, start, rows) for i, item in enumerate(media)
              for start, rows in _starts(adapter.placeholder_spans(item))]
     is_placeholder = torch.zeros_like(ids, dtype=torch.bool)
-    for pid in {adapter.image_token_id, adapter.video_token_id} - {None}:
+    for pid in adapter.placeholder_ids:
         is_placeholder |= ids == pid
     slots = torch.nonzero(is_placeholder).flatten().tolist()
     if len(slots) != len(spans):

@@ -182,7 +182,7 @@ def prefill(lm: LanguageModel, embeds: torch.Tensor, position_ids: torch.Tensor,
         if capture is not None:
             result.scoring_s += capture.seconds
         if deepstack is not None and layer_idx < deepstack.shape[0]:
-            rows = torch.nonzero(tokens.visual).flatten()  # the present visual tokens
+            rows = tokens.visual_rows()
             tokens.hidden[0].index_add_(0, rows, deepstack[layer_idx, visual_row[tokens.index[rows]]]
                                         .to(tokens.hidden.dtype))
     result.logits = lm.lm_head(lm.norm(tokens.hidden[:, -1:]))[0, -1].float()
@@ -200,6 +200,12 @@ class _Present:
     visual: torch.Tensor  # (n,) bool
     key_bias: torch.Tensor | None
     visual_now: int
+    _visual_rows: torch.Tensor | None = None  # where the visual tokens are, found once per set (a device sync)
+
+    def visual_rows(self) -> torch.Tensor:
+        if self._visual_rows is None:
+            self._visual_rows = torch.nonzero(self.visual).flatten()
+        return self._visual_rows
 
     @classmethod
     def of(cls, lm: LanguageModel, embeds, position_ids, is_visual, key_bias) -> "_Present":
@@ -212,7 +218,7 @@ class _Present:
         self.hidden = self.hidden.index_select(1, keep)
         self.rotary = {kind: (cos.index_select(-2, keep), sin.index_select(-2, keep))
                        for kind, (cos, sin) in self.rotary.items()}
-        self.index, self.visual = self.index[keep], self.visual[keep]
+        self.index, self.visual, self._visual_rows = self.index[keep], self.visual[keep], None
         self.visual_now = visual_target
         if self.key_bias is not None:
             self.key_bias = self.key_bias[keep]

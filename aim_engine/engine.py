@@ -185,7 +185,7 @@ class AimEngine:
         return max(kv, min(1.0, max(0.0, used)))
 
     def ingest(self, request: GenerationRequest, should_stop: Callable[[], bool] | None = None,
-                       reserve: Callable[[int], None] | None = None) -> IngestedRequest:
+               reserve: Callable[[int], None] | None = None) -> IngestedRequest:
         """The request taken in once (Preparer.ingest: text checked, media decoded under the budgets,
         prompt tokenized), refused if its prompt and answer cannot fit the model's context."""
         decoded = self.preparer.ingest(request, should_stop, reserve)
@@ -219,18 +219,17 @@ class AimEngine:
                 f"up to {max_new_tokens} new ones ({need} positions); the model's context is {limit}: shorten the "
                 "prompt, send fewer or smaller media, or ask for fewer tokens")
 
-    def estimate(self, request: GenerationRequest, plan: ReductionPlan, shape: RequestShape | None = None
-                 ) -> CostEstimate:
-        """Token counts and LLM prefill FLOPs of `request` under `plan`; media are decoded (to know sizes and
-        frame counts) but nothing is encoded (`shape`: its shape_of, if the caller has it already). Raises the
-        same errors as generate() for bad input."""
+    def estimate(self, request: GenerationRequest, plan: ReductionPlan) -> CostEstimate:
+        """Token counts and LLM prefill FLOPs of `request` under `plan`; its media are read (to know sizes and
+        frame counts; an IngestedRequest has them already) but nothing is encoded. Raises the same errors as
+        generate() for bad input."""
         plan.check_depth(self.num_layers)
-        return self.cost(shape or self.shape_of(request), plan)
+        return self.cost(self.shape_of(request), plan)
 
     # ---- running --------------------------------------------------------------------------------
     def sequence(self, request: GenerationRequest, plan: ReductionPlan, emit: Callable[[object], None],
                  should_stop: Callable[[], bool] | None = None) -> Sequence:
-        """A sequence for the serving loop, of a IngestedRequest (another request is taken in first). Raises the
+        """A sequence for the serving loop, of an IngestedRequest (another request is taken in first). Raises the
         request's errors."""
         request = self.ingest(request)
         plan.check_depth(self.num_layers)
@@ -255,7 +254,7 @@ class AimEngine:
         self.loop.add(seq)
         try:
             while True:
-                if events.empty() and not self.loop.running:
+                if events.empty() and not self.loop.threaded:
                     self.loop.step()
                     continue
                 event = events.get()

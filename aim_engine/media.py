@@ -126,9 +126,9 @@ class VideoInfo:
 
 
 def read_video(data: bytes, mime_type: str, num_frames: int, limits: MediaLimits = MediaLimits(),
-                 frame_size: FrameSize | None = None, budget_bytes: int | None = None,
-                 should_stop: Callable[[], bool] | None = None,
-                 reserve: Callable[[int], None] | None = None) -> VideoClip:
+               frame_size: FrameSize | None = None, budget_bytes: int | None = None,
+               should_stop: Callable[[], bool] | None = None,
+               reserve: Callable[[int], None] | None = None) -> VideoClip:
     """`num_frames` RGB frames sampled uniformly over the video, decoding only what sampling needs.
 
     The sampled frame indices come from the container's metadata (frame count, or duration x rate); frames are

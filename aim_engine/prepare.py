@@ -81,7 +81,7 @@ class Preparer:
         return MediaKey.of(kind, sampling, chunks)
 
     def ingest(self, request: GenerationRequest, should_stop: Callable[[], bool] | None = None,
-                       reserve: Callable[[int], None] | None = None) -> GenerationRequest:
+               reserve: Callable[[int], None] | None = None) -> IngestedRequest:
         """The request taken in once (IngestedRequest): its text checked first, then its media decoded (bytes ->
         images/frames, see read_media for the limits, `should_stop` and `reserve`), then the prompt rendered and
         tokenized and its cost shape computed. A request already decoded is returned as it is."""
@@ -92,10 +92,10 @@ class Preparer:
                                     request.system, request.turns)
         ids = tuple(self.tokenizer(self.render_prompt(decoded), add_special_tokens=False)["input_ids"])
         return IngestedRequest(decoded.parts, request.sampling, request.system, request.turns, ids=ids,
-                              shape=self._shape(decoded.parts, ids))
+                               shape=self._shape(decoded.parts, ids))
 
     def read_media(self, request: GenerationRequest, should_stop: Callable[[], bool] | None = None,
-                     reserve: Callable[[int], None] | None = None) -> list[Part]:
+                   reserve: Callable[[int], None] | None = None) -> list[Part]:
         """Bytes -> images/frames, validated against the limits. Each item's decoded size is known from its
         header before its pixels are decoded: the request's total is held to `limits.max_decoded_bytes`
         (MediaError), and each item's bytes are passed to `reserve` first (the server's memory budget: it may
@@ -226,7 +226,7 @@ class Preparer:
     def prepare(self, request: GenerationRequest, plan: ReductionPlan, timings: Timings | None = None,
                 media: list[EncodedMedia] | None = None, should_stop: Callable[[], bool] | None = None
                 ) -> PreparedPrompt:
-        """`request`: a IngestedRequest (else taken in here: evaluation, tests). `media`: its media already through
+        """`request`: an IngestedRequest (else taken in here: evaluation, tests). `media`: its media already through
         the vision tower (`encode_batch`); else encoded here, polling `should_stop` (raises Cancelled)."""
         timings = timings or Timings()
         if not isinstance(request, IngestedRequest):
@@ -260,7 +260,7 @@ class Preparer:
                 media.append(self.adapter.estimate_video_groups(part.frames))
             elif isinstance(part, ImagePart):
                 media.append(next(per_image))
-        placeholders = {self.adapter.image_token_id, self.adapter.video_token_id} - {None}
+        placeholders = self.adapter.placeholder_ids
         return RequestShape(media=media, text_tokens=sum(t not in placeholders for t in ids))
 
     def decode_positions(self, prepared: PreparedPrompt, step: int) -> torch.Tensor:

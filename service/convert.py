@@ -8,7 +8,7 @@ from aim_engine.errors import GenerationError, PlanError
 
 from .plan_proto import plan_from_proto, plan_to_proto  # noqa: F401 - the service's converters, in one place
 from .proto.aim.v1 import aim_service_pb2 as pb
-from .types import AppliedPlan, Estimate, Finished, Reduction, ServiceError
+from .types import AppliedPlan, Estimate, Finished, Reduction, ServiceError, auto_reduction
 
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "cancelled": pb.FINISH_REASON_CANCELLED}
 _SOURCE = {"none": pb.PLAN_SOURCE_NONE, "explicit": pb.PLAN_SOURCE_EXPLICIT, "auto": pb.PLAN_SOURCE_AUTO}
@@ -71,13 +71,10 @@ def _reduction(msg: pb.Reduction) -> Reduction:
     if kind == "plan":
         return Reduction("plan", plan=plan_from_proto(msg.plan))
     auto = msg.auto
-    if not 0.0 <= auto.min_retention <= 1.0:
-        raise ServiceError("invalid_argument", f"auto.min_retention must be in [0, 1], got {auto.min_retention}")
     if auto.priority not in _PRIORITY:
         raise ServiceError("invalid_argument", f"unknown auto.priority value {auto.priority}; use one of "
                                                f"{', '.join(pb.Priority.keys())}")
-    return Reduction("auto", slo_s=auto.latency_slo_ms / 1000 if auto.latency_slo_ms else None,
-                     min_retention=auto.min_retention, priority=_PRIORITY[auto.priority])
+    return auto_reduction(auto.latency_slo_ms, auto.min_retention, _PRIORITY[auto.priority], "auto.")
 
 
 def applied_to_proto(applied: AppliedPlan) -> pb.AppliedPlan:

@@ -26,7 +26,7 @@ from .grpc_status import deadline_of, status_mapping
 from .registry import ServedModels
 from .proto.inference import grpc_service_pb2 as pb
 from .proto.inference import grpc_service_pb2_grpc as pb_grpc
-from .types import Finished, Reduction, ServiceError, to_service_error
+from .types import Finished, Reduction, ServiceError, auto_reduction, to_service_error
 
 SERVER_NAME = "aim-serve"
 PARAMETERS = {  # name: (type, meaning)
@@ -143,17 +143,8 @@ def _reduction(params: dict) -> Reduction:
         return Reduction("plan", plan=plan_from_parameters(params))
     if kind != "auto":
         raise ServiceError("invalid_argument", f"aim_reduction must be auto, none or plan, got {kind!r}")
-    slo = params.get("aim_slo_ms")
-    if slo is not None and slo < 0:
-        raise ServiceError("invalid_argument", f"aim_slo_ms must be >= 0 (0 = the server's default), got {slo}")
-    floor = float(params.get("aim_min_retention", 0.0))
-    if not 0.0 <= floor <= 1.0:
-        raise ServiceError("invalid_argument", f"aim_min_retention must be in [0, 1], got {floor}")
-    priority = params.get("aim_priority", "normal")
-    if priority not in PRIORITIES:
-        raise ServiceError("invalid_argument", f"aim_priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
-    return Reduction("auto", slo_s=slo / 1000 if slo else None,
-                     min_retention=floor, priority=priority)
+    return auto_reduction(params.get("aim_slo_ms"), float(params.get("aim_min_retention", 0.0)),
+                          params.get("aim_priority", "normal"), "aim_")
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):

@@ -67,7 +67,7 @@ def _service_error_response(exc: BaseException) -> JSONResponse:
         incident = uuid.uuid4().hex[:12]
         log.error("internal error (incident %s)", incident, exc_info=exc)
         return error_response("internal", f"internal error (incident {incident}); the server log has the details")
-    return error_response(err.status, str(err), getattr(err, "param", None), err.too_large)
+    return error_response(err.status, str(err), err.param, err.too_large)
 
 
 def _sse(payload: dict | str) -> str:
@@ -171,7 +171,8 @@ class _Routes:
         label, outcome, streaming = "unknown", "ok", False
         try:
             self.authorize(request)  # before the body is read
-            body = _parse_json(await _read_body(request, self.settings.max_message_bytes))
+            # off the event loop, as the media in it: a body may be up to --max-message-bytes of JSON
+            body = await asyncio.to_thread(_parse_json, await _read_body(request, self.settings.max_message_bytes))
             name = body.get("model") if isinstance(body, dict) else None
             name = name if isinstance(name, str) else ""
             label = self.models.model_label(name)

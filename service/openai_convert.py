@@ -27,9 +27,7 @@ from aim_engine.errors import GenerationError, PlanError
 from aim_engine.mime import sniff_mime_type
 from aim_engine.plan import plan_from_values, plan_to_dict
 from aim_engine.request import ImagePart, TextPart, VideoPart
-from controller.policy import PRIORITIES
-
-from .types import Finished, Reduction, ServiceError
+from .types import Finished, Reduction, ServiceError, auto_reduction
 
 # Fields of the OpenAI request this server reads; anything else is refused by name, so a typo is not ignored.
 _READ = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
@@ -67,15 +65,9 @@ class ChatRequest:
     deadline_s: float | None  # seconds from arrival
 
 
-class FieldError(ServiceError):
+def _bad(message: str, param: str | None = None) -> ServiceError:
     """Bad input, naming the request field at fault (OpenAI's error `param`)."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__("invalid_argument", message)
-        self.param = param
-
-
-_bad = FieldError
+    return ServiceError("invalid_argument", message, param=param)
 
 
 def _typed(body: dict, name: str, kinds, what: str, default=None):
@@ -318,17 +310,9 @@ def _reduction(value) -> Reduction:
     if unknown:
         raise _bad(f"unknown reduction.auto fields {sorted(unknown)}; use slo_ms, min_retention, priority",
                    "reduction")
-    slo_ms = _typed(fields, "slo_ms", (int, float), "a number of milliseconds > 0")
-    if slo_ms is not None and slo_ms <= 0:
-        raise _bad(f"reduction.auto.slo_ms must be > 0, got {slo_ms}", "reduction")
-    floor = float(_typed(fields, "min_retention", (int, float), "a number in [0, 1]", 0.0))
-    if not 0.0 <= floor <= 1.0:
-        raise _bad(f"auto.min_retention must be in [0, 1], got {floor}", "reduction")
-    priority = _typed(fields, "priority", (str,), "a string", "normal")
-    if priority not in PRIORITIES:
-        raise _bad(f"reduction.auto.priority must be one of {', '.join(PRIORITIES)}, got {priority!r}", "reduction")
-    return Reduction("auto", slo_s=None if slo_ms is None else slo_ms / 1000, min_retention=floor,
-                     priority=priority)
+    return auto_reduction(_typed(fields, "slo_ms", (int, float), "a number of milliseconds >= 0"),
+                          float(_typed(fields, "min_retention", (int, float), "a number in [0, 1]", 0.0)),
+                          _typed(fields, "priority", (str,), "a string", "normal"), "reduction.auto.", "reduction")
 
 
 # ---- results ------------------------------------------------------------------------------------------------

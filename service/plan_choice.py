@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import time
 
-from aim_engine import AimEngine, GenerationRequest, ReductionPlan
-from aim_engine.cost import RequestShape
+from aim_engine import AimEngine, ReductionPlan
+from aim_engine.prepare import IngestedRequest
 from controller.controller import BudgetController
 
 from .metrics import ServiceMetrics
@@ -20,8 +20,8 @@ class PlanChoice:
         self.name, self.engine, self.controller, self.metrics = name, engine, controller, metrics
         self.default_slo_s = default_slo_s
 
-    def choose(self, decoded: GenerationRequest, shape: RequestShape, reduction: Reduction, deadline: float | None,
-               arrival: float, running: int, waiting: int, record: bool = True) -> AppliedPlan:
+    def choose(self, request: IngestedRequest, reduction: Reduction, deadline: float | None, arrival: float,
+               running: int, waiting: int, record: bool = True) -> AppliedPlan:
         """The plan. `running` / `waiting`: the model's load now (`waiting` counts this request). `record=False`
         (a cost estimate): the controller and its metrics are left as they were."""
         if reduction.kind == "none":
@@ -34,7 +34,7 @@ class PlanChoice:
         budget = (reduction.slo_s or self.default_slo_s) - (now - arrival)
         if deadline is not None:
             budget = min(budget, deadline - now)
-        predicted = [self.predict(decoded, shape, level.plan, running, media=not record) for level in ladder]
+        predicted = [self.predict(request, level.plan, running, media=not record) for level in ladder]
         # the requests waiting with this one: `waiting` counts this one too (it is in the system, not running)
         decision = self.controller.choose(predicted, budget, reduction.min_retention,
                                           queue_depth=max(0, waiting - 1), priority=reduction.priority,
@@ -53,12 +53,13 @@ class PlanChoice:
         reason = decision.reason if decision.fits else f"best effort: {decision.reason}"
         return AppliedPlan(ladder[decision.level].plan, "auto", reason, decision.predicted_s)
 
-    def predict(self, decoded: GenerationRequest, shape: RequestShape, plan: ReductionPlan, running: int,
-                queue_wait_s: float = 0.0, media: bool = False) -> float | None:
+    def predict(self, request: IngestedRequest, plan: ReductionPlan, running: int, queue_wait_s: float = 0.0,
+                media: bool = False) -> float | None:
         """Predicted latency from now; its media are decoded (`media=False`: their time is spent, and the budget
         it is compared with has already paid for it) unless `media`."""
-        est = self.engine.cost(shape, plan)
+        est = self.engine.cost(request.shape, plan)
         batch = min(self.engine.loop.max_batch, running + 1)  # it joins the running batch
-        predicted = self.controller.predict(est.visual_tokens_in, est.prefill_flops, decoded.sampling.max_new_tokens,
-                                            batch, media=media, ignore_eos=decoded.sampling.ignore_eos)
+        sampling = request.sampling
+        predicted = self.controller.predict(est.visual_tokens_in, est.prefill_flops, sampling.max_new_tokens,
+                                            batch, media=media, ignore_eos=sampling.ignore_eos)
         return None if predicted is None else predicted + queue_wait_s

@@ -23,7 +23,7 @@ from dataclasses import replace
 from typing import AsyncIterator
 
 from aim_engine import AimEngine, GenerationRequest, GenerationResult, SamplingParams, TokenDelta
-from aim_engine.cost import RequestShape
+from aim_engine.prepare import IngestedRequest
 from aim_engine.request import RequestStats, VideoPart
 from aim_engine.errors import Cancelled
 from aim_engine.serving.scheduler import KVBudgetError
@@ -156,7 +156,7 @@ class ModelRuntime:
         media_s = time.monotonic() - t0
         if slot.should_stop():
             raise self._stopped(slot, "while the request's media were decoded")
-        applied = self._choose(decoded, decoded.shape, reduction, slot.deadline, arrival)
+        applied = self.plans.choose(decoded, reduction, slot.deadline, arrival, self.running, self.waiting)
         seq = self.engine.sequence(decoded, applied.plan, push, slot.should_stop)
         seq.arrival = started
         try:
@@ -175,7 +175,8 @@ class ModelRuntime:
                   started: float, slo_s: float | None) -> Finished:
         total_s = time.perf_counter() - started
         queue_s = max(0.0, seq.started - started - media_s) if seq.started else total_s
-        self.admission.service_times.append(total_s - queue_s)  # media, prefill and decode: what a queued request waits for
+        # media, prefill and decode: what a queued request waits for
+        self.admission.service_times.append(total_s - queue_s)
         if result.finish_reason == "cancelled" and not slot.stop.is_set():
             # stopped by its own deadline, not by the client: the RPC fails as such instead of answering a part
             raise ServiceError("deadline_exceeded", f"the deadline passed after {len(result.token_ids)} "
@@ -184,7 +185,7 @@ class ModelRuntime:
         self.observe(done, seq.sampling, slo_s)
         return done
 
-    def _ingest(self, request: GenerationRequest, slot: RequestSlot) -> GenerationRequest:
+    def _ingest(self, request: GenerationRequest, slot: RequestSlot) -> IngestedRequest:
         parts = [replace(p, num_frames=p.num_frames or self.default_frames) if isinstance(p, VideoPart) else p
                  for p in request.parts]
 
@@ -195,14 +196,9 @@ class ModelRuntime:
                 raise Cancelled()
 
         try:
-            return self.engine.ingest(replace(request, parts=parts),
-                                              slot.should_stop, reserve)
+            return self.engine.ingest(replace(request, parts=parts), slot.should_stop, reserve)
         except Cancelled:
             raise self._stopped(slot, "while the request's media were decoded") from None
-
-    def _choose(self, decoded: GenerationRequest, shape: RequestShape, reduction: Reduction,
-                deadline: float | None, arrival: float, record: bool = True) -> AppliedPlan:
-        return self.plans.choose(decoded, shape, reduction, deadline, arrival, self.running, self.waiting, record)
 
     def observe(self, done: Finished, sampling: SamplingParams, slo_s: float | None) -> None:
         """An answered request, whatever wire it came on: its metrics, the caches' counters, the controller's
@@ -300,12 +296,11 @@ class ModelRuntime:
 
     def _estimate(self, request: GenerationRequest, reduction: Reduction, slot: RequestSlot) -> Estimate:
         decoded = self._ingest(request, slot)
-        # as if it arrived now, media still to decode: the plan and prediction a Generate of it would get
-        shape = decoded.shape
-        applied = self._choose(decoded, shape, reduction, None, time.monotonic(), record=False)
-        est = self.engine.estimate(decoded, applied.plan, shape=shape)
-        predicted = self.plans.predict(decoded, shape, applied.plan, self.running, self.expected_queue_wait(),
-                                       media=True)
+        # as if it arrived now, media still to read: the plan and prediction a Generate of it would get
+        applied = self.plans.choose(decoded, reduction, None, time.monotonic(), self.running, self.waiting,
+                                    record=False)
+        est = self.engine.estimate(decoded, applied.plan)
+        predicted = self.plans.predict(decoded, applied.plan, self.running, self.expected_queue_wait(), media=True)
         return Estimate(est.visual_tokens_in, est.visual_tokens_merged, est.prefill_flops_baseline,
                         est.prefill_flops, predicted, applied)
 

@@ -7,17 +7,19 @@ from dataclasses import dataclass
 
 from aim_engine import GenerationResult, ReductionPlan
 from aim_engine.errors import EngineError, GenerationError, MediaError, PlanError
+from controller.policy import PRIORITIES
 
 
 class ServiceError(Exception):
     """A request that cannot be served; `status` is a gRPC status name in lower case. `too_large`: it failed
     because something it sent is over a size limit (a wire with a status of its own for that, HTTP's 413, uses
-    it; gRPC keeps `status`)."""
+    it; gRPC keeps `status`). `param`: the request field at fault, where a wire reports it (OpenAI's `param`)."""
 
-    def __init__(self, status: str, message: str, too_large: bool = False):
+    def __init__(self, status: str, message: str, too_large: bool = False, param: str | None = None):
         super().__init__(message)
         self.status = status
         self.too_large = too_large
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,23 @@ class Reduction:
     slo_s: float | None = None
     min_retention: float = 0.0
     priority: str = "normal"  # controller.policy.PRIORITIES
+
+
+def auto_reduction(slo_ms: float | None, min_retention: float, priority: str, label: str,
+                   param: str | None = None) -> Reduction:
+    """An `auto` budget, checked the same way on every wire (`label` names the fields as the wire does, e.g.
+    "aim_"): slo_ms >= 0 (0 or None: the server's default SLO), min_retention in [0, 1], priority one of
+    controller.policy.PRIORITIES."""
+    def bad(message: str) -> ServiceError:
+        return ServiceError("invalid_argument", message, param=param)
+
+    if slo_ms is not None and not slo_ms >= 0:
+        raise bad(f"{label}slo_ms must be >= 0 ms (0 = the server's default), got {slo_ms}")
+    if not 0.0 <= min_retention <= 1.0:
+        raise bad(f"{label}min_retention must be in [0, 1], got {min_retention}")
+    if priority not in PRIORITIES:
+        raise bad(f"{label}priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
+    return Reduction("auto", slo_s=slo_ms / 1000 if slo_ms else None, min_retention=min_retention, priority=priority)
 
 
 @dataclass

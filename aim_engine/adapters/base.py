@@ -80,11 +80,15 @@ class FamilyAdapter:
         return self.image_token_id if kind == "image" else self.video_token_id
 
     @property
+    def placeholder_ids(self) -> tuple[int, ...]:
+        """The ids of the tokens that stand for a media item in a rendered prompt (image, and video if any)."""
+        return tuple(i for i in (self.image_token_id, self.video_token_id) if i is not None)
+
+    @property
     def reserved_text(self) -> tuple[str, ...]:
         """Token strings a request's text may not contain: they would be read as the prompt's media structure (the
         placeholders, and the family's own media delimiters)."""
-        ids = [i for i in (self.image_token_id, self.video_token_id) if i is not None]
-        return tuple(self.tokenizer.convert_ids_to_tokens(ids))
+        return tuple(self.tokenizer.convert_ids_to_tokens(list(self.placeholder_ids)))
 
     def placeholder_spans(self, media: EncodedMedia) -> list[int]:
         """How the item's feature rows, in order, sit behind placeholder tokens of the prompt: one count per

@@ -3,7 +3,7 @@ decode step for every running sequence, and hands each caller its new text.
 
 One driver at a time: `start()`'s thread (the service) or, while no thread runs, whoever calls `step()` inline
 (the engine's own `generate` without a server, evaluation, tests). The engine waits for the thread's steps
-when one runs (`running`).
+when one runs (`threaded`).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class ServingLoop:
         return self.scheduler.num_running
 
     @property
-    def running(self) -> bool:
+    def threaded(self) -> bool:
         """Whether the loop's own thread drives it (then nobody else steps it)."""
         return self._thread is not None and self._thread.is_alive()
 

@@ -4,17 +4,18 @@ pruning, into its KV reservation), and one decode step for a batch, sampled in o
 from __future__ import annotations
 
 import time
+
 import torch
 
 from ..adapters.base import FamilyAdapter
+from ..assembly import PreparedPrompt
 from ..caches import Caches
 from ..decoder import LanguageModel, decode_batch, prefill
 from ..flops import LLMShape, decode_step_flops, prefill_flops
 from ..generation import IncrementalText, sample_tokens, sequence_generator
-from ..assembly import PreparedPrompt
+from ..kv_pool import DecodeBatchKV, KVPool
 from ..prepare import Preparer
 from ..request import RequestStats
-from ..kv_pool import DecodeBatchKV, KVPool
 from .sequence import Sequence
 
 
