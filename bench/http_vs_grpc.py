@@ -19,12 +19,8 @@ import argparse
 import base64
 import io
 import json
-import os
 import random
-import re
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from aim_engine.plan import plan_to_dict  # noqa: E402
 from service.client import AimClient  # noqa: E402
 from service.plan_proto import plan_from_proto  # noqa: E402
+from tests.service.test_subprocess import ServerProcess  # noqa: E402
 
 PROMPTS = ["What colour is the shape?", "How many shapes are there?", "Which shape is it?",
            "Where is the shape?", "Name the colour of the largest shape.", "Is there a circle?"]
@@ -54,19 +51,6 @@ def scene(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def start(model: str) -> tuple[subprocess.Popen, str, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--model", f"m={model}", "--port", "0",
-                             "--metrics-port", "-1", "--http-port", "0", "--feature-cache-bytes", "0",
-                             "--prefix-cache-bytes", "0"],
-                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        match = re.search(r"listening on ([\d.]+:\d+);.*OpenAI-compatible API on (http://\S+)\)", line)
-        if match:
-            return proc, match[1], match[2]
-    raise RuntimeError("server did not start")
-
-
 def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "models/aim-reference"))
@@ -82,7 +66,10 @@ def main() -> None:
 
     import openai
 
-    proc, target, base_url = start(args.model)
+    # the caches off: a path must not find what the one before it computed
+    server = ServerProcess(Path(args.model), "--http-port", "0", "--feature-cache-bytes", "0",
+                           "--prefix-cache-bytes", "0")
+    target, base_url = server.target, server.http_url
     latencies: dict[tuple[str, bool], list[float]] = {(w, s): [] for w in ("grpc", "http") for s in (False, True)}
     try:
         with AimClient(target, timeout=300) as grpc_client, \
@@ -97,7 +84,7 @@ def main() -> None:
                         return "".join(grpc_client.stream(prompt, **kwargs))
                     return grpc_client.generate(prompt, **kwargs).text
                 url = "data:image/png;base64," + base64.b64encode(image).decode()
-                kwargs = dict(model="m", max_tokens=tokens, temperature=0,
+                kwargs = dict(model="tiny", max_tokens=tokens, temperature=0,
                               messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                                      {"type": "text", "text": prompt}]}],
                               extra_body={"reduction": {"plan": plan_to_dict(plan)}})
@@ -119,8 +106,7 @@ def main() -> None:
                 if len(answers) != 1:
                     raise SystemExit(f"request {i}: the paths answered differently: {answers}")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+        server.stop()
 
     def p95(values: list[float]) -> float:
         return statistics.quantiles(values, n=20)[-1]
