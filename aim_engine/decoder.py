@@ -8,7 +8,8 @@ with the tokens. Causality is by order, which gathering preserves, so prefill ru
 additive causal mask instead, and the KV pool stores each key's bias next to it for decode.
 
 K/V live in the paged pool (kv_pool.py), per (sequence, layer). Decode runs one step for a whole
-batch of sequences whose layers hold different numbers of tokens; see `DecodeBatchKV`.
+batch of sequences whose layers hold different numbers of tokens (`DecodeBatch`, persistent across steps): each
+layer is handed a `PagedLayer` as its attention mask, and the attention function reads the pool through it.
 
 Under a plan's merge_pruned, the pruned visual tokens are first averaged into their most similar kept ones
 (`methods/holitom.merge_into_kept`, HoliTom's inner merge), so what they carried stays in the residual stream.
@@ -35,17 +36,36 @@ from .errors import Cancelled
 from .importance import score_tokens
 from .methods.holitom import merge_into_kept
 from .plan import ReductionPlan
-from .kv_pool import DecodeBatchKV, KVLayout, SequenceKV, standalone_kv
+from .kv_pool import DecodeBatch, DecodeStep, KVLayout, PagedLayer, SequenceKV, standalone_kv
 
 ATTENTION_IMPL = "aim_sdpa"
 SCORE_KWARG = "aim_score_capture"  # the attention call's keyword argument that carries a ScoreCapture
 
 
 def _sdpa_with_score_capture(module, query, key, value, attention_mask, **kwargs):
+    if isinstance(attention_mask, PagedLayer):
+        return _paged_decode(module, query, attention_mask, **kwargs)
     capture = kwargs.pop(SCORE_KWARG, None)
     if capture is not None:
         capture.capture(query, key, module.scaling)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _paged_decode(module, query, paged: PagedLayer, **kwargs):
+    """Decode attention over the pool: each group of rows (PagedLayer.groups) gathers its keys and runs SDPA; the
+    output rows go back in the batch's order. A paged kernel would read `paged.tables` / `paged.lengths` here."""
+    outputs, order = [], []
+    for rows in paged.groups():
+        keys, values, mask = paged.keys_and_mask(rows)
+        q = query if rows is None else query[torch.from_numpy(rows).to(query.device)]
+        out, _ = sdpa_attention_forward(module, q, keys, values, mask, **kwargs)
+        if rows is None:
+            return out, None
+        outputs.append(out)
+        order.append(torch.from_numpy(rows))
+    merged = torch.empty((query.shape[0], *outputs[0].shape[1:]), dtype=outputs[0].dtype, device=query.device)
+    merged[torch.cat(order).to(query.device)] = torch.cat(outputs)
+    return merged, None
 
 
 ALL_ATTENTION_FUNCTIONS.register(ATTENTION_IMPL, _sdpa_with_score_capture)
@@ -129,15 +149,29 @@ class PrefillResult:
     scoring_s: float = 0.0  # time spent computing importance scores
 
 
-@torch.inference_mode()
 def prefill(lm: LanguageModel, embeds: torch.Tensor, position_ids: torch.Tensor, is_visual: torch.Tensor,
             plan: ReductionPlan, decode_capacity: int = 1, record_kept: bool = False,
             key_bias: torch.Tensor | None = None, kv: SequenceKV | None = None,
             should_stop: Callable[[], bool] | None = None, past: int = 0, deepstack: torch.Tensor | None = None,
             blocks: torch.Tensor | None = None) -> PrefillResult:
-    """embeds (1, n, d); position_ids (1, n) or (3, 1, n); is_visual (n,) bool. `kv`: where the sequence's K/V
-    go (without one: a pool of its own for the prompt and `decode_capacity` decode steps). `should_stop` is polled
-    before every layer (raises Cancelled).
+    """The whole prefill at once (PrefillRun, every layer in one call). embeds (1, n, d); position_ids (1, n) or
+    (3, 1, n); is_visual (n,) bool. `kv`: where the sequence's K/V go (without one: a pool of its own for the
+    prompt and `decode_capacity` decode steps). The other arguments: PrefillRun's."""
+    if kv is None:
+        kv = standalone_kv(lm.kv_layout(embeds.dtype), [embeds.shape[1] + decode_capacity] * lm.num_layers,
+                           embeds.device)
+    run = PrefillRun(lm, embeds, position_ids, is_visual, plan, kv, key_bias=key_bias, past=past,
+                     deepstack=deepstack, blocks=blocks, record_kept=record_kept)
+    run.advance(lm.num_layers, should_stop)
+    return run.result
+
+
+class PrefillRun:
+    """One prompt's prefill, resumable at layer boundaries: `advance(k)` runs the next k layers, and what the
+    next layer needs (hidden states, cos/sin, the tokens present, their masks, the scores a pruning decision
+    reads) stays here between calls, so a prefill sliced over engine steps computes what one call computes. A
+    pruning decision at layer l reads layer l-1's attention of every present token, so no slice splits one.
+
     key_bias (n,): proportional attention, added to every query's logit for that key (and kept beside the key for
     decode); importance scores are computed without it. past: the first `past` prompt tokens are a reused prefix
     already in `kv` (plans without pruning only); embeds, position_ids and is_visual are the rest, key_bias and
@@ -145,48 +179,78 @@ def prefill(lm: LanguageModel, embeds: torch.Tensor, position_ids: torch.Tensor,
     level l is added to the present visual tokens after layer l, so a pruned token takes its levels with it, as
     masking it would. blocks (n,) int: bidirectional blocks, -1 for none (_Masks says how they and the sliding
     windows are masked)."""
-    if past and plan.prunes:
-        raise ValueError("a reused prefix needs a plan without pruning")
-    num_layers = lm.num_layers
-    if kv is None:
-        kv = standalone_kv(lm.kv_layout(embeds.dtype), [embeds.shape[1] + decode_capacity] * num_layers, embeds.device)
-    tokens = _Present.of(lm, embeds, position_ids, is_visual, key_bias[past:] if key_bias is not None else None)
-    masks = _Masks(lm, kv, position_ids, past, key_bias, blocks)
-    visual_row = torch.cumsum(is_visual, 0) - 1  # a prompt token's row in `deepstack` (where it is visual)
-    targets = plan.visual_tokens_per_layer(tokens.visual_now, num_layers) if plan.prunes else None
-    result = PrefillResult(logits=None, cache=kv, tokens_per_layer=[], visual_per_layer=[])
-    capture: ScoreCapture | None = None
-    mask = masks.for_present(tokens)
-    for layer_idx, layer in enumerate(lm.layers):
-        if should_stop is not None and should_stop():
-            raise Cancelled()
-        if targets is not None and targets[layer_idx] < tokens.visual_now:
-            tokens.prune(_select_kept(capture.scores, tokens.visual, targets[layer_idx]), targets[layer_idx],
-                         plan.merge_pruned)
-            mask = masks.for_present(tokens)
-        result.tokens_per_layer.append(tokens.hidden.shape[1])
-        result.visual_per_layer.append(tokens.visual_now)
-        if record_kept:
-            result.kept_per_layer.append(tokens.index.clone())
 
-        next_layer = layer_idx + 1
-        capture, extra = None, {}
-        if targets is not None and next_layer < num_layers and targets[next_layer] < tokens.visual_now:
-            capture = ScoreCapture(plan.importance, tokens.visual)
-            extra[SCORE_KWARG] = capture
-        writes = kv.prompt_writes(tokens.key_bias, masks.positions[tokens.index] if masks.windowed else None)
-        hidden = layer(tokens.hidden, attention_mask=mask[lm.window(layer_idx)],
-                       position_embeddings=tokens.rotary[lm.rope_of(layer_idx)], cache=writes, use_cache=True,
-                       **extra)
-        tokens.hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        if capture is not None:
-            result.scoring_s += capture.seconds
-        if deepstack is not None and layer_idx < deepstack.shape[0]:
-            rows = tokens.visual_rows()
-            tokens.hidden[0].index_add_(0, rows, deepstack[layer_idx, visual_row[tokens.index[rows]]]
-                                        .to(tokens.hidden.dtype))
-    result.logits = lm.lm_head(lm.norm(tokens.hidden[:, -1:]))[0, -1].float()
-    return result
+    @torch.inference_mode()
+    def __init__(self, lm: LanguageModel, embeds: torch.Tensor, position_ids: torch.Tensor, is_visual: torch.Tensor,
+                 plan: ReductionPlan, kv: SequenceKV, key_bias: torch.Tensor | None = None, past: int = 0,
+                 deepstack: torch.Tensor | None = None, blocks: torch.Tensor | None = None,
+                 record_kept: bool = False):
+        if past and plan.prunes:
+            raise ValueError("a reused prefix needs a plan without pruning")
+        self.lm, self.plan, self.kv, self.past, self.deepstack, self.record_kept = lm, plan, kv, past, deepstack, \
+            record_kept
+        self.tokens = _Present.of(lm, embeds, position_ids, is_visual,
+                                  key_bias[past:] if key_bias is not None else None)
+        self.masks = _Masks(lm, kv, position_ids, past, key_bias, blocks)
+        self.visual_row = torch.cumsum(is_visual, 0) - 1  # a prompt token's row in `deepstack` (where it is visual)
+        self.text = embeds.shape[1] - self.tokens.visual_now
+        self.targets = plan.visual_tokens_per_layer(self.tokens.visual_now, lm.num_layers) if plan.prunes else None
+        self.result = PrefillResult(logits=None, cache=kv, tokens_per_layer=[], visual_per_layer=[])
+        self.layer = 0  # the next layer to run
+        self._capture: ScoreCapture | None = None
+        self._mask = self.masks.for_present(self.tokens)
+
+    @property
+    def done(self) -> bool:
+        return self.result.logits is not None
+
+    def tokens_at(self, layer: int) -> int:
+        """Prompt tokens the prefill computes at `layer` (after that layer's pruning, if any)."""
+        visual = self.tokens.visual_now
+        if self.targets is not None and layer >= self.layer:
+            visual = min(visual, self.targets[layer])
+        return self.text + visual
+
+    @torch.inference_mode()
+    def advance(self, layers: int, should_stop: Callable[[], bool] | None = None) -> None:
+        """Runs up to `layers` more layers (after the last one, the logits of the last position). `should_stop` is
+        polled before every layer (raises Cancelled)."""
+        lm, tokens, masks, targets, result = self.lm, self.tokens, self.masks, self.targets, self.result
+        stop_at = min(lm.num_layers, self.layer + layers)
+        while self.layer < stop_at:
+            layer_idx, layer = self.layer, lm.layers[self.layer]
+            if should_stop is not None and should_stop():
+                raise Cancelled()
+            if targets is not None and targets[layer_idx] < tokens.visual_now:
+                tokens.prune(_select_kept(self._capture.scores, tokens.visual, targets[layer_idx]),
+                             targets[layer_idx], self.plan.merge_pruned)
+                self._mask = masks.for_present(tokens)
+            result.tokens_per_layer.append(tokens.hidden.shape[1])
+            result.visual_per_layer.append(tokens.visual_now)
+            if self.record_kept:
+                result.kept_per_layer.append(tokens.index.clone())
+
+            next_layer = layer_idx + 1
+            self._capture, extra = None, {}
+            if targets is not None and next_layer < lm.num_layers and targets[next_layer] < tokens.visual_now:
+                self._capture = ScoreCapture(self.plan.importance, tokens.visual)
+                extra[SCORE_KWARG] = self._capture
+            writes = self.kv.prompt_writes(tokens.key_bias,
+                                           masks.positions[tokens.index] if masks.windowed else None)
+            hidden = layer(tokens.hidden, attention_mask=self._mask[lm.window(layer_idx)],
+                           position_embeddings=tokens.rotary[lm.rope_of(layer_idx)], cache=writes, use_cache=True,
+                           **extra)
+            tokens.hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+            if self._capture is not None:
+                result.scoring_s += self._capture.seconds
+            deepstack = self.deepstack
+            if deepstack is not None and layer_idx < deepstack.shape[0]:
+                rows = tokens.visual_rows()
+                tokens.hidden[0].index_add_(0, rows, deepstack[layer_idx, self.visual_row[tokens.index[rows]]]
+                                            .to(tokens.hidden.dtype))
+            self.layer += 1
+        if self.layer == lm.num_layers and result.logits is None:
+            result.logits = lm.lm_head(lm.norm(tokens.hidden[:, -1:]))[0, -1].float()
 
 
 @dataclass
@@ -305,7 +369,7 @@ def _select_kept(scores: torch.Tensor, visual: torch.Tensor, target: int) -> tor
 
 
 @torch.inference_mode()
-def decode_batch(lm: LanguageModel, tokens: torch.Tensor, position_ids: torch.Tensor, kv: DecodeBatchKV
+def decode_batch(lm: LanguageModel, tokens: torch.Tensor, position_ids: torch.Tensor, kv: DecodeStep
                  ) -> torch.Tensor:
     """One decode step for B sequences. tokens (B, 1) int64; position_ids (B, 1) or (3, B, 1).
     Returns (B, vocab) fp32 logits."""
@@ -324,6 +388,10 @@ def decode_step(lm: LanguageModel, token: torch.Tensor, position_ids: torch.Tens
                 ) -> torch.Tensor:
     """One sequence's decode step (a batch of one). token (1, 1); position_ids (1, 1) or (3, 1, 1).
     Returns (vocab,) fp32 logits."""
-    batch = DecodeBatchKV(cache.pool, [cache], token.device, lm.embed_tokens.weight.dtype,
-                          positions=position_ids.reshape(-1)[:1], windows=lm.windows)
-    return decode_batch(lm, token, position_ids, batch)[0]
+    batch = DecodeBatch(cache.pool, lm.windows)
+    batch.join(cache)
+    try:
+        step = batch.step(position_ids.reshape(-1)[:1], lm.embed_tokens.weight.dtype)
+        return decode_batch(lm, token, position_ids, step)[0]
+    finally:
+        batch.leave(cache)

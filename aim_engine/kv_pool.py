@@ -16,7 +16,12 @@ Reservations: before its prefill a sequence reserves every block it can ever nee
 per layer, `max_new_tokens` bounds the decode), and takes them from its reservation as it fills them. So an
 admitted sequence never waits for memory and nothing is preempted; a sequence that does not fit waits (or, if
 it could never fit, is refused). Should a sequence ever hold more tokens at a layer than its plan said (an
-estimate that fell short), it takes unreserved free blocks, and fails alone if there are none.
+estimate that fell short), it takes unreserved free blocks, and fails alone if there are none (DecodeBatch.step
+takes it out of the batch before the step).
+
+Decode runs on a persistent batch (DecodeBatch): its block tables and lengths stay in device tensors across
+steps and change by the diff, and attention reads them through a `PagedLayer` handed to the model as the layer's
+attention mask, in length groups whose padded size is bounded (the decode workspace).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 BLOCK_SIZE = 16  # tokens per block: small enough that the unfilled tail per (sequence, layer) stays small
@@ -145,6 +151,10 @@ class KVPool:
         self._reserved += blocks
         return SequenceKV(self, blocks)
 
+    def can_take(self, kv: "SequenceKV", blocks: int) -> bool:
+        """Whether `kv` can take `blocks` more: from its reservation, then from blocks nobody has been promised."""
+        return blocks <= kv.reserved or blocks - kv.reserved <= len(self._free) - self._reserved
+
     def _take(self, kv: "SequenceKV") -> int:
         if kv.reserved > 0:
             kv.reserved -= 1
@@ -174,9 +184,11 @@ class SequenceKV:
         self.pool = pool
         self.reserved = reserved
         self.blocks: list[list[int]] = [[] for _ in range(pool.layout.num_layers)]
-        self.lengths = [0] * pool.layout.num_layers
+        # tokens held per layer; while the sequence decodes in a DecodeBatch, a view of the batch's row
+        self.lengths = np.zeros(pool.layout.num_layers, dtype=np.int64)
         self.has_bias = [False] * pool.layout.num_layers
         self.released = False
+        self.batch_row: int | None = None  # its row in the DecodeBatch it decodes in
 
     def attach_prefix(self, blocks: list[list[int]], tokens: int, has_bias: list[bool]) -> None:
         """Starts this (empty) sequence with a reused prefix: per layer, `blocks` full blocks holding its first
@@ -253,7 +265,7 @@ class SequenceKV:
 
     def used_bytes(self) -> int:
         """Bytes of K/V and bias the sequence's tokens occupy (not counting unfilled block tails)."""
-        return sum(self.lengths) * self.pool.layout.bytes_per_token
+        return int(self.lengths.sum()) * self.pool.layout.bytes_per_token
 
     def held_blocks(self) -> int:
         return sum(len(b) for b in self.blocks)
@@ -281,79 +293,218 @@ def standalone_kv(layout: KVLayout, tokens_per_layer: list[int], device) -> Sequ
     return KVPool(layout, KVPool.bytes_for(layout, tokens_per_layer), device=device).reserve(tokens_per_layer)
 
 
-class DecodeBatchKV:
-    """The cache of one batched decode step: every sequence appends one token at every layer and attends to
-    all it holds there. Built on the host from the block tables before the step (lengths and slots are known
-    there), moved to the device in one copy per tensor, so no layer syncs the device.
 
-    Per layer l: `write_slots[l]` (B,) where the new token goes; `gather[l]` (B, T_l) the slots of each
-    sequence's keys, padded to the longest (T_l); `mask(l)` (B, 1, 1, T_l) additive: the key bias, -inf on
-    padding and, at a sliding-window layer (`windows[l]`), on keys at least the window before the new token's
-    position (`positions` (B,)); None when none of that applies (the kernel then needs no mask at all).
 
-    Attention reads the keys through a gather into a padded (B, kv_heads, T_l, head_dim) tensor: correct on
-    any device with SDPA. A paged kernel (e.g. FlashAttention's block-table decode) would take `tables` and
-    `lengths` instead and skip the gather; the block tables are per (sequence, layer) either way."""
+DEFAULT_WORKSPACE_TOKENS = 1 << 20  # padded keys one decode attention gather may hold at one layer (K and V each)
 
-    def __init__(self, pool: KVPool, sequences: list[SequenceKV], device: torch.device | str, dtype: torch.dtype,
-                 positions: torch.Tensor | None = None, windows: list[int | None] | None = None):
-        self.pool = pool
-        bs, num_layers = pool.block_size, pool.layout.num_layers
-        write, lengths, tables = [], [], []
-        for kv in sequences:
-            write.append([kv.append_slots(layer, 1)[0] for layer in range(num_layers)])
-            lengths.append(kv.lengths)
-        max_blocks = max(len(b) for kv in sequences for b in kv.blocks)
-        for layer in range(num_layers):
-            tables.append([kv.blocks[layer] + [0] * (max_blocks - len(kv.blocks[layer])) for kv in sequences])
-        self.write_slots = torch.tensor(write, device=device).T.contiguous()  # (L, B)
-        pool.key_bias.index_fill_(0, self.write_slots.flatten(), 0.0)  # a generated token stands for itself
+
+class DecodeBatch:
+    """The running batch's KV, kept across decode steps (a persistent batch, per (sequence, layer)): block tables
+    `tables` (L, rows, width) and `lengths` (L, rows) in device tensors, beside a host copy of the lengths whose
+    row is each member's own `lengths` (a view). A sequence joins once after its prefill (its tables written
+    once) and leaves when it ends (the last row moves into its place). Each step appends one token per
+    (sequence, layer): a block is taken only where a layer's last block is full, found with one test over the
+    lengths array, and the step's write slots are computed on the device from the tables. So a step's host work
+    does not grow with the tokens held, and is a few array operations in the number of sequences.
+
+    Attention (`PagedLayer`): the tables and lengths of one layer are what a paged decode kernel takes (one page
+    table per layer: FlashInfer's paged decode, FlashAttention's block table). Without one, SDPA runs on keys
+    gathered from the pool, in groups of rows sorted by length, each at most `workspace_tokens` padded keys (a
+    row longer than that alone), so no step allocates more than the workspace beyond what admission reserved.
+    `windows[l]`: layer l's sliding window (None: none)."""
+
+    def __init__(self, pool: KVPool, windows: list[int | None], workspace_tokens: int = DEFAULT_WORKSPACE_TOKENS):
+        self.pool, self.windows, self.workspace_tokens = pool, list(windows), max(1, workspace_tokens)
+        layers, device = pool.layout.num_layers, pool.keys.device
+        self.members: list[SequenceKV] = []
+        self._lengths = np.zeros((layers, 4), dtype=np.int64)  # host copy; column r: member r's lengths
+        self._bias = np.zeros((layers, 4), dtype=bool)  # member r holds biased keys at the layer
+        self.tables = torch.zeros((layers, 4, 4), dtype=torch.long, device=device)
+        self.lengths = torch.zeros((layers, 4), dtype=torch.long, device=device)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def _grow(self, rows: int, width: int) -> None:
+        """Room for `rows` members of up to `width` blocks per layer (doubling, so growth is amortised)."""
+        layers, cap_rows, cap_width = self.tables.shape
+        if rows <= cap_rows and width <= cap_width:
+            return
+        new_rows, new_width = cap_rows, cap_width
+        while new_rows < rows:
+            new_rows *= 2
+        while new_width < width:
+            new_width *= 2
+        n = len(self.members)
+        tables = torch.zeros((layers, new_rows, new_width), dtype=torch.long, device=self.tables.device)
+        tables[:, :n, :cap_width] = self.tables[:, :n]
+        lengths = torch.zeros((layers, new_rows), dtype=torch.long, device=self.lengths.device)
+        lengths[:, :n] = self.lengths[:, :n]
+        host = np.zeros((layers, new_rows), dtype=np.int64)
+        host[:, :n] = self._lengths[:, :n]
+        bias = np.zeros((layers, new_rows), dtype=bool)
+        bias[:, :n] = self._bias[:, :n]
+        self.tables, self.lengths, self._lengths, self._bias = tables, lengths, host, bias
+        for row, kv in enumerate(self.members):
+            kv.lengths = self._lengths[:, row]
+
+    def join(self, kv: SequenceKV) -> None:
+        """A prefilled sequence joins: its block tables are written once."""
+        row = len(self.members)
+        width = max(len(blocks) for blocks in kv.blocks)
+        self._grow(row + 1, width + 1)
+        table = torch.tensor([blocks + [0] * (width - len(blocks)) for blocks in kv.blocks], dtype=torch.long)
+        self.tables[:, row] = 0
+        self.tables[:, row, :width] = table.to(self.tables.device)
+        self._lengths[:, row] = kv.lengths
+        self.lengths[:, row] = torch.from_numpy(self._lengths[:, row]).to(self.lengths.device)
+        self._bias[:, row] = kv.has_bias
+        kv.lengths, kv.batch_row = self._lengths[:, row], row
+        self.members.append(kv)
+
+    def leave(self, kv: SequenceKV) -> None:
+        """The sequence leaves (it keeps its lengths); the last member moves into its row."""
+        row, last = kv.batch_row, len(self.members) - 1
+        if row is None or row > last or self.members[row] is not kv:
+            return
+        kv.lengths, kv.batch_row = self._lengths[:, row].copy(), None
+        if row != last:
+            moved = self.members[last]
+            self.tables[:, row] = self.tables[:, last]
+            self.lengths[:, row] = self.lengths[:, last]
+            self._lengths[:, row] = self._lengths[:, last]
+            self._bias[:, row] = self._bias[:, last]
+            self.members[row], moved.lengths, moved.batch_row = moved, self._lengths[:, row], row
+        self.members.pop()
+
+    def outgrown(self) -> list[SequenceKV]:
+        """Members that need a block at this step and can take none (they outgrew their reservation and no
+        unpromised block is free): the caller takes them out (`leave`) and fails them alone."""
+        lengths = self._lengths[:, :len(self.members)]
+        need = np.count_nonzero(lengths % self.pool.block_size == 0, axis=0)
+        return [self.members[row] for row in np.flatnonzero(need)
+                if not self.pool.can_take(self.members[row], int(need[row]))]
+
+    def step(self, positions: torch.Tensor | None, dtype: torch.dtype) -> "DecodeStep":
+        """Appends this step's token to every (member, layer): blocks where a layer's last one is full, the slots
+        computed on the device. Call `outgrown` first. positions (B,): the new tokens' positions (needed where the
+        pool keeps key positions: sliding windows)."""
+        pool, bs, count = self.pool, self.pool.block_size, len(self.members)
+        host = self._lengths[:, :count]
+        layers, rows = np.nonzero(host % bs == 0)  # (layer, row) whose last block is full: ~1 in bs per step
+        if layers.size:
+            taken = []
+            for layer, row in zip(layers.tolist(), rows.tolist()):
+                kv = self.members[row]
+                kv.blocks[layer].append(pool._take(kv))
+                taken.append(kv.blocks[layer][-1])
+            cols = host[layers, rows] // bs
+            self._grow(count, int(cols.max()) + 1)
+            self.tables[torch.from_numpy(layers), torch.from_numpy(rows), torch.from_numpy(cols)] = \
+                torch.tensor(taken, dtype=torch.long).to(self.tables.device)
+        lengths = self.lengths[:, :count]
+        write = self.tables[:, :count].gather(2, (lengths // bs)[..., None])[..., 0] * bs + lengths % bs  # (L, B)
+        lengths += 1
+        host += 1
+        flat = write.flatten()
+        pool.key_bias.index_fill_(0, flat, 0.0)  # a generated token stands for itself
         if pool.key_position is not None:
             if positions is None:
                 raise ValueError("a pool that keeps key positions (sliding windows) needs the new tokens' positions")
-            pool.key_position.index_copy_(0, self.write_slots.flatten(),
-                                          positions.to(device, torch.int32).repeat(num_layers))
-        windows = windows or [None] * num_layers
-        self.lengths_host = [list(col) for col in zip(*lengths)]  # [layer][sequence]
-        lengths_t = torch.tensor(self.lengths_host, device=device)  # (L, B)
-        tables_t = torch.tensor(tables, device=device)  # (L, B, max_blocks)
-        self.has_bias = [any(kv.has_bias[layer] for kv in sequences) for layer in range(num_layers)]
-        self.gather, self._masks = [], []
-        for layer in range(num_layers):
-            width = max(self.lengths_host[layer])
-            pos = torch.arange(width, device=device)
-            slots = tables_t[layer].gather(1, (pos // bs).expand(len(sequences), -1)) * bs + pos % bs
-            padded = min(self.lengths_host[layer]) < width
-            if padded:  # padding reads the sequence's first key (written, finite); the mask hides it
-                slots = torch.where(pos[None, :] < lengths_t[layer][:, None], slots, slots[:, :1])
-            self.gather.append(slots)
-            window = windows[layer]
-            if not padded and not self.has_bias[layer] and window is None:
-                self._masks.append(None)
-                continue
-            mask = pool.key_bias.index_select(0, slots.flatten()).view(slots.shape) if self.has_bias[layer] else \
-                torch.zeros(slots.shape, device=device)
-            if padded:
-                mask = mask.masked_fill(pos[None, :] >= lengths_t[layer][:, None], float("-inf"))
-            if window is not None:
-                keys = pool.key_position.index_select(0, slots.flatten()).view(slots.shape)
-                mask = mask.masked_fill(positions.to(device)[:, None] - keys >= window, float("-inf"))
-            self._masks.append(mask.to(dtype)[:, None, None, :])
+            pool.key_position.index_copy_(0, flat, positions.to(flat.device, torch.int32).repeat(pool.layout.num_layers))
+        return DecodeStep(self, write, positions, dtype)
 
-    def mask(self, layer: int) -> torch.Tensor | None:
-        return self._masks[layer]
+
+class DecodeStep:
+    """One decode step's cache: `update` writes each member's new K/V at its slot; the layer's `PagedLayer`
+    (`mask(layer)`, handed to the model as the attention mask) attends over what each member holds there."""
+
+    def __init__(self, batch: DecodeBatch, write: torch.Tensor, positions: torch.Tensor | None, dtype: torch.dtype):
+        count = len(batch.members)
+        host = batch._lengths[:, :count]
+        self.batch, self.write, self.dtype, self.count = batch, write, dtype, count
+        self.positions = None if positions is None else positions.to(write.device)
+        self.widths = host.max(axis=1).tolist()  # per layer: the longest member
+        self.padded = (host.min(axis=1) < host.max(axis=1)).tolist()
+        self.biased = batch._bias[:, :count].any(axis=1).tolist()
+        self.host_lengths = host
+
+    def mask(self, layer: int) -> "PagedLayer":
+        return PagedLayer(self, layer)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """key/value (B, kv_heads, 1, head_dim): written at each sequence's new slot; returns every key and
-        value each sequence holds at this layer, padded: (B, kv_heads, T, head_dim)."""
-        pool, slots = self.pool, self.write_slots[layer_idx]
+        """key/value (B, kv_heads, 1, head_dim): written at each member's new slot. Attention reads the pool
+        through the layer's PagedLayer, so what is returned here is not used."""
+        pool, slots = self.batch.pool, self.write[layer_idx]
         pool.keys.index_copy_(0, slots, key[:, :, 0].to(pool.keys.dtype))
         pool.values.index_copy_(0, slots, value[:, :, 0].to(pool.values.dtype))
-        gather = self.gather[layer_idx]
-        shape = (*gather.shape, *pool.keys.shape[1:])  # (B, T, kv_heads, head_dim)
-        keys = pool.keys.index_select(0, gather.flatten()).view(shape).transpose(1, 2)
-        values = pool.values.index_select(0, gather.flatten()).view(shape).transpose(1, 2)
-        return keys.to(key.dtype), values.to(value.dtype)
+        return key, value
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return max(self.lengths_host[layer_idx]) - 1
+        return self.widths[layer_idx] - 1
+
+
+@dataclass
+class PagedLayer:
+    """What one layer's decode attention reads: `tables` (B, width) blocks and `lengths` (B,) per member (a
+    paged kernel's page table), and the gathered fallback (`groups`, `keys_and_mask`)."""
+
+    step: DecodeStep
+    layer: int
+
+    @property
+    def tables(self) -> torch.Tensor:
+        return self.step.batch.tables[self.layer, :self.step.count]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.step.batch.lengths[self.layer, :self.step.count]
+
+    def groups(self) -> list[np.ndarray | None]:
+        """Rows attended together: all (None) when their padded keys fit the workspace, else rows sorted by
+        length, packed while the group's rows times its longest stay within it (a longer row alone)."""
+        step, limit = self.step, self.step.batch.workspace_tokens
+        if step.count * step.widths[self.layer] <= limit or step.count == 1:
+            return [None]
+        lengths = step.host_lengths[self.layer]
+        order = np.argsort(-lengths, kind="stable")
+        groups, start = [], 0
+        while start < len(order):
+            widest, end = int(lengths[order[start]]), start + 1
+            while end < len(order) and (end - start + 1) * widest <= limit:
+                end += 1
+            groups.append(np.sort(order[start:end]))
+            start = end
+        return groups
+
+    def keys_and_mask(self, rows: np.ndarray | None):
+        """The rows' keys and values (b, kv_heads, T, head_dim) gathered from the pool, padded to the longest, and
+        their additive mask (b, 1, 1, T), or None where nothing is masked: the key bias, padding, and keys at
+        least the window before the new token (sliding layers)."""
+        step, layer = self.step, self.layer
+        pool, bs = step.batch.pool, step.batch.pool.block_size
+        lengths = self.lengths if rows is None else self.lengths[torch.from_numpy(rows).to(self.lengths.device)]
+        host = step.host_lengths[layer] if rows is None else step.host_lengths[layer][rows]
+        width, padded = int(host.max()), bool(host.min() < host.max())
+        tables = self.tables if rows is None else self.tables[torch.from_numpy(rows).to(self.tables.device)]
+        blocks = tables[:, :(width + bs - 1) // bs]
+        offsets = torch.arange(bs, device=blocks.device)
+        slots = (blocks[..., None] * bs + offsets).flatten(1)[:, :width]  # (b, T)
+        pos = torch.arange(width, device=slots.device)
+        if padded:  # padding reads the row's first key (written, finite); the mask hides it
+            slots = torch.where(pos[None, :] < lengths[:, None], slots, slots[:, :1])
+        shape = (*slots.shape, *pool.keys.shape[1:])  # (b, T, kv_heads, head_dim)
+        keys = pool.keys.index_select(0, slots.flatten()).view(shape).transpose(1, 2).to(step.dtype)
+        values = pool.values.index_select(0, slots.flatten()).view(shape).transpose(1, 2).to(step.dtype)
+        window = step.batch.windows[layer]
+        if not padded and not step.biased[layer] and window is None:
+            return keys, values, None
+        mask = pool.key_bias.index_select(0, slots.flatten()).view(slots.shape) if step.biased[layer] else \
+            torch.zeros(slots.shape, device=slots.device)
+        if padded:
+            mask = mask.masked_fill(pos[None, :] >= lengths[:, None], float("-inf"))
+        if window is not None:
+            positions = step.positions if rows is None else step.positions[torch.from_numpy(rows).to(slots.device)]
+            key_pos = pool.key_position.index_select(0, slots.flatten()).view(slots.shape)
+            mask = mask.masked_fill(positions[:, None] - key_pos >= window, float("-inf"))
+        return keys, values, mask.to(step.dtype)[:, None, None, :]

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from .adapters.base import EncodedMedia, FamilyAdapter
-from .vision import encode_batch
+from .vision import encode_batch, join_slices
 from .caches import Caches
 from .cost import RequestShape
 from .assembly import PreparedPrompt, assemble_prompt
@@ -187,6 +187,10 @@ class Preparer:
         `should_stop` is polled between the tower's blocks (raises Cancelled)."""
         with self.adapter.stoppable_vision(should_stop):
             return encode_batch(self.adapter, self.feature_cache, requests)
+
+    def join_slices(self, part: VideoPart, slices: list[EncodedMedia]) -> EncodedMedia:
+        """A video encoded in slices of its frames (encode_batch on each): the whole video's encoding."""
+        return join_slices(self.adapter, self.feature_cache, part, slices)
 
     def render_prompt(self, request: GenerationRequest, media: list[EncodedMedia] | None = None) -> str:
         """The prompt as text, a placeholder per media part. Where the family writes videos' times into it, they

@@ -51,26 +51,42 @@ def encode_batch(adapter: FamilyAdapter, cache: FeatureCache | None, requests: l
     encoded_videos = adapter.encode_videos([(p.frames, p.fps) for p in videos]) if videos else []
     encoded_images = adapter.encode_image_sets([[p.image for p in prompt] for prompt in images])
     seconds = time.perf_counter() - start
-    for media, part in zip(encoded_videos, videos):  # where the family writes a video out in parts
-        times = adapter.video_timestamps(len(part.frames), part.fps)
-        if times is not None:
-            media.extra["timestamps"] = times
     # the pass's time, shared by the items computed in proportion to their frames / images
     computed = [(m, p) for m, p in zip(encoded_videos, videos)] + [
         (m, p) for ms, ps in zip(encoded_images, images) for m, p in zip(ms, ps)]
     views = sum(len(p.frames) if isinstance(p, VideoPart) else 1 for _, p in computed) or 1
     for media, part in computed:
         media.vision_s = seconds * (len(part.frames) if isinstance(part, VideoPart) else 1) / views
-        media.decoded_bytes = sum(rgb_bytes(*im.size) for im in (part.frames if isinstance(part, VideoPart)
-                                                                 else [part.image]))
-        if part.cache_key is not None:
-            media.cache = "miss"
-            cache.put(part.cache_key, media)
+        _computed(adapter, cache, media, part)
     for (r, i), (kind, a, b) in where.items():
         resolved[r, i] = encoded_videos[a] if kind == "video" else encoded_images[a][b]
     for item, computing in shared:  # computed once for the batch: a hit for every other request
         resolved[item] = _hit(cache, items[item[0]][item[1]].cache_key) or resolved[computing]
     return [[resolved[r, i] for i in range(len(parts))] for r, parts in enumerate(items)]
+
+def join_slices(adapter: FamilyAdapter, cache: FeatureCache | None, part: VideoPart,
+                slices: list[EncodedMedia]) -> EncodedMedia:
+    """A video encoded over several passes, a slice of `adapter.video_slice_frames` multiple at a time (each slice
+    sent to encode_batch as a video of its own, uncached): the whole video's encoding, kept in the cache."""
+    media = adapter.join_video(slices)
+    _computed(adapter, cache, media, part)
+    return media
+
+
+def _computed(adapter: FamilyAdapter, cache: FeatureCache | None, media: EncodedMedia, part: ImagePart | VideoPart
+              ) -> None:
+    """An item the tower computed: the times of its parts (where the family writes a video out in parts), the
+    pixels it came from, and its place in the cache."""
+    if isinstance(part, VideoPart):
+        times = adapter.video_timestamps(len(part.frames), part.fps)
+        if times is not None:
+            media.extra["timestamps"] = times
+    media.decoded_bytes = sum(rgb_bytes(*im.size) for im in (part.frames if isinstance(part, VideoPart)
+                                                             else [part.image]))
+    if part.cache_key is not None:
+        media.cache = "miss"
+        cache.put(part.cache_key, media)
+
 
 def _hit(cache: FeatureCache | None, key: MediaKey) -> EncodedMedia | None:
     """A cache hit as this request's own view of the shared entry (marked, nothing copied)."""

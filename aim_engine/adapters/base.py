@@ -131,6 +131,28 @@ class FamilyAdapter:
         video at a time."""
         return [self.encode_video(frames, fps) for frames, fps in videos]
 
+    # Frames per slice of a video that the tower encodes exactly alone (its frames attend to nothing outside
+    # the slice), so a long video can be encoded over several engine steps (vision.join_slices); None: a video
+    # goes through the tower whole.
+    video_slice_frames: int | None = None
+
+    def join_video(self, slices: list[EncodedMedia]) -> EncodedMedia:
+        """One video from its slices' encodings, in order, as encoding it whole gives: features (and DeepStack
+        rows) concatenated, each slice's groups moved past the ones before, the grid's time summed."""
+        offsets, groups = 0, []
+        for part in slices:
+            groups += [g + offsets for g in part.groups]
+            offsets += part.features.shape[0]
+        first = slices[0]
+        grid = None
+        if first.grid_thw is not None:
+            grid = first.grid_thw.clone()
+            grid[0] = sum(int(p.grid_thw[0]) for p in slices)
+        deepstack = None if first.deepstack is None else torch.cat([p.deepstack for p in slices], dim=1)
+        return EncodedMedia(kind="video", features=torch.cat([p.features for p in slices]), groups=groups,
+                            vision_flops=sum(p.vision_flops for p in slices), grid_thw=grid, deepstack=deepstack,
+                            extra=dict(first.extra), vision_s=sum(p.vision_s for p in slices))
+
     def video_frame_size(self, width: int, height: int) -> tuple[int, int]:
         """The size to decode a `width` x `height` video's frames at: no smaller in either dimension than the
         model's processor will resize them to, never larger than the source (so decoding holds no more pixels

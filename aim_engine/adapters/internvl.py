@@ -22,6 +22,7 @@ from .base import EncodedMedia, FamilyAdapter, encoder_flops, square_input_size
 
 class InternVLAdapter(FamilyAdapter):
     family = "internvl"
+    video_slice_frames = 1  # a frame is a tile, encoded alone
     supports_video = True
     images_independent = True
 

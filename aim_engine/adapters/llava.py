@@ -20,6 +20,7 @@ from .base import EncodedMedia, FamilyAdapter, encoder_flops, square_input_size
 class LlavaAdapter(FamilyAdapter):
     family = "llava"
     images_independent = True
+    video_slice_frames = 1  # each frame is an independent view
 
     @property
     def supports_video(self) -> bool:

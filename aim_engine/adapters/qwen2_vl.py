@@ -25,6 +25,11 @@ class Qwen2VLAdapter(FamilyAdapter):
     images_independent = True
 
     @property
+    def video_slice_frames(self) -> int:
+        """A temporal patch: the tower attends within each one's tokens only."""
+        return self.config.vision_config.temporal_patch_size
+
+    @property
     def _merge(self) -> int:
         return self.config.vision_config.spatial_merge_size
 

@@ -1,5 +1,6 @@
-"""The step loop: one per model. Each step admits waiting sequences and prefills them, then runs one batched
-decode step for every running sequence, and hands each caller its new text.
+"""The step loop: one per model. Each step admits waiting sequences, runs a bounded slice of the admitted ones'
+prefill work (vision and LLM layers, within the step's budget: slices.py), then one batched decode step for
+every sequence whose prefill is done, and hands each caller its new text.
 
 One driver at a time: `start()`'s thread (the service) or, while no thread runs, whoever calls `step()` inline
 (the engine's own `generate` without a server, evaluation, tests). The engine waits for the thread's steps
@@ -14,10 +15,12 @@ import time
 from typing import Callable
 
 from ..errors import Cancelled
+from ..kv_pool import KVPoolExhausted
 from ..request import GenerationResult, TokenDelta
 from .model_runner import ModelRunner
 from .scheduler import Scheduler
 from .sequence import FINISHED, Sequence
+from .slices import StageRates, StepBudget
 
 log = logging.getLogger("aim.engine")
 
@@ -30,6 +33,8 @@ class ServingLoop:
         self.runner = runner
         self.eos_ids = eos_ids
         self.on_decode_step: Callable[[int], None] | None = None  # batch size of each decode step (metrics)
+        self.budget = StepBudget(None)  # prefill work per step beside the decode (slices.py); None: unsliced
+        self.rates = StageRates()  # the fitted rates the budget is predicted with (set by whoever fits them)
         self._step_lock = threading.RLock()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -52,13 +57,16 @@ class ServingLoop:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    def limit(self, max_batch: int, prefill_tokens_per_step: int | None = None) -> None:
-        """The batching limits: most sequences decoding together, prompt tokens prefilled per step (None: as
-        they are)."""
+    def limit(self, max_batch: int, prefill_tokens_per_step: int | None = None,
+              budget: StepBudget | None = None) -> None:
+        """The batching limits: most sequences decoding together, prompt tokens admitted per step, the prefill
+        work per step (None: as they are)."""
         with self._step_lock:
             self.scheduler.max_batch = max_batch
             if prefill_tokens_per_step is not None:
                 self.scheduler.prefill_tokens_per_step = prefill_tokens_per_step
+            if budget is not None:
+                self.budget = budget
 
     @property
     def max_batch(self) -> int:
@@ -76,36 +84,41 @@ class ServingLoop:
 
     # ---- one step -------------------------------------------------------------------------------
     def step(self) -> None:
+        """Admits what fits, runs this step's prefill pieces (within the budget, slices.py), then one decode step
+        for every sequence whose prefill is done."""
         with self._step_lock:
             sched = self.scheduler
             sched.take_inbox()
             for seq in sched.stopped():
                 self._finish(seq, "cancelled")
-            admitted = sched.admit()
-            encoded = self.runner.encode([s for s in admitted if not s.stop_requested()])
-            for seq in admitted:
-                try:
-                    token = self.runner.prefill(seq, encoded.get(seq.seq_id))
-                except Cancelled:
-                    self._finish(seq, "cancelled")
-                    continue
-                except Exception as exc:  # noqa: BLE001 - this request's fault or not, it fails alone
-                    self._fail(seq, exc)
-                    continue
-                self._accept_or_fail(seq, token)
-            batch = list(sched.running)
+            for seq in sched.admit():
+                seq.work = self.runner.work_for(seq)
+            prefilling = [s for s in sched.running if s.work is not None]
+            if prefilling:
+                decoding = len(sched.running) - len(prefilling)
+                budget_s = self.budget.seconds(self.rates, decoding)
+                for seq, outcome in self.runner.advance(prefilling, budget_s, self.rates):
+                    if isinstance(outcome, Cancelled):
+                        self._finish(seq, "cancelled")
+                    elif isinstance(outcome, BaseException):
+                        self._fail(seq, outcome)
+                    else:
+                        self._accept_or_fail(seq, outcome)
+            batch = [s for s in sched.running if s.work is None]
             if not batch:
                 return
             try:
-                tokens = self.runner.decode(batch)
+                stepped, outgrown = self.runner.decode(batch)
             except Exception as exc:  # noqa: BLE001 - a failed batched step fails the sequences in it
                 log.exception("decode step failed for %d sequences", len(batch))
                 for seq in batch:
                     self._fail(seq, exc)
                 return
-            if self.on_decode_step is not None:
-                self.on_decode_step(len(batch))
-            for seq, token in zip(batch, tokens):
+            for seq in outgrown:
+                self._fail(seq, KVPoolExhausted("the sequence outgrew its KV reservation and no free block is left"))
+            if self.on_decode_step is not None and stepped:
+                self.on_decode_step(len(stepped))
+            for seq, token in stepped:
                 self._accept_or_fail(seq, token)
 
     def _accept_or_fail(self, seq: Sequence, token: int) -> None:
@@ -138,6 +151,7 @@ class ServingLoop:
         stats = seq.stats
         if seq.kv is not None:
             stats.kv_cache_bytes = seq.kv.used_bytes()
+        self.runner.retire(seq)
         self.scheduler.finish(seq)
         if seq.text is not None:
             tail = seq.text.flush()
@@ -152,6 +166,7 @@ class ServingLoop:
                                   token_ids=list(seq.generated), stats=stats, plan=seq.plan))
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:
+        self.runner.retire(seq)
         self.scheduler.finish(seq)
         seq.emit(exc)
 

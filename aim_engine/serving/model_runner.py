@@ -1,5 +1,6 @@
-"""Turns sequences into tensors and runs the model: one sequence's prefill (vision, merging, the LLM with
-pruning, into its KV reservation), and one decode step for a batch, sampled in one batched pass."""
+"""Turns sequences into tensors and runs the model: the prefill pieces of a step (vision, merging, layers of the
+LLM with pruning, into each sequence's KV reservation; slices.py chooses them), and one decode step for the
+persistent batch (kv_pool.DecodeBatch), sampled in one batched pass."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ import torch
 from ..adapters.base import FamilyAdapter
 from ..assembly import PreparedPrompt
 from ..caches import Caches
-from ..decoder import LanguageModel, decode_batch, prefill
-from ..flops import LLMShape, decode_step_flops, prefill_flops
+from ..decoder import LanguageModel, PrefillRun, decode_batch
+from ..flops import LLMShape, decode_step_flops, layer_prefill_flops, prefill_flops
 from ..generation import IncrementalText, sample_tokens, sequence_generator
-from ..kv_pool import DecodeBatchKV, KVPool
+from ..kv_pool import DEFAULT_WORKSPACE_TOKENS, DecodeBatch, KVPool
 from ..prepare import Preparer
-from ..request import RequestStats
+from ..request import RequestStats, VideoPart
 from .sequence import Sequence
+from .slices import PrefillWork, StageRates, VisionPiece, plan_step
 
 
 class ModelRunner:
@@ -24,59 +26,139 @@ class ModelRunner:
     and FLOPs shape, the preparer, the KV pool and the caches."""
 
     def __init__(self, adapter: FamilyAdapter, lm: LanguageModel, shape: LLMShape, preparer: Preparer, pool: KVPool,
-                 caches: Caches):
+                 caches: Caches, workspace_tokens: int = DEFAULT_WORKSPACE_TOKENS):
         self.lm, self.shape, self.preparer, self.pool, self.caches = lm, shape, preparer, pool, caches
+        self.batch = DecodeBatch(pool, lm.windows, workspace_tokens)  # the running batch's KV, across steps
         self.tokenizer = adapter.tokenizer
         self.device = adapter.device
         self.dtype = adapter.dtype
         self.mrope = adapter.uses_mrope
 
-    def encode(self, batch: list[Sequence]) -> dict[int, list]:
-        """The vision tower for the sequences admitted together, in one pass where the family allows: their
-        encoded media by sequence id. Each sequence is charged the pass's time in proportion to the frames and
-        images it sent (what it reused from the feature cache cost it nothing). If the joint pass fails, nothing
-        is returned and each sequence encodes alone (so one bad request fails alone)."""
-        if len(batch) < 2:
-            return {}
-        start = time.perf_counter()
-        for seq in batch:
-            seq.started = start
-        try:
-            encoded = self.preparer.encode_batch([s.request.parts for s in batch],
-                                                        lambda: all(s.stop_requested() for s in batch))
-        except Exception:  # noqa: BLE001 - retried one by one, where the culprit fails alone
-            return {}
-        for seq, media in zip(batch, encoded):  # each item carries its share of the pass; a hit spent none
-            seq.stats.timings.vision_s = sum(m.vision_s for m in media if m.cache != "hit")
-        return {s.seq_id: media for s, media in zip(batch, encoded)}
+    def work_for(self, seq: Sequence) -> PrefillWork:
+        """An admitted sequence's prefill work (its pieces run over steps: `advance`)."""
+        request, adapter = seq.request, self.preparer.adapter
+        new = seq.sampling.max_new_tokens - 1
+        return PrefillWork(request.parts, request.shape, [t - new for t in seq.kv_tokens],
+                           images_together=not adapter.images_independent, slice_frames=adapter.video_slice_frames)
 
-    def prefill(self, seq: Sequence, media: list | None = None) -> int:
-        """Vision (unless `media` is given), merging and the LLM prefill of one sequence; returns its first
-        token (on the host). Raises Cancelled if it is stopped in the vision tower or between layers."""
-        stats = seq.stats
-        seq.started = seq.started or time.perf_counter()
-        seq.prepared = self.preparer.prepare(seq.request, seq.plan, stats.timings, media=media,
-                                               should_stop=seq.stop_requested)
-        t_llm = time.perf_counter()
-        prepared = seq.prepared
-        past, offer = self._reuse_prefix(seq)
-        deepstack = prepared.deepstack
-        if deepstack is not None and past:  # the reused prefix's visual rows are in its cached K/V already
-            deepstack = deepstack[:, int(prepared.is_visual[:past].sum()):]
-        pre = prefill(self.lm, prepared.embeds[:, past:], prepared.position_ids[..., past:],
-                      prepared.is_visual[past:], seq.plan, key_bias=prepared.key_bias, kv=seq.kv,
-                      should_stop=seq.stop_requested, past=past, deepstack=deepstack, blocks=prepared.blocks)
-        if offer is not None:
-            self.caches.prefixes.offer(offer, seq.kv)
+    def advance(self, prefilling: list[Sequence], budget_s: float, rates: StageRates) -> list[tuple[Sequence, object]]:
+        """Runs this step's prefill pieces (slices.plan_step) for the sequences being prefilled, in admission
+        order: every vision piece in one pass through the tower, then each sequence's layers. Returns what ended:
+        (sequence, its first token | Cancelled | the exception it failed with); the others continue next step."""
+        works = {id(s.work): s for s in prefilling}
+        plan = plan_step([s.work for s in prefilling], budget_s, rates, self.lm.num_layers, self._layer_flops)
+        outcomes: dict[int, object] = {}
+        self._encode([(works[id(p.work)], p.vision) for p in plan if p.vision], outcomes)
+        for pieces in plan:
+            seq = works[id(pieces.work)]
+            if pieces.layers == 0 or seq.seq_id in outcomes:
+                continue
+            try:
+                token = self._prefill_layers(seq, pieces.layers)
+            except Exception as exc:  # noqa: BLE001 - Cancelled, or this request's fault or not: it ends alone
+                outcomes[seq.seq_id] = exc
+                continue
+            if token is not None:
+                outcomes[seq.seq_id] = token
+        return [(s, outcomes[s.seq_id]) for s in prefilling if s.seq_id in outcomes]
+
+    def _layer_flops(self, work: PrefillWork, layer: int) -> float:
+        past = work.run.past if work.run is not None else 0
+        return layer_prefill_flops(self.shape, work.layer_cost_tokens(layer), past, layer)
+
+    def _encode(self, chosen: list[tuple[Sequence, list[VisionPiece]]], outcomes: dict[int, object]) -> None:
+        """The chosen vision pieces of several sequences in one pass where the family allows. Each sequence is
+        charged the pass's time in proportion to its frames and images (a cache hit costs it nothing). If the
+        joint pass fails, each sequence's pieces run alone, so one bad request fails alone."""
+        if not chosen:
+            return
+        start = time.perf_counter()
+        for seq, _ in chosen:
+            seq.started = seq.started or start
+        try:
+            self._encode_pass(chosen)
+            return
+        except Exception as exc:  # noqa: BLE001 - retried one by one, where the culprit fails alone
+            if len(chosen) == 1:
+                outcomes[chosen[0][0].seq_id] = exc
+                return
+        for seq, pieces in chosen:
+            try:
+                self._encode_pass([(seq, pieces)])
+            except Exception as exc:  # noqa: BLE001
+                outcomes[seq.seq_id] = exc
+
+    def _encode_pass(self, chosen: list[tuple[Sequence, list[VisionPiece]]]) -> None:
+        requests = []
+        for seq, pieces in chosen:
+            parts = []
+            for piece in pieces:
+                if piece.frames is None:
+                    parts += [seq.work.items[i] for i in piece.items]
+                else:
+                    video = seq.work.items[piece.items[0]]
+                    parts.append(VideoPart(frames=video.frames[piece.frames[0]:piece.frames[1]], fps=video.fps))
+            requests.append(parts)
+        encoded = self.preparer.encode_batch(requests, lambda: all(s.stop_requested() for s, _ in chosen))
+        for (seq, pieces), media in zip(chosen, encoded):
+            work, media = seq.work, iter(media)
+            for piece in pieces:
+                if piece.frames is None:
+                    for item in piece.items:
+                        work.encoded[item] = next(media)
+                    continue
+                item = piece.items[0]
+                work.slices.setdefault(item, []).append(next(media))
+                work.next_frame[item] = piece.frames[1]
+                if piece.frames[1] == len(work.items[item].frames):
+                    work.encoded[item] = self.preparer.join_slices(work.items[item], work.slices.pop(item))
+            done = [m for m in work.encoded if m is not None]
+            seq.stats.timings.vision_s = sum(m.vision_s for m in done if m.cache != "hit") + sum(
+                m.vision_s for parts in work.slices.values() for m in parts)
+
+    def _prefill_layers(self, seq: Sequence, layers: int) -> int | None:
+        """`layers` more layers of the sequence's LLM prefill (assembling its prompt and finding a reusable
+        prefix first); its first token once the last layer has run (on the host), else None. Raises Cancelled
+        if it is stopped between layers."""
+        work, stats = seq.work, seq.stats
+        start = time.perf_counter()
+        if work.run is None:
+            seq.started = seq.started or start
+            seq.prepared = self.preparer.prepare(seq.request, seq.plan, stats.timings, media=work.encoded,
+                                                 should_stop=seq.stop_requested)
+            prepared = seq.prepared
+            past, work.offer = self._reuse_prefix(seq)
+            deepstack = prepared.deepstack
+            if deepstack is not None and past:  # the reused prefix's visual rows are in its cached K/V already
+                deepstack = deepstack[:, int(prepared.is_visual[:past].sum()):]
+            work.run = PrefillRun(self.lm, prepared.embeds[:, past:], prepared.position_ids[..., past:],
+                                  prepared.is_visual[past:], seq.plan, seq.kv, key_bias=prepared.key_bias,
+                                  past=past, deepstack=deepstack, blocks=prepared.blocks)
+            start = time.perf_counter()
+        run = work.run
+        run.advance(layers, seq.stop_requested)
+        stats.timings.prefill_s += time.perf_counter() - start
+        if not run.done:
+            return None
+        return self._first_token(seq)
+
+    def _first_token(self, seq: Sequence) -> int:
+        """A finished prefill: its prefix offered to the cache, its first token sampled, its stats filled."""
+        work, stats, pre = seq.work, seq.stats, seq.work.run.result
+        t0 = time.perf_counter()
+        if work.offer is not None:
+            self.caches.prefixes.offer(work.offer, seq.kv)
         seq.generator = sequence_generator(seq.sampling, self.device)
         if seq.logits is not None:
             seq.logits.append(pre.logits.cpu())
         token = int(sample_tokens(pre.logits[None], [seq.sampling], [seq.generator])[0])
         seq.first_token = time.perf_counter()
-        stats.timings.prefill_s += seq.first_token - t_llm
+        stats.timings.prefill_s += seq.first_token - t0
         stats.timings.ttft_s = seq.first_token - seq.arrival
-        _fill_prefill_stats(stats, self.shape, prepared, pre.tokens_per_layer, pre.visual_per_layer, past)
+        _fill_prefill_stats(stats, self.shape, seq.prepared, pre.tokens_per_layer, pre.visual_per_layer,
+                            work.run.past)
         seq.text = IncrementalText(self.tokenizer, seq.sampling.stop)
+        seq.work = None
         return token
 
     def _reuse_prefix(self, seq: Sequence):
@@ -94,24 +176,41 @@ class ModelRunner:
             return 0, key
         return cache.attach(entry, seq.kv), None
 
-    def decode(self, batch: list[Sequence]) -> list[int]:
-        """One step for every sequence in `batch`: feeds each its last sampled token, returns the next ones."""
-        tokens = torch.tensor([[s.next_token] for s in batch], device=self.device)
-        positions = torch.tensor([[s.prepared.next_position + len(s.generated) - 1] for s in batch],
+    # ---- decode ---------------------------------------------------------------------------------------------
+    def retire(self, seq: Sequence) -> None:
+        """The sequence leaves the decode batch (it finished, failed or was cancelled)."""
+        if seq.kv is not None:
+            self.batch.leave(seq.kv)
+
+    def decode(self, batch: list[Sequence]) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
+        """One step for every sequence in `batch` (those not in the decode batch yet join it): feeds each its last
+        sampled token. Returns (sequence, next token) in the batch's order, and the sequences that outgrew their
+        KV reservation with no block left to take (out of the batch; the caller fails them alone)."""
+        for seq in batch:
+            if seq.kv.batch_row is None:
+                self.batch.join(seq.kv)
+        owner = {id(s.kv): s for s in batch}
+        outgrown = [owner[id(kv)] for kv in self.batch.outgrown()]
+        for seq in outgrown:
+            self.batch.leave(seq.kv)
+        seqs = [owner[id(kv)] for kv in self.batch.members]
+        if not seqs:
+            return [], outgrown
+        tokens = torch.tensor([[s.next_token] for s in seqs], device=self.device)
+        positions = torch.tensor([[s.prepared.next_position + len(s.generated) - 1] for s in seqs],
                                  device=self.device)
-        kv = DecodeBatchKV(self.pool, [s.kv for s in batch], self.device, self.dtype,
-                           positions=positions[:, 0], windows=self.lm.windows)
+        step = self.batch.step(positions[:, 0], self.dtype)
         if self.mrope:
             positions = positions[None].expand(3, -1, -1)
-        logits = decode_batch(self.lm, tokens, positions, kv)
-        for row, seq in enumerate(batch):
+        logits = decode_batch(self.lm, tokens, positions, step)
+        for row, seq in enumerate(seqs):
             if seq.logits is not None:
                 seq.logits.append(logits[row].cpu())
             seq.stats.decode_flops += decode_step_flops(self.shape, seq.kv.lengths)
             seq.decode_steps += 1
-            seq.batch_size_sum += len(batch)
-        sampled = sample_tokens(logits, [s.sampling for s in batch], [s.generator for s in batch])
-        return sampled.tolist()  # the step's one device -> host sync
+            seq.batch_size_sum += len(seqs)
+        sampled = sample_tokens(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
+        return list(zip(seqs, sampled.tolist())), outgrown  # the step's one device -> host sync
 
 
 def _fill_prefill_stats(stats: RequestStats, llm: LLMShape, prepared: PreparedPrompt, tokens_per_layer: list[int],

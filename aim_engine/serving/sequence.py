@@ -15,6 +15,7 @@ from ..kv_pool import SequenceKV
 
 if TYPE_CHECKING:
     from ..assembly import PreparedPrompt
+    from .slices import PrefillWork
     from ..request import GenerationRequest, RequestStats
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
@@ -42,6 +43,7 @@ class Sequence:
     arrival: float = field(default_factory=time.perf_counter)
     # set at admission / prefill
     kv: SequenceKV | None = None
+    work: "PrefillWork | None" = None  # its prefill, while it advances over steps (None once it decodes)
     prepared: "PreparedPrompt | None" = None
     generator: torch.Generator | None = None
     text: IncrementalText | None = None

@@ -114,7 +114,7 @@ def test_batched_equals_alone_with_mixed_plans_and_late_joiners(engine_for, fami
         assert run.result(key).stats.mean_batch > 1
         # the reservation made before prefill from the plan was exact: run to max_new_tokens, every layer held
         # precisely the tokens it was promised
-        assert run.seqs[key].kv.lengths == run.seqs[key].kv_tokens
+        assert run.seqs[key].kv.lengths.tolist() == run.seqs[key].kv_tokens
     assert engine.pool.used_blocks == 0 and engine.pool.reserved_blocks == 0
 
 
