@@ -160,7 +160,9 @@ def plan_step(works: list[PrefillWork], budget_s: float, rates: StageRates, num_
             frames = work.frames(items[0]) if len(items) == 1 else None
             per_frame = None if frames is None else work.tokens[items[0]] / frames
             remaining = sum(work.tokens[i] for i in items) if per_frame is None else per_frame * (frames - start)
-            if take(seconds(remaining, rates.vision_s_per_token)):
+            whole = seconds(remaining, rates.vision_s_per_token)
+            if whole <= left or (per_frame is None and not started):  # it fits, or it cannot be cut and is first
+                take(whole)
                 pieces.vision.append(VisionPiece(items, None if start == 0 else (start, frames)))
                 continue
             if per_frame is None:
