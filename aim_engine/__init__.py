@@ -11,7 +11,7 @@ _EXPORTS = {
     "RequestStats": "request", "TextPart": "request", "TokenDelta": "request", "VideoPart": "request",
     "EngineError": "errors", "GenerationError": "errors", "MediaError": "errors", "ModelLoadError": "errors",
     "PlanError": "errors", "RequestError": "errors", "SamplingParams": "generation", "MediaLimits": "media",
-    "ReductionPlan": "plan",
+    "ReductionPlan": "plan", "StageRates": "serving.slices", "StepBudget": "serving.slices",
 }
 
 __all__ = list(_EXPORTS)

@@ -295,7 +295,7 @@ def standalone_kv(layout: KVLayout, tokens_per_layer: list[int], device) -> Sequ
 
 
 
-DEFAULT_WORKSPACE_TOKENS = 1 << 20  # padded keys one decode attention gather may hold at one layer (K and V each)
+DEFAULT_WORKSPACE_BYTES = 256 * 2**20  # padded keys and values one decode attention gather may hold at one layer
 
 
 class DecodeBatch:
@@ -313,8 +313,9 @@ class DecodeBatch:
     row longer than that alone), so no step allocates more than the workspace beyond what admission reserved.
     `windows[l]`: layer l's sliding window (None: none)."""
 
-    def __init__(self, pool: KVPool, windows: list[int | None], workspace_tokens: int = DEFAULT_WORKSPACE_TOKENS):
-        self.pool, self.windows, self.workspace_tokens = pool, list(windows), max(1, workspace_tokens)
+    def __init__(self, pool: KVPool, windows: list[int | None], workspace_bytes: int = DEFAULT_WORKSPACE_BYTES):
+        self.pool, self.windows = pool, list(windows)
+        self.workspace_bytes = workspace_bytes
         layers, device = pool.layout.num_layers, pool.keys.device
         self.members: list[SequenceKV] = []
         self._lengths = np.zeros((layers, 4), dtype=np.int64)  # host copy; column r: member r's lengths
@@ -324,6 +325,17 @@ class DecodeBatch:
 
     def __len__(self) -> int:
         return len(self.members)
+
+    @property
+    def workspace_bytes(self) -> int:
+        return self.workspace_tokens * self._gathered_bytes
+
+    @workspace_bytes.setter
+    def workspace_bytes(self, nbytes: int) -> None:
+        """The gather's bound: `nbytes` of keys and values, in the pool's dtype, at one layer."""
+        layout = self.pool.layout
+        self._gathered_bytes = 2 * layout.kv_heads * layout.head_dim * torch.empty((), dtype=layout.dtype).element_size()
+        self.workspace_tokens = max(1, nbytes // self._gathered_bytes)
 
     def _grow(self, rows: int, width: int) -> None:
         """Room for `rows` members of up to `width` blocks per layer (doubling, so growth is amortised)."""

@@ -22,13 +22,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import AsyncIterator
 
-from aim_engine import AimEngine, GenerationRequest, GenerationResult, SamplingParams, TokenDelta
+from aim_engine import AimEngine, GenerationRequest, GenerationResult, SamplingParams, StageRates, TokenDelta
 from aim_engine.prepare import IngestedRequest
 from aim_engine.request import RequestStats, VideoPart
 from aim_engine.errors import Cancelled
 from aim_engine.serving.scheduler import KVBudgetError
 from controller.controller import BudgetController, ControllerConfig
-from controller.cost_model import Observation
+from controller.cost_model import CostModel, Observation
 from controller.policy import default_ladder
 
 from . import allocator
@@ -230,6 +230,7 @@ class ModelRuntime:
             prefill_flops=s.prefill_flops, decode_s=t.decode_s, new_tokens=s.completion_tokens,
             mean_batch=s.mean_batch, max_new_tokens=sampling.max_new_tokens, ignore_eos=sampling.ignore_eos),
             slo_s=slo_s, controlled=applied.source == "auto", prediction=prediction)
+        self.share_rates()
         if prediction is not None:
             m.prediction_ratio.labels(name).observe(prediction[0] / prediction[1])
         if total_s > (slo_s or self.default_slo_s):
@@ -277,6 +278,19 @@ class ModelRuntime:
     def calibrate(self, rounds: int = 1) -> None:
         """Warm-up before the first real request (service/warmup.py); not counted as traffic."""
         self.admission.service_times.extend(warm_up(self.engine, self.controller, rounds))
+        self.share_rates()
+
+    def share_rates(self) -> None:
+        """The cost model's fitted rates to the engine loop, which predicts its step budget with them: one set of
+        rates for the controller's predictions and the engine's slices."""
+        self.loop.rates = stage_rates(self.controller.cost_model)
+
+
+def stage_rates(model: CostModel) -> StageRates:
+    """The engine's view of the cost model's fitted rates (seconds per visual token, per prefill FLOP, per decode
+    step at a batch size)."""
+    return StageRates(vision_s_per_token=model.s_per_visual_token, prefill_s_per_flop=model.s_per_prefill_flop,
+                      decode_step=model.s_per_step)
 
     # ---- estimates ----------------------------------------------------------------------------
     async def estimate(self, request: GenerationRequest, reduction: Reduction) -> Estimate:

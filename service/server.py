@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from aim_engine import AimEngine, MediaLimits
+from aim_engine import AimEngine, MediaLimits, StepBudget
 
 from .aim_api import AimServicer
 from .registry import ServedModels
@@ -170,7 +170,9 @@ async def load_models(running: RunningServer, engines: dict[str, AimEngine] | No
         engines = await loop.run_in_executor(None, load_engines, settings)
     gpu = GpuSampler(expect_gpu=settings.device.startswith("cuda")).start()
     for name, engine in engines.items():
-        engine.loop.limit(settings.max_batch, settings.prefill_tokens_per_step)  # the settings' limits, given once
+        engine.loop.limit(settings.max_batch, settings.prefill_tokens_per_step,  # the settings' limits, given once
+                          StepBudget(None if settings.step_budget < 0 else settings.step_budget),
+                          settings.decode_workspace_bytes)
         runtime = ModelRuntime(
             name, engine, state.metrics, max_queue=settings.max_queue,
             default_frames=settings.default_frames, default_slo_s=settings.default_slo_ms / 1000,

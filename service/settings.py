@@ -30,8 +30,15 @@ class Settings:
     max_batch: int = _f(32, "most sequences decoding together per model (continuous batching; 1 = one at a time)")
     kv_cache_bytes: int = _f(0, "KV cache pool per model, bytes (0 = default: 2 GiB on CPU; on CUDA 85% of the "
                              "memory free after loading, less 2 GiB)")
-    prefill_tokens_per_step: int = _f(1024, "prompt tokens (after merging) prefilled per engine step, at least one "
-                                      "request: smaller keeps running requests decoding through a burst")
+    prefill_tokens_per_step: int = _f(1024, "prompt tokens (after merging) admitted to prefill per engine step, at "
+                                      "least one request (the work each step runs is step_budget's)")
+    step_budget: float = _f(1.0, "prefill work (vision, LLM layers) one engine step runs beside the running batch's "
+                            "decode, as a multiple of that decode step as the cost model predicts it: an arrival "
+                            "stalls streaming answers by at most about 1 + this many decode steps (0 = one piece "
+                            "per step; -1 = unsliced: an admitted prompt's whole prefill in one step)")
+    decode_workspace_bytes: int = _f(256 * 1024**2, "keys and values one decode attention gather may hold at one "
+                                     "layer, bytes; a batch whose padded keys need more is attended in length "
+                                     "groups (a sequence longer than it alone)")
     max_queue: int = _f(16, "requests waiting beyond a full batch before new ones get RESOURCE_EXHAUSTED")
     max_message_bytes: int = _f(64 * 1024 * 1024, "largest gRPC message received or sent, and largest HTTP request "
                                 "body (media in base64 take 4/3 of their size), bytes")
@@ -94,6 +101,10 @@ class Settings:
                      "default_max_new_tokens", "max_decoded_bytes", "media_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if not (self.step_budget >= 0 or self.step_budget == -1) or self.step_budget == float("inf"):
+            raise ValueError(f"step_budget must be a finite number >= 0, or -1 (unsliced); got {self.step_budget}")
+        if self.decode_workspace_bytes < 1:
+            raise ValueError("decode_workspace_bytes must be >= 1")
         if self.kv_cache_bytes < 0:
             raise ValueError("kv_cache_bytes must be >= 0 (0 = the default)")
         if self.max_queue < 0:

@@ -58,15 +58,17 @@ class ServingLoop:
         return self.scheduler.has_work()
 
     def limit(self, max_batch: int, prefill_tokens_per_step: int | None = None,
-              budget: StepBudget | None = None) -> None:
+              budget: StepBudget | None = None, workspace_bytes: int | None = None) -> None:
         """The batching limits: most sequences decoding together, prompt tokens admitted per step, the prefill
-        work per step (None: as they are)."""
+        work per step, the decode attention's gather workspace (kv_pool.DecodeBatch) (None: as they are)."""
         with self._step_lock:
             self.scheduler.max_batch = max_batch
             if prefill_tokens_per_step is not None:
                 self.scheduler.prefill_tokens_per_step = prefill_tokens_per_step
             if budget is not None:
                 self.budget = budget
+            if workspace_bytes is not None:
+                self.runner.batch.workspace_bytes = workspace_bytes
 
     @property
     def max_batch(self) -> int:

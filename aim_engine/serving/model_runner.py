@@ -14,7 +14,7 @@ from ..caches import Caches
 from ..decoder import LanguageModel, PrefillRun, decode_batch
 from ..flops import LLMShape, decode_step_flops, layer_prefill_flops, prefill_flops
 from ..generation import IncrementalText, sample_tokens, sequence_generator
-from ..kv_pool import DEFAULT_WORKSPACE_TOKENS, DecodeBatch, KVPool
+from ..kv_pool import DecodeBatch, KVPool
 from ..prepare import Preparer
 from ..request import RequestStats, VideoPart
 from .sequence import Sequence
@@ -26,9 +26,9 @@ class ModelRunner:
     and FLOPs shape, the preparer, the KV pool and the caches."""
 
     def __init__(self, adapter: FamilyAdapter, lm: LanguageModel, shape: LLMShape, preparer: Preparer, pool: KVPool,
-                 caches: Caches, workspace_tokens: int = DEFAULT_WORKSPACE_TOKENS):
+                 caches: Caches):
         self.lm, self.shape, self.preparer, self.pool, self.caches = lm, shape, preparer, pool, caches
-        self.batch = DecodeBatch(pool, lm.windows, workspace_tokens)  # the running batch's KV, across steps
+        self.batch = DecodeBatch(pool, lm.windows)  # the running batch's KV, across steps
         self.tokenizer = adapter.tokenizer
         self.device = adapter.device
         self.dtype = adapter.dtype

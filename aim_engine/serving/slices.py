@@ -29,23 +29,18 @@ from ..decoder import PrefillRun
 from ..feature_cache import CachedMedia
 from ..request import ImagePart, Part, VideoPart
 
-DEFAULT_STEP_MULTIPLE = 1.0  # prefill work per step, in running-batch decode steps: steps at most ~2x a decode step
-
 
 @dataclass(frozen=True)
 class StageRates:
     """Seconds per unit of each stage, as the controller fitted them (None: not observed yet).
-    decode_step: (a, b), a step of `batch` sequences takes a + b * batch seconds."""
+    decode_step(batch): seconds of a decode step of `batch` sequences (the controller's own fit), or None."""
 
     vision_s_per_token: float | None = None
     prefill_s_per_flop: float | None = None
-    decode_step: tuple[float, float] | None = None
+    decode_step: Callable[[int], float | None] | None = None
 
     def decode_s(self, batch: int) -> float | None:
-        if self.decode_step is None:
-            return None
-        a, b = self.decode_step
-        return max(0.0, a + b * batch)
+        return None if self.decode_step is None else self.decode_step(batch)
 
 
 @dataclass(frozen=True)
@@ -53,7 +48,7 @@ class StepBudget:
     """Prefill work per step beside the running batch's decode, as a multiple of its predicted decode step (0:
     one piece per step); None: unsliced (a step runs every admitted prefill whole)."""
 
-    multiple: float | None = DEFAULT_STEP_MULTIPLE
+    multiple: float | None
 
     def __post_init__(self):
         if self.multiple is not None and not (self.multiple >= 0 and math.isfinite(self.multiple)):
