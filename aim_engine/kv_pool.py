@@ -414,10 +414,10 @@ class DecodeBatch:
             self._grow(count, int(cols.max()) + 1)
             self.tables[torch.from_numpy(layers), torch.from_numpy(rows), torch.from_numpy(cols)] = \
                 torch.tensor(taken, dtype=torch.long).to(self.tables.device)
-        lengths = self.lengths[:, :count]
+        lengths = self.lengths[:, :count]  # (taken after any growth, which replaces the arrays)
         write = self.tables[:, :count].gather(2, (lengths // bs)[..., None])[..., 0] * bs + lengths % bs  # (L, B)
         lengths += 1
-        host += 1
+        self._lengths[:, :count] += 1
         flat = write.flatten()
         pool.key_bias.index_fill_(0, flat, 0.0)  # a generated token stands for itself
         if pool.key_position is not None:

@@ -245,3 +245,39 @@ def test_one_long_sequence_among_short_ones_is_attended_in_bounded_groups(engine
     assert any(rows == 1 and width > 300 for rows, width in widths)  # the long one alone
     assert any(rows > 1 for rows, _ in widths)  # the short ones together
     assert all(rows * width <= limit for rows, width in widths if rows > 1)
+
+
+def test_the_persistent_batch_keeps_every_members_tables_through_growth_joins_and_leaves():
+    import random
+
+    from aim_engine.kv_pool import DecodeBatch, KVLayout, KVPool
+
+    layers = 3
+    layout = KVLayout(layers, 2, 4, torch.float32)
+    pool = KVPool(layout, 8 * KVPool.bytes_for(layout, [400] * layers))
+    batch = DecodeBatch(pool, [None] * layers)
+    rng, members, left = random.Random(0), [], []
+    for step in range(200):
+        if step % 9 == 0 and len(batch) < 7:  # joins past the first rows' and blocks' capacity
+            kv = pool.reserve([400] * layers)
+            for layer in range(layers):
+                kv.append_slots(layer, rng.randrange(1, 60))
+            batch.join(kv)
+            members.append(kv)
+        if step % 23 == 22:  # one leaves from the middle: the last row moves into its place
+            kv = members.pop(len(members) // 2)
+            batch.leave(kv)
+            left.append((kv, kv.lengths.tolist()))
+            pool.release(kv)
+        assert batch.outgrown() == []
+        decode = batch.step(torch.zeros(len(batch)), torch.float32)
+        assert sorted(map(id, batch.members)) == sorted(map(id, members))
+        for row, kv in enumerate(batch.members):
+            assert kv.batch_row == row
+            for layer in range(layers):
+                assert int(decode.write[layer, row]) == int(kv.slots(layer)[-1])  # its new token's slot
+                assert int(batch.lengths[layer, row]) == kv.lengths[layer] == batch._lengths[layer, row]
+                assert batch.tables[layer, row, :len(kv.blocks[layer])].tolist() == kv.blocks[layer]
+    assert batch.tables.shape[1] >= 7 and batch.tables.shape[2] > 4  # it grew in rows and in blocks
+    for kv, lengths in left:  # a member that left keeps its lengths, no longer a view of the batch
+        assert kv.lengths.tolist() == lengths and kv.batch_row is None
