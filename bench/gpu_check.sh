@@ -2,8 +2,10 @@
 # The GPU check: one command, well inside 8 minutes on one H100/H200; random-weight models built from configs, no
 # download. Run from the repository root on the GPU machine, after `bash bench/gpu_deps.sh` here:
 #     device run: bash bench/gpu_check.sh     (carry: .gpu-deps; results under $OUT)
-# 1. exactness in CUDA bf16: the empty plan against transformers' generate, and batched decoding against each
-#    request alone (the CPU suite's own tests, on the GPU, tolerance by dtype);
+# 1. exactness in CUDA bf16: the empty plan against transformers' generate, batched decoding against each
+#    request alone, and sliced prefill against unsliced (the CPU suite's own tests, on the GPU, tolerance by
+#    dtype); then a decode step's host work with the KV pool on the GPU, before and after the persistent batch
+#    (bench/engine_step.py --part host: the CPU time to launch a step, which must stay about 1 ms at 32 x 2000);
 # 2. the LLM prefill benchmark on LLaVA-OneVision-7B's architecture at 32 frames (plans interleaved);
 # 3. the batching benchmark on it: batched vs one at a time, no reduction vs the AIM default.
 # `bash bench/gpu_check.sh families` runs instead the prefill benchmark on the 2026 families' real configs
@@ -34,8 +36,12 @@ if [ "${1:-}" = families ]; then
 fi
 
 AIM_TEST_DEVICE=cuda AIM_TEST_DTYPE=bfloat16 timeout 180 $PY -m pytest -q -p no:cacheprovider \
-  tests/engine/test_exactness.py tests/engine/test_batching.py 2>&1 | tail -25 | tee "$OUT/exactness.log"
+  tests/engine/test_exactness.py tests/engine/test_batching.py tests/engine/test_slicing.py 2>&1 | tail -25 | tee "$OUT/exactness.log"
 echo "exactness: rc=${PIPESTATUS[0]} after $(( $(date +%s) - start ))s" | tee -a "$OUT/exactness.log"
+
+timeout 120 $PY bench/engine_step.py --part host --device cuda --host-steps 30 \
+  --json-out "$OUT/engine-step-host-cuda.json" 2>&1 | tail -10 | tee "$OUT/engine-step.log"
+echo "engine step host work: rc=${PIPESTATUS[0]} after $(( $(date +%s) - start ))s" | tee -a "$OUT/engine-step.log"
 
 timeout 150 $PY bench/engine_prefill.py --arch ov-7b --frames 32 --device cuda --dtype bfloat16 --repeats 3 \
   --json-out "$OUT/engine-prefill-ov7b-cuda.json" 2>&1 | tail -20 | tee "$OUT/prefill.log"

@@ -1,6 +1,7 @@
 """Load generator for continuous batching: throughput, tokens/s, TTFT and latency of real `aim-serve serve`
 processes, batched (--max-batch 32) next to one-at-a-time (--max-batch 1), the empty plan next to the AIM default,
-for short answers (prefill-bound) and long ones (exactly --long-tokens tokens, EOS ignored: decode-bound).
+for short answers (prefill-bound) and long ones (exactly --long-tokens tokens, EOS ignored: decode-bound), and a
+mixed workload arriving open-loop (8- and 16-frame clips, five questions, answers of 4 to 128 tokens).
 
 Closed loop: `concurrency` clients each send their next request as soon as the last one ends (or is rejected),
 until `--requests` requests per configuration and level are done. Every request is a video question. Both
@@ -147,6 +148,73 @@ async def run_level(stub, request, concurrency: int, total: int, metrics_port: i
             "answered": len(latencies)}
 
 
+async def run_open(stub, requests: list, rate: float, metrics_port: int, seed: int) -> dict:
+    """Open loop: `requests` sent at exponential gaps of mean 1 / `rate` seconds (seeded), each by its own caller,
+    whether or not the earlier ones are done; then every answer waited for."""
+    import random
+
+    rng = random.Random(seed)
+    latencies, ttfts, tokens, rejected, errors = [], [], 0, 0, 0
+
+    async def call(request):
+        nonlocal tokens, rejected, errors
+        start = time.perf_counter()
+        try:
+            reply = await stub.Generate(request, timeout=600)
+            latencies.append(time.perf_counter() - start)
+            ttfts.append(reply.timings.time_to_first_token_seconds)
+            tokens += reply.usage.completion_tokens
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                rejected += 1
+            else:
+                errors += 1
+
+    before = batch_totals(await asyncio.to_thread(scrape, metrics_port))
+    start, calls = time.perf_counter(), []
+    for i, request in enumerate(requests):
+        if i:
+            await asyncio.sleep(rng.expovariate(rate))
+        calls.append(asyncio.create_task(call(request)))
+    await asyncio.gather(*calls)
+    elapsed = time.perf_counter() - start
+    after = batch_totals(await asyncio.to_thread(scrape, metrics_port))
+    steps = after[1] - before[1]
+
+    def pct(values, q):
+        if len(values) < 2:
+            return values[0] if values else float("nan")
+        return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+    return {"throughput_rps": len(latencies) / elapsed, "tokens_per_s": tokens / elapsed,
+            "ttft_p50_s": pct(ttfts, 50), "latency_p50_s": pct(latencies, 50), "latency_p95_s": pct(latencies, 95),
+            "mean_batch": (after[0] - before[0]) / steps if steps else 0.0, "kv_usage_peak": 0.0,
+            "rejected_fraction": rejected / max(1, rejected + len(latencies)), "errors": errors,
+            "answered": len(latencies)}
+
+
+MIXED_QUESTIONS = ("Where does the red square move?", "What colour is the square?",
+                   "Describe the clip in detail: the background, the object and how it moves.",
+                   "Does the square leave the frame?", "Count the objects you see.")
+MIXED_TOKENS = (4, 16, 64, 128)
+
+
+def mixed_requests(videos: dict[int, bytes], plan, count: int, seed: int) -> list:
+    """Varied work: 8- or 16-frame clips, five questions, answers of 4 to 128 tokens (EOS ignored, so their
+    lengths are what was asked), drawn with a seeded generator."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        frames = rng.choice(sorted(videos))
+        out.append(pb.GenerateRequest(
+            parts=[pb.ContentPart(video=pb.Video(data=videos[frames], mime_type="video/mp4", num_frames=frames)),
+                   pb.ContentPart(text=rng.choice(MIXED_QUESTIONS))],
+            sampling=pb.SamplingParams(max_new_tokens=rng.choice(MIXED_TOKENS), ignore_eos=True), reduction=plan))
+    return out
+
+
 def median_row(runs: list[dict]) -> dict:
     """Medians over repeats, with each figure's spread (max - min) / median as `spread`."""
     row = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
@@ -189,6 +257,9 @@ async def main_async(args) -> list[dict]:
                 await stub.Generate(request(plan, "short"))
         rows = []
         for workload in args.workloads:
+            if workload == "mixed":
+                await _mixed_rows(args, stubs, plans, rows)
+                continue
             levels = args.long_concurrency if workload == "long" and args.long_concurrency else args.concurrency
             for concurrency in levels:
                 runs: dict[tuple[str, str], list[dict]] = {}
@@ -220,6 +291,26 @@ async def main_async(args) -> list[dict]:
             proc.wait(60)
 
 
+async def _mixed_rows(args, stubs, plans, rows: list[dict]) -> None:
+    """The open-loop mixed workload at `--mixed-rate` requests/s, each (engine, plan) on the same draws."""
+    videos = {8: sample_video(16), 16: sample_video(32)}
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for repeat in range(args.repeats):
+        for plan, reduction in plans.items():
+            requests = mixed_requests(videos, reduction, args.mixed_requests, seed=repeat)
+            for engine, (stub, port) in stubs.items():
+                runs.setdefault((engine, plan), []).append(
+                    await run_open(stub, requests, args.mixed_rate, port, seed=repeat))
+    for (engine, plan), results in runs.items():
+        row = {"engine": engine, "plan": plan, "workload": "mixed", "arrivals": "open-loop",
+               "rate_rps": args.mixed_rate, "concurrency": 0, **median_row(results)}
+        rows.append(row)
+        print(f"mixed open-loop {args.mixed_rate}/s {engine:13s} {plan:11s} {row['throughput_rps']:6.2f} req/s "
+              f"ttft p50 {row['ttft_p50_s']:.3f}s p50 {row['latency_p50_s']:.3f}s p95 {row['latency_p95_s']:.3f}s "
+              f"batch {row['mean_batch']:.1f}", flush=True)
+    write_rows(args, rows)
+
+
 async def _small_kv_rows(args, small, request, plans, rows: list[dict]) -> None:
     """One wave of 16 callers on the server with a small KV budget: how many sequences does each plan fit?"""
     _, target, port = small
@@ -248,7 +339,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--short-tokens", type=int, default=8)
     parser.add_argument("--long-tokens", type=int, default=128)
-    parser.add_argument("--workloads", nargs="+", default=["short", "long"], choices=["short", "long"])
+    parser.add_argument("--workloads", nargs="+", default=["short", "long"], choices=["short", "long", "mixed"])
+    parser.add_argument("--mixed-rate", type=float, default=0.2, help="open-loop arrivals/s of the mixed workload")
+    parser.add_argument("--mixed-requests", type=int, default=16, help="requests per mixed run")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     parser.add_argument("--long-concurrency", type=int, nargs="*", default=[],
                         help="levels of the long workload (default: --concurrency)")
@@ -265,7 +358,7 @@ def main() -> None:
     print("\n| workload | concurrency | engine | plan | req/s | tokens/s | TTFT p50 s | p50 s | p95 s | mean batch | "
           "KV peak | spread req/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        if "kv_cache_bytes" in r:
+        if "kv_cache_bytes" in r or r["workload"] == "mixed":
             continue
         print(f"| {r['workload']} | {r['concurrency']} | {r['engine']} | {r['plan']} | {r['throughput_rps']:.2f} | "
               f"{r['tokens_per_s']:.1f} | {r['ttft_p50_s']:.3f} | {r['latency_p50_s']:.3f} | "

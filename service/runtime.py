@@ -28,7 +28,7 @@ from aim_engine.request import RequestStats, VideoPart
 from aim_engine.errors import Cancelled
 from aim_engine.serving.scheduler import KVBudgetError
 from controller.controller import BudgetController, ControllerConfig
-from controller.cost_model import CostModel, Observation
+from controller.cost_model import CostModel
 from controller.policy import default_ladder
 
 from . import allocator
@@ -38,7 +38,7 @@ from .media_memory import MediaMemory, RequestSlot
 from .plan_choice import PlanChoice
 from .settings import Settings
 from .types import AppliedPlan, Estimate, Finished, Reduction, ServiceError
-from .warmup import warm_up
+from .warmup import observation_of, warm_up
 
 log = logging.getLogger("aim.service")
 
@@ -223,13 +223,7 @@ class ModelRuntime:
         # an auto plan's prediction covers the time from its decision (media decoded) to the answer
         prediction = (total_s - media_s, applied.predicted_s) if applied.source == "auto" and applied.predicted_s \
             else None
-        self.controller.observe(total_s, Observation(
-            # vision as computing costs it: the cost model must not learn that a cache hit's vision is free
-            media_s=media_s, vision_s=t.vision_s + s.vision_s_saved, visual_tokens_in=s.visual_tokens_in,
-            prefill_s=t.prefill_s,
-            prefill_flops=s.prefill_flops, decode_s=t.decode_s, new_tokens=s.completion_tokens,
-            mean_batch=s.mean_batch, max_new_tokens=sampling.max_new_tokens, ignore_eos=sampling.ignore_eos),
-            slo_s=slo_s, controlled=applied.source == "auto", prediction=prediction)
+        self.controller.observe(total_s, observation_of(s, media_s, sampling), slo_s=slo_s, controlled=applied.source == "auto", prediction=prediction)
         self.share_rates()
         if prediction is not None:
             m.prediction_ratio.labels(name).observe(prediction[0] / prediction[1])

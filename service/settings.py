@@ -32,7 +32,7 @@ class Settings:
                              "memory free after loading, less 2 GiB)")
     prefill_tokens_per_step: int = _f(1024, "prompt tokens (after merging) admitted to prefill per engine step, at "
                                       "least one request (the work each step runs is step_budget's)")
-    step_budget: float = _f(1.0, "prefill work (vision, LLM layers) one engine step runs beside the running batch's "
+    step_budget: float = _f(4.0, "prefill work (vision, LLM layers) one engine step runs beside the running batch's "
                             "decode, as a multiple of that decode step as the cost model predicts it: an arrival "
                             "stalls streaming answers by at most about 1 + this many decode steps (0 = one piece "
                             "per step; -1 = unsliced: an admitted prompt's whole prefill in one step)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from aim_engine import AimEngine, GenerationRequest, SamplingParams
+from aim_engine import AimEngine, GenerationRequest, RequestStats, SamplingParams
 from aim_engine.request import ImagePart, TextPart
 from controller.controller import BudgetController
 from controller.cost_model import Observation
@@ -19,16 +19,25 @@ def warm_up(engine: AimEngine, controller: BudgetController, rounds: int = 1) ->
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (224, 224, 3), dtype=np.uint8))
     request = GenerationRequest([ImagePart(image=image), TextPart("Describe the image.")],
-                                SamplingParams(max_new_tokens=4))
+                                SamplingParams(max_new_tokens=4, ignore_eos=True))  # decode steps observed too
     service_times = []
     for _ in range(rounds):
         for level in controller.ladder:
             start = time.monotonic()
             with engine.without_caches():
                 s = engine.generate(request, level.plan).stats
-            controller.learn(Observation(
-                media_s=0.0, vision_s=s.timings.vision_s, visual_tokens_in=s.visual_tokens_in,
-                prefill_s=s.timings.prefill_s, prefill_flops=s.prefill_flops, decode_s=s.timings.decode_s,
-                new_tokens=s.completion_tokens))
+            controller.learn(observation_of(s))
             service_times.append(time.monotonic() - start)
     return service_times
+
+
+def observation_of(stats: RequestStats, media_s: float = 0.0, sampling: SamplingParams | None = None) -> Observation:
+    """What a finished request teaches the cost model: its stage timings and sizes. Vision as computing costs it
+    (the cost model must not learn that a cache hit's vision is free); `sampling`: a real request's (its answer
+    length counts), None for a warm-up's."""
+    t = stats.timings
+    return Observation(media_s=media_s, vision_s=t.vision_s + stats.vision_s_saved,
+                       visual_tokens_in=stats.visual_tokens_in, prefill_s=t.prefill_s,
+                       prefill_flops=stats.prefill_flops, decode_s=t.decode_s, new_tokens=stats.completion_tokens,
+                       mean_batch=stats.mean_batch, max_new_tokens=None if sampling is None else sampling.max_new_tokens,
+                       ignore_eos=False if sampling is None else sampling.ignore_eos)

@@ -3,10 +3,11 @@
 Policy, each step:
 1. sequences cancelled or past their deadline leave (waiting or running) and free their KV at once;
 2. waiting sequences are admitted in arrival order while the batch has room (`max_batch`), the pool can
-   reserve their whole KV need, and this step's prefill token budget lasts (at least one per step, so a
-   long prompt is never starved). The head of the queue is never overtaken: a large request that waits for
-   memory is not starved by small ones behind it;
-3. the admitted ones are prefilled, then every running sequence takes one decode step together.
+   reserve their whole KV need, and this step's admitted prompt tokens last (`prefill_tokens_per_step`, at least
+   one sequence per step, so a long prompt is never starved). The head of the queue is never overtaken: a large
+   request that waits for memory is not starved by small ones behind it;
+3. the sequences being prefilled advance by this step's pieces (slices.py: within the step budget, in admission
+   order), then every running sequence whose prefill is done takes one decode step together.
 
 A sequence whose KV need exceeds the whole pool can never run: `add` refuses it at once.
 """
