@@ -76,19 +76,26 @@ class ModelRunner:
         for seq, _ in chosen:
             seq.started = seq.started or start
         try:
-            self._encode_pass(chosen)
-            return
+            passes = [(chosen, self._encode_pass(chosen))]
         except Exception as exc:  # noqa: BLE001 - retried one by one, where the culprit fails alone
             if len(chosen) == 1:
                 outcomes[chosen[0][0].seq_id] = exc
                 return
-        for seq, pieces in chosen:
-            try:
-                self._encode_pass([(seq, pieces)])
-            except Exception as exc:  # noqa: BLE001
-                outcomes[seq.seq_id] = exc
+            passes = []
+            for one in chosen:
+                try:
+                    passes.append(([one], self._encode_pass([one])))
+                except Exception as exc:  # noqa: BLE001
+                    outcomes[one[0].seq_id] = exc
+        for group, encoded in passes:  # stored only once computed, so a retried pass never stores twice
+            for (seq, pieces), media in zip(group, encoded):
+                try:
+                    self._store(seq, pieces, media)
+                except Exception as exc:  # noqa: BLE001 - e.g. joining its slices: it fails alone
+                    outcomes[seq.seq_id] = exc
 
-    def _encode_pass(self, chosen: list[tuple[Sequence, list[VisionPiece]]]) -> None:
+    def _encode_pass(self, chosen: list[tuple[Sequence, list[VisionPiece]]]) -> list[list]:
+        """One pass through the tower for the chosen pieces: per sequence, its pieces' encodings in order."""
         requests = []
         for seq, pieces in chosen:
             parts = []
@@ -99,22 +106,24 @@ class ModelRunner:
                     video = seq.work.items[piece.items[0]]
                     parts.append(VideoPart(frames=video.frames[piece.frames[0]:piece.frames[1]], fps=video.fps))
             requests.append(parts)
-        encoded = self.preparer.encode_batch(requests, lambda: all(s.stop_requested() for s, _ in chosen))
-        for (seq, pieces), media in zip(chosen, encoded):
-            work, media = seq.work, iter(media)
-            for piece in pieces:
-                if piece.frames is None:
-                    for item in piece.items:
-                        work.encoded[item] = next(media)
-                    continue
-                item = piece.items[0]
-                work.slices.setdefault(item, []).append(next(media))
-                work.next_frame[item] = piece.frames[1]
-                if piece.frames[1] == len(work.items[item].frames):
-                    work.encoded[item] = self.preparer.join_slices(work.items[item], work.slices.pop(item))
-            done = [m for m in work.encoded if m is not None]
-            seq.stats.timings.vision_s = sum(m.vision_s for m in done if m.cache != "hit") + sum(
-                m.vision_s for parts in work.slices.values() for m in parts)
+        return self.preparer.encode_batch(requests, lambda: all(s.stop_requested() for s, _ in chosen))
+
+    def _store(self, seq: Sequence, pieces: list[VisionPiece], media: list) -> None:
+        """A sequence's encoded pieces into its work: whole items, or a video's slices (joined once complete)."""
+        work, media = seq.work, iter(media)
+        for piece in pieces:
+            if piece.frames is None:
+                for item in piece.items:
+                    work.encoded[item] = next(media)
+                continue
+            item = piece.items[0]
+            work.slices.setdefault(item, []).append(next(media))
+            work.next_frame[item] = piece.frames[1]
+            if piece.frames[1] == len(work.items[item].frames):
+                work.encoded[item] = self.preparer.join_slices(work.items[item], work.slices.pop(item))
+        done = [m for m in work.encoded if m is not None]
+        seq.stats.timings.vision_s = sum(m.vision_s for m in done if m.cache != "hit") + sum(
+            m.vision_s for parts in work.slices.values() for m in parts)
 
     def _prefill_layers(self, seq: Sequence, layers: int) -> int | None:
         """`layers` more layers of the sequence's LLM prefill (assembling its prompt and finding a reusable
