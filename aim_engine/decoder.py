@@ -57,14 +57,13 @@ def _paged_decode(module, query, paged: PagedLayer, **kwargs):
     outputs, order = [], []
     for rows in paged.groups():
         keys, values, mask = paged.keys_and_mask(rows)
-        q = query if rows is None else query[torch.from_numpy(rows).to(query.device)]
-        out, _ = sdpa_attention_forward(module, q, keys, values, mask, **kwargs)
         if rows is None:
-            return out, None
-        outputs.append(out)
-        order.append(torch.from_numpy(rows))
+            return sdpa_attention_forward(module, query, keys, values, mask, **kwargs)[0], None
+        index = torch.from_numpy(rows).to(query.device)
+        outputs.append(sdpa_attention_forward(module, query[index], keys, values, mask, **kwargs)[0])
+        order.append(index)
     merged = torch.empty((query.shape[0], *outputs[0].shape[1:]), dtype=outputs[0].dtype, device=query.device)
-    merged[torch.cat(order).to(query.device)] = torch.cat(outputs)
+    merged[torch.cat(order)] = torch.cat(outputs)
     return merged, None
 
 

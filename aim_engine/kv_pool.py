@@ -495,10 +495,11 @@ class PagedLayer:
         least the window before the new token (sliding layers)."""
         step, layer = self.step, self.layer
         pool, bs = step.batch.pool, step.batch.pool.block_size
-        lengths = self.lengths if rows is None else self.lengths[torch.from_numpy(rows).to(self.lengths.device)]
+        index = None if rows is None else torch.from_numpy(rows).to(self.lengths.device)  # once per group
+        lengths = self.lengths if rows is None else self.lengths[index]
         host = step.host_lengths[layer] if rows is None else step.host_lengths[layer][rows]
         width, padded = int(host.max()), bool(host.min() < host.max())
-        tables = self.tables if rows is None else self.tables[torch.from_numpy(rows).to(self.tables.device)]
+        tables = self.tables if rows is None else self.tables[index]
         blocks = tables[:, :(width + bs - 1) // bs]
         offsets = torch.arange(bs, device=blocks.device)
         slots = (blocks[..., None] * bs + offsets).flatten(1)[:, :width]  # (b, T)
@@ -516,7 +517,7 @@ class PagedLayer:
         if padded:
             mask = mask.masked_fill(pos[None, :] >= lengths[:, None], float("-inf"))
         if window is not None:
-            positions = step.positions if rows is None else step.positions[torch.from_numpy(rows).to(slots.device)]
+            positions = step.positions if rows is None else step.positions[index]
             key_pos = pool.key_position.index_select(0, slots.flatten()).view(slots.shape)
             mask = mask.masked_fill(positions[:, None] - key_pos >= window, float("-inf"))
         return keys, values, mask.to(step.dtype)[:, None, None, :]
