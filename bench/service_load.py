@@ -134,6 +134,11 @@ async def run_level(stub, request, concurrency: int, total: int, metrics_port: i
     done.set()
     await sampler
     after = batch_totals(await asyncio.to_thread(scrape, metrics_port))
+    return level_result(latencies, ttfts, tokens, rejected, errors, elapsed, before, after, peak_kv)
+
+
+def level_result(latencies, ttfts, tokens, rejected, errors, elapsed, before, after, peak_kv) -> dict:
+    """One run's figures: rates over `elapsed`, percentiles, and the mean batch between the two scrapes."""
     steps = after[1] - before[1]
 
     def pct(values, q):
@@ -179,18 +184,7 @@ async def run_open(stub, requests: list, rate: float, metrics_port: int, seed: i
     await asyncio.gather(*calls)
     elapsed = time.perf_counter() - start
     after = batch_totals(await asyncio.to_thread(scrape, metrics_port))
-    steps = after[1] - before[1]
-
-    def pct(values, q):
-        if len(values) < 2:
-            return values[0] if values else float("nan")
-        return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
-
-    return {"throughput_rps": len(latencies) / elapsed, "tokens_per_s": tokens / elapsed,
-            "ttft_p50_s": pct(ttfts, 50), "latency_p50_s": pct(latencies, 50), "latency_p95_s": pct(latencies, 95),
-            "mean_batch": (after[0] - before[0]) / steps if steps else 0.0, "kv_usage_peak": 0.0,
-            "rejected_fraction": rejected / max(1, rejected + len(latencies)), "errors": errors,
-            "answered": len(latencies)}
+    return level_result(latencies, ttfts, tokens, rejected, errors, elapsed, before, after, 0.0)
 
 
 MIXED_QUESTIONS = ("Where does the red square move?", "What colour is the square?",
