@@ -279,13 +279,6 @@ class ModelRuntime:
         rates for the controller's predictions and the engine's slices."""
         self.loop.rates = stage_rates(self.controller.cost_model)
 
-
-def stage_rates(model: CostModel) -> StageRates:
-    """The engine's view of the cost model's fitted rates (seconds per visual token, per prefill FLOP, per decode
-    step at a batch size)."""
-    return StageRates(vision_s_per_token=model.s_per_visual_token, prefill_s_per_flop=model.s_per_prefill_flop,
-                      decode_step=model.s_per_step)
-
     # ---- estimates ----------------------------------------------------------------------------
     async def estimate(self, request: GenerationRequest, reduction: Reduction) -> Estimate:
         """Decodes the media to know their sizes, so it goes through the same admission and media memory as a
@@ -320,3 +313,10 @@ def stage_rates(model: CostModel) -> StageRates:
 
 
 __all__ = ["ModelRuntime"]
+
+
+def stage_rates(model: CostModel) -> StageRates:
+    """The engine's view of the cost model's fitted rates (seconds per visual token, per prefill FLOP, per decode
+    step at a batch size)."""
+    return StageRates(vision_s_per_token=model.s_per_visual_token, prefill_s_per_flop=model.s_per_prefill_flop,
+                      decode_step=model.s_per_step)
