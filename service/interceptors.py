@@ -9,9 +9,8 @@ import time
 
 import grpc
 
+from .health import CHECK_METHOD
 from .metrics import ServiceMetrics
-
-HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 
 def _split(method: str) -> tuple[str, str]:
@@ -71,6 +70,20 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
         if kind in ("server_stream", "bidi_stream"):
             inner = handler.unary_stream if kind == "server_stream" else handler.stream_stream
+            make = grpc.unary_stream_rpc_method_handler if kind == "server_stream" else \
+                grpc.stream_stream_rpc_method_handler
+            if _writes_itself(inner):  # responses go through context.write: counted as one call, not per message
+
+                async def writing(request_or_iterator, context):
+                    call = _Call(m, labels, received=1 if kind == "server_stream" else 0)
+                    try:
+                        await inner(request_or_iterator, context)
+                    except BaseException as exc:
+                        call.error = exc
+                        raise
+                    finally:
+                        call.finish(context)
+                return make(writing, handler.request_deserializer, handler.response_serializer)
 
             async def streaming(request_or_iterator, context):
                 call = _Call(m, labels, received=1 if kind == "server_stream" else 0)
@@ -86,8 +99,6 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 finally:
                     call.finish(context)
 
-            make = grpc.unary_stream_rpc_method_handler if kind == "server_stream" else \
-                grpc.stream_stream_rpc_method_handler
             return make(streaming, handler.request_deserializer, handler.response_serializer)
         return handler
 
@@ -116,13 +127,15 @@ class _Call:
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Every RPC except health checks needs `authorization: Bearer <token>`."""
+    """Every RPC except the health `Check` that probes call needs `authorization: Bearer <token>` (a health `Watch`
+    holds a stream open, so it is a caller's, not a probe's). A refused call's request is never parsed: its
+    handler takes the bytes as they are."""
 
     def __init__(self, token: str):
         self.expected = f"Bearer {token}".encode()
 
     async def intercept_service(self, continuation, details):
-        if details.method.startswith(HEALTH_PREFIX):
+        if details.method == CHECK_METHOD:
             return await continuation(details)
         given = dict(details.invocation_metadata or ()).get("authorization", "")
         given = given.encode() if isinstance(given, str) else given
@@ -143,9 +156,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if handler.response_streaming:
             make = grpc.stream_stream_rpc_method_handler if handler.request_streaming else \
                 grpc.unary_stream_rpc_method_handler
-            return make(deny_stream, handler.request_deserializer, handler.response_serializer)
+            return make(deny_stream, None, handler.response_serializer)
         make = grpc.stream_unary_rpc_method_handler if handler.request_streaming else grpc.unary_unary_rpc_method_handler
-        return make(deny_unary, handler.request_deserializer, handler.response_serializer)
+        return make(deny_unary, None, handler.response_serializer)
 
 
 class _Malformed:
@@ -192,6 +205,12 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_unary_rpc_method_handler(unary_unary, **kw)
         if handler.unary_stream:
             inner = handler.unary_stream
+            if _writes_itself(inner):
+
+                async def unary_writes(request, context):
+                    await check(request, context)
+                    await inner(request, context)
+                return grpc.unary_stream_rpc_method_handler(unary_writes, **kw)
 
             async def unary_stream(request, context):
                 await check(request, context)
@@ -205,11 +224,22 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
                 return await _result(inner(checked(requests, context), context))
             return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
         inner = handler.stream_stream
+        if _writes_itself(inner):
+
+            async def stream_writes(requests, context):
+                await inner(checked(requests, context), context)
+            return grpc.stream_stream_rpc_method_handler(stream_writes, **kw)
 
         async def stream_stream(requests, context):
             async for response in _responses(inner(checked(requests, context), context)):
                 yield response
         return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)
+
+
+def _writes_itself(behaviour) -> bool:
+    """A streaming behaviour that is a coroutine function writes its responses with `context.write` (grpcio's own
+    servicers do): a wrapper must await it, not iterate it."""
+    return not (inspect.isasyncgenfunction(behaviour) or inspect.isgeneratorfunction(behaviour))
 
 
 async def _result(value):

@@ -9,12 +9,13 @@ import signal
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from aim_engine import AimEngine, MediaLimits, StepBudget
 
 from .aim_api import AimServicer
+from .health import SERVICE_NAME as HEALTH_SERVICE, HealthService
 from .registry import ServedModels
 from . import allocator
 from .interceptors import BearerTokenInterceptor, MalformedRequestInterceptor, MetricsInterceptor
@@ -40,7 +41,7 @@ SERVICES = (AIM_SERVICE, INFERENCE_SERVICE)
 class RunningServer:
     server: grpc.aio.Server
     state: ServedModels
-    health: health.aio.HealthServicer
+    health: HealthService
     port: int
     metrics_port: int | None
     _metrics_http: object = None
@@ -60,6 +61,7 @@ class RunningServer:
         end = loop.time() + grace
         while self.state.in_flight() and loop.time() < end:
             await asyncio.sleep(0.05)
+        await self.health.close()  # watchers have heard NOT_SERVING; their streams would outlast any grace
         await self.server.stop(max(0.0, end - loop.time()))
         if self._http is not None:
             http, task = self._http
@@ -94,14 +96,19 @@ async def start_listening(settings: Settings, metrics: ServiceMetrics | None = N
         interceptors.insert(0, BearerTokenInterceptor(settings.auth_token))
     options = [("grpc.max_receive_message_length", settings.max_message_bytes),
                ("grpc.max_send_message_length", settings.max_message_bytes),
-               ("grpc.so_reuseport", 0)]
+               ("grpc.so_reuseport", 0),
+               # a connection with no RPC for this long is closed; any connection is asked to go (GOAWAY) at this
+               # age, its RPCs given the grace to finish: clients reconnect, none holds a connection for ever
+               ("grpc.max_connection_idle_ms", int(settings.max_connection_idle_s * 1000)),
+               ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+               ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000))]
     server = grpc.aio.server(interceptors=interceptors, options=options,
                              maximum_concurrent_rpcs=settings.concurrent_rpcs())
     aim_service_pb2_grpc.add_AimServiceServicer_to_server(AimServicer(state), server)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthService(settings.max_health_watches)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection((*SERVICES, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
 
     address = f"{settings.host}:{settings.port}"
     if settings.tls_cert:
@@ -122,8 +129,9 @@ async def start_listening(settings: Settings, metrics: ServiceMetrics | None = N
     if settings.http_port >= 0:
         running.http_port, running._http = await _start_http(state, settings)
     await running.set_serving(False)
-    log.info("listening on %s:%d (metrics on %s, HTTP API on %s)", settings.host, port, metrics_port,
-             running.http_port)
+    log.info("listening on %s:%d (metrics %s, HTTP API %s)", settings.host, port,
+             "off" if metrics_port is None else f"on port {metrics_port}",
+             "off" if running.http_port is None else f"on port {running.http_port}")
     return running
 
 

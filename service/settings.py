@@ -58,7 +58,14 @@ class Settings:
     media_workers: int = _f(2, "threads per model decoding media (and estimating costs) before requests join the "
                             "batch")
     max_concurrent_rpcs: int = _f(0, "RPCs the gRPC server runs at once, beyond which it answers RESOURCE_EXHAUSTED "
-                                  "itself (0 = models x (max_batch + max_queue) + 32)")
+                                  "itself (0 = models x (max_batch + max_queue) + max_health_watches + 32, the "
+                                  "last for probes and short calls)")
+    max_health_watches: int = _f(64, "grpc.health.v1 Watch streams open at once (more: RESOURCE_EXHAUSTED); Check, "
+                                 "what probes call, is not limited")
+    max_connection_idle_s: float = _f(300.0, "gRPC: a connection without an RPC for this long is closed, seconds")
+    max_connection_age_s: float = _f(3600.0, "gRPC: a connection this old is asked to reconnect (GOAWAY), seconds")
+    max_connection_age_grace_s: float = _f(600.0, "gRPC: how long RPCs on a connection asked to reconnect may still "
+                                           "run, seconds")
     allowed_local_media_path: str = _f("", "HTTP API: a directory whose files `file://` media URLs may name "
                                        "(symlinks resolved; empty = file:// refused)")
     allowed_media_domains: str = _f("", "HTTP API: hosts http(s) media URLs may name, comma-separated (the server "
@@ -122,6 +129,14 @@ class Settings:
             raise ValueError(f"allowed_local_media_path {self.allowed_local_media_path!r} is not a directory")
         if self.max_concurrent_rpcs < 0:
             raise ValueError("max_concurrent_rpcs must be >= 0 (0 = derived)")
+        if self.max_health_watches < 0:
+            raise ValueError("max_health_watches must be >= 0")
+        if self.max_concurrent_rpcs and self.max_concurrent_rpcs <= self.max_health_watches:
+            raise ValueError(f"max_concurrent_rpcs ({self.max_concurrent_rpcs}) must exceed max_health_watches "
+                             f"({self.max_health_watches}), or health watches could take every RPC from probes")
+        for name in ("max_connection_idle_s", "max_connection_age_s", "max_connection_age_grace_s"):
+            if not (0 < getattr(self, name) < float("inf")):
+                raise ValueError(f"{name} must be a finite number of seconds > 0")
 
     def media_hosts(self) -> frozenset[str]:
         return frozenset(h.strip().lower() for h in self.allowed_media_domains.split(",") if h.strip())
@@ -130,7 +145,7 @@ class Settings:
         """The gRPC server's maximum_concurrent_rpcs."""
         if self.max_concurrent_rpcs:
             return self.max_concurrent_rpcs
-        return max(1, len(self.models)) * (self.max_batch + self.max_queue) + 32
+        return max(1, len(self.models)) * (self.max_batch + self.max_queue) + self.max_health_watches + 32
 
     # ---- loading --------------------------------------------------------------------------------
     @classmethod
