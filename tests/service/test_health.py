@@ -117,3 +117,33 @@ def test_the_rpc_cap_leaves_room_for_watches_and_probes():
     assert settings.concurrent_rpcs() == 8 + 16 + 64 + 32
     with pytest.raises(ValueError, match="max_health_watches"):
         Settings(models=["a"], max_concurrent_rpcs=10, max_health_watches=10).validate()
+
+
+def test_a_call_refused_for_its_token_is_not_parsed():
+    """The refusal's handler takes the raw bytes: a 64 MiB request with a bad token costs no protobuf parse."""
+    import asyncio
+
+    from service.interceptors import BearerTokenInterceptor
+
+    parsed = []
+
+    def parse(data: bytes):
+        parsed.append(data)
+        return data
+
+    async def behaviour(request, context):  # pragma: no cover - never reached without the token
+        return request
+
+    inner = grpc.unary_unary_rpc_method_handler(behaviour, request_deserializer=parse)
+
+    class Details:
+        method = "/aim.v1.AimService/Generate"
+        invocation_metadata = (("authorization", "Bearer guess"),)
+
+    async def continuation(details):
+        return inner
+
+    handler = asyncio.run(BearerTokenInterceptor("s3cret").intercept_service(continuation, Details()))
+    assert handler.request_deserializer is None and handler.unary_unary is not behaviour
+    Details.invocation_metadata = (("authorization", "Bearer s3cret"),)
+    assert asyncio.run(BearerTokenInterceptor("s3cret").intercept_service(continuation, Details())) is inner
