@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from aim_engine.plan import DEFAULT_MERGE_RETENTION, ReductionPlan, default_prune_range
+from aim_engine.plan import DEFAULT_MERGE_RETENTION, PLAN_FILE, ReductionPlan, default_prune_range
 
 
 @dataclass(frozen=True)
@@ -13,9 +13,17 @@ class Level:
     name: str
     plan: ReductionPlan
 
+    def __post_init__(self) -> None:
+        if self.plan.merge_tokens is not None:
+            raise ValueError(
+                f"level {self.name!r} gives merge_tokens ({self.plan.merge_tokens} per frame or crop): the share of "
+                "visual tokens that keeps depends on each request's frame size, so the quality floor (min_retention) "
+                "could not be checked against it; give the level a merge_retention (a share) instead")
+
     @property
     def retention(self) -> float:
-        """Visual-token retention after merging (the quality proxy)."""
+        """Visual-token retention after merging (the quality proxy, what min_retention floors): the plan's
+        merge_retention, 1.0 without merging. Pruning inside the LLM is not counted, as in RequestStats.retention."""
         return self.plan.merge_retention if self.plan.merge_retention is not None else 1.0
 
 
@@ -26,6 +34,10 @@ def default_ladder(num_layers: int, default: ReductionPlan | None = None) -> lis
     Every rung that merges uses the default's position rule and attention rule: calibration chose them for this
     model."""
     default = default or ReductionPlan.default_for_depth(num_layers)
+    if default.merge_tokens is not None:
+        raise ValueError(f"the model's default plan (its {PLAN_FILE}) gives merge_tokens, so the ladder's aim-default "
+                         "level could not be checked against a quality floor: give that plan a merge_retention, or "
+                         "the server a ladder file")
     how = dict(positions=default.positions, proportional_attention=default.proportional_attention)
     l1, _ = default_prune_range(num_layers)
     start = max(1, num_layers // 4)
@@ -123,7 +135,8 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
 def load_ladder(path, num_layers: int) -> list[Level]:
     """A ladder from a TOML or JSON file: a list `level` of tables with `name` and ReductionPlan fields,
     ordered from the highest quality to the most saving. `prune_start`/`prune_end` may be given as fractions
-    of depth (< 1), so one file serves models of any depth."""
+    of depth (< 1), so one file serves models of any depth. A level must merge by merge_retention, not
+    merge_tokens (see Level). Raises ValueError naming the file and the level."""
     import json
     import tomllib
     from pathlib import Path
@@ -137,7 +150,14 @@ def load_ladder(path, num_layers: int) -> list[Level]:
         for key in ("prune_start", "prune_end"):
             if key in entry and isinstance(entry[key], float) and entry[key] < 1:
                 entry[key] = max(1, round(entry[key] * num_layers))
-        levels.append(Level(name, ReductionPlan(**entry)))
+        try:
+            plan = ReductionPlan(**entry)
+        except ValueError as err:
+            raise ValueError(f"{path}: level {name!r}: {err}") from err
+        try:
+            levels.append(Level(name, plan))
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
     if not levels:
         raise ValueError(f"{path}: no [[level]] entries")
     if levels[0].plan.merges or levels[0].plan.prunes:

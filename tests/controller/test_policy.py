@@ -1,8 +1,8 @@
 import pytest
 
 from aim_engine.plan import ReductionPlan
-from controller.policy import (LOW_PRIORITY_MARGIN_FACTOR, PRIORITIES, Features, decide, default_ladder, load_ladder,
-                               margin_for_priority)
+from controller.policy import (LOW_PRIORITY_MARGIN_FACTOR, PRIORITIES, Features, Level, decide, default_ladder,
+                               load_ladder, margin_for_priority)
 
 LADDER = default_ladder(28)  # full, merge-50, merge-25, aim-default, max-saving
 PRED = [2.0, 1.2, 0.9, 0.7, 0.5]
@@ -80,6 +80,35 @@ def test_ladder_from_file_with_depth_fractions(tmp_path):
     bad.write_text('[[level]]\nname = "x"\nmerge_retention = 0.5\n')
     with pytest.raises(ValueError, match="untouched model"):
         load_ladder(bad, 24)
+
+
+def test_a_merge_tokens_level_is_refused_since_its_retention_depends_on_the_request(tmp_path):
+    """merge_tokens keeps a number of tokens per frame, so its share is the request's (4 of 196 or of 9): it used to
+    read as retention 1.0, and a floor of 0.5 let it through."""
+    path = tmp_path / "ladder.toml"
+    path.write_text('[[level]]\nname = "full"\n[[level]]\nname = "four-a-frame"\nmerge_tokens = 4\n')
+    with pytest.raises(ValueError, match=r"ladder.toml: level 'four-a-frame' gives merge_tokens .*merge_retention"):
+        load_ladder(path, 24)
+    with pytest.raises(ValueError, match="give the level a merge_retention"):
+        Level("four-a-frame", ReductionPlan(merge_tokens=4))
+    with pytest.raises(ValueError, match="default plan .*aim-plan.json.* gives merge_tokens"):
+        default_ladder(28, ReductionPlan(merge_tokens=4, prune_start=14, prune_end=22))
+
+
+def test_a_ladder_files_bad_plan_names_the_file_and_the_level(tmp_path):
+    path = tmp_path / "ladder.toml"
+    path.write_text('[[level]]\nname = "full"\n[[level]]\nname = "too-much"\nmerge_retention = 1.5\n')
+    with pytest.raises(ValueError, match=r"ladder.toml: level 'too-much': merge_retention must be in \(0, 1\]"):
+        load_ladder(path, 24)
+
+
+def test_retention_is_the_share_merging_keeps_and_pruning_does_not_count():
+    """min_retention floors merging (docs/operations.md), as RequestStats.retention measures it."""
+    assert [l.retention for l in LADDER] == [1.0, 0.5, 0.25, 0.25, 0.125]
+    assert Level("prune-only", ReductionPlan(prune_start=2, prune_end=4)).retention == 1.0
+    d = decide([Level("full", ReductionPlan()), Level("prune-only", ReductionPlan(prune_start=2, prune_end=4))],
+               Features(10.0, 1.0, [20.0, 1.0]))
+    assert d.level == 1 and d.fits
 
 
 def test_budget_is_shared_with_the_queue_behind():
