@@ -3,6 +3,7 @@ whose message says what was wrong and what the caller can do."""
 
 from __future__ import annotations
 
+import bisect
 import io
 import re
 import warnings
@@ -22,6 +23,7 @@ class VideoClip:
 
     frames: list[Image.Image]
     fps: float | None
+    decoded_frames: int = 0  # frames the decoder produced to sample them (what the request's decode limit counts)
 
 
 @dataclass(frozen=True)
@@ -30,15 +32,22 @@ class MediaLimits:
     max_pixels: int = 40_000_000  # per image / frame of the source (width * height)
     max_frames: int = 64  # frames sampled from one video
     max_video_seconds: float = 3600.0
-    max_source_frames: int = 200_000  # frames in one video's stream (what sampling may have to decode through)
+    max_source_frames: int = 200_000  # frames (packets) in one video's stream: what its index pass reads through
     max_decoded_bytes: int = 512 * 1024 * 1024  # one request's decoded pixels held for the model (RGB, 3 B/pixel)
+    # Frames decoded for one request, summed over its videos: the decode work, which the bytes above do not bound
+    # (a clip with one keyframe makes every sampled frame cost a decode from its start). 64 frames sampled from a
+    # stream with x264's default keyframe interval (250) decode at most 64 x 250 = 16,000 frames, and a clip
+    # with one keyframe is sampled in one pass up to ~11 minutes at 30 fps; 20,000 frames of 1080p H.264 take
+    # ~15 s on 2 cores even for the easy test clip (~1,400 fps), so more is refused before decoding starts.
+    max_decoded_frames: int = 20_000
     max_items: int = 64  # images and videos in one request
 
 
-# Decode-and-discard is cheaper than a seek for short gaps; beyond this many frames to the next sampled one, seek
-# to the keyframe before it.
+# Decode-and-discard is cheaper than a seek for short gaps: seek to the keyframe before a sampled frame only when
+# that skips more than this many frames the decoder would otherwise go through.
 SEEK_GAP_FRAMES = 48
 STOP_CHECK_EVERY = 8  # frames decoded between two polls of the caller's should_stop
+STOP_CHECK_EVERY_PACKETS = 256  # packets read (not decoded: far cheaper) between two polls, in the index pass
 
 FrameSize = Callable[[int, int], tuple[int, int]]  # source (width, height) -> size to decode frames at
 
@@ -128,18 +137,24 @@ class VideoInfo:
 def read_video(data: bytes, mime_type: str, num_frames: int, limits: MediaLimits = MediaLimits(),
                frame_size: FrameSize | None = None, budget_bytes: int | None = None,
                should_stop: Callable[[], bool] | None = None,
-               reserve: Callable[[int], None] | None = None) -> VideoClip:
+               reserve: Callable[[int], None] | None = None, budget_frames: int | None = None) -> VideoClip:
     """`num_frames` RGB frames sampled uniformly over the video, decoding only what sampling needs.
 
-    The sampled frame indices come from the container's metadata (frame count, or duration x rate); frames are
-    decoded in order and dropped unless sampled, with a seek to the keyframe before a sampled frame that is far
-    ahead. Only sampled frames are converted to RGB, directly at `frame_size(width, height)` (the size the
-    model will use: no larger than the source). Before decoding, the frames' RGB bytes are checked against
-    `budget_bytes` (the request's remaining decoded-pixel budget; MediaError when over) and passed to `reserve`
-    (the server's memory budget; it may wait or raise). `should_stop` is polled while decoding."""
+    The sampled frame indices come from the container's metadata (frame count, or duration x rate; else the
+    stream's packet count). A first pass reads the stream's packets without decoding them, for where its
+    keyframes lie; then frames are decoded in order and dropped unless sampled, with a seek to the keyframe
+    before a sampled frame only where that keyframe lies past where decoding has got to (one keyframe: one
+    pass). Only sampled frames are converted to RGB, directly at `frame_size(width, height)` (the size the model
+    will use: no larger than the source). Before decoding, the frames' RGB bytes are checked against
+    `budget_bytes` (the request's remaining decoded-pixel budget), the frames the plan decodes against
+    `budget_frames` (the request's remaining decoded-frame budget; `limits.max_decoded_frames` when None; also
+    held while decoding, for streams whose packets mislead) — MediaError when over — and the bytes are passed
+    to `reserve` (the server's memory budget; it may wait or raise). `should_stop` is polled while reading and
+    decoding. The clip says how many frames were decoded (`decoded_frames`)."""
     import av
 
     mime = _check_video_request(data, mime_type, num_frames, limits)
+    allowed = limits.max_decoded_frames if budget_frames is None else budget_frames
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             if not container.streams.video:
@@ -148,19 +163,29 @@ def read_video(data: bytes, mime_type: str, num_frames: int, limits: MediaLimits
             stream.thread_type = "AUTO"
             info = _video_info(container, stream, limits)
             width, height = frame_size(info.width, info.height) if frame_size else (info.width, info.height)
-            _reserve_frames(num_frames, width, height, limits, budget_bytes, reserve)
-            total = info.frames
-            if total is None:  # no count and no duration in the container: one pass to count, nothing kept
-                total = _count_frames(container, stream, limits, should_stop)
-                container.seek(0)
-            picked, decoded_total = _decode_sampled(container, stream, info, total, num_frames, (width, height),
-                                                    should_stop)
+            need = _check_decoded_bytes(num_frames, width, height, limits, budget_bytes)
+            # a container of its own, so that the one that decodes starts at the stream's start with no seek back
+            with av.open(io.BytesIO(data), mode="r") as probe:
+                index = _index_stream(probe.streams.video[0], info, limits, should_stop)
+            total = info.frames or index.packets
+            if not total:
+                raise MediaError(MediaError.CORRUPT, "the video contains no decodable frames")
+            indices = sample_frame_indices(total, num_frames)
+            plan = _plan_decode(indices, index.keyframes)
+            _check_decode_work(plan, num_frames, total, index, allowed, limits)
+            _reserve(need, reserve)
+            picked, seen, decoded = _decode_sampled(container, stream, info, plan, (width, height), allowed,
+                                                    limits, should_stop)
             if picked is None:  # the container over-stated its length: sample again over what is really there
-                if decoded_total == 0:
+                if seen == 0:
                     raise MediaError(MediaError.CORRUPT, "the video contains no decodable frames")
                 container.seek(0)
-                picked, _ = _decode_sampled(container, stream, replace(info, rate=None), decoded_total, num_frames,
-                                            (width, height), should_stop)
+                # counted from the start, forward only: the timestamps that misled the length may mislead a seek
+                plan = _plan_decode(sample_frame_indices(seen, num_frames), None)
+                _check_decode_work(plan, num_frames, seen, index, allowed - decoded, limits)
+                picked, _, more = _decode_sampled(container, stream, replace(info, rate=None), plan,
+                                                  (width, height), allowed - decoded, limits, should_stop)
+                decoded += more
     except (MediaError, Cancelled):
         raise
     except _CallerError as wrapped:
@@ -172,7 +197,7 @@ def read_video(data: bytes, mime_type: str, num_frames: int, limits: MediaLimits
     if not picked:
         raise MediaError(MediaError.CORRUPT, "the video contains no decodable frames")
     seconds = info.seconds or (total / info.rate if info.rate else None)
-    return VideoClip(picked, num_frames / seconds if seconds else None)
+    return VideoClip(picked, num_frames / seconds if seconds else None, decoded)
 
 
 def _check_video_request(data: bytes, mime_type: str, num_frames: int, limits: MediaLimits) -> str:
@@ -190,15 +215,20 @@ def _check_video_request(data: bytes, mime_type: str, num_frames: int, limits: M
     return mime
 
 
-def _reserve_frames(num_frames: int, width: int, height: int, limits: MediaLimits, budget_bytes: int | None,
-                    reserve: Callable[[int], None] | None) -> None:
-    """The sampled frames' RGB bytes, checked against the request's budget and reserved, before any is decoded."""
+def _check_decoded_bytes(num_frames: int, width: int, height: int, limits: MediaLimits,
+                         budget_bytes: int | None) -> int:
+    """The sampled frames' RGB bytes, checked against the request's budget before any is decoded."""
     need = rgb_bytes(width, height, num_frames)
     if budget_bytes is not None and need > budget_bytes:
         raise MediaError(MediaError.TOO_LARGE,
                          f"{num_frames} frames of {width}x{height} take {need} bytes decoded; the request's "
                          f"decoded-media limit leaves {max(0, budget_bytes)} of {limits.max_decoded_bytes} "
                          "bytes: ask for fewer frames or send smaller media")
+    return need
+
+
+def _reserve(need: int, reserve: Callable[[int], None] | None) -> None:
+    """The sampled frames' RGB bytes reserved with the server, once the video is known to be acceptable."""
     if reserve is not None:
         try:
             reserve(need)
@@ -238,45 +268,118 @@ def _video_info(container, stream, limits: MediaLimits) -> VideoInfo:
     return VideoInfo(width, height, frames, seconds, rate)
 
 
-def _count_frames(container, stream, limits: MediaLimits, should_stop) -> int:
-    count = 0
-    for _ in container.decode(stream):
-        count += 1
-        if count > limits.max_source_frames:
-            raise MediaError(MediaError.TOO_LARGE, f"video has more than {limits.max_source_frames} frames")
-        if should_stop is not None and count % STOP_CHECK_EVERY == 0 and should_stop():
-            raise Cancelled()
-    return count
+@dataclass(frozen=True)
+class _StreamIndex:
+    """What the stream's packets say, read without decoding any."""
+
+    packets: int
+    keyframes: list[int] | None  # frame indices of its keyframes, ascending; None where seeking is blind
 
 
-def _decode_sampled(container, stream, info: VideoInfo, total: int, wanted: int, size: tuple[int, int],
-                    should_stop) -> tuple[list[Image.Image] | None, int]:
-    """The frames at the sampled indices, converted at `size`; (None, frames seen) if the stream ends first.
-    Frame indices come from presentation timestamps when the stream has a rate (exact after a seek), else from
-    counting decoded frames."""
-    indices = sample_frame_indices(total, wanted)
-    targets = sorted(set(indices))
+def _frame_at(pts: int, origin: int, tb, rate: float) -> int:
+    """The frame index a presentation timestamp stands for."""
+    return round(float((pts - origin) * tb) * rate)
+
+
+def _index_stream(stream, info: VideoInfo, limits: MediaLimits, should_stop) -> _StreamIndex:
+    """One pass over the stream's packets (demuxed, not decoded): how many there are, and where its keyframes lie.
+    Without a rate and time base, or with a keyframe without a timestamp, no keyframe is placed: decoding then
+    goes forward only, as a seek could land anywhere."""
     tb, rate = stream.time_base, info.rate
     origin = stream.start_time or 0
-    can_seek = bool(rate and tb)
+    placed = bool(tb and rate)
+    packets = 0
+    keyframes: set[int] = set()
+    for packet in stream.container.demux(stream):
+        if not packet.size:  # the flush packet that ends the stream
+            continue
+        packets += 1
+        if packets > limits.max_source_frames:
+            raise MediaError(MediaError.TOO_LARGE, f"video has more than {limits.max_source_frames} frames")
+        if should_stop is not None and packets % STOP_CHECK_EVERY_PACKETS == 0 and should_stop():
+            raise Cancelled()
+        if placed and packet.is_keyframe:
+            if packet.pts is None:
+                placed = False
+            else:
+                keyframes.add(_frame_at(packet.pts, origin, tb, rate))
+    return _StreamIndex(packets, sorted(keyframes) if placed else None)
+
+
+@dataclass(frozen=True)
+class _DecodePlan:
+    """How sampling decodes a stream: the sampled indices (as asked, repeats included), those of them reached by
+    a seek to the keyframe before them (the others by decoding on), and the frames decoding them all takes."""
+
+    indices: list[int]
+    seek_to: frozenset[int]
+    frames: int
+
+
+def _plan_decode(indices: list[int], keyframes: list[int] | None) -> _DecodePlan:
+    """Decoding on from the last sampled frame, unless the keyframe before the next one lies more than
+    SEEK_GAP_FRAMES past it: a seek there skips what lies between. With one keyframe, a single pass."""
+    seek_to, frames, position = set(), 0, -1  # position: the last frame decoded (-1: none yet)
+    for target in sorted(set(indices)):
+        start = position + 1
+        if keyframes:
+            before = bisect.bisect_right(keyframes, target) - 1
+            if before >= 0 and keyframes[before] - position > SEEK_GAP_FRAMES:
+                seek_to.add(target)
+                start = keyframes[before]
+        frames += target - start + 1
+        position = target
+    return _DecodePlan(indices, frozenset(seek_to), frames)
+
+
+def _decode_work_error(what: str, allowed: int, limits: MediaLimits) -> MediaError:
+    return MediaError(MediaError.TOO_LARGE,
+                      f"{what}; the request's decoded-frame limit leaves {max(0, allowed)} of "
+                      f"{limits.max_decoded_frames}: ask for fewer frames, send a shorter clip, or re-encode it "
+                      "with more keyframes (e.g. one every 2 seconds)")
+
+
+def _check_decode_work(plan: _DecodePlan, wanted: int, total: int, index: _StreamIndex, allowed: int,
+                       limits: MediaLimits) -> None:
+    """The frames the plan decodes, checked against what the request has left, before any is decoded."""
+    if plan.frames > allowed:
+        keyframes = ("" if index.keyframes is None else
+                     f", {len(index.keyframes)} keyframe{'s' if len(index.keyframes) != 1 else ''}")
+        raise _decode_work_error(f"sampling {wanted} frames from this video ({total} frames{keyframes}) decodes "
+                                 f"{plan.frames} frames", allowed, limits)
+
+
+def _decode_sampled(container, stream, info: VideoInfo, plan: _DecodePlan, size: tuple[int, int], allowed: int,
+                    limits: MediaLimits, should_stop) -> tuple[list[Image.Image] | None, int, int]:
+    """(the frames at the plan's indices, converted at `size`; the frames in the stream, as far as decoding saw;
+    the frames decoded), the first None if the stream ends first. Frame indices come from presentation
+    timestamps when the stream has a rate (exact after a seek), else from counting decoded frames. More than
+    `allowed` frames decoded (the plan misjudged the stream): MediaError."""
+    tb, rate = stream.time_base, info.rate
+    origin = stream.start_time or 0
+    by_pts = bool(rate and tb)
     kept: dict[int, Image.Image] = {}
     frames = None
     position = -1  # index of the last frame decoded
-    seen = 0
-    for target in targets:
+    decoded = 0
+    for target in sorted(set(plan.indices)):
         if kept and position >= target:  # the last kept frame already lies at or past this index
             kept[target] = kept[max(kept)]
             continue
-        if frames is None or (can_seek and target - position > SEEK_GAP_FRAMES):
-            if frames is not None:
+        seek = target in plan.seek_to  # only where keyframes were placed: the stream has a rate and time base
+        if frames is None or seek:
+            if seek:
                 container.seek(origin + int(target / rate / tb), stream=stream, backward=True, any_frame=False)
             frames = container.decode(stream)
         for frame in frames:
-            seen += 1
-            if should_stop is not None and seen % STOP_CHECK_EVERY == 0 and should_stop():
+            decoded += 1
+            if decoded > allowed:
+                raise _decode_work_error(f"decoding this video went past {allowed} frames (its packets promised "
+                                         f"{plan.frames})", allowed, limits)
+            if should_stop is not None and decoded % STOP_CHECK_EVERY == 0 and should_stop():
                 raise Cancelled()
-            if can_seek and frame.pts is not None:
-                position = round(float((frame.pts - origin) * tb) * rate)
+            if by_pts and frame.pts is not None:
+                position = _frame_at(frame.pts, origin, tb, rate)
             else:
                 position += 1
             if position >= target:
@@ -284,8 +387,8 @@ def _decode_sampled(container, stream, info: VideoInfo, total: int, wanted: int,
                                               interpolation="AREA").to_image()
                 break
         else:
-            return None, max(seen, position + 1)
-    return [kept[i] for i in indices], total
+            return None, max(decoded, position + 1), decoded
+    return [kept[i] for i in plan.indices], max(position + 1, 0), decoded
 
 
 def sample_frame_indices(total: int, wanted: int) -> list[int]:

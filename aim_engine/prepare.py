@@ -42,12 +42,14 @@ class IngestedRequest(GenerationRequest):
     shape: RequestShape | None = None
 
 
-class _PixelBudget:
-    """What a request's decoded media may still take (`limits.max_decoded_bytes` less what is taken), and the
-    server's reservation of memory for what is held."""
+class _MediaBudget:
+    """What a request's decoded media may still take (`limits.max_decoded_bytes` less what is taken), what its
+    videos may still decode (`limits.max_decoded_frames` less the frames decoded: the work, which the bytes do
+    not bound), and the server's reservation of memory for what is held."""
 
-    def __init__(self, limit: int, reserve: Callable[[int], None] | None):
+    def __init__(self, limit: int, frames_limit: int, reserve: Callable[[int], None] | None):
         self.limit, self.left, self.reserve = limit, limit, reserve
+        self.frames_left = frames_limit
 
     def take(self, nbytes: int, what: str, held: bool = True) -> None:
         """Counts `nbytes` of decoded media against the request's limit; `held`: and they will be in memory."""
@@ -99,12 +101,14 @@ class Preparer:
         """Bytes -> images/frames, validated against the limits. Each item's decoded size is known from its
         header before its pixels are decoded: the request's total is held to `limits.max_decoded_bytes`
         (MediaError), and each item's bytes are passed to `reserve` first (the server's memory budget: it may
-        wait, or raise). `should_stop` is polled between items and while a video decodes (raises Cancelled)."""
+        wait, or raise). The frames its videos decode are held to `limits.max_decoded_frames` (MediaError; a
+        video is refused before decoding where its packets show it would pass what is left). `should_stop` is
+        polled between items and while a video decodes (raises Cancelled)."""
         limits = self.limits
         items = sum(isinstance(p, (ImagePart, VideoPart, CachedMedia)) for p in request.parts)
         if items > limits.max_items:
             raise RequestError(f"the request has {items} images and videos; the limit is {limits.max_items}")
-        budget = _PixelBudget(limits.max_decoded_bytes, reserve)
+        budget = _MediaBudget(limits.max_decoded_bytes, limits.max_decoded_frames, reserve)
         out = []
         for part in request.parts:
             if should_stop is not None and should_stop():
@@ -127,28 +131,29 @@ class Preparer:
         if len(frames) > self.limits.max_frames:
             raise RequestError(f"a video has {len(frames)} frames; the limit is {self.limits.max_frames}")
 
-    def _cached(self, kind: str, key: MediaKey | None, budget: "_PixelBudget") -> CachedMedia | None:
-        """A hit skips decoding, not the limits: it counts what decoding it took, so a request is refused or
-        served the same whether its media are in the cache or not (nothing is held for it)."""
+    def _cached(self, kind: str, key: MediaKey | None, budget: "_MediaBudget") -> CachedMedia | None:
+        """A hit skips decoding, not the limits: it counts the decoded bytes it stands for, so a request is refused
+        or served the same whether its media are in the cache or not (nothing is held for it). It decodes no
+        frame, so it counts none against the decoded-frame limit, which bounds work done."""
         media = None if key is None else self.feature_cache.peek(key)
         if media is None:
             return None
         budget.take(media.decoded_bytes, f"a cached {kind}", held=False)
         return CachedMedia(kind, key, media)
 
-    def _image(self, data: bytes, mime: str, what: str, budget: "_PixelBudget") -> Image.Image:
+    def _image(self, data: bytes, mime: str, what: str, budget: "_MediaBudget") -> Image.Image:
         width, height = image_info(data, mime, self.limits)
         budget.take(rgb_bytes(width, height), f"{what} of {width}x{height}")
         return read_image(data, mime, self.limits)
 
-    def _read_image(self, part: ImagePart, budget: "_PixelBudget") -> Part:
+    def _read_image(self, part: ImagePart, budget: "_MediaBudget") -> Part:
         if part.data is None:
             raise RequestError("an image part has neither bytes nor a decoded image")
         key = self._cache_key("image", part.mime_type, [part.data])
         return self._cached("image", key, budget) or ImagePart(
             image=self._image(part.data, part.mime_type, "an image", budget), cache_key=key)
 
-    def _read_frames(self, part: VideoPart, budget: "_PixelBudget", should_stop) -> Part:
+    def _read_frames(self, part: VideoPart, budget: "_MediaBudget", should_stop) -> Part:
         """A video sent as encoded frames."""
         self._check_frames(part.encoded_frames)
         key = self._cache_key("video", f"frames given, fps={part.fps}",
@@ -163,8 +168,9 @@ class Preparer:
             frames.append(self._image(data, mime, "a video frame", budget))
         return VideoPart(frames=frames, fps=part.fps, cache_key=key)
 
-    def _read_clip(self, part: VideoPart, budget: "_PixelBudget", should_stop) -> Part:
-        """A video file: only the frames sampling needs are decoded, within what the budget leaves."""
+    def _read_clip(self, part: VideoPart, budget: "_MediaBudget", should_stop) -> Part:
+        """A video file: only the frames sampling needs are decoded, within what the budget leaves (bytes held,
+        frames decoded)."""
         if part.data is None:
             raise RequestError("a video part has neither bytes nor decoded frames")
         key = self._cache_key("video", f"{part.mime_type}, frames={part.num_frames}", [part.data])
@@ -172,9 +178,10 @@ class Preparer:
         if hit is not None:
             return hit
         clip = read_video(part.data, part.mime_type, part.num_frames, self.limits,
-                            frame_size=self.adapter.video_frame_size, budget_bytes=budget.left,
-                            should_stop=should_stop, reserve=budget.reserve)
+                          frame_size=self.adapter.video_frame_size, budget_bytes=budget.left,
+                          should_stop=should_stop, reserve=budget.reserve, budget_frames=budget.frames_left)
         budget.left -= sum(rgb_bytes(*f.size) for f in clip.frames)
+        budget.frames_left -= clip.decoded_frames
         return VideoPart(frames=clip.frames, fps=clip.fps, cache_key=key)
 
     def encode_media(self, parts: list[Part], should_stop: Callable[[], bool] | None = None) -> list[EncodedMedia]:

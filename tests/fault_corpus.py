@@ -11,7 +11,8 @@ from pathlib import Path
 import grpc
 
 from service.proto.aim.v1 import aim_service_pb2 as pb
-from tests.media_samples import big_clip, bomb_png, encode_image, unusual_images, video_formats
+from aim_engine.media import MediaLimits
+from tests.media_samples import big_clip, bomb_png, encode_image, long_gop_clip, unusual_images, video_formats
 
 OK = grpc.StatusCode.OK
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -119,6 +120,14 @@ def corpus() -> list[FaultCase]:
                                                                         text(GOOD_PROMPT)), (OK,)))
     add(FaultCase("video: 1080p clip, 64 frames over the decoded-media limit",
                   request(video(heavy_clip(), "video/mp4", 64), text("Hi")), (INVALID,), "decoded-media limit"))
+    # one keyframe: sampling decodes forward once, not from the start for every sampled frame; a clip whose one
+    # pass passes the server's decoded-frame limit is refused before decoding
+    add(FaultCase("long-gop-one-keyframe: 1500 frames, 16 sampled", request(video(long_gop_clip(1500), "video/mp4", 16),
+                                                                          text(GOOD_PROMPT)), (OK,)))
+    over = MediaLimits().max_decoded_frames * 6 // 5
+    add(FaultCase(f"long-gop-over-the-decoded-frame-limit: {over} frames after one keyframe, 8 sampled",
+                  request(video(long_gop_clip(over), "video/mp4", 8), text("Hi")), (INVALID,),
+                  "decoded-frame limit"))
 
     # ---- sizes: parts, prompt, message -----------------------------------------------------------------------
     small_png = encode_image("PNG", size=(8, 8))

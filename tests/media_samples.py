@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from functools import lru_cache
 
 import av
 import numpy as np
@@ -51,17 +52,21 @@ def encode_audio_only() -> bytes:
 
 def encode_counter_video(container: str = "mp4", codec: str = "mpeg4", frames: int = 300, gop: int = 10,
                          fps: int = 25) -> bytes:
-    """Frames that say their own index: the left half's grey level is index // 50, the right half's index % 50
-    (read back by `frame_index`). A short keyframe interval, so the decoder seeks."""
+    """Frames that say their own index, up to 1600 of them: the left half's grey level is index // 50, the right
+    half's index % 50 (read back by `frame_index`). A keyframe every `gop` frames and no others (the encoders'
+    scene-change keyframes are off: the grey steps would place some): by default a short interval, so the decoder
+    seeks; libx264 with `gop` over `frames` gives one keyframe (mpeg4 puts one at least every 600 frames)."""
+    assert frames <= 1600, "frame_index reads up to 1599"
     buf = io.BytesIO()
     with av.open(buf, mode="w", format=container) as out:
         stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
         stream.gop_size = gop
-        stream.options = {"qmin": "1", "qmax": "4"} if codec == "mpeg4" else {}
+        stream.options = ({"qmin": "1", "qmax": "4", "sc_threshold": "1000000000"} if codec == "mpeg4" else
+                          {"sc_threshold": "0"} if codec == "libx264" else {})
         for t in range(frames):
             arr = np.zeros((32, 64, 3), dtype=np.uint8)
-            arr[:, :32] = (t // 50) * 40
+            arr[:, :32] = (t // 50) * 8
             arr[:, 32:] = (t % 50) * 5
             for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
                 out.mux(packet)
@@ -73,7 +78,7 @@ def encode_counter_video(container: str = "mp4", codec: str = "mpeg4", frames: i
 def frame_index(frame: Image.Image) -> int:
     arr = np.asarray(frame.convert("L"), dtype=np.float64)
     h, w = arr.shape
-    return int(round(arr[:, : w // 2 - 2].mean() / 40)) * 50 + int(round(arr[:, w // 2 + 2:].mean() / 5))
+    return int(round(arr[:, : w // 2 - 2].mean() / 8)) * 50 + int(round(arr[:, w // 2 + 2:].mean() / 5))
 
 
 # ---- hostile and unusual media, for the fault suite -------------------------------------------------------------
@@ -150,6 +155,27 @@ def big_clip(frames: int = 900, width: int = 1920, height: int = 1080) -> bytes:
             frame = av.VideoFrame.from_ndarray(np.concatenate([yy, u.reshape(-1, width), vv.reshape(-1, width)]),
                                                format="yuv420p")
             for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+@lru_cache(maxsize=4)
+def long_gop_clip(frames: int, size=(16, 16), fps: int = 25) -> bytes:
+    """One keyframe, then `frames` - 1 frames that depend on it (a line moving across grey; H.264 with no scene-cut
+    keyframes): sampling must decode through to the last sampled frame. Tiny frames, so that tens of thousands
+    of them stay a few hundred KB and build in about a second."""
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "sc_threshold": "0"})
+        stream.width, stream.height, stream.pix_fmt = size[1], size[0], "yuv420p"
+        stream.gop_size = frames + 1
+        grey = np.full((*size, 3), 90, dtype=np.uint8)
+        for t in range(frames):
+            arr = grey.copy()
+            arr[:, t % size[1]] = 200
+            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)

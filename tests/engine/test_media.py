@@ -146,6 +146,140 @@ def test_stream_length_limit_is_checked_from_the_metadata():
     assert err.value.reason == MediaError.TOO_LARGE
 
 
+
+# ---- decode work: one pass past one keyframe, a bound on the frames decoded --------------------------------------
+class _CountingContainer:
+    """A PyAV container that counts the frames its decode() yields: the decode work, seen from outside."""
+
+    def __init__(self, container, counts: list[int]):
+        self._container, self._counts = container, counts
+
+    def __getattr__(self, name):
+        return getattr(self._container, name)
+
+    def __enter__(self):
+        self._container.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._container.__exit__(*exc)
+
+    def decode(self, *args, **kwargs):
+        for frame in self._container.decode(*args, **kwargs):
+            self._counts[-1] += 1
+            yield frame
+
+
+@pytest.fixture
+def decoded_frames(monkeypatch):
+    """A list whose last item counts the frames decoded by the read_video call under way (one item a call)."""
+    import av
+
+    counts: list[int] = [0]
+    real_open = av.open
+    monkeypatch.setattr(av, "open", lambda *a, **k: _CountingContainer(real_open(*a, **k), counts))
+    return counts
+
+
+def _keyframes(data: bytes) -> int:
+    import io
+
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        return sum(p.is_keyframe for p in container.demux(stream) if p.size)
+
+
+LONG_GOP_FORMATS = [("mp4", "libx264", "video/mp4"), ("matroska", "libx264", "video/x-matroska")]
+
+
+@pytest.mark.parametrize("container,codec,mime", LONG_GOP_FORMATS)
+@pytest.mark.parametrize("wanted", [8, 16])
+def test_a_clip_with_one_keyframe_is_sampled_in_one_pass(container, codec, mime, wanted, decoded_frames):
+    """1500 frames after one keyframe: every seek would land on frame 0 (the old decoder decoded 6,004 frames
+    for 8 samples, 12,008 for 16); decoding forward reaches the last sampled frame in one pass."""
+    from tests.media_samples import encode_counter_video, frame_index
+
+    data = encode_counter_video(container, codec, frames=1500, gop=2000)
+    assert _keyframes(data) == 1
+    clip = read_video(data, mime, wanted)
+    indices = sample_frame_indices(1500, wanted)
+    assert [frame_index(f) for f in clip.frames] == indices
+    assert decoded_frames[-1] == clip.decoded_frames == indices[-1] + 1  # up to the last sampled frame, once
+
+
+@pytest.mark.parametrize("container,codec,mime", VIDEO_FORMATS)
+def test_a_clip_with_a_short_keyframe_interval_still_seeks(container, codec, mime, decoded_frames):
+    """A keyframe every 10 frames: each sampled frame costs at most the 10 frames from the keyframe before it
+    (the old decoder went from the start to the first sampled frame, 134 frames for 8 samples of 1500)."""
+    from tests.media_samples import encode_counter_video, frame_index
+
+    data = encode_counter_video(container, codec, frames=1500, gop=10)
+    clip = read_video(data, mime, 8)
+    assert [frame_index(f) for f in clip.frames] == sample_frame_indices(1500, 8)
+    assert decoded_frames[-1] == clip.decoded_frames <= 8 * 10
+
+
+def test_the_decoded_frames_are_refused_before_decoding_where_the_packets_show_them_over_the_limit(decoded_frames):
+    from tests.media_samples import encode_counter_video
+
+    data = encode_counter_video("mp4", "libx264", frames=1500, gop=2000)
+    reserved = []
+    with pytest.raises(MediaError, match="sampling 16 frames from this video [(]1500 frames, 1 keyframe[)] "
+                                         "decodes 1454 frames; the request's decoded-frame limit leaves 1000 of "
+                                         "1000: ask for fewer frames, send a shorter clip, or re-encode it with "
+                                         "more keyframes") as err:
+        read_video(data, "video/mp4", 16, MediaLimits(max_decoded_frames=1000), reserve=reserved.append)
+    assert err.value.reason == MediaError.TOO_LARGE
+    assert decoded_frames == [0] and reserved == []  # refused before a frame was decoded or memory reserved
+    # what the request has left, not the whole limit, is what a video may take
+    with pytest.raises(MediaError, match="leaves 1453 of 20000"):
+        read_video(data, "video/mp4", 16, budget_frames=1453)
+    assert read_video(data, "video/mp4", 16, budget_frames=1454).decoded_frames == 1454
+
+
+def test_a_stream_whose_packets_mislead_the_plan_is_stopped_at_the_limit(monkeypatch, decoded_frames):
+    """Packets that claim a keyframe at every frame: the plan decodes 62 frames (47 to the first sampled one,
+    then one a seek), but each seek lands on the one real keyframe; decoding stops once past the limit."""
+    import aim_engine.media as media
+    from tests.media_samples import encode_counter_video
+
+    real_index = media._index_stream
+
+    def lying_index(*args):
+        index = real_index(*args)
+        return media._StreamIndex(index.packets, list(range(index.packets)))
+
+    monkeypatch.setattr(media, "_index_stream", lying_index)
+    data = encode_counter_video("mp4", "libx264", frames=1500, gop=2000)
+    with pytest.raises(MediaError, match="decoding this video went past 1000 frames [(]its packets promised 62[)]; "
+                                         "the request's decoded-frame limit leaves 1000 of 1000") as err:
+        read_video(data, "video/mp4", 16, MediaLimits(max_decoded_frames=1000))
+    assert err.value.reason == MediaError.TOO_LARGE
+    assert decoded_frames[-1] == 1001
+
+
+def test_the_decoded_frame_limit_is_one_for_the_whole_request():
+    """Two videos of one request share the limit: each fits it alone, the second is refused for what the first
+    decoded, before it is decoded."""
+    from types import SimpleNamespace
+
+    from aim_engine.prepare import Preparer
+    from aim_engine.request import GenerationRequest, TextPart, VideoPart
+    from tests.media_samples import encode_counter_video
+
+    data = encode_counter_video("mp4", "libx264", frames=1500, gop=2000)  # 16 sampled: 1454 frames decoded
+    adapter = SimpleNamespace(tokenizer=None, language_model=lambda: None, video_frame_size=None,
+                              images_independent=True)
+    preparer = Preparer(adapter, MediaLimits(max_decoded_frames=2000), num_layers=1)
+    one = GenerationRequest([VideoPart(data=data, mime_type="video/mp4", num_frames=16), TextPart("What?")])
+    assert len(preparer.read_media(one)[0].frames) == 16
+    two = GenerationRequest([VideoPart(data=data, mime_type="video/mp4", num_frames=16)] * 2 + [TextPart("What?")])
+    with pytest.raises(MediaError, match="decodes 1454 frames; the request's decoded-frame limit leaves 546 of 2000"):
+        preparer.read_media(two)
+
+
 # ---- image modes, orientation, bombs, animations --------------------------------------------------------------
 def _encoded(img, fmt, **kwargs) -> bytes:
     import io
