@@ -48,8 +48,8 @@ class HealthService(health_pb2_grpc.HealthServicer):
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(self, request, context):
-        """The service's status now, then each change, until the client leaves or the server stops (`close`). An unknown
-        service is SERVICE_UNKNOWN (and is watched: it may appear), as the protocol says."""
+        """The service's status now, then each change, until the client leaves or the server stops (`close`).
+        An unknown service is SERVICE_UNKNOWN (and is watched: it may appear), as the protocol says."""
         if self.watchers >= self.max_watchers:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"{self.max_watchers} health watches are open, the most this server keeps; use "
@@ -63,6 +63,7 @@ class HealthService(health_pb2_grpc.HealthServicer):
                 if status != sent:
                     yield health_pb2.HealthCheckResponse(status=status)
                     sent = status
+                    continue  # the status may have changed (and the watches closed) while that was sent
                 if self._closed:
                     return
                 await changed.wait()
