@@ -10,11 +10,17 @@ import torch
 
 from .errors import GenerationError
 
+# Stop strings are checked on the engine's thread at every token, against the text the token could complete: at
+# most MAX_STOP_STRINGS x (MAX_STOP_CHARS + the token's text) characters, whatever a request sends.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """max_new_tokens >= 1; temperature 0 = greedy, else > 0; top_p in (0, 1]; seed makes sampling
-    reproducible; stop strings end the answer (not included in it)."""
+    reproducible; stop strings end the answer (not included in it): at most MAX_STOP_STRINGS, none empty or longer
+    than MAX_STOP_CHARS."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -30,8 +36,13 @@ class SamplingParams:
             raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not (0.0 < self.top_p <= 1.0):
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise GenerationError(f"{len(self.stop)} stop strings; the limit is {MAX_STOP_STRINGS}")
         if any(not s for s in self.stop):
             raise GenerationError("stop strings must not be empty")
+        longest = max((len(s) for s in self.stop), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise GenerationError(f"a stop string of {longest} characters; the limit is {MAX_STOP_CHARS}")
 
 
 def sequence_generator(params: SamplingParams, device: torch.device | str) -> torch.Generator | None:
