@@ -7,7 +7,8 @@ hostile client could ratchet it up (measured in tests/service/test_faults.py). T
   after every request: trimming hands back pages the next request must fault in again (1.02x the time per
   request of the demo model, `python bench/allocator.py`: small, but ordinary requests need not pay it); a small
   fixed mmap threshold, the other usual cure, made CPU inference 1.60x slower in the same run.
-Without glibc (macOS, musl) everything here is a no-op."""
+The check and the trim run on a thread of their own (a trim of a large heap takes milliseconds, and the requests'
+ends are on the event loop). Without glibc (macOS, musl) everything here is a no-op."""
 
 from __future__ import annotations
 
@@ -40,8 +41,45 @@ def _libc():
 
 
 _LIBC = _libc()
-_lock = threading.Lock()
-_last_check = 0.0
+
+
+class _Trimmer:
+    """One daemon thread that checks the heaps when asked, at most once per TRIM_INTERVAL_S unless the server has
+    gone idle, and trims them when they hold more than TRIM_MIN_FREE_BYTES free. Asking never blocks."""
+
+    def __init__(self):
+        self._asked = threading.Condition()
+        self._pending: bool | None = None  # None: nothing asked; else: whether an ask said idle
+        self._last_check = 0.0
+        self.trims = 0  # trims done (tests read it)
+        self.checks = 0
+        self._thread: threading.Thread | None = None
+
+    def ask(self, idle: bool) -> None:
+        with self._asked:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="aim-malloc-trim", daemon=True)
+                self._thread.start()
+            self._pending = bool(self._pending) or idle
+            self._asked.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._asked:
+                while self._pending is None:
+                    self._asked.wait()
+                idle, self._pending = self._pending, None
+            now = time.monotonic()
+            if not idle and now - self._last_check < TRIM_INTERVAL_S:
+                continue
+            self._last_check = now
+            self.checks += 1
+            if _LIBC.mallinfo2().fordblks >= TRIM_MIN_FREE_BYTES:
+                _LIBC.malloc_trim(0)
+                self.trims += 1
+
+
+_TRIMMER = _Trimmer()
 
 
 def tune() -> bool:
@@ -54,19 +92,8 @@ def free_heap_bytes() -> int | None:
     return None if _LIBC is None else int(_LIBC.mallinfo2().fordblks)
 
 
-def release_free_memory(idle: bool = False) -> bool:
-    """Call when a request ends: trims the heaps if they hold more than TRIM_MIN_FREE_BYTES free. Checked always
-    when the server is `idle` (that was its last request), else at most once per TRIM_INTERVAL_S. True if it
-    trimmed."""
-    global _last_check
-    if _LIBC is None:
-        return False
-    now = time.monotonic()
-    with _lock:
-        if not idle and now - _last_check < TRIM_INTERVAL_S:
-            return False
-        _last_check = now
-    if _LIBC.mallinfo2().fordblks < TRIM_MIN_FREE_BYTES:
-        return False
-    _LIBC.malloc_trim(0)
-    return True
+def release_free_memory(idle: bool = False) -> None:
+    """Call when a request ends: asks the trimming thread to look at the heaps (always when the server is `idle`,
+    that was its last request; else at most once per TRIM_INTERVAL_S). Returns at once."""
+    if _LIBC is not None:
+        _TRIMMER.ask(idle)
