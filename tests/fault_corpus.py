@@ -3,6 +3,7 @@ Used by tests/service/test_faults.py and by bench/faults.py (which writes docs/r
 
 from __future__ import annotations
 
+import json
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
@@ -10,7 +11,10 @@ from pathlib import Path
 
 import grpc
 
+from grpc_health.v1 import health_pb2
+
 from service.proto.aim.v1 import aim_service_pb2 as pb
+from service.proto.inference import grpc_service_pb2 as kpb
 from aim_engine.media import MediaLimits
 from tests.media_samples import big_clip, bomb_png, encode_image, long_gop_clip, unusual_images, video_formats
 
@@ -29,7 +33,7 @@ class FaultCase:
     request: object  # a GenerateRequest, or raw bytes sent as one
     codes: tuple  # acceptable status codes (most cases: exactly one)
     message: str | None = None  # a fragment the error's details must contain
-    method: str = "Generate"
+    method: str = "Generate"  # a key of METHODS
 
 
 def text(value: str) -> pb.ContentPart:
@@ -170,6 +174,33 @@ def corpus() -> list[FaultCase]:
         frames=[pb.Image(data=small_png, mime_type="image/png")], fps=-2)), text("Hi")), (INVALID,), "fps"))
     add(FaultCase("model: unknown", request(text("Hi"), model="gpt-9"), (grpc.StatusCode.NOT_FOUND,),
                   "unknown model 'gpt-9'"))
+    # ---- stop strings: checked at every token on the engine's thread, so bounded in count and length -----------
+    add(FaultCase("stop-strings-too-many: 50,000 of 40 characters", request(text("Hi"), sampling=pb.SamplingParams(
+        max_new_tokens=2, stop=[f"{i:040d}" for i in range(50_000)])), (INVALID,), "stop strings; the limit is 16"))
+    add(FaultCase("stop-strings-too-long: one of 100,000 characters", request(text("Hi"), sampling=pb.SamplingParams(
+        max_new_tokens=2, stop=["x" * 100_000])), (INVALID,), "characters; the limit is 256"))
+
+    # ---- the Open Inference Protocol's parameters ------------------------------------------------------------
+    def infer(**params) -> kpb.ModelInferRequest:
+        req = kpb.ModelInferRequest()
+        req.inputs.add(name="text_input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"Hi")
+        for name, value in {"aim_max_new_tokens": 2, **params}.items():
+            field = {bool: "bool_param", int: "int64_param", float: "double_param", str: "string_param"}[type(value)]
+            setattr(req.parameters[name], field, value)
+        return req
+
+    add(FaultCase("oip-good-request: a prompt answered", infer(), (OK,), method="ModelInfer"))
+    add(FaultCase("oip-malformed-aim-stop: a JSON list cut short", infer(aim_stop="[1, 2"), (INVALID,),
+                  "neither a stop string nor a JSON list", method="ModelInfer"))
+    add(FaultCase("oip-too-many-stop-strings: a JSON list of 1000", infer(aim_stop=json.dumps(
+        [f"s{i}" for i in range(1000)])), (INVALID,), "stop strings; the limit is 16", method="ModelInfer"))
+    add(FaultCase("oip-min-retention-out-of-range: 2.0", infer(aim_min_retention=2.0), (INVALID,), "min_retention",
+                  method="ModelInfer"))
+    add(FaultCase("oip-negative-slo: -5 ms", infer(aim_slo_ms=-5), (INVALID,), "slo", method="ModelInfer"))
+
+    # ---- health: Watch streams (it answered UNKNOWN: "'coroutine' object is not iterable") ---------------------
+    add(FaultCase("health-watch-first-status: SERVING", health_pb2.HealthCheckRequest(), (OK,), method="Watch"))
+
     add(FaultCase("estimate: a decompression bomb", pb.EstimateCostRequest(
         parts=[image(bomb_png(), "image/png"), text("Hi")]), (INVALID,), "pixels; the limit is", "EstimateCost"))
     return cases
@@ -243,6 +274,8 @@ def http_corpus(media_dir: Path, outside: Path) -> list[HttpFaultCase]:
         HttpFaultCase("http: an unknown model", json.dumps({"model": "gpt-9", "messages": [
             {"role": "user", "content": "Hi"}]}).encode(), 404, "unknown model 'gpt-9'"),
         HttpFaultCase("http: n > 1", chat(n=3), 400, "n is not supported"),
+        HttpFaultCase("http: stop-strings-too-many, 1000", chat(stop=[f"s{i}" for i in range(1000)]), 400,
+                      "stop strings; the limit is 16"),
     ]
 
 
@@ -279,16 +312,28 @@ def post_json(base_url: str, body: bytes, timeout: float = 120.0, declared_only:
         return response.status, "(not an OpenAI error object)"
 
 
-RESPONSES = {"Generate": pb.GenerateResponse, "EstimateCost": pb.EstimateCostResponse}
+METHODS = {  # a case's method: (its path, its response type, whether it streams responses)
+    "Generate": ("/aim.v1.AimService/Generate", pb.GenerateResponse, False),
+    "EstimateCost": ("/aim.v1.AimService/EstimateCost", pb.EstimateCostResponse, False),
+    "ModelInfer": ("/inference.GRPCInferenceService/ModelInfer", kpb.ModelInferResponse, False),
+    "Watch": ("/grpc.health.v1.Health/Watch", health_pb2.HealthCheckResponse, True),
+}
 
 
 def send(channel: grpc.Channel, case: FaultCase, timeout: float = 120.0) -> tuple[grpc.StatusCode, str]:
-    """(status, details) of one case, sent as raw bytes so that malformed messages reach the server."""
-    call = channel.unary_unary(f"/aim.v1.AimService/{case.method}", request_serializer=None,
-                               response_deserializer=RESPONSES[case.method].FromString)
+    """(status, details) of one case, sent as raw bytes so that malformed messages reach the server. A streaming
+    method's case is OK once its first response arrives (the stream is then cancelled)."""
+    path, response, streams = METHODS[case.method]
     payload = case.request if isinstance(case.request, bytes) else case.request.SerializeToString()
     try:
-        call(payload, timeout=timeout)
+        if streams:
+            call = channel.unary_stream(path, request_serializer=None, response_deserializer=response.FromString)
+            replies = call(payload, timeout=timeout)
+            next(replies)
+            replies.cancel()
+        else:
+            channel.unary_unary(path, request_serializer=None, response_deserializer=response.FromString)(
+                payload, timeout=timeout)
         return OK, ""
     except grpc.RpcError as err:
         return err.code(), err.details() or ""
