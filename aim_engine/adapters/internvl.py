@@ -69,7 +69,9 @@ class InternVLAdapter(FamilyAdapter):
         return [self._item("image", part) for part in torch.split(tiles, counts)]
 
     def estimate_image_groups(self, images: list[Image.Image]) -> list[tuple[list[int], int]]:
-        counts = self.image_processor(images=images, return_tensors="pt")["num_patches"].tolist()
+        # the processor's own tile count for a size (its tiled canvas, plus the thumbnail): no pixel is touched
+        count = self.image_processor.get_number_of_image_patches
+        counts = [count(image.height, image.width) for image in images]
         return [([self.config.image_seq_length] * count, 0) for count in counts]
 
     def video_frame_size(self, width: int, height: int) -> tuple[int, int]:

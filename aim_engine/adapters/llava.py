@@ -45,17 +45,20 @@ class LlavaAdapter(FamilyAdapter):
             for feats in out.pooler_output
         ]
 
+    def _view_side(self) -> int:
+        """The side of the square view the image processor makes of every image: its centre crop when it crops,
+        else its resize target (a fixed size, or the shortest edge: the family's towers take square views)."""
+        ip = self.image_processor
+        if getattr(ip, "do_center_crop", False):
+            return int(ip.crop_size["height"])
+        return int(ip.size["height"]) if "height" in ip.size else int(ip.size["shortest_edge"])
+
     def estimate_image_groups(self, images: list[Image.Image]) -> list[tuple[list[int], int]]:
-        h = self.image_processor(images=images[:1], return_tensors="pt")["pixel_values"].shape[-2]
-        return [([self._tokens_per_view(h)], 0) for _ in images]
+        return [([self._tokens_per_view(self._view_side())], 0) for _ in images]
 
     # ---- video (checkpoints with a video placeholder) -------------------------------------------------------
     def _frame_size(self) -> int:
-        size = getattr(self.config, "video_frame_size", None)
-        if size:
-            return int(size)
-        crop = getattr(self.image_processor, "crop_size", None) or self.image_processor.size
-        return int(crop["height"]) if "height" in crop else int(crop["shortest_edge"])
+        return int(getattr(self.config, "video_frame_size", None) or self._view_side())
 
     def video_frame_size(self, width: int, height: int) -> tuple[int, int]:
         return square_input_size(width, height, self._frame_size())

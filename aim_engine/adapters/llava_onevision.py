@@ -72,13 +72,14 @@ class LlavaOnevisionAdapter(FamilyAdapter):
 
     def estimate_image_groups(self, images: list[Image.Image]) -> list[tuple[list[int], int]]:
         # The model's own packing (unpadding, downscaling, newlines) on zero features of the right shapes, so
-        # the count cannot drift from the model's. Zeros never equal the learned newline.
-        inputs = self.image_processor(images=images, return_tensors="pt")
+        # the count cannot drift from the model's. Zeros never equal the learned newline. The processor's
+        # image_sizes are the images' own (height, width), so no pixel is touched.
+        sizes = torch.tensor([[image.height, image.width] for image in images])
         dim = self.model.model.image_newline.shape[0]
         zeros = [torch.zeros(views, self._encoder_tokens(), dim, dtype=self.dtype)
-                 for views in self._views(inputs["image_sizes"], len(images))]
+                 for views in self._views(sizes, len(images))]
         out = []
-        for feats in self._pack(zeros, inputs["image_sizes"]):
+        for feats in self._pack(zeros, sizes):
             groups = self._groups(feats)
             out.append(([g.numel() for g in groups], feats.shape[0] - sum(g.numel() for g in groups)))
         return out

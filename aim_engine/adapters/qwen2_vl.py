@@ -33,6 +33,10 @@ class Qwen2VLAdapter(FamilyAdapter):
     def _merge(self) -> int:
         return self.config.vision_config.spatial_merge_size
 
+    def _tokens(self, patches: int) -> int:
+        """Tokens the merger makes of `patches` patches (one per merge x merge)."""
+        return patches // self._merge**2
+
     def _vit_flops(self, grid_thw: torch.Tensor) -> float:
         t, h, w = (int(x) for x in grid_thw)
         return encoder_flops(self.config.vision_config, h * w, t)
@@ -54,12 +58,13 @@ class Qwen2VLAdapter(FamilyAdapter):
         return None
 
     def estimate_image_groups(self, images: list[Image.Image]) -> list[tuple[list[int], int]]:
-        grids = self.image_processor(images=images, return_tensors="pt")["image_grid_thw"]
-        return [([int(g.prod()) // self._merge**2], 0) for g in grids]
+        # the processor's own patch count for a size (its smart_resize), which encoding uses: no pixel is touched
+        count = self.image_processor.get_number_of_image_patches
+        return [([self._tokens(count(image.height, image.width))], 0) for image in images]
 
     def estimate_video_groups(self, frames: list[Image.Image]) -> tuple[list[int], int]:
-        _, (t, h, w) = self.video_pixels(frames)
-        return [int(h * w) // self._merge**2] * int(t), 0
+        t, h, w = self.video_grid(frames)
+        return [self._tokens(h * w)] * t, 0
 
     def video_frame_size(self, width: int, height: int) -> tuple[int, int]:
         """The size `video_pixels` resizes to (its smart_resize), unless that is larger than the source."""
@@ -73,18 +78,25 @@ class Qwen2VLAdapter(FamilyAdapter):
         return smart_resize(height, width, factor=vc.patch_size * self._merge, min_pixels=ip.size["shortest_edge"],
                             max_pixels=ip.size["longest_edge"])
 
-    def video_pixels(self, frames: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frames -> (patches, C * tp * p * p) and grid (t, h, w), the layout of the model's video input:
-        frames resized to one size (a multiple of patch * merge), normalised, padded to a multiple of the
-        temporal patch by repeating the last frame; each patch flattened as (C, tp, p, p)."""
+    def video_grid(self, frames: list[Image.Image]) -> tuple[int, int, int]:
+        """Patches (t, h, w) of a clip, from its frame count and first frame's size alone: every frame resized
+        to that frame's smart_resize (a multiple of patch * merge), the count rounded up to whole temporal
+        patches."""
         vc = self.config.vision_config
-        p, tp, m = vc.patch_size, vc.temporal_patch_size, self._merge
         w0, h0 = frames[0].size
         h, w = self._resized(h0, w0)
-        x = self.normalize_frames(frames, (h, w)).numpy()  # (T, C, H, W)
+        return -(-len(frames) // vc.temporal_patch_size), h // vc.patch_size, w // vc.patch_size
+
+    def video_pixels(self, frames: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frames -> (patches, C * tp * p * p) and grid (t, h, w), the layout of the model's video input:
+        frames resized to `video_grid`'s size, normalised, padded to a multiple of the temporal patch by
+        repeating the last frame; each patch flattened as (C, tp, p, p)."""
+        vc = self.config.vision_config
+        p, tp, m = vc.patch_size, vc.temporal_patch_size, self._merge
+        gt, gh, gw = self.video_grid(frames)
+        x = self.normalize_frames(frames, (gh * p, gw * p)).numpy()  # (T, C, H, W)
         if x.shape[0] % tp:
             x = np.concatenate([x, np.repeat(x[-1:], tp - x.shape[0] % tp, axis=0)])
-        gt, gh, gw = x.shape[0] // tp, h // p, w // p
         c = x.shape[1]
         x = x.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
         x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (gt, gh/m, gw/m, m, m, C, tp, p, p)
@@ -104,7 +116,7 @@ class Qwen2VLAdapter(FamilyAdapter):
             out = self.model.model.get_video_features(patches.to(self.device, self.dtype), grids, return_dict=True)
         encoded = []
         for i, (feats, grid) in enumerate(zip(out.pooler_output, grids)):
-            per_t = int(grid[1] * grid[2]) // self._merge**2
+            per_t = self._tokens(int(grid[1] * grid[2]))
             groups = [torch.arange(i * per_t, (i + 1) * per_t, device=feats.device) for i in range(int(grid[0]))]
             encoded.append(EncodedMedia(kind="video", features=feats, groups=groups,
                                         vision_flops=self._vit_flops(grid), grid_thw=grid,

@@ -59,6 +59,17 @@ def test_stop_string_ends_generation_and_is_not_returned(engine_for):
     assert result.text == full.text[: full.text.find(stop)]
 
 
+def test_stop_strings_are_bounded_in_count_and_length():
+    from aim_engine.generation import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams
+
+    SamplingParams(stop=tuple(f"s{i}" for i in range(MAX_STOP_STRINGS)))
+    SamplingParams(stop=("x" * MAX_STOP_CHARS,))
+    with pytest.raises(GenerationError, match=f"{MAX_STOP_STRINGS + 1} stop strings; the limit is"):
+        SamplingParams(stop=tuple(f"s{i}" for i in range(MAX_STOP_STRINGS + 1)))
+    with pytest.raises(GenerationError, match=f"{MAX_STOP_CHARS + 1} characters; the limit is"):
+        SamplingParams(stop=("x" * (MAX_STOP_CHARS + 1),))
+
+
 def test_cancellation_stops_at_the_next_decode_step(engine_for):
     engine = engine_for("llava_onevision")
     request = video_request(max_new_tokens=50, ignore_eos=True)
@@ -208,6 +219,52 @@ def test_estimate_matches_what_generate_spends(engine_for, family, plan):
         assert estimate.visual_tokens_per_layer == stats.visual_tokens_per_layer
         assert estimate.prefill_flops == stats.prefill_flops
         assert estimate.prefill_flops_baseline == stats.prefill_flops_baseline
+
+
+# odd sizes, very wide, very tall, tiny, and larger than the processor's pixel limit (array shapes: height, width)
+ESTIMATE_IMAGE_SIZES = [(37, 53), (8, 300), (300, 9), (2, 3), (97, 131)]
+ESTIMATE_FRAME_COUNTS = [1, 2, 3, 5]  # odd counts against Qwen's temporal patch of 2
+ESTIMATE_FRAME_SIZES = [(37, 53), (8, 120)]
+PIXEL_WORK = ("__call__", "preprocess", "_preprocess", "resize", "rescale", "normalize", "center_crop",
+              "crop_image_to_patches", "get_image_patches", "patchify", "pad_to_square")
+
+
+class ShapesOnly:
+    """An image processor whose configuration reads as the real one's, and which raises on any pixel work."""
+
+    def __init__(self, processor):
+        self._processor = processor
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("estimation ran the image processor")
+
+    def __getattr__(self, name):
+        if name in PIXEL_WORK:
+            raise AssertionError(f"estimation called the image processor's {name}")
+        return getattr(self._processor, name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_estimated_groups_equal_the_encoded_ones_from_the_sizes_alone(engine_for, family, monkeypatch):
+    """Per image and video, the merge groups estimation counts are the ones encoding produces, computed without the
+    image processor or normalising a frame (Qwen's estimate once held every pixel as float32 patches)."""
+    adapter = engine_for(family).adapter
+    images = [random_image(30 + i, size) for i, size in enumerate(ESTIMATE_IMAGE_SIZES)]
+    batches = [[image] for image in images] + [images]  # alone (LLaVA-OneVision: with crops) and all together
+    clips = ([random_frames(40 + count, count, size) for count in ESTIMATE_FRAME_COUNTS
+              for size in ESTIMATE_FRAME_SIZES] if adapter.supports_video else [])
+    encoded_images = [[media.shape for media in adapter.encode_images(batch)] for batch in batches]
+    encoded_videos = [adapter.encode_video(frames).shape for frames in clips]
+
+    def no_normalising(*args, **kwargs):
+        raise AssertionError("estimation normalised video frames")
+
+    monkeypatch.setattr(adapter, "image_processor", ShapesOnly(adapter.image_processor))
+    monkeypatch.setattr(adapter, "normalize_frames", no_normalising)
+    for batch, encoded in zip(batches, encoded_images):
+        assert adapter.estimate_image_groups(batch) == encoded, [image.size for image in batch]
+    for frames, encoded in zip(clips, encoded_videos):
+        assert adapter.estimate_video_groups(frames) == encoded, (len(frames), frames[0].size)
 
 
 def test_build_tiny_offers_every_tiny_family():
