@@ -29,8 +29,10 @@ from .signals import GpuSampler, LatencyWindow, PromQLReader
 
 # The p95 of the service's own end-to-end latency histogram for one model, over the last minute. The
 # placeholder {model} is replaced by the served model's name.
+# The p95 of latency / SLO over the requests the controller steers by, failures included, across SLO classes: what
+# its own window holds (LatencyWindow, 60 s), read from every replica (service/metrics.py: aim_request_latency_slo_ratio).
 DEFAULT_P95_QUERY = ('histogram_quantile(0.95, sum by (le) '
-                     '(rate(aim_request_duration_seconds_bucket{model="{model}"}[1m])))')
+                     '(rate(aim_request_latency_slo_ratio_bucket{model="{model}"}[1m])))')
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,7 @@ class BudgetController:
         if self.prometheus is not None:
             reading = self.prometheus.latest()
             if reading.value is not None:
-                return reading.value / self.config.slo_s, "prometheus", max(samples, self.config.feedback.min_samples)
+                return reading.value, "prometheus", max(samples, self.config.feedback.min_samples)
         return local, ("window" if local is not None else "none"), samples
 
     def tick(self) -> FeedbackState:

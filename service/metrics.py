@@ -12,6 +12,7 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120
 TOKEN_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SLO_RATIO_BUCKETS = (0.1, 0.25, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 3, 5, 10)
 RETENTION_BUCKETS = (0.05, 0.1, 0.125, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0)
 
 
@@ -96,8 +97,13 @@ class ServiceMetrics:
         self.plans = Counter("aim_plans_total", "Applied plans by source (none, explicit, auto).", m + ["source"],
                              registry=r)
         self.model_ready = Gauge("aim_model_ready", "1 when the model is loaded and serving.", m, registry=r)
-        self.slo_violations = Counter("aim_slo_violations_total", "Answered requests that took longer than their "
-                                      "latency SLO.", m + ["slo_class"], registry=r)
+        self.slo_violations = Counter("aim_slo_violations_total", "Requests that missed their latency SLO: answered "
+                                      "late, cut off by their deadline, rejected for load, or cancelled after "
+                                      "their SLO had passed.", m + ["slo_class"], registry=r)
+        self.slo_ratio = Histogram("aim_request_latency_slo_ratio", "Latency over the request's own SLO, of every "
+                                   "request the controller steers by (auto plans; failures included, at the "
+                                   "latency its window counts them): the signal its default PromQL reads.",
+                                   m + ["slo_class"], buckets=SLO_RATIO_BUCKETS, registry=r)
 
         self.controller_level = Gauge("aim_controller_level", "Ladder level of the last auto decision (0 = full "
                                       "quality; higher = more saving).", m, registry=r)

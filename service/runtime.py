@@ -223,12 +223,22 @@ class ModelRuntime:
         # an auto plan's prediction covers the time from its decision (media decoded) to the answer
         prediction = (total_s - media_s, applied.predicted_s) if applied.source == "auto" and applied.predicted_s \
             else None
-        self.controller.observe(total_s, observation_of(s, media_s, sampling), slo_s=slo_s, controlled=applied.source == "auto", prediction=prediction)
+        controlled = applied.source == "auto"
+        self.controller.observe(total_s, observation_of(s, media_s, sampling), slo_s=slo_s, controlled=controlled,
+                                prediction=prediction)
         self.share_rates()
         if prediction is not None:
             m.prediction_ratio.labels(name).observe(prediction[0] / prediction[1])
-        if total_s > (slo_s or self.default_slo_s):
-            m.slo_violations.labels(name, slo_class(slo_s)).inc()
+        self._against_slo(total_s, slo_s, controlled)
+
+    def _against_slo(self, latency_s: float, slo_s: float | None, controlled: bool) -> None:
+        """A request's latency against its SLO, in the metrics, as the controller's window counts it: the ratio
+        histogram (controlled requests, as the window holds) and the violation counter (every request)."""
+        ratio = latency_s / (slo_s or self.default_slo_s)
+        if controlled:
+            self.metrics.slo_ratio.labels(self.name, slo_class(slo_s)).observe(ratio)
+        if ratio >= 1.0:  # a rejected request counts at its SLO exactly: a miss
+            self.metrics.slo_violations.labels(self.name, slo_class(slo_s)).inc()
 
     def _record_caches(self, stats: RequestStats) -> None:
         """The caches' counters. The feature cache's hits and misses are the request's own; the rest the caches
@@ -265,9 +275,9 @@ class ModelRuntime:
             latency = elapsed
         else:
             return
-        self.controller.observe_outcome(latency, reduction.slo_s, controlled=reduction.kind == "auto")
-        if latency >= slo_s:
-            self.metrics.slo_violations.labels(self.name, slo_class(reduction.slo_s)).inc()
+        controlled = reduction.kind == "auto"
+        self.controller.observe_outcome(latency, reduction.slo_s, controlled=controlled)
+        self._against_slo(latency, reduction.slo_s, controlled)
 
     def calibrate(self, rounds: int = 1) -> None:
         """Warm-up before the first real request (service/warmup.py); not counted as traffic."""

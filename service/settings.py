@@ -76,7 +76,8 @@ class Settings:
     default_slo_ms: int = _f(10_000, "latency target of `auto` requests that give none, and of the feedback loop, ms")
     ladder_file: str = _f("", "quality ladder (TOML/JSON [[level]] tables); empty = the paper's Pareto points")
     prometheus_url: str = _f("", "Prometheus base URL for the p95 signal (empty = the service's own window only)")
-    prometheus_query: str = _f("", "PromQL for the p95 in seconds; `{model}` is replaced; empty = the default query")
+    prometheus_query: str = _f("", "PromQL for the p95 of latency / SLO (a ratio: 1 = at the "
+                                  "SLO); `{model}` is replaced; empty = the default query")
     feedback_interval_s: float = _f(2.0, "seconds between feedback steps on the safety margin")
     gpu_memory_threshold: float = _f(0.9, "memory pressure above which `auto` quality is capped at the AIM default: "
                                      "the KV pool's reserved share, or on CUDA the share of device memory outside "

@@ -29,6 +29,14 @@ def _violations(srv) -> float:
     return _counter_total(srv, "aim_slo_violations")
 
 
+def _slo_ratio_histogram(srv) -> tuple[float, float]:
+    """(count, sum) of aim_request_latency_slo_ratio over its labels: what the default PromQL reads."""
+    samples = [sample for metric in srv.metrics.registry.collect() if metric.name == "aim_request_latency_slo_ratio"
+               for sample in metric.samples]
+    return (sum(s.value for s in samples if s.name.endswith("_count")),
+            sum(s.value for s in samples if s.name.endswith("_sum")))
+
+
 def _decisions(srv) -> float:
     return _counter_total(srv, "aim_controller_decisions")
 
@@ -58,6 +66,9 @@ def test_rejections_and_client_cancellations_reach_the_window_and_the_violation_
         events.cancel()
         wait_until(lambda: runtime.admission.in_system == 0, "the held request to leave")
     assert len(_window(runtime)) == before + 2
+    # the histogram Prometheus reads holds what the window holds: the same requests at the same latency / SLO
+    count, total = _slo_ratio_histogram(srv)
+    assert count == len(_window(runtime)) and total == pytest.approx(sum(_window(runtime)))
 
 
 def test_a_request_cut_off_by_its_deadline_counts_at_its_deadline(make_server):
