@@ -184,6 +184,10 @@ class AimEngine:
         used = 1.0 - (free + cached_unused) / outside if outside > 0 else 1.0
         return max(kv, min(1.0, max(0.0, used)))
 
+    def decoded_need(self, request: GenerationRequest) -> int:
+        """The bytes its decoded media will hold, from their headers (Preparer.decoded_need): reserve them first."""
+        return self.preparer.decoded_need(request)
+
     def ingest(self, request: GenerationRequest, should_stop: Callable[[], bool] | None = None,
                reserve: Callable[[int], None] | None = None) -> IngestedRequest:
         """The request taken in once (Preparer.ingest: text checked, media decoded under the budgets,

@@ -134,6 +134,28 @@ class VideoInfo:
     rate: float | None  # frames per second of the stream
 
 
+def video_decoded_bytes(data: bytes, mime_type: str, num_frames: int, limits: MediaLimits = MediaLimits(),
+                        frame_size: FrameSize | None = None) -> int:
+    """The RGB bytes `read_video` holds for `num_frames` frames of this video, from its container's header alone
+    (nothing decoded): what a server reserves before decoding. The header's checks are read_video's."""
+    import av
+
+    mime = _check_video_request(data, mime_type, num_frames, limits)
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.video:
+                raise MediaError(MediaError.CORRUPT, "the file has no video stream")
+            info = _video_info(container, container.streams.video[0], limits)
+    except MediaError:
+        raise
+    except Exception as exc:  # PyAV raises FFmpeg errors of many types
+        raise MediaError(MediaError.CORRUPT,
+                         f"cannot decode the {mime} video ({_describe(exc)}); "
+                         "check that the bytes are a complete file of the declared type") from None
+    width, height = frame_size(info.width, info.height) if frame_size else (info.width, info.height)
+    return rgb_bytes(width, height, num_frames)
+
+
 def read_video(data: bytes, mime_type: str, num_frames: int, limits: MediaLimits = MediaLimits(),
                frame_size: FrameSize | None = None, budget_bytes: int | None = None,
                should_stop: Callable[[], bool] | None = None,

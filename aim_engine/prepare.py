@@ -24,7 +24,7 @@ from .cost import RequestShape
 from .assembly import PreparedPrompt, assemble_prompt
 from .errors import Cancelled, MediaError, RequestError
 from .feature_cache import CachedMedia, FeatureCache, MediaKey
-from .media import MediaLimits, read_image, read_video, image_info, rgb_bytes
+from .media import MediaLimits, read_image, read_video, image_info, rgb_bytes, video_decoded_bytes
 from .plan import ReductionPlan
 from .request import GenerationRequest, ImagePart, Part, TextPart, Timings, VideoPart
 
@@ -40,6 +40,16 @@ class IngestedRequest(GenerationRequest):
 
     ids: tuple[int, ...] = ()
     shape: RequestShape | None = None
+
+    def pixel_bytes(self) -> int:
+        """RGB bytes of the decoded images and frames it holds (3 a pixel, as the limits count them)."""
+        total = 0
+        for part in self.parts:
+            if isinstance(part, ImagePart) and part.image is not None:
+                total += rgb_bytes(*part.image.size)
+            elif isinstance(part, VideoPart) and part.frames is not None:
+                total += sum(rgb_bytes(*frame.size) for frame in part.frames)
+        return total
 
 
 class _MediaBudget:
@@ -96,6 +106,37 @@ class Preparer:
         return IngestedRequest(decoded.parts, request.sampling, request.system, request.turns, ids=ids,
                                shape=self._shape(decoded.parts, ids))
 
+    def decoded_need(self, request: GenerationRequest) -> int:
+        """The bytes of decoded media `read_media` will hold for the request, from the headers alone (nothing is
+        decoded; a cached item counts as if decoded): what a server reserves at once, before decoding, so that no
+        request waits for memory while it holds some. Refuses what read_media would refuse for its count or total
+        size (RequestError, MediaError), before any decoding."""
+        if isinstance(request, IngestedRequest):
+            return 0
+        self.validate(request)
+        limits = self.limits
+        self._check_items(request.parts)
+        need = 0
+        for part in request.parts:
+            if isinstance(part, ImagePart) and part.image is None and part.data is not None:
+                need += rgb_bytes(*image_info(part.data, part.mime_type, limits))
+            elif isinstance(part, VideoPart) and part.frames is None and part.encoded_frames is not None:
+                self._check_frames(part.encoded_frames)
+                need += sum(rgb_bytes(*image_info(data, mime, limits)) for data, mime in part.encoded_frames)
+            elif isinstance(part, VideoPart) and part.frames is None and part.data is not None:
+                need += video_decoded_bytes(part.data, part.mime_type, part.num_frames, limits,
+                                            self.adapter.video_frame_size)
+        if need > limits.max_decoded_bytes:
+            raise MediaError(MediaError.TOO_LARGE,
+                             f"the request's media take {need} bytes decoded; the request's decoded-media limit is "
+                             f"{limits.max_decoded_bytes} bytes: send fewer or smaller media, or fewer frames")
+        return need
+
+    def _check_items(self, parts: list[Part]) -> None:
+        items = sum(isinstance(p, (ImagePart, VideoPart, CachedMedia)) for p in parts)
+        if items > self.limits.max_items:
+            raise RequestError(f"the request has {items} images and videos; the limit is {self.limits.max_items}")
+
     def read_media(self, request: GenerationRequest, should_stop: Callable[[], bool] | None = None,
                    reserve: Callable[[int], None] | None = None) -> list[Part]:
         """Bytes -> images/frames, validated against the limits. Each item's decoded size is known from its
@@ -105,9 +146,7 @@ class Preparer:
         video is refused before decoding where its packets show it would pass what is left). `should_stop` is
         polled between items and while a video decodes (raises Cancelled)."""
         limits = self.limits
-        items = sum(isinstance(p, (ImagePart, VideoPart, CachedMedia)) for p in request.parts)
-        if items > limits.max_items:
-            raise RequestError(f"the request has {items} images and videos; the limit is {limits.max_items}")
+        self._check_items(request.parts)
         budget = _MediaBudget(limits.max_decoded_bytes, limits.max_decoded_frames, reserve)
         out = []
         for part in request.parts:

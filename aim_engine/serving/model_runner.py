@@ -124,6 +124,8 @@ class ModelRunner:
         done = [m for m in work.encoded if m is not None]
         seq.stats.timings.vision_s = sum(m.vision_s for m in done if m.cache != "hit") + sum(
             m.vision_s for parts in work.slices.values() for m in parts)
+        if work.vision_done:
+            seq.media_encoded()
 
     def _prefill_layers(self, seq: Sequence, layers: int) -> int | None:
         """`layers` more layers of the sequence's LLM prefill (assembling its prompt and finding a reusable

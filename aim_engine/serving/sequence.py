@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from ..generation import IncrementalText
+from ..request import ImagePart, VideoPart
 from ..plan import ReductionPlan
 from ..kv_pool import SequenceKV
 
@@ -38,6 +39,7 @@ class Sequence:
     emit: Callable[[Any], None]
     stats: "RequestStats"
     should_stop: Callable[[], bool] | None = None
+    on_media_encoded: Callable[[], None] | None = None  # called once its media's pixels are dropped (see below)
     seq_id: int = field(default_factory=lambda: next(_ids))
     status: str = WAITING
     arrival: float = field(default_factory=time.perf_counter)
@@ -62,6 +64,24 @@ class Sequence:
     def stop_requested(self) -> bool:
         return self.should_stop is not None and self.should_stop()
 
+    def media_encoded(self) -> None:
+        """Its media are through the vision tower: the prefill reads their features from here on, so their decoded
+        pixels are dropped (a server holding memory for them can give it back: `on_media_encoded`, once)."""
+        self.request = replace(self.request, parts=[_without_pixels(p) for p in self.request.parts])
+        if self.work is not None:
+            self.work.items = [_without_pixels(p) for p in self.work.items]
+        hook, self.on_media_encoded = self.on_media_encoded, None
+        if hook is not None:
+            hook()
+
     @property
     def mean_batch(self) -> float:
         return self.batch_size_sum / self.decode_steps if self.decode_steps else 1.0
+
+
+def _without_pixels(part):
+    if isinstance(part, ImagePart) and part.image is not None:
+        return replace(part, image=None, data=None)
+    if isinstance(part, VideoPart) and part.frames is not None:
+        return replace(part, frames=None, data=None, encoded_frames=None)
+    return part
