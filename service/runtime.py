@@ -4,7 +4,8 @@ answer (metrics, caches, the controller).
 
 No protobuf or HTTP here: requests come in as engine types plus a `Reduction` choice; errors leave as ServiceError
 with a status name each wire maps. The event loop never runs model or media work: media are read on a small
-executor, the model runs on the engine's loop thread (one per model), which serves every admitted request together
+executor (requests without media on one of their own; the memory for decoded media is waited for on the event
+loop), the model runs on the engine's loop thread (one per model), which serves every admitted request together
 (continuous batching: up to the engine's max_batch sequences decode in one step). A request whose KV need exceeds
 the whole pool -> resource_exhausted. Auto plans (once its media are read): the controller picks the highest ladder
 level whose predicted latency fits; if none does, it is served best-effort at the cheapest allowed level, unless
@@ -24,7 +25,7 @@ from typing import AsyncIterator
 
 from aim_engine import AimEngine, GenerationRequest, GenerationResult, SamplingParams, StageRates, TokenDelta
 from aim_engine.prepare import IngestedRequest
-from aim_engine.request import RequestStats, VideoPart
+from aim_engine.request import ImagePart, RequestStats, VideoPart
 from aim_engine.errors import Cancelled
 from aim_engine.serving.scheduler import KVBudgetError
 from controller.controller import BudgetController, ControllerConfig
@@ -43,6 +44,7 @@ from .warmup import observation_of, warm_up
 log = logging.getLogger("aim.service")
 
 DEFAULT_MEDIA_MEMORY_BYTES = Settings.media_memory_bytes  # decoded media held by one model's requests
+TEXT_WORKERS = 2  # threads per model taking in requests without media (tokenizing; milliseconds each)
 
 
 class ModelRuntime:
@@ -60,6 +62,8 @@ class ModelRuntime:
                                                          memory=engine.memory_pressure)
         self.plans = PlanChoice(name, engine, self.controller, metrics, default_slo_s)
         self._media_executor = ThreadPoolExecutor(media_workers, thread_name_prefix=f"aim-{name}-media")
+        # requests without media (their text tokenized, their plan chosen) never queue behind a video's decode
+        self._text_executor = ThreadPoolExecutor(TEXT_WORKERS, thread_name_prefix=f"aim-{name}-text")
         self.media_memory = MediaMemory(max(media_memory_bytes, engine.preparer.limits.max_decoded_bytes))
         self._cache_counts_seen: dict = {}  # (cache stats, field) -> the count already added to its metric
         self.loop = engine.loop  # its limits are the engine's (server.load_models sets the settings' once)
@@ -112,8 +116,10 @@ class ModelRuntime:
         answered = False
         try:
             started = time.perf_counter()
+            request = self._with_default_frames(request)
+            executor = await self._media_reserved(request, slot)
             seq, applied, media_s = await loop.run_in_executor(
-                self._media_executor, self._submit, request, reduction, slot, arrival, started, push)
+                executor, self._submit, request, reduction, slot, arrival, started, push)
             while True:
                 item = await events.get()
                 if isinstance(item, BaseException):
@@ -158,6 +164,7 @@ class ModelRuntime:
             raise self._stopped(slot, "while the request's media were decoded")
         applied = self.plans.choose(decoded, reduction, slot.deadline, arrival, self.running, self.waiting)
         seq = self.engine.sequence(decoded, applied.plan, push, slot.should_stop)
+        seq.on_media_encoded = lambda: self.media_memory.release(slot.release_media())  # on the engine's thread
         seq.arrival = started
         try:
             self.loop.add(seq)
@@ -185,20 +192,41 @@ class ModelRuntime:
         self.observe(done, seq.sampling, slo_s)
         return done
 
-    def _ingest(self, request: GenerationRequest, slot: RequestSlot) -> IngestedRequest:
-        parts = [replace(p, num_frames=p.num_frames or self.default_frames) if isinstance(p, VideoPart) else p
-                 for p in request.parts]
+    def _with_default_frames(self, request: GenerationRequest) -> GenerationRequest:
+        if not any(isinstance(p, VideoPart) and not p.num_frames for p in request.parts):
+            return request
+        return replace(request, parts=[replace(p, num_frames=p.num_frames or self.default_frames)
+                                       if isinstance(p, VideoPart) else p for p in request.parts])
 
-        def reserve(nbytes: int) -> None:
-            self.media_memory.reserve(nbytes, slot.should_stop)
-            if not slot.hold_media(nbytes):  # it ended (client gone) while this thread was decoding for it
-                self.media_memory.release(nbytes)
-                raise Cancelled()
-
+    async def _media_reserved(self, request: GenerationRequest, slot: RequestSlot) -> ThreadPoolExecutor:
+        """The executor the request is taken in on, once the memory its decoded media need is reserved. A request
+        without media goes to the text executor and never waits for a media worker. One with media has its need
+        read from the headers on a media worker, then waits for that memory here, on the event loop: all of it at
+        once, holding none meanwhile (so no two requests wait on each other) and no worker (so text requests,
+        estimates and requests that fit are served meanwhile, and a request without a deadline holds no thread
+        while it waits)."""
+        if not any(isinstance(p, (ImagePart, VideoPart)) for p in request.parts):
+            return self._text_executor
+        loop = asyncio.get_running_loop()
         try:
-            return self.engine.ingest(replace(request, parts=parts), slot.should_stop, reserve)
+            need = await loop.run_in_executor(self._media_executor, self.engine.decoded_need, request)
+            await self.media_memory.acquire(need, slot.should_stop)
+        except Cancelled:
+            raise self._stopped(slot, "while the request waited for media memory") from None
+        if not slot.hold_media(need):  # it ended (client gone) as the memory came
+            self.media_memory.release(need)
+            raise self._stopped(slot, "while the request waited for media memory")
+        return self._media_executor
+
+    def _ingest(self, request: GenerationRequest, slot: RequestSlot) -> IngestedRequest:
+        """Decodes the request's media into the memory reserved for them (`_media_reserved`), then gives back
+        what it did not take: a cached item holds no pixels."""
+        try:
+            decoded = self.engine.ingest(request, slot.should_stop)
         except Cancelled:
             raise self._stopped(slot, "while the request's media were decoded") from None
+        self.media_memory.release(slot.release_media(keep=decoded.pixel_bytes()))
+        return decoded
 
     def observe(self, done: Finished, sampling: SamplingParams, slo_s: float | None) -> None:
         """An answered request, whatever wire it came on: its metrics, the caches' counters, the controller's
@@ -298,7 +326,9 @@ class ModelRuntime:
         self.admission.in_system += 1
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._media_executor, self._estimate, request, reduction, slot)
+            request = self._with_default_frames(request)
+            executor = await self._media_reserved(request, slot)
+            return await loop.run_in_executor(executor, self._estimate, request, reduction, slot)
         finally:
             slot.stop.set()
             self.admission.in_system -= 1
@@ -319,7 +349,8 @@ class ModelRuntime:
         self.controller.close()
         self.loop.close()
         self.loop.on_decode_step = None
-        self._media_executor.shutdown(wait=False, cancel_futures=True)
+        for executor in (self._media_executor, self._text_executor):
+            executor.shutdown(wait=False, cancel_futures=True)
 
 
 __all__ = ["ModelRuntime"]

@@ -77,7 +77,8 @@ def load_engines(settings: Settings) -> dict[str, AimEngine]:
     import torch
 
     limits = MediaLimits(max_bytes=settings.max_media_bytes, max_pixels=settings.max_pixels,
-                         max_frames=settings.max_frames, max_decoded_bytes=settings.max_decoded_bytes)
+                         max_frames=settings.max_frames, max_decoded_bytes=settings.max_decoded_bytes,
+                         max_decoded_frames=settings.max_decoded_frames)
     return {name: AimEngine.load(path, device=settings.device, dtype=getattr(torch, settings.dtype), limits=limits,
                                  kv_cache_bytes=settings.kv_cache_bytes or None,
                                  feature_cache_bytes=None if settings.feature_cache_bytes < 0

@@ -48,8 +48,12 @@ class Settings:
     max_decoded_bytes: int = _f(512 * 1024 * 1024, "one request's decoded media (RGB, 3 bytes a pixel, frames at the "
                                 "size the model uses), checked from the headers before decoding; over it: "
                                 "INVALID_ARGUMENT")
-    media_memory_bytes: int = _f(2 * 1024**3, "decoded media held by all of one model's requests; a request waits "
-                                 "for room before decoding (at least max_decoded_bytes)")
+    max_decoded_frames: int = _f(20_000, "frames one request's videos may decode (sampling decodes through the frames "
+                                 "between keyframes), checked from the stream's packets before decoding; over it: "
+                                 "INVALID_ARGUMENT")
+    media_memory_bytes: int = _f(2 * 1024**3, "decoded media held by all of one model's requests; a request reserves "
+                                 "its whole need from the headers and waits for room before decoding, without a "
+                                 "worker; given back once through the vision tower (at least max_decoded_bytes)")
     feature_cache_bytes: int = _f(-1, "visual features kept per model for repeated images and videos, bytes "
                                   "(-1 = sized for the device: 512 MiB on CPU, 5% of GPU memory; 0 = off)")
     prefix_cache_bytes: int = _f(-1, "KV of shared prompt prefixes (system prompt + media) kept for the next "
@@ -106,7 +110,7 @@ class Settings:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("TLS needs both tls_cert and tls_key")
         for name in ("max_batch", "prefill_tokens_per_step", "max_frames", "default_frames", "max_new_tokens",
-                     "default_max_new_tokens", "max_decoded_bytes", "media_workers"):
+                     "default_max_new_tokens", "max_decoded_bytes", "max_decoded_frames", "media_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if not (self.step_budget >= 0 or self.step_budget == -1) or self.step_budget == float("inf"):

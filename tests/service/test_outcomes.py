@@ -109,28 +109,91 @@ def test_estimate_cost_goes_through_admission_and_leaves_the_controller_alone(ma
 
 
 def test_media_memory_waits_for_room_stops_when_asked_and_never_counts_an_ended_request():
-    import threading
+    import asyncio
 
     from aim_engine.errors import Cancelled
     from service.media_memory import MediaMemory, RequestSlot as _Slot
     from service.types import ServiceError
 
-    memory = MediaMemory(100)
-    memory.reserve(60, lambda: False)
-    with pytest.raises(Cancelled):  # no room, and its client has gone: it stops waiting
-        memory.reserve(60, lambda: True)
-    with pytest.raises(ServiceError, match="media memory is 100 bytes"):
-        memory.reserve(101, lambda: False)
-    reserved = threading.Event()
-    waiter = threading.Thread(target=lambda: (memory.reserve(60, lambda: False), reserved.set()))
-    waiter.start()
-    assert not reserved.is_set() and memory.used_bytes == 60
-    memory.release(60)  # room: the waiter gets it
-    assert reserved.wait(30) and memory.used_bytes == 60
-    waiter.join()
+    async def scenario():
+        memory = MediaMemory(100)
+        await memory.acquire(60, lambda: False)
+        with pytest.raises(Cancelled):  # no room, and its client has gone: it stops waiting
+            await memory.acquire(60, lambda: True)
+        with pytest.raises(ServiceError, match="media memory is 100 bytes"):
+            await memory.acquire(101, lambda: False)
+        waiter = asyncio.ensure_future(memory.acquire(60, lambda: False))
+        while memory.waiting == 0:
+            await asyncio.sleep(0)
+        assert not waiter.done() and memory.used_bytes == 60
+        await asyncio.get_running_loop().run_in_executor(None, memory.release, 60)  # room, from another thread
+        await asyncio.wait_for(waiter, 30)
+        assert memory.used_bytes == 60 and memory.waiting == 0
+
+    asyncio.run(scenario())
     slot = _Slot()
-    assert slot.hold_media(10) and slot.close() == 10 and slot.close() == 0
+    assert slot.hold_media(10) and slot.release_media(keep=4) == 6 and slot.close() == 4 and slot.close() == 0
     assert not slot.hold_media(5)  # ended: whatever a late decoder reserves is handed back, not counted
+
+
+def _image_bytes(side: int) -> tuple[bytes, int]:
+    """A PNG of side x side and the RGB bytes it takes decoded."""
+    return encode_image("PNG", size=(side, side)), side * side * 3
+
+
+def test_a_request_waits_for_media_memory_without_holding_a_worker_and_gives_it_back_after_vision(make_server):
+    """One media worker. A (an image) is decoded and waits for the batch behind a running request, holding its
+    memory; B needs more than is left and waits; C fits: it is decoded meanwhile on the one worker, which B does
+    not hold. Once through the vision tower, each request's pixels are given back while it still decodes."""
+    from service.media_memory import MediaMemory
+
+    srv = make_server(max_batch=1, max_new_tokens=HOLD_TOKENS, media_workers=1)
+    runtime = srv.running.state.runtimes["tiny-ov"]
+    (a, a_need), (b, b_need), (c, c_need) = _image_bytes(32), _image_bytes(40), _image_bytes(16)
+    runtime.media_memory = MediaMemory(b_need + 200)  # A and C fit together; A and B do not
+    assert a_need + c_need <= runtime.media_memory.capacity_bytes < a_need + b_need
+    with AimClient(srv.target) as running, AimClient(srv.target) as client_a, AimClient(srv.target) as client_b, \
+            AimClient(srv.target) as client_c, AimClient(srv.target) as text:
+        events = hold(running, no_reduction=True)
+        answer_a = client_a.stream_events("A?", images=[a], max_new_tokens=2, no_reduction=True)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(4) as pool:
+            got_a = pool.submit(list, answer_a)
+            wait_until(lambda: runtime.media_memory.used_bytes == a_need, "A's memory reserved")
+            got_b = pool.submit(client_b.generate, "B?", images=[b], max_new_tokens=2, no_reduction=True)
+            wait_until(lambda: runtime.media_memory.waiting == 1, "B to wait for memory")
+            got_c = pool.submit(client_c.generate, "C?", images=[c], max_new_tokens=2, no_reduction=True)
+            wait_until(lambda: runtime.media_memory.used_bytes == a_need + c_need, "C decoded beside waiting B")
+            assert runtime.media_memory.waiting == 1
+            # a request without media never waits for the media worker (nor for memory)
+            assert text.estimate("Only text.").visual_tokens_in == 0
+            events.cancel()
+            assert got_a.result(120) and got_b.result(120).text is not None and got_c.result(120).text is not None
+        wait_until(lambda: runtime.admission.in_system == 0, "every request to leave")
+        assert runtime.media_memory.used_bytes == 0
+        held = hold(running, images=[b], no_reduction=True)  # decoding now: its image is through the tower
+        assert runtime.media_memory.used_bytes == 0
+        held.cancel()
+
+
+def test_multi_image_requests_never_wait_on_each_other_for_memory(make_server):
+    """Media memory for one request's images only, two workers, and several two-image requests at once: each
+    reserves its whole need before decoding, so none holds a part while waiting for the rest (the old per-image
+    reservation let two requests each hold one image and wait for ever)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.media_memory import MediaMemory
+
+    srv = make_server(media_workers=2)
+    runtime = srv.running.state.runtimes["tiny-ov"]
+    first, second = _image_bytes(40), _image_bytes(41)
+    runtime.media_memory = MediaMemory(first[1] + second[1])
+    with AimClient(srv.target) as client, ThreadPoolExecutor(4) as pool:
+        answers = [pool.submit(client.generate, f"Q{i}?", images=[first[0], second[0]], max_new_tokens=2,
+                               no_reduction=True) for i in range(4)]
+        assert all(a.result(120).text is not None for a in answers)
+    assert runtime.media_memory.used_bytes == 0
 
 
 def test_the_server_caps_rpcs_running_at_once(make_server):
