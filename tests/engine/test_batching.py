@@ -299,3 +299,28 @@ def test_a_burst_is_prefilled_across_steps_with_decode_steps_between(engine_for)
     assert running[:3] == [1, 2, 3]
     assert [len(run.result(k).token_ids) for k in range(3)] == [6, 6, 6]
     assert len(run.seqs[0].logits) == 6 and run.seqs[0].decode_steps == 5
+
+
+def test_a_sequence_that_outgrows_its_reservation_fails_alone_and_the_batch_goes_on(engine_for):
+    """A sequence whose reservation is short of its answer (as if its KV need were under-counted) asks for a block
+    no one has promised, with none left: it fails with KVPoolExhausted, and the other answers as alone."""
+    from aim_engine.kv_pool import KVPoolExhausted
+
+    engine = engine_for("llava")
+    request = GenerationRequest([TextPart("Tell me a long story.")], SamplingParams(max_new_tokens=40,
+                                                                                 ignore_eos=True))
+    lone, lone_logits = alone(engine, request, ReductionPlan())
+    run = Run(engine)
+    short = run.add("short", request, ReductionPlan())
+    short.kv_tokens = [t - 39 for t in short.kv_tokens]  # room for its prompt and one token
+    run.add("whole", request, ReductionPlan())
+    engine.loop.step()  # both admitted and prefilled: their reservations taken
+    pool = engine.pool
+    spare = pool.free_blocks - (pool.reserved_blocks - pool.used_blocks)
+    filler = pool.reserve([spare * pool.block_size] + [0] * (engine.num_layers - 1))  # nothing left to take
+    try:
+        run.step_until_done()
+    finally:
+        pool.release(filler)
+    assert isinstance(run.events["short"][-1], KVPoolExhausted)
+    assert_same_answer(run.result("whole"), run.seqs["whole"].logits, lone, lone_logits)
