@@ -103,7 +103,9 @@ class RequestStats:
     visual_tokens_merged: int = 0
     visual_tokens_per_layer: list[int] = field(default_factory=list)
     prefill_flops_baseline: float = 0.0
-    prefill_flops: float = 0.0
+    prefill_flops: float = 0.0  # spent: a reused prefix's share is not computed
+    # what the reused prefix would have cost this prefill under its plan: the prefix cache's saving, not AIM's
+    prefill_flops_reused: float = 0.0
     vision_flops: float = 0.0
     decode_flops: float = 0.0
     kv_cache_bytes: int = 0
@@ -116,7 +118,8 @@ class RequestStats:
 
     @property
     def prefill_flops_saved(self) -> float:
-        return self.prefill_flops_baseline - self.prefill_flops
+        """AIM's saving: the baseline less what its plan costs (spent, plus what a reused prefix spared)."""
+        return self.prefill_flops_baseline - self.prefill_flops - self.prefill_flops_reused
 
     @property
     def saved_fraction(self) -> float:

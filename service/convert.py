@@ -93,6 +93,7 @@ def response_to_proto(model: str, done: Finished) -> pb.GenerateResponse:
                        visual_tokens_per_layer=s.visual_tokens_per_layer, feature_cache_hits=s.feature_cache_hits,
                        feature_cache_misses=s.feature_cache_misses, prefix_tokens_reused=s.prefix_tokens_reused),
         cost=pb.Cost(baseline_prefill_flops=s.prefill_flops_baseline, prefill_flops=s.prefill_flops,
+                     prefill_flops_reused=s.prefill_flops_reused,
                      saved_fraction=s.saved_fraction, vision_flops=s.vision_flops, decode_flops=s.decode_flops,
                      kv_cache_bytes=s.kv_cache_bytes),
         timings=pb.Timings(queue_seconds=done.queue_s, media_seconds=done.media_s, vision_seconds=t.vision_s,

@@ -224,6 +224,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             p["aim_plan_source"].string_param = done.applied.source
             p["aim_baseline_prefill_flops"].double_param = s.prefill_flops_baseline
             p["aim_prefill_flops"].double_param = s.prefill_flops
+            p["aim_prefill_flops_reused"].double_param = s.prefill_flops_reused
             p["aim_saved_fraction"].double_param = s.saved_fraction
             p["aim_visual_tokens_in"].int64_param = s.visual_tokens_in
             p["aim_visual_tokens_merged"].int64_param = s.visual_tokens_merged

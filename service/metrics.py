@@ -91,6 +91,9 @@ class ServiceMetrics:
         self.flops_baseline = Counter("aim_llm_prefill_flops_baseline_total",
                                       "LLM prefill FLOPs the requests would have cost with no reduction.", m, registry=r)
         self.flops_actual = Counter("aim_llm_prefill_flops_total", "LLM prefill FLOPs actually spent.", m, registry=r)
+        self.flops_reused = Counter("aim_llm_prefill_flops_reused_total", "LLM prefill FLOPs a reused prompt prefix "
+                                    "spared (the prefix cache's saving; AIM's is baseline - spent - this).", m,
+                                    registry=r)
         self.retention = Histogram("aim_visual_token_retention_ratio",
                                    "Per request: visual tokens after merging / visual tokens in.", m,
                                    buckets=RETENTION_BUCKETS, registry=r)
@@ -172,7 +175,7 @@ class ServiceMetrics:
 
     def model_loaded(self, model: str) -> None:
         """Creates the per-model series at zero so dashboards and rate() see them before the first request."""
-        for metric in (self.visual_in, self.visual_merged, self.flops_baseline, self.flops_actual,
+        for metric in (self.visual_in, self.visual_merged, self.flops_baseline, self.flops_actual, self.flops_reused,
                        self.feature_cache_hits, self.feature_cache_misses, self.feature_cache_evictions,
                        self.feature_cache_saved, self.prefix_cache_hits, self.prefix_cache_misses,
                        self.prefix_cache_evictions, self.prefix_cache_tokens):

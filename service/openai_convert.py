@@ -331,6 +331,7 @@ def usage_json(done: Finished) -> dict:
             "visual_tokens_last_layer": s.visual_tokens_per_layer[-1] if s.visual_tokens_per_layer else 0,
             "visual_tokens_per_layer": list(s.visual_tokens_per_layer),
             "prefill_flops": s.prefill_flops, "prefill_flops_baseline": s.prefill_flops_baseline,
+            "prefill_flops_reused": s.prefill_flops_reused,
             "saved_fraction": s.saved_fraction,
             "plan": plan_to_dict(applied.plan), "plan_description": applied.plan.describe(),
             "plan_source": applied.source, "plan_reason": applied.reason,

@@ -243,6 +243,7 @@ class ModelRuntime:
         m.visual_merged.labels(name).inc(s.visual_tokens_merged)
         m.flops_baseline.labels(name).inc(s.prefill_flops_baseline)
         m.flops_actual.labels(name).inc(s.prefill_flops)
+        m.flops_reused.labels(name).inc(s.prefill_flops_reused)
         if s.visual_tokens_in:
             m.retention.labels(name).observe(s.retention)
         m.plans.labels(name, done.applied.source).inc()

@@ -235,6 +235,8 @@ def _fill_prefill_stats(stats: RequestStats, llm: LLMShape, prepared: PreparedPr
     stats.visual_tokens_per_layer = [prefix_visual + v for v in visual_per_layer]
     stats.prefill_flops_baseline = prefill_flops(llm, [prepared.text_tokens + prepared.visual_in] * llm.layers)
     stats.prefill_flops = prefill_flops(llm, tokens_per_layer, past)
+    if past:  # reuse applies to plans without pruning: every layer computed the same tokens after the prefix
+        stats.prefill_flops_reused = prefill_flops(llm, [past + t for t in tokens_per_layer]) - stats.prefill_flops
     stats.prefix_tokens_reused = past
     stats.vision_flops = sum(m.vision_flops for m in prepared.media if m.cache != "hit")  # a hit spent none
     stats.feature_cache_hits = sum(m.cache == "hit" for m in prepared.media)

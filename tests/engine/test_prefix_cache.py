@@ -57,6 +57,11 @@ def test_a_reused_prefix_gives_what_computing_afresh_gives(engine_for, family):
         torch.testing.assert_close(logits, ref_logits, atol=logit_tolerance(1e-4), rtol=1e-4)
         assert result.stats.visual_tokens_per_layer == ref.stats.visual_tokens_per_layer
         assert result.stats.prefill_flops < ref.stats.prefill_flops  # the prefix was not computed again
+        # the cache's saving is counted apart: the plan costs what computing afresh costs, AIM saves the same
+        assert result.stats.prefill_flops_reused > 0 and ref.stats.prefill_flops_reused == 0
+        assert result.stats.prefill_flops + result.stats.prefill_flops_reused == pytest.approx(
+            ref.stats.prefill_flops, rel=1e-9)
+        assert result.stats.saved_fraction == pytest.approx(ref.stats.saved_fraction, rel=1e-9)
 
 
 def test_pruning_plans_never_reuse_or_offer_a_prefix(engine_for):

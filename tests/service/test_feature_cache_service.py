@@ -3,6 +3,8 @@ the response and the metrics say so, and the exposition carries the cache's seri
 
 from __future__ import annotations
 
+import pytest
+
 import urllib.request
 
 from aim_engine import AimEngine
@@ -56,6 +58,11 @@ def test_a_second_question_about_the_same_video_reuses_the_prefix(tiny_engines):
                              for question in ("What moves?", "Which colour is it?"))
         assert first.usage.prefix_tokens_reused == 0 and second.usage.prefix_tokens_reused > 0
         assert second.cost.prefill_flops < first.cost.prefill_flops
+        # the prefix cache's saving is reported and counted apart from AIM's (none here: no reduction)
+        assert first.cost.prefill_flops_reused == 0 and second.cost.prefill_flops_reused > 0
+        assert second.cost.saved_fraction == pytest.approx(0.0, abs=1e-9)
+        wait_until(lambda: _sample(srv.metrics.flops_reused, "tiny-ov") == second.cost.prefill_flops_reused,
+                   "the cache's saving to be counted")
         wait_until(lambda: _sample(srv.metrics.prefix_cache_hits, "tiny-ov") == 1, "the hit to be counted")
         assert _sample(srv.metrics.prefix_cache_misses, "tiny-ov") == 1
         assert _sample(srv.metrics.prefix_cache_tokens, "tiny-ov") == second.usage.prefix_tokens_reused

@@ -236,20 +236,22 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., visual_tokens_in: _Optional[int] = ..., visual_tokens_merged: _Optional[int] = ..., visual_tokens_per_layer: _Optional[_Iterable[int]] = ..., feature_cache_hits: _Optional[int] = ..., feature_cache_misses: _Optional[int] = ..., prefix_tokens_reused: _Optional[int] = ...) -> None: ...
 
 class Cost(_message.Message):
-    __slots__ = ("baseline_prefill_flops", "prefill_flops", "saved_fraction", "vision_flops", "decode_flops", "kv_cache_bytes")
+    __slots__ = ("baseline_prefill_flops", "prefill_flops", "saved_fraction", "vision_flops", "decode_flops", "kv_cache_bytes", "prefill_flops_reused")
     BASELINE_PREFILL_FLOPS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_FLOPS_FIELD_NUMBER: _ClassVar[int]
     SAVED_FRACTION_FIELD_NUMBER: _ClassVar[int]
     VISION_FLOPS_FIELD_NUMBER: _ClassVar[int]
     DECODE_FLOPS_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FLOPS_REUSED_FIELD_NUMBER: _ClassVar[int]
     baseline_prefill_flops: float
     prefill_flops: float
     saved_fraction: float
     vision_flops: float
     decode_flops: float
     kv_cache_bytes: int
-    def __init__(self, baseline_prefill_flops: _Optional[float] = ..., prefill_flops: _Optional[float] = ..., saved_fraction: _Optional[float] = ..., vision_flops: _Optional[float] = ..., decode_flops: _Optional[float] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
+    prefill_flops_reused: float
+    def __init__(self, baseline_prefill_flops: _Optional[float] = ..., prefill_flops: _Optional[float] = ..., saved_fraction: _Optional[float] = ..., vision_flops: _Optional[float] = ..., decode_flops: _Optional[float] = ..., kv_cache_bytes: _Optional[int] = ..., prefill_flops_reused: _Optional[float] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_seconds", "media_seconds", "vision_seconds", "prefill_seconds", "time_to_first_token_seconds", "decode_seconds", "total_seconds", "vision_seconds_saved")
