@@ -85,6 +85,9 @@ class ServiceMetrics:
                                            "reused prefix saved.", m, registry=r)
         self.prefix_cache_bytes = Gauge("aim_prefix_cache_bytes", "Bytes of the KV pool held by cached prefixes.",
                                         m, registry=r)
+        self.media_memory_bytes = Gauge("aim_media_memory_bytes", "Bytes of decoded media the model's requests hold "
+                                        "(reserved before decoding, given back after the vision tower).", m,
+                                        registry=r)
         self.visual_in = Counter("aim_visual_tokens_in_total", "Visual tokens from the vision encoder.", m, registry=r)
         self.visual_merged = Counter("aim_visual_tokens_merged_total", "Visual tokens after merging (LLM input).", m,
                                      registry=r)
@@ -172,6 +175,7 @@ class ServiceMetrics:
         self.feature_cache_capacity.labels(model).set(cache.capacity_bytes if cache is not None else 0)
         prefixes = runtime.engine.prefix_cache
         self.prefix_cache_bytes.labels(model).set_function(lambda: prefixes.bytes if prefixes is not None else 0)
+        self.media_memory_bytes.labels(model).set_function(lambda: runtime.media_memory.used_bytes)
 
     def model_loaded(self, model: str) -> None:
         """Creates the per-model series at zero so dashboards and rate() see them before the first request."""
