@@ -180,6 +180,14 @@ def corpus() -> list[FaultCase]:
     add(FaultCase("stop-strings-too-long: one of 100,000 characters", request(text("Hi"), sampling=pb.SamplingParams(
         max_new_tokens=2, stop=["x" * 100_000])), (INVALID,), "characters; the limit is 256"))
 
+    # ---- pruning scorers on a long prompt: their attention probabilities are held in blocks under a budget -----
+    long_text = text("word " * 700)  # ~3500 tokens of the tiny model, within its 4096 positions
+    for importance, name in ((pb.IMPORTANCE_PAGERANK, "pagerank"), (pb.IMPORTANCE_TEXT, "text"),
+                             (pb.IMPORTANCE_LAST_TOKEN, "last-token")):
+        add(FaultCase(f"pagerank-long-prompt: {name} importance over a 3500-token prompt", request(
+            image(small_png, "image/png"), long_text, reduction=pb.Reduction(plan=pb.ReductionPlan(
+                merge_retention=0.5, prune_start=1, prune_end=3, importance=importance))), (OK,)))
+
     # ---- the Open Inference Protocol's parameters ------------------------------------------------------------
     def infer(**params) -> kpb.ModelInferRequest:
         req = kpb.ModelInferRequest()
