@@ -180,6 +180,13 @@ def corpus() -> list[FaultCase]:
     add(FaultCase("stop-strings-too-long: one of 100,000 characters", request(text("Hi"), sampling=pb.SamplingParams(
         max_new_tokens=2, stop=["x" * 100_000])), (INVALID,), "characters; the limit is 256"))
 
+    # ---- media memory: a request reserves its whole decoded need (from the headers) before decoding any of it ----
+    square = encode_image("PNG", size=(200, 200))  # 120,000 bytes decoded
+    add(FaultCase("media-memory-several-images: 8 of 200x200, within the request's limit",
+                  request(*[image(square, "image/png")] * 8, text(GOOD_PROMPT)), (OK,)))
+    add(FaultCase("media-memory-over-the-request-limit: 10 of 200x200, refused from their headers",
+                  request(*[image(square, "image/png")] * 10, text(GOOD_PROMPT)), (INVALID,), "decoded-media limit"))
+
     # ---- pruning scorers on a long prompt: their attention probabilities are held in blocks under a budget -----
     long_text = text("word " * 700)  # ~3500 tokens of the tiny model, within its 4096 positions
     for importance, name in ((pb.IMPORTANCE_PAGERANK, "pagerank"), (pb.IMPORTANCE_TEXT, "text"),
