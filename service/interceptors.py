@@ -54,16 +54,10 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary
 
             async def unary(request, context):
-                call = _Call(m, labels, received=1)
-                try:
+                with _Call(m, labels, context, received=1) as call:
                     response = await inner(request, context)
                     call.sent()
                     return response
-                except BaseException as exc:
-                    call.error = exc
-                    raise
-                finally:
-                    call.finish(context)
 
             return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer,
                                                        handler.response_serializer)
@@ -72,46 +66,44 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_stream if kind == "server_stream" else handler.stream_stream
             make = grpc.unary_stream_rpc_method_handler if kind == "server_stream" else \
                 grpc.stream_stream_rpc_method_handler
+            received = 1 if kind == "server_stream" else 0
             if _writes_itself(inner):  # responses go through context.write: counted as one call, not per message
 
                 async def writing(request_or_iterator, context):
-                    call = _Call(m, labels, received=1 if kind == "server_stream" else 0)
-                    try:
+                    with _Call(m, labels, context, received):
                         await inner(request_or_iterator, context)
-                    except BaseException as exc:
-                        call.error = exc
-                        raise
-                    finally:
-                        call.finish(context)
                 return make(writing, handler.request_deserializer, handler.response_serializer)
 
             async def streaming(request_or_iterator, context):
-                call = _Call(m, labels, received=1 if kind == "server_stream" else 0)
-                if kind == "bidi_stream":
-                    request_or_iterator = call.count_received(request_or_iterator)
-                try:
+                with _Call(m, labels, context, received) as call:
+                    if kind == "bidi_stream":
+                        request_or_iterator = call.count_received(request_or_iterator)
                     async for response in inner(request_or_iterator, context):
                         call.sent()
                         yield response
-                except BaseException as exc:
-                    call.error = exc
-                    raise
-                finally:
-                    call.finish(context)
 
             return make(streaming, handler.request_deserializer, handler.response_serializer)
         return handler
 
 
 class _Call:
-    """The go-grpc-prometheus bookkeeping of one RPC."""
+    """The go-grpc-prometheus bookkeeping of one RPC, around its handler (`with`): started and received on entry,
+    handled (with its status) and its duration on exit, however it ends."""
 
-    def __init__(self, metrics: ServiceMetrics, labels: tuple[str, str, str], received: int):
-        self.m, self.labels, self.error = metrics, labels, None
+    def __init__(self, metrics: ServiceMetrics, labels: tuple[str, str, str], context, received: int):
+        self.m, self.labels, self.context = metrics, labels, context
         self.start = time.perf_counter()
         metrics.grpc_started.labels(*labels).inc()
         if received:
             metrics.grpc_received.labels(*labels).inc(received)
+
+    def __enter__(self) -> "_Call":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        self.m.grpc_handled.labels(*self.labels, _status_code(self.context, error).name).inc()
+        self.m.grpc_seconds.labels(*self.labels).observe(time.perf_counter() - self.start)
+        return False
 
     def sent(self) -> None:
         self.m.grpc_sent.labels(*self.labels).inc()
@@ -120,10 +112,6 @@ class _Call:
         async for item in iterator:
             self.m.grpc_received.labels(*self.labels).inc()
             yield item
-
-    def finish(self, context) -> None:
-        self.m.grpc_handled.labels(*self.labels, _status_code(context, self.error).name).inc()
-        self.m.grpc_seconds.labels(*self.labels).observe(time.perf_counter() - self.start)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
