@@ -117,9 +117,10 @@ class ModelRuntime:
         try:
             started = time.perf_counter()
             request = self._with_default_frames(request)
+            media_start = time.monotonic()
             executor = await self._media_reserved(request, slot)
             seq, applied, media_s = await loop.run_in_executor(
-                executor, self._submit, request, reduction, slot, arrival, started, push)
+                executor, self._submit, request, reduction, slot, arrival, started, media_start, push)
             while True:
                 item = await events.get()
                 if isinstance(item, BaseException):
@@ -155,11 +156,11 @@ class ModelRuntime:
         raise RuntimeError("generation ended without a result")
 
     def _submit(self, request: GenerationRequest, reduction: Reduction, slot: RequestSlot, arrival: float,
-                started: float, push):
-        """On the media executor: decode media, choose the plan, hand the sequence to the engine's loop."""
-        t0 = time.monotonic()
+                started: float, media_start: float, push):
+        """On an executor: decode media, choose the plan, hand the sequence to the engine's loop. Its media time runs
+        from `media_start`, waiting for media memory included: what comes before the plan's decision."""
         decoded = self._ingest(request, slot)
-        media_s = time.monotonic() - t0
+        media_s = time.monotonic() - media_start
         if slot.should_stop():
             raise self._stopped(slot, "while the request's media were decoded")
         applied = self.plans.choose(decoded, reduction, slot.deadline, arrival, self.running, self.waiting)
