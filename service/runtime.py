@@ -49,7 +49,8 @@ TEXT_WORKERS = 2  # threads per model taking in requests without media (tokenizi
 
 class ModelRuntime:
     def __init__(self, name: str, engine: AimEngine, metrics: ServiceMetrics, max_queue: int = 16,
-                 default_frames: int = 8, default_slo_s: float = 10.0, controller: BudgetController | None = None,
+                 default_frames: int = 8, default_slo_s: float = 10.0, min_slo_s: float = Settings.min_slo_ms / 1000,
+                 controller: BudgetController | None = None,
                  media_workers: int = 2, media_memory_bytes: int = DEFAULT_MEDIA_MEMORY_BYTES):
         self.name = name
         self.engine = engine
@@ -57,6 +58,7 @@ class ModelRuntime:
         self.max_queue = max_queue
         self.default_frames = default_frames
         self.default_slo_s = default_slo_s
+        self.min_slo_s = min_slo_s
         self.controller = controller or BudgetController(default_ladder(engine.num_layers, engine.default_plan()),
                                                          ControllerConfig(slo_s=default_slo_s),
                                                          memory=engine.memory_pressure)
@@ -100,6 +102,7 @@ class ModelRuntime:
         """Yields TokenDelta events and one Finished. `deadline` is on time.monotonic(). Every way it ends —
         answered, cut off by its deadline, rejected, cancelled by the client — reaches the controller."""
         arrival = time.monotonic()
+        self._check_slo(reduction)
         try:
             self.admission.admit(deadline, arrival)
         except ServiceError as exc:
@@ -172,6 +175,14 @@ class ModelRuntime:
         except KVBudgetError as exc:
             raise ServiceError("resource_exhausted", str(exc)) from None
         return seq, applied, media_s
+
+    def _check_slo(self, reduction: Reduction) -> None:
+        """An SLO below the server's minimum is bad input, whatever the wire (it is no outcome: nothing counts it)."""
+        if reduction.slo_s is not None and reduction.slo_s < self.min_slo_s:
+            raise ServiceError("invalid_argument",
+                               f"the latency SLO of {reduction.slo_s * 1000:g} ms is below this server's minimum of "
+                               f"{self.min_slo_s * 1000:g} ms; ask for at least that (or none: the default "
+                               f"{self.default_slo_s * 1000:g} ms)")
 
     @staticmethod
     def _stopped(slot: RequestSlot, when: str) -> ServiceError:
@@ -323,6 +334,7 @@ class ModelRuntime:
     async def estimate(self, request: GenerationRequest, reduction: Reduction) -> Estimate:
         """Decodes the media to know their sizes, so it goes through the same admission and media memory as a
         generation; it changes nothing in the controller."""
+        self._check_slo(reduction)
         self.admission.admit(None, time.monotonic())
         slot = RequestSlot()
         self.admission.in_system += 1

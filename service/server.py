@@ -185,6 +185,7 @@ async def load_models(running: RunningServer, engines: dict[str, AimEngine] | No
         runtime = ModelRuntime(
             name, engine, state.metrics, max_queue=settings.max_queue,
             default_frames=settings.default_frames, default_slo_s=settings.default_slo_ms / 1000,
+            min_slo_s=settings.min_slo_ms / 1000,
             media_workers=settings.media_workers, media_memory_bytes=settings.media_memory_bytes,
             controller=build_controller(settings, name, engine, gpu))
         if settings.calibrate:

@@ -78,6 +78,8 @@ class Settings:
     max_new_tokens: int = _f(1024, "most tokens one request may generate")
     default_max_new_tokens: int = _f(128, "tokens generated when the request does not say")
     default_slo_ms: int = _f(10_000, "latency target of `auto` requests that give none, and of the feedback loop, ms")
+    min_slo_ms: int = _f(50, "smallest latency target a request may give, ms; below it: INVALID_ARGUMENT (an SLO no "
+                         "request can meet would only push the controller to maximum saving)")
     ladder_file: str = _f("", "quality ladder (TOML/JSON [[level]] tables); empty = the paper's Pareto points")
     prometheus_url: str = _f("", "Prometheus base URL for the p95 signal (empty = the service's own window only)")
     prometheus_query: str = _f("", "PromQL for the p95 of latency / SLO (a ratio: 1 = at the "
@@ -132,6 +134,9 @@ class Settings:
             raise ValueError("http_port must be >= -1 (-1 = off, 0 = pick a free one)")
         if self.allowed_local_media_path and not Path(self.allowed_local_media_path).is_dir():
             raise ValueError(f"allowed_local_media_path {self.allowed_local_media_path!r} is not a directory")
+        if not 0 < self.min_slo_ms <= self.default_slo_ms:
+            raise ValueError(f"min_slo_ms must be > 0 and at most default_slo_ms ({self.default_slo_ms}); got "
+                             f"{self.min_slo_ms}")
         if self.max_concurrent_rpcs < 0:
             raise ValueError("max_concurrent_rpcs must be >= 0 (0 = derived)")
         if self.max_health_watches < 0:

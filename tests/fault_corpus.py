@@ -168,6 +168,8 @@ def corpus() -> list[FaultCase]:
         ("NaN prune keep", pb.Reduction(plan=pb.ReductionPlan(prune_stages=[pb.PruneStage(layer=2, keep=nan)])),
          "keep"),
         ("NaN min_retention", pb.Reduction(auto=pb.AutoBudget(min_retention=nan)), "min_retention"),
+        ("an SLO below the server's minimum (1 ms)", pb.Reduction(auto=pb.AutoBudget(latency_slo_ms=1)),
+         "below this server's minimum of 50 ms"),
     ]:
         add(FaultCase(f"plan: {name}", request(text("Hi"), reduction=reduction), (INVALID,), fragment))
     add(FaultCase("video: negative frame rate", request(pb.ContentPart(frames=pb.Frames(
@@ -212,6 +214,8 @@ def corpus() -> list[FaultCase]:
     add(FaultCase("oip-min-retention-out-of-range: 2.0", infer(aim_min_retention=2.0), (INVALID,), "min_retention",
                   method="ModelInfer"))
     add(FaultCase("oip-negative-slo: -5 ms", infer(aim_slo_ms=-5), (INVALID,), "slo", method="ModelInfer"))
+    add(FaultCase("oip-slo-below-minimum: 1 ms", infer(aim_slo_ms=1), (INVALID,), "below this server's minimum",
+                  method="ModelInfer"))
 
     # ---- health: Watch streams (it answered UNKNOWN: "'coroutine' object is not iterable") ---------------------
     add(FaultCase("health-watch-first-status: SERVING", health_pb2.HealthCheckRequest(), (OK,), method="Watch"))
@@ -289,6 +293,8 @@ def http_corpus(media_dir: Path, outside: Path) -> list[HttpFaultCase]:
         HttpFaultCase("http: an unknown model", json.dumps({"model": "gpt-9", "messages": [
             {"role": "user", "content": "Hi"}]}).encode(), 404, "unknown model 'gpt-9'"),
         HttpFaultCase("http: n > 1", chat(n=3), 400, "n is not supported"),
+        HttpFaultCase("http: an SLO below the server's minimum (1 ms)", chat(reduction={"auto": {"slo_ms": 1}}), 400,
+                      "below this server's minimum of 50 ms"),
         HttpFaultCase("http: stop-strings-too-many, 1000", chat(stop=[f"s{i}" for i in range(1000)]), 400,
                       "stop strings; the limit is 16"),
     ]

@@ -44,7 +44,9 @@ class ServerThread:
             self.thread.join(10)
 
 
-BASE = Settings(models=["unused"], port=0, metrics_port=0, max_queue=4)
+# min_slo_ms=1: tests reach the controller's best-effort path with SLOs no request meets (1 ms); the minimum's own
+# tests set it (tests/service/test_outcomes.py)
+BASE = Settings(models=["unused"], port=0, metrics_port=0, max_queue=4, min_slo_ms=1)
 
 # A held answer: ignore_eos and far more tokens than any test lets it produce, so it runs until the test cancels it
 # (prompt + HOLD_TOKENS stays within the tiny models' 4096 positions). The server's max_new_tokens must allow it.

@@ -214,3 +214,33 @@ def _answers_info(client) -> bool:
         return bool(client.model_info().model)
     except grpc.RpcError:
         return False
+
+
+def test_an_slo_below_the_minimum_is_refused_on_every_wire_and_counts_as_no_outcome(make_server):
+    import openai
+
+    from service.proto.inference import grpc_service_pb2 as kpb
+    from service.proto.inference import grpc_service_pb2_grpc as kgrpc
+
+    srv = make_server(min_slo_ms=50, http_port=0)
+    runtime = srv.running.state.runtimes["tiny-ov"]
+    window = len(_window(runtime))
+    with AimClient(srv.target) as client:
+        for call in (lambda: client.generate("Hi", max_new_tokens=2, slo_ms=49),
+                     lambda: client.estimate("Hi", slo_ms=1)):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "below this server's minimum of 50 ms" in err.value.details()
+        assert client.generate("Hi", max_new_tokens=2, slo_ms=50).usage.completion_tokens >= 1  # the minimum
+    request = kpb.ModelInferRequest(model_name="tiny-ov")
+    request.inputs.add(name="text_input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"Hi")
+    request.parameters["aim_slo_ms"].int64_param = 10
+    with grpc.insecure_channel(srv.target) as channel, pytest.raises(grpc.RpcError) as err:
+        kgrpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "minimum of 50 ms" in err.value.details()
+    oai = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.running.http_port}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="minimum of 50 ms"):
+        oai.chat.completions.create(model="tiny-ov", messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                    extra_body={"reduction": {"auto": {"slo_ms": 1}}})
+    assert len(_window(runtime)) == window + 1  # bad input is no outcome: only the answered request is in the window
