@@ -11,8 +11,9 @@ Every outcome reaches the latency window (`observe` for answers, `observe_outcom
 deadline — counted at the deadline —, rejected — counted at their SLO — or cancelled — at the time they ran).
 Every `feedback.interval_s` (`tick`: on finished requests, decisions and status reads): the p95 of latency as a
 share of each request's own SLO — so requests of different SLO classes share one loop — against the target share
-steps the safety margin (see feedback.py for the law and its recovery bound). The service's own window holds these shares; a fresh Prometheus p95 (seconds, from the configured
-query) is divided by the default SLO, so point the query at the SLO class that default stands for.
+steps the safety margin (see feedback.py for the law and its recovery bound). The service's own window holds these
+shares; a fresh Prometheus value (the configured query's, which must be that same p95 of latency / SLO: the
+default reads the service's aim_request_latency_slo_ratio histogram) is taken as it is, over every replica.
 """
 
 from __future__ import annotations
@@ -27,10 +28,9 @@ from .feedback import FeedbackConfig, FeedbackState, SinceIncrease, step
 from .policy import Decision, Features, Level, decide
 from .signals import GpuSampler, LatencyWindow, PromQLReader
 
-# The p95 of the service's own end-to-end latency histogram for one model, over the last minute. The
-# placeholder {model} is replaced by the served model's name.
-# The p95 of latency / SLO over the requests the controller steers by, failures included, across SLO classes: what
-# its own window holds (LatencyWindow, 60 s), read from every replica (service/metrics.py: aim_request_latency_slo_ratio).
+# The p95 of latency / SLO over the requests the controller steers by, failures included, across SLO classes, over
+# the last minute: what its own window holds (LatencyWindow, 60 s), read from every replica (service/metrics.py:
+# aim_request_latency_slo_ratio). The placeholder {model} is replaced by the served model's name.
 DEFAULT_P95_QUERY = ('histogram_quantile(0.95, sum by (le) '
                      '(rate(aim_request_latency_slo_ratio_bucket{model="{model}"}[1m])))')
 
