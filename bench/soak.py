@@ -72,9 +72,10 @@ def main() -> None:
                                "outcomes": {f"{w} {o}": n for (w, o), n in sorted(result.outcomes.items())},
                                "failures": result.failures, "books_balanced": balanced, "books": books,
                                "rss_mib": round(rss_mib(server.proc.pid), 1)})
+                cached = books.get("feature_cache", 0) / 2**20
                 print(f"round {index + 1}: {result.requests} requests in {result.seconds:.0f} s, "
                       f"{len(result.failures)} unexpected, books balanced: {balanced}, resident "
-                      f"{rounds[-1]['rss_mib']:.0f} MiB (feature cache {books.get('feature_cache', 0) / 2**20:.1f} MiB)", flush=True)
+                      f"{rounds[-1]['rss_mib']:.0f} MiB (feature cache {cached:.1f} MiB)", flush=True)
         finally:
             code = server.stop()
     out = {"callers": args.callers, "per_caller": args.per_caller, "feature_cache_bytes": args.feature_cache_bytes,

@@ -51,7 +51,8 @@ class PlanChoice:
                 and decision.predicted_s > deadline - now:
             raise ServiceError("deadline_exceeded", f"cannot finish before the deadline: {decision.reason}")
         reason = decision.reason if decision.fits else f"best effort: {decision.reason}"
-        return AppliedPlan(ladder[decision.level].plan, "auto", reason, decision.predicted_s)
+        return AppliedPlan(ladder[decision.level].plan, "auto", reason, decision.predicted_s,
+                           ladder[decision.level].name)
 
     def predict(self, request: IngestedRequest, plan: ReductionPlan, running: int, queue_wait_s: float = 0.0,
                 media: bool = False) -> float | None:

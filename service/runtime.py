@@ -269,7 +269,7 @@ class ModelRuntime:
                                 prediction=prediction)
         self.share_rates()
         if prediction is not None:
-            m.prediction_ratio.labels(name).observe(prediction[0] / prediction[1])
+            m.prediction_ratio.labels(name, applied.level).observe(prediction[0] / prediction[1])
         self._against_slo(total_s, slo_s, controlled)
 
     def _against_slo(self, latency_s: float, slo_s: float | None, controlled: bool) -> None:

@@ -56,6 +56,7 @@ class AppliedPlan:
     source: str  # "none" | "explicit" | "auto"
     reason: str
     predicted_s: float | None = None
+    level: str | None = None  # an auto plan's ladder level
 
 
 @dataclass

@@ -57,7 +57,7 @@ def test_every_panel_query_returns_data_from_the_real_service(tiny_engines, tmp_
     metrics_port = free_port()
     prometheus, url = start_prometheus(tmp_path, f"127.0.0.1:{metrics_port}")
     settings = Settings(models=["unused"], port=0, metrics_port=metrics_port, max_queue=0, max_batch=1,
-                        max_new_tokens=HOLD_TOKENS, calibrate=1)
+                        max_new_tokens=HOLD_TOKENS, calibrate=1, min_slo_ms=1)  # a 1 ms SLO: a violation
     # the model with both caches, so their panels have data: the two auto requests share their video
     engine = AimEngine(tiny_engines["tiny-ov"].adapter, kv_cache_bytes=64 * 2**20, feature_cache_bytes=64 * 2**20,
                        prefix_cache_bytes=16 * 2**20)
