@@ -244,3 +244,14 @@ def test_an_slo_below_the_minimum_is_refused_on_every_wire_and_counts_as_no_outc
         oai.chat.completions.create(model="tiny-ov", messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
                                     extra_body={"reduction": {"auto": {"slo_ms": 1}}})
     assert len(_window(runtime)) == window + 1  # bad input is no outcome: only the answered request is in the window
+
+
+def test_an_auto_answer_is_observed_against_its_prediction_under_its_level(make_server):
+    srv = make_server()
+    with AimClient(srv.target) as client:
+        reply = client.generate("Hi", images=[encode_image("PNG")], max_new_tokens=2, slo_ms=60_000)
+    runtime = srv.running.state.runtimes["tiny-ov"]
+    level = runtime.ladder[runtime.controller.last_level].name  # the level its decision chose
+    counts = {s.labels["level"]: s.value for m in srv.metrics.registry.collect()
+              if m.name == "aim_controller_prediction_ratio" for s in m.samples if s.name.endswith("_count")}
+    assert sum(counts.values()) == 1 and counts.get(level) == 1, (counts, reply.applied_plan.reason)
