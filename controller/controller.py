@@ -9,11 +9,14 @@ service supplies (its KV pool's reserved share and the device allocator's headro
 stays high after one large request once the allocator has cached the memory.
 Every outcome reaches the latency window (`observe` for answers, `observe_outcome` for requests cut off by their
 deadline — counted at the deadline —, rejected — counted at their SLO — or cancelled — at the time they ran).
-Every `feedback.interval_s` (`tick`: on finished requests, decisions and status reads): the p95 of latency as a
-share of each request's own SLO — so requests of different SLO classes share one loop — against the target share
-steps the safety margin (see feedback.py for the law and its recovery bound). The service's own window holds these
-shares; a fresh Prometheus value (the configured query's, which must be that same p95 of latency / SLO: the
-default reads the service's aim_request_latency_slo_ratio histogram) is taken as it is, over every replica.
+Every `feedback.interval_s` (`tick`: on finished requests, decisions and status reads), each SLO class's loop
+(slo.py: requests that give no SLO are the "default" class) steps its own safety margin from the p95 of its own
+requests' latency as a share of their SLO against the target share (see feedback.py for the law and its recovery
+bound): a tenant whose tight SLOs are missed raises its class's margin, and the other classes decide with theirs.
+A class decides with the default class's margin until its first request has finished. The windows hold these
+shares; a fresh Prometheus value (the configured query's, which must be that p95 of latency / SLO, by
+`slo_class` label or one series for all: the default reads the service's aim_request_latency_slo_ratio histogram
+by class) is taken as it is, over every replica.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ from .cost_model import CostModel, Observation
 from .feedback import FeedbackConfig, FeedbackState, SinceIncrease, step
 from .policy import Decision, Features, Level, decide
 from .signals import GpuSampler, LatencyWindow, PromQLReader
+from .slo import DEFAULT_CLASS, slo_class
 
-# The p95 of latency / SLO over the requests the controller steers by, failures included, across SLO classes, over
-# the last minute: what its own window holds (LatencyWindow, 60 s), read from every replica (service/metrics.py:
-# aim_request_latency_slo_ratio). The placeholder {model} is replaced by the served model's name.
-DEFAULT_P95_QUERY = ('histogram_quantile(0.95, sum by (le) '
+# The p95 of latency / SLO over the requests the controller steers by, failures included, per SLO class, over the
+# last minute: what each class's own window holds (LatencyWindow, 60 s), read from every replica
+# (service/metrics.py: aim_request_latency_slo_ratio). The placeholder {model} is replaced by the model's name.
+DEFAULT_P95_QUERY = ('histogram_quantile(0.95, sum by (le, slo_class) '
                      '(rate(aim_request_latency_slo_ratio_bucket{model="{model}"}[1m])))')
 
 
@@ -44,16 +48,26 @@ class ControllerConfig:
 
 
 @dataclass
+class ClassLoop:
+    """One SLO class's feedback loop: the latency / SLO of its controlled requests, and its margin."""
+
+    window: LatencyWindow
+    feedback: FeedbackState = field(default_factory=lambda: FeedbackState(margin=1.2))
+    p95: tuple[float | None, str] = (None, "none")  # what its last step acted on, and where it came from
+
+
+@dataclass
 class ControllerStatus:
     """What the controller last did, for metrics and logs."""
 
-    margin: float
+    margin: float  # the default class's (requests that give no SLO)
     level: int | None
     p95_ratio: float | None  # p95 latency / SLO
     p95_source: str  # "prometheus" | "window" | "none"
     gpu_available: bool
     prometheus_up: bool | None  # None when not configured
     last_action: str
+    margins: dict[str, float] = field(default_factory=dict)  # per SLO class with a loop
 
 
 class BudgetController:
@@ -66,12 +80,29 @@ class BudgetController:
         self.memory = memory  # -> share of the engine's memory in use, [0, 1], or None when unknown
         self.prometheus = prometheus
         self.clock = clock
-        self.window = LatencyWindow(clock=clock)
+        self.window = LatencyWindow(clock=clock)  # every class's controlled requests: what status reports
+        self.loops: dict[str, ClassLoop] = {}  # SLO class -> its feedback loop (classes are few: slo.py)
         self.cost_model = CostModel()
-        self.feedback = FeedbackState(margin=1.2)
         self.last_level: int | None = None
         self._p95: tuple[float | None, str] = (None, "none")
         self._lock = threading.Lock()
+        self._loop(DEFAULT_CLASS)
+
+    def _loop(self, name: str) -> ClassLoop:
+        loop = self.loops.get(name)
+        if loop is None:
+            loop = self.loops[name] = ClassLoop(LatencyWindow(clock=self.clock))
+        return loop
+
+    @property
+    def feedback(self) -> FeedbackState:
+        """The default class's loop (requests that give no SLO)."""
+        return self.loops[DEFAULT_CLASS].feedback
+
+    def margin_for(self, slo_s: float | None) -> float:
+        """The margin of the SLO class of `slo_s`: its own loop's once it has one, else the default class's."""
+        loop = self.loops.get(slo_class(slo_s))
+        return (loop or self.loops[DEFAULT_CLASS]).feedback.margin
 
     # ---- per request --------------------------------------------------------------------------
     def memory_cap(self) -> int:
@@ -81,13 +112,14 @@ class BudgetController:
         return 0
 
     def choose(self, predicted_s: Sequence[float | None], budget_s: float, min_retention: float,
-               queue_depth: int = 0, priority: str = "normal", record: bool = True) -> Decision:
-        """The level for one request. `record=False` (a cost estimate, not a request): nothing about the
-        controller changes."""
+               queue_depth: int = 0, priority: str = "normal", record: bool = True,
+               slo_s: float | None = None) -> Decision:
+        """The level for one request of SLO `slo_s` (None: the default), with its class's margin. `record=False`
+        (a cost estimate, not a request): nothing about the controller changes."""
         if record:
             self.tick()
         decision = decide(self.ladder, Features(budget_s=budget_s, min_retention=min_retention,
-                                                predicted_s=predicted_s, margin=self.feedback.margin,
+                                                predicted_s=predicted_s, margin=self.margin_for(slo_s),
                                                 min_level=self.memory_cap(), queue_depth=queue_depth,
                                                 priority=priority))
         if record and not decision.rejected:
@@ -109,7 +141,9 @@ class BudgetController:
         their `prediction` (observed seconds, predicted seconds, over the same span) corrects its bias."""
         with self._lock:
             if controlled:
-                self.window.add(latency_s / (slo_s or self.config.slo_s))
+                ratio = latency_s / (slo_s or self.config.slo_s)
+                self.window.add(ratio)
+                self._loop(slo_class(slo_s)).window.add(ratio)
             if observation is not None:
                 self.cost_model = self.cost_model.observe(observation)
             if controlled and prediction is not None:
@@ -127,24 +161,33 @@ class BudgetController:
         it teaches the cost model nothing."""
         self.observe(latency_s, None, slo_s, controlled)
 
-    def p95(self) -> tuple[float | None, str, int]:
-        """(p95 latency / SLO, where it came from, samples behind it). Prometheus wins when it has a fresh value."""
-        local, samples = self.window.quantile(0.95)
+    def p95(self, name: str | None = None) -> tuple[float | None, str, int]:
+        """(p95 latency / SLO, where it came from, samples behind it) of SLO class `name`, or of every class (None).
+        Prometheus wins when it has a fresh value: its series for the class, or one without a class label."""
+        window = self.window if name is None else self._loop(name).window
+        local, samples = window.quantile(0.95)
         if self.prometheus is not None:
             reading = self.prometheus.latest()
-            if reading.value is not None:
-                return reading.value, "prometheus", max(samples, self.config.feedback.min_samples)
+            value = reading.value if name is None else reading.by_class.get(name, reading.unlabelled)
+            if value is not None:
+                return value, "prometheus", max(samples, self.config.feedback.min_samples)
         return local, ("window" if local is not None else "none"), samples
 
     def tick(self) -> FeedbackState:
-        p95, source, samples = self.p95()
-        with self._lock:
-            state = self.feedback
-            fresh = self.window.fresh(state.last_step_at)
-            recent_p95, recent = self.window.quantile(0.95, since=state.last_increase_at)
-            self.feedback = step(state, p95, 1.0, samples, self.clock(), self.config.feedback, fresh,
-                                 SinceIncrease(recent, recent_p95))
-            self._p95 = (p95, source)
+        """Steps every class's loop with its own window's evidence (each at most once per interval); returns the
+        default class's state."""
+        for name in list(self.loops):
+            p95, source, samples = self.p95(name)
+            with self._lock:
+                loop = self.loops[name]
+                state = loop.feedback
+                fresh = loop.window.fresh(state.last_step_at)
+                recent_p95, recent = loop.window.quantile(0.95, since=state.last_increase_at)
+                loop.feedback = step(state, p95, 1.0, samples, self.clock(), self.config.feedback, fresh,
+                                     SinceIncrease(recent, recent_p95))
+                loop.p95 = (p95, source)
+        p95, source, _ = self.p95()
+        self._p95 = (p95, source)
         return self.feedback
 
     def status(self) -> ControllerStatus:
@@ -154,7 +197,8 @@ class BudgetController:
             gpu_available=self.gpu is not None and self.gpu.available,
             prometheus_up=None if self.prometheus is None else self.prometheus.latest().value is not None
             or not self.prometheus.latest().error,
-            last_action=self.feedback.last_action)
+            last_action=self.feedback.last_action,
+            margins={name: loop.feedback.margin for name, loop in self.loops.items()})
 
     def close(self) -> None:
         for signal in (self.gpu, self.prometheus):

@@ -19,7 +19,7 @@ import urllib.parse
 import urllib.request
 from collections import deque
 from typing import TYPE_CHECKING
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 if TYPE_CHECKING:
     from .feedback import Fresh
@@ -102,13 +102,16 @@ class GpuSampler:
 
 @dataclass(frozen=True)
 class Reading:
-    value: float | None
+    value: float | None  # a scalar, the one series, or the largest of the series by SLO class
     at: float | None  # time.monotonic() of the sample
     error: str = ""
+    by_class: dict = field(default_factory=dict)  # slo_class label -> value, for series that carry one
+    unlabelled: float | None = None  # a series without an slo_class label (or a scalar): it stands for every class
 
 
 class PromQLReader:
-    """Evaluates `query` (an instant vector with one series, or a scalar) every `interval_s` seconds."""
+    """Evaluates `query` every `interval_s` seconds: a scalar, or an instant vector whose series carry an
+    `slo_class` label (one value per class) or not (one value for all)."""
 
     def __init__(self, base_url: str, query: str, interval_s: float = 5.0, timeout_s: float = 2.0,
                  stale_after_s: float = 30.0, clock=time.monotonic):
@@ -131,17 +134,23 @@ class PromQLReader:
             if body.get("status") != "success":
                 raise RuntimeError(body.get("error", "query failed"))
             data = body["data"]
+            by_class, unlabelled = {}, None
             if data["resultType"] == "scalar":
-                raw = data["result"][1]
-            elif data["result"]:
-                raw = data["result"][0]["value"][1]
-            else:
-                raw = "NaN"  # no series yet (no traffic): a valid answer meaning "unknown"
-            value = float(raw)
-            self._reading = Reading(None if math.isnan(value) else value, self.clock())
+                unlabelled = _number(data["result"][1])
+            else:  # no series yet (no traffic) is a valid answer meaning "unknown"
+                for series in data["result"]:
+                    value = _number(series["value"][1])
+                    name = series.get("metric", {}).get("slo_class")
+                    if name is None:
+                        unlabelled = value
+                    elif value is not None:
+                        by_class[name] = value
+            known = [v for v in (unlabelled, *by_class.values()) if v is not None]
+            self._reading = Reading(max(known) if known else None, self.clock(), by_class=by_class,
+                                    unlabelled=unlabelled)
             self._warned = False
         except Exception as exc:  # unreachable, timeout, bad query: keep the last value until it is stale
-            self._reading = Reading(self._reading.value, self._reading.at, f"{type(exc).__name__}: {exc}")
+            self._reading = replace(self._reading, error=f"{type(exc).__name__}: {exc}")
             if not self._warned:
                 log.warning("Prometheus query failed (%s); falling back to the service's own latency window",
                             self._reading.error)
@@ -149,7 +158,7 @@ class PromQLReader:
         return self._reading
 
     def latest(self) -> Reading:
-        """The last value, or None if there is none or it is older than stale_after_s."""
+        """The last reading, or one with no value if there is none or it is older than stale_after_s."""
         r = self._reading
         if r.at is None or self.clock() - r.at > self.stale_after_s:
             return Reading(None, r.at, r.error or "stale")
@@ -169,6 +178,11 @@ class PromQLReader:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _number(raw) -> float | None:
+    value = float(raw)
+    return None if math.isnan(value) else value
 
 
 class LatencyWindow:

@@ -7,6 +7,7 @@ grpc_server_msg_received_total, grpc_server_msg_sent_total, grpc_server_handling
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
 TOKEN_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
@@ -14,20 +15,6 @@ TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SLO_RATIO_BUCKETS = (0.1, 0.25, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 3, 5, 10)
 RETENTION_BUCKETS = (0.05, 0.1, 0.125, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0)
-
-
-SLO_CLASS_BOUNDS_S = (0.5, 1, 2, 5, 10, 30, 60, 300)
-
-
-def slo_class(slo_s: float | None) -> str:
-    """A bounded label for a request's latency SLO: the smallest class bound that holds it ("default" when the
-    request gave none)."""
-    if slo_s is None:
-        return "default"
-    for bound in SLO_CLASS_BOUNDS_S:
-        if slo_s <= bound:
-            return f"{bound}s"
-    return "long"
 
 
 class ServiceMetrics:
@@ -118,8 +105,8 @@ class ServiceMetrics:
                                             m + ["level", "outcome"], registry=r)
         self.controller_levels = Gauge("aim_controller_levels", "Levels in the quality ladder (the last one, "
                                        "levels - 1, is maximum saving).", m, registry=r)
-        self.controller_margin = Gauge("aim_controller_margin", "Safety margin the controller multiplies predicted "
-                                       "latency by.", m, registry=r)
+        self.controller_margin = _MarginCollector()  # aim_controller_margin{model, slo_class}
+        r.register(self.controller_margin)
         self.controller_p95 = Gauge("aim_controller_p95_slo_ratio", "p95 of latency / SLO the feedback loop last "
                                     "acted on (NaN before any).", m, registry=r)
         self.prediction_ratio = Histogram("aim_controller_prediction_ratio", "Observed / predicted latency of auto "
@@ -145,7 +132,7 @@ class ServiceMetrics:
     def watch_controller(self, model: str, controller) -> None:
         """Gauges read from the controller at scrape time."""
         nan = float("nan")
-        self.controller_margin.labels(model).set_function(lambda: controller.status().margin)
+        self.controller_margin.controllers[model] = controller
         self.controller_levels.labels(model).set(len(controller.ladder))
         self.controller_p95.labels(model).set_function(
             lambda: nan if controller.status().p95_ratio is None else controller.status().p95_ratio)
@@ -186,3 +173,24 @@ class ServiceMetrics:
                        self.prefix_cache_evictions, self.prefix_cache_tokens):
             metric.labels(model)
         self.model_ready.labels(model).set(1)
+
+
+class _MarginCollector:
+    """aim_controller_margin per model and SLO class, read from the controllers at scrape time: each class has its
+    own feedback loop, and classes appear as their requests do."""
+
+    NAME = "aim_controller_margin"
+
+    def __init__(self):
+        self.controllers: dict = {}
+
+    def describe(self):
+        return [GaugeMetricFamily(self.NAME, "", labels=["model", "slo_class"])]
+
+    def collect(self):
+        family = GaugeMetricFamily(self.NAME, "Safety margin the controller multiplies predicted latency by, per SLO "
+                                   "class (each class has its own feedback loop).", labels=["model", "slo_class"])
+        for model, controller in list(self.controllers.items()):
+            for name, margin in controller.status().margins.items():
+                family.add_metric([model, name], margin)
+        yield family

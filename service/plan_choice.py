@@ -38,7 +38,7 @@ class PlanChoice:
         # the requests waiting with this one: `waiting` counts this one too (it is in the system, not running)
         decision = self.controller.choose(predicted, budget, reduction.min_retention,
                                           queue_depth=max(0, waiting - 1), priority=reduction.priority,
-                                          record=record)
+                                          record=record, slo_s=reduction.slo_s)
         if record:
             level_name = ladder[decision.level].name if decision.level >= 0 else "none"
             self.metrics.controller_decisions.labels(self.name, level_name, decision.outcome).inc()

@@ -31,10 +31,11 @@ from aim_engine.serving.scheduler import KVBudgetError
 from controller.controller import BudgetController, ControllerConfig
 from controller.cost_model import CostModel
 from controller.policy import default_ladder
+from controller.slo import slo_class
 
 from . import allocator
 from .admission import Admission
-from .metrics import ServiceMetrics, slo_class
+from .metrics import ServiceMetrics
 from .media_memory import MediaMemory, RequestSlot
 from .plan_choice import PlanChoice
 from .settings import Settings

@@ -159,3 +159,25 @@ def test_overload_keeps_the_margin_up():
         clock.t += 0.5
         controller.observe(2.0)
     assert controller.feedback.margin == CFG.max_margin
+
+
+def test_each_slo_class_has_its_own_loop_so_a_tenant_of_tiny_slos_steers_only_its_own():
+    """A tenant whose 0.1 s SLOs are always missed pushes its class's margin to the ceiling; the default class,
+    whose requests finish well inside their SLO, keeps its margin and decides with it."""
+    clock = FakeClock()
+    ladder = default_ladder(28)
+    controller = BudgetController(ladder, ControllerConfig(slo_s=1.0, feedback=CFG), clock=clock)
+    for _ in range(60):
+        clock.t += 0.5
+        controller.observe(0.5, slo_s=0.1)  # 5x its SLO: a miss every time
+        controller.observe(0.3)  # the default class: 0.3 of its 1 s SLO
+    assert controller.margin_for(0.1) == CFG.max_margin
+    assert controller.margin_for(None) <= 1.2 and controller.feedback.margin == controller.margin_for(None)
+    assert controller.status().margins == {"default": controller.margin_for(None), "0.1s": CFG.max_margin}
+    # the same request and load: the default class gets a better level than the tight class's margin allows
+    predicted = [0.5, 0.4, 0.3, 0.25, 0.2]
+    mine = controller.choose(predicted, budget_s=0.6, min_retention=0.0, record=False)
+    theirs = controller.choose(predicted, budget_s=0.6, min_retention=0.0, record=False, slo_s=0.1)
+    assert mine.level < theirs.level
+    # a class with no loop yet decides with the default class's margin
+    assert controller.margin_for(30.0) == controller.margin_for(None)

@@ -76,6 +76,11 @@ def test_controller_reads_p95_from_prometheus_and_falls_back_when_it_dies(tiny_e
             assert status.p95_ratio > 1 and 0.3 * local <= status.p95_ratio <= 3 * local  # both: p95 / 20 ms SLO
             wait_for(lambda: traffic_and_source("prometheus") and controller.feedback.margin > 1.2, 30,
                      "the margin to rise")
+            # another SLO class: its own series in the same query, read for its own loop
+            wait_for(lambda: client.generate("Describe.", images=[encode_image("PNG")], max_new_tokens=4,
+                                             slo_ms=60_000) and controller.p95("60s")[1] == "prometheus", 60,
+                     "the 60 s class's p95 from Prometheus")
+            assert controller.p95("60s")[0] < 1 < controller.p95("default")[0]  # each class at its own SLO
 
             prometheus.kill()
             prometheus.wait(10)
