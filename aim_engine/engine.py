@@ -12,6 +12,7 @@ the model runner, the scheduler and the loop (which owns the last two and import
 from __future__ import annotations
 
 import json
+import math
 import queue
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from .prepare import IngestedRequest, PreparedPrompt, Preparer
 from .request import GenerationRequest, GenerationResult, RequestStats, Timings, TokenDelta
 from .kv_pool import KVPool
 from .serving.prefix_cache import PrefixCache
+from .serving.load import SequenceLoad, pending_load
 from .serving.loop import ServingLoop
 from .serving.model_runner import ModelRunner
 from .serving.scheduler import Scheduler
@@ -240,7 +242,13 @@ class AimEngine:
         estimate = self.cost(request.shape, plan)
         return Sequence(request=request, plan=plan, kv_tokens=kv_tokens(estimate, request.sampling.max_new_tokens),
                         prompt_tokens=estimate.text_tokens + estimate.visual_tokens_merged, emit=emit,
-                        stats=RequestStats(), should_stop=should_stop)
+                        stats=RequestStats(), should_stop=should_stop, cost=estimate)
+
+    def pending_load(self, request: IngestedRequest, plan: ReductionPlan, due_in_s: float = math.inf) -> SequenceLoad:
+        """The work `request` would bring under `plan`, as `loop.load()` counts what the engine holds."""
+        estimate = self.cost(request.shape, plan)
+        blocks = self.pool.blocks_for(kv_tokens(estimate, request.sampling.max_new_tokens))
+        return pending_load(request, estimate, blocks, due_in_s)
 
     def stream(self, request: GenerationRequest, plan: ReductionPlan | None = None,
                should_stop: Callable[[], bool] | None = None) -> Iterator[TokenDelta | GenerationResult]:

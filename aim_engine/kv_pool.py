@@ -119,6 +119,11 @@ class KVPool:
         """Blocks held or promised: what admission has given away."""
         return self.used_blocks + self._reserved
 
+    @property
+    def available_blocks(self) -> int:
+        """Blocks free and not promised: what admission can still reserve without evicting."""
+        return len(self._free) - self._reserved
+
     def blocks_for(self, tokens_per_layer: list[int]) -> int:
         return blocks_for(tokens_per_layer, self.block_size)
 

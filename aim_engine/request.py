@@ -91,7 +91,9 @@ class Timings:
     vision_s: float = 0.0
     prefill_s: float = 0.0  # prompt assembly with merging, then the LLM prefill with pruning
     ttft_s: float = 0.0  # from the request's arrival (at the engine, or at the service) to its first token
-    decode_s: float = 0.0
+    decode_s: float = 0.0  # from its first token to its last
+    # the decode steps it took part in: decode_s less the other sequences' prefill slices run between them
+    decode_steps_s: float = 0.0
     total_s: float = 0.0
 
 

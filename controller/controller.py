@@ -1,10 +1,12 @@
 """The budget controller of one served model: turns signals into a margin and memory cap, and requests into
 ladder levels through the pure `policy.decide`.
 
-Per request (`choose`): budget = min(SLO, remaining deadline) - time already spent; predicted latency per level
-from the online cost model (plus expected queue wait, supplied by the caller; media time left out once the
-media are decoded, since the budget already paid for it); memory pressure above the threshold caps quality at
-`memory_cap_level`. Memory pressure is what the serving engine can still use, read by the `memory` callable the
+Per request (`choose`, once its media are decoded): budget = min(SLO, remaining deadline) - time already spent;
+the work it brings at each level and the work the engine holds (aim_engine/serving/load.py) in seconds of the
+online cost model's rates, with the share of the engine that later arrivals are expected to take (the prefill the
+last ARRIVAL_WINDOW_S of decisions brought); `policy.decide` plays the engine's rules forward over them
+(whatif.py) and picks the highest level that keeps this request and every admitted one within its time, or
+rejects it. Memory pressure above the threshold caps quality at `memory_cap_level`. Memory pressure is what the serving engine can still use, read by the `memory` callable the
 service supplies (its KV pool's reserved share and the device allocator's headroom), not NVML's "used", which
 stays high after one large request once the allocator has cached the memory.
 Every outcome reaches the latency window (`observe` for answers, `observe_outcome` for requests cut off by their
@@ -21,14 +23,19 @@ by class) is taken as it is, over every replica.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
+
+from aim_engine.serving.load import EngineLoad, SequenceLoad
 
 from .cost_model import CostModel, Observation
 from .feedback import FeedbackConfig, FeedbackState, SinceIncrease, step
 from .policy import Decision, Features, Level, decide
+from .whatif import EngineRules, finish_times
 from .signals import GpuSampler, LatencyWindow, PromQLReader
 from .slo import DEFAULT_CLASS, slo_class
 
@@ -37,6 +44,7 @@ from .slo import DEFAULT_CLASS, slo_class
 # (service/metrics.py: aim_request_latency_slo_ratio). The placeholder {model} is replaced by the model's name.
 DEFAULT_P95_QUERY = ('histogram_quantile(0.95, sum by (le, slo_class) '
                      '(rate(aim_request_latency_slo_ratio_bucket{model="{model}"}[1m])))')
+ARRIVAL_WINDOW_S = 10.0  # the recent decisions whose prefill work sets the expected share of later arrivals
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,7 @@ class BudgetController:
         self.cost_model = CostModel()
         self.last_level: int | None = None
         self._p95: tuple[float | None, str] = (None, "none")
+        self._arrived: deque[tuple[float, float]] = deque()  # (when, predicted prefill seconds) of each decision
         self._lock = threading.Lock()
         self._loop(DEFAULT_CLASS)
 
@@ -111,34 +120,62 @@ class BudgetController:
             return min(self.config.memory_cap_level, len(self.ladder) - 1)
         return 0
 
-    def choose(self, predicted_s: Sequence[float | None], budget_s: float, min_retention: float,
-               queue_depth: int = 0, priority: str = "normal", record: bool = True,
-               slo_s: float | None = None) -> Decision:
-        """The level for one request of SLO `slo_s` (None: the default), with its class's margin. `record=False`
-        (a cost estimate, not a request): nothing about the controller changes."""
+    def choose(self, levels: Sequence[SequenceLoad], engine: EngineLoad, budget_s: float, min_retention: float,
+               priority: str = "normal", record: bool = True, slo_s: float | None = None,
+               strict: bool = True) -> Decision:
+        """The level for one request of SLO `slo_s` (None: the default), with its class's margin: `levels[i]` is
+        the work it brings at ladder level i, `engine` what the engine holds now; `strict`: it gave its own SLO or
+        deadline (policy.Features). `record=False` (a cost estimate, not a request): nothing about the controller
+        changes."""
         if record:
             self.tick()
-        decision = decide(self.ladder, Features(budget_s=budget_s, min_retention=min_retention,
-                                                predicted_s=predicted_s, margin=self.margin_for(slo_s),
-                                                min_level=self.memory_cap(), queue_depth=queue_depth,
-                                                priority=priority))
+        with self._lock:
+            model = self.cost_model
+        features = self.features(levels, engine, budget_s, min_retention, priority, slo_s, model)
+        decision = decide(self.ladder, replace(features, strict=strict))
         if record and not decision.rejected:
             self.last_level = decision.level
+            chosen = model.job(levels[decision.level])
+            if chosen is not None:
+                with self._lock:
+                    self._arrived.append((self.clock(), chosen.prefill_s))
         return decision
 
-    def predict(self, visual_tokens_in: int, prefill_flops: float, max_new_tokens: int, batch: float = 1.0,
-                media: bool = True, ignore_eos: bool = False) -> float | None:
-        """Predicted latency when decoding in a batch of `batch` sequences, for the answer length this model's
-        requests actually reach; `media=False` once the request's media are decoded (their time is spent)."""
-        return self.cost_model.predict(visual_tokens_in, prefill_flops, max_new_tokens, batch, media=media,
-                                       ignore_eos=ignore_eos)
+    def features(self, levels: Sequence[SequenceLoad], engine: EngineLoad, budget_s: float, min_retention: float,
+                 priority: str, slo_s: float | None, model: CostModel) -> Features:
+        """What `decide` sees: the request at each level and the engine's jobs, in seconds of the fitted rates."""
+        admitted = [model.job(s) for s in engine.sequences] if model.ready else []
+        line = model.step_line() or (0.0, 0.0)
+        rules = EngineRules(max_batch=engine.max_batch, step_a=line[0], step_b=line[1],
+                            step_multiple=engine.step_multiple, free_kv_blocks=engine.free_kv_blocks,
+                            arriving_share=self.arriving_share())
+        return Features(budget_s=budget_s, min_retention=min_retention, candidates=[model.job(l) for l in levels],
+                        admitted=admitted, rules=rules, margin=self.margin_for(slo_s), min_level=self.memory_cap(),
+                        priority=priority)
+
+    def finish_time(self, request: SequenceLoad, engine: EngineLoad) -> float | None:
+        """Seconds from now until `request` is answered if it joined `engine` now (None: rates not known yet)."""
+        with self._lock:
+            model = self.cost_model
+        features = self.features([request], engine, math.inf, 0.0, "normal", None, model)
+        if features.candidates[0] is None:
+            return None
+        return finish_times([*features.admitted, features.candidates[0]], features.rules)[-1]
+
+    def arriving_share(self) -> float:
+        """Predicted prefill seconds the decided requests brought per second, over the last ARRIVAL_WINDOW_S: the
+        share of the engine's time that requests still to come are expected to take (whatif.py)."""
+        now = self.clock()
+        with self._lock:
+            while self._arrived and self._arrived[0][0] < now - ARRIVAL_WINDOW_S:
+                self._arrived.popleft()
+            return sum(seconds for _, seconds in self._arrived) / ARRIVAL_WINDOW_S
 
     # ---- feedback -----------------------------------------------------------------------------
     def observe(self, latency_s: float, observation: Observation | None = None, slo_s: float | None = None,
-                controlled: bool = True, prediction: tuple[float, float] | None = None) -> None:
+                controlled: bool = True) -> None:
         """A finished request: its end-to-end latency and SLO (None = the default), and its stage timings. Every
-        request teaches the cost model; only those the controller decided (`controlled`) steer the margin, and
-        their `prediction` (observed seconds, predicted seconds, over the same span) corrects its bias."""
+        request teaches the cost model; only those the controller decided (`controlled`) steer the margin."""
         with self._lock:
             if controlled:
                 ratio = latency_s / (slo_s or self.config.slo_s)
@@ -146,8 +183,6 @@ class BudgetController:
                 self._loop(slo_class(slo_s)).window.add(ratio)
             if observation is not None:
                 self.cost_model = self.cost_model.observe(observation)
-            if controlled and prediction is not None:
-                self.cost_model = self.cost_model.correct(*prediction)
         self.tick()
 
     def learn(self, observation: Observation) -> None:

@@ -1,6 +1,6 @@
-"""Predicted latency of a request from its size under a plan and the batch it will decode in.
+"""What a request costs the engine, from its size under a plan: the fitted rate of each stage.
 
-    latency = media + visual_tokens_in * r_vision + prefill_flops * r_prefill + new_tokens * step(batch)
+    own work = media + visual_tokens * r_vision + prefill_flops * r_prefill + (new_tokens - 1) * step(batch)
     step(batch) = a + b * batch    (seconds per decode step when `batch` sequences decode together)
 
 Under continuous batching a step serves every running sequence, so a request's time per token grows with the
@@ -15,10 +15,15 @@ unknown and predictions say so (None).
 new_tokens is not the request's max_new_tokens but what requests of this model actually generate: the 90th
 percentile of the answer lengths of the last 64 real requests (one cut off at its max_new_tokens counts at that
 length, a lower bound of what it wanted), never more than the request's own max_new_tokens; all of them when it
-ignores EOS; max_new_tokens until answers have been seen. And what is still wrong is corrected online: the
-prediction is multiplied by exp(bias), where bias is an exponentially weighted mean of log(observed / predicted)
-over the requests the controller decided (bounded to a factor of 4 either way), so an error that is
-systematically one-sided shrinks as requests finish.
+ignores EOS; max_new_tokens until answers have been seen.
+
+Every rate is fitted from the request's own work only: its vision and prefill pieces, and the decode steps it took
+part in (Timings.decode_steps_s, not the wall time between its first and last token, which holds other requests'
+prefill slices). Waiting and sharing the engine are not a rate: `job` turns what a request still has to do into
+a whatif.Job, and the what-if plays the engine's rules over every job it holds (whatif.py). (An earlier build
+multiplied predictions by a learnt correction of observed / predicted latency; with queueing outside its model it
+learnt queueing as compute. What the what-if still cannot know, later arrivals beyond their measured share and
+noise, is the feedback margin's, per SLO class: feedback.py.)
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from aim_engine.serving.load import SequenceLoad
+
+from .whatif import Job
+
 SMOOTHING = 0.2  # weight of the newest observation
 ANSWER_WINDOW = 64  # recent answer lengths kept
 ANSWER_QUANTILE = 0.9  # the answer length predicted: this quantile of the recent ones
-BIAS_SMOOTHING = 0.2  # weight of the newest log(observed / predicted)
-MAX_BIAS = math.log(4.0)  # the correction is at most a factor of 4 either way
 
 
 @dataclass(frozen=True)
@@ -55,23 +62,28 @@ class CostModel:
     # exponentially weighted sums over (x = mean batch, y = seconds per decode step): weight, x, y, x^2, x*y
     step_fit: tuple[float, float, float, float, float] = (0.0, 0.0, 0.0, 0.0, 0.0)
     answer_lengths: tuple[int, ...] = ()  # tokens of the recent real answers, oldest first
-    bias: float = 0.0  # log of the correction factor
 
     @property
     def ready(self) -> bool:
         return self.s_per_prefill_flop is not None
 
-    def s_per_step(self, batch: float = 1.0) -> float | None:
-        """Seconds per decode step at this batch size (None before any decode was observed)."""
+    def step_line(self) -> tuple[float, float] | None:
+        """(a, b): seconds of a decode step of `batch` sequences = a + b x batch (None before any decode was
+        observed). With no spread in the batches seen yet, b = 0 and a is their weighted mean."""
         w, sx, sy, sxx, sxy = self.step_fit
         if w <= 0:
             return None
         mean_x, mean_y = sx / w, sy / w
         var_x = sxx / w - mean_x * mean_x
         if var_x <= 1e-6 * max(1.0, mean_x * mean_x):
-            return mean_y
+            return mean_y, 0.0
         slope = max(0.0, (sxy / w - mean_x * mean_y) / var_x)
-        return max(0.0, mean_y + slope * (batch - mean_x))
+        return mean_y - slope * mean_x, slope
+
+    def s_per_step(self, batch: float = 1.0) -> float | None:
+        """Seconds per decode step at this batch size (None before any decode was observed)."""
+        line = self.step_line()
+        return None if line is None else max(0.0, line[0] + line[1] * batch)
 
     def expected_new_tokens(self, max_new_tokens: int, ignore_eos: bool = False) -> int:
         """The answer length to plan for (see the module's docstring)."""
@@ -83,20 +95,23 @@ class CostModel:
 
     def predict(self, visual_tokens_in: int, prefill_flops: float, max_new_tokens: int, batch: float = 1.0,
                 media: bool = True, ignore_eos: bool = False) -> float | None:
-        """Seconds from arrival (`media=False`: from the end of media decoding), corrected by the bias."""
+        """Seconds of the request's own work, alone in a batch of `batch` (`media`: from arrival, its media read)."""
         if not self.ready:
             return None
         tokens = self.expected_new_tokens(max_new_tokens, ignore_eos)
-        raw = (((self.media_s or 0.0) if media else 0.0) + visual_tokens_in * (self.s_per_visual_token or 0.0)
-               + prefill_flops * self.s_per_prefill_flop + tokens * (self.s_per_step(batch) or 0.0))
-        return raw * math.exp(self.bias)
+        return (((self.media_s or 0.0) if media else 0.0) + visual_tokens_in * (self.s_per_visual_token or 0.0)
+                + prefill_flops * self.s_per_prefill_flop + max(0, tokens - 1) * (self.s_per_step(batch) or 0.0))
 
-    def correct(self, observed_s: float, predicted_s: float) -> "CostModel":
-        """One controlled request: what it took against what `predict` said (same span of time)."""
-        if observed_s <= 0 or predicted_s <= 0:
-            return self
-        bias = self.bias + BIAS_SMOOTHING * math.log(observed_s / predicted_s)  # the residual moves it
-        return replace(self, bias=max(-MAX_BIAS, min(MAX_BIAS, bias)))
+    def job(self, load: SequenceLoad, admitted: bool | None = None) -> Job | None:
+        """What a request (in the engine, or at a ladder level) still has to do, in predicted seconds; None until
+        the prefill rate is known."""
+        if not self.ready:
+            return None
+        prefill_s = load.vision_tokens * (self.s_per_visual_token or 0.0) + load.prefill_flops * self.s_per_prefill_flop
+        tokens = self.expected_new_tokens(load.max_new_tokens, load.ignore_eos)
+        # the prefill yields the first token; one still decoding past the expected length takes at least one step
+        steps = max(1, tokens - load.generated) if load.prefilled else max(0, tokens - 1)
+        return Job(prefill_s, steps, load.due_in_s, load.kv_blocks, load.admitted if admitted is None else admitted)
 
     def observe(self, obs: Observation) -> "CostModel":
         def ewma(old, new):

@@ -7,6 +7,8 @@ from typing import Sequence
 
 from aim_engine.plan import DEFAULT_MERGE_RETENTION, PLAN_FILE, ReductionPlan, default_prune_range
 
+from .whatif import EngineRules, Job, finish_times
+
 
 @dataclass(frozen=True)
 class Level:
@@ -69,13 +71,20 @@ def margin_for_priority(margin: float, priority: str) -> float:
 
 @dataclass(frozen=True)
 class Features:
-    budget_s: float  # min(the request's SLO, its remaining deadline)
+    """What one decision sees: the request at each ladder level and the engine it would join, as the engine will run
+    them (whatif.py)."""
+
+    budget_s: float  # min(the request's SLO, its remaining deadline), from now
     min_retention: float  # quality floor
-    predicted_s: Sequence[float | None]  # predicted latency (queue wait included) at each ladder level
-    margin: float = 1.2  # the feedback loop's safety margin: predicted x margin must fit the budget
+    candidates: Sequence[Job | None]  # the request at each ladder level (None: its rates are not known yet)
+    admitted: Sequence[Job] = ()  # the requests the engine holds: running, then waiting, each with its due time
+    rules: EngineRules = EngineRules(max_batch=1, step_a=0.0)  # the scheduler's limits and the decode step's rates
+    margin: float = 1.2  # the feedback loop's safety margin: every predicted duration x margin
     min_level: int = 0  # no level of higher quality than this (memory pressure: KV pool or device allocator)
-    queue_depth: int = 0  # requests waiting behind this one: each waits for its service time too
     priority: str = "normal"  # one of PRIORITIES: scales the margin (margin_for_priority)
+    # the request gave its own time (an SLO or a deadline): refused when even its cheapest level cannot make it.
+    # One held to the server's default SLO only is served late rather than refused for its own lateness.
+    strict: bool = True
 
     def __post_init__(self) -> None:
         if self.priority not in PRIORITIES:
@@ -85,10 +94,12 @@ class Features:
 @dataclass(frozen=True)
 class Decision:
     level: int  # index into the ladder; -1 when rejected
-    predicted_s: float | None
+    predicted_s: float | None  # when the request's answer is complete, from now, at face value (no margin)
     reason: str
     fits: bool
     rejected: bool = False
+    cause: str = ""  # why it was rejected: "floor" (quality floor vs memory cap), "late" (its own budget), "harm"
+    cheapest: int = -1  # rejected for "late" or "harm": the level it was judged at (what an estimate reports)
 
     @property
     def outcome(self) -> str:
@@ -101,35 +112,69 @@ class Decision:
 
 
 def decide(ladder: Sequence[Level], features: Features) -> Decision:
-    """The highest-quality level whose predicted latency x margin (the feedback margin scaled by the request's
-    priority) fits the budget — shared with the requests waiting behind — never below the quality floor nor
-    above the memory cap. If none fits, the cheapest allowed level with fits=False (the caller serves
-    best-effort or rejects). If the floor and the cap leave no level at all, rejected."""
+    """The highest-quality level at which, with every predicted duration x the margin (the feedback margin scaled
+    by the request's priority), the engine finishes this request within its budget and every admitted request that
+    would have finished within its due time still does: the scheduler's rules played forward (whatif.py) with and
+    without it. Never below the quality floor nor above the memory cap.
+
+    If no level fits with the margin, the cheapest allowed level, best-effort (fits=False), provided it fits at face
+    value. Otherwise the request is rejected now rather than failed late (Clockwork's rule): even its cheapest level
+    would miss its own budget (cause "late"; only a `strict` request, one that gave its own SLO or deadline), or
+    would push an admitted request past its due time ("harm"). If the
+    floor and the cap leave no level at all, rejected ("floor")."""
     allowed = [i for i, level in enumerate(ladder)
                if i >= features.min_level and level.retention >= features.min_retention]
     if not allowed:
         why = f"the quality floor {features.min_retention:.3g} cannot be met"
         if features.min_level:
             why += f" while memory pressure caps quality at {ladder[features.min_level].name}"
-        return Decision(-1, None, why, False, rejected=True)
+        return Decision(-1, None, why, False, rejected=True, cause="floor")
     capped = f" (memory pressure caps quality at {ladder[features.min_level].name})" if features.min_level else ""
-    # The budget is shared with the queue behind: this request's service time delays every waiting one.
-    budget = features.budget_s / (1 + features.queue_depth)
-    shared = f" / (1 + {features.queue_depth} waiting)" if features.queue_depth else ""
     margin = margin_for_priority(features.margin, features.priority)
     times = f"x {margin:.2f}" + (f" ({features.priority} priority)" if features.priority != "normal" else "")
-    if features.predicted_s[allowed[0]] is None:
+    if features.candidates[allowed[0]] is None:
         return Decision(allowed[0], None, f"{ladder[allowed[0]].name}: no latency data yet{capped}", True)
+    admitted = list(features.admitted)
+    running = sum(j.admitted for j in admitted)
+    load = f"{running} running, {len(admitted) - running} waiting"
+    base = finish_times(admitted, features.rules)
+    budget = features.budget_s
+
+    def pushed(others: list[float], scale: float) -> int:
+        """Admitted requests that finish within their due time without this one at face value, and that it would
+        take past their due time with every duration x `scale` (or, if they are past it so scaled already,
+        further past it)."""
+        return sum(before <= job.due_s and scale * after > max(job.due_s, scale * before + 1e-9)
+                   for job, before, after in zip(admitted, base, others))
+
+    outcomes: dict[int, tuple[float, int, int]] = {}  # level -> (its finish, pushed with the margin, at face value)
+    first_miss = ""
     for i in allowed:
-        predicted = features.predicted_s[i]
-        if predicted is not None and predicted * margin <= budget:
-            why = "fits the budget" if i == allowed[0] else f"{ladder[allowed[0]].name} would exceed the budget"
-            return Decision(i, predicted, f"{ladder[i].name}: {why} ({predicted:.3f}s {times} "
-                            f"<= {features.budget_s:.3f}s{shared}){capped}", True)
+        candidate = features.candidates[i]
+        if candidate is None:
+            continue
+        *others, own = finish_times([*admitted, candidate], features.rules)
+        outcomes[i] = (own, pushed(others, margin), pushed(others, 1.0))
+        if margin * own <= budget and not outcomes[i][1]:
+            why = "fits the budget" if i == allowed[0] else first_miss
+            return Decision(i, own, f"{ladder[i].name}: {why} ({own:.3f}s {times} <= {budget:.3f}s; {load}){capped}",
+                            True)
+        if not first_miss:
+            first_miss = (f"{ladder[i].name} would push {outcomes[i][1]} admitted request(s) past their due time"
+                          if margin * own <= budget else f"{ladder[i].name} would exceed the budget")
     last = allowed[-1]
-    return Decision(last, features.predicted_s[last],
-                    f"{ladder[last].name}: no level fits {features.budget_s:.3f}s{shared} "
-                    f"(cheapest predicted {features.predicted_s[last]:.3f}s {times}){capped}", False)
+    own, _, harmed = outcomes[last]
+    if (own <= budget or not features.strict) and not harmed:
+        return Decision(last, own, f"{ladder[last].name}: no level fits {budget:.3f}s with the margin (cheapest "
+                        f"predicted {own:.3f}s {times}; {load}){capped}", False)
+    if own > budget:
+        alone = " alone (the engine holds no other request)" if not admitted else ""
+        why = (f"even {ladder[last].name}{alone} is predicted to take {own:.3f}s, past the budget of {budget:.3f}s "
+               f"({load})")
+        return Decision(-1, own, why + capped, False, rejected=True, cause="late", cheapest=last)
+    why = (f"serving it, even at {ladder[last].name}, would push {harmed} admitted request(s) past their due time "
+           f"({load})")
+    return Decision(-1, own, why + capped, False, rejected=True, cause="harm", cheapest=last)
 
 
 def load_ladder(path, num_layers: int) -> list[Level]:

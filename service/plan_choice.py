@@ -1,6 +1,7 @@
 """Which plan a request gets: none, its own explicit plan, or, for `auto`, the controller's decision over the
-quality ladder with each level's latency predicted for the batch the request joins. The decision and the level
-go to the metrics."""
+quality ladder, with what the request brings at each level and what the engine holds now. A decision the
+controller rejects fails the request now (resource_exhausted, or deadline_exceeded when its deadline is what it
+cannot make). The decision and the level go to the metrics."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ class PlanChoice:
         self.default_slo_s = default_slo_s
 
     def choose(self, request: IngestedRequest, reduction: Reduction, deadline: float | None, arrival: float,
-               running: int, waiting: int, record: bool = True) -> AppliedPlan:
-        """The plan. `running` / `waiting`: the model's load now (`waiting` counts this request). `record=False`
+               record: bool = True) -> AppliedPlan:
+        """The plan. For `auto`, the controller's decision over what the engine holds now (call it where no other
+        decision can slip in before this request joins the engine: the runtime's admission lock). `record=False`
         (a cost estimate): the controller and its metrics are left as they were."""
         if reduction.kind == "none":
             return AppliedPlan(ReductionPlan(), "none", "the request asked for no reduction")
@@ -31,36 +33,33 @@ class PlanChoice:
             return AppliedPlan(reduction.plan, "explicit", "the request gave the plan")
         ladder = self.controller.ladder
         now = time.monotonic()
-        budget = (reduction.slo_s or self.default_slo_s) - (now - arrival)
-        if deadline is not None:
-            budget = min(budget, deadline - now)
-        predicted = [self.predict(request, level.plan, running, media=not record) for level in ladder]
-        # the requests waiting with this one: `waiting` counts this one too (it is in the system, not running)
-        decision = self.controller.choose(predicted, budget, reduction.min_retention,
-                                          queue_depth=max(0, waiting - 1), priority=reduction.priority,
-                                          record=record, slo_s=reduction.slo_s)
+        slo_left = (reduction.slo_s or self.default_slo_s) - (now - arrival)
+        budget = slo_left if deadline is None else min(slo_left, deadline - now)
+        levels = [self.engine.pending_load(request, level.plan, budget) for level in ladder]
+        decision = self.controller.choose(levels, self.engine.loop.load(now), budget, reduction.min_retention,
+                                          priority=reduction.priority, record=record, slo_s=reduction.slo_s,
+                                          strict=reduction.slo_s is not None or deadline is not None)
         if record:
             level_name = ladder[decision.level].name if decision.level >= 0 else "none"
             self.metrics.controller_decisions.labels(self.name, level_name, decision.outcome).inc()
+        if decision.rejected and not record and decision.cheapest >= 0:  # an estimate says what a request would get
+            level = ladder[decision.cheapest]
+            return AppliedPlan(level.plan, "auto", f"a request now would be refused: {decision.reason}",
+                               decision.predicted_s, level.name)
         if decision.rejected:
-            raise ServiceError("resource_exhausted", f"cannot serve now: {decision.reason}; lower min_retention "
-                                                     "or retry later")
+            if decision.cause == "late" and deadline is not None and deadline - now <= slo_left:
+                raise ServiceError("deadline_exceeded", f"cannot finish before the deadline: {decision.reason}; "
+                                                        "allow more time or retry later")
+            raise ServiceError("resource_exhausted", f"cannot serve now: {decision.reason}; "
+                               + ("lower min_retention or retry later" if decision.cause == "floor"
+                                  else "retry later with backoff, or allow more time"))
         if record:
             self.metrics.controller_level.labels(self.name).set(decision.level)
-        if not decision.fits and deadline is not None and decision.predicted_s is not None \
-                and decision.predicted_s > deadline - now:
-            raise ServiceError("deadline_exceeded", f"cannot finish before the deadline: {decision.reason}")
         reason = decision.reason if decision.fits else f"best effort: {decision.reason}"
         return AppliedPlan(ladder[decision.level].plan, "auto", reason, decision.predicted_s,
                            ladder[decision.level].name)
 
-    def predict(self, request: IngestedRequest, plan: ReductionPlan, running: int, queue_wait_s: float = 0.0,
-                media: bool = False) -> float | None:
-        """Predicted latency from now; its media are decoded (`media=False`: their time is spent, and the budget
-        it is compared with has already paid for it) unless `media`."""
-        est = self.engine.cost(request.shape, plan)
-        batch = min(self.engine.loop.max_batch, running + 1)  # it joins the running batch
-        sampling = request.sampling
-        predicted = self.controller.predict(est.visual_tokens_in, est.prefill_flops, sampling.max_new_tokens,
-                                            batch, media=media, ignore_eos=sampling.ignore_eos)
-        return None if predicted is None else predicted + queue_wait_s
+    def predict(self, request: IngestedRequest, plan: ReductionPlan) -> float | None:
+        """Seconds from now until its answer under `plan` if it joined the engine now (its media decoded)."""
+        return self.controller.finish_time(self.engine.pending_load(request, plan),
+                                           self.engine.loop.load(time.monotonic()))

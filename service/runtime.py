@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -67,6 +68,7 @@ class ModelRuntime:
         self._media_executor = ThreadPoolExecutor(media_workers, thread_name_prefix=f"aim-{name}-media")
         # requests without media (their text tokenized, their plan chosen) never queue behind a video's decode
         self._text_executor = ThreadPoolExecutor(TEXT_WORKERS, thread_name_prefix=f"aim-{name}-text")
+        self._admitting = threading.Lock()  # one plan decision and its sequence's entry into the engine at a time
         self.media_memory = MediaMemory(max(media_memory_bytes, engine.preparer.limits.max_decoded_bytes))
         self._cache_counts_seen: dict = {}  # (cache stats, field) -> the count already added to its metric
         self.loop = engine.loop  # its limits are the engine's (server.load_models sets the settings' once)
@@ -93,9 +95,6 @@ class ModelRuntime:
     @property
     def waiting(self) -> int:
         return self.admission.waiting
-
-    def expected_queue_wait(self) -> float:
-        return self.admission.expected_queue_wait()
 
     # ---- generation ---------------------------------------------------------------------------
     async def stream(self, request: GenerationRequest, reduction: Reduction, deadline: float | None = None
@@ -167,14 +166,17 @@ class ModelRuntime:
         media_s = time.monotonic() - media_start
         if slot.should_stop():
             raise self._stopped(slot, "while the request's media were decoded")
-        applied = self.plans.choose(decoded, reduction, slot.deadline, arrival, self.running, self.waiting)
-        seq = self.engine.sequence(decoded, applied.plan, push, slot.should_stop)
-        seq.on_media_encoded = lambda: self.media_memory.release(slot.release_media())  # on the engine's thread
-        seq.arrival = started
-        try:
-            self.loop.add(seq)
-        except KVBudgetError as exc:
-            raise ServiceError("resource_exhausted", str(exc)) from None
+        with self._admitting:  # the decision sees what the engine holds: no other may join between it and `add`
+            applied = self.plans.choose(decoded, reduction, slot.deadline, arrival)
+            seq = self.engine.sequence(decoded, applied.plan, push, slot.should_stop)
+            seq.on_media_encoded = lambda: self.media_memory.release(slot.release_media())  # on the engine's thread
+            seq.arrival = started
+            due = arrival + (reduction.slo_s or self.default_slo_s)  # the time every admitted request is kept to
+            seq.due = due if slot.deadline is None else min(due, slot.deadline)
+            try:
+                self.loop.add(seq)
+            except KVBudgetError as exc:
+                raise ServiceError("resource_exhausted", str(exc)) from None
         return seq, applied, media_s
 
     def _check_slo(self, reduction: Reduction) -> None:
@@ -262,24 +264,21 @@ class ModelRuntime:
         m.plans.labels(name, done.applied.source).inc()
         self._record_caches(s)
         applied, media_s, total_s = done.applied, done.media_s, done.total_s
-        # an auto plan's prediction covers the time from its decision (media decoded) to the answer
-        prediction = (total_s - media_s, applied.predicted_s) if applied.source == "auto" and applied.predicted_s \
-            else None
         controlled = applied.source == "auto"
-        self.controller.observe(total_s, observation_of(s, media_s, sampling), slo_s=slo_s, controlled=controlled,
-                                prediction=prediction)
+        self.controller.observe(total_s, observation_of(s, media_s, sampling), slo_s=slo_s, controlled=controlled)
         self.share_rates()
-        if prediction is not None:
-            m.prediction_ratio.labels(name, applied.level).observe(prediction[0] / prediction[1])
+        if controlled and applied.predicted_s:  # its prediction spans its decision (media decoded) to its answer
+            m.prediction_ratio.labels(name, applied.level).observe((total_s - media_s) / applied.predicted_s)
         self._against_slo(total_s, slo_s, controlled)
 
-    def _against_slo(self, latency_s: float, slo_s: float | None, controlled: bool) -> None:
+    def _against_slo(self, latency_s: float, slo_s: float | None, controlled: bool, failed: bool = False) -> None:
         """A request's latency against its SLO, in the metrics, as the controller's window counts it: the ratio
-        histogram (controlled requests, as the window holds) and the violation counter (every request)."""
+        histogram (controlled requests, as the window holds) and the violation counter (every request; one that
+        `failed` for time or load is a miss whatever its latency)."""
         ratio = latency_s / (slo_s or self.default_slo_s)
         if controlled:
             self.metrics.slo_ratio.labels(self.name, slo_class(slo_s)).observe(ratio)
-        if ratio >= 1.0:  # a rejected request counts at its SLO exactly: a miss
+        if ratio >= 1.0 or failed:  # a rejected request counts at its SLO exactly: a miss
             self.metrics.slo_violations.labels(self.name, slo_class(slo_s)).inc()
 
     def _record_caches(self, stats: RequestStats) -> None:
@@ -319,7 +318,7 @@ class ModelRuntime:
             return
         controlled = reduction.kind == "auto"
         self.controller.observe_outcome(latency, reduction.slo_s, controlled=controlled)
-        self._against_slo(latency, reduction.slo_s, controlled)
+        self._against_slo(latency, reduction.slo_s, controlled, failed=status != "cancelled")
 
     def calibrate(self, rounds: int = 1) -> None:
         """Warm-up before the first real request (service/warmup.py); not counted as traffic."""
@@ -353,10 +352,12 @@ class ModelRuntime:
     def _estimate(self, request: GenerationRequest, reduction: Reduction, slot: RequestSlot) -> Estimate:
         decoded = self._ingest(request, slot)
         # as if it arrived now, media still to read: the plan and prediction a Generate of it would get
-        applied = self.plans.choose(decoded, reduction, None, time.monotonic(), self.running, self.waiting,
-                                    record=False)
+        with self._admitting:
+            applied = self.plans.choose(decoded, reduction, None, time.monotonic(), record=False)
+            predicted = self.plans.predict(decoded, applied.plan)  # with what the engine holds, played forward
         est = self.engine.estimate(decoded, applied.plan)
-        predicted = self.plans.predict(decoded, applied.plan, self.running, self.expected_queue_wait(), media=True)
+        if predicted is not None:  # as if it arrived now: its media still to read
+            predicted += self.controller.cost_model.media_s or 0.0
         return Estimate(est.visual_tokens_in, est.visual_tokens_merged, est.prefill_flops_baseline,
                         est.prefill_flops, predicted, applied)
 

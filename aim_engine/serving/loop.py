@@ -17,6 +17,7 @@ from typing import Callable
 from ..errors import Cancelled
 from ..kv_pool import KVPoolExhausted
 from ..request import GenerationResult, TokenDelta
+from .load import EngineLoad, sequence_load
 from .model_runner import ModelRunner
 from .scheduler import Scheduler
 from .sequence import FINISHED, Sequence
@@ -78,6 +79,16 @@ class ServingLoop:
     def num_running(self) -> int:
         """Sequences in the running batch."""
         return self.scheduler.num_running
+
+    def load(self, now: float) -> EngineLoad:
+        """What the engine holds, as work still to do (load.py); read without waiting for the step that runs.
+        `now` on time.monotonic, for the sequences' due times."""
+        sched, layers = self.scheduler, self.runner.lm.num_layers
+        pool = sched.pool
+        running, waiting = list(sched.running), list(sched.waiting) + list(sched.inbox())
+        loads = tuple(sequence_load(s, layers, pool.blocks_for(s.kv_tokens), now) for s in running + waiting)
+        evictable = self.runner.caches.prefixes.evictable_blocks() if self.runner.caches.prefixes else 0
+        return EngineLoad(loads, sched.max_batch, self.budget.multiple, pool.available_blocks + evictable)
 
     @property
     def threaded(self) -> bool:

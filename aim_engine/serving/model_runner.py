@@ -197,6 +197,7 @@ class ModelRunner:
         """One step for every sequence in `batch` (those not in the decode batch yet join it): feeds each its last
         sampled token. Returns (sequence, next token) in the batch's order, and the sequences that outgrew their
         KV reservation with no block left to take (out of the batch; the caller fails them alone)."""
+        start = time.perf_counter()
         for seq in batch:
             if seq.kv.batch_row is None:
                 self.batch.join(seq.kv)
@@ -220,8 +221,11 @@ class ModelRunner:
             seq.stats.decode_flops += decode_step_flops(self.shape, seq.kv.lengths)
             seq.decode_steps += 1
             seq.batch_size_sum += len(seqs)
-        sampled = sample_tokens(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
-        return list(zip(seqs, sampled.tolist())), outgrown  # the step's one device -> host sync
+        sampled = sample_tokens(logits, [s.sampling for s in seqs], [s.generator for s in seqs]).tolist()
+        elapsed = time.perf_counter() - start  # after the step's one device -> host sync
+        for seq in seqs:
+            seq.stats.timings.decode_steps_s += elapsed
+        return list(zip(seqs, sampled)), outgrown
 
 
 def _fill_prefill_stats(stats: RequestStats, llm: LLMShape, prepared: PreparedPrompt, tokens_per_layer: list[int],

@@ -60,6 +60,11 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.running or self.waiting or self._inbox)
 
+    def inbox(self) -> list[Sequence]:
+        """Sequences added and not yet moved to `waiting` (they wait behind it)."""
+        with self._inbox_lock:
+            return list(self._inbox)
+
     def take_inbox(self) -> None:
         with self._inbox_lock:
             self.waiting.extend(self._inbox)

@@ -16,6 +16,7 @@ from ..kv_pool import SequenceKV
 
 if TYPE_CHECKING:
     from ..assembly import PreparedPrompt
+    from ..cost import CostEstimate
     from .slices import PrefillWork
     from ..request import GenerationRequest, RequestStats
 
@@ -40,6 +41,8 @@ class Sequence:
     stats: "RequestStats"
     should_stop: Callable[[], bool] | None = None
     on_media_encoded: Callable[[], None] | None = None  # called once its media's pixels are dropped (see below)
+    cost: "CostEstimate | None" = None  # what its plan predicts it costs (serving/load.py reads its work left from it)
+    due: float | None = None  # when its caller wants the answer, on time.monotonic (None: no due time)
     seq_id: int = field(default_factory=lambda: next(_ids))
     status: str = WAITING
     arrival: float = field(default_factory=time.perf_counter)

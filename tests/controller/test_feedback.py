@@ -9,6 +9,8 @@ from controller.controller import BudgetController, ControllerConfig
 from controller.feedback import FeedbackConfig, FeedbackState, Fresh, SinceIncrease, step
 from controller.policy import default_ladder
 
+from .loads import IDLE, engine, levels, teach, work
+
 CFG = FeedbackConfig(interval_s=2.0, min_samples=5)
 
 
@@ -58,32 +60,43 @@ class FakeClock:
 
 
 def simulate(policy: str, seed: int = 0, slo: float = 1.0, duration: float = 600.0):
-    """One server; Poisson arrivals whose rate ramps from 0.5/s to 4/s over the first half, then holds. Service
-    time per level; the real service is 30% slower than the cost model predicts (the margin must learn it),
-    with 15% noise. Returns per-request (arrival, latency, level) and the margins over time."""
+    """One server that serves one request at a time, first come first served; Poisson arrivals whose rate ramps from
+    0.5/s to 4/s over the first half, then holds. Service time per level; the real service is 30% slower than the
+    cost model predicts (the margin must learn it), with 15% noise. The controller sees what the server holds: the
+    request in service (its predicted seconds left) and those queued, each with its due time. Returns per-request
+    (arrival, latency, level) and the margins over time."""
     rng = random.Random(seed)
     clock = FakeClock()
     ladder = default_ladder(28)
     nominal = [0.40, 0.26, 0.18, 0.14, 0.10]  # seconds per level, what the model believes
     controller = BudgetController(ladder, ControllerConfig(slo_s=slo, feedback=CFG), clock=clock)
-    free_at, t, results, margins = 0.0, 0.0, [], []
+    teach(controller)
+    t, results, margins = 0.0, [], []
+    queue = []  # (arrival, level, start, finish) of the requests not yet finished, in order
     while t < duration:
         rate = 0.5 + 3.5 * min(1.0, t / (duration / 2))
         t += rng.expovariate(rate)
+        while queue and queue[0][3] <= t:  # what finished before this arrival reaches the feedback loop
+            arrival, _, _, finish = queue.pop(0)
+            clock.t = finish
+            controller.observe(finish - arrival)
+            margins.append((finish, controller.feedback.margin))
         clock.t = t
-        wait = max(0.0, free_at - t)
         if policy == "adaptive":
-            level = controller.choose([wait + s for s in nominal], slo, 0.0).level
+            held = [work(nominal[lv] * (min(1.0, (finish - t) / (finish - start)) if start <= t else 1.0),
+                         arrival + slo - t, admitted=start <= t) for arrival, lv, start, finish in queue]
+            decision = controller.choose(levels(nominal), engine(*held), slo, 0.0)
+            if decision.rejected:
+                results.append((t, math.inf, None))
+                controller.observe_outcome(slo)
+                continue
+            level = decision.level
         else:
             level = 0 if policy == "always_full" else len(ladder) - 1
         service = nominal[level] * 1.3 * rng.lognormvariate(0, 0.15)
-        start = max(t, free_at)
-        free_at = start + service
-        latency = free_at - t
-        results.append((t, latency, level))
-        clock.t = free_at
-        controller.observe(latency)
-        margins.append((free_at, controller.feedback.margin))
+        start = max(t, queue[-1][3] if queue else t)
+        queue.append((t, level, start, start + service))
+        results.append((t, start + service - t, level))
     return results, margins
 
 
@@ -147,7 +160,8 @@ def test_a_burst_does_not_wind_the_margin_up_beyond_the_stated_bound(calm):
     # off the ceiling once nothing finished for quiet_s (or enough fast requests did), plus a step or two
     off_by = CFG.quiet_s + 2 * CFG.interval_s + 1
     assert all(m < CFG.max_margin for since, m in margins if since >= off_by)
-    assert controller.choose([0.1] * 5, 1.0, 0.0).level == 0  # a decision now sees the relaxed margin
+    teach(controller)
+    assert controller.choose(levels([0.1] * 5), IDLE, 1.0, 0.0).level == 0  # a decision now sees the relaxed margin
     assert controller.feedback.margin <= 1.1
 
 
@@ -175,9 +189,10 @@ def test_each_slo_class_has_its_own_loop_so_a_tenant_of_tiny_slos_steers_only_it
     assert controller.margin_for(None) <= 1.2 and controller.feedback.margin == controller.margin_for(None)
     assert controller.status().margins == {"default": controller.margin_for(None), "0.1s": CFG.max_margin}
     # the same request and load: the default class gets a better level than the tight class's margin allows
-    predicted = [0.5, 0.4, 0.3, 0.25, 0.2]
-    mine = controller.choose(predicted, budget_s=0.6, min_retention=0.0, record=False)
-    theirs = controller.choose(predicted, budget_s=0.6, min_retention=0.0, record=False, slo_s=0.1)
+    teach(controller)
+    predicted = levels([0.5, 0.4, 0.3, 0.25, 0.2])
+    mine = controller.choose(predicted, IDLE, budget_s=0.6, min_retention=0.0, record=False)
+    theirs = controller.choose(predicted, IDLE, budget_s=0.6, min_retention=0.0, record=False, slo_s=0.1)
     assert mine.level < theirs.level
     # a class with no loop yet decides with the default class's margin
     assert controller.margin_for(30.0) == controller.margin_for(None)

@@ -3,9 +3,19 @@ import pytest
 from aim_engine.plan import ReductionPlan
 from controller.policy import (LOW_PRIORITY_MARGIN_FACTOR, PRIORITIES, Features, Level, decide, default_ladder,
                                load_ladder, margin_for_priority)
+from controller.whatif import EngineRules, Job
 
 LADDER = default_ladder(28)  # full, merge-50, merge-25, aim-default, max-saving
 PRED = [2.0, 1.2, 0.9, 0.7, 0.5]
+
+
+def alone(seconds):
+    """The request at each level: that many seconds of prefill, a one-token answer, on an idle engine."""
+    return [Job(s, 0) for s in seconds]
+
+
+def features(budget, min_retention=0.0, predicted=PRED, **kw):
+    return Features(budget_s=budget, min_retention=min_retention, candidates=alone(predicted), **kw)
 
 
 def test_default_ladder_is_ordered_from_quality_to_saving():
@@ -32,36 +42,44 @@ def test_the_merge_rungs_take_the_calibrated_defaults_attention_rule():
 
 @pytest.mark.parametrize("budget,expected", [(10.0, 0), (2.4, 0), (2.39, 1), (1.0, 3), (0.6, 4)])
 def test_highest_quality_that_fits_budget_with_margin(budget, expected):
-    d = decide(LADDER, Features(budget_s=budget, min_retention=0.0, predicted_s=PRED, margin=1.2))
+    d = decide(LADDER, features(budget, margin=1.2))
     assert d.level == expected and d.fits and not d.rejected and d.outcome == "fits"
 
 
 def test_margin_makes_it_more_conservative():
-    loose = decide(LADDER, Features(1.0, 0.0, PRED, margin=1.0))
-    tight = decide(LADDER, Features(1.0, 0.0, PRED, margin=1.4))
+    loose = decide(LADDER, features(1.0, margin=1.0))
+    tight = decide(LADDER, features(1.0, margin=1.4))
     assert (loose.level, tight.level) == (2, 3)
 
 
-def test_nothing_fits_gives_cheapest_allowed_best_effort():
-    d = decide(LADDER, Features(0.1, 0.0, PRED))
+def test_nothing_fits_with_the_margin_gives_cheapest_allowed_best_effort_if_it_fits_at_face_value():
+    d = decide(LADDER, features(0.55))  # 0.5 x 1.2 > 0.55 >= 0.5
     assert d.level == 4 and not d.fits and d.outcome == "best_effort" and "no level fits" in d.reason
 
 
+def test_a_request_even_its_cheapest_level_would_make_late_is_rejected_now():
+    d = decide(LADDER, features(0.1))
+    assert d.rejected and d.cause == "late" and d.outcome == "rejected" and "past the budget" in d.reason
+    assert d.predicted_s == 0.5
+
+
 def test_quality_floor_is_never_crossed():
-    d = decide(LADDER, Features(0.1, 0.3, PRED))
+    d = decide(LADDER, features(1.3, 0.3))
     assert d.level == 1 and not d.fits  # merge-50 is the cheapest level keeping >= 30%
-    d = decide(LADDER, Features(10.0, 1.0, PRED))
+    d = decide(LADDER, features(10.0, 1.0))
     assert d.level == 0
+    d = decide(LADDER, features(0.1, 0.3))  # and it is not served below the floor to make the budget
+    assert d.rejected and d.cause == "late"
 
 
 def test_memory_cap_limits_quality():
-    d = decide(LADDER, Features(10.0, 0.0, PRED, min_level=3))
+    d = decide(LADDER, features(10.0, min_level=3))
     assert d.level == 3 and "memory pressure caps" in d.reason
 
 
 def test_floor_and_memory_cap_in_conflict_reject():
-    d = decide(LADDER, Features(10.0, 0.5, PRED, min_level=3))
-    assert d.rejected and d.level == -1 and d.outcome == "rejected" and "quality floor" in d.reason
+    d = decide(LADDER, features(10.0, 0.5, min_level=3))
+    assert d.rejected and d.level == -1 and d.outcome == "rejected" and "quality floor" in d.reason and d.cause == "floor"
 
 
 def test_without_latency_data_serve_highest_allowed_quality():
@@ -107,19 +125,13 @@ def test_retention_is_the_share_merging_keeps_and_pruning_does_not_count():
     assert [l.retention for l in LADDER] == [1.0, 0.5, 0.25, 0.25, 0.125]
     assert Level("prune-only", ReductionPlan(prune_start=2, prune_end=4)).retention == 1.0
     d = decide([Level("full", ReductionPlan()), Level("prune-only", ReductionPlan(prune_start=2, prune_end=4))],
-               Features(10.0, 1.0, [20.0, 1.0]))
+               Features(10.0, 1.0, alone([20.0, 1.0])))
     assert d.level == 1 and d.fits
-
-
-def test_budget_is_shared_with_the_queue_behind():
-    alone = decide(LADDER, Features(2.4, 0.0, PRED))
-    queued = decide(LADDER, Features(2.4, 0.0, PRED, queue_depth=2))  # 2.4 / 3 = 0.8 s each
-    assert alone.level == 0 and queued.level == 4 and "2 waiting" in queued.reason
 
 
 # Under one load (budget, predictions, feedback margin), priority alone moves the decision: high takes the
 # predictions at face value, low multiplies the margin by LOW_PRIORITY_MARGIN_FACTOR.
-LOADED = dict(budget_s=1.3, min_retention=0.0, predicted_s=[1.0, 0.8, 0.6, 0.4, 0.2], margin=1.5)
+LOADED = dict(budget_s=1.3, min_retention=0.0, candidates=alone([1.0, 0.8, 0.6, 0.4, 0.2]), margin=1.5)
 
 
 def test_priority_high_keeps_more_quality_and_low_less_than_normal_under_the_same_load():

@@ -7,6 +7,8 @@ from controller.controller import BudgetController, ControllerConfig
 from controller.policy import default_ladder
 from controller.signals import GpuSampler, LatencyWindow, PromQLReader
 
+from .loads import IDLE, levels, teach
+
 
 class FakeNVML:
     """The functions of pynvml the sampler uses, for a machine with `count` GPUs at `used` memory, or (with
@@ -46,9 +48,10 @@ def test_nvml_absent_reports_unavailable_and_controller_still_decides(nvml, reas
     gpu = GpuSampler(nvml=nvml)
     assert not gpu.available and reason in gpu.snapshot().reason
     controller = BudgetController(default_ladder(24), gpu=gpu.start())
+    teach(controller)
     assert gpu.sample_once() == gpu.snapshot() and not gpu.snapshot().available
     assert controller.memory_cap() == 0 and not controller.status().gpu_available
-    assert controller.choose([1.0] * 5, 10.0, 0.0).level == 0
+    assert controller.choose(levels([1.0] * 5), IDLE, 10.0, 0.0).level == 0
 
 
 def test_the_real_nvml_reports_what_this_machine_has():
@@ -61,8 +64,9 @@ def test_the_real_nvml_reports_what_this_machine_has():
     else:
         assert not snapshot.available and snapshot.reason
     controller = BudgetController(default_ladder(24), gpu=gpu)
+    teach(controller)
     assert controller.status().gpu_available == gpu.available
-    assert controller.choose([1.0] * 5, 10.0, 0.0).level == controller.memory_cap()
+    assert controller.choose(levels([1.0] * 5), IDLE, 10.0, 0.0).level == controller.memory_cap()
 
 
 def test_memory_pressure_above_threshold_caps_quality():
@@ -74,9 +78,10 @@ def test_memory_pressure_above_threshold_caps_quality():
     pressure = [0.5]
     controller = BudgetController(default_ladder(24), ControllerConfig(memory_threshold=0.9), gpu=gpu,
                                   memory=lambda: pressure[0])
-    assert controller.memory_cap() == 0 and controller.choose([1.0] * 5, 10.0, 0.0).level == 0
+    teach(controller)
+    assert controller.memory_cap() == 0 and controller.choose(levels([1.0] * 5), IDLE, 10.0, 0.0).level == 0
     pressure[0] = 0.95
-    decision = controller.choose([1.0] * 5, 10.0, 0.0)
+    decision = controller.choose(levels([1.0] * 5), IDLE, 10.0, 0.0)
     assert controller.memory_cap() == 3 and decision.level == 3 and "memory" in decision.reason
     pressure[0] = None  # unknown: no cap
     assert controller.memory_cap() == 0
@@ -96,6 +101,7 @@ def test_prometheus_unreachable_falls_back_to_the_window():
     reader = PromQLReader("http://127.0.0.1:9", "up", timeout_s=0.5)  # nothing listens on port 9
     assert reader.fetch().value is None and reader.latest().error
     controller = BudgetController(default_ladder(24), prometheus=reader)
+    teach(controller)
     for _ in range(10):
         controller.window.add(0.5)
     assert controller.p95()[:2] == (0.5, "window")
@@ -104,6 +110,7 @@ def test_prometheus_unreachable_falls_back_to_the_window():
 def test_feedback_uses_latency_as_a_share_of_each_requests_slo():
     now = [0.0]
     controller = BudgetController(default_ladder(24), ControllerConfig(slo_s=1.0), clock=lambda: now[0])
+    teach(controller)
     for _ in range(20):  # 2 s requests with a 10 s SLO are well within it, though over the 1 s default
         controller.observe(2.0, slo_s=10.0)
     now[0] = 10.0
@@ -114,6 +121,7 @@ def test_feedback_uses_latency_as_a_share_of_each_requests_slo():
 def test_only_controlled_requests_steer_the_margin():
     now = [0.0]
     controller = BudgetController(default_ladder(24), ControllerConfig(slo_s=1.0), clock=lambda: now[0])
+    teach(controller)
     for _ in range(20):
         controller.observe(5.0, controlled=False)  # explicit plans far over the SLO: not the controller's doing
     now[0] = 10.0

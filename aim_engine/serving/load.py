@@ -1,0 +1,71 @@
+"""What the engine holds, as work still to do: for each sequence, its vision and LLM prefill still to run, its answer
+so far, its KV and when its caller wants it. In the engine's own units (visual tokens, FLOPs, tokens, blocks);
+whoever fits rates to them (the controller) turns them into seconds. Read without stopping the loop: a snapshot
+taken between two of its steps or during one, which is what a prediction needs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..cost import CostEstimate
+from ..feature_cache import CachedMedia
+from ..request import ImagePart, Part, VideoPart
+from .sequence import RUNNING, Sequence
+
+
+@dataclass(frozen=True)
+class SequenceLoad:
+    admitted: bool  # in the running batch, its KV reserved
+    vision_tokens: int  # visual tokens still to go through the tower (a cache hit goes through none)
+    prefill_flops: float  # LLM prefill FLOPs still to run
+    prefilled: bool  # its first token is out: it decodes
+    generated: int  # tokens of its answer so far
+    max_new_tokens: int
+    ignore_eos: bool
+    kv_blocks: int  # blocks it reserved (admitted) or must reserve
+    due_in_s: float = math.inf  # seconds until its caller wants the answer (inf: no due time)
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    sequences: tuple[SequenceLoad, ...]  # running in admission order, then waiting in arrival order
+    max_batch: int
+    step_multiple: float | None  # the step budget (slices.StepBudget.multiple); None: unsliced
+    free_kv_blocks: int  # what admission can still reserve: free and unpromised, or held only by evictable prefixes
+
+
+def vision_tokens(parts: list[Part], estimate_media: list[tuple[list[int], int]]) -> list[int]:
+    """Per media item, its visual tokens through the tower: none for an item the feature cache holds."""
+    items = [p for p in parts if isinstance(p, (ImagePart, VideoPart, CachedMedia))]
+    return [0 if isinstance(part, CachedMedia) else sum(groups) + loose
+            for part, (groups, loose) in zip(items, estimate_media)]
+
+
+def pending_load(request, estimate: CostEstimate, kv_blocks: int, due_in_s: float = math.inf) -> SequenceLoad:
+    """A request not yet in the engine (an IngestedRequest) under the plan of `estimate`."""
+    return SequenceLoad(False, sum(vision_tokens(request.parts, request.shape.media)), estimate.prefill_flops, False,
+                        0, request.sampling.max_new_tokens, request.sampling.ignore_eos, kv_blocks, due_in_s)
+
+
+def sequence_load(seq: Sequence, num_layers: int, kv_blocks: int, now: float) -> SequenceLoad:
+    """A sequence in the engine, from its progress so far (`now` on time.monotonic, for its due time)."""
+    request, work = seq.request, seq.work
+    due = math.inf if seq.due is None else seq.due - now
+    sampling = request.sampling
+    admitted = seq.status == RUNNING
+    if admitted and work is None:  # decoding
+        return SequenceLoad(True, 0, 0.0, True, len(seq.generated), sampling.max_new_tokens, sampling.ignore_eos,
+                            kv_blocks, due)
+    flops = seq.cost.prefill_flops if seq.cost is not None else 0.0
+    tokens = sum(vision_tokens(request.parts, request.shape.media))
+    if work is not None:
+        tokens = 0
+        for item, (encoded, item_tokens) in enumerate(zip(work.encoded, work.tokens)):
+            if encoded is None and not isinstance(work.items[item], CachedMedia):
+                frames = work.frames(item)
+                done = work.next_frame.get(item, 0) / frames if frames else 0.0
+                tokens += round(item_tokens * (1 - done))
+        if work.run is not None:
+            flops *= max(0, num_layers - work.run.layer) / num_layers
+    return SequenceLoad(admitted, tokens, flops, False, 0, sampling.max_new_tokens, sampling.ignore_eos, kv_blocks, due)

@@ -1,0 +1,127 @@
+"""What the engine will do with the requests it holds: its scheduler's rules played forward, in predicted seconds.
+
+The engine (aim_engine/serving/loop.py) runs steps. Each step
+1. admits waiting sequences in arrival order while the batch has room (`max_batch`) and the KV pool can reserve
+   a sequence's whole need (`kv_blocks`);
+2. runs up to the step budget of prefill work (vision and LLM layers) in admission order: `step_multiple` x the
+   running batch's decode step, or all of it when nothing decodes or slicing is off (serving/slices.py);
+3. runs one decode step of every sequence whose prefill is done, in `a + b x batch` seconds (the fitted line).
+A prefill yields a sequence's first token, each decode step one more; a sequence leaves when its answer is
+complete, and its KV goes back to the pool.
+
+`finish_times` plays these rules forward from now. Prefill work is fluid (a step takes at most the budget's seconds
+of it, oldest sequence first), and the simulation jumps from event to event (a prefill done, an answer done), so
+it costs O(n^2) for n jobs however long their answers. Requests that arrive later are not known one by one; their
+prefill work is a share of the engine's time (`arriving_share`: predicted prefill seconds arriving per second,
+measured over the recent decisions) that stretches every decode step once the known prefill work is done:
+step / (1 - share), never more than the step budget allows (1 + step_multiple). Every duration scales with the
+rates, so a margin on the rates scales every finish time by the same factor (`decide` relies on it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Sequence
+
+MAX_ARRIVING_SHARE = 0.9  # an engine saturated by arrivals still decodes: bounds the stretch to 10x
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request as the engine will run it."""
+
+    prefill_s: float  # predicted seconds of vision and LLM prefill still to run
+    steps: int  # decode steps still to run after its prefill: the answer's tokens after the first
+    due_s: float = math.inf  # seconds from now by which its caller wants the answer
+    kv_blocks: int = 0  # KV blocks it holds (admitted) or must reserve before it is admitted
+    admitted: bool = False  # in the running batch, its KV reserved
+
+
+@dataclass(frozen=True)
+class EngineRules:
+    """The scheduler's limits and the fitted rates of a decode step."""
+
+    max_batch: int
+    step_a: float  # seconds of a decode step: step_a + step_b x sequences decoding
+    step_b: float = 0.0
+    step_multiple: float | None = 4.0  # prefill per step beside a decoding batch, in its decode steps; None: unsliced
+    free_kv_blocks: float = math.inf  # blocks the pool can still promise (free, or held only by evictable caches)
+    arriving_share: float = 0.0  # engine time that later arrivals' prefill will take, a share of every second
+
+    def decode_s(self, batch: int) -> float:
+        return self.step_a + self.step_b * batch if batch else 0.0
+
+
+def finish_times(jobs: Sequence[Job], rules: EngineRules) -> list[float]:
+    """Seconds from now until each job's answer is complete (inf: it can never be admitted). Admitted jobs first
+    in admission order, then the waiting ones in arrival order (the order `jobs` gives within each)."""
+    n = len(jobs)
+    prefill = [j.prefill_s for j in jobs]
+    steps = [j.steps for j in jobs]
+    finish = [math.inf] * n
+    running = [i for i, j in enumerate(jobs) if j.admitted]
+    waiting = deque(i for i, j in enumerate(jobs) if not j.admitted)
+    free = rules.free_kv_blocks  # what admitted jobs hold is already taken from it
+    share = min(MAX_ARRIVING_SHARE, max(0.0, rules.arriving_share))
+    t = 0.0
+    while running or waiting:
+        while waiting and len(running) < rules.max_batch and jobs[waiting[0]].kv_blocks <= free:
+            i = waiting.popleft()
+            free -= jobs[i].kv_blocks
+            running.append(i)
+        if not running:
+            break  # the head needs more KV than the pool can ever promise: it and those behind never finish
+        for i in [i for i in running if prefill[i] <= 0 and steps[i] <= 0]:  # answered at its prefill
+            finish[i] = t
+            running.remove(i)
+            free += jobs[i].kv_blocks
+        if not running:
+            continue
+        prefilling = [i for i in running if prefill[i] > 0]
+        decoding = [i for i in running if prefill[i] <= 0 and steps[i] > 0]
+        d = rules.decode_s(len(decoding))
+        sliced = rules.step_multiple is not None and decoding
+        budget = max(rules.step_multiple * d, d) if sliced else math.inf  # a step's first piece always runs
+        if prefilling:
+            head = prefill[prefilling[0]]
+            k_prefill = max(1, math.ceil(head / budget - 1e-9)) if math.isfinite(budget) else 1
+        else:
+            k_prefill = math.inf
+            if decoding and share > 0:  # later arrivals' prefill between the steps, within the budget
+                stretch = 1 / (1 - share)
+                if sliced:
+                    stretch = min(stretch, 1 + max(rules.step_multiple, 1.0))
+                d *= stretch
+        k = min(min((steps[i] for i in decoding), default=math.inf), k_prefill)
+        spent = min(sum(prefill[i] for i in prefilling), k * budget) if prefilling else 0.0
+        # prefill completes in FIFO order within these k steps (only in the last one: see k_prefill)
+        used, done = 0.0, []
+        for i in prefilling:
+            take = min(prefill[i], spent - used)
+            if take <= 0:
+                break
+            used += take
+            prefill[i] -= take
+            if prefill[i] <= 1e-12:
+                prefill[i] = 0.0
+                done.append((i, t + used + (k - 1) * d))
+        t += spent + (k * d if decoding else 0.0)
+        leaving = []
+        for i in decoding:
+            steps[i] -= k
+            if steps[i] <= 0:
+                finish[i] = t
+                leaving.append(i)
+        for i, at in done:
+            if steps[i] <= 0:
+                finish[i] = at
+                leaving.append(i)
+        for i in leaving:
+            running.remove(i)
+            free += jobs[i].kv_blocks
+    return finish
+
+
+__all__ = ["EngineRules", "Job", "finish_times"]

@@ -1,0 +1,115 @@
+"""The what-if over the engine's rules (controller/whatif.py) and the decision built on it (policy.decide): when each
+request the engine holds will finish, and which level a newcomer may take without pushing an admitted one past
+its due time. Times are worked by hand from the scheduler's rules."""
+
+import math
+
+import pytest
+
+from controller.policy import Features, decide, default_ladder
+from controller.whatif import EngineRules, Job, finish_times
+
+LADDER = default_ladder(28)
+SLICED = EngineRules(max_batch=8, step_a=0.1, step_b=0.0, step_multiple=4.0)  # 0.1 s steps, 0.4 s of prefill each
+
+
+def test_a_lone_request_takes_its_prefill_then_its_decode_steps():
+    assert finish_times([Job(1.0, 3)], SLICED) == pytest.approx([1.3])
+
+
+def test_a_sliced_prefill_shares_each_step_with_the_running_batch():
+    # step 1-2: 0.4 prefill + 0.1 decode; step 3: the last 0.2 of prefill (done at 1.2) + decode (t 1.3); then both
+    # decode: the running one's last two steps end at 1.5, the newcomer's three at 1.6
+    assert finish_times([Job(0.0, 5, admitted=True), Job(1.0, 3)], SLICED) == pytest.approx([1.5, 1.6])
+
+
+def test_unsliced_the_whole_prefill_runs_before_the_next_decode_step():
+    unsliced = EngineRules(max_batch=8, step_a=0.1, step_multiple=None)
+    assert finish_times([Job(0.0, 5, admitted=True), Job(1.0, 3)], unsliced) == pytest.approx([1.5, 1.4])
+
+
+def test_the_decode_step_grows_with_the_batch():
+    rules = EngineRules(max_batch=8, step_a=0.1, step_b=0.05, step_multiple=4.0)
+    # two decoding together: 0.2 s a step
+    assert finish_times([Job(0.0, 4, admitted=True), Job(0.0, 2, admitted=True)], rules) == pytest.approx(
+        [0.4 + 2 * 0.15, 0.4])
+
+
+def test_a_full_batch_and_a_short_pool_make_a_newcomer_wait():
+    one = EngineRules(max_batch=1, step_a=0.1, step_multiple=4.0)
+    assert finish_times([Job(0.0, 5, admitted=True), Job(1.0, 0)], one) == pytest.approx([0.5, 1.5])
+    pool = EngineRules(max_batch=8, step_a=0.1, step_multiple=4.0, free_kv_blocks=5)
+    jobs = [Job(0.0, 5, kv_blocks=10, admitted=True), Job(1.0, 0, kv_blocks=8)]
+    assert finish_times(jobs, pool) == pytest.approx([0.5, 1.5])  # admitted once the first gives its 10 back
+    assert finish_times([Job(1.0, 0, kv_blocks=20)], pool) == [math.inf]  # more than the pool will ever hold
+
+
+def test_later_arrivals_stretch_decode_steps_within_the_step_budget():
+    half = EngineRules(max_batch=8, step_a=0.1, step_multiple=4.0, arriving_share=0.5)
+    assert finish_times([Job(0.0, 10, admitted=True)], half) == pytest.approx([2.0])  # 0.1 / (1 - 0.5) a step
+    saturated = EngineRules(max_batch=8, step_a=0.1, step_multiple=4.0, arriving_share=2.0)
+    assert finish_times([Job(0.0, 10, admitted=True)], saturated) == pytest.approx([5.0])  # at most 1 + 4 steps' worth
+
+
+def test_every_finish_time_scales_with_the_rates():
+    """What `decide` relies on to apply its margin as one factor."""
+    jobs = [Job(0.0, 7, admitted=True), Job(0.3, 2, admitted=True), Job(1.1, 5), Job(0.2, 0)]
+    base = finish_times(jobs, SLICED)
+    scaled = finish_times([Job(j.prefill_s * 1.7, j.steps, admitted=j.admitted) for j in jobs],
+                          EngineRules(max_batch=8, step_a=0.17, step_multiple=4.0))
+    assert scaled == pytest.approx([1.7 * t for t in base])
+
+
+PRED = [2.0, 1.2, 0.9, 0.7, 0.5]
+
+
+def newcomer(steps=0):
+    return [Job(s, steps) for s in PRED]
+
+
+def test_a_queue_ahead_counts_in_the_newcomers_finish():
+    serial = EngineRules(max_batch=1, step_a=0.1, step_multiple=None)
+    idle = decide(LADDER, Features(2.4, 0.0, newcomer(), rules=serial))
+    queued = decide(LADDER, Features(2.4, 0.0, newcomer(), admitted=[Job(1.0, 0, admitted=True)], rules=serial))
+    assert idle.level == 0 and idle.predicted_s == pytest.approx(2.0)
+    # behind 1 s of work: merge-25 finishes at 1.9 (x 1.2 = 2.28 <= 2.4), merge-50 at 2.2 would not fit
+    assert queued.level == 2 and queued.predicted_s == pytest.approx(1.9) and "1 running, 0 waiting" in queued.reason
+
+
+def test_a_newcomer_takes_the_level_that_keeps_an_admitted_request_within_its_due_time():
+    """The running request decodes 10 steps (1 s alone) and is due in 2 s: the newcomer's prefill slices would
+    stretch its steps. Full (2 s of prefill) would end it at 2.6 s; only max saving (0.5 s) keeps it at 1.5 s
+    (x 1.2 = 1.8 <= 2)."""
+    running = Job(0.0, 10, due_s=2.0, admitted=True)
+    d = decide(LADDER, Features(10.0, 0.0, newcomer(), admitted=[running], rules=SLICED))
+    assert d.level == 4 and d.fits and "full would push 1 admitted request(s) past their due time" in d.reason
+    # the same request alone takes the full model
+    assert decide(LADDER, Features(10.0, 0.0, newcomer(), rules=SLICED)).level == 0
+
+
+def test_an_admitted_request_already_late_is_not_protected():
+    late = Job(0.0, 10, due_s=0.5, admitted=True)  # finishes at 1.0 whatever comes
+    assert decide(LADDER, Features(10.0, 0.0, newcomer(), admitted=[late], rules=SLICED)).level == 0
+
+
+def test_a_newcomer_that_would_push_an_admitted_request_past_its_due_time_at_any_level_is_rejected():
+    tight = Job(0.0, 10, due_s=1.05, admitted=True)  # 1.0 s alone; any prefill slice beside it makes it late
+    d = decide(LADDER, Features(10.0, 0.0, newcomer(), admitted=[tight], rules=SLICED))
+    assert d.rejected and d.cause == "harm" and "push 1 admitted request(s)" in d.reason
+
+
+def test_a_newcomer_that_waits_for_kv_is_predicted_to_and_a_smaller_level_goes_first():
+    """10 blocks held by a request decoding for 1 s, 5 free. Full and merge-50 (10 and 8 blocks) wait for them;
+    merge-25 (6) too; aim-default (4) is admitted at once and done at 0.8 s."""
+    rules = EngineRules(max_batch=8, step_a=0.1, step_multiple=4.0, free_kv_blocks=5)
+    held = Job(0.0, 10, kv_blocks=10, admitted=True)
+    candidates = [Job(s, 0, kv_blocks=b) for s, b in zip(PRED, [10, 8, 6, 4, 2])]
+    d = decide(LADDER, Features(2.0, 0.0, candidates, admitted=[held], rules=rules))
+    assert d.level == 3 and d.predicted_s == pytest.approx(0.8)
+
+
+def test_the_margin_applies_to_the_admitted_requests_too():
+    running = Job(0.0, 10, due_s=1.9, admitted=True)
+    at_face_value = decide(LADDER, Features(10.0, 0.0, newcomer(), admitted=[running], rules=SLICED, margin=1.0))
+    careful = decide(LADDER, Features(10.0, 0.0, newcomer(), admitted=[running], rules=SLICED, margin=1.3))
+    assert at_face_value.level < careful.level

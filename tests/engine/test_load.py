@@ -1,0 +1,56 @@
+"""What the engine holds as work still to do (serving/load.py), which the controller plays forward: read between
+steps while a video's prefill advances in slices beside a streaming answer, it shrinks as the work is done, and a
+request not yet in the engine reads as it will once added."""
+
+from __future__ import annotations
+
+import math
+
+from aim_engine import ReductionPlan
+from aim_engine.cost import kv_tokens
+from aim_engine.serving.slices import StepBudget
+from tests.engine.test_batching import Run
+from tests.engine.test_slicing import STREAMER, sliced_requests
+
+
+def test_the_load_follows_a_sliced_prefill_beside_a_streaming_answer(engine_for):
+    engine = engine_for("qwen2_vl", layers=5)
+    request, plan = sliced_requests("qwen2_vl")[-1]  # a video of 8 frames, sliced; merging and pruning
+    run = Run(engine)
+    saved = engine.loop.budget
+    engine.loop.limit(engine.loop.max_batch, budget=StepBudget(0.0))  # one piece per step
+    try:
+        streamer = run.add("streamer", STREAMER, ReductionPlan())
+        while streamer.work is not None or streamer.next_token is None:
+            engine.loop.step()
+        ingested = engine.ingest(request)
+        before = engine.pending_load(ingested, plan, due_in_s=7.0)
+        estimate = engine.cost(ingested.shape, plan)
+        assert before.vision_tokens == ingested.shape.visual_tokens_in > 0
+        assert before.prefill_flops == estimate.prefill_flops and not before.admitted and not before.prefilled
+        assert before.kv_blocks == engine.pool.blocks_for(kv_tokens(estimate, request.sampling.max_new_tokens))
+        seq = run.add(0, request, plan)
+        seq.due = 1000.0
+        load = engine.loop.load(now=990.0)
+        assert (load.max_batch, load.step_multiple) == (engine.loop.max_batch, 0.0)
+        assert load.free_kv_blocks == engine.pool.available_blocks
+        held, waiting = load.sequences
+        assert held.admitted and held.prefilled and held.generated == len(streamer.generated) > 0
+        assert held.due_in_s == math.inf and held.max_new_tokens == STREAMER.sampling.max_new_tokens
+        assert waiting == type(before)(**{**before.__dict__, "due_in_s": 10.0})  # as pending_load said
+        seen = []
+        while seq.work is not None or seq.status == "waiting":
+            engine.loop.step()
+            now = engine.loop.load(now=990.0).sequences[1]
+            seen.append((now.vision_tokens, now.prefill_flops, now.admitted))
+        # admitted at the first step; the video's tokens go in slices, then the layers' FLOPs, never back up
+        assert all(admitted for *_, admitted in seen)
+        tokens, flops = [t for t, _, _ in seen], [f for _, f, _ in seen]
+        assert tokens == sorted(tokens, reverse=True) and len(set(tokens)) > 2 and tokens[-1] == 0
+        assert flops == sorted(flops, reverse=True) and flops[0] == estimate.prefill_flops
+        assert len(set(flops)) >= engine.num_layers
+        done = engine.loop.load(now=990.0).sequences[1]
+        assert done.prefilled and done.prefill_flops == 0 and done.vision_tokens == 0
+    finally:
+        engine.loop.cancel(run.seqs["streamer"])
+        engine.loop.limit(engine.loop.max_batch, budget=saved)
