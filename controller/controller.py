@@ -45,6 +45,7 @@ from .slo import DEFAULT_CLASS, slo_class
 DEFAULT_P95_QUERY = ('histogram_quantile(0.95, sum by (le, slo_class) '
                      '(rate(aim_request_latency_slo_ratio_bucket{model="{model}"}[1m])))')
 ARRIVAL_WINDOW_S = 10.0  # the recent decisions whose prefill work sets the expected share of later arrivals
+RATE_ARRIVALS = 8  # the most recent decisions the arrival rate is read from
 
 
 @dataclass(frozen=True)
@@ -133,12 +134,12 @@ class BudgetController:
             model = self.cost_model
         features = self.features(levels, engine, budget_s, min_retention, priority, slo_s, model)
         decision = decide(self.ladder, replace(features, strict=strict))
-        if record and not decision.rejected:
-            self.last_level = decision.level
-            chosen = model.job(levels[decision.level])
-            if chosen is not None:
-                with self._lock:
-                    self._arrived.append((self.clock(), chosen.prefill_s))
+        if record:
+            chosen = None if decision.rejected else model.job(levels[decision.level])
+            if not decision.rejected:
+                self.last_level = decision.level
+            with self._lock:  # every decided request is an arrival; a rejected one brings no work
+                self._arrived.append((self.clock(), chosen.prefill_s if chosen is not None else 0.0))
         return decision
 
     def features(self, levels: Sequence[SequenceLoad], engine: EngineLoad, budget_s: float, min_retention: float,
@@ -151,7 +152,18 @@ class BudgetController:
                             arriving_share=self.arriving_share())
         return Features(budget_s=budget_s, min_retention=min_retention, candidates=[model.job(l) for l in levels],
                         admitted=admitted, rules=rules, margin=self.margin_for(slo_s), min_level=self.memory_cap(),
-                        priority=priority)
+                        priority=priority, arrival_gap_s=self.arrival_gap_s())
+
+    def arrival_gap_s(self) -> float | None:
+        """Mean seconds between requests: from the oldest of the last RATE_ARRIVALS decisions within
+        ARRIVAL_WINDOW_S to now, per decision (None: fewer than two), so that a burst's rate is seen within a few
+        of its requests."""
+        self.arriving_share()  # drops what is older than the window
+        with self._lock:
+            recent = list(self._arrived)[-RATE_ARRIVALS:]
+        if len(recent) < 2:
+            return None
+        return max(1e-3, (self.clock() - recent[0][0]) / len(recent))
 
     def finish_time(self, request: SequenceLoad, engine: EngineLoad) -> float | None:
         """Seconds from now until `request` is answered if it joined `engine` now (None: rates not known yet)."""

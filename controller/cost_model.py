@@ -78,6 +78,8 @@ class CostModel:
         if var_x <= 1e-6 * max(1.0, mean_x * mean_x):
             return mean_y, 0.0
         slope = max(0.0, (sxy / w - mean_x * mean_y) / var_x)
+        if slope * mean_x > mean_y:  # a step is never free: through the origin rather than below it
+            return 0.0, mean_y / mean_x
         return mean_y - slope * mean_x, slope
 
     def s_per_step(self, batch: float = 1.0) -> float | None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from aim_engine.plan import DEFAULT_MERGE_RETENTION, PLAN_FILE, ReductionPlan, default_prune_range
@@ -53,6 +54,8 @@ def default_ladder(num_layers: int, default: ReductionPlan | None = None) -> lis
     ]
 
 
+MAX_UPCOMING = 16  # requests expected next that a decision leaves room for (whatif jobs: bounds its cost)
+
 # A request's priority sets the safety margin of its decision: "high" takes predictions at face value (the
 # feedback margin capped at 1), so under load it keeps more visual tokens; "low" multiplies the feedback margin
 # by LOW_PRIORITY_MARGIN_FACTOR, so it steps down the ladder before "normal" requests do.
@@ -82,6 +85,10 @@ class Features:
     margin: float = 1.2  # the feedback loop's safety margin: every predicted duration x margin
     min_level: int = 0  # no level of higher quality than this (memory pressure: KV pool or device allocator)
     priority: str = "normal"  # one of PRIORITIES: scales the margin (margin_for_priority)
+    # seconds between requests at the recent arrival rate (None: none expected). A level must leave the requests
+    # expected within this one's budget room: arriving every gap with this one's budget, at this one's cheapest
+    # level, each still makes it (at most MAX_UPCOMING of them).
+    arrival_gap_s: float | None = None
     # the request gave its own time (an SLO or a deadline): refused when even its cheapest level cannot make it.
     # One held to the server's default SLO only is served late rather than refused for its own lateness.
     strict: bool = True
@@ -147,21 +154,40 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
         return sum(before <= job.due_s and scale * after > max(job.due_s, scale * before + 1e-9)
                    for job, before, after in zip(admitted, base, others))
 
+    # the requests expected next: this request's cheapest level, one every arrival gap, each with this one's budget
+    cheapest = next((features.candidates[i] for i in reversed(allowed) if features.candidates[i] is not None), None)
+    upcoming = []
+    gap = features.arrival_gap_s
+    if gap and cheapest is not None and math.isfinite(budget) and budget > 0:
+        count = min(MAX_UPCOMING, max(1, int(budget / gap)))
+        upcoming = [replace(cheapest, due_s=k * gap + budget, admitted=False) for k in range(1, count + 1)]
+    upcoming_base = finish_times([*admitted, *upcoming], features.rules)[len(admitted):]
+
+    def crowds(after: list[float]) -> bool:
+        """Whether it would leave a request expected next no room (with the margin) where it had some."""
+        return any(before <= job.due_s and margin * late > max(job.due_s, margin * before + 1e-9)
+                   for job, before, late in zip(upcoming, upcoming_base, after))
+
     outcomes: dict[int, tuple[float, int, int]] = {}  # level -> (its finish, pushed with the margin, at face value)
     first_miss = ""
     for i in allowed:
         candidate = features.candidates[i]
         if candidate is None:
             continue
-        *others, own = finish_times([*admitted, candidate], features.rules)
+        times_now = finish_times([*admitted, candidate, *upcoming], features.rules)
+        others, own, after = times_now[:len(admitted)], times_now[len(admitted)], times_now[len(admitted) + 1:]
         outcomes[i] = (own, pushed(others, margin), pushed(others, 1.0))
-        if margin * own <= budget and not outcomes[i][1]:
+        crowded = crowds(after)
+        if margin * own <= budget and not outcomes[i][1] and not crowded:
             why = "fits the budget" if i == allowed[0] else first_miss
             return Decision(i, own, f"{ladder[i].name}: {why} ({own:.3f}s {times} <= {budget:.3f}s; {load}){capped}",
                             True)
         if not first_miss:
-            first_miss = (f"{ladder[i].name} would push {outcomes[i][1]} admitted request(s) past their due time"
-                          if margin * own <= budget else f"{ladder[i].name} would exceed the budget")
+            first_miss = (f"{ladder[i].name} would exceed the budget" if margin * own > budget else
+                          f"{ladder[i].name} would push {outcomes[i][1]} admitted request(s) past their due time"
+                          if outcomes[i][1] else
+                          f"{ladder[i].name} would leave no room for the {len(upcoming)} request(s) expected "
+                          f"next (one every {gap:.2f}s)")
     last = allowed[-1]
     own, _, harmed = outcomes[last]
     if (own <= budget or not features.strict) and not harmed:

@@ -51,7 +51,7 @@ class EngineRules:
     arriving_share: float = 0.0  # engine time that later arrivals' prefill will take, a share of every second
 
     def decode_s(self, batch: int) -> float:
-        return self.step_a + self.step_b * batch if batch else 0.0
+        return max(0.0, self.step_a + self.step_b * batch) if batch else 0.0
 
 
 def finish_times(jobs: Sequence[Job], rules: EngineRules) -> list[float]:

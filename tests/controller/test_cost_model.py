@@ -75,3 +75,13 @@ def test_a_job_is_what_a_request_still_has_to_do_in_seconds_of_the_fitted_rates(
     assert model.job(decoding).prefill_s == 0 and model.job(decoding).steps == 2
     assert model.job(SequenceLoad(True, 0, 0.0, True, 9, 128, False, 7)).steps == 1  # past the expected length
     assert model.job(SequenceLoad(True, 0, 0.0, True, 3, 128, True, 7)).steps == 125  # it ignores EOS
+
+
+def test_the_decode_step_line_never_goes_below_zero():
+    """Steps measured under contention at large batches can fit a line whose intercept is negative; the what-if
+    needs a step that costs time at every batch size."""
+    model = CostModel()
+    for batch, s in [(1, 0.001), (2, 0.001), (10, 0.2), (12, 0.25)] * 3:
+        model = model.observe(observation(batch, s))
+    a, b = model.step_line()
+    assert a >= 0 and b > 0 and model.s_per_step(1) > 0
