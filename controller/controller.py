@@ -148,8 +148,7 @@ class BudgetController:
         admitted = [model.job(s) for s in engine.sequences] if model.ready else []
         line = model.step_line() or (0.0, 0.0)
         rules = EngineRules(max_batch=engine.max_batch, step_a=line[0], step_b=line[1],
-                            step_multiple=engine.step_multiple, free_kv_blocks=engine.free_kv_blocks,
-                            arriving_share=self.arriving_share())
+                            step_multiple=engine.step_multiple, free_kv_blocks=engine.free_kv_blocks)
         return Features(budget_s=budget_s, min_retention=min_retention, candidates=[model.job(l) for l in levels],
                         admitted=admitted, rules=rules, margin=self.margin_for(slo_s), min_level=self.memory_cap(),
                         priority=priority, arrival_gap_s=self.arrival_gap_s())
