@@ -3,8 +3,7 @@ ladder levels through the pure `policy.decide`.
 
 Per request (`choose`, once its media are decoded): budget = min(SLO, remaining deadline) - time already spent;
 the work it brings at each level and the work the engine holds (aim_engine/serving/load.py) in seconds of the
-online cost model's rates, with the share of the engine that later arrivals are expected to take (the prefill the
-last ARRIVAL_WINDOW_S of decisions brought); `policy.decide` plays the engine's rules forward over them
+online cost model's rates, and the gap between requests at the recent arrival rate; `policy.decide` plays the engine's rules forward over them
 (whatif.py) and picks the highest level that keeps this request and every admitted one within its time, or
 rejects it. Memory pressure above the threshold caps quality at `memory_cap_level`. Memory pressure is what the serving engine can still use, read by the `memory` callable the
 service supplies (its KV pool's reserved share and the device allocator's headroom), not NVML's "used", which
@@ -44,7 +43,7 @@ from .slo import DEFAULT_CLASS, slo_class
 # (service/metrics.py: aim_request_latency_slo_ratio). The placeholder {model} is replaced by the model's name.
 DEFAULT_P95_QUERY = ('histogram_quantile(0.95, sum by (le, slo_class) '
                      '(rate(aim_request_latency_slo_ratio_bucket{model="{model}"}[1m])))')
-ARRIVAL_WINDOW_S = 10.0  # the recent decisions whose prefill work sets the expected share of later arrivals
+ARRIVAL_WINDOW_S = 10.0  # decisions older than this say nothing of the arrival rate
 RATE_ARRIVALS = 8  # the most recent decisions the arrival rate is read from
 
 
@@ -94,7 +93,7 @@ class BudgetController:
         self.cost_model = CostModel()
         self.last_level: int | None = None
         self._p95: tuple[float | None, str] = (None, "none")
-        self._arrived: deque[tuple[float, float]] = deque()  # (when, predicted prefill seconds) of each decision
+        self._arrived: deque[float] = deque(maxlen=RATE_ARRIVALS)  # when the last decisions were made
         self._lock = threading.Lock()
         self._loop(DEFAULT_CLASS)
 
@@ -135,11 +134,10 @@ class BudgetController:
         features = self.features(levels, engine, budget_s, min_retention, priority, slo_s, model)
         decision = decide(self.ladder, replace(features, strict=strict))
         if record:
-            chosen = None if decision.rejected else model.job(levels[decision.level])
             if not decision.rejected:
                 self.last_level = decision.level
-            with self._lock:  # every decided request is an arrival; a rejected one brings no work
-                self._arrived.append((self.clock(), chosen.prefill_s if chosen is not None else 0.0))
+            with self._lock:  # every decided request is an arrival, rejected or not
+                self._arrived.append(self.clock())
         return decision
 
     def features(self, levels: Sequence[SequenceLoad], engine: EngineLoad, budget_s: float, min_retention: float,
@@ -154,33 +152,15 @@ class BudgetController:
                         priority=priority, arrival_gap_s=self.arrival_gap_s())
 
     def arrival_gap_s(self) -> float | None:
-        """Mean seconds between requests: from the oldest of the last RATE_ARRIVALS decisions within
-        ARRIVAL_WINDOW_S to now, per decision (None: fewer than two), so that a burst's rate is seen within a few
-        of its requests."""
-        self.arriving_share()  # drops what is older than the window
-        with self._lock:
-            recent = list(self._arrived)[-RATE_ARRIVALS:]
-        if len(recent) < 2:
-            return None
-        return max(1e-3, (self.clock() - recent[0][0]) / len(recent))
-
-    def finish_time(self, request: SequenceLoad, engine: EngineLoad) -> float | None:
-        """Seconds from now until `request` is answered if it joined `engine` now (None: rates not known yet)."""
-        with self._lock:
-            model = self.cost_model
-        features = self.features([request], engine, math.inf, 0.0, "normal", None, model)
-        if features.candidates[0] is None:
-            return None
-        return finish_times([*features.admitted, features.candidates[0]], features.rules)[-1]
-
-    def arriving_share(self) -> float:
-        """Predicted prefill seconds the decided requests brought per second, over the last ARRIVAL_WINDOW_S: the
-        share of the engine's time that requests still to come are expected to take (whatif.py)."""
+        """Mean seconds between requests: from the oldest of the last RATE_ARRIVALS decisions to now, per decision,
+        if it is within ARRIVAL_WINDOW_S (None: fewer than two, or older), so that a burst's rate is seen within a
+        few of its requests and an idle server expects nobody."""
         now = self.clock()
         with self._lock:
-            while self._arrived and self._arrived[0][0] < now - ARRIVAL_WINDOW_S:
-                self._arrived.popleft()
-            return sum(seconds for _, seconds in self._arrived) / ARRIVAL_WINDOW_S
+            recent = [t for t in self._arrived if t >= now - ARRIVAL_WINDOW_S]
+        if len(recent) < 2:
+            return None
+        return max(1e-3, (now - recent[0]) / len(recent))
 
     # ---- feedback -----------------------------------------------------------------------------
     def observe(self, latency_s: float, observation: Observation | None = None, slo_s: float | None = None,

@@ -86,7 +86,7 @@ class Features:
     min_level: int = 0  # no level of higher quality than this (memory pressure: KV pool or device allocator)
     priority: str = "normal"  # one of PRIORITIES: scales the margin (margin_for_priority)
     # seconds between requests at the recent arrival rate (None: none expected). A level must leave the requests
-    # expected within this one's budget room: arriving every gap with this one's budget, at this one's cheapest
+    # expected within this one's budget room: arriving one every gap with this one's budget, at this one's cheapest
     # level, each still makes it (at most MAX_UPCOMING of them).
     arrival_gap_s: float | None = None
     # the request gave its own time (an SLO or a deadline): refused when even its cheapest level cannot make it.
@@ -127,7 +127,8 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
     If no level fits with the margin, the cheapest allowed level, best-effort (fits=False), provided it fits at face
     value. Otherwise the request is rejected now rather than failed late (Clockwork's rule): even its cheapest level
     would miss its own budget (cause "late"; only a `strict` request, one that gave its own SLO or deadline), or
-    would push an admitted request past its due time ("harm"). If the
+    would push two or more admitted requests past their due time ("harm": a refusal is a miss too, so it is refused
+    where serving it costs more misses than refusing it). If the
     floor and the cap leave no level at all, rejected ("floor")."""
     allowed = [i for i, level in enumerate(ladder)
                if i >= features.min_level and level.retention >= features.min_retention]
@@ -144,61 +145,68 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
     admitted = list(features.admitted)
     running = sum(j.admitted for j in admitted)
     load = f"{running} running, {len(admitted) - running} waiting"
-    base = finish_times(admitted, features.rules)
     budget = features.budget_s
-
-    def pushed(others: list[float], scale: float) -> int:
-        """Admitted requests that finish within their due time without this one at face value, and that it would
-        take past their due time with every duration x `scale` (or, if they are past it so scaled already,
-        further past it)."""
-        return sum(before <= job.due_s and scale * after > max(job.due_s, scale * before + 1e-9)
-                   for job, before, after in zip(admitted, base, others))
-
-    # the requests expected next: this request's cheapest level, one every arrival gap, each with this one's budget
+    # the requests expected next: this request's cheapest level, arriving one every gap, each with this one's
+    # budget. They are part of the world every prediction plays out in (their prefill slices come between the
+    # decode steps of those ahead); a level must also leave them room.
     cheapest = next((features.candidates[i] for i in reversed(allowed) if features.candidates[i] is not None), None)
     upcoming = []
     gap = features.arrival_gap_s
     if gap and cheapest is not None and math.isfinite(budget) and budget > 0:
         count = min(MAX_UPCOMING, max(1, int(budget / gap)))
-        upcoming = [replace(cheapest, due_s=k * gap + budget, admitted=False) for k in range(1, count + 1)]
-    upcoming_base = finish_times([*admitted, *upcoming], features.rules)[len(admitted):]
+        upcoming = [replace(cheapest, arrives_s=k * gap, due_s=k * gap + budget, admitted=False)
+                    for k in range(1, count + 1)]
+    held = len(admitted)
+    base = finish_times([*admitted, *upcoming], features.rules)
+    base_held, base_upcoming = base[:held], base[held:]
 
-    def crowds(after: list[float]) -> bool:
-        """Whether it would leave a request expected next no room (with the margin) where it had some."""
-        return any(before <= job.due_s and margin * late > max(job.due_s, margin * before + 1e-9)
-                   for job, before, late in zip(upcoming, upcoming_base, after))
+    def pushed(jobs: list[Job], before: list[float], after: list[float], scale: float) -> int:
+        """Requests that finish within their due time without this one at face value, and that it would take past
+        their due time with every duration x `scale` (or, if they are past it so scaled already, further past)."""
+        return sum(b <= job.due_s and scale * a > max(job.due_s, scale * b + 1e-9)
+                   for job, b, a in zip(jobs, before, after))
 
-    outcomes: dict[int, tuple[float, int, int]] = {}  # level -> (its finish, pushed with the margin, at face value)
+    # level -> (its finish, admitted pushed with the margin, at face value, expected ones pushed with the margin)
+    outcomes: dict[int, tuple[float, int, int, int]] = {}
     first_miss = ""
     for i in allowed:
         candidate = features.candidates[i]
         if candidate is None:
             continue
-        times_now = finish_times([*admitted, candidate, *upcoming], features.rules)
-        others, own, after = times_now[:len(admitted)], times_now[len(admitted)], times_now[len(admitted) + 1:]
-        outcomes[i] = (own, pushed(others, margin), pushed(others, 1.0))
-        crowded = crowds(after)
-        if margin * own <= budget and not outcomes[i][1] and not crowded:
+        after = finish_times([*admitted, candidate, *upcoming], features.rules)
+        others, own, later = after[:held], after[held], after[held + 1:]
+        outcomes[i] = (own, pushed(admitted, base_held, others, margin), pushed(admitted, base_held, others, 1.0),
+                       pushed(upcoming, base_upcoming, later, margin))
+        _, harm, _, crowded = outcomes[i]
+        if margin * own <= budget and not harm and not crowded:
             why = "fits the budget" if i == allowed[0] else first_miss
             return Decision(i, own, f"{ladder[i].name}: {why} ({own:.3f}s {times} <= {budget:.3f}s; {load}){capped}",
                             True)
         if not first_miss:
             first_miss = (f"{ladder[i].name} would exceed the budget" if margin * own > budget else
-                          f"{ladder[i].name} would push {outcomes[i][1]} admitted request(s) past their due time"
-                          if outcomes[i][1] else
-                          f"{ladder[i].name} would leave no room for the {len(upcoming)} request(s) expected "
-                          f"next (one every {gap:.2f}s)")
+                          f"{ladder[i].name} would push {harm} admitted request(s) past their due time" if harm else
+                          f"{ladder[i].name} would leave no room for the {len(upcoming)} request(s) expected next "
+                          f"(one every {gap:.2f}s)")
     last = allowed[-1]
-    own, _, harmed = outcomes[last]
-    if (own <= budget or not features.strict) and not harmed:
+    # Whether to serve it at all is judged on the work known to be there, at face value: the requests expected next
+    # are a forecast, and a refusal on a forecast would refuse the very arrivals it forecasts.
+    if upcoming:
+        *others, own = finish_times([*admitted, features.candidates[last]], features.rules)
+        base_known = finish_times(admitted, features.rules)
+        harmed = pushed(admitted, base_known, others, 1.0)
+    else:
+        own, _, harmed, _ = outcomes[last]
+    late = own > budget and features.strict
+    # A refusal is a miss too: refused for harm only where serving it would cost more misses than refusing it.
+    if not late and harmed <= 1:
         return Decision(last, own, f"{ladder[last].name}: no level fits {budget:.3f}s with the margin (cheapest "
                         f"predicted {own:.3f}s {times}; {load}){capped}", False)
-    if own > budget:
+    if late:
         alone = " alone (the engine holds no other request)" if not admitted else ""
         why = (f"even {ladder[last].name}{alone} is predicted to take {own:.3f}s, past the budget of {budget:.3f}s "
                f"({load})")
         return Decision(-1, own, why + capped, False, rejected=True, cause="late", cheapest=last)
-    why = (f"serving it, even at {ladder[last].name}, would push {harmed} admitted request(s) past their due time "
+    why = (f"serving it, even at {ladder[last].name}, would push {harmed} admitted requests past their due time "
            f"({load})")
     return Decision(-1, own, why + capped, False, rejected=True, cause="harm", cheapest=last)
 

@@ -10,12 +10,11 @@ A prefill yields a sequence's first token, each decode step one more; a sequence
 complete, and its KV goes back to the pool.
 
 `finish_times` plays these rules forward from now. Prefill work is fluid (a step takes at most the budget's seconds
-of it, oldest sequence first), and the simulation jumps from event to event (a prefill done, an answer done), so
-it costs O(n^2) for n jobs however long their answers. Requests that arrive later are not known one by one; their
-prefill work is a share of the engine's time (`arriving_share`: predicted prefill seconds arriving per second,
-measured over the recent decisions) that stretches every decode step once the known prefill work is done:
-step / (1 - share), never more than the step budget allows (1 + step_multiple). Every duration scales with the
-rates, so a margin on the rates scales every finish time by the same factor (`decide` relies on it).
+of it, oldest sequence first), and the simulation jumps from event to event (a prefill done, an answer done, an
+expected request's arrival), so it costs O(n^2) for n jobs however long their answers. Requests not yet here are
+jobs that arrive later (`Job.arrives_s`): `policy.decide` adds the ones it expects. Every duration scales with the
+rates, so a margin on the rates scales every finish time by the same factor, provided the expected arrivals'
+times scale with it too (`decide` relies on it).
 """
 
 from __future__ import annotations
@@ -24,8 +23,6 @@ import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
-
-MAX_ARRIVING_SHARE = 0.9  # an engine saturated by arrivals still decodes: bounds the stretch to 10x
 
 
 @dataclass(frozen=True)
@@ -37,6 +34,7 @@ class Job:
     due_s: float = math.inf  # seconds from now by which its caller wants the answer
     kv_blocks: int = 0  # KV blocks it holds (admitted) or must reserve before it is admitted
     admitted: bool = False  # in the running batch, its KV reserved
+    arrives_s: float = 0.0  # a request expected later: seconds from now until it arrives
 
 
 @dataclass(frozen=True)
@@ -48,7 +46,6 @@ class EngineRules:
     step_b: float = 0.0
     step_multiple: float | None = 4.0  # prefill per step beside a decoding batch, in its decode steps; None: unsliced
     free_kv_blocks: float = math.inf  # blocks the pool can still promise (free, or held only by evictable caches)
-    arriving_share: float = 0.0  # engine time that later arrivals' prefill will take, a share of every second
 
     def decode_s(self, batch: int) -> float:
         return max(0.0, self.step_a + self.step_b * batch) if batch else 0.0
@@ -56,7 +53,8 @@ class EngineRules:
 
 def finish_times(jobs: Sequence[Job], rules: EngineRules) -> list[float]:
     """Seconds from now until each job's answer is complete (inf: it can never be admitted). Admitted jobs first
-    in admission order, then the waiting ones in arrival order (the order `jobs` gives within each)."""
+    in admission order, then the waiting ones in arrival order (the order `jobs` gives within each); a job that
+    `arrives_s` later is admitted no earlier."""
     n = len(jobs)
     prefill = [j.prefill_s for j in jobs]
     steps = [j.steps for j in jobs]
@@ -64,14 +62,17 @@ def finish_times(jobs: Sequence[Job], rules: EngineRules) -> list[float]:
     running = [i for i, j in enumerate(jobs) if j.admitted]
     waiting = deque(i for i, j in enumerate(jobs) if not j.admitted)
     free = rules.free_kv_blocks  # what admitted jobs hold is already taken from it
-    share = min(MAX_ARRIVING_SHARE, max(0.0, rules.arriving_share))
     t = 0.0
     while running or waiting:
-        while waiting and len(running) < rules.max_batch and jobs[waiting[0]].kv_blocks <= free:
+        while waiting and len(running) < rules.max_batch and jobs[waiting[0]].kv_blocks <= free \
+                and jobs[waiting[0]].arrives_s <= t:
             i = waiting.popleft()
             free -= jobs[i].kv_blocks
             running.append(i)
         if not running:
+            if waiting and jobs[waiting[0]].arrives_s > t:  # idle until the next one arrives
+                t = jobs[waiting[0]].arrives_s
+                continue
             break  # the head needs more KV than the pool can ever promise: it and those behind never finish
         for i in [i for i in running if prefill[i] <= 0 and steps[i] <= 0]:  # answered at its prefill
             finish[i] = t
@@ -84,18 +85,19 @@ def finish_times(jobs: Sequence[Job], rules: EngineRules) -> list[float]:
         d = rules.decode_s(len(decoding))
         sliced = rules.step_multiple is not None and decoding
         budget = max(rules.step_multiple * d, d) if sliced else math.inf  # a step's first piece always runs
+        total = sum(prefill[i] for i in prefilling)
         if prefilling:
             head = prefill[prefilling[0]]
             k_prefill = max(1, math.ceil(head / budget - 1e-9)) if math.isfinite(budget) else 1
         else:
             k_prefill = math.inf
-            if decoding and share > 0:  # later arrivals' prefill between the steps, within the budget
-                stretch = 1 / (1 - share)
-                if sliced:
-                    stretch = min(stretch, 1 + max(rules.step_multiple, 1.0))
-                d *= stretch
         k = min(min((steps[i] for i in decoding), default=math.inf), k_prefill)
-        spent = min(sum(prefill[i] for i in prefilling), k * budget) if prefilling else 0.0
+        arrival = jobs[waiting[0]].arrives_s if waiting else math.inf
+        if t < arrival < math.inf:  # stop at the first step after the next arrival, so that it joins there
+            step_s = d + (min(budget, total) if prefilling else 0.0)
+            if step_s > 0:
+                k = min(k, max(1, math.ceil((arrival - t) / step_s)))
+        spent = min(total, k * budget) if prefilling else 0.0
         # prefill completes in FIFO order within these k steps (only in the last one: see k_prefill)
         used, done = 0.0, []
         for i in prefilling:

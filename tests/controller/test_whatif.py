@@ -44,11 +44,12 @@ def test_a_full_batch_and_a_short_pool_make_a_newcomer_wait():
     assert finish_times([Job(1.0, 0, kv_blocks=20)], pool) == [math.inf]  # more than the pool will ever hold
 
 
-def test_later_arrivals_stretch_decode_steps_within_the_step_budget():
-    half = EngineRules(max_batch=8, step_a=0.1, step_multiple=4.0, arriving_share=0.5)
-    assert finish_times([Job(0.0, 10, admitted=True)], half) == pytest.approx([2.0])  # 0.1 / (1 - 0.5) a step
-    saturated = EngineRules(max_batch=8, step_a=0.1, step_multiple=4.0, arriving_share=2.0)
-    assert finish_times([Job(0.0, 10, admitted=True)], saturated) == pytest.approx([5.0])  # at most 1 + 4 steps' worth
+def test_a_request_expected_later_is_admitted_when_it_arrives():
+    # idle until it arrives at 2 s, then its 1 s of prefill
+    assert finish_times([Job(1.0, 0, arrives_s=2.0)], SLICED) == pytest.approx([3.0])
+    # it arrives during the running request's decode: its prefill shares the steps from the first one after 0.25 s
+    times = finish_times([Job(0.0, 10, admitted=True), Job(0.4, 0, arrives_s=0.25)], SLICED)
+    assert times[1] == pytest.approx(0.3 + 0.4) and times[0] == pytest.approx(1.0 + 0.4)
 
 
 def test_every_finish_time_scales_with_the_rates():
@@ -92,10 +93,14 @@ def test_an_admitted_request_already_late_is_not_protected():
     assert decide(LADDER, Features(10.0, 0.0, newcomer(), admitted=[late], rules=SLICED)).level == 0
 
 
-def test_a_newcomer_that_would_push_an_admitted_request_past_its_due_time_at_any_level_is_rejected():
+def test_a_newcomer_that_would_push_two_admitted_requests_past_their_due_time_at_any_level_is_rejected():
+    """A refusal is a miss too: pushing one admitted request past its due time at face value costs as many misses
+    as refusing the newcomer, so it is served (best effort, at its cheapest); pushing two, it is refused."""
     tight = Job(0.0, 10, due_s=1.05, admitted=True)  # 1.0 s alone; any prefill slice beside it makes it late
-    d = decide(LADDER, Features(10.0, 0.0, newcomer(), admitted=[tight], rules=SLICED))
-    assert d.rejected and d.cause == "harm" and "push 1 admitted request(s)" in d.reason
+    one = decide(LADDER, Features(10.0, 0.0, newcomer(), admitted=[tight], rules=SLICED))
+    assert one.level == 4 and not one.fits and not one.rejected
+    d = decide(LADDER, Features(10.0, 0.0, newcomer(), admitted=[tight, tight], rules=SLICED))
+    assert d.rejected and d.cause == "harm" and "push 2 admitted requests" in d.reason
 
 
 def test_a_newcomer_that_waits_for_kv_is_predicted_to_and_a_smaller_level_goes_first():
@@ -113,3 +118,16 @@ def test_the_margin_applies_to_the_admitted_requests_too():
     at_face_value = decide(LADDER, Features(10.0, 0.0, newcomer(), admitted=[running], rules=SLICED, margin=1.0))
     careful = decide(LADDER, Features(10.0, 0.0, newcomer(), admitted=[running], rules=SLICED, margin=1.3))
     assert at_face_value.level < careful.level
+
+
+def test_a_level_leaves_room_for_the_requests_expected_next():
+    """A request every 0.5 s is expected, each due 2.4 s after it arrives, at max saving (0.5 s of prefill), on a
+    server that serves one at a time. Alone, the newcomer would take full (2 s x 1.2 <= 2.4), which would finish
+    the first of them at 2.5 s (x 1.2 past its 2.9 s); merge-50 (1.2 s) leaves all four in time. Its own finish is
+    predicted without them."""
+    serial = EngineRules(max_batch=1, step_a=0.1, step_multiple=None)
+    quiet = decide(LADDER, Features(2.4, 0.0, newcomer(), rules=serial))
+    busy = decide(LADDER, Features(2.4, 0.0, newcomer(), rules=serial, arrival_gap_s=0.5))
+    assert quiet.level == 0
+    assert busy.level == 1 and busy.fits and busy.predicted_s == pytest.approx(1.2)
+    assert "full would leave no room for the 4 request(s) expected next (one every 0.50s)" in busy.reason
