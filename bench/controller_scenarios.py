@@ -180,8 +180,11 @@ def row_of(scenario: str, model: str, seed: int, policy: str, records: list[dict
     return row
 
 
+ADAPTIVE = "adaptive"  # the adaptive policy's name in the rows (--adaptive-name: another build's, side by side)
+
+
 def policy_name(policy: str, ladder: list[str]) -> str:
-    return "adaptive" if policy == "adaptive" else f"fixed:{ladder[int(policy.split(':')[1])]}"
+    return ADAPTIVE if policy == "adaptive" else f"fixed:{ladder[int(policy.split(':')[1])]}"
 
 
 async def calibrate(model: str, args) -> dict:
@@ -257,7 +260,7 @@ def plot(rows: list[dict], path: Path, ladder) -> None:
     axes[0].set_ylabel("arrivals (req/s, 5 s)")
     axes[0].set_title(f"{rows[0]['scenario']} on {rows[0]['model']} (seed {rows[0]['seed']})")
     for row in rows:
-        if row["policy"] not in ("adaptive", "fixed:full", f"fixed:{ladder[-1]}"):
+        if not row["policy"].startswith("adaptive") and row["policy"] not in ("fixed:full", f"fixed:{ladder[-1]}"):
             continue
         xs, ys = [], []
         tl = row["timeline"]
@@ -281,9 +284,19 @@ def plot(rows: list[dict], path: Path, ladder) -> None:
     plt.close(fig)
 
 
+def plot_all(data: dict) -> None:
+    for (scenario, model, seed) in sorted({(r["scenario"], r["model"], r["seed"]) for r in data["rows"]}):
+        rows = [r for r in data["rows"] if (r["scenario"], r["model"], r["seed"]) == (scenario, model, seed)]
+        if seed == min(r["seed"] for r in data["rows"]) and any(r["policy"] == "adaptive" for r in rows):
+            plot(rows, ROOT / "docs" / f"controller-{scenario}-{model}.png", data["calibration"][model]["ladder"])
+
+
 async def main_async(args) -> None:
     out = Path(args.json_out)
     data = json.loads(out.read_text()) if out.exists() else {"calibration": {}, "rows": []}
+    if args.plots_only:
+        plot_all(data)
+        return
     for model in args.model:
         name = Path(model).name
         frames = args.frames if args.frames else (8 if "reference" in name else 32)
@@ -298,7 +311,7 @@ async def main_async(args) -> None:
             for scenario in args.scenarios:
                 reqs, shape = schedule(scenario, cal, args_model, seed)
                 duration = max(r["at"] for r in reqs) if reqs else 1.0
-                for policy in ["adaptive"] + [f"fixed:{i}" for i in range(args.levels)]:
+                for policy in ([] if args.no_adaptive else ["adaptive"]) + [f"fixed:{i}" for i in range(args.levels)]:
                     key = (scenario, name, seed, policy_name(policy, cal["ladder"]))
                     if key in {(r["scenario"], r["model"], r["seed"], r["policy"]) for r in data["rows"]}:
                         continue
@@ -311,7 +324,7 @@ async def main_async(args) -> None:
                           f"{row['throughput_rps']:.2f} req/s, failed {row['failed']}, p95/SLO "
                           f"{row['p95_over_slo']:.2f}", flush=True)
                 rows = [r for r in data["rows"] if (r["scenario"], r["model"], r["seed"]) == (scenario, name, seed)]
-                if any(r["policy"] == "adaptive" for r in rows) and seed == args.seeds[0]:
+                if any(r["policy"] == "adaptive" for r in rows) and seed == args.seeds[0] and ADAPTIVE == "adaptive":
                     plot(rows, ROOT / "docs" / f"controller-{scenario}-{name}.png", cal["ladder"])
 
 
@@ -325,15 +338,22 @@ def main() -> None:
                                                                "model, 32 otherwise)")
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--slo-factor", type=float, default=6.0)
-    parser.add_argument("--ramp-s", type=float, default=30.0)
+    parser.add_argument("--ramp-s", type=float, default=20.0)
     parser.add_argument("--hold-s", type=float, default=20.0)
-    parser.add_argument("--lead-s", type=float, default=10.0)
-    parser.add_argument("--burst-s", type=float, default=30.0)
-    parser.add_argument("--tail-s", type=float, default=20.0)
+    parser.add_argument("--lead-s", type=float, default=5.0)
+    parser.add_argument("--burst-s", type=float, default=20.0)
+    parser.add_argument("--tail-s", type=float, default=15.0)
     parser.add_argument("--min-slo-ms", type=int, default=50)
     parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--adaptive-name", default="adaptive",
+                        help="the adaptive policy's name in the rows (e.g. another build's, run from its checkout)")
+    parser.add_argument("--no-adaptive", action="store_true", help="fixed levels only")
+    parser.add_argument("--plots-only", action="store_true", help="redraw the plots from the JSON, run nothing")
     parser.add_argument("--json-out", default=str(ROOT / "docs/results/controller-scenarios.json"))
-    asyncio.run(main_async(parser.parse_args()))
+    args = parser.parse_args()
+    global ADAPTIVE
+    ADAPTIVE = args.adaptive_name
+    asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

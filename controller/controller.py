@@ -151,6 +151,16 @@ class BudgetController:
                         admitted=admitted, rules=rules, margin=self.margin_for(slo_s), min_level=self.memory_cap(),
                         priority=priority, arrival_gap_s=self.arrival_gap_s())
 
+    def finish_time(self, request: SequenceLoad, engine: EngineLoad) -> float | None:
+        """Seconds from now until `request` is answered if it joined `engine` now, with the work known to be there
+        (None: rates not known yet)."""
+        with self._lock:
+            model = self.cost_model
+        features = self.features([request], engine, math.inf, 0.0, "normal", None, model)
+        if features.candidates[0] is None:
+            return None
+        return finish_times([*features.admitted, features.candidates[0]], features.rules)[-1]
+
     def arrival_gap_s(self) -> float | None:
         """Mean seconds between requests: from the oldest of the last RATE_ARRIVALS decisions to now, per decision,
         if it is within ARRIVAL_WINDOW_S (None: fewer than two, or older), so that a burst's rate is seen within a
