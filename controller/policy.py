@@ -128,8 +128,8 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
     value. Otherwise the request is rejected now rather than failed late (Clockwork's rule): even its cheapest level
     would miss its own budget (cause "late"; only a `strict` request, one that gave its own SLO or deadline), or
     would push two or more admitted requests past their due time ("harm": a refusal is a miss too, so it is refused
-    where serving it costs more misses than refusing it). If the
-    floor and the cap leave no level at all, rejected ("floor")."""
+    where serving it costs more misses than refusing it). If the floor and the cap leave no level at all, rejected
+    ("floor")."""
     allowed = [i for i, level in enumerate(ladder)
                if i >= features.min_level and level.retention >= features.min_retention]
     if not allowed:

@@ -131,3 +131,29 @@ def test_a_level_leaves_room_for_the_requests_expected_next():
     assert quiet.level == 0
     assert busy.level == 1 and busy.fits and busy.predicted_s == pytest.approx(1.2)
     assert "full would leave no room for the 4 request(s) expected next (one every 0.50s)" in busy.reason
+
+
+def test_the_controller_reads_the_arrival_gap_from_its_recent_decisions_and_forgets_an_idle_spell():
+    from controller.controller import ARRIVAL_WINDOW_S, BudgetController
+
+    from .loads import IDLE, levels, teach
+
+    class Clock:
+        t = 0.0
+
+        def __call__(self):
+            return self.t
+
+    clock = Clock()
+    controller = BudgetController(LADDER, clock=clock)
+    teach(controller)
+    assert controller.arrival_gap_s() is None
+    for t in (0.0, 1.0, 2.0, 3.0):
+        clock.t = t
+        controller.choose(levels([0.1] * 5), IDLE, 10.0, 0.0)
+    clock.t = 4.0
+    assert controller.arrival_gap_s() == pytest.approx(1.0)
+    controller.choose(levels([0.1] * 5), IDLE, 10.0, 0.0, record=False)  # an estimate is no arrival
+    assert controller.arrival_gap_s() == pytest.approx(1.0)
+    clock.t = 3.0 + ARRIVAL_WINDOW_S + 0.1  # nothing for a window: nobody is expected
+    assert controller.arrival_gap_s() is None
