@@ -66,8 +66,10 @@ def test_every_panel_query_returns_data_from_the_real_service(tiny_engines, tmp_
         wait_for(lambda: target_up(url), 60, "Prometheus to scrape the service")
         with AimClient(server.target) as client:
             video = encode_video(frames=16)
-            for slo_ms in (60_000, 1):  # auto within SLO, and auto over a 1 ms SLO (a violation)
-                client.generate("What moves?", videos=[video], frames=4, max_new_tokens=3, slo_ms=slo_ms)
+            client.generate("What moves?", videos=[video], frames=4, max_new_tokens=3, slo_ms=60_000)  # within SLO
+            with pytest.raises(grpc.RpcError) as refused:  # a 1 ms SLO no level makes: refused at once, a violation
+                client.generate("What moves?", videos=[video], frames=4, max_new_tokens=3, slo_ms=1)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             client.generate("Describe.", images=[encode_image("PNG")], max_new_tokens=3, no_reduction=True)
             # max_batch=1 and max_queue=0: while one request runs, another is rejected. The first is held (it runs
             # until cancelled) so that the two overlap.

@@ -1,6 +1,6 @@
-"""`auto` on the real reference model, over a real server: after one request far over its SLO, an idle server
-gives default `auto` requests the full model, and its latency predictions come to match what requests take
-(answer lengths learnt from what the model generates, a one-sided error corrected online)."""
+"""`auto` on the real reference model, over a real server: after one request refused for an SLO no level makes, an
+idle server gives default `auto` requests the full model, and its latency predictions come to match what requests
+take (each stage's rate fitted from the requests' own work, answer lengths learnt from what the model generates)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import av
+import grpc
 import numpy as np
 import pytest
 
@@ -62,25 +63,27 @@ def reference_server():
 
 def test_an_idle_server_gives_default_auto_requests_the_full_model(reference_server, monkeypatch):
     runtime = reference_server.running.state.runtimes["reference"]
-    predictions = []
-    observe = runtime.controller.observe
+    predictions = []  # (observed, predicted) seconds from each auto decision to its answer
+    observe = runtime.observe
 
-    def spy(latency_s, observation=None, slo_s=None, controlled=True, prediction=None):
-        predictions.append(prediction)
-        return observe(latency_s, observation, slo_s, controlled, prediction)
+    def spy(done, sampling, slo_s):
+        if done.applied.source == "auto" and done.applied.predicted_s:
+            predictions.append((done.total_s - done.media_s, done.applied.predicted_s))
+        return observe(done, sampling, slo_s)
 
-    monkeypatch.setattr(runtime.controller, "observe", spy)
+    monkeypatch.setattr(runtime, "observe", spy)
     items = synthetic_dataset(4).items
     video = next(i for i in items if i.kind == "video")
     with AimClient(reference_server.target, timeout=600) as client:
         question, media = _call(video)
-        slow = client.generate(question, slo_ms=1, **media)  # far over its 1 ms SLO, served best effort
-        assert slow.timings.total_seconds > 100 * 0.001
+        with pytest.raises(grpc.RpcError) as refused:  # far over its 1 ms SLO at any level: refused at once
+            client.generate(question, slo_ms=1, **media)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
         replies = []
         for item in (items * 3)[:20]:  # idle again: default auto requests, one after another
             question, media = _call(item)
             replies.append(client.generate(question, **media))
     full = [plan_from_proto(r.applied_plan.plan) == ReductionPlan() for r in replies]
     assert all(full[3:]), [r.applied_plan.reason for r in replies]  # all but the first few: the full model
-    ratios = [observed / predicted for observed, predicted in (p for p in predictions[-10:] if p)]
+    ratios = [observed / predicted for observed, predicted in predictions[-10:]]
     assert len(ratios) == 10 and all(0.5 <= r <= 2.0 for r in ratios), ratios
