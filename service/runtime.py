@@ -7,9 +7,12 @@ with a status name each wire maps. The event loop never runs model or media work
 executor (requests without media on one of their own; the memory for decoded media is waited for on the event
 loop), the model runs on the engine's loop thread (one per model), which serves every admitted request together
 (continuous batching: up to the engine's max_batch sequences decode in one step). A request whose KV need exceeds
-the whole pool -> resource_exhausted. Auto plans (once its media are read): the controller picks the highest ladder
-level whose predicted latency fits; if none does, it is served best-effort at the cheapest allowed level, unless
-even that is predicted to miss its deadline -> deadline_exceeded. Cancellation and deadlines stop a request
+the whole pool -> resource_exhausted. Auto plans (once its media are read): the controller plays what the engine
+holds forward with the request at each ladder level (controller/whatif.py) and picks the highest level that keeps it
+and every admitted request within its time; one that even its cheapest level cannot make is refused at once
+(deadline_exceeded, or resource_exhausted), and the decision and the sequence's entry into the engine happen under
+one lock. Every request in the engine carries its due time (min(arrival + SLO, deadline)), which later decisions
+protect. Cancellation and deadlines stop a request
 between prefill layers and at every decode step, and free its KV.
 """
 
