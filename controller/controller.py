@@ -122,17 +122,17 @@ class BudgetController:
 
     def choose(self, levels: Sequence[SequenceLoad], engine: EngineLoad, budget_s: float, min_retention: float,
                priority: str = "normal", record: bool = True, slo_s: float | None = None,
-               strict: bool = True) -> Decision:
+               own_time_s: float | None = None) -> Decision:
         """The level for one request of SLO `slo_s` (None: the default), with its class's margin: `levels[i]` is
-        the work it brings at ladder level i, `engine` what the engine holds now; `strict`: it gave its own SLO or
-        deadline (policy.Features). `record=False` (a cost estimate, not a request): nothing about the controller
+        the work it brings at ladder level i, `engine` what the engine holds now; `own_time_s`: the time it asked
+        for itself (policy.Features). `record=False` (a cost estimate, not a request): nothing about the controller
         changes."""
         if record:
             self.tick()
         with self._lock:
             model = self.cost_model
         features = self.features(levels, engine, budget_s, min_retention, priority, slo_s, model)
-        decision = decide(self.ladder, replace(features, strict=strict))
+        decision = decide(self.ladder, replace(features, own_time_s=own_time_s))
         if record:
             if not decision.rejected:
                 self.last_level = decision.level

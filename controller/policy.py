@@ -89,9 +89,10 @@ class Features:
     # expected within this one's budget room: arriving one every gap with this one's budget, at this one's cheapest
     # level, each still makes it (at most MAX_UPCOMING of them).
     arrival_gap_s: float | None = None
-    # the request gave its own time (an SLO or a deadline): refused when even its cheapest level cannot make it.
-    # One held to the server's default SLO only is served late rather than refused for its own lateness.
-    strict: bool = True
+    # the time the request itself asked for, from now: the earlier of its SLO and deadline (inf: it gave neither;
+    # None: the budget is its own). It is refused when even its cheapest level cannot make this: the server's
+    # default SLO steers the choice and refuses nobody.
+    own_time_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.priority not in PRIORITIES:
@@ -126,7 +127,7 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
 
     If no level fits with the margin, the cheapest allowed level, best-effort (fits=False), provided it fits at face
     value. Otherwise the request is rejected now rather than failed late (Clockwork's rule): even its cheapest level
-    would miss its own budget (cause "late"; only a `strict` request, one that gave its own SLO or deadline), or
+    would miss its own budget (cause "late"; only within the time the request itself asked for: `own_time_s`), or
     would push two or more admitted requests past their due time ("harm": a refusal is a miss too, so it is refused
     where serving it costs more misses than refusing it). If the floor and the cap leave no level at all, rejected
     ("floor")."""
@@ -196,14 +197,15 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
         harmed = pushed(admitted, base_known, others, 1.0)
     else:
         own, _, harmed, _ = outcomes[last]
-    late = own > budget and features.strict
+    limit = budget if features.own_time_s is None else features.own_time_s
+    late = own > limit
     # A refusal is a miss too: refused for harm only where serving it would cost more misses than refusing it.
     if not late and harmed <= 1:
         return Decision(last, own, f"{ladder[last].name}: no level fits {budget:.3f}s with the margin (cheapest "
                         f"predicted {own:.3f}s {times}; {load}){capped}", False)
     if late:
         alone = " alone (the engine holds no other request)" if not admitted else ""
-        why = (f"even {ladder[last].name}{alone} is predicted to take {own:.3f}s, past the budget of {budget:.3f}s "
+        why = (f"even {ladder[last].name}{alone} is predicted to take {own:.3f}s, past the {limit:.3f}s it asked for "
                f"({load})")
         return Decision(-1, own, why + capped, False, rejected=True, cause="late", cheapest=last)
     why = (f"serving it, even at {ladder[last].name}, would push {harmed} admitted requests past their due time "

@@ -5,6 +5,7 @@ cannot make). The decision and the level go to the metrics."""
 
 from __future__ import annotations
 
+import math
 import time
 
 from aim_engine import AimEngine, ReductionPlan
@@ -35,10 +36,13 @@ class PlanChoice:
         now = time.monotonic()
         slo_left = (reduction.slo_s or self.default_slo_s) - (now - arrival)
         budget = slo_left if deadline is None else min(slo_left, deadline - now)
+        # what the request asked for itself (the server's default SLO steers the choice, it refuses nobody)
+        asked = [t for t in (None if reduction.slo_s is None else slo_left,
+                             None if deadline is None else deadline - now) if t is not None]
         levels = [self.engine.pending_load(request, level.plan, budget) for level in ladder]
         decision = self.controller.choose(levels, self.engine.loop.load(now), budget, reduction.min_retention,
                                           priority=reduction.priority, record=record, slo_s=reduction.slo_s,
-                                          strict=reduction.slo_s is not None or deadline is not None)
+                                          own_time_s=min(asked) if asked else math.inf)
         if record:
             level_name = ladder[decision.level].name if decision.level >= 0 else "none"
             self.metrics.controller_decisions.labels(self.name, level_name, decision.outcome).inc()
@@ -47,7 +51,8 @@ class PlanChoice:
             return AppliedPlan(level.plan, "auto", f"a request now would be refused: {decision.reason}",
                                decision.predicted_s, level.name)
         if decision.rejected:
-            if decision.cause == "late" and deadline is not None and deadline - now <= slo_left:
+            if decision.cause == "late" and deadline is not None and (reduction.slo_s is None
+                                                                       or deadline - now <= slo_left):
                 raise ServiceError("deadline_exceeded", f"cannot finish before the deadline: {decision.reason}; "
                                                         "allow more time or retry later")
             raise ServiceError("resource_exhausted", f"cannot serve now: {decision.reason}; "

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 
 from aim_engine.plan import ReductionPlan
@@ -59,8 +61,19 @@ def test_nothing_fits_with_the_margin_gives_cheapest_allowed_best_effort_if_it_f
 
 def test_a_request_even_its_cheapest_level_would_make_late_is_rejected_now():
     d = decide(LADDER, features(0.1))
-    assert d.rejected and d.cause == "late" and d.outcome == "rejected" and "past the budget" in d.reason
+    assert d.rejected and d.cause == "late" and d.outcome == "rejected" and "past the 0.100s it asked for" in d.reason
     assert d.predicted_s == 0.5
+
+
+def test_only_the_time_a_request_asked_for_itself_refuses_it():
+    """The server's default SLO steers the choice but refuses nobody: a request that gave neither SLO nor deadline
+    (own time inf) is served late; one that gave only a long deadline is refused only past that deadline."""
+    gave_nothing = decide(LADDER, features(0.1, own_time_s=math.inf))
+    assert gave_nothing.level == 4 and not gave_nothing.fits and not gave_nothing.rejected
+    long_deadline = decide(LADDER, features(0.1, own_time_s=600.0))
+    assert long_deadline.level == 4 and not long_deadline.rejected
+    short_deadline = decide(LADDER, features(0.1, own_time_s=0.3))
+    assert short_deadline.rejected and "past the 0.300s it asked for" in short_deadline.reason
 
 
 def test_quality_floor_is_never_crossed():
