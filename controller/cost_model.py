@@ -1,16 +1,24 @@
 """What a request costs the engine, from its size under a plan: the fitted rate of each stage.
 
-    own work = media + visual_tokens * r_vision + prefill_flops * r_prefill + (new_tokens - 1) * step(batch)
-    step(batch) = a + b * batch    (seconds per decode step when `batch` sequences decode together)
+    own work = media + visual_tokens * r_vision + prefill(flops) + (new_tokens - 1) * step(batch)
+    prefill(flops) = c + r * flops  (seconds of one prompt's LLM prefill)
+    step(batch) = a + b * batch     (seconds per decode step when `batch` sequences decode together)
+
+A prefill's time is not proportional to its FLOPs: every prompt pays for its text tokens, its layers' kernels and
+(when it prunes) the attention it scores, whatever its visual tokens. Measured on the reference model on a CPU,
+seconds per GFLOP rose from 0.0077 unreduced to 0.019 at maximum saving (line fit: c = 0.12 s, r = 0.0065 s/GFLOP
+predicts every level within 10%), so one rate per FLOP, fitted from whichever levels were served last,
+over-predicted the unreduced prompt 2.5x after cheap requests and under-predicted the cheap ones after unreduced
+ones. c and r are a line over the prefills seen (the start-up warm-up runs every ladder level, so it spans them).
 
 Under continuous batching a step serves every running sequence, so a request's time per token grows with the
-batch it shares (b), from a floor that does not (a: weights read once per step). a and b are fitted by
-exponentially weighted least squares over finished requests (their decode time per token against the mean batch
-they decoded in); with no spread in the batches seen yet, step(batch) is their weighted mean.
+batch it shares (b), from a floor that does not (a: weights read once per step).
 
-Each rate is fitted online from the stage timings of finished requests (exponentially weighted means of
-seconds per unit), so the model follows the machine it runs on. Until a stage has been observed its rate is
-unknown and predictions say so (None).
+Both lines are fitted by exponentially weighted least squares (LineFit), and neither goes below zero. With no
+spread in what was seen yet, a decode step is their weighted mean (flat in the batch) and a prefill is
+proportional to its FLOPs. The vision rate is an exponentially weighted mean of seconds per visual token. Each
+rate follows the machine it runs on; until a stage has been observed its rate is unknown and predictions say so
+(None).
 
 new_tokens is not the request's max_new_tokens but what requests of this model actually generate: the 90th
 percentile of the answer lengths of the last 64 real requests (one cut off at its max_new_tokens counts at that
@@ -35,7 +43,8 @@ from aim_engine.serving.load import SequenceLoad
 
 from .whatif import Job
 
-SMOOTHING = 0.2  # weight of the newest observation
+SMOOTHING = 0.2  # weight of the newest observation (vision rate, media time, decode step line)
+PREFILL_SMOOTHING = 0.05  # the prefill line's: slower, so that a run of one level keeps the spread that fits it
 ANSWER_WINDOW = 64  # recent answer lengths kept
 ANSWER_QUANTILE = 0.9  # the answer length predicted: this quantile of the recent ones
 
@@ -55,32 +64,61 @@ class Observation:
 
 
 @dataclass(frozen=True)
-class CostModel:
-    media_s: float | None = None
-    s_per_visual_token: float | None = None
-    s_per_prefill_flop: float | None = None
-    # exponentially weighted sums over (x = mean batch, y = seconds per decode step): weight, x, y, x^2, x*y
-    step_fit: tuple[float, float, float, float, float] = (0.0, 0.0, 0.0, 0.0, 0.0)
-    answer_lengths: tuple[int, ...] = ()  # tokens of the recent real answers, oldest first
+class LineFit:
+    """y = a + b x by exponentially weighted least squares, neither a nor b below zero. `flat`: with no spread in x
+    seen yet, y is their weighted mean whatever x (else proportional to x, through the origin)."""
 
-    @property
-    def ready(self) -> bool:
-        return self.s_per_prefill_flop is not None
+    flat: bool
+    smoothing: float = SMOOTHING
+    sums: tuple[float, float, float, float, float] = (0.0, 0.0, 0.0, 0.0, 0.0)  # weight, x, y, x^2, x*y
 
-    def step_line(self) -> tuple[float, float] | None:
-        """(a, b): seconds of a decode step of `batch` sequences = a + b x batch (None before any decode was
-        observed). With no spread in the batches seen yet, b = 0 and a is their weighted mean."""
-        w, sx, sy, sxx, sxy = self.step_fit
+    def add(self, x: float, y: float) -> "LineFit":
+        keep = 1 - self.smoothing
+        return replace(self, sums=tuple(keep * old + new for old, new in zip(self.sums, (1.0, x, y, x * x, x * y))))
+
+    def line(self) -> tuple[float, float] | None:
+        """(a, b), None before any point."""
+        w, sx, sy, sxx, sxy = self.sums
         if w <= 0:
             return None
         mean_x, mean_y = sx / w, sy / w
         var_x = sxx / w - mean_x * mean_x
         if var_x <= 1e-6 * max(1.0, mean_x * mean_x):
-            return mean_y, 0.0
+            return (mean_y, 0.0) if self.flat or mean_x <= 0 else (0.0, mean_y / mean_x)
         slope = max(0.0, (sxy / w - mean_x * mean_y) / var_x)
-        if slope * mean_x > mean_y:  # a step is never free: through the origin rather than below it
+        if slope * mean_x > mean_y:  # never below zero: through the origin rather than below it
             return 0.0, mean_y / mean_x
         return mean_y - slope * mean_x, slope
+
+
+@dataclass(frozen=True)
+class CostModel:
+    media_s: float | None = None
+    s_per_visual_token: float | None = None
+    prefill_fit: LineFit = LineFit(flat=False, smoothing=PREFILL_SMOOTHING)  # x = prefill FLOPs, y = seconds
+    step_fit: LineFit = LineFit(flat=True)  # x = mean batch, y = seconds per decode step
+    answer_lengths: tuple[int, ...] = ()  # tokens of the recent real answers, oldest first
+
+    @property
+    def ready(self) -> bool:
+        return self.prefill_line() is not None
+
+    def prefill_line(self) -> tuple[float, float] | None:
+        """(c, r): seconds of one prompt's LLM prefill = c + r x its FLOPs (None before any prefill was observed)."""
+        return self.prefill_fit.line()
+
+    def prefill_s(self, flops: float, share: float = 1.0) -> float:
+        """Predicted seconds of a prefill of `flops` FLOPs of which `share` of the layers are still to run (`flops`
+        being those layers' FLOPs): 0 before any prefill was observed."""
+        line = self.prefill_line()
+        if line is None or flops <= 0:
+            return 0.0
+        return line[0] * share + line[1] * flops
+
+    def step_line(self) -> tuple[float, float] | None:
+        """(a, b): seconds of a decode step of `batch` sequences = a + b x batch (None before any decode was
+        observed). With no spread in the batches seen yet, b = 0 and a is their weighted mean."""
+        return self.step_fit.line()
 
     def s_per_step(self, batch: float = 1.0) -> float | None:
         """Seconds per decode step at this batch size (None before any decode was observed)."""
@@ -102,14 +140,15 @@ class CostModel:
             return None
         tokens = self.expected_new_tokens(max_new_tokens, ignore_eos)
         return (((self.media_s or 0.0) if media else 0.0) + visual_tokens_in * (self.s_per_visual_token or 0.0)
-                + prefill_flops * self.s_per_prefill_flop + max(0, tokens - 1) * (self.s_per_step(batch) or 0.0))
+                + self.prefill_s(prefill_flops) + max(0, tokens - 1) * (self.s_per_step(batch) or 0.0))
 
     def job(self, load: SequenceLoad, admitted: bool | None = None) -> Job | None:
         """What a request (in the engine, or at a ladder level) still has to do, in predicted seconds; None until
         the prefill rate is known."""
         if not self.ready:
             return None
-        prefill_s = load.vision_tokens * (self.s_per_visual_token or 0.0) + load.prefill_flops * self.s_per_prefill_flop
+        prefill_s = (load.vision_tokens * (self.s_per_visual_token or 0.0)
+                     + self.prefill_s(load.prefill_flops, load.prefill_share))
         tokens = self.expected_new_tokens(load.max_new_tokens, load.ignore_eos)
         # the prefill yields the first token; one still decoding past the expected length takes at least one step
         steps = max(1, tokens - load.generated) if load.prefilled else max(0, tokens - 1)
@@ -126,11 +165,8 @@ class CostModel:
             updated = replace(updated,
                               s_per_visual_token=ewma(self.s_per_visual_token, obs.vision_s / obs.visual_tokens_in))
         if obs.prefill_flops > 0:
-            updated = replace(updated,
-                              s_per_prefill_flop=ewma(self.s_per_prefill_flop, obs.prefill_s / obs.prefill_flops))
+            updated = replace(updated, prefill_fit=self.prefill_fit.add(obs.prefill_flops, obs.prefill_s))
         if obs.new_tokens > 1:
-            x, y = obs.mean_batch, obs.decode_s / (obs.new_tokens - 1)
-            keep = 1 - SMOOTHING
-            updated = replace(updated, step_fit=tuple(
-                keep * old + new for old, new in zip(self.step_fit, (1.0, x, y, x * x, x * y))))
+            updated = replace(updated, step_fit=self.step_fit.add(obs.mean_batch,
+                                                                  obs.decode_s / (obs.new_tokens - 1)))
         return updated

@@ -125,12 +125,12 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
     would have finished within its due time still does: the scheduler's rules played forward (whatif.py) with and
     without it. Never below the quality floor nor above the memory cap.
 
-    If no level fits with the margin, the cheapest allowed level, best-effort (fits=False), provided it fits at face
-    value. Otherwise the request is rejected now rather than failed late (Clockwork's rule): even its cheapest level
-    would miss its own budget (cause "late"; only within the time the request itself asked for: `own_time_s`), or
-    would push two or more admitted requests past their due time ("harm": a refusal is a miss too, so it is refused
-    where serving it costs more misses than refusing it). If the floor and the cap leave no level at all, rejected
-    ("floor")."""
+    If no level fits with the margin, the cheapest allowed level (the least predicted work, not necessarily the
+    ladder's last), best-effort (fits=False), provided it fits at face value. Otherwise the request is rejected now
+    rather than failed late (Clockwork's rule): even its cheapest level would miss its own budget (cause "late";
+    only within the time the request itself asked for: `own_time_s`), or would push two or more admitted requests
+    past their due time ("harm": a refusal is a miss too, so it is refused where serving it costs more misses than
+    refusing it). If the floor and the cap leave no level at all, rejected ("floor")."""
     allowed = [i for i, level in enumerate(ladder)
                if i >= features.min_level and level.retention >= features.min_retention]
     if not allowed:
@@ -150,10 +150,14 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
     # the requests expected next: this request's cheapest level, arriving one every gap, each with this one's
     # budget. They are part of the world every prediction plays out in (their prefill slices come between the
     # decode steps of those ahead); a level must also leave them room.
-    cheapest = next((features.candidates[i] for i in reversed(allowed) if features.candidates[i] is not None), None)
+    known = [i for i in allowed if features.candidates[i] is not None]
+    # the least work among the allowed levels: usually the last, but not where a level's fixed costs (scoring the
+    # attention it prunes by) outweigh the FLOPs it saves on this machine
+    last = min(reversed(known), key=lambda i: features.candidates[i].prefill_s)
+    cheapest = features.candidates[last]
     upcoming = []
     gap = features.arrival_gap_s
-    if gap and cheapest is not None and math.isfinite(budget) and budget > 0:
+    if gap and math.isfinite(budget) and budget > 0:
         count = min(MAX_UPCOMING, max(1, int(budget / gap)))
         upcoming = [replace(cheapest, arrives_s=k * gap, due_s=k * gap + budget, admitted=False)
                     for k in range(1, count + 1)]
@@ -188,7 +192,6 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
                           f"{ladder[i].name} would push {harm} admitted request(s) past their due time" if harm else
                           f"{ladder[i].name} would leave no room for the {len(upcoming)} request(s) expected next "
                           f"(one every {gap:.2f}s)")
-    last = allowed[-1]
     # Whether to serve it at all is judged on the work known to be there, at face value: the requests expected next
     # are a forecast, and a refusal on a forecast would refuse the very arrivals it forecasts.
     if upcoming:

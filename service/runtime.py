@@ -376,7 +376,8 @@ __all__ = ["ModelRuntime"]
 
 
 def stage_rates(model: CostModel) -> StageRates:
-    """The engine's view of the cost model's fitted rates (seconds per visual token, per prefill FLOP, per decode
-    step at a batch size)."""
-    return StageRates(vision_s_per_token=model.s_per_visual_token, prefill_s_per_flop=model.s_per_prefill_flop,
-                      decode_step=model.s_per_step)
+    """The engine's view of the cost model's fitted rates (seconds per visual token, a prefill's line in its FLOPs,
+    seconds per decode step at a batch size)."""
+    fixed, per_flop = model.prefill_line() or (0.0, None)
+    return StageRates(vision_s_per_token=model.s_per_visual_token, prefill_s_per_flop=per_flop,
+                      prefill_s_fixed=fixed, decode_step=model.s_per_step)

@@ -25,6 +25,7 @@ class SequenceLoad:
     ignore_eos: bool
     kv_blocks: int  # blocks it reserved (admitted) or must reserve
     due_in_s: float = math.inf  # seconds until its caller wants the answer (inf: no due time)
+    prefill_share: float = 1.0  # share of its prefill's layers still to run (prefill_flops are theirs)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ def sequence_load(seq: Sequence, num_layers: int, kv_blocks: int, now: float) ->
         return SequenceLoad(True, 0, 0.0, True, len(seq.generated), sampling.max_new_tokens, sampling.ignore_eos,
                             kv_blocks, due)
     flops = seq.cost.prefill_flops if seq.cost is not None else 0.0
+    share = 1.0
     tokens = sum(vision_tokens(request.parts, request.shape.media))
     if work is not None:
         tokens = 0
@@ -67,5 +69,7 @@ def sequence_load(seq: Sequence, num_layers: int, kv_blocks: int, now: float) ->
                 done = work.next_frame.get(item, 0) / frames if frames else 0.0
                 tokens += round(item_tokens * (1 - done))
         if work.run is not None:
-            flops *= max(0, num_layers - work.run.layer) / num_layers
-    return SequenceLoad(admitted, tokens, flops, False, 0, sampling.max_new_tokens, sampling.ignore_eos, kv_blocks, due)
+            share = max(0, num_layers - work.run.layer) / num_layers
+            flops *= share
+    return SequenceLoad(admitted, tokens, flops, False, 0, sampling.max_new_tokens, sampling.ignore_eos, kv_blocks, due,
+                        share)

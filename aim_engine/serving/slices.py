@@ -8,7 +8,7 @@ arrival never stalls the callers already streaming. The work of one admitted seq
   decision sits at a layer boundary, so no slice splits one).
 
 The budget is in predicted seconds, from the rates the controller fits (StageRates: seconds per visual token in
-the tower, per LLM prefill FLOP, per decode step), so it means the same for a 1000-token unreduced prompt and a
+the tower, a prompt's LLM prefill as a line in its FLOPs, per decode step), so it means the same for a 1000-token unreduced prompt and a
 180-token merged one: `StepBudget.multiple` times the running batch's predicted decode step. A step then takes at
 most about (1 + multiple) decode steps, and a prefill of P predicted seconds beside a running batch finishes in
 about P (1 + 1 / multiple). When nothing is decoding there is nobody to stall: the budget is unbounded.
@@ -37,6 +37,7 @@ class StageRates:
 
     vision_s_per_token: float | None = None
     prefill_s_per_flop: float | None = None
+    prefill_s_fixed: float = 0.0  # seconds of a prompt's prefill whatever its FLOPs, spread evenly over its layers
     decode_step: Callable[[int], float | None] | None = None
 
     def decode_s(self, batch: int) -> float | None:
@@ -174,7 +175,8 @@ def plan_step(works: list[PrefillWork], budget_s: float, rates: StageRates, num_
                 pieces.vision.append(VisionPiece(items, (start, end)))
             return plan
         layer = work.run.layer if work.run is not None else 0
-        while layer < num_layers and take(seconds(layer_flops(work, layer), rates.prefill_s_per_flop)):
+        fixed = rates.prefill_s_fixed / num_layers
+        while layer < num_layers and take(seconds(layer_flops(work, layer), rates.prefill_s_per_flop) + fixed):
             pieces.layers += 1
             layer += 1
         if layer < num_layers:

@@ -5,6 +5,7 @@ import math
 
 import pytest
 
+from aim_engine.serving.load import SequenceLoad
 from controller.cost_model import CostModel, Observation
 
 
@@ -61,8 +62,6 @@ def test_decode_length_is_what_answers_reach_not_max_new_tokens():
 
 
 def test_a_job_is_what_a_request_still_has_to_do_in_seconds_of_the_fitted_rates():
-    from aim_engine.serving.load import SequenceLoad
-
     model = CostModel()
     waiting = SequenceLoad(False, 100, 1e9, False, 0, 128, False, 7, due_in_s=3.0)
     assert model.job(waiting) is None  # no prefill rate yet
@@ -85,3 +84,41 @@ def test_the_decode_step_line_never_goes_below_zero():
         model = model.observe(observation(batch, s))
     a, b = model.step_line()
     assert a >= 0 and b > 0 and model.s_per_step(1) > 0
+
+
+def prefill(flops: float, seconds: float) -> Observation:
+    return Observation(media_s=0.0, vision_s=0.0, visual_tokens_in=0, prefill_s=seconds, prefill_flops=flops,
+                       decode_s=0.0, new_tokens=1)
+
+
+def test_a_prefill_is_a_fixed_cost_plus_a_rate_per_flop():
+    """Measured on the reference model on a CPU: 0.12 s whatever the prompt plus 6.5 ms per GFLOP. A rate per FLOP
+    alone, fitted from cheap requests, would predict the unreduced prompt 2.5x too long."""
+    model = CostModel()
+    assert model.prefill_line() is None and not model.ready
+    model = model.observe(prefill(1e10, 0.12 + 0.065))  # one size seen: proportional, as nothing says otherwise
+    assert model.prefill_line() == pytest.approx((0.0, 0.185 / 1e10))
+    for gflops in (132, 63, 32, 21, 8.6):  # the warm-up: one prompt per ladder level
+        model = model.observe(prefill(gflops * 1e9, 0.12 + 0.0065 * gflops))
+    c, r = model.prefill_line()
+    assert c == pytest.approx(0.12, rel=1e-6) and r == pytest.approx(0.0065e-9, rel=1e-6)
+    for _ in range(30):  # then a long run of the cheapest level only: the line keeps what the warm-up spanned
+        model = model.observe(prefill(8.6e9, 0.12 + 0.0065 * 8.6))
+    assert model.prefill_s(132e9) == pytest.approx(0.12 + 0.0065 * 132, rel=1e-6)
+    # a prompt with a quarter of its layers still to run pays a quarter of the fixed part
+    assert model.prefill_s(33e9, share=0.25) == pytest.approx(0.03 + 0.0065 * 33, rel=1e-6)
+    waiting = SequenceLoad(False, 0, 33e9, False, 0, 1, False, 1, prefill_share=0.25)
+    assert model.job(waiting).prefill_s == pytest.approx(0.03 + 0.0065 * 33, rel=1e-6)
+
+
+def test_the_prefill_line_never_goes_below_zero():
+    model = CostModel()
+    for gflops, seconds in ((10, 0.5), (100, 0.6), (10, 0.5), (100, 0.6)):  # steep intercept, tiny slope: fine
+        model = model.observe(prefill(gflops * 1e9, seconds))
+    c, r = model.prefill_line()
+    assert c > 0 and r > 0
+    model = CostModel()
+    for gflops, seconds in ((10, 0.01), (100, 1.0)):  # a line through these would cross zero at 9 GFLOPs
+        model = model.observe(prefill(gflops * 1e9, seconds))
+    c, r = model.prefill_line()
+    assert c == 0.0 and r > 0 and model.prefill_s(1e9) > 0

@@ -172,3 +172,18 @@ def test_priority_leaves_the_floor_the_memory_cap_and_best_effort_alone():
 def test_an_unknown_priority_is_refused():
     with pytest.raises(ValueError, match="priority must be one of"):
         Features(**LOADED, priority="urgent")
+
+
+def test_the_cheapest_level_is_the_least_predicted_work_not_the_ladders_last():
+    # maximum saving predicted dearer than aim-default (its scoring's fixed cost outweighs the FLOPs it saves)
+    costs = [2.0, 1.2, 0.9, 0.5, 0.7]
+    d = decide(LADDER, features(0.55, predicted=costs))  # nothing fits with the margin; 0.5 at face value does
+    assert d.level == 3 and not d.fits and d.outcome == "best_effort"
+    late = decide(LADDER, features(0.4, predicted=costs, own_time_s=0.4))
+    assert late.rejected and late.cause == "late" and late.cheapest == 3 and "aim-default" in late.reason
+    # the requests expected next are modelled at that cheapest level too: three of them, one every 0.5 s, each due
+    # 1.5 s after it arrives. Behind merge-50 (1.2 s) they finish at 1.7, 2.2 and 2.7 s at aim-default's 0.5 s,
+    # all in time; at maximum saving's 0.7 s the second would finish at 2.6 s, past its 2.5 s, and push the
+    # request down to merge-25.
+    upcoming = decide(LADDER, features(1.5, predicted=costs, margin=1.0, arrival_gap_s=0.5))
+    assert upcoming.level == 1 and upcoming.fits

@@ -214,6 +214,9 @@ def test_the_step_budget_is_in_predicted_seconds_and_the_first_piece_always_runs
     first, second = _work(videos=0), _work(videos=0)
     plan = plan_step([first, second], 1.5, rates, 4, flops)
     assert [p.layers for p in plan] == [4, 2]
+    # a prompt's fixed prefill cost (1 s over 4 layers) is part of each layer's: 0.5 s a layer fits 3 in 1.5 s
+    fixed = StageRates(vision_s_per_token=0.01, prefill_s_per_flop=1.0, prefill_s_fixed=1.0)
+    assert plan_step([_work(videos=0)], 1.5, fixed, 4, flops)[0].layers == 3
 
 
 def test_the_budget_refuses_a_multiple_that_is_no_number():
