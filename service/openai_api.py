@@ -25,9 +25,11 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from aim_engine import TokenDelta
 
+from .http_connections import ConnectionLimits, bounded_protocol
 from .openai_convert import (MediaAccess, chat_request_from_json, chunk_json, completion_id, completion_json, now,
                              usage_chunk_json)
 from .registry import ServedModels
@@ -81,12 +83,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
         raise ServiceError("invalid_argument", f"the request body is {declared} bytes; the limit is {limit} "
                                                "(--max-message-bytes)", too_large=True)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ServiceError("invalid_argument", f"the request body is over the limit of {limit} bytes "
-                                                   "(--max-message-bytes)", too_large=True)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ServiceError("invalid_argument", f"the request body is over the limit of {limit} bytes "
+                                                       "(--max-message-bytes)", too_large=True)
+            chunks.append(chunk)
+    except ClientDisconnect:  # it left, or its body was too slow (--http-read-s): nothing to run
+        raise _ClientGone() from None
     return b"".join(chunks)
 
 
@@ -260,9 +265,24 @@ class EmbeddedServer(uvicorn.Server):
         yield
 
 
+def _refusal(limit: int) -> bytes:
+    """The whole HTTP response a connection over `--http-max-connections` gets before it is closed."""
+    response = error_response("unavailable", f"the server holds {limit} HTTP connections, its limit "
+                                             "(--http-max-connections); retry with backoff")
+    head = [b"HTTP/1.1 503 Service Unavailable", *(k + b": " + v for k, v in response.raw_headers),
+            b"connection: close"]
+    return b"\r\n".join(head) + b"\r\n\r\n" + response.body
+
+
 def http_server(models: ServedModels, sock, grace_s: float) -> EmbeddedServer:
-    """A uvicorn server for `build_app(models)` on an already bound socket (so port 0 is known at once)."""
+    """A uvicorn server for `build_app(models)` on an already bound socket (so port 0 is known at once), its
+    connections bounded (http_connections.py)."""
+    settings = models.settings
+    limits = ConnectionLimits(settings.http_max_connections, settings.http_idle_s, settings.http_read_s,
+                              settings.max_connection_age_s)
     config = uvicorn.Config(build_app(models), log_level="warning", access_log=False, lifespan="off",
+                            http=bounded_protocol(limits, _refusal(limits.max_connections)),
+                            timeout_keep_alive=settings.http_idle_s,
                             timeout_graceful_shutdown=max(1, math.ceil(grace_s)))
     server = EmbeddedServer(config)
     server.sock = sock

@@ -67,9 +67,17 @@ class Settings:
     max_health_watches: int = _f(64, "grpc.health.v1 Watch streams open at once (more: RESOURCE_EXHAUSTED); Check, "
                                  "what probes call, is not limited")
     max_connection_idle_s: float = _f(300.0, "gRPC: a connection without an RPC for this long is closed, seconds")
-    max_connection_age_s: float = _f(3600.0, "gRPC: a connection this old is asked to reconnect (GOAWAY), seconds")
+    max_connection_age_s: float = _f(3600.0, "a connection this old is asked to reconnect: gRPC's by GOAWAY, the HTTP "
+                                     "API's by `Connection: close` on its next answer; seconds")
     max_connection_age_grace_s: float = _f(600.0, "gRPC: how long RPCs on a connection asked to reconnect may still "
                                            "run, seconds")
+    http_max_connections: int = _f(512, "HTTP API: connections open at once; one more is answered 503 and closed at "
+                                   "once (probes use gRPC's health Check, which this does not touch)")
+    http_idle_s: float = _f(5.0, "HTTP API: a connection whose next request has not arrived whole (its head) this "
+                            "long after it opened or after its last answer is closed: keep-alive and slow headers, "
+                            "seconds")
+    http_read_s: float = _f(60.0, "HTTP API: a request whose body has not arrived whole this long after its head is "
+                            "dropped with its connection (not run; counted as cancelled), seconds")
     allowed_local_media_path: str = _f("", "HTTP API: a directory whose files `file://` media URLs may name "
                                        "(symlinks resolved; empty = file:// refused)")
     allowed_media_domains: str = _f("", "HTTP API: hosts http(s) media URLs may name, comma-separated (the server "
@@ -144,7 +152,10 @@ class Settings:
         if self.max_concurrent_rpcs and self.max_concurrent_rpcs <= self.max_health_watches:
             raise ValueError(f"max_concurrent_rpcs ({self.max_concurrent_rpcs}) must exceed max_health_watches "
                              f"({self.max_health_watches}), or health watches could take every RPC from probes")
-        for name in ("max_connection_idle_s", "max_connection_age_s", "max_connection_age_grace_s"):
+        if self.http_max_connections < 1:
+            raise ValueError("http_max_connections must be >= 1")
+        for name in ("max_connection_idle_s", "max_connection_age_s", "max_connection_age_grace_s", "http_idle_s",
+                     "http_read_s"):
             if not (0 < getattr(self, name) < float("inf")):
                 raise ValueError(f"{name} must be a finite number of seconds > 0")
 

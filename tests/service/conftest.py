@@ -74,6 +74,15 @@ def wait_until(predicate, what: str, timeout: float = 60.0) -> None:
         time.sleep(POLL_S)
 
 
+def metric_value(srv: ServerThread, metric: str, **labels) -> float:
+    """A sample of the server's metrics: the first of `metric` whose labels include `labels` (0 if none)."""
+    for family in srv.metrics.registry.collect():
+        for sample in family.samples:
+            if sample.name == metric and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
 @pytest.fixture(scope="module")
 def server(tiny_engines):
     srv = ServerThread(BASE, tiny_engines)

@@ -25,7 +25,7 @@ from service.proto.inference import grpc_service_pb2_grpc as kserve_grpc
 from service.server import start_listening
 from tests.fault_corpus import post_json
 from tests.media_samples import encode_image, encode_video
-from tests.service.conftest import BASE, HOLD_TOKENS, ServerThread, hold, wait_until
+from tests.service.conftest import BASE, HOLD_TOKENS, ServerThread, hold, metric_value, wait_until
 
 IMAGE = encode_image("PNG")
 VIDEO = encode_video(frames=16)
@@ -421,14 +421,6 @@ def test_sixteen_concurrent_streams_lose_and_reorder_nothing_and_free_every_sequ
 
 
 # ---- every wire moves the same series ------------------------------------------------------------------------
-def _value(srv, metric: str, **labels) -> float:
-    for family in srv.metrics.registry.collect():
-        for sample in family.samples:
-            if sample.name == metric and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
-
-
 SERIES = [("aim_requests_total", {"model": "tiny-ov", "outcome": "ok"}),
           ("aim_request_duration_seconds_count", {"model": "tiny-ov", "slo_class": "default"}),
           ("aim_llm_prefill_flops_total", {"model": "tiny-ov"}),
@@ -454,9 +446,9 @@ def test_a_request_on_each_wire_moves_the_same_series(oai, http_server):
                                     extra_body={"reduction": "none"})
 
     for wire in (send_grpc, send_oip, send_http):
-        before = [_value(http_server, m, **labels) for m, labels in SERIES]
+        before = [metric_value(http_server, m, **labels) for m, labels in SERIES]
         wire()
-        after = [_value(http_server, m, **labels) for m, labels in SERIES]
+        after = [metric_value(http_server, m, **labels) for m, labels in SERIES]
         moved = [b < a for b, a in zip(before, after)]
         assert all(moved), (wire.__name__, [s for s, m in zip(SERIES, moved) if not m])
         counts = [a - b for (m, _), b, a in zip(SERIES, before, after) if not m.endswith("flops_total")]
