@@ -6,8 +6,7 @@ same for every policy of a scenario and seed), and stops the server. Rates come 
 server of its own: the full model's service time alone (t_full) and the capacity of the cheapest level (answers
 per second with 8 requests in flight, `cap`), for the standard request and for the mixed workload. The cheapest
 level is measured, not assumed: every reducing level's capacity is taken (`cap_by_level`) and the highest one
-counts. (On the reference model on a CPU, a ramp to 0.85 x maximum saving's capacity so measured held 53% within
-SLO at maximum saving itself and 100% at merge-25: under load, the pruning levels served less than merging alone.)
+counts, so that a ladder whose pruning levels cost more than merging alone on some machine is sized right.
 
 Scenarios (the standard request: a video question with a short answer; SLO = slo_factor x t_full):
 - ramp: 0.3 / t_full rising to 0.85 cap over ramp_s, then a hold;
@@ -32,6 +31,7 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import signal
 import statistics
 import sys
@@ -139,8 +139,10 @@ async def run_schedule(stub, workload: Workload, reqs: list[dict], policy: str, 
             reply = await stub.Generate(pb.GenerateRequest(**base, reduction=reduction(req["slo_s"])),
                                         timeout=3 * req["slo_s"])
             level = next((i for i, p in enumerate(ladder_protos) if p == reply.applied_plan.plan), -1)
+            predicted = re.search(r"([\d.]+)s x [\d.]+", reply.applied_plan.reason)  # the decision's, at face value
             record.update(latency=time.perf_counter() - t0 - sent, ok=True, level=level,
-                          retention=reply.usage.visual_tokens_merged / max(1, reply.usage.visual_tokens_in))
+                          retention=reply.usage.visual_tokens_merged / max(1, reply.usage.visual_tokens_in),
+                          predicted=float(predicted[1]) if predicted else None)
         except grpc.aio.AioRpcError as exc:
             record.update(latency=time.perf_counter() - t0 - sent, ok=False, level=-1, retention=0.0,
                           code=exc.code().name)
@@ -178,8 +180,10 @@ def row_of(scenario: str, model: str, seed: int, policy: str, records: list[dict
         end = shape["burst_end_s"]
         full = [r["sent"] - end for r in records if r["ok"] and r["level"] == 0 and r["sent"] >= end]
         row["full_after_s"] = min(full) if full else None
-    row["timeline"] = [[round(r["sent"], 3), round(r["latency"], 3), r["level"], r["ok"], r["tenant"]]
-                       for r in records]
+    # sent, latency, level, answered, tenant, and the adaptive decision's predicted latency (None: fixed level,
+    # refused, or no prediction)
+    row["timeline"] = [[round(r["sent"], 3), round(r["latency"], 3), r["level"], r["ok"], r["tenant"],
+                        None if r.get("predicted") is None else round(r["predicted"], 3)] for r in records]
     return row
 
 

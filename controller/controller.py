@@ -3,19 +3,23 @@ ladder levels through the pure `policy.decide`.
 
 Per request (`choose`, once its media are decoded): budget = min(SLO, remaining deadline) - time already spent;
 the work it brings at each level and the work the engine holds (aim_engine/serving/load.py) in seconds of the
-online cost model's rates, and the gap between requests at the recent arrival rate; `policy.decide` plays the engine's rules forward over them
-(whatif.py) and picks the highest level that keeps this request and every admitted one within its time, or
-rejects it. Memory pressure above the threshold caps quality at `memory_cap_level`. Memory pressure is what the serving engine can still use, read by the `memory` callable the
+online cost model's rates, and the gap between requests at the recent arrival rate; `policy.decide` plays the
+engine's rules forward over them (whatif.py) and picks the highest level that keeps this request and every
+admitted one within its time, or rejects it. Memory pressure above the threshold caps quality at
+`memory_cap_level`. Memory pressure is what the serving engine can still use, read by the `memory` callable the
 service supplies (its KV pool's reserved share and the device allocator's headroom), not NVML's "used", which
 stays high after one large request once the allocator has cached the memory.
+
 Every outcome reaches the latency window (`observe` for answers, `observe_outcome` for requests cut off by their
 deadline — counted at the deadline —, rejected — counted at their SLO — or cancelled — at the time they ran).
 Every `feedback.interval_s` (`tick`: on finished requests, decisions and status reads), each SLO class's loop
 (slo.py: requests that give no SLO are the "default" class) steps its own safety margin from the p95 of its own
 requests' latency as a share of their SLO against the target share (see feedback.py for the law and its recovery
 bound): a tenant whose tight SLOs are missed raises its class's margin, and the other classes decide with theirs.
-A class decides with the default class's margin until its first request has finished. The windows hold these
-shares; a fresh Prometheus value (the configured query's, which must be that p95 of latency / SLO, by
+A class decides with the default class's margin until its first request has finished. No class decides below
+the prediction's recent error (`prediction_margin`: the 90th percentile of observed / predicted latency of the
+last answers it decided), which follows a machine slower than its fitted rates within a few answers. The windows
+hold latency / SLO; a fresh Prometheus value (the configured query's, which must be that p95 of latency / SLO, by
 `slo_class` label or one series for all: the default reads the service's aim_request_latency_slo_ratio histogram
 by class) is taken as it is, over every replica.
 """
@@ -45,6 +49,13 @@ DEFAULT_P95_QUERY = ('histogram_quantile(0.95, sum by (le, slo_class) '
                      '(rate(aim_request_latency_slo_ratio_bucket{model="{model}"}[1m])))')
 ARRIVAL_WINDOW_S = 10.0  # decisions older than this say nothing of the arrival rate
 RATE_ARRIVALS = 8  # the most recent decisions the arrival rate is read from
+# The prediction's own error: observed / predicted latency of the last PREDICTION_ANSWERS answers the controller
+# decided, within PREDICTION_WINDOW_S. Its PREDICTION_QUANTILE is a floor under every class's margin, so that a
+# model that under-predicts (the machine slower than its fitted rates: on a CPU, media decoding on the engine's
+# cores) is corrected within a few answers, before the latency / SLO loop sees a p95 near the SLO.
+PREDICTION_ANSWERS = 16
+PREDICTION_WINDOW_S = 30.0
+PREDICTION_QUANTILE = 0.9
 
 
 @dataclass(frozen=True)
@@ -75,7 +86,8 @@ class ControllerStatus:
     gpu_available: bool
     prometheus_up: bool | None  # None when not configured
     last_action: str
-    margins: dict[str, float] = field(default_factory=dict)  # per SLO class with a loop
+    margins: dict[str, float] = field(default_factory=dict)  # per SLO class with a loop: what it decides with
+    prediction_margin: float = 1.0  # the floor under them from the prediction's recent error
 
 
 class BudgetController:
@@ -94,6 +106,7 @@ class BudgetController:
         self.last_level: int | None = None
         self._p95: tuple[float | None, str] = (None, "none")
         self._arrived: deque[float] = deque(maxlen=RATE_ARRIVALS)  # when the last decisions were made
+        self._errors: deque[tuple[float, float]] = deque(maxlen=PREDICTION_ANSWERS)  # (when, observed / predicted)
         self._lock = threading.Lock()
         self._loop(DEFAULT_CLASS)
 
@@ -109,9 +122,22 @@ class BudgetController:
         return self.loops[DEFAULT_CLASS].feedback
 
     def margin_for(self, slo_s: float | None) -> float:
-        """The margin of the SLO class of `slo_s`: its own loop's once it has one, else the default class's."""
+        """The margin a request of SLO `slo_s` decides with: its class's loop's (the default class's until its own
+        has one), never below the prediction's recent error (prediction_margin)."""
         loop = self.loops.get(slo_class(slo_s))
-        return (loop or self.loops[DEFAULT_CLASS]).feedback.margin
+        return max((loop or self.loops[DEFAULT_CLASS]).feedback.margin, self.prediction_margin())
+
+    def prediction_margin(self) -> float:
+        """The PREDICTION_QUANTILE of observed / predicted latency over the recent answers (1 with fewer than the
+        feedback's min_samples), within [min_margin, max_margin]."""
+        config = self.config.feedback
+        now = self.clock()
+        with self._lock:
+            recent = sorted(ratio for at, ratio in self._errors if at >= now - PREDICTION_WINDOW_S)
+        if len(recent) < config.min_samples:
+            return config.min_margin
+        quantile = recent[min(len(recent) - 1, math.ceil(PREDICTION_QUANTILE * len(recent)) - 1)]
+        return min(config.max_margin, max(config.min_margin, quantile))
 
     # ---- per request --------------------------------------------------------------------------
     def memory_cap(self) -> int:
@@ -144,8 +170,8 @@ class BudgetController:
                  priority: str, slo_s: float | None, model: CostModel) -> Features:
         """What `decide` sees: the request at each level and the engine's jobs, in seconds of the fitted rates."""
         admitted = [model.job(s) for s in engine.sequences] if model.ready else []
-        line = model.step_line() or (0.0, 0.0)
-        rules = EngineRules(max_batch=engine.max_batch, step_a=line[0], step_b=line[1],
+        line = model.step_line() or (0.0, 0.0, 0.0)
+        rules = EngineRules(max_batch=engine.max_batch, step_a=line[0], step_b=line[1], step_c=line[2],
                             step_multiple=engine.step_multiple, free_kv_blocks=engine.free_kv_blocks)
         return Features(budget_s=budget_s, min_retention=min_retention, candidates=[model.job(l) for l in levels],
                         admitted=admitted, rules=rules, margin=self.margin_for(slo_s), min_level=self.memory_cap(),
@@ -174,10 +200,13 @@ class BudgetController:
 
     # ---- feedback -----------------------------------------------------------------------------
     def observe(self, latency_s: float, observation: Observation | None = None, slo_s: float | None = None,
-                controlled: bool = True) -> None:
-        """A finished request: its end-to-end latency and SLO (None = the default), and its stage timings. Every
-        request teaches the cost model; only those the controller decided (`controlled`) steer the margin."""
+                controlled: bool = True, prediction_ratio: float | None = None) -> None:
+        """A finished request: its end-to-end latency and SLO (None = the default), its stage timings, and its
+        observed / predicted latency (None: no prediction). Every request teaches the cost model; only those the
+        controller decided (`controlled`) steer the margins."""
         with self._lock:
+            if controlled and prediction_ratio is not None and prediction_ratio > 0:
+                self._errors.append((self.clock(), prediction_ratio))
             if controlled:
                 ratio = latency_s / (slo_s or self.config.slo_s)
                 self.window.add(ratio)
@@ -228,13 +257,15 @@ class BudgetController:
 
     def status(self) -> ControllerStatus:
         self.tick()  # an idle server's margin relaxes with time, and what it reports shows it
+        floor = self.prediction_margin()
         return ControllerStatus(
-            margin=self.feedback.margin, level=self.last_level, p95_ratio=self._p95[0], p95_source=self._p95[1],
+            margin=max(self.feedback.margin, floor), level=self.last_level, p95_ratio=self._p95[0], p95_source=self._p95[1],
             gpu_available=self.gpu is not None and self.gpu.available,
             prometheus_up=None if self.prometheus is None else self.prometheus.latest().value is not None
             or not self.prometheus.latest().error,
             last_action=self.feedback.last_action,
-            margins={name: loop.feedback.margin for name, loop in self.loops.items()})
+            margins={name: max(loop.feedback.margin, floor) for name, loop in self.loops.items()},
+            prediction_margin=floor)
 
     def close(self) -> None:
         for signal in (self.gpu, self.prometheus):

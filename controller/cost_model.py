@@ -41,10 +41,13 @@ from dataclasses import dataclass, replace
 
 from aim_engine.serving.load import SequenceLoad
 
+from .linear_fit import LinearFit
 from .whatif import Job
 
-SMOOTHING = 0.2  # weight of the newest observation (vision rate, media time, decode step line)
-PREFILL_SMOOTHING = 0.05  # the prefill line's: slower, so that a run of one level keeps the spread that fits it
+SMOOTHING = 0.2  # weight of the newest observation (vision rate, media time)
+# the fits' (LinearFit): slower, so that a run of one level or one batch size keeps the spread that fits them
+PREFILL_SMOOTHING = 0.05
+STEP_SMOOTHING = 0.1
 ANSWER_WINDOW = 64  # recent answer lengths kept
 ANSWER_QUANTILE = 0.9  # the answer length predicted: this quantile of the recent ones
 
@@ -59,44 +62,19 @@ class Observation:
     decode_s: float
     new_tokens: int
     mean_batch: float = 1.0  # sequences per decode step, averaged over the request's steps
+    mean_kv_tokens: float = 0.0  # KV tokens (per layer) its decode steps' batches attended over, averaged likewise
     max_new_tokens: int | None = None  # what it allowed (None: not a real request's answer, e.g. a warm-up)
     ignore_eos: bool = False  # it generated max_new_tokens whatever the model said: not an answer length
-
-
-@dataclass(frozen=True)
-class LineFit:
-    """y = a + b x by exponentially weighted least squares, neither a nor b below zero. `flat`: with no spread in x
-    seen yet, y is their weighted mean whatever x (else proportional to x, through the origin)."""
-
-    flat: bool
-    smoothing: float = SMOOTHING
-    sums: tuple[float, float, float, float, float] = (0.0, 0.0, 0.0, 0.0, 0.0)  # weight, x, y, x^2, x*y
-
-    def add(self, x: float, y: float) -> "LineFit":
-        keep = 1 - self.smoothing
-        return replace(self, sums=tuple(keep * old + new for old, new in zip(self.sums, (1.0, x, y, x * x, x * y))))
-
-    def line(self) -> tuple[float, float] | None:
-        """(a, b), None before any point."""
-        w, sx, sy, sxx, sxy = self.sums
-        if w <= 0:
-            return None
-        mean_x, mean_y = sx / w, sy / w
-        var_x = sxx / w - mean_x * mean_x
-        if var_x <= 1e-6 * max(1.0, mean_x * mean_x):
-            return (mean_y, 0.0) if self.flat or mean_x <= 0 else (0.0, mean_y / mean_x)
-        slope = max(0.0, (sxy / w - mean_x * mean_y) / var_x)
-        if slope * mean_x > mean_y:  # never below zero: through the origin rather than below it
-            return 0.0, mean_y / mean_x
-        return mean_y - slope * mean_x, slope
 
 
 @dataclass(frozen=True)
 class CostModel:
     media_s: float | None = None
     s_per_visual_token: float | None = None
-    prefill_fit: LineFit = LineFit(flat=False, smoothing=PREFILL_SMOOTHING)  # x = prefill FLOPs, y = seconds
-    step_fit: LineFit = LineFit(flat=True)  # x = mean batch, y = seconds per decode step
+    # seconds of one prompt's prefill: c + r x its FLOPs
+    prefill_fit: LinearFit = LinearFit(2, prefer=(1, 0), smoothing=PREFILL_SMOOTHING)
+    # seconds of a decode step: a + b x sequences + c x KV tokens they attend over (per layer)
+    step_fit: LinearFit = LinearFit(3, prefer=(0, 1, 2), smoothing=STEP_SMOOTHING)
     answer_lengths: tuple[int, ...] = ()  # tokens of the recent real answers, oldest first
 
     @property
@@ -104,8 +82,9 @@ class CostModel:
         return self.prefill_line() is not None
 
     def prefill_line(self) -> tuple[float, float] | None:
-        """(c, r): seconds of one prompt's LLM prefill = c + r x its FLOPs (None before any prefill was observed)."""
-        return self.prefill_fit.line()
+        """(c, r): seconds of one prompt's LLM prefill = c + r x its FLOPs (None before any prefill was observed).
+        With one prompt size seen, proportional to its FLOPs."""
+        return self.prefill_fit.coefficients()
 
     def prefill_s(self, flops: float, share: float = 1.0) -> float:
         """Predicted seconds of a prefill of `flops` FLOPs of which `share` of the layers are still to run (`flops`
@@ -115,15 +94,16 @@ class CostModel:
             return 0.0
         return line[0] * share + line[1] * flops
 
-    def step_line(self) -> tuple[float, float] | None:
-        """(a, b): seconds of a decode step of `batch` sequences = a + b x batch (None before any decode was
-        observed). With no spread in the batches seen yet, b = 0 and a is their weighted mean."""
-        return self.step_fit.line()
+    def step_line(self) -> tuple[float, float, float] | None:
+        """(a, b, c): seconds of a decode step of `batch` sequences attending over `kv` KV tokens (per layer, all of
+        them together) = a + b x batch + c x kv (None before any decode was observed). Until the steps seen vary in
+        batch or KV, the terms they cannot tell apart are 0: first the KV term, then the batch's."""
+        return self.step_fit.coefficients()
 
-    def s_per_step(self, batch: float = 1.0) -> float | None:
-        """Seconds per decode step at this batch size (None before any decode was observed)."""
+    def s_per_step(self, batch: float = 1.0, kv_tokens: float = 0.0) -> float | None:
+        """Seconds per decode step at this batch size and KV (None before any decode was observed)."""
         line = self.step_line()
-        return None if line is None else max(0.0, line[0] + line[1] * batch)
+        return None if line is None else line[0] + line[1] * batch + line[2] * kv_tokens
 
     def expected_new_tokens(self, max_new_tokens: int, ignore_eos: bool = False) -> int:
         """The answer length to plan for (see the module's docstring)."""
@@ -132,15 +112,6 @@ class CostModel:
         ordered = sorted(self.answer_lengths)
         rank = min(len(ordered) - 1, max(0, math.ceil(ANSWER_QUANTILE * len(ordered)) - 1))
         return max(1, min(max_new_tokens, ordered[rank]))
-
-    def predict(self, visual_tokens_in: int, prefill_flops: float, max_new_tokens: int, batch: float = 1.0,
-                media: bool = True, ignore_eos: bool = False) -> float | None:
-        """Seconds of the request's own work, alone in a batch of `batch` (`media`: from arrival, its media read)."""
-        if not self.ready:
-            return None
-        tokens = self.expected_new_tokens(max_new_tokens, ignore_eos)
-        return (((self.media_s or 0.0) if media else 0.0) + visual_tokens_in * (self.s_per_visual_token or 0.0)
-                + self.prefill_s(prefill_flops) + max(0, tokens - 1) * (self.s_per_step(batch) or 0.0))
 
     def job(self, load: SequenceLoad, admitted: bool | None = None) -> Job | None:
         """What a request (in the engine, or at a ladder level) still has to do, in predicted seconds; None until
@@ -152,7 +123,8 @@ class CostModel:
         tokens = self.expected_new_tokens(load.max_new_tokens, load.ignore_eos)
         # the prefill yields the first token; one still decoding past the expected length takes at least one step
         steps = max(1, tokens - load.generated) if load.prefilled else max(0, tokens - 1)
-        return Job(prefill_s, steps, load.due_in_s, load.kv_blocks, load.admitted if admitted is None else admitted)
+        return Job(prefill_s, steps, load.due_in_s, load.kv_blocks, load.admitted if admitted is None else admitted,
+                   context_tokens=load.context_tokens)
 
     def observe(self, obs: Observation) -> "CostModel":
         def ewma(old, new):
@@ -165,8 +137,8 @@ class CostModel:
             updated = replace(updated,
                               s_per_visual_token=ewma(self.s_per_visual_token, obs.vision_s / obs.visual_tokens_in))
         if obs.prefill_flops > 0:
-            updated = replace(updated, prefill_fit=self.prefill_fit.add(obs.prefill_flops, obs.prefill_s))
+            updated = replace(updated, prefill_fit=self.prefill_fit.add((obs.prefill_flops,), obs.prefill_s))
         if obs.new_tokens > 1:
-            updated = replace(updated, step_fit=self.step_fit.add(obs.mean_batch,
+            updated = replace(updated, step_fit=self.step_fit.add((obs.mean_batch, obs.mean_kv_tokens),
                                                                   obs.decode_s / (obs.new_tokens - 1)))
         return updated

@@ -5,7 +5,8 @@ The engine (aim_engine/serving/loop.py) runs steps. Each step
    a sequence's whole need (`kv_blocks`);
 2. runs up to the step budget of prefill work (vision and LLM layers) in admission order: `step_multiple` x the
    running batch's decode step, or all of it when nothing decodes or slicing is off (serving/slices.py);
-3. runs one decode step of every sequence whose prefill is done, in `a + b x batch` seconds (the fitted line).
+3. runs one decode step of every sequence whose prefill is done, in `a + b x batch + c x kv` seconds (the fitted
+   rates; kv: the KV tokens the batch attends over, per layer, each sequence's growing by one a step).
 A prefill yields a sequence's first token, each decode step one more; a sequence leaves when its answer is
 complete, and its KV goes back to the pool.
 
@@ -35,6 +36,7 @@ class Job:
     kv_blocks: int = 0  # KV blocks it holds (admitted) or must reserve before it is admitted
     admitted: bool = False  # in the running batch, its KV reserved
     arrives_s: float = 0.0  # a request expected later: seconds from now until it arrives
+    context_tokens: float = 0.0  # KV tokens (per layer) its next decode step attends over
 
 
 @dataclass(frozen=True)
@@ -42,13 +44,14 @@ class EngineRules:
     """The scheduler's limits and the fitted rates of a decode step."""
 
     max_batch: int
-    step_a: float  # seconds of a decode step: step_a + step_b x sequences decoding
+    step_a: float  # seconds of a decode step: step_a + step_b x sequences decoding + step_c x their KV tokens
     step_b: float = 0.0
+    step_c: float = 0.0
     step_multiple: float | None = 4.0  # prefill per step beside a decoding batch, in its decode steps; None: unsliced
     free_kv_blocks: float = math.inf  # blocks the pool can still promise (free, or held only by evictable caches)
 
-    def decode_s(self, batch: int) -> float:
-        return max(0.0, self.step_a + self.step_b * batch) if batch else 0.0
+    def decode_s(self, batch: int, kv_tokens: float = 0.0) -> float:
+        return max(0.0, self.step_a + self.step_b * batch + self.step_c * kv_tokens) if batch else 0.0
 
 
 def finish_times(jobs: Sequence[Job], rules: EngineRules) -> list[float]:
@@ -58,6 +61,7 @@ def finish_times(jobs: Sequence[Job], rules: EngineRules) -> list[float]:
     n = len(jobs)
     prefill = [j.prefill_s for j in jobs]
     steps = [j.steps for j in jobs]
+    context = [j.context_tokens for j in jobs]
     finish = [math.inf] * n
     running = [i for i, j in enumerate(jobs) if j.admitted]
     waiting = deque(i for i, j in enumerate(jobs) if not j.admitted)
@@ -82,7 +86,7 @@ def finish_times(jobs: Sequence[Job], rules: EngineRules) -> list[float]:
             continue
         prefilling = [i for i in running if prefill[i] > 0]
         decoding = [i for i in running if prefill[i] <= 0 and steps[i] > 0]
-        d = rules.decode_s(len(decoding))
+        d = rules.decode_s(len(decoding), sum(context[i] for i in decoding))  # this interval's first step
         sliced = rules.step_multiple is not None and decoding
         budget = max(rules.step_multiple * d, d) if sliced else math.inf  # a step's first piece always runs
         total = sum(prefill[i] for i in prefilling)
@@ -109,10 +113,12 @@ def finish_times(jobs: Sequence[Job], rules: EngineRules) -> list[float]:
             if prefill[i] <= 1e-12:
                 prefill[i] = 0.0
                 done.append((i, t + used + (k - 1) * d))
-        t += spent + (k * d if decoding else 0.0)
+        # k decode steps, the batch's KV growing by one token a sequence a step: k d + c n k (k - 1) / 2
+        t += spent + (k * d + rules.step_c * len(decoding) * k * (k - 1) / 2 if decoding else 0.0)
         leaving = []
         for i in decoding:
             steps[i] -= k
+            context[i] += k
             if steps[i] <= 0:
                 finish[i] = t
                 leaving.append(i)

@@ -268,10 +268,13 @@ class ModelRuntime:
         self._record_caches(s)
         applied, media_s, total_s = done.applied, done.media_s, done.total_s
         controlled = applied.source == "auto"
-        self.controller.observe(total_s, observation_of(s, media_s, sampling), slo_s=slo_s, controlled=controlled)
+        # its prediction spans its decision (media decoded) to its answer
+        ratio = (total_s - media_s) / applied.predicted_s if controlled and applied.predicted_s else None
+        self.controller.observe(total_s, observation_of(s, media_s, sampling), slo_s=slo_s, controlled=controlled,
+                                prediction_ratio=ratio)
         self.share_rates()
-        if controlled and applied.predicted_s:  # its prediction spans its decision (media decoded) to its answer
-            m.prediction_ratio.labels(name, applied.level).observe((total_s - media_s) / applied.predicted_s)
+        if ratio is not None:
+            m.prediction_ratio.labels(name, applied.level).observe(ratio)
         self._against_slo(total_s, slo_s, controlled)
 
     def _against_slo(self, latency_s: float, slo_s: float | None, controlled: bool, failed: bool = False) -> None:

@@ -39,5 +39,6 @@ def observation_of(stats: RequestStats, media_s: float = 0.0, sampling: Sampling
     return Observation(media_s=media_s, vision_s=t.vision_s + stats.vision_s_saved,
                        visual_tokens_in=stats.visual_tokens_in, prefill_s=t.prefill_s,
                        prefill_flops=stats.prefill_flops, decode_s=t.decode_steps_s, new_tokens=stats.completion_tokens,
-                       mean_batch=stats.mean_batch, max_new_tokens=None if sampling is None else sampling.max_new_tokens,
+                       mean_batch=stats.mean_batch, mean_kv_tokens=stats.mean_kv_attended,
+                       max_new_tokens=None if sampling is None else sampling.max_new_tokens,
                        ignore_eos=False if sampling is None else sampling.ignore_eos)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..cost import CostEstimate
+from ..cost import CostEstimate, kv_tokens
 from ..feature_cache import CachedMedia
 from ..request import ImagePart, Part, VideoPart
 from .sequence import RUNNING, Sequence
@@ -26,6 +26,7 @@ class SequenceLoad:
     kv_blocks: int  # blocks it reserved (admitted) or must reserve
     due_in_s: float = math.inf  # seconds until its caller wants the answer (inf: no due time)
     prefill_share: float = 1.0  # share of its prefill's layers still to run (prefill_flops are theirs)
+    context_tokens: float = 0.0  # KV tokens a decode step of it attends over, per layer: prompt (reduced) + answer
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,18 @@ def vision_tokens(parts: list[Part], estimate_media: list[tuple[list[int], int]]
             for part, (groups, loose) in zip(items, estimate_media)]
 
 
+def prompt_context(kv_tokens: list[int], max_new_tokens: int) -> float:
+    """KV tokens per layer of a prompt whose reservation is `kv_tokens` (cost.kv_tokens: the prompt after merging
+    and pruning plus max_new_tokens - 1 per layer), averaged over the layers."""
+    return sum(kv_tokens) / max(1, len(kv_tokens)) - (max_new_tokens - 1)
+
+
 def pending_load(request, estimate: CostEstimate, kv_blocks: int, due_in_s: float = math.inf) -> SequenceLoad:
     """A request not yet in the engine (an IngestedRequest) under the plan of `estimate`."""
+    sampling = request.sampling
+    context = prompt_context(kv_tokens(estimate, sampling.max_new_tokens), sampling.max_new_tokens)
     return SequenceLoad(False, sum(vision_tokens(request.parts, request.shape.media)), estimate.prefill_flops, False,
-                        0, request.sampling.max_new_tokens, request.sampling.ignore_eos, kv_blocks, due_in_s)
+                        0, sampling.max_new_tokens, sampling.ignore_eos, kv_blocks, due_in_s, context_tokens=context)
 
 
 def sequence_load(seq: Sequence, num_layers: int, kv_blocks: int, now: float) -> SequenceLoad:
@@ -55,9 +64,10 @@ def sequence_load(seq: Sequence, num_layers: int, kv_blocks: int, now: float) ->
     due = math.inf if seq.due is None else seq.due - now
     sampling = request.sampling
     admitted = seq.status == RUNNING
+    context = prompt_context(seq.kv_tokens, sampling.max_new_tokens) + len(seq.generated)
     if admitted and work is None:  # decoding
         return SequenceLoad(True, 0, 0.0, True, len(seq.generated), sampling.max_new_tokens, sampling.ignore_eos,
-                            kv_blocks, due)
+                            kv_blocks, due, context_tokens=context)
     flops = seq.cost.prefill_flops if seq.cost is not None else 0.0
     share = 1.0
     tokens = sum(vision_tokens(request.parts, request.shape.media))
@@ -72,4 +82,4 @@ def sequence_load(seq: Sequence, num_layers: int, kv_blocks: int, now: float) ->
             share = max(0, num_layers - work.run.layer) / num_layers
             flops *= share
     return SequenceLoad(admitted, tokens, flops, False, 0, sampling.max_new_tokens, sampling.ignore_eos, kv_blocks, due,
-                        share)
+                        share, context)

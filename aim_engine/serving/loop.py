@@ -108,8 +108,9 @@ class ServingLoop:
                 seq.work = self.runner.work_for(seq)
             prefilling = [s for s in sched.running if s.work is not None]
             if prefilling:
-                decoding = len(sched.running) - len(prefilling)
-                budget_s = self.budget.seconds(self.rates, decoding)
+                decoding = [s for s in sched.running if s.work is None]
+                attended = sum(float(s.kv.lengths.mean()) for s in decoding)
+                budget_s = self.budget.seconds(self.rates, len(decoding), attended)
                 for seq, outcome in self.runner.advance(prefilling, budget_s, self.rates):
                     if isinstance(outcome, Cancelled):
                         self._finish(seq, "cancelled")
@@ -175,6 +176,7 @@ class ServingLoop:
         stats.timings.decode_s = end - seq.first_token if seq.first_token else 0.0
         stats.timings.total_s = end - seq.arrival
         stats.mean_batch = seq.mean_batch
+        stats.mean_kv_attended = seq.mean_kv_attended
         seq.emit(GenerationResult(text=seq.text.text if seq.text else "", finish_reason=reason,
                                   token_ids=list(seq.generated), stats=stats, plan=seq.plan))
 

@@ -215,12 +215,14 @@ class ModelRunner:
         if self.mrope:
             positions = positions[None].expand(3, -1, -1)
         logits = decode_batch(self.lm, tokens, positions, step)
+        attended = sum(float(s.kv.lengths.mean()) for s in seqs)  # KV tokens the step read, per layer
         for row, seq in enumerate(seqs):
             if seq.logits is not None:
                 seq.logits.append(logits[row].cpu())
             seq.stats.decode_flops += decode_step_flops(self.shape, seq.kv.lengths)
             seq.decode_steps += 1
             seq.batch_size_sum += len(seqs)
+            seq.kv_attended_sum += attended
         sampled = sample_tokens(logits, [s.sampling for s in seqs], [s.generator for s in seqs]).tolist()
         elapsed = time.perf_counter() - start  # after the step's one device -> host sync
         for seq in seqs:

@@ -58,6 +58,7 @@ class Sequence:
     first_token: float = 0.0
     decode_steps: int = 0
     batch_size_sum: int = 0  # over its decode steps: the sum of the batch sizes it ran in
+    kv_attended_sum: float = 0.0  # over its decode steps: the sum of the KV tokens (per layer) their batches read
     logits: list[torch.Tensor] | None = None  # if a list: every step's logits (vocab,) fp32, appended on the host
 
     @property
@@ -80,6 +81,10 @@ class Sequence:
     @property
     def mean_batch(self) -> float:
         return self.batch_size_sum / self.decode_steps if self.decode_steps else 1.0
+
+    @property
+    def mean_kv_attended(self) -> float:
+        return self.kv_attended_sum / self.decode_steps if self.decode_steps else 0.0
 
 
 def _without_pixels(part):

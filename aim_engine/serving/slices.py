@@ -33,15 +33,16 @@ from ..request import ImagePart, Part, VideoPart
 @dataclass(frozen=True)
 class StageRates:
     """Seconds per unit of each stage, as the controller fitted them (None: not observed yet).
-    decode_step(batch): seconds of a decode step of `batch` sequences (the controller's own fit), or None."""
+    decode_step(batch, kv_tokens): seconds of a decode step of `batch` sequences attending over `kv_tokens` KV
+    tokens per layer (the controller's own fit), or None."""
 
     vision_s_per_token: float | None = None
     prefill_s_per_flop: float | None = None
     prefill_s_fixed: float = 0.0  # seconds of a prompt's prefill whatever its FLOPs, spread evenly over its layers
-    decode_step: Callable[[int], float | None] | None = None
+    decode_step: Callable[[int, float], float | None] | None = None
 
-    def decode_s(self, batch: int) -> float | None:
-        return None if self.decode_step is None else self.decode_step(batch)
+    def decode_s(self, batch: int, kv_tokens: float = 0.0) -> float | None:
+        return None if self.decode_step is None else self.decode_step(batch, kv_tokens)
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,12 @@ class StepBudget:
         if self.multiple is not None and not (self.multiple >= 0 and math.isfinite(self.multiple)):
             raise ValueError(f"the step budget's multiple must be a finite number >= 0, got {self.multiple}")
 
-    def seconds(self, rates: StageRates, decoding: int) -> float:
-        """This step's budget in predicted seconds, with `decoding` sequences in the running batch."""
+    def seconds(self, rates: StageRates, decoding: int, kv_tokens: float = 0.0) -> float:
+        """This step's budget in predicted seconds, with `decoding` sequences in the running batch attending over
+        `kv_tokens` KV tokens (per layer)."""
         if self.multiple is None or decoding == 0:
             return math.inf
-        step = rates.decode_s(decoding)
+        step = rates.decode_s(decoding, kv_tokens)
         return 0.0 if step is None else self.multiple * step
 
 

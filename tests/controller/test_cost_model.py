@@ -1,5 +1,6 @@
-"""The cost model predicts decode time under batching: seconds per step as a line in the batch size, fitted
-from finished requests' decode time per token and the mean batch they decoded in."""
+"""The cost model's fitted rates: a prefill as a line in its FLOPs; a decode step as a + b x batch + c x the KV
+tokens the batch attends over, fitted from finished requests' decode time per token and the mean batch and KV they
+decoded with; answer lengths."""
 
 import math
 
@@ -9,21 +10,42 @@ from aim_engine.serving.load import SequenceLoad
 from controller.cost_model import CostModel, Observation
 
 
-def observation(batch: float, s_per_step: float, tokens: int = 11) -> Observation:
+def observation(batch: float, s_per_step: float, tokens: int = 11, kv: float = 0.0) -> Observation:
     return Observation(media_s=0.0, vision_s=0.1, visual_tokens_in=100, prefill_s=0.2, prefill_flops=1e9,
-                       decode_s=s_per_step * (tokens - 1), new_tokens=tokens, mean_batch=batch)
+                       decode_s=s_per_step * (tokens - 1), new_tokens=tokens, mean_batch=batch, mean_kv_tokens=kv)
 
 
 def test_step_time_follows_the_batch_size():
     model = CostModel()
-    assert model.s_per_step(4) is None and model.predict(100, 1e9, 10) is None
+    assert model.s_per_step(4) is None and model.step_line() is None
     for batch in (1, 2, 4, 8, 16) * 4:  # a step costs 10 ms plus 2 ms per sequence
         model = model.observe(observation(batch, 0.010 + 0.002 * batch))
     assert model.s_per_step(1) == pytest.approx(0.012, rel=1e-6)
     assert model.s_per_step(32) == pytest.approx(0.074, rel=1e-6)
-    alone = model.predict(100, 1e9, 20, batch=1)
-    crowded = model.predict(100, 1e9, 20, batch=32)
-    assert crowded - alone == pytest.approx(19 * 0.062, rel=1e-6)  # the first token comes from the prefill
+    assert model.step_line()[2] == 0.0  # no KV seen: no KV term
+
+
+def test_step_time_follows_the_kv_the_batch_reads_apart_from_its_size():
+    """On a CPU a long-context batch's step is dominated by attention over its KV: merging, which shortens every
+    prompt, then shortens every step of the batch too. 5 ms + 1 ms a sequence + 2 ms per 1000 KV tokens."""
+    model = CostModel()
+    for batch, context in [(1, 500), (4, 500), (4, 3000), (16, 200), (16, 3000), (8, 1000)] * 3:
+        kv = batch * context
+        model = model.observe(observation(batch, 0.005 + 0.001 * batch + 2e-6 * kv, kv=kv))
+    assert model.step_line() == pytest.approx((0.005, 0.001, 2e-6), rel=1e-6)
+    assert model.s_per_step(8, 8 * 2000) == pytest.approx(0.005 + 0.008 + 0.032, rel=1e-6)
+    # a job's context is what its next decode step attends over, handed to the what-if
+    decoding = SequenceLoad(True, 0, 0.0, True, 2, 128, False, 7, context_tokens=1234.0)
+    assert model.job(decoding).context_tokens == 1234.0
+
+
+def test_a_batch_whose_kv_moves_with_its_size_keeps_the_fewer_terms():
+    """Every request the same size: KV = batch x context, so the points cannot tell the batch term from the KV
+    term; the fit keeps the batch's (prefer), exact on what it saw."""
+    model = CostModel()
+    for batch in (1, 2, 4, 8) * 3:
+        model = model.observe(observation(batch, 0.004 + 0.003 * batch, kv=batch * 600.0))
+    assert model.step_line() == pytest.approx((0.004, 0.003, 0.0), rel=1e-6)
 
 
 def test_without_spread_in_batches_the_step_time_is_their_mean():
@@ -37,7 +59,7 @@ def test_recent_requests_weigh_more():
     model = CostModel()
     for _ in range(10):
         model = model.observe(observation(1, 0.05))
-    for _ in range(20):
+    for _ in range(40):
         model = model.observe(observation(1, 0.01))
     assert model.s_per_step(1) == pytest.approx(0.01, abs=0.002)
 
@@ -55,8 +77,9 @@ def test_decode_length_is_what_answers_reach_not_max_new_tokens():
     assert model.expected_new_tokens(128) == 5  # the 90th percentile, not the outlier, not 128
     assert model.expected_new_tokens(3) == 3  # never above the request's own bound
     assert model.expected_new_tokens(128, ignore_eos=True) == 128
-    short, full = model.predict(100, 1e9, 128), model.predict(100, 1e9, 128, ignore_eos=True)
-    assert full - short == pytest.approx((128 - 5) * model.s_per_step(1), rel=1e-6)
+    short = model.job(SequenceLoad(False, 100, 1e9, False, 0, 128, False, 7))
+    full = model.job(SequenceLoad(False, 100, 1e9, False, 0, 128, True, 7))
+    assert (short.steps, full.steps) == (4, 127)  # the first token comes from the prefill
     model = model.observe(Observation(0.0, 0.1, 100, 0.2, 1e9, 1.27, 128, max_new_tokens=128, ignore_eos=True))
     assert model.expected_new_tokens(128) == 5  # an answer forced to its length says nothing of answer lengths
 
@@ -82,8 +105,8 @@ def test_the_decode_step_line_never_goes_below_zero():
     model = CostModel()
     for batch, s in [(1, 0.001), (2, 0.001), (10, 0.2), (12, 0.25)] * 3:
         model = model.observe(observation(batch, s))
-    a, b = model.step_line()
-    assert a >= 0 and b > 0 and model.s_per_step(1) > 0
+    a, b, c = model.step_line()
+    assert a >= 0 and b > 0 and c == 0 and model.s_per_step(1) > 0
 
 
 def prefill(flops: float, seconds: float) -> Observation:

@@ -35,6 +35,20 @@ def test_the_decode_step_grows_with_the_batch():
         [0.4 + 2 * 0.15, 0.4])
 
 
+def test_the_decode_step_grows_with_the_kv_the_batch_reads_a_token_a_sequence_a_step():
+    rules = EngineRules(max_batch=4, step_a=0.1, step_c=0.001, step_multiple=None)
+    # alone, 100 tokens of context: steps of 0.1 + 0.100, 0.101, 0.102
+    assert finish_times([Job(0.0, 3, admitted=True, context_tokens=100)], rules) == pytest.approx([0.603])
+    # with a second sequence of 200: 0.1 + 0.300, then 0.1 + 0.302; a shorter prompt (merged) makes every step
+    # of the batch cheaper
+    pair = finish_times([Job(0.0, 2, admitted=True, context_tokens=100),
+                         Job(0.0, 2, admitted=True, context_tokens=200)], rules)
+    assert pair == pytest.approx([0.802, 0.802])
+    merged = finish_times([Job(0.0, 2, admitted=True, context_tokens=100),
+                           Job(0.0, 2, admitted=True, context_tokens=50)], rules)
+    assert merged == pytest.approx([0.2 + 0.15 + 0.152] * 2)
+
+
 def test_a_full_batch_and_a_short_pool_make_a_newcomer_wait():
     one = EngineRules(max_batch=1, step_a=0.1, step_multiple=4.0)
     assert finish_times([Job(0.0, 5, admitted=True), Job(1.0, 0)], one) == pytest.approx([0.5, 1.5])

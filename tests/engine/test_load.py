@@ -29,6 +29,9 @@ def test_the_load_follows_a_sliced_prefill_beside_a_streaming_answer(engine_for)
         assert before.vision_tokens == ingested.shape.visual_tokens_in > 0
         assert before.prefill_flops == estimate.prefill_flops and not before.admitted and not before.prefilled
         assert before.kv_blocks == engine.pool.blocks_for(kv_tokens(estimate, request.sampling.max_new_tokens))
+        # what its decode steps will attend over: its prompt after merging and pruning, per layer on average
+        per_layer = [estimate.text_tokens + v for v in estimate.visual_tokens_per_layer]
+        assert before.context_tokens == sum(per_layer) / len(per_layer) < ingested.shape.visual_tokens_in
         seq = run.add(0, request, plan)
         seq.due = 1000.0
         load = engine.loop.load(now=990.0)
@@ -51,6 +54,22 @@ def test_the_load_follows_a_sliced_prefill_beside_a_streaming_answer(engine_for)
         assert len(set(flops)) >= engine.num_layers
         done = engine.loop.load(now=990.0).sequences[1]
         assert done.prefilled and done.prefill_flops == 0 and done.vision_tokens == 0
+        # its next decode step feeds back its last token and reads what it holds then: one more than now
+        assert done.context_tokens == float(seq.kv.lengths.mean()) + 1 == before.context_tokens + len(seq.generated)
     finally:
         engine.loop.cancel(run.seqs["streamer"])
         engine.loop.limit(engine.loop.max_batch, budget=saved)
+
+
+def test_a_requests_stats_say_how_much_kv_its_decode_steps_read(engine_for):
+    """What the cost model fits a decode step's KV term from: alone, a request's steps read its prompt and the
+    tokens fed back so far (after each step's write: prompt + 1, ..., prompt + n - 1)."""
+    engine = engine_for("llava", layers=4)
+    from aim_engine import GenerationRequest, SamplingParams
+    from aim_engine.request import TextPart
+
+    result = engine.generate(GenerationRequest([TextPart("Say something long.")],
+                                               SamplingParams(max_new_tokens=5, ignore_eos=True)), ReductionPlan())
+    stats = result.stats
+    assert stats.completion_tokens == 5 and stats.mean_batch == 1.0
+    assert stats.mean_kv_attended == stats.prompt_tokens + (1 + 2 + 3 + 4) / 4

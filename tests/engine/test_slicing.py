@@ -188,7 +188,7 @@ def _work(videos: int = 1, frames: int = 8, per_frame: int = 10, text: int = 20,
 
 
 def test_the_step_budget_is_in_predicted_seconds_and_the_first_piece_always_runs():
-    rates = StageRates(vision_s_per_token=0.01, prefill_s_per_flop=1.0, decode_step=lambda batch: 0.5)
+    rates = StageRates(vision_s_per_token=0.01, prefill_s_per_flop=1.0, decode_step=lambda batch, kv: 0.5)
     flops = lambda work, layer: 0.25  # noqa: E731 - every layer predicted at 0.25 s
     # nobody decoding: nobody to stall, so everything runs
     assert StepBudget(1.0).seconds(rates, decoding=0) == math.inf
