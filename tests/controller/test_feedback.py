@@ -201,8 +201,9 @@ def test_each_slo_class_has_its_own_loop_so_a_tenant_of_tiny_slos_steers_only_it
 
 def test_the_predictions_recent_error_is_a_floor_under_every_classs_margin():
     """Answers that take twice what was predicted raise the margin every class decides with to 2 within a few
-    answers, before the latency / SLO loop sees anything (they are well inside their SLO); the floor is gone once
-    those answers are older than the window, and unpredicted or uncontrolled answers do not count."""
+    answers, before the latency / SLO loop sees anything (they are well inside their SLO); the floor follows the
+    worst of the last answers, is gone once they are older than the window, and unpredicted or uncontrolled
+    answers do not count."""
     from controller.controller import PREDICTION_ANSWERS, PREDICTION_WINDOW_S
 
     clock = FakeClock()
@@ -219,9 +220,11 @@ def test_the_predictions_recent_error_is_a_floor_under_every_classs_margin():
     assert controller.prediction_margin() == 2.0 and controller.margin_for(None) == 2.0 > base
     assert controller.margin_for(0.5) == 2.0  # a class without its own loop, and any class, decides with it
     assert controller.status().prediction_margin == 2.0 and controller.status().margins["default"] == 2.0
-    # the quantile, not the worst: one outlier among many good predictions does not set it
+    # the worst of the last PREDICTION_ANSWERS: once they are all good again, it is back to theirs
     for _ in range(PREDICTION_ANSWERS - 1):
         controller.observe(0.2, prediction_ratio=1.1)
+    assert controller.prediction_margin() == 2.0
+    controller.observe(0.2, prediction_ratio=1.1)
     assert controller.prediction_margin() == pytest.approx(1.1)
     clock.t += PREDICTION_WINDOW_S + 1  # all of them too old
     assert controller.prediction_margin() == 1.0
