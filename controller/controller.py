@@ -104,7 +104,8 @@ class BudgetController:
         self.cost_model = CostModel()
         self.last_level: int | None = None
         self._p95: tuple[float | None, str] = (None, "none")
-        self._arrived: deque[float] = deque(maxlen=RATE_ARRIVALS)  # when the last decisions were made
+        # the last decisions: when each was made, and the budget its request had
+        self._arrived: deque[tuple[float, float]] = deque(maxlen=RATE_ARRIVALS)
         self._errors: deque[tuple[float, float]] = deque(maxlen=PREDICTION_ANSWERS)  # (when, observed / predicted)
         self._lock = threading.Lock()
         self._loop(DEFAULT_CLASS)
@@ -163,7 +164,7 @@ class BudgetController:
             if not decision.rejected:
                 self.last_level = decision.level
             with self._lock:  # every decided request is an arrival, rejected or not
-                self._arrived.append(self.clock())
+                self._arrived.append((self.clock(), budget_s))
         return decision
 
     def features(self, levels: Sequence[SequenceLoad], engine: EngineLoad, budget_s: float, min_retention: float,
@@ -175,7 +176,8 @@ class BudgetController:
                             step_multiple=engine.step_multiple, free_kv_blocks=engine.free_kv_blocks)
         return Features(budget_s=budget_s, min_retention=min_retention, candidates=[model.job(l) for l in levels],
                         admitted=admitted, rules=rules, margin=self.margin_for(slo_s), min_level=self.memory_cap(),
-                        priority=priority, arrival_gap_s=self.arrival_gap_s())
+                        priority=priority, arrival_gap_s=self.arrival_gap_s(),
+                        upcoming_budgets=self.recent_budgets())
 
     def finish_time(self, request: SequenceLoad, engine: EngineLoad) -> float | None:
         """Seconds from now until `request` is answered if it joined `engine` now, with the work known to be there
@@ -193,10 +195,17 @@ class BudgetController:
         few of its requests and an idle server expects nobody."""
         now = self.clock()
         with self._lock:
-            recent = [t for t in self._arrived if t >= now - ARRIVAL_WINDOW_S]
+            recent = [t for t, _ in self._arrived if t >= now - ARRIVAL_WINDOW_S]
         if len(recent) < 2:
             return None
         return max(1e-3, (now - recent[0]) / len(recent))
+
+    def recent_budgets(self) -> tuple[float, ...]:
+        """The budgets of the requests decided within ARRIVAL_WINDOW_S (the last RATE_ARRIVALS), tightest first:
+        what the requests expected next are given (policy.Features.upcoming_budgets)."""
+        now = self.clock()
+        with self._lock:
+            return tuple(sorted(b for t, b in self._arrived if t >= now - ARRIVAL_WINDOW_S and math.isfinite(b)))
 
     # ---- feedback -----------------------------------------------------------------------------
     def observe(self, latency_s: float, observation: Observation | None = None, slo_s: float | None = None,
@@ -259,7 +268,8 @@ class BudgetController:
         self.tick()  # an idle server's margin relaxes with time, and what it reports shows it
         floor = self.prediction_margin()
         return ControllerStatus(
-            margin=max(self.feedback.margin, floor), level=self.last_level, p95_ratio=self._p95[0], p95_source=self._p95[1],
+            margin=max(self.feedback.margin, floor), level=self.last_level, p95_ratio=self._p95[0],
+            p95_source=self._p95[1],
             gpu_available=self.gpu is not None and self.gpu.available,
             prometheus_up=None if self.prometheus is None else self.prometheus.latest().value is not None
             or not self.prometheus.latest().error,

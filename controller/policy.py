@@ -86,9 +86,13 @@ class Features:
     min_level: int = 0  # no level of higher quality than this (memory pressure: KV pool or device allocator)
     priority: str = "normal"  # one of PRIORITIES: scales the margin (margin_for_priority)
     # seconds between requests at the recent arrival rate (None: none expected). A level must leave the requests
-    # expected within this one's budget room: arriving one every gap with this one's budget, at this one's cheapest
-    # level, each still makes it (at most MAX_UPCOMING of them).
+    # expected within this one's budget room: arriving one every gap, at this one's cheapest level, each still makes
+    # its budget (at most MAX_UPCOMING of them).
     arrival_gap_s: float | None = None
+    # the budgets the expected requests are given, in their order of arrival, repeated as needed: the recent
+    # requests' own, tightest first, so that a loose request leaves room for the tight ones arriving beside it
+    # (empty: this request's budget)
+    upcoming_budgets: Sequence[float] = ()
     # the time the request itself asked for, from now: the earlier of its SLO and deadline (inf: it gave neither;
     # None: the budget is its own). It is refused when even its cheapest level cannot make this: the server's
     # default SLO steers the choice and refuses nobody.
@@ -147,9 +151,9 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
     running = sum(j.admitted for j in admitted)
     load = f"{running} running, {len(admitted) - running} waiting"
     budget = features.budget_s
-    # the requests expected next: this request's cheapest level, arriving one every gap, each with this one's
-    # budget. They are part of the world every prediction plays out in (their prefill slices come between the
-    # decode steps of those ahead); a level must also leave them room.
+    # the requests expected next: this request's cheapest level, arriving one every gap, each with a recent
+    # request's budget (upcoming_budgets). They are part of the world every prediction plays out in (their prefill
+    # slices come between the decode steps of those ahead); a level must also leave them room.
     known = [i for i in allowed if features.candidates[i] is not None]
     # the least work among the allowed levels: usually the last, but not where a level's fixed costs (scoring the
     # attention it prunes by) outweigh the FLOPs it saves on this machine
@@ -159,8 +163,9 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
     gap = features.arrival_gap_s
     if gap and math.isfinite(budget) and budget > 0:
         count = min(MAX_UPCOMING, max(1, int(budget / gap)))
-        upcoming = [replace(cheapest, arrives_s=k * gap, due_s=k * gap + budget, admitted=False)
-                    for k in range(1, count + 1)]
+        budgets = list(features.upcoming_budgets) or [budget]
+        upcoming = [replace(cheapest, arrives_s=k * gap, due_s=k * gap + budgets[(k - 1) % len(budgets)],
+                            admitted=False) for k in range(1, count + 1)]
     held = len(admitted)
     base = finish_times([*admitted, *upcoming], features.rules)
     base_held, base_upcoming = base[:held], base[held:]

@@ -20,7 +20,7 @@ from ..request import GenerationResult, TokenDelta
 from .load import EngineLoad, sequence_load
 from .model_runner import ModelRunner
 from .scheduler import Scheduler
-from .sequence import FINISHED, Sequence
+from .sequence import FINISHED, Sequence, kv_attended
 from .slices import StageRates, StepBudget
 
 log = logging.getLogger("aim.engine")
@@ -109,8 +109,7 @@ class ServingLoop:
             prefilling = [s for s in sched.running if s.work is not None]
             if prefilling:
                 decoding = [s for s in sched.running if s.work is None]
-                attended = sum(float(s.kv.lengths.mean()) for s in decoding)
-                budget_s = self.budget.seconds(self.rates, len(decoding), attended)
+                budget_s = self.budget.seconds(self.rates, len(decoding), kv_attended(decoding))
                 for seq, outcome in self.runner.advance(prefilling, budget_s, self.rates):
                     if isinstance(outcome, Cancelled):
                         self._finish(seq, "cancelled")

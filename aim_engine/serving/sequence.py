@@ -87,6 +87,12 @@ class Sequence:
         return self.kv_attended_sum / self.decode_steps if self.decode_steps else 0.0
 
 
+def kv_attended(seqs: list[Sequence]) -> float:
+    """The KV tokens a decode step of these sequences reads, per layer (each sequence's averaged over its layers,
+    which pruning leaves unequal): what the decode step's cost grows with besides the batch's size."""
+    return sum(float(s.kv.lengths.mean()) for s in seqs)
+
+
 def _without_pixels(part):
     if isinstance(part, ImagePart) and part.image is not None:
         return replace(part, image=None, data=None)

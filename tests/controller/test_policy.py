@@ -187,3 +187,14 @@ def test_the_cheapest_level_is_the_least_predicted_work_not_the_ladders_last():
     # request down to merge-25.
     upcoming = decide(LADDER, features(1.5, predicted=costs, margin=1.0, arrival_gap_s=0.5))
     assert upcoming.level == 1 and upcoming.fits
+
+
+def test_a_loose_request_leaves_room_for_the_tight_ones_expected_beside_it():
+    """One request every 0.5 s, each 0.5 s of work at the cheapest level, on an engine that serves one at a time:
+    whatever this request takes beyond 0.5 s, every later one waits for. With loose requests expected it may take
+    the full model (2 s); with requests of a 1 s budget expected (an interactive class beside this batch one), it
+    takes the most that leaves them within 1 s: merge-25 (0.9 s; merge-50's 1.2 s would make them late)."""
+    loose = decide(LADDER, features(20.0, margin=1.0, arrival_gap_s=0.5, upcoming_budgets=[20.0]))
+    tight = decide(LADDER, features(20.0, margin=1.0, arrival_gap_s=0.5, upcoming_budgets=[1.0, 20.0]))
+    assert (loose.level, tight.level) == (0, 2) and tight.fits
+    assert decide(LADDER, features(20.0, margin=1.0, arrival_gap_s=0.5)).level == 0  # none given: its own budget

@@ -167,7 +167,10 @@ def test_the_controller_reads_the_arrival_gap_from_its_recent_decisions_and_forg
         controller.choose(levels([0.1] * 5), IDLE, 10.0, 0.0)
     clock.t = 4.0
     assert controller.arrival_gap_s() == pytest.approx(1.0)
+    assert controller.recent_budgets() == (10.0,) * 4  # what the requests expected next are given
+    assert controller.features(levels([0.1] * 5), IDLE, 10.0, 0.0, "normal", None,
+                               controller.cost_model).upcoming_budgets == (10.0,) * 4
     controller.choose(levels([0.1] * 5), IDLE, 10.0, 0.0, record=False)  # an estimate is no arrival
     assert controller.arrival_gap_s() == pytest.approx(1.0)
     clock.t = 3.0 + ARRIVAL_WINDOW_S + 0.1  # nothing for a window: nobody is expected
-    assert controller.arrival_gap_s() is None
+    assert controller.arrival_gap_s() is None and controller.recent_budgets() == ()
