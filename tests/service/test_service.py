@@ -489,14 +489,18 @@ def test_concurrent_requests_decode_in_one_batch_and_answer_as_alone(make_server
     srv = make_server(max_batch=8, max_queue=8, max_new_tokens=HOLD_TOKENS)
     prompts = [f"Question {i}: what moves, and where?" for i in range(5)]
     kwargs = dict(videos=[VIDEO], frames=4, max_new_tokens=12, ignore_eos=True)
+    # unreduced and merged prompts in one batch, each plan explicit: an `auto` request may rightly get another
+    # level beside five others than alone (the controller leaves room for the requests it sees arriving)
+    plans = [dict(no_reduction=True) if i % 2 == 0 else dict(plan=ReductionPlan(merge_retention=0.5))
+             for i in range(5)]
     with AimClient(srv.target) as client:
-        alone = [client.generate(p, **kwargs, no_reduction=i % 2 == 0).text for i, p in enumerate(prompts)]
+        alone = [client.generate(p, **kwargs, **plans[i]).text for i, p in enumerate(prompts)]
         before = _batch_sizes(srv.metrics, "tiny-ov")
         holder = client.stream_events(LONG_PROMPT, videos=[VIDEO], frames=4, max_new_tokens=HOLD_TOKENS, ignore_eos=True,
                                       no_reduction=True)
         next(holder)  # it is decoding
         with ThreadPoolExecutor(5) as pool:
-            together = list(pool.map(lambda ip: client.generate(ip[1], **kwargs, no_reduction=ip[0] % 2 == 0).text,
+            together = list(pool.map(lambda ip: client.generate(ip[1], **kwargs, **plans[ip[0]]).text,
                                      enumerate(prompts)))
         holder.cancel()
     assert together == alone
