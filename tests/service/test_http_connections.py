@@ -231,3 +231,14 @@ def test_the_service_refuses_a_connection_past_its_limit_with_an_error_object_an
                  b"content-length: " + str(len(chat)).encode() + b"\r\n\r\n" + chat)
     status, _, body = read_response(conn)
     assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] is not None
+
+
+@pytest.mark.parametrize("bad,match", [(dict(http_max_connections=0), "http_max_connections"),
+                                       (dict(http_idle_s=0.0), "http_idle_s"),
+                                       (dict(http_read_s=float("inf")), "http_read_s"),
+                                       (dict(max_connection_age_s=-1.0), "max_connection_age_s")])
+def test_bounds_that_would_bound_nothing_are_refused_at_start(bad, match):
+    from service.settings import Settings
+
+    with pytest.raises(ValueError, match=match):
+        Settings(models=["a"], **bad).validate()
