@@ -247,8 +247,8 @@ class AimEngine:
     def pending_load(self, request: IngestedRequest, plan: ReductionPlan, due_in_s: float = math.inf) -> SequenceLoad:
         """The work `request` would bring under `plan`, as `loop.load()` counts what the engine holds."""
         estimate = self.cost(request.shape, plan)
-        blocks = self.pool.blocks_for(kv_tokens(estimate, request.sampling.max_new_tokens))
-        return pending_load(request, estimate, blocks, due_in_s)
+        reserved = kv_tokens(estimate, request.sampling.max_new_tokens)
+        return pending_load(request, estimate, reserved, self.pool.blocks_for(reserved), due_in_s)
 
     def stream(self, request: GenerationRequest, plan: ReductionPlan | None = None,
                should_stop: Callable[[], bool] | None = None) -> Iterator[TokenDelta | GenerationResult]:

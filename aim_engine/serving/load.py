@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..cost import CostEstimate, kv_tokens
+from ..cost import CostEstimate
 from ..feature_cache import CachedMedia
 from ..request import ImagePart, Part, VideoPart
 from .sequence import RUNNING, Sequence
@@ -50,10 +50,12 @@ def prompt_context(kv_tokens: list[int], max_new_tokens: int) -> float:
     return sum(kv_tokens) / max(1, len(kv_tokens)) - (max_new_tokens - 1)
 
 
-def pending_load(request, estimate: CostEstimate, kv_blocks: int, due_in_s: float = math.inf) -> SequenceLoad:
-    """A request not yet in the engine (an IngestedRequest) under the plan of `estimate`."""
+def pending_load(request, estimate: CostEstimate, kv_tokens: list[int], kv_blocks: int,
+                 due_in_s: float = math.inf) -> SequenceLoad:
+    """A request not yet in the engine (an IngestedRequest) under the plan of `estimate`, which reserves
+    `kv_tokens` per layer (cost.kv_tokens) in `kv_blocks`."""
     sampling = request.sampling
-    context = prompt_context(kv_tokens(estimate, sampling.max_new_tokens), sampling.max_new_tokens)
+    context = prompt_context(kv_tokens, sampling.max_new_tokens)
     return SequenceLoad(False, sum(vision_tokens(request.parts, request.shape.media)), estimate.prefill_flops, False,
                         0, sampling.max_new_tokens, sampling.ignore_eos, kv_blocks, due_in_s, context_tokens=context)
 
