@@ -106,7 +106,7 @@ class BudgetController:
         self._p95: tuple[float | None, str] = (None, "none")
         # the last decisions: when each was made, and the budget its request had
         self._arrived: deque[tuple[float, float]] = deque(maxlen=RATE_ARRIVALS)
-        self._errors: deque[tuple[float, float]] = deque(maxlen=PREDICTION_ANSWERS)  # (when, observed / predicted)
+        self._errors = LatencyWindow(PREDICTION_WINDOW_S, PREDICTION_ANSWERS, clock)  # observed / predicted
         self._lock = threading.Lock()
         self._loop(DEFAULT_CLASS)
 
@@ -122,10 +122,14 @@ class BudgetController:
         return self.loops[DEFAULT_CLASS].feedback
 
     def margin_for(self, slo_s: float | None) -> float:
-        """The margin a request of SLO `slo_s` decides with: its class's loop's (the default class's until its own
-        has one), never below the prediction's recent error (prediction_margin)."""
-        loop = self.loops.get(slo_class(slo_s))
-        return max((loop or self.loops[DEFAULT_CLASS]).feedback.margin, self.prediction_margin())
+        """The margin a request of SLO `slo_s` decides with (class_margin of its class)."""
+        return self.class_margin(slo_class(slo_s))
+
+    def class_margin(self, name: str) -> float:
+        """The margin SLO class `name` decides with: its loop's (the default class's until it has its own), never
+        below the prediction's recent error (prediction_margin)."""
+        loop = self.loops.get(name) or self.loops[DEFAULT_CLASS]
+        return max(loop.feedback.margin, self.prediction_margin())
 
     def prediction_margin(self) -> float:
         """The worst observed / predicted latency of the recent answers (1 with fewer than the feedback's
@@ -133,12 +137,10 @@ class BudgetController:
         misses whenever its prediction was short by more than the margin, and 99% within SLO leaves no room for
         the one in ten a p90 would let through (measured on the reference model's ramp: 92.5% with a p90 floor)."""
         config = self.config.feedback
-        now = self.clock()
-        with self._lock:
-            recent = [ratio for at, ratio in self._errors if at >= now - PREDICTION_WINDOW_S]
-        if len(recent) < config.min_samples:
+        worst, count = self._errors.quantile(1.0)
+        if count < config.min_samples:
             return config.min_margin
-        return min(config.max_margin, max(config.min_margin, max(recent)))
+        return min(config.max_margin, max(config.min_margin, worst))
 
     # ---- per request --------------------------------------------------------------------------
     def memory_cap(self) -> int:
@@ -215,7 +217,7 @@ class BudgetController:
         controller decided (`controlled`) steer the margins."""
         with self._lock:
             if controlled and prediction_ratio is not None and prediction_ratio > 0:
-                self._errors.append((self.clock(), prediction_ratio))
+                self._errors.add(prediction_ratio)
             if controlled:
                 ratio = latency_s / (slo_s or self.config.slo_s)
                 self.window.add(ratio)
@@ -266,16 +268,15 @@ class BudgetController:
 
     def status(self) -> ControllerStatus:
         self.tick()  # an idle server's margin relaxes with time, and what it reports shows it
-        floor = self.prediction_margin()
         return ControllerStatus(
-            margin=max(self.feedback.margin, floor), level=self.last_level, p95_ratio=self._p95[0],
+            margin=self.class_margin(DEFAULT_CLASS), level=self.last_level, p95_ratio=self._p95[0],
             p95_source=self._p95[1],
             gpu_available=self.gpu is not None and self.gpu.available,
             prometheus_up=None if self.prometheus is None else self.prometheus.latest().value is not None
             or not self.prometheus.latest().error,
             last_action=self.feedback.last_action,
-            margins={name: max(loop.feedback.margin, floor) for name, loop in self.loops.items()},
-            prediction_margin=floor)
+            margins={name: self.class_margin(name) for name in self.loops},
+            prediction_margin=self.prediction_margin())
 
     def close(self) -> None:
         for signal in (self.gpu, self.prometheus):
