@@ -148,34 +148,13 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
     if features.candidates[allowed[0]] is None:
         return Decision(allowed[0], None, f"{ladder[allowed[0]].name}: no latency data yet{capped}", True)
     admitted = list(features.admitted)
-    running = sum(j.admitted for j in admitted)
-    load = f"{running} running, {len(admitted) - running} waiting"
+    load = f"{sum(j.admitted for j in admitted)} running, {sum(not j.admitted for j in admitted)} waiting"
     budget = features.budget_s
-    # the requests expected next: this request's cheapest level, arriving one every gap, each with a recent
-    # request's budget (upcoming_budgets). They are part of the world every prediction plays out in (their prefill
-    # slices come between the decode steps of those ahead); a level must also leave them room.
-    known = [i for i in allowed if features.candidates[i] is not None]
-    # the least work among the allowed levels: usually the last, but not where a level's fixed costs (scoring the
-    # attention it prunes by) outweigh the FLOPs it saves on this machine
-    last = min(reversed(known), key=lambda i: features.candidates[i].prefill_s)
-    cheapest = features.candidates[last]
-    upcoming = []
-    gap = features.arrival_gap_s
-    if gap and math.isfinite(budget) and budget > 0:
-        count = min(MAX_UPCOMING, max(1, int(budget / gap)))
-        budgets = list(features.upcoming_budgets) or [budget]
-        upcoming = [replace(cheapest, arrives_s=k * gap, due_s=k * gap + budgets[(k - 1) % len(budgets)],
-                            admitted=False) for k in range(1, count + 1)]
+    last = _cheapest(features.candidates, allowed)
+    upcoming = _upcoming(features, features.candidates[last])
     held = len(admitted)
     base = finish_times([*admitted, *upcoming], features.rules)
     base_held, base_upcoming = base[:held], base[held:]
-
-    def pushed(jobs: list[Job], before: list[float], after: list[float], scale: float) -> int:
-        """Requests that finish within their due time without this one at face value, and that it would take past
-        their due time with every duration x `scale` (or, if they are past it so scaled already, further past)."""
-        return sum(b <= job.due_s and scale * a > max(job.due_s, scale * b + 1e-9)
-                   for job, b, a in zip(jobs, before, after))
-
     # level -> (its finish, admitted pushed with the margin, at face value, expected ones pushed with the margin)
     outcomes: dict[int, tuple[float, int, int, int]] = {}
     first_miss = ""
@@ -185,8 +164,8 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
             continue
         after = finish_times([*admitted, candidate, *upcoming], features.rules)
         others, own, later = after[:held], after[held], after[held + 1:]
-        outcomes[i] = (own, pushed(admitted, base_held, others, margin), pushed(admitted, base_held, others, 1.0),
-                       pushed(upcoming, base_upcoming, later, margin))
+        outcomes[i] = (own, _pushed(admitted, base_held, others, margin), _pushed(admitted, base_held, others, 1.0),
+                       _pushed(upcoming, base_upcoming, later, margin))
         _, harm, _, crowded = outcomes[i]
         if margin * own <= budget and not harm and not crowded:
             why = "fits the budget" if i == allowed[0] else first_miss
@@ -196,28 +175,60 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
             first_miss = (f"{ladder[i].name} would exceed the budget" if margin * own > budget else
                           f"{ladder[i].name} would push {harm} admitted request(s) past their due time" if harm else
                           f"{ladder[i].name} would leave no room for the {len(upcoming)} request(s) expected next "
-                          f"(one every {gap:.2f}s)")
+                          f"(one every {features.arrival_gap_s:.2f}s)")
     # Whether to serve it at all is judged on the work known to be there, at face value: the requests expected next
     # are a forecast, and a refusal on a forecast would refuse the very arrivals it forecasts.
     if upcoming:
         *others, own = finish_times([*admitted, features.candidates[last]], features.rules)
-        base_known = finish_times(admitted, features.rules)
-        harmed = pushed(admitted, base_known, others, 1.0)
+        harmed = _pushed(admitted, finish_times(admitted, features.rules), others, 1.0)
     else:
         own, _, harmed, _ = outcomes[last]
+    return _last_resort(ladder[last].name, last, own, harmed, features, f"{times}; {load}", load, capped)
+
+
+def _cheapest(candidates: Sequence[Job | None], allowed: list[int]) -> int:
+    """The allowed level of least predicted work: usually the last, but not where a level's fixed costs (scoring
+    the attention it prunes by) outweigh the FLOPs it saves on this machine."""
+    known = [i for i in allowed if candidates[i] is not None]
+    return min(reversed(known), key=lambda i: candidates[i].prefill_s)
+
+
+def _upcoming(features: Features, cheapest: Job) -> list[Job]:
+    """The requests expected next: this request's cheapest level, arriving one every gap, each with a recent
+    request's budget (upcoming_budgets). They are part of the world every prediction plays out in (their prefill
+    slices come between the decode steps of those ahead); a level must also leave them room."""
+    gap, budget = features.arrival_gap_s, features.budget_s
+    if not gap or not math.isfinite(budget) or budget <= 0:
+        return []
+    count = min(MAX_UPCOMING, max(1, int(budget / gap)))
+    budgets = list(features.upcoming_budgets) or [budget]
+    return [replace(cheapest, arrives_s=k * gap, due_s=k * gap + budgets[(k - 1) % len(budgets)], admitted=False)
+            for k in range(1, count + 1)]
+
+
+def _pushed(jobs: list[Job], before: list[float], after: list[float], scale: float) -> int:
+    """Requests that finish within their due time without this one at face value, and that it would take past
+    their due time with every duration x `scale` (or, if they are past it so scaled already, further past)."""
+    return sum(b <= job.due_s and scale * a > max(job.due_s, scale * b + 1e-9)
+               for job, b, a in zip(jobs, before, after))
+
+
+def _last_resort(name: str, last: int, own: float, harmed: int, features: Features, times_load: str, load: str,
+                 capped: str) -> Decision:
+    """No level fits with the margin: level `last` (`name`) best-effort, or a refusal (see `decide`); `own`: its
+    finish at face value on the known work, `harmed`: the admitted requests it would push past their due time."""
+    budget = features.budget_s
     limit = budget if features.own_time_s is None else features.own_time_s
     late = own > limit
     # A refusal is a miss too: refused for harm only where serving it would cost more misses than refusing it.
     if not late and harmed <= 1:
-        return Decision(last, own, f"{ladder[last].name}: no level fits {budget:.3f}s with the margin (cheapest "
-                        f"predicted {own:.3f}s {times}; {load}){capped}", False)
+        return Decision(last, own, f"{name}: no level fits {budget:.3f}s with the margin (cheapest predicted "
+                        f"{own:.3f}s {times_load}){capped}", False)
     if late:
-        alone = " alone (the engine holds no other request)" if not admitted else ""
-        why = (f"even {ladder[last].name}{alone} is predicted to take {own:.3f}s, past the {limit:.3f}s it asked for "
-               f"({load})")
+        alone = " alone (the engine holds no other request)" if not features.admitted else ""
+        why = f"even {name}{alone} is predicted to take {own:.3f}s, past the {limit:.3f}s it asked for ({load})"
         return Decision(-1, own, why + capped, False, rejected=True, cause="late", cheapest=last)
-    why = (f"serving it, even at {ladder[last].name}, would push {harmed} admitted requests past their due time "
-           f"({load})")
+    why = f"serving it, even at {name}, would push {harmed} admitted requests past their due time ({load})"
     return Decision(-1, own, why + capped, False, rejected=True, cause="harm", cheapest=last)
 
 

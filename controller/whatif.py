@@ -90,19 +90,11 @@ def finish_times(jobs: Sequence[Job], rules: EngineRules) -> list[float]:
         sliced = rules.step_multiple is not None and decoding
         budget = max(rules.step_multiple * d, d) if sliced else math.inf  # a step's first piece always runs
         total = sum(prefill[i] for i in prefilling)
-        if prefilling:
-            head = prefill[prefilling[0]]
-            k_prefill = max(1, math.ceil(head / budget - 1e-9)) if math.isfinite(budget) else 1
-        else:
-            k_prefill = math.inf
-        k = min(min((steps[i] for i in decoding), default=math.inf), k_prefill)
         arrival = jobs[waiting[0]].arrives_s if waiting else math.inf
-        if t < arrival < math.inf:  # stop at the first step after the next arrival, so that it joins there
-            step_s = d + (min(budget, total) if prefilling else 0.0)
-            if step_s > 0:
-                k = min(k, max(1, math.ceil((arrival - t) / step_s)))
+        k = _steps_to_next_event([prefill[i] for i in prefilling], [steps[i] for i in decoding], d, budget,
+                                 arrival - t)
         spent = min(total, k * budget) if prefilling else 0.0
-        # prefill completes in FIFO order within these k steps (only in the last one: see k_prefill)
+        # prefill completes in FIFO order within these k steps (only in the last one: see _steps_to_next_event)
         used, done = 0.0, []
         for i in prefilling:
             take = min(prefill[i], spent - used)
@@ -130,6 +122,23 @@ def finish_times(jobs: Sequence[Job], rules: EngineRules) -> list[float]:
             running.remove(i)
             free += jobs[i].kv_blocks
     return finish
+
+
+def _steps_to_next_event(prefills: list[float], steps: list[int], d: float, budget: float, until_arrival: float
+                         ) -> float:
+    """Engine steps until the next event: the head prefill done (it gets `budget` seconds of prefill a step), an
+    answer complete, or the first step after the next arrival (`until_arrival` seconds away), so that it joins
+    there. `d`: a decode step's seconds; inf when nothing would ever happen."""
+    if prefills:
+        k_prefill = max(1, math.ceil(prefills[0] / budget - 1e-9)) if math.isfinite(budget) else 1
+    else:
+        k_prefill = math.inf
+    k = min(min(steps, default=math.inf), k_prefill)
+    if 0 < until_arrival < math.inf:
+        step_s = d + (min(budget, sum(prefills)) if prefills else 0.0)
+        if step_s > 0:
+            k = min(k, max(1, math.ceil(until_arrival / step_s)))
+    return k
 
 
 __all__ = ["EngineRules", "Job", "finish_times"]
