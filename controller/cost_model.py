@@ -1,8 +1,10 @@
 """What a request costs the engine, from its size under a plan: the fitted rate of each stage.
 
-    own work = media + visual_tokens * r_vision + prefill(flops) + (new_tokens - 1) * step(batch)
-    prefill(flops) = c + r * flops  (seconds of one prompt's LLM prefill)
-    step(batch) = a + b * batch     (seconds per decode step when `batch` sequences decode together)
+    own work = media + visual_tokens * r_vision + prefill(flops) + (new_tokens - 1) * step(batch, kv)
+    prefill(flops) = c + r * flops        (seconds of one prompt's LLM prefill)
+    step(batch, kv) = a + b * batch + c' * kv
+                    (seconds per decode step when `batch` sequences attending over `kv` KV tokens per layer decode
+                    together)
 
 A prefill's time is not proportional to its FLOPs: every prompt pays for its text tokens, its layers' kernels and
 (when it prunes) the attention it scores, whatever its visual tokens. Measured on the reference model on a CPU,
@@ -12,13 +14,14 @@ over-predicted the unreduced prompt 2.5x after cheap requests and under-predicte
 ones. c and r are a line over the prefills seen (the start-up warm-up runs every ladder level, so it spans them).
 
 Under continuous batching a step serves every running sequence, so a request's time per token grows with the
-batch it shares (b), from a floor that does not (a: weights read once per step).
+batch it shares (b) and with the KV they read (c': on the reference model's 32-frame, 128-token answers, leaving it
+out predicted them 2-4x short; merging, which shortens every prompt, shortens every step of the batch), from a
+floor that does not (a: weights read once per step).
 
-Both lines are fitted by exponentially weighted least squares (LineFit), and neither goes below zero. With no
-spread in what was seen yet, a decode step is their weighted mean (flat in the batch) and a prefill is
-proportional to its FLOPs. The vision rate is an exponentially weighted mean of seconds per visual token. Each
-rate follows the machine it runs on; until a stage has been observed its rate is unknown and predictions say so
-(None).
+Both are fitted by exponentially weighted non-negative least squares (linear_fit.py). With no spread in what was
+seen yet, a decode step is their weighted mean (flat) and a prefill is proportional to its FLOPs. The vision rate
+is an exponentially weighted mean of seconds per visual token. Each rate follows the machine it runs on; until a
+stage has been observed its rate is unknown and predictions say so (None).
 
 new_tokens is not the request's max_new_tokens but what requests of this model actually generate: the 90th
 percentile of the answer lengths of the last 64 real requests (one cut off at its max_new_tokens counts at that

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Sequence
 
 SINGULAR = 1e-9  # a pivot of the scaled normal equations below this: the points cannot determine those terms
@@ -44,7 +45,12 @@ class LinearFit:
                        xy=tuple(keep * old + xi * y for old, xi in zip(xy, x)), yy=keep * self.yy + y * y)
 
     def coefficients(self) -> tuple[float, ...] | None:
-        """(c0, ..., ck), each >= 0; None before any point."""
+        """(c0, ..., ck), each >= 0; None before any point. Solved once per fit (a fit is immutable), since the
+        what-if reads it for every job of every decision and the engine's step budget at every step."""
+        return self._solved
+
+    @cached_property
+    def _solved(self) -> tuple[float, ...] | None:
         if self.weight <= 0:
             return None
         fits = []

@@ -11,7 +11,8 @@ The budget is in predicted seconds, from the rates the controller fits (StageRat
 the tower, a prompt's LLM prefill as a line in its FLOPs, a decode step by its batch and the KV it reads), so it
 means the same for a 1000-token unreduced prompt and a 180-token merged one: `StepBudget.multiple` times the
 running batch's predicted decode step. A step then takes at most about (1 + multiple) decode steps, and a prefill
-of P predicted seconds beside a running batch finishes in about P (1 + 1 / multiple). When nothing is decoding there is nobody to stall: the budget is unbounded.
+of P predicted seconds beside a running batch finishes in about P (1 + 1 / multiple). When nothing is decoding
+there is nobody to stall: the budget is unbounded.
 
 `plan_step` chooses a step's pieces: sequences in admission order, each piece taken while its predicted cost fits
 what is left; the first piece of a step always runs, in its smallest form (one video slice, one layer), so work
