@@ -36,17 +36,21 @@ from service.proto.aim.v1 import aim_service_pb2 as pb  # noqa: E402
 from service.proto.aim.v1 import aim_service_pb2_grpc as pb_grpc  # noqa: E402
 
 
-def arrival_times(start_rate: float, peak_rate: float, ramp_s: float, hold_s: float, seed: int) -> list[float]:
-    """Poisson arrivals with a linearly ramping rate (thinning of a process at the peak rate)."""
-    rng = random.Random(seed)
+def poisson(rate_at, until: float, peak: float, rng: random.Random) -> list[float]:
+    """Arrival times of a Poisson process of rate rate_at(t) <= peak (thinning of a process at the peak rate)."""
     t, times = 0.0, []
     while True:
-        t += rng.expovariate(peak_rate)
-        if t > ramp_s + hold_s:
+        t += rng.expovariate(peak)
+        if t > until:
             return times
-        rate = start_rate + (peak_rate - start_rate) * min(1.0, t / ramp_s)
-        if rng.random() < rate / peak_rate:
+        if rng.random() < rate_at(t) / peak:
             times.append(t)
+
+
+def arrival_times(start_rate: float, peak_rate: float, ramp_s: float, hold_s: float, seed: int) -> list[float]:
+    """Poisson arrivals with a linearly ramping rate."""
+    return poisson(lambda t: start_rate + (peak_rate - start_rate) * min(1.0, t / ramp_s), ramp_s + hold_s,
+                   peak_rate, random.Random(seed))
 
 
 async def service_time(stub, base: dict, reduction, n: int = 5) -> float:

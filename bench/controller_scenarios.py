@@ -43,6 +43,7 @@ import grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.controller_ramp import poisson  # noqa: E402
 from bench.http_vs_grpc import scene  # noqa: E402
 from bench.service_load import sample_video, start_server  # noqa: E402
 from controller.policy import default_ladder  # noqa: E402
@@ -71,17 +72,6 @@ class Workload:
             for tokens in (4, 128):
                 self.mixed.append(dict(parts=[part, pb.ContentPart(text="Describe what you see.")],
                                        sampling=pb.SamplingParams(max_new_tokens=tokens, ignore_eos=True)))
-
-
-def poisson(rate_at, until: float, peak: float, rng: random.Random) -> list[float]:
-    """Arrival times of a Poisson process of rate rate_at(t) <= peak (thinning)."""
-    t, times = 0.0, []
-    while True:
-        t += rng.expovariate(peak)
-        if t > until:
-            return times
-        if rng.random() < rate_at(t) / peak:
-            times.append(t)
 
 
 def schedule(name: str, cal: dict, args, seed: int) -> tuple[list[dict], dict]:
