@@ -331,6 +331,11 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.members)
 
+    def kv_attended(self) -> float:
+        """The KV tokens a step of the members reads, per layer: serving.sequence.kv_attended of them, in one array
+        operation over the host lengths (not one per member on the decode step's host path)."""
+        return float(self._lengths[:, :len(self.members)].sum()) / self._lengths.shape[0]
+
     @property
     def workspace_bytes(self) -> int:
         return self.workspace_tokens * self._gathered_bytes

@@ -17,7 +17,7 @@ from ..generation import IncrementalText, sample_tokens, sequence_generator
 from ..kv_pool import DecodeBatch, KVPool
 from ..prepare import Preparer
 from ..request import RequestStats, VideoPart
-from .sequence import Sequence, kv_attended
+from .sequence import Sequence
 from .slices import PrefillWork, StageRates, VisionPiece, plan_step
 
 
@@ -215,7 +215,7 @@ class ModelRunner:
         if self.mrope:
             positions = positions[None].expand(3, -1, -1)
         logits = decode_batch(self.lm, tokens, positions, step)
-        attended = kv_attended(seqs)
+        attended = self.batch.kv_attended()  # seqs are its members
         for row, seq in enumerate(seqs):
             if seq.logits is not None:
                 seq.logits.append(logits[row].cpu())

@@ -89,7 +89,8 @@ class Sequence:
 
 def kv_attended(seqs: list[Sequence]) -> float:
     """The KV tokens a decode step of these sequences reads, per layer (each sequence's averaged over its layers,
-    which pruning leaves unequal): what the decode step's cost grows with besides the batch's size."""
+    which pruning leaves unequal): what the decode step's cost grows with besides the batch's size. For the
+    members of the decode batch, DecodeBatch.kv_attended computes it in one array operation."""
     return sum(float(s.kv.lengths.mean()) for s in seqs)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from aim_engine import ReductionPlan
 from aim_engine.cost import kv_tokens
 from aim_engine.serving.slices import StepBudget
@@ -73,3 +75,27 @@ def test_a_requests_stats_say_how_much_kv_its_decode_steps_read(engine_for):
     stats = result.stats
     assert stats.completion_tokens == 5 and stats.mean_batch == 1.0
     assert stats.mean_kv_attended == stats.prompt_tokens + (1 + 2 + 3 + 4) / 4
+
+
+def test_the_decode_batch_reads_the_same_kv_as_its_members_say(engine_for):
+    """DecodeBatch.kv_attended (one array operation, on the decode step's host path) is serving.sequence's
+    kv_attended of its members, pruned layers of unequal length included."""
+    from aim_engine import GenerationRequest, SamplingParams
+    from aim_engine.request import TextPart
+    from aim_engine.serving.sequence import kv_attended
+
+    engine = engine_for("llava", layers=4)
+    run = Run(engine)
+    pruned = ReductionPlan(prune_start=1, prune_end=3)
+    for i, plan in enumerate([ReductionPlan(), pruned, ReductionPlan()]):
+        run.add(i, GenerationRequest([TextPart("word " * (5 + 7 * i))],
+                                     SamplingParams(max_new_tokens=6, ignore_eos=True)), plan)
+    seen = []
+
+    def check(_step=None):
+        batch = engine.loop.runner.batch
+        if batch.members:
+            seen.append((batch.kv_attended(), kv_attended([s for s in run.seqs.values() if s.kv in batch.members])))
+
+    run.step_until_done(on_step=check)
+    assert seen and all(a == pytest.approx(b) for a, b in seen)
