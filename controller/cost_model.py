@@ -1,6 +1,6 @@
 """What a request costs the engine, from its size under a plan: the fitted rate of each stage.
 
-    own work = media + visual_tokens * r_vision + prefill(flops) + (new_tokens - 1) * step(batch, kv)
+    own work = media + visual_tokens * r_vision + prefill(flops) + decode_steps * step(batch, kv)
     prefill(flops) = c + r * flops        (seconds of one prompt's LLM prefill)
     step(batch, kv) = a + b * batch + c' * kv
                     (seconds per decode step when `batch` sequences attending over `kv` KV tokens per layer decode
@@ -23,10 +23,14 @@ seen yet, a decode step is their weighted mean (flat) and a prefill is proportio
 is an exponentially weighted mean of seconds per visual token. Each rate follows the machine it runs on; until a
 stage has been observed its rate is unknown and predictions say so (None).
 
-new_tokens is not the request's max_new_tokens but what requests of this model actually generate: the 90th
-percentile of the answer lengths of the last 64 real requests (one cut off at its max_new_tokens counts at that
-length, a lower bound of what it wanted), never more than the request's own max_new_tokens; all of them when it
-ignores EOS; max_new_tokens until answers have been seen.
+decode_steps is not what the request's max_new_tokens allows but what requests of this model actually run: the
+90th percentile of the decode steps of the last 64 real answers (one cut off at its max_new_tokens counts at its
+max_new_tokens - 1, a lower bound of what it wanted), never more than the request's own max_new_tokens - 1; all of
+them when it ignores EOS; max_new_tokens - 1 until answers have been seen. Steps, not tokens: the prefill samples
+the first token, and an answer that ends with EOS runs one more step for the EOS, which it does not count (a
+one-word answer is one decode step, not none: counted in tokens, every short answer was predicted a step short,
+which on the reference model's one-word video answers was 8 % of a full request and 30 % of a reduced one, and
+every request queued behind them inherited it).
 
 Every rate is fitted from the request's own work only: its vision and prefill pieces, and the decode steps it took
 part in (Timings.decode_steps_s, not the wall time between its first and last token, which holds other requests'
@@ -51,8 +55,8 @@ SMOOTHING = 0.2  # weight of the newest observation (vision rate, media time)
 # the fits' (LinearFit): slower, so that a run of one level or one batch size keeps the spread that fits them
 PREFILL_SMOOTHING = 0.05
 STEP_SMOOTHING = 0.1
-ANSWER_WINDOW = 64  # recent answer lengths kept
-ANSWER_QUANTILE = 0.9  # the answer length predicted: this quantile of the recent ones
+ANSWER_WINDOW = 64  # recent answers' decode steps kept
+ANSWER_QUANTILE = 0.9  # the decode steps predicted: this quantile of the recent answers' 
 
 
 @dataclass(frozen=True)
@@ -63,11 +67,17 @@ class Observation:
     prefill_s: float
     prefill_flops: float
     decode_s: float
-    new_tokens: int
+    new_tokens: int  # tokens it generated (an EOS that ended it not counted)
     mean_batch: float = 1.0  # sequences per decode step, averaged over the request's steps
     mean_kv_tokens: float = 0.0  # KV tokens (per layer) its decode steps' batches attended over, averaged likewise
     max_new_tokens: int | None = None  # what it allowed (None: not a real request's answer, e.g. a warm-up)
     ignore_eos: bool = False  # it generated max_new_tokens whatever the model said: not an answer length
+    decode_steps: int | None = None  # decode steps it ran (None: new_tokens - 1, an answer that did not end on EOS)
+
+    @property
+    def steps(self) -> int:
+        """Decode steps it ran: its tokens after the first, and one more for an EOS that ended it."""
+        return self.decode_steps if self.decode_steps is not None else max(0, self.new_tokens - 1)
 
 
 @dataclass(frozen=True)
@@ -78,7 +88,7 @@ class CostModel:
     prefill_fit: LinearFit = LinearFit(2, prefer=(1, 0), smoothing=PREFILL_SMOOTHING)
     # seconds of a decode step: a + b x sequences + c x KV tokens they attend over (per layer)
     step_fit: LinearFit = LinearFit(3, prefer=(0, 1, 2), smoothing=STEP_SMOOTHING)
-    answer_lengths: tuple[int, ...] = ()  # tokens of the recent real answers, oldest first
+    answer_steps: tuple[int, ...] = ()  # decode steps of the recent real answers, oldest first
 
     @property
     def ready(self) -> bool:
@@ -108,13 +118,14 @@ class CostModel:
         line = self.step_line()
         return None if line is None else line[0] + line[1] * batch + line[2] * kv_tokens
 
-    def expected_new_tokens(self, max_new_tokens: int, ignore_eos: bool = False) -> int:
-        """The answer length to plan for (see the module's docstring)."""
-        if ignore_eos or not self.answer_lengths:
-            return max_new_tokens
-        ordered = sorted(self.answer_lengths)
+    def expected_decode_steps(self, max_new_tokens: int, ignore_eos: bool = False) -> int:
+        """The decode steps to plan for after the prefill's first token (see the module's docstring)."""
+        most = max(0, max_new_tokens - 1)
+        if ignore_eos or not self.answer_steps:
+            return most
+        ordered = sorted(self.answer_steps)
         rank = min(len(ordered) - 1, max(0, math.ceil(ANSWER_QUANTILE * len(ordered)) - 1))
-        return max(1, min(max_new_tokens, ordered[rank]))
+        return min(most, ordered[rank])
 
     def job(self, load: SequenceLoad, admitted: bool | None = None) -> Job | None:
         """What a request (in the engine, or at a ladder level) still has to do, in predicted seconds; None until
@@ -123,9 +134,9 @@ class CostModel:
             return None
         prefill_s = (load.vision_tokens * (self.s_per_visual_token or 0.0)
                      + self.prefill_s(load.prefill_flops, load.prefill_share))
-        tokens = self.expected_new_tokens(load.max_new_tokens, load.ignore_eos)
-        # the prefill yields the first token; one still decoding past the expected length takes at least one step
-        steps = max(1, tokens - load.generated) if load.prefilled else max(0, tokens - 1)
+        expected = self.expected_decode_steps(load.max_new_tokens, load.ignore_eos)
+        # a decoding one has run a step for each token after its first; past the expected steps it runs one more
+        steps = max(1, expected - (load.generated - 1)) if load.prefilled else expected
         return Job(prefill_s, steps, load.due_in_s, load.kv_blocks, load.admitted if admitted is None else admitted,
                    context_tokens=load.context_tokens)
 
@@ -134,14 +145,14 @@ class CostModel:
             return new if old is None else (1 - SMOOTHING) * old + SMOOTHING * new
 
         updated = replace(self, media_s=ewma(self.media_s, obs.media_s))
-        if obs.max_new_tokens is not None and not obs.ignore_eos and obs.new_tokens > 0:
-            updated = replace(updated, answer_lengths=(self.answer_lengths + (obs.new_tokens,))[-ANSWER_WINDOW:])
+        if obs.max_new_tokens is not None and not obs.ignore_eos:
+            updated = replace(updated, answer_steps=(self.answer_steps + (obs.steps,))[-ANSWER_WINDOW:])
         if obs.visual_tokens_in > 0:
             updated = replace(updated,
                               s_per_visual_token=ewma(self.s_per_visual_token, obs.vision_s / obs.visual_tokens_in))
         if obs.prefill_flops > 0:
             updated = replace(updated, prefill_fit=self.prefill_fit.add((obs.prefill_flops,), obs.prefill_s))
-        if obs.new_tokens > 1:
+        if obs.steps > 0:
             updated = replace(updated, step_fit=self.step_fit.add((obs.mean_batch, obs.mean_kv_tokens),
-                                                                  obs.decode_s / (obs.new_tokens - 1)))
+                                                                  obs.decode_s / obs.steps))
         return updated

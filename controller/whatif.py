@@ -4,7 +4,8 @@ The engine (aim_engine/serving/loop.py) runs steps. Each step
 1. admits waiting sequences in arrival order while the batch has room (`max_batch`) and the KV pool can reserve
    a sequence's whole need (`kv_blocks`);
 2. runs up to the step budget of prefill work (vision and LLM layers) in admission order: `step_multiple` x the
-   running batch's decode step, or all of it when nothing decodes or slicing is off (serving/slices.py);
+   running batch's decode step; when nothing decodes, the oldest prefill whole and nothing after it; all of it
+   when slicing is off (serving/slices.py);
 3. runs one decode step of every sequence whose prefill is done, in `a + b x batch + c x kv` seconds (the fitted
    rates; kv: the KV tokens the batch attends over, per layer, each sequence's growing by one a step).
 A prefill yields a sequence's first token, each decode step one more; a sequence leaves when its answer is
@@ -87,8 +88,12 @@ def finish_times(jobs: Sequence[Job], rules: EngineRules) -> list[float]:
         prefilling = [i for i in running if prefill[i] > 0]
         decoding = [i for i in running if prefill[i] <= 0 and steps[i] > 0]
         d = rules.decode_s(len(decoding), sum(context[i] for i in decoding))  # this interval's first step
-        sliced = rules.step_multiple is not None and decoding
-        budget = max(rules.step_multiple * d, d) if sliced else math.inf  # a step's first piece always runs
+        if rules.step_multiple is None:
+            budget = math.inf
+        elif decoding:
+            budget = max(rules.step_multiple * d, d)  # a step's first piece always runs
+        else:  # nobody to stall: the oldest prefill whole, then its answer starts beside the next one's slices
+            budget = prefill[prefilling[0]] if prefilling else math.inf
         total = sum(prefill[i] for i in prefilling)
         arrival = jobs[waiting[0]].arrives_s if waiting else math.inf
         k = _steps_to_next_event([prefill[i] for i in prefilling], [steps[i] for i in decoding], d, budget,

@@ -41,4 +41,4 @@ def observation_of(stats: RequestStats, media_s: float = 0.0, sampling: Sampling
                        prefill_flops=stats.prefill_flops, decode_s=t.decode_steps_s, new_tokens=stats.completion_tokens,
                        mean_batch=stats.mean_batch, mean_kv_tokens=stats.mean_kv_attended,
                        max_new_tokens=None if sampling is None else sampling.max_new_tokens,
-                       ignore_eos=False if sampling is None else sampling.ignore_eos)
+                       ignore_eos=False if sampling is None else sampling.ignore_eos, decode_steps=stats.decode_steps)

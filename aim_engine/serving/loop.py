@@ -110,7 +110,9 @@ class ServingLoop:
             if prefilling:
                 decoding = [s for s in sched.running if s.work is None]
                 budget_s = self.budget.seconds(self.rates, len(decoding), kv_attended(decoding))
-                for seq, outcome in self.runner.advance(prefilling, budget_s, self.rates):
+                # sliced, with nobody decoding: the oldest prefill whole, and its answer starts at the next step
+                first_only = not decoding and self.budget.multiple is not None
+                for seq, outcome in self.runner.advance(prefilling, budget_s, self.rates, first_only):
                     if isinstance(outcome, Cancelled):
                         self._finish(seq, "cancelled")
                     elif isinstance(outcome, BaseException):
@@ -172,6 +174,7 @@ class ServingLoop:
                 seq.emit(TokenDelta(tail, seq.generated[-1] if seq.generated else -1))
         end = time.perf_counter()
         stats.completion_tokens = len(seq.generated)
+        stats.decode_steps = seq.decode_steps
         stats.timings.decode_s = end - seq.first_token if seq.first_token else 0.0
         stats.timings.total_s = end - seq.arrival
         stats.mean_batch = seq.mean_batch

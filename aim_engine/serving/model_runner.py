@@ -41,12 +41,15 @@ class ModelRunner:
         return PrefillWork(request.parts, request.shape, [t - new for t in seq.kv_tokens],
                            images_together=not adapter.images_independent, slice_frames=adapter.video_slice_frames)
 
-    def advance(self, prefilling: list[Sequence], budget_s: float, rates: StageRates) -> list[tuple[Sequence, object]]:
-        """Runs this step's prefill pieces (slices.plan_step) for the sequences being prefilled, in admission
-        order: every vision piece in one pass through the tower, then each sequence's layers. Returns what ended:
-        (sequence, its first token | Cancelled | the exception it failed with); the others continue next step."""
+    def advance(self, prefilling: list[Sequence], budget_s: float, rates: StageRates, first_only: bool = False
+                ) -> list[tuple[Sequence, object]]:
+        """Runs this step's prefill pieces (slices.plan_step; `first_only`: up to the first prefill completed) for
+        the sequences being prefilled, in admission order: every vision piece in one pass through the tower, then
+        each sequence's layers. Returns what ended: (sequence, its first token | Cancelled | the exception it failed
+        with); the others continue next step."""
         works = {id(s.work): s for s in prefilling}
-        plan = plan_step([s.work for s in prefilling], budget_s, rates, self.lm.num_layers, self._layer_flops)
+        plan = plan_step([s.work for s in prefilling], budget_s, rates, self.lm.num_layers, self._layer_flops,
+                         first_only)
         outcomes: dict[int, object] = {}
         self._encode([(works[id(p.work)], p.vision) for p in plan if p.vision], outcomes)
         for pieces in plan:

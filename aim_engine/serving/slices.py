@@ -12,7 +12,10 @@ the tower, a prompt's LLM prefill as a line in its FLOPs, a decode step by its b
 means the same for a 1000-token unreduced prompt and a 180-token merged one: `StepBudget.multiple` times the
 running batch's predicted decode step. A step then takes at most about (1 + multiple) decode steps, and a prefill
 of P predicted seconds beside a running batch finishes in about P (1 + 1 / multiple). When nothing is decoding
-there is nobody to stall: the budget is unbounded.
+there is nobody to stall, and the step runs the oldest prefill to its end whatever it costs, and nothing after it:
+its answer then starts decoding at the next step, beside the next prefill's slices, instead of waiting at the end
+of a step for every other admitted prompt's prefill (with short answers under load, a step of eleven prefills
+answered its first prompt 4 s late).
 
 `plan_step` chooses a step's pieces: sequences in admission order, each piece taken while its predicted cost fits
 what is left; the first piece of a step always runs, in its smallest form (one video slice, one layer), so work
@@ -132,9 +135,10 @@ class StepPieces:
 
 
 def plan_step(works: list[PrefillWork], budget_s: float, rates: StageRates, num_layers: int,
-              layer_flops: Callable[[PrefillWork, int], float]) -> list[StepPieces]:
+              layer_flops: Callable[[PrefillWork, int], float], first_only: bool = False) -> list[StepPieces]:
     """The pieces of this step, within `budget_s` predicted seconds (see the module's docstring). `works` in
-    admission order; layer_flops(work, layer): the predicted FLOPs of that layer of its prefill."""
+    admission order; layer_flops(work, layer): the predicted FLOPs of that layer of its prefill. `first_only`: no
+    piece after the first prefill this step completes (a step that nothing decodes in)."""
     left, started = budget_s, False
     plan: list[StepPieces] = []
 
@@ -182,6 +186,6 @@ def plan_step(works: list[PrefillWork], budget_s: float, rates: StageRates, num_
         while layer < num_layers and take(seconds(layer_flops(work, layer), rates.prefill_s_per_flop) + fixed):
             pieces.layers += 1
             layer += 1
-        if layer < num_layers:
+        if layer < num_layers or first_only:
             return plan
     return plan

@@ -65,23 +65,41 @@ def test_recent_requests_weigh_more():
 
 
 def answer(tokens: int, max_new: int = 128, s_per_step: float = 0.01) -> Observation:
+    """A real answer of `tokens` tokens that ended on EOS (or at max_new): a decode step for each token after the
+    first, and one for the EOS."""
+    steps = tokens if tokens < max_new else tokens - 1
     return Observation(media_s=0.0, vision_s=0.1, visual_tokens_in=100, prefill_s=0.2, prefill_flops=1e9,
-                       decode_s=s_per_step * max(0, tokens - 1), new_tokens=tokens, max_new_tokens=max_new)
+                       decode_s=s_per_step * steps, new_tokens=tokens, max_new_tokens=max_new, decode_steps=steps)
 
 
-def test_decode_length_is_what_answers_reach_not_max_new_tokens():
-    model = CostModel().observe(observation(1, 0.01))  # a warm-up (no max_new_tokens): not an answer length
-    assert model.expected_new_tokens(128) == 128  # nothing learnt yet: the request's own bound
+def test_decode_steps_are_what_answers_run_not_what_max_new_tokens_allows():
+    model = CostModel().observe(observation(1, 0.01))  # a warm-up (no max_new_tokens): not an answer
+    assert model.expected_decode_steps(128) == 127  # nothing learnt yet: the request's own bound
     for tokens in [2, 3, 3, 4, 2, 3, 5, 3, 2, 40]:  # one-word answers, one long one
         model = model.observe(answer(tokens))
-    assert model.expected_new_tokens(128) == 5  # the 90th percentile, not the outlier, not 128
-    assert model.expected_new_tokens(3) == 3  # never above the request's own bound
-    assert model.expected_new_tokens(128, ignore_eos=True) == 128
+    assert model.expected_decode_steps(128) == 5  # the 90th percentile, not the outlier, not 127
+    assert model.expected_decode_steps(3) == 2  # never above the request's own bound
+    assert model.expected_decode_steps(128, ignore_eos=True) == 127
     short = model.job(SequenceLoad(False, 100, 1e9, False, 0, 128, False, 7))
     full = model.job(SequenceLoad(False, 100, 1e9, False, 0, 128, True, 7))
-    assert (short.steps, full.steps) == (4, 127)  # the first token comes from the prefill
+    assert (short.steps, full.steps) == (5, 127)  # the first token comes from the prefill
     model = model.observe(Observation(0.0, 0.1, 100, 0.2, 1e9, 1.27, 128, max_new_tokens=128, ignore_eos=True))
-    assert model.expected_new_tokens(128) == 5  # an answer forced to its length says nothing of answer lengths
+    assert model.expected_decode_steps(128) == 5  # an answer forced to its length says nothing of answer lengths
+
+
+def test_a_one_word_answer_is_a_decode_step_not_none():
+    """A one-token answer ends on the EOS its one decode step samples: that step is work (one word in tokens, as
+    answers used to be counted, was no step at all), and its time teaches the step's rate."""
+    model = CostModel()
+    for _ in range(10):
+        model = model.observe(answer(1, s_per_step=0.05))
+    assert model.expected_decode_steps(8) == 1
+    assert model.job(SequenceLoad(False, 100, 1e9, False, 0, 8, False, 7)).steps == 1
+    assert model.s_per_step(1) == pytest.approx(0.05)
+    # an answer whose first token was EOS ran no step
+    for _ in range(10):
+        model = model.observe(answer(0))
+    assert model.expected_decode_steps(8) == 1 and CostModel().observe(answer(0)).expected_decode_steps(8) == 0
 
 
 def test_a_job_is_what_a_request_still_has_to_do_in_seconds_of_the_fitted_rates():
@@ -91,10 +109,10 @@ def test_a_job_is_what_a_request_still_has_to_do_in_seconds_of_the_fitted_rates(
     for tokens in [2, 3, 3, 4, 2, 3, 5, 3, 2, 4]:
         model = model.observe(answer(tokens))
     job = model.job(waiting)
-    assert job.prefill_s == pytest.approx(100 * 0.001 + 1e9 * 2e-10) and job.steps == 3  # 4 expected, 1 from prefill
+    assert job.prefill_s == pytest.approx(100 * 0.001 + 1e9 * 2e-10) and job.steps == 4  # its p90 answer's steps
     assert (job.due_s, job.kv_blocks, job.admitted) == (3.0, 7, False)
-    decoding = SequenceLoad(True, 0, 0.0, True, 2, 128, False, 7)
-    assert model.job(decoding).prefill_s == 0 and model.job(decoding).steps == 2
+    decoding = SequenceLoad(True, 0, 0.0, True, 2, 128, False, 7)  # one step run: its second token
+    assert model.job(decoding).prefill_s == 0 and model.job(decoding).steps == 3
     assert model.job(SequenceLoad(True, 0, 0.0, True, 9, 128, False, 7)).steps == 1  # past the expected length
     assert model.job(SequenceLoad(True, 0, 0.0, True, 3, 128, True, 7)).steps == 125  # it ignores EOS
 

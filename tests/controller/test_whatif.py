@@ -23,6 +23,14 @@ def test_a_sliced_prefill_shares_each_step_with_the_running_batch():
     assert finish_times([Job(0.0, 5, admitted=True), Job(1.0, 3)], SLICED) == pytest.approx([1.5, 1.6])
 
 
+def test_with_nobody_decoding_a_step_runs_the_oldest_prefill_whole_and_its_answer_starts_at_the_next():
+    # the first prefill alone (1.0), then its one decode step beside 0.4 s of the second's prefill (1.5); the
+    # second's last 0.6 s alone (2.1), then its step (2.2). Unsliced, both prefills run first and decode together.
+    assert finish_times([Job(1.0, 1), Job(1.0, 1)], SLICED) == pytest.approx([1.5, 2.2])
+    unsliced = EngineRules(max_batch=8, step_a=0.1, step_multiple=None)
+    assert finish_times([Job(1.0, 1), Job(1.0, 1)], unsliced) == pytest.approx([2.1, 2.1])
+
+
 def test_unsliced_the_whole_prefill_runs_before_the_next_decode_step():
     unsliced = EngineRules(max_batch=8, step_a=0.1, step_multiple=None)
     assert finish_times([Job(0.0, 5, admitted=True), Job(1.0, 3)], unsliced) == pytest.approx([1.5, 1.4])

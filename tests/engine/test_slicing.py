@@ -217,6 +217,34 @@ def test_the_step_budget_is_in_predicted_seconds_and_the_first_piece_always_runs
     # a prompt's fixed prefill cost (1 s over 4 layers) is part of each layer's: 0.5 s a layer fits 3 in 1.5 s
     fixed = StageRates(vision_s_per_token=0.01, prefill_s_per_flop=1.0, prefill_s_fixed=1.0)
     assert plan_step([_work(videos=0)], 1.5, fixed, 4, flops)[0].layers == 3
+    # a step nobody decodes in (first_only): the oldest prefill whole, vision and every layer, and nothing after it
+    plan = plan_step([_work(), _work(videos=0)], math.inf, rates, 4, flops, first_only=True)
+    assert [(len(p.vision), p.layers) for p in plan] == [(1, 4)]
+    assert [p.layers for p in plan_step([_work(videos=0), _work(videos=0)], math.inf, rates, 4, flops)] == [4, 4]
+
+
+def test_a_step_nobody_decodes_in_prefills_the_oldest_prompt_and_its_answer_starts_at_the_next(engine_for):
+    """With slicing on and nothing decoding, a step runs the oldest prefill whole and none of the next one's, so the
+    first answer decodes from the next step on (beside the next prompt's slices) instead of waiting for every
+    admitted prompt's prefill; the answers are the ones each gives alone."""
+    engine = engine_for("qwen2_vl", layers=5)
+    requests = mixed_requests("qwen2_vl")[:3]
+    lone = [alone(engine, request, plan) for request, plan in requests]
+    run = Run(engine)
+    saved = engine.loop.budget
+    engine.loop.limit(engine.loop.max_batch, budget=StepBudget(4.0))
+    try:
+        first, *others = [run.add(key, request, plan) for key, (request, plan) in enumerate(requests)]
+        engine.loop.step()
+        assert first.work is None and len(first.generated) == 2  # its first token, and a decode step after it
+        for seq in others:  # nothing of theirs ran
+            assert seq.work is None or (seq.work.run is None and not any(m is not None for m in seq.work.encoded))
+            assert not seq.generated
+        run.step_until_done()
+    finally:
+        engine.loop.limit(engine.loop.max_batch, budget=saved)
+    for key, (result, logits) in enumerate(lone):
+        assert_same_answer(run.result(key), run.seqs[key].logits, result, logits)
 
 
 def test_the_budget_refuses_a_multiple_that_is_no_number():
