@@ -27,6 +27,9 @@ class SequenceLoad:
     due_in_s: float = math.inf  # seconds until its caller wants the answer (inf: no due time)
     prefill_share: float = 1.0  # share of its prefill's layers still to run (prefill_flops are theirs)
     context_tokens: float = 0.0  # KV tokens a decode step of it attends over, per layer: prompt (reduced) + answer
+    # its submitter's forecast (Sequence.forecast): the seconds it predicted, and the seconds since (None: none made)
+    forecast_s: float | None = None
+    forecast_age_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -64,12 +67,14 @@ def sequence_load(seq: Sequence, num_layers: int, kv_blocks: int, now: float) ->
     """A sequence in the engine, from its progress so far (`now` on time.monotonic, for its due time)."""
     request, work = seq.request, seq.work
     due = math.inf if seq.due is None else seq.due - now
+    forecast = {} if seq.forecast is None else dict(forecast_s=seq.forecast[1] - seq.forecast[0],
+                                                     forecast_age_s=now - seq.forecast[0])
     sampling = request.sampling
     admitted = seq.status == RUNNING
     context = prompt_context(seq.kv_tokens, sampling.max_new_tokens) + len(seq.generated)
     if admitted and work is None:  # decoding
         return SequenceLoad(True, 0, 0.0, True, len(seq.generated), sampling.max_new_tokens, sampling.ignore_eos,
-                            kv_blocks, due, context_tokens=context)
+                            kv_blocks, due, context_tokens=context, **forecast)
     flops = seq.cost.prefill_flops if seq.cost is not None else 0.0
     share = 1.0
     tokens = sum(vision_tokens(request.parts, request.shape.media))
@@ -84,4 +89,4 @@ def sequence_load(seq: Sequence, num_layers: int, kv_blocks: int, now: float) ->
             share = max(0, num_layers - work.run.layer) / num_layers
             flops *= share
     return SequenceLoad(admitted, tokens, flops, False, 0, sampling.max_new_tokens, sampling.ignore_eos, kv_blocks, due,
-                        share, context)
+                        share, context, **forecast)

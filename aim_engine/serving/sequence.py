@@ -43,6 +43,8 @@ class Sequence:
     on_media_encoded: Callable[[], None] | None = None  # called once its media's pixels are dropped (see below)
     cost: "CostEstimate | None" = None  # what its plan predicts it costs (serving/load.py reads its work left from it)
     due: float | None = None  # when its caller wants the answer, on time.monotonic (None: no due time)
+    # a prediction its submitter made of when its answer is complete: (made at, complete at), on time.monotonic
+    forecast: tuple[float, float] | None = None
     seq_id: int = field(default_factory=lambda: next(_ids))
     status: str = WAITING
     arrival: float = field(default_factory=time.perf_counter)

@@ -228,3 +228,35 @@ def test_the_predictions_recent_error_is_a_floor_under_every_classs_margin():
     assert controller.prediction_margin() == pytest.approx(1.1)
     clock.t += PREDICTION_WINDOW_S + 1  # all of them too old
     assert controller.prediction_margin() == 1.0
+
+
+def test_requests_behind_their_forecast_raise_the_margin_before_they_finish():
+    """A request in the engine whose forecast, made at its decision, the engine's rules now project it to miss
+    (later arrivals took more than expected) raises the margin every decision is made with at once, by how far
+    behind it is; on time, or without a forecast (a plan the caller chose), it says nothing."""
+    from dataclasses import replace
+
+    controller = BudgetController(default_ladder(28), ControllerConfig(slo_s=10.0, feedback=CFG), clock=FakeClock())
+    teach(controller)
+    base = controller.margin_for(None)
+
+    def margin(*held) -> float:
+        return controller.features(levels([1.0] * 5), engine(*held), 10.0, 0.0, "normal", None,
+                                   controller.cost_model).margin
+
+    def forecast(seconds: float, predicted: float, age: float, admitted: bool = True):
+        return replace(work(seconds, admitted=admitted), forecast_s=predicted, forecast_age_s=age)
+
+    assert margin() == margin(work(2.0, admitted=True)) == base
+    assert margin(forecast(2.0, predicted=3.0, age=1.0)) == base  # 1 s gone, 2 s to go: as forecast
+    assert margin(forecast(2.0, predicted=2.0, age=1.0)) == pytest.approx(1.5)  # (1 + 2) / 2
+    # the waiting one's finish comes after the running one's 2 s: (0.5 + 2 + 1) / 2.5
+    assert margin(work(2.0, admitted=True), forecast(1.0, predicted=2.5, age=0.5, admitted=False)) == \
+        pytest.approx(1.4)
+    assert margin(forecast(100.0, predicted=1.0, age=0.0)) == CFG.max_margin
+    # it is what the decision is made with: a level that fits on time no longer fits behind
+    on_time = controller.choose(levels([4.0, 3.0, 2.0, 1.5, 1.0]), engine(forecast(1.0, 2.0, 1.0)), 6.5, 0.0,
+                                record=False)
+    behind = controller.choose(levels([4.0, 3.0, 2.0, 1.5, 1.0]), engine(forecast(1.0, 1.0, 1.0)), 6.5, 0.0,
+                               record=False)
+    assert on_time.level < behind.level and "x 2.00" in behind.reason

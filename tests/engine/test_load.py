@@ -36,13 +36,17 @@ def test_the_load_follows_a_sliced_prefill_beside_a_streaming_answer(engine_for)
         assert before.context_tokens == sum(per_layer) / len(per_layer) < ingested.shape.visual_tokens_in
         seq = run.add(0, request, plan)
         seq.due = 1000.0
+        seq.forecast = (985.0, 996.0)  # forecast at 985 s to take 11 s
         load = engine.loop.load(now=990.0)
         assert (load.max_batch, load.step_multiple) == (engine.loop.max_batch, 0.0)
         assert load.free_kv_blocks == engine.pool.available_blocks
         held, waiting = load.sequences
         assert held.admitted and held.prefilled and held.generated == len(streamer.generated) > 0
         assert held.due_in_s == math.inf and held.max_new_tokens == STREAMER.sampling.max_new_tokens
-        assert waiting == type(before)(**{**before.__dict__, "due_in_s": 10.0})  # as pending_load said
+        assert held.forecast_s is None  # nobody forecast it
+        # as pending_load said, with its forecast: made 5 s ago, of 11 s
+        assert waiting == type(before)(**{**before.__dict__, "due_in_s": 10.0, "forecast_s": 11.0,
+                                          "forecast_age_s": 5.0})
         seen = []
         while seq.work is not None or seq.status == "waiting":
             engine.loop.step()
