@@ -52,6 +52,7 @@ from service.proto.aim.v1 import aim_service_pb2 as pb  # noqa: E402
 from service.proto.aim.v1 import aim_service_pb2_grpc as pb_grpc  # noqa: E402
 
 SCENARIOS = ("ramp", "burst", "mixed", "classes", "adversarial")
+DEFAULT_JSON = ROOT / "docs/results/controller-scenarios.json"  # the docs' results, and their plots beside them
 OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 
 
@@ -132,7 +133,10 @@ async def run_schedule(stub, workload: Workload, reqs: list[dict], policy: str, 
             predicted = re.search(r"([\d.]+)s x [\d.]+", reply.applied_plan.reason)  # the decision's, at face value
             record.update(latency=time.perf_counter() - t0 - sent, ok=True, level=level,
                           retention=reply.usage.visual_tokens_merged / max(1, reply.usage.visual_tokens_in),
-                          predicted=float(predicted[1]) if predicted else None)
+                          predicted=float(predicted[1]) if predicted else None,
+                          media_s=reply.timings.media_seconds, server_s=reply.timings.total_seconds,
+                          queue_s=reply.timings.queue_seconds, ttft_s=reply.timings.time_to_first_token_seconds,
+                          reason=reply.applied_plan.reason)
         except grpc.aio.AioRpcError as exc:
             record.update(latency=time.perf_counter() - t0 - sent, ok=False, level=-1, retention=0.0,
                           code=exc.code().name)
@@ -170,10 +174,13 @@ def row_of(scenario: str, model: str, seed: int, policy: str, records: list[dict
         end = shape["burst_end_s"]
         full = [r["sent"] - end for r in records if r["ok"] and r["level"] == 0 and r["sent"] >= end]
         row["full_after_s"] = min(full) if full else None
-    # sent, latency, level, answered, tenant, and the adaptive decision's predicted latency (None: fixed level,
-    # refused, or no prediction)
+    # sent, latency, level, answered, tenant, the adaptive decision's predicted latency (None: fixed level, refused,
+    # or no prediction), and the server's own media and total seconds (None: not answered): a prediction spans the
+    # decision, once the media are decoded, to the answer
     row["timeline"] = [[round(r["sent"], 3), round(r["latency"], 3), r["level"], r["ok"], r["tenant"],
-                        None if r.get("predicted") is None else round(r["predicted"], 3)] for r in records]
+                        None if r.get("predicted") is None else round(r["predicted"], 3),
+                        *(round(r[k], 3) if r.get(k) is not None else None for k in ("media_s", "server_s"))]
+                       for r in records]
     return row
 
 
@@ -314,6 +321,9 @@ async def main_async(args) -> None:
                     if key in {(r["scenario"], r["model"], r["seed"], r["policy"]) for r in data["rows"]}:
                         continue
                     records, ladder = await one_run(model, args_model, workload, reqs, policy)
+                    if args.records_out:  # every request as the client saw it, for a closer look
+                        with open(args.records_out, "a") as f:
+                            f.write(json.dumps(dict(key=key, records=records)) + "\n")
                     row = row_of(scenario, name, seed, policy, records, shape, duration, cal["ladder"])
                     data["rows"].append(row)
                     out.write_text(json.dumps(data, indent=1) + "\n")
@@ -322,7 +332,8 @@ async def main_async(args) -> None:
                           f"{row['throughput_rps']:.2f} req/s, failed {row['failed']}, p95/SLO "
                           f"{row['p95_over_slo']:.2f}", flush=True)
                 rows = [r for r in data["rows"] if (r["scenario"], r["model"], r["seed"]) == (scenario, name, seed)]
-                if any(r["policy"] == "adaptive" for r in rows) and seed == args.seeds[0] and ADAPTIVE == "adaptive":
+                if any(r["policy"] == "adaptive" for r in rows) and seed == args.seeds[0] and ADAPTIVE == "adaptive" \
+                        and out.resolve() == DEFAULT_JSON:  # a trial run elsewhere leaves the docs' plots alone
                     plot(rows, ROOT / "docs" / f"controller-{scenario}-{name}.png", cal["ladder"])
 
 
@@ -347,7 +358,8 @@ def main() -> None:
                         help="the adaptive policy's name in the rows (e.g. another build's, run from its checkout)")
     parser.add_argument("--no-adaptive", action="store_true", help="fixed levels only")
     parser.add_argument("--plots-only", action="store_true", help="redraw the plots from the JSON, run nothing")
-    parser.add_argument("--json-out", default=str(ROOT / "docs/results/controller-scenarios.json"))
+    parser.add_argument("--json-out", default=str(DEFAULT_JSON))
+    parser.add_argument("--records-out", help="append every run's requests (timings, reasons) to this JSON-lines file")
     args = parser.parse_args()
     global ADAPTIVE
     ADAPTIVE = args.adaptive_name
