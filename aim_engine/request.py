@@ -101,7 +101,7 @@ class Timings:
 class RequestStats:
     prompt_tokens: int = 0  # LLM input tokens after merging
     completion_tokens: int = 0
-    decode_steps: int = 0  # decode steps it ran: a step for each token after the first, and one for an EOS that ended it
+    decode_steps: int = 0  # decode steps it ran: one per token after the first, and one for an EOS that ended it
     visual_tokens_in: int = 0
     visual_tokens_merged: int = 0
     visual_tokens_per_layer: list[int] = field(default_factory=list)

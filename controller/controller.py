@@ -18,7 +18,9 @@ requests' latency as a share of their SLO against the target share (see feedback
 bound): a tenant whose tight SLOs are missed raises its class's margin, and the other classes decide with theirs.
 A class decides with the default class's margin until its first request has finished. No class decides below
 the prediction's recent error (`prediction_margin`: the worst observed / predicted latency of the last answers it
-decided), which follows a machine slower than its fitted rates within a few answers. The windows
+decided), which follows a machine slower than its fitted rates within a few answers, nor below how far the
+requests still in the engine are behind the forecasts they were decided with (`in_flight_error`), which shows
+the same at the next decision. The windows
 hold latency / SLO; a fresh Prometheus value (the configured query's, which must be that p95 of latency / SLO, by
 `slo_class` label or one series for all: the default reads the service's aim_request_latency_slo_ratio histogram
 by class) is taken as it is, over every replica.

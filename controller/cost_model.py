@@ -56,7 +56,7 @@ SMOOTHING = 0.2  # weight of the newest observation (vision rate, media time)
 PREFILL_SMOOTHING = 0.05
 STEP_SMOOTHING = 0.1
 ANSWER_WINDOW = 64  # recent answers' decode steps kept
-ANSWER_QUANTILE = 0.9  # the decode steps predicted: this quantile of the recent answers' 
+ANSWER_QUANTILE = 0.9  # the decode steps predicted: this quantile of the recent answers'
 
 
 @dataclass(frozen=True)
