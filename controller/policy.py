@@ -85,9 +85,9 @@ class Features:
     margin: float = 1.2  # the feedback loop's safety margin: every predicted duration x margin
     min_level: int = 0  # no level of higher quality than this (memory pressure: KV pool or device allocator)
     priority: str = "normal"  # one of PRIORITIES: scales the margin (margin_for_priority)
-    # seconds between requests at the recent arrival rate (None: none expected). A level is taken only if the
-    # requests expected within this one's budget, arriving one every gap and given that level too, each still make
-    # their budget (at most MAX_UPCOMING of them).
+    # seconds between requests at the recent arrival rate (None: none expected). A level must leave the requests
+    # expected within this one's budget room: arriving one every gap, at this one's cheapest level, each still makes
+    # its budget (at most MAX_UPCOMING of them).
     arrival_gap_s: float | None = None
     # the budgets the expected requests are given, in their order of arrival, repeated as needed: the recent
     # requests' own, tightest first, so that a loose request leaves room for the tight ones arriving beside it
@@ -125,10 +125,9 @@ class Decision:
 
 def decide(ladder: Sequence[Level], features: Features) -> Decision:
     """The highest-quality level at which, with every predicted duration x the margin (the feedback margin scaled
-    by the request's priority), the engine finishes this request within its budget, every admitted request that
-    would have finished within its due time still does, and the requests expected next (`_upcoming`), given that
-    level too, all make their budgets: the scheduler's rules played forward (whatif.py) with and without it. Never
-    below the quality floor nor above the memory cap.
+    by the request's priority), the engine finishes this request within its budget and every admitted request that
+    would have finished within its due time still does: the scheduler's rules played forward (whatif.py) with and
+    without it. Never below the quality floor nor above the memory cap.
 
     If no level fits with the margin, the cheapest allowed level (the least predicted work, not necessarily the
     ladder's last), best-effort (fits=False), provided it fits at face value. Otherwise the request is rejected now
@@ -152,18 +151,22 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
     load = f"{sum(j.admitted for j in admitted)} running, {sum(not j.admitted for j in admitted)} waiting"
     budget = features.budget_s
     last = _cheapest(features.candidates, allowed)
+    upcoming = _upcoming(features, features.candidates[last])
     held = len(admitted)
-    base_held = finish_times(admitted, features.rules)
+    base = finish_times([*admitted, *upcoming], features.rules)
+    base_held, base_upcoming = base[:held], base[held:]
+    # level -> (its finish, admitted pushed with the margin, at face value, expected ones pushed with the margin)
+    outcomes: dict[int, tuple[float, int, int, int]] = {}
     first_miss = ""
     for i in allowed:
         candidate = features.candidates[i]
         if candidate is None:
             continue
-        upcoming = _upcoming(features, candidate)  # the requests expected next, at this level too
         after = finish_times([*admitted, candidate, *upcoming], features.rules)
         others, own, later = after[:held], after[held], after[held + 1:]
-        harm = _pushed(admitted, base_held, others, margin)
-        crowded = sum(margin * t > job.due_s for job, t in zip(upcoming, later))
+        outcomes[i] = (own, _pushed(admitted, base_held, others, margin), _pushed(admitted, base_held, others, 1.0),
+                       _pushed(upcoming, base_upcoming, later, margin))
+        _, harm, _, crowded = outcomes[i]
         if margin * own <= budget and not harm and not crowded:
             why = "fits the budget" if i == allowed[0] else first_miss
             return Decision(i, own, f"{ladder[i].name}: {why} ({own:.3f}s {times} <= {budget:.3f}s; {load}){capped}",
@@ -171,12 +174,15 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
         if not first_miss:
             first_miss = (f"{ladder[i].name} would exceed the budget" if margin * own > budget else
                           f"{ladder[i].name} would push {harm} admitted request(s) past their due time" if harm else
-                          f"{ladder[i].name} for it and the {len(upcoming)} request(s) expected next (one every "
-                          f"{features.arrival_gap_s:.2f}s) would make {crowded} of them late")
+                          f"{ladder[i].name} would leave no room for the {len(upcoming)} request(s) expected next "
+                          f"(one every {features.arrival_gap_s:.2f}s)")
     # Whether to serve it at all is judged on the work known to be there, at face value: the requests expected next
     # are a forecast, and a refusal on a forecast would refuse the very arrivals it forecasts.
-    *others, own = finish_times([*admitted, features.candidates[last]], features.rules)
-    harmed = _pushed(admitted, base_held, others, 1.0)
+    if upcoming:
+        *others, own = finish_times([*admitted, features.candidates[last]], features.rules)
+        harmed = _pushed(admitted, finish_times(admitted, features.rules), others, 1.0)
+    else:
+        own, _, harmed, _ = outcomes[last]
     return _last_resort(ladder[last].name, last, own, harmed, features, f"{times}; {load}", load, capped)
 
 
@@ -187,18 +193,16 @@ def _cheapest(candidates: Sequence[Job | None], allowed: list[int]) -> int:
     return min(reversed(known), key=lambda i: candidates[i].prefill_s)
 
 
-def _upcoming(features: Features, level: Job) -> list[Job]:
-    """The requests expected next: like this one at the level being weighed, arriving one every gap, each with a
-    recent request's budget (upcoming_budgets). A level is chosen only if it could be given to them too and every
-    one of them would still make its budget: a forecast of the controller's own next choices that is consistent
-    with this one (at the cheapest level, the forecast let decision after decision take the full model while the
-    backlog grew at 1.6x the engine's pace, each counting on the next ones to be cheap)."""
+def _upcoming(features: Features, cheapest: Job) -> list[Job]:
+    """The requests expected next: this request's cheapest level, arriving one every gap, each with a recent
+    request's budget (upcoming_budgets). They are part of the world every prediction plays out in (their prefill
+    slices come between the decode steps of those ahead); a level must also leave them room."""
     gap, budget = features.arrival_gap_s, features.budget_s
     if not gap or not math.isfinite(budget) or budget <= 0:
         return []
     count = min(MAX_UPCOMING, max(1, int(budget / gap)))
     budgets = list(features.upcoming_budgets) or [budget]
-    return [replace(level, arrives_s=k * gap, due_s=k * gap + budgets[(k - 1) % len(budgets)], admitted=False)
+    return [replace(cheapest, arrives_s=k * gap, due_s=k * gap + budgets[(k - 1) % len(budgets)], admitted=False)
             for k in range(1, count + 1)]
 
 

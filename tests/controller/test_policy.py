@@ -181,21 +181,20 @@ def test_the_cheapest_level_is_the_least_predicted_work_not_the_ladders_last():
     assert d.level == 3 and not d.fits and d.outcome == "best_effort"
     late = decide(LADDER, features(0.4, predicted=costs, own_time_s=0.4))
     assert late.rejected and late.cause == "late" and late.cheapest == 3 and "aim-default" in late.reason
-    # the requests expected next take the level weighed too: three of them, one every 0.5 s, each due 1.5 s after
-    # it arrives. At merge-50 (1.2 s each) they would finish at 2.4, 3.6 and 4.8 s, past 2.0, 2.5 and 3.0; at
-    # merge-25 (0.9 s) the second at 2.7 s; at aim-default (0.5 s) every one of them 0.5 s after it arrives.
+    # the requests expected next are modelled at that cheapest level too: three of them, one every 0.5 s, each due
+    # 1.5 s after it arrives. Behind merge-50 (1.2 s) they finish at 1.7, 2.2 and 2.7 s at aim-default's 0.5 s,
+    # all in time; at maximum saving's 0.7 s the second would finish at 2.6 s, past its 2.5 s, and push the
+    # request down to merge-25.
     upcoming = decide(LADDER, features(1.5, predicted=costs, margin=1.0, arrival_gap_s=0.5))
-    assert upcoming.level == 3 and upcoming.fits
+    assert upcoming.level == 1 and upcoming.fits
 
 
 def test_a_loose_request_leaves_room_for_the_tight_ones_expected_beside_it():
-    """One request every 0.5 s, on an engine that serves one at a time; 16 of them expected within the 20 s budget,
-    at the level weighed. With loose requests expected it takes the most they can all be given within 20 s:
-    merge-50 (1.2 s each: the queue grows 0.7 s a request, 11.2 s by the last; the full model's 2 s would make the
-    13th late). With requests of a 1 s budget expected every other time (an interactive class beside this batch
-    one), only maximum saving (0.5 s, no queue) keeps each of them within 1 s: aim-default's 0.7 s makes the
-    second interactive one late."""
+    """One request every 0.5 s, each 0.5 s of work at the cheapest level, on an engine that serves one at a time:
+    whatever this request takes beyond 0.5 s, every later one waits for. With loose requests expected it may take
+    the full model (2 s); with requests of a 1 s budget expected (an interactive class beside this batch one), it
+    takes the most that leaves them within 1 s: merge-25 (0.9 s; merge-50's 1.2 s would make them late)."""
     loose = decide(LADDER, features(20.0, margin=1.0, arrival_gap_s=0.5, upcoming_budgets=[20.0]))
     tight = decide(LADDER, features(20.0, margin=1.0, arrival_gap_s=0.5, upcoming_budgets=[1.0, 20.0]))
-    assert (loose.level, tight.level) == (1, 4) and loose.fits and tight.fits
-    assert decide(LADDER, features(20.0, margin=1.0, arrival_gap_s=0.5)).level == 1  # none given: its own budget
+    assert (loose.level, tight.level) == (0, 2) and tight.fits
+    assert decide(LADDER, features(20.0, margin=1.0, arrival_gap_s=0.5)).level == 0  # none given: its own budget

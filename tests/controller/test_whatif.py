@@ -143,19 +143,16 @@ def test_the_margin_applies_to_the_admitted_requests_too():
 
 
 def test_a_level_leaves_room_for_the_requests_expected_next():
-    """A request every 0.5 s is expected, each due 2.4 s after it arrives, on a server that serves one at a time. A
-    level is taken only if the four expected within the budget could take it too and each still make its due time
-    with the margin (1.2): alone, the newcomer would take full (2 s x 1.2 <= 2.4), but four more of those would
-    finish at 4, 6, 8 and 10 s, past 2.9 to 4.4 s; merge-50's (1.2 s) second at 3.6 s (x 1.2 past its 3.4 s);
-    merge-25's (0.9 s) third at 3.6 s (x 1.2 past its 3.9 s); at aim-default (0.7 s) every one finishes in time
-    (1.4 to 3.5 s, x 1.2 within 2.9 to 4.4 s). Its own finish is predicted without them."""
+    """A request every 0.5 s is expected, each due 2.4 s after it arrives, at max saving (0.5 s of prefill), on a
+    server that serves one at a time. Alone, the newcomer would take full (2 s x 1.2 <= 2.4), which would finish
+    the first of them at 2.5 s (x 1.2 past its 2.9 s); merge-50 (1.2 s) leaves all four in time. Its own finish is
+    predicted without them."""
     serial = EngineRules(max_batch=1, step_a=0.1, step_multiple=None)
     quiet = decide(LADDER, Features(2.4, 0.0, newcomer(), rules=serial))
     busy = decide(LADDER, Features(2.4, 0.0, newcomer(), rules=serial, arrival_gap_s=0.5))
     assert quiet.level == 0
-    assert busy.level == 3 and busy.fits and busy.predicted_s == pytest.approx(0.7)
-    assert "full for it and the 4 request(s) expected next (one every 0.50s) would make 4 of them late" in \
-        busy.reason
+    assert busy.level == 1 and busy.fits and busy.predicted_s == pytest.approx(1.2)
+    assert "full would leave no room for the 4 request(s) expected next (one every 0.50s)" in busy.reason
 
 
 def test_the_controller_reads_the_arrival_gap_from_its_recent_decisions_and_forgets_an_idle_spell():
