@@ -177,8 +177,7 @@ class ModelRuntime:
             due = arrival + (reduction.slo_s or self.default_slo_s)  # the time every admitted request is kept to
             seq.due = due if slot.deadline is None else min(due, slot.deadline)
             if applied.source == "auto" and applied.predicted_s is not None:  # decided now, from what it sees now
-                now = time.monotonic()
-                seq.forecast = (now, now + applied.predicted_s)
+                seq.forecast = (time.monotonic(), applied.predicted_s)
             try:
                 self.loop.add(seq)
             except KVBudgetError as exc:

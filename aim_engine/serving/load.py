@@ -67,8 +67,7 @@ def sequence_load(seq: Sequence, num_layers: int, kv_blocks: int, now: float) ->
     """A sequence in the engine, from its progress so far (`now` on time.monotonic, for its due time)."""
     request, work = seq.request, seq.work
     due = math.inf if seq.due is None else seq.due - now
-    forecast = {} if seq.forecast is None else dict(forecast_s=seq.forecast[1] - seq.forecast[0],
-                                                     forecast_age_s=now - seq.forecast[0])
+    forecast = {} if seq.forecast is None else dict(forecast_s=seq.forecast[1], forecast_age_s=now - seq.forecast[0])
     sampling = request.sampling
     admitted = seq.status == RUNNING
     context = prompt_context(seq.kv_tokens, sampling.max_new_tokens) + len(seq.generated)

@@ -43,7 +43,7 @@ class Sequence:
     on_media_encoded: Callable[[], None] | None = None  # called once its media's pixels are dropped (see below)
     cost: "CostEstimate | None" = None  # what its plan predicts it costs (serving/load.py reads its work left from it)
     due: float | None = None  # when its caller wants the answer, on time.monotonic (None: no due time)
-    # a prediction its submitter made of when its answer is complete: (made at, complete at), on time.monotonic
+    # a prediction its submitter made of its answer: (when it was made, on time.monotonic; seconds it predicted)
     forecast: tuple[float, float] | None = None
     seq_id: int = field(default_factory=lambda: next(_ids))
     status: str = WAITING

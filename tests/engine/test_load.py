@@ -36,7 +36,7 @@ def test_the_load_follows_a_sliced_prefill_beside_a_streaming_answer(engine_for)
         assert before.context_tokens == sum(per_layer) / len(per_layer) < ingested.shape.visual_tokens_in
         seq = run.add(0, request, plan)
         seq.due = 1000.0
-        seq.forecast = (985.0, 996.0)  # forecast at 985 s to take 11 s
+        seq.forecast = (985.0, 11.0)  # forecast at 985 s to take 11 s
         load = engine.loop.load(now=990.0)
         assert (load.max_batch, load.step_multiple) == (engine.loop.max_batch, 0.0)
         assert load.free_kv_blocks == engine.pool.available_blocks
