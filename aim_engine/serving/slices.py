@@ -14,8 +14,8 @@ running batch's predicted decode step. A step then takes at most about (1 + mult
 of P predicted seconds beside a running batch finishes in about P (1 + 1 / multiple). When nothing is decoding
 there is nobody to stall, and the step runs the oldest prefill to its end whatever it costs, and nothing after it:
 its answer then starts decoding at the next step, beside the next prefill's slices, instead of waiting at the end
-of a step for every other admitted prompt's prefill (with short answers under load, a step of eleven prefills
-answered its first prompt 4 s late).
+of a step for every other admitted prompt's prefill (with short answers under load, a step of many prefills
+answered its first prompt as late as its last).
 
 `plan_step` chooses a step's pieces: sequences in admission order, each piece taken while its predicted cost fits
 what is left; the first piece of a step always runs, in its smallest form (one video slice, one layer), so work
