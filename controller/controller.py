@@ -51,6 +51,12 @@ DEFAULT_P95_QUERY = ('histogram_quantile(0.95, sum by (le, slo_class) '
                      '(rate(aim_request_latency_slo_ratio_bucket{model="{model}"}[1m])))')
 ARRIVAL_WINDOW_S = 10.0  # decisions older than this say nothing of the arrival rate
 RATE_ARRIVALS = 8  # the most recent decisions the arrival rate is read from
+# A request that arrives within this many seconds after an answer (or a refusal) is taken for that caller's next
+# request: a caller that waits for each answer before it sends again (a closed loop) sends at our own pace, so its
+# requests are no forecast of more work; counted, a caller sending one request after another at maximum saving
+# would be expected at maximum saving's pace and held there. Independent arrivals land this close to an answer by
+# chance (at 2 answers a second, one in ten), which makes the expected rate that much lower.
+CALLER_TURNAROUND_S = 0.05
 # The prediction's own error: observed / predicted latency of the last PREDICTION_ANSWERS answers the controller
 # decided, within PREDICTION_WINDOW_S. The worst of them is a floor under every class's margin, so that a
 # model that under-predicts (the machine slower than its fitted rates: on a CPU, media decoding on the engine's
@@ -106,8 +112,10 @@ class BudgetController:
         self.cost_model = CostModel()
         self.last_level: int | None = None
         self._p95: tuple[float | None, str] = (None, "none")
-        # the last decisions: when each was made, and the budget its request had
-        self._arrived: deque[tuple[float, float]] = deque(maxlen=RATE_ARRIVALS)
+        # the last decisions: when each was made, the budget its request had, and whether it arrived right after an
+        # answer (CALLER_TURNAROUND_S); and when the last answers and refusals went out
+        self._arrived: deque[tuple[float, float, bool]] = deque(maxlen=RATE_ARRIVALS)
+        self._answered: deque[float] = deque(maxlen=64)
         self._errors = LatencyWindow(PREDICTION_WINDOW_S, PREDICTION_ANSWERS, clock)  # observed / predicted
         self._lock = threading.Lock()
         self._loop(DEFAULT_CLASS)
@@ -153,11 +161,11 @@ class BudgetController:
 
     def choose(self, levels: Sequence[SequenceLoad], engine: EngineLoad, budget_s: float, min_retention: float,
                priority: str = "normal", record: bool = True, slo_s: float | None = None,
-               own_time_s: float | None = None) -> Decision:
+               own_time_s: float | None = None, arrived_at: float | None = None) -> Decision:
         """The level for one request of SLO `slo_s` (None: the default), with its class's margin: `levels[i]` is
         the work it brings at ladder level i, `engine` what the engine holds now; `own_time_s`: the time it asked
-        for itself (policy.Features). `record=False` (a cost estimate, not a request): nothing about the controller
-        changes."""
+        for itself (policy.Features); `arrived_at`: when it reached the server, on this controller's clock (None:
+        unknown). `record=False` (a cost estimate, not a request): nothing about the controller changes."""
         if record:
             self.tick()
         with self._lock:
@@ -168,12 +176,14 @@ class BudgetController:
             if not decision.rejected:
                 self.last_level = decision.level
             with self._lock:  # every decided request is an arrival, rejected or not
-                self._arrived.append((self.clock(), budget_s))
+                self._arrived.append((self.clock(), budget_s, self._follows_an_answer(arrived_at)))
         return decision
 
     def features(self, levels: Sequence[SequenceLoad], engine: EngineLoad, budget_s: float, min_retention: float,
                  priority: str, slo_s: float | None, model: CostModel) -> Features:
-        """What `decide` sees: the request at each level and the engine's jobs, in seconds of the fitted rates."""
+        """What `decide` sees: the request at each level and the engine's jobs, in seconds of the fitted rates. On an
+        empty engine no request is expected next: the arrivals have not been outrunning it (a caller that sends one
+        request after another finds it empty every time, however fast it sends)."""
         admitted = [model.job(s) for s in engine.sequences] if model.ready else []
         line = model.step_line() or (0.0, 0.0, 0.0)
         rules = EngineRules(max_batch=engine.max_batch, step_a=line[0], step_b=line[1], step_c=line[2],
@@ -181,7 +191,7 @@ class BudgetController:
         margin = max(self.margin_for(slo_s), self.in_flight_error(engine, admitted, rules))
         return Features(budget_s=budget_s, min_retention=min_retention, candidates=[model.job(l) for l in levels],
                         admitted=admitted, rules=rules, margin=margin, min_level=self.memory_cap(),
-                        priority=priority, arrival_gap_s=self.arrival_gap_s(),
+                        priority=priority, arrival_gap_s=self.arrival_gap_s() if engine.sequences else None,
                         upcoming_budgets=self.recent_budgets())
 
     def in_flight_error(self, engine: EngineLoad, admitted: Sequence[Job], rules: EngineRules) -> float:
@@ -208,13 +218,26 @@ class BudgetController:
             return None
         return finish_times([*features.admitted, features.candidates[0]], features.rules)[-1]
 
+    def _follows_an_answer(self, arrived_at: float | None) -> bool:
+        """Whether a request that arrived at `arrived_at` came within CALLER_TURNAROUND_S after an answer or a
+        refusal not yet matched to another arrival (each is matched once). Call with the lock held."""
+        if arrived_at is None:
+            return False
+        for at in self._answered:
+            if 0.0 <= arrived_at - at <= CALLER_TURNAROUND_S:
+                self._answered.remove(at)
+                return True
+        return False
+
     def arrival_gap_s(self) -> float | None:
-        """Mean seconds between requests: from the oldest of the last RATE_ARRIVALS decisions to now, per decision,
-        if it is within ARRIVAL_WINDOW_S (None: fewer than two, or older), so that a burst's rate is seen within a
-        few of its requests and an idle server expects nobody."""
+        """Mean seconds between independent requests: from the oldest of the last RATE_ARRIVALS decisions to now,
+        per decision that did not arrive right after an answer (a caller's next request: CALLER_TURNAROUND_S), if
+        it is within ARRIVAL_WINDOW_S (None: fewer than two, or older), so that a burst's rate is seen within a few
+        of its requests and an idle server, or one serving callers that each wait for their answer, expects
+        nobody."""
         now = self.clock()
         with self._lock:
-            recent = [t for t, _ in self._arrived if t >= now - ARRIVAL_WINDOW_S]
+            recent = [t for t, _, follows in self._arrived if t >= now - ARRIVAL_WINDOW_S and not follows]
         if len(recent) < 2:
             return None
         return max(1e-3, (now - recent[0]) / len(recent))
@@ -224,7 +247,7 @@ class BudgetController:
         what the requests expected next are given (policy.Features.upcoming_budgets)."""
         now = self.clock()
         with self._lock:
-            return tuple(sorted(b for t, b in self._arrived if t >= now - ARRIVAL_WINDOW_S and math.isfinite(b)))
+            return tuple(sorted(b for t, b, _ in self._arrived if t >= now - ARRIVAL_WINDOW_S and math.isfinite(b)))
 
     # ---- feedback -----------------------------------------------------------------------------
     def observe(self, latency_s: float, observation: Observation | None = None, slo_s: float | None = None,
@@ -233,6 +256,7 @@ class BudgetController:
         observed / predicted latency (None: no prediction). Every request teaches the cost model; only those the
         controller decided (`controlled`) steer the margins."""
         with self._lock:
+            self._answered.append(self.clock())  # its caller may send its next request now
             if controlled and prediction_ratio is not None and prediction_ratio > 0:
                 self._errors.add(prediction_ratio)
             if controlled:

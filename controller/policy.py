@@ -125,9 +125,17 @@ class Decision:
 
 def decide(ladder: Sequence[Level], features: Features) -> Decision:
     """The highest-quality level at which, with every predicted duration x the margin (the feedback margin scaled
-    by the request's priority), the engine finishes this request within its budget and every admitted request that
-    would have finished within its due time still does: the scheduler's rules played forward (whatif.py) with and
-    without it. Never below the quality floor nor above the memory cap.
+    by the request's priority), the engine finishes this request within its budget, every admitted request that
+    would have finished within its due time still does, and so does every request expected next (one every
+    `arrival_gap_s`): the scheduler's rules played forward (whatif.py) with and without it. Never below the quality
+    floor nor above the memory cap.
+
+    The requests expected next will be decided by this same rule, so they are forecast at the level the stream can
+    sustain: the highest at which this request and all of them, each at that level, make their budgets (the
+    cheapest when none can). This request may take more only out of the room they leave. Forecast at the cheapest
+    level instead, each decision counted on the next to be cheap, and under a rising load decision after decision
+    took the full model while the backlog grew; forecast at the level being weighed, a caller that sends one request
+    after another, whose arrival rate is our own latency, was held at maximum saving on an idle server.
 
     If no level fits with the margin, the cheapest allowed level (the least predicted work, not necessarily the
     ladder's last), best-effort (fits=False), provided it fits at face value. Otherwise the request is rejected now
@@ -150,40 +158,55 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
     admitted = list(features.admitted)
     load = f"{sum(j.admitted for j in admitted)} running, {sum(not j.admitted for j in admitted)} waiting"
     budget = features.budget_s
+    known = [i for i in allowed if features.candidates[i] is not None]
     last = _cheapest(features.candidates, allowed)
-    upcoming = _upcoming(features, features.candidates[last])
-    held = len(admitted)
-    base = finish_times([*admitted, *upcoming], features.rules)
-    base_held, base_upcoming = base[:held], base[held:]
-    # level -> (its finish, admitted pushed with the margin, at face value, expected ones pushed with the margin)
-    outcomes: dict[int, tuple[float, int, int, int]] = {}
     first_miss = ""
-    for i in allowed:
-        candidate = features.candidates[i]
-        if candidate is None:
-            continue
-        after = finish_times([*admitted, candidate, *upcoming], features.rules)
-        others, own, later = after[:held], after[held], after[held + 1:]
-        outcomes[i] = (own, _pushed(admitted, base_held, others, margin), _pushed(admitted, base_held, others, 1.0),
-                       _pushed(upcoming, base_upcoming, later, margin))
-        _, harm, _, crowded = outcomes[i]
-        if margin * own <= budget and not harm and not crowded:
+    for i in known:
+        outcome = _judge(admitted, features.candidates[i], _upcoming(features, features.candidates[i], margin),
+                         features.rules, margin)
+        if outcome.fits(margin, budget):
             why = "fits the budget" if i == allowed[0] else first_miss
-            return Decision(i, own, f"{ladder[i].name}: {why} ({own:.3f}s {times} <= {budget:.3f}s; {load}){capped}",
-                            True)
+            ahead = f"; {outcome.expected} expected next, one every {features.arrival_gap_s:.2f}s" \
+                if outcome.expected else ""
+            return Decision(i, outcome.own, f"{ladder[i].name}: {why} ({outcome.own:.3f}s {times} <= {budget:.3f}s; "
+                            f"{load}{ahead}){capped}", True)
         if not first_miss:
-            first_miss = (f"{ladder[i].name} would exceed the budget" if margin * own > budget else
-                          f"{ladder[i].name} would push {harm} admitted request(s) past their due time" if harm else
-                          f"{ladder[i].name} would leave no room for the {len(upcoming)} request(s) expected next "
-                          f"(one every {features.arrival_gap_s:.2f}s)")
+            first_miss = (f"{ladder[i].name} would exceed the budget" if margin * outcome.own > budget else
+                          f"{ladder[i].name} would push {outcome.harm} admitted request(s) past their due time"
+                          if outcome.harm else
+                          f"{ladder[i].name} would leave no room for the {outcome.expected} request(s) expected next "
+                          f"at it")
     # Whether to serve it at all is judged on the work known to be there, at face value: the requests expected next
     # are a forecast, and a refusal on a forecast would refuse the very arrivals it forecasts.
-    if upcoming:
-        *others, own = finish_times([*admitted, features.candidates[last]], features.rules)
-        harmed = _pushed(admitted, finish_times(admitted, features.rules), others, 1.0)
-    else:
-        own, _, harmed, _ = outcomes[last]
+    *others, own = finish_times([*admitted, features.candidates[last]], features.rules)
+    harmed = _pushed(admitted, finish_times(admitted, features.rules), others, 1.0)
     return _last_resort(ladder[last].name, last, own, harmed, features, f"{times}; {load}", load, capped)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """One level weighed against one forecast: this request's finish (seconds from now, at face value), the
+    admitted requests it would push past their due time and the expected ones it would leave late (both with the
+    margin), and how many were expected."""
+
+    own: float
+    harm: int
+    crowded: int
+    expected: int
+
+    def fits(self, margin: float, budget: float) -> bool:
+        return margin * self.own <= budget and not self.harm and not self.crowded
+
+
+def _judge(admitted: list[Job], candidate: Job, upcoming: list[Job], rules: EngineRules, margin: float) -> _Outcome:
+    """`candidate` joining `admitted`, with `upcoming` arriving after it. An expected request counts late whatever
+    makes it late (the work already admitted included): the level it is forecast at is one the stream cannot
+    sustain."""
+    held = len(admitted)
+    base = finish_times([*admitted, *upcoming], rules)[:held]
+    after = finish_times([*admitted, candidate, *upcoming], rules)
+    late = sum(margin * a > job.due_s for job, a in zip(upcoming, after[held + 1:]))
+    return _Outcome(after[held], _pushed(admitted, base, after[:held], margin), late, len(upcoming))
 
 
 def _cheapest(candidates: Sequence[Job | None], allowed: list[int]) -> int:
@@ -193,16 +216,21 @@ def _cheapest(candidates: Sequence[Job | None], allowed: list[int]) -> int:
     return min(reversed(known), key=lambda i: candidates[i].prefill_s)
 
 
-def _upcoming(features: Features, cheapest: Job) -> list[Job]:
-    """The requests expected next: this request's cheapest level, arriving one every gap, each with a recent
-    request's budget (upcoming_budgets). They are part of the world every prediction plays out in (their prefill
-    slices come between the decode steps of those ahead); a level must also leave them room."""
+def _upcoming(features: Features, level: Job, margin: float) -> list[Job]:
+    """The requests expected next: this request at `level`, arriving one every gap, each with a recent request's
+    budget (upcoming_budgets). They are part of the world every prediction plays out in (their prefill slices come
+    between the decode steps of those ahead); a level must also leave them room.
+
+    The margin scales predicted work, not the clock: a finish time x the margin is compared with the due time, so
+    each arrival is placed at its time / the margin (the what-if's durations all scale with its rates), and an
+    expected request is judged on its own wait and work x the margin, wherever in the budget it arrives."""
     gap, budget = features.arrival_gap_s, features.budget_s
     if not gap or not math.isfinite(budget) or budget <= 0:
         return []
     count = min(MAX_UPCOMING, max(1, int(budget / gap)))
     budgets = list(features.upcoming_budgets) or [budget]
-    return [replace(cheapest, arrives_s=k * gap, due_s=k * gap + budgets[(k - 1) % len(budgets)], admitted=False)
+    return [replace(level, arrives_s=k * gap / margin,
+                    due_s=k * gap + budgets[(k - 1) % len(budgets)], admitted=False)
             for k in range(1, count + 1)]
 
 

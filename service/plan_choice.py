@@ -42,7 +42,7 @@ class PlanChoice:
         levels = [self.engine.pending_load(request, level.plan, budget) for level in ladder]
         decision = self.controller.choose(levels, self.engine.loop.load(now), budget, reduction.min_retention,
                                           priority=reduction.priority, record=record, slo_s=reduction.slo_s,
-                                          own_time_s=min(asked) if asked else math.inf)
+                                          own_time_s=min(asked) if asked else math.inf, arrived_at=arrival)
         if record:
             level_name = ladder[decision.level].name if decision.level >= 0 else "none"
             self.metrics.controller_decisions.labels(self.name, level_name, decision.outcome).inc()

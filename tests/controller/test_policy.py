@@ -181,20 +181,32 @@ def test_the_cheapest_level_is_the_least_predicted_work_not_the_ladders_last():
     assert d.level == 3 and not d.fits and d.outcome == "best_effort"
     late = decide(LADDER, features(0.4, predicted=costs, own_time_s=0.4))
     assert late.rejected and late.cause == "late" and late.cheapest == 3 and "aim-default" in late.reason
-    # the requests expected next are modelled at that cheapest level too: three of them, one every 0.5 s, each due
-    # 1.5 s after it arrives. Behind merge-50 (1.2 s) they finish at 1.7, 2.2 and 2.7 s at aim-default's 0.5 s,
-    # all in time; at maximum saving's 0.7 s the second would finish at 2.6 s, past its 2.5 s, and push the
-    # request down to merge-25.
+    # the requests expected next are weighed at each level too: three of them, one every 0.5 s, each due 1.5 s
+    # after it arrives, served one at a time behind this one. At merge-50 (1.2 s each) the first would finish at
+    # 2.4 s, past its 2.0 s; at merge-25 (0.9 s) the second at 2.7 s, past its 2.5 s; at aim-default (0.5 s) all
+    # finish in time.
     upcoming = decide(LADDER, features(1.5, predicted=costs, margin=1.0, arrival_gap_s=0.5))
-    assert upcoming.level == 1 and upcoming.fits
+    assert upcoming.level == 3 and upcoming.fits
+    assert "full would exceed the budget" in upcoming.reason and "3 expected next, one every 0.50s" in upcoming.reason
 
 
 def test_a_loose_request_leaves_room_for_the_tight_ones_expected_beside_it():
-    """One request every 0.5 s, each 0.5 s of work at the cheapest level, on an engine that serves one at a time:
-    whatever this request takes beyond 0.5 s, every later one waits for. With loose requests expected it may take
-    the full model (2 s); with requests of a 1 s budget expected (an interactive class beside this batch one), it
-    takes the most that leaves them within 1 s: merge-25 (0.9 s; merge-50's 1.2 s would make them late)."""
-    loose = decide(LADDER, features(20.0, margin=1.0, arrival_gap_s=0.5, upcoming_budgets=[20.0]))
-    tight = decide(LADDER, features(20.0, margin=1.0, arrival_gap_s=0.5, upcoming_budgets=[1.0, 20.0]))
-    assert (loose.level, tight.level) == (0, 2) and tight.fits
-    assert decide(LADDER, features(20.0, margin=1.0, arrival_gap_s=0.5)).level == 0  # none given: its own budget
+    """One request every 0.5 s, on an engine that serves one at a time; each level is weighed with the requests
+    expected in this one's 5 s budget (ten) at that level too. Loose ones (20 s each) all finish in time behind
+    full-model requests (2 s each: the tenth, arriving at 5 s, finishes at 22 s, due at 25 s), so this one takes
+    the full model. With requests of a 1 s budget expected every other time (an interactive class beside this batch
+    one), only maximum saving (0.5 s, as fast as they arrive) keeps them within it: aim-default's 0.7 s would queue
+    them 0.2 s more at every arrival. With none given, the expected ones get this one's 5 s: merge-25."""
+    loose = decide(LADDER, features(5.0, margin=1.0, arrival_gap_s=0.5, upcoming_budgets=[20.0]))
+    tight = decide(LADDER, features(5.0, margin=1.0, arrival_gap_s=0.5, upcoming_budgets=[1.0, 20.0]))
+    assert (loose.level, tight.level) == (0, 4) and tight.fits
+    assert decide(LADDER, features(5.0, margin=1.0, arrival_gap_s=0.5)).level == 2
+
+
+def test_the_margin_scales_the_work_of_the_requests_expected_next_not_their_arrival():
+    """One request expected 2 s from now, due 2.4 s after it arrives; every level takes 1 s, served one at a time,
+    margin 1.5. It finds the engine idle and is done 1 s after it arrives: 1.5 s with the margin, in time. Scaled
+    as a whole, its finish 3 s from now would read 4.5 s against its 4.4 s, and the request would be refused the
+    full model for work it never waits for."""
+    d = decide(LADDER, features(2.4, predicted=[1.0] * 5, margin=1.5, arrival_gap_s=2.0))
+    assert d.level == 0 and d.fits and "1 expected next, one every 2.00s" in d.reason

@@ -143,22 +143,24 @@ def test_the_margin_applies_to_the_admitted_requests_too():
 
 
 def test_a_level_leaves_room_for_the_requests_expected_next():
-    """A request every 0.5 s is expected, each due 2.4 s after it arrives, at max saving (0.5 s of prefill), on a
-    server that serves one at a time. Alone, the newcomer would take full (2 s x 1.2 <= 2.4), which would finish
-    the first of them at 2.5 s (x 1.2 past its 2.9 s); merge-50 (1.2 s) leaves all four in time. Its own finish is
-    predicted without them."""
+    """A request every 0.5 s is expected, each due 2.4 s after it arrives, on a server that serves one at a time,
+    each at the level being weighed. Alone, the newcomer would take full (2 s x 1.2 <= 2.4). With them, at c
+    seconds a request they queue one behind another: the k-th is done (k + 1) c from now, and with the margin on
+    the work (not on when they arrive, k x 0.5 s) 1.2 (k + 1) c must stay within 0.5 k + 2.4 for k = 1..4. Full and
+    merge-50 (k = 2: 4.32 > 3.4) and merge-25 (k = 3: 4.32 > 3.9) fail; aim-default (0.7 s) keeps all four in time.
+    Its own finish is predicted without their wait: they come after it."""
     serial = EngineRules(max_batch=1, step_a=0.1, step_multiple=None)
     quiet = decide(LADDER, Features(2.4, 0.0, newcomer(), rules=serial))
     busy = decide(LADDER, Features(2.4, 0.0, newcomer(), rules=serial, arrival_gap_s=0.5))
     assert quiet.level == 0
-    assert busy.level == 1 and busy.fits and busy.predicted_s == pytest.approx(1.2)
-    assert "full would leave no room for the 4 request(s) expected next (one every 0.50s)" in busy.reason
+    assert busy.level == 3 and busy.fits and busy.predicted_s == pytest.approx(0.7)
+    assert "full would leave no room for the 4 request(s) expected next at it" in busy.reason
 
 
-def test_the_controller_reads_the_arrival_gap_from_its_recent_decisions_and_forgets_an_idle_spell():
+def test_the_gap_comes_from_recent_decisions_and_none_is_expected_after_idling_or_on_an_empty_engine():
     from controller.controller import ARRIVAL_WINDOW_S, BudgetController
 
-    from .loads import IDLE, levels, teach
+    from .loads import IDLE, engine, levels, teach, work
 
     class Clock:
         t = 0.0
@@ -178,7 +180,48 @@ def test_the_controller_reads_the_arrival_gap_from_its_recent_decisions_and_forg
     assert controller.recent_budgets() == (10.0,) * 4  # what the requests expected next are given
     assert controller.features(levels([0.1] * 5), IDLE, 10.0, 0.0, "normal", None,
                                controller.cost_model).upcoming_budgets == (10.0,) * 4
+    # a request that finds the engine empty expects nobody (the arrivals have not been outrunning it); one that
+    # finds it holding work expects the next at the recent gap
+    assert controller.features(levels([0.1] * 5), IDLE, 10.0, 0.0, "normal", None,
+                               controller.cost_model).arrival_gap_s is None
+    assert controller.features(levels([0.1] * 5), engine(work(0.5, admitted=True)), 10.0, 0.0, "normal", None,
+                               controller.cost_model).arrival_gap_s == pytest.approx(1.0)
     controller.choose(levels([0.1] * 5), IDLE, 10.0, 0.0, record=False)  # an estimate is no arrival
     assert controller.arrival_gap_s() == pytest.approx(1.0)
     clock.t = 3.0 + ARRIVAL_WINDOW_S + 0.1  # nothing for a window: nobody is expected
     assert controller.arrival_gap_s() is None and controller.recent_budgets() == ()
+
+
+def test_a_request_sent_right_after_an_answer_is_its_callers_next_and_forecasts_no_more_work():
+    """A caller that waits for each answer before it sends again arrives at our own pace: at maximum saving's pace
+    it would be expected at maximum saving, and held there. Its requests (each within CALLER_TURNAROUND_S after an
+    answer) count as arrivals for nothing but the budgets; requests that come on their own still set the gap."""
+    from controller.controller import CALLER_TURNAROUND_S, BudgetController
+
+    from .loads import IDLE, levels, teach
+
+    class Clock:
+        t = 0.0
+
+        def __call__(self):
+            return self.t
+
+    clock = Clock()
+    controller = BudgetController(LADDER, clock=clock)
+    teach(controller)
+    sent = 0.0
+    for _ in range(6):  # one request after another: 0.4 s of service, sent again 10 ms after each answer
+        clock.t = sent
+        controller.choose(levels([0.1] * 5), IDLE, 10.0, 0.0, arrived_at=sent)
+        clock.t = sent + 0.4
+        controller.observe(0.4)
+        sent = clock.t + 0.01
+    assert 0.01 < CALLER_TURNAROUND_S
+    clock.t = sent
+    assert controller.arrival_gap_s() is None  # only its first request came on its own
+    assert controller.recent_budgets() == (10.0,) * 6
+    for t in (sent + 1.0, sent + 2.0):  # others, on their own, while the caller waits for its next answer
+        clock.t = t
+        controller.choose(levels([0.1] * 5), IDLE, 10.0, 0.0, arrived_at=t - 0.2)
+    clock.t = sent + 3.0
+    assert controller.arrival_gap_s() == pytest.approx(clock.t / 3)  # since the caller's first: 3 on their own
