@@ -3,7 +3,8 @@ ladder levels through the pure `policy.decide`.
 
 Per request (`choose`, once its media are decoded): budget = min(SLO, remaining deadline) - time already spent;
 the work it brings at each level and the work the engine holds (aim_engine/serving/load.py) in seconds of the
-online cost model's rates, and the gap between requests at the recent arrival rate; `policy.decide` plays the
+online cost model's rates, and the gap between requests at the recent rate of independent arrivals (none on an
+empty engine; a request sent right after an answer is its caller's next, not more work); `policy.decide` plays the
 engine's rules forward over them (whatif.py) and picks the highest level that keeps this request and every
 admitted one within its time, or rejects it. Memory pressure above the threshold caps quality at
 `memory_cap_level`. Memory pressure is what the serving engine can still use, read by the `memory` callable the
@@ -78,7 +79,7 @@ class ClassLoop:
     """One SLO class's feedback loop: the latency / SLO of its controlled requests, and its margin."""
 
     window: LatencyWindow
-    feedback: FeedbackState = field(default_factory=lambda: FeedbackState(margin=1.2))
+    feedback: FeedbackState  # starts at the least margin
     p95: tuple[float | None, str] = (None, "none")  # what its last step acted on, and where it came from
 
 
@@ -123,7 +124,8 @@ class BudgetController:
     def _loop(self, name: str) -> ClassLoop:
         loop = self.loops.get(name)
         if loop is None:
-            loop = self.loops[name] = ClassLoop(LatencyWindow(clock=self.clock))
+            loop = self.loops[name] = ClassLoop(LatencyWindow(clock=self.clock),
+                                                FeedbackState(margin=self.config.feedback.min_margin))
         return loop
 
     @property

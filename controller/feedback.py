@@ -11,14 +11,14 @@ SLO target, every few seconds. A pure function of (state, observations, time).
   window's old samples. (A faster return here, tried at 2x, made the margin oscillate under a steady ramp.)
 - No evidence at all — nothing finished for `quiet_s` (an idle server), or the window emptied — the margin relaxes
   toward min_margin exponentially with time: min + (margin - min) x exp(-dt / relax_s). It depends on the elapsed
-  time, not on how many steps ran, so an idle server (no steps at all) is back near 1 at its next request.
+  time, not on how many steps ran, so an idle server (no steps at all) is back near its floor at its next request.
 - Otherwise (inside the deadband, too few samples, waiting for requests to finish): unchanged, so noise does not
   make it oscillate.
 
-Bound, from the ceiling (4) to within 0.1 of 1 after a burst's last slow request (`recovery_bound_s`; the
-fake-clock test in tests/controller/test_feedback.py checks both): idle, quiet_s + relax_s x ln(30) + one
-interval = 46 s with the defaults; with fast requests still arriving, 58 steps of decrease_step = 116 s once
-min_samples of them have finished, plus one interval — and it leaves the ceiling at the first step (the old loop
+Bound, from the ceiling (4) to within 0.1 of the floor (4/3) after a burst's last slow request
+(`recovery_bound_s`; the fake-clock test in tests/controller/test_feedback.py checks both): idle, quiet_s +
+relax_s x ln(26.7) + one interval = 45 s with the defaults; with fast requests still arriving, 52 steps of
+decrease_step = 104 s once min_samples of them have finished, plus one interval — and it leaves the ceiling at the first step (the old loop
 held it there for the window's 60 s, and an idle server never stepped at all).
 """
 
@@ -37,10 +37,19 @@ class FeedbackConfig:
     relax_s: float = 10.0  # time constant of the return toward min_margin
     quiet_s: float = 10.0  # with nothing finishing for this long, the loop relaxes (silence is not overload)
     max_step_ratio: float = 1.5  # rate limit: one increase multiplies the margin by at most this
-    min_margin: float = 1.0
+    # The least margin a decision takes (None: 1 / target_fraction). A request planned to finish later than the
+    # target share of its budget is planned past what this loop aims for; and a margin near 1, which the loop
+    # relaxes to in a lull (the p95 of light-load answers has room), left decisions filling their budgets to the
+    # edge, so that the cluster of arrivals after the lull made them late (docs/performance.md, the controller in
+    # five scenarios).
+    min_margin: float | None = None
     max_margin: float = 4.0
     interval_s: float = 2.0  # seconds between steps
     min_samples: int = 5  # requests needed in the window before the p95 is trusted
+
+    def __post_init__(self) -> None:
+        if self.min_margin is None:
+            object.__setattr__(self, "min_margin", 1.0 / self.target_fraction)
 
     def recovery_bound_s(self, within: float = 0.1, idle: bool = True) -> float:
         """Seconds after the last slow request until the margin, from its ceiling, is within `within` of

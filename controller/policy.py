@@ -130,12 +130,12 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
     `arrival_gap_s`): the scheduler's rules played forward (whatif.py) with and without it. Never below the quality
     floor nor above the memory cap.
 
-    The requests expected next will be decided by this same rule, so they are forecast at the level the stream can
-    sustain: the highest at which this request and all of them, each at that level, make their budgets (the
-    cheapest when none can). This request may take more only out of the room they leave. Forecast at the cheapest
-    level instead, each decision counted on the next to be cheap, and under a rising load decision after decision
-    took the full model while the backlog grew; forecast at the level being weighed, a caller that sends one request
-    after another, whose arrival rate is our own latency, was held at maximum saving on an idle server.
+    The requests expected next will be decided by this same rule, so each level is weighed with them at that level
+    too: a level is taken only if the stream, every request at it, can keep its budgets (an expected request counts
+    late whatever makes it late, the work already admitted included). Forecast at the cheapest level instead, each
+    decision counted on the next to be cheap, and under a rising load decision after decision took the full model
+    while the backlog grew. (Whether requests are expected at all is the controller's call: none on an empty engine,
+    and a caller that waits for each answer is no stream; see controller.arrival_gap_s.)
 
     If no level fits with the margin, the cheapest allowed level (the least predicted work, not necessarily the
     ladder's last), best-effort (fits=False), provided it fits at face value. Otherwise the request is rejected now

@@ -12,36 +12,37 @@ from controller.policy import default_ladder
 from .loads import IDLE, engine, levels, teach, work
 
 CFG = FeedbackConfig(interval_s=2.0, min_samples=5)
+LAW = FeedbackConfig(interval_s=2.0, min_samples=5, min_margin=1.0)  # the law's steps, with a floor below them
 
 
 def test_step_rules():
     s = FeedbackState(margin=1.2, last_step_at=0.0)
     slow, fast = Fresh(3, 1.2, 2.5), Fresh(3, 0.3, 2.5)
-    assert step(s, 5.0, 1.0, 50, now=1.0, config=CFG, fresh=slow) is s  # not yet time
-    assert step(s, 0.75, 1.0, 50, now=3.0, config=CFG, fresh=slow).last_action.startswith("hold: inside")
-    up = step(s, 1.2, 1.0, 50, now=3.0, config=CFG, fresh=slow)
+    assert step(s, 5.0, 1.0, 50, now=1.0, config=LAW, fresh=slow) is s  # not yet time
+    assert step(s, 0.75, 1.0, 50, now=3.0, config=LAW, fresh=slow).last_action.startswith("hold: inside")
+    up = step(s, 1.2, 1.0, 50, now=3.0, config=LAW, fresh=slow)
     assert up.margin == pytest.approx(1.5) and up.last_action.startswith("increase")
     # the window is slow but what finished since the last increase is fast: a burst that ended no longer holds
     # the margin up (decrease_step per step); with too few of those, it holds
-    old_burst = step(s, 1.2, 1.0, 50, now=3.0, config=CFG, fresh=fast, since_increase=SinceIncrease(5, 0.3))
-    assert old_burst.margin == pytest.approx(1.2 - CFG.decrease_step)
-    assert step(s, 1.2, 1.0, 50, now=3.0, config=CFG, fresh=fast, since_increase=SinceIncrease(4, 0.3)).margin == 1.2
-    assert step(s, 1.2, 1.0, 50, now=3.0, config=CFG, fresh=slow, since_increase=SinceIncrease(9, 0.3)).margin > 1.2
+    old_burst = step(s, 1.2, 1.0, 50, now=3.0, config=LAW, fresh=fast, since_increase=SinceIncrease(5, 0.3))
+    assert old_burst.margin == pytest.approx(1.2 - LAW.decrease_step)
+    assert step(s, 1.2, 1.0, 50, now=3.0, config=LAW, fresh=fast, since_increase=SinceIncrease(4, 0.3)).margin == 1.2
+    assert step(s, 1.2, 1.0, 50, now=3.0, config=LAW, fresh=slow, since_increase=SinceIncrease(9, 0.3)).margin > 1.2
     # slow window, nothing finished since: hold until quiet_s has passed, then relax
-    waiting = step(s, 1.2, 1.0, 50, now=3.0, config=CFG)
+    waiting = step(s, 1.2, 1.0, 50, now=3.0, config=LAW)
     assert waiting.margin == 1.2 and waiting.last_action.startswith("hold: p95 above")
-    quiet = step(s, 1.2, 1.0, 50, now=CFG.quiet_s + 1.0, config=CFG)
+    quiet = step(s, 1.2, 1.0, 50, now=LAW.quiet_s + 1.0, config=LAW)
     assert quiet.margin < 1.2 and quiet.last_action.startswith("relax: nothing")
     # room to spare, or no evidence: relax toward 1 by elapsed time, exp(-dt / relax_s)
-    down = step(s, 0.3, 1.0, 50, now=3.0, config=CFG, fresh=fast)
-    assert down.margin == pytest.approx(1.2 - CFG.decrease_step) and down.last_action.startswith("decrease")
+    down = step(s, 0.3, 1.0, 50, now=3.0, config=LAW, fresh=fast)
+    assert down.margin == pytest.approx(1.2 - LAW.decrease_step) and down.last_action.startswith("decrease")
     # no evidence at all (the window emptied, or quiet for quiet_s): exponential return with elapsed time
-    assert step(s, None, 1.0, 0, now=3.0, config=CFG).margin == pytest.approx(1 + 0.2 * math.exp(-3.0 / CFG.relax_s))
-    assert step(s, 5.0, 1.0, 2, now=3.0, config=CFG).last_action.startswith("hold: too few")
+    assert step(s, None, 1.0, 0, now=3.0, config=LAW).margin == pytest.approx(1 + 0.2 * math.exp(-3.0 / LAW.relax_s))
+    assert step(s, 5.0, 1.0, 2, now=3.0, config=LAW).last_action.startswith("hold: too few")
 
 
 def test_bounds_and_rate_limit():
-    fast = FeedbackConfig(increase_factor=3.0, max_step_ratio=1.5, interval_s=0)
+    fast = FeedbackConfig(increase_factor=3.0, max_step_ratio=1.5, interval_s=0, min_margin=1.0)
     slow = Fresh(1, 10.0, 0.0)
     s = step(FeedbackState(margin=1.2), 10.0, 1.0, 50, 0.0, fast, slow)
     assert s.margin == pytest.approx(1.8)  # rate limited to x1.5, not x3
@@ -137,7 +138,7 @@ def test_baselines_for_comparison():
 def test_a_burst_does_not_wind_the_margin_up_beyond_the_stated_bound(calm):
     """A fake clock: 60 s of requests at twice their SLO (the margin climbs to its ceiling), then calm — no
     requests at all, or fast ones every second. Within FeedbackConfig.recovery_bound_s of the burst's last
-    request, the margin the next decision uses is within 0.1 of 1; it never rises again after the burst."""
+    request, the margin the next decision uses is within 0.1 of its floor; it never rises again after the burst."""
     clock = FakeClock()
     controller = BudgetController(default_ladder(28), ControllerConfig(slo_s=1.0, feedback=CFG), clock=clock)
     while clock.t < 60.0:
@@ -163,7 +164,7 @@ def test_a_burst_does_not_wind_the_margin_up_beyond_the_stated_bound(calm):
     assert all(m < CFG.max_margin for since, m in margins if since >= off_by)
     teach(controller)
     assert controller.choose(levels([0.1] * 5), IDLE, 1.0, 0.0).level == 0  # a decision now sees the relaxed margin
-    assert controller.feedback.margin <= 1.1
+    assert controller.feedback.margin <= CFG.min_margin + 0.1
 
 
 def test_overload_keeps_the_margin_up():
@@ -187,7 +188,8 @@ def test_each_slo_class_has_its_own_loop_so_a_tenant_of_tiny_slos_steers_only_it
         controller.observe(0.5, slo_s=0.1)  # 5x its SLO: a miss every time
         controller.observe(0.3)  # the default class: 0.3 of its 1 s SLO
     assert controller.margin_for(0.1) == CFG.max_margin
-    assert controller.margin_for(None) <= 1.2 and controller.feedback.margin == controller.margin_for(None)
+    assert controller.margin_for(None) == pytest.approx(CFG.min_margin)  # at its floor
+    assert controller.feedback.margin == controller.margin_for(None)
     assert controller.status().margins == {"default": controller.margin_for(None), "0.1s": CFG.max_margin}
     # the same request and load: the default class gets a better level than the tight class's margin allows
     teach(controller)
@@ -212,22 +214,22 @@ def test_the_predictions_recent_error_is_a_floor_under_every_classs_margin():
     for _ in range(CFG.min_samples - 1):
         clock.t += 0.1
         controller.observe(0.2, prediction_ratio=2.0)
-    assert controller.prediction_margin() == 1.0  # too few to trust
+    assert controller.prediction_margin() == CFG.min_margin  # too few to trust: the floor
     controller.observe(0.2, prediction_ratio=None)
     controller.observe(0.2, controlled=False, prediction_ratio=9.0)
-    assert controller.prediction_margin() == 1.0
+    assert controller.prediction_margin() == CFG.min_margin
     controller.observe(0.2, prediction_ratio=2.0)
     assert controller.prediction_margin() == 2.0 and controller.margin_for(None) == 2.0 > base
     assert controller.margin_for(0.5) == 2.0  # a class without its own loop, and any class, decides with it
     assert controller.status().prediction_margin == 2.0 and controller.status().margins["default"] == 2.0
     # the worst of the last PREDICTION_ANSWERS: once they are all good again, it is back to theirs
     for _ in range(PREDICTION_ANSWERS - 1):
-        controller.observe(0.2, prediction_ratio=1.1)
+        controller.observe(0.2, prediction_ratio=1.5)
     assert controller.prediction_margin() == 2.0
-    controller.observe(0.2, prediction_ratio=1.1)
-    assert controller.prediction_margin() == pytest.approx(1.1)
+    controller.observe(0.2, prediction_ratio=1.5)
+    assert controller.prediction_margin() == pytest.approx(1.5)
     clock.t += PREDICTION_WINDOW_S + 1  # all of them too old
-    assert controller.prediction_margin() == 1.0
+    assert controller.prediction_margin() == CFG.min_margin
 
 
 def test_requests_behind_their_forecast_raise_the_margin_before_they_finish():

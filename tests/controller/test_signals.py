@@ -115,7 +115,8 @@ def test_feedback_uses_latency_as_a_share_of_each_requests_slo():
         controller.observe(2.0, slo_s=10.0)
     now[0] = 10.0
     controller.tick()
-    assert controller.status().p95_ratio == 0.2 and controller.feedback.margin < 1.2
+    assert controller.status().p95_ratio == 0.2
+    assert controller.feedback.margin == ControllerConfig().feedback.min_margin  # room: it stays at its floor
 
 
 def test_only_controlled_requests_steer_the_margin():
@@ -127,4 +128,5 @@ def test_only_controlled_requests_steer_the_margin():
     now[0] = 10.0
     controller.tick()
     # nothing in the window: no evidence of overload, so the margin only relaxes (it never rises)
-    assert controller.feedback.margin < 1.2 and controller.window.quantile(0.95) == (None, 0)
+    assert controller.feedback.margin == ControllerConfig().feedback.min_margin
+    assert controller.window.quantile(0.95) == (None, 0)
