@@ -265,18 +265,10 @@ class AimEngine:
         seq.arrival = t0
         self.loop.add(seq)
         try:
-            while True:
-                if events.empty() and not self.loop.threaded:
-                    self.loop.step()
-                    continue
-                event = events.get()
-                if isinstance(event, BaseException):
-                    raise event
+            for event in self._events(events):
                 if isinstance(event, GenerationResult):
                     event.stats.timings.media_s += media_s
                 yield event
-                if isinstance(event, GenerationResult):
-                    return
         finally:
             self.loop.cancel(seq)  # a caller that stops iterating early frees the sequence's KV at once
 
@@ -286,3 +278,42 @@ class AimEngine:
             if isinstance(event, GenerationResult):
                 return event
         raise AssertionError("stream ended without a result")
+
+    def generate_together(self, requests: list[tuple[GenerationRequest, ReductionPlan | None]]
+                          ) -> list[GenerationResult]:
+        """Several requests side by side, as the service runs requests that arrive together: all of them join the
+        loop before its next step, so they prefill in turn and decode in one batch. Results in the order given."""
+        pending: list[tuple[Sequence, queue.SimpleQueue, float]] = []
+        try:
+            for request, plan in requests:
+                t0 = time.perf_counter()
+                ingested = self.ingest(request)
+                events: queue.SimpleQueue = queue.SimpleQueue()
+                seq = self.sequence(ingested, plan or ReductionPlan(), events.put)
+                seq.arrival = t0
+                pending.append((seq, events, time.perf_counter() - t0))
+            for seq, _, _ in pending:
+                self.loop.add(seq)
+            results = []
+            for _, events, media_s in pending:
+                *_, result = self._events(events)
+                result.stats.timings.media_s += media_s
+                results.append(result)
+            return results
+        finally:
+            for seq, _, _ in pending:
+                self.loop.cancel(seq)
+
+    def _events(self, events: queue.SimpleQueue) -> Iterator[TokenDelta | GenerationResult]:
+        """One sequence's events as they come, up to its result, driving the loop inline when no thread runs it;
+        raises the sequence's error."""
+        while True:
+            if events.empty() and not self.loop.threaded:
+                self.loop.step()
+                continue
+            event = events.get()
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+            if isinstance(event, GenerationResult):
+                return

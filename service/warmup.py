@@ -10,6 +10,8 @@ from aim_engine.request import ImagePart, TextPart
 from controller.controller import BudgetController
 from controller.cost_model import Observation
 
+WARM_UP_BATCH_TOKENS = 16  # tokens each answer of the warm-up's batch decodes
+
 
 def warm_up(engine: AimEngine, controller: BudgetController, rounds: int = 1) -> list[float]:
     """`rounds` requests per ladder level, computed without the caches (what computing costs, not what a cache
@@ -28,6 +30,16 @@ def warm_up(engine: AimEngine, controller: BudgetController, rounds: int = 1) ->
                 s = engine.generate(request, level.plan).stats
             controller.learn(observation_of(s))
             service_times.append(time.monotonic() - start)
+    if rounds:
+        # Then every level at once, with longer answers: decode steps of a batch over unequal KV, so that the step's
+        # batch and KV terms are fitted before real requests share a batch (taught one request at a time, a fresh
+        # server predicted the first long answers decoding beside each other about 3x short).
+        together = GenerationRequest(request.parts, SamplingParams(max_new_tokens=WARM_UP_BATCH_TOKENS,
+                                                                   ignore_eos=True))
+        with engine.without_caches():
+            results = engine.generate_together([(together, level.plan) for level in controller.ladder])
+        for result in results:
+            controller.learn(observation_of(result.stats))
     return service_times
 
 

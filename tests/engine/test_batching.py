@@ -324,3 +324,15 @@ def test_a_sequence_that_outgrows_its_reservation_fails_alone_and_the_batch_goes
         pool.release(filler)
     assert isinstance(run.events["short"][-1], KVPoolExhausted)
     assert_same_answer(run.result("whole"), run.seqs["whole"].logits, lone, lone_logits)
+
+
+def test_generate_together_decodes_side_by_side_and_answers_as_alone(engine_for):
+    """The engine's own way to run requests that arrive together (the service's warm-up uses it to teach the
+    cost model a batch): each request's answer, in the order given, decoded in one batch (that a batch answers as
+    each alone is the test above), every block back."""
+    engine = engine_for("llava_onevision", layers=5)
+    requests = mixed_requests("llava_onevision")
+    together = engine.generate_together(requests)
+    assert [len(r.token_ids) for r in together] == [r.sampling.max_new_tokens for r, _ in requests]
+    assert max(r.stats.mean_batch for r in together) >= 3
+    assert engine.pool.used_blocks == 0 and engine.pool.reserved_blocks == 0
