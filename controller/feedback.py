@@ -18,8 +18,8 @@ SLO target, every few seconds. A pure function of (state, observations, time).
 Bound, from the ceiling (4) to within 0.1 of the floor (4/3) after a burst's last slow request
 (`recovery_bound_s`; the fake-clock test in tests/controller/test_feedback.py checks both): idle, quiet_s +
 relax_s x ln(26.7) + one interval = 45 s with the defaults; with fast requests still arriving, 52 steps of
-decrease_step = 104 s once min_samples of them have finished, plus one interval — and it leaves the ceiling at the first step (the old loop
-held it there for the window's 60 s, and an idle server never stepped at all).
+decrease_step = 104 s once min_samples of them have finished, plus one interval — and it leaves the ceiling at
+the first step (the old loop held it there for the window's 60 s, and an idle server never stepped at all).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The warm-up at start: a synthetic image question at every ladder level, to seed the controller's cost model
-(and warm kernels) before the first real request. Not counted as traffic: it reaches no metric."""
+"""The warm-up at start: a synthetic image question at every ladder level, then every level once more side by side,
+to seed the controller's cost model (and warm kernels) before the first real request. Not counted as traffic: it
+reaches no metric."""
 
 from __future__ import annotations
 
