@@ -157,20 +157,31 @@ def test_a_level_leaves_room_for_the_requests_expected_next():
     assert "full would leave no room for the 4 request(s) expected next at it" in busy.reason
 
 
-def test_the_gap_comes_from_recent_decisions_and_none_is_expected_after_idling_or_on_an_empty_engine():
-    from controller.controller import ARRIVAL_WINDOW_S, BudgetController
+class FakeClock:
+    t = 0.0
 
-    from .loads import IDLE, engine, levels, teach, work
+    def __call__(self):
+        return self.t
 
-    class Clock:
-        t = 0.0
 
-        def __call__(self):
-            return self.t
+def taught_controller():
+    """A controller on a fake clock (set its `t`) whose cost model knows a prefill rate (loads.teach)."""
+    from controller.controller import BudgetController
 
-    clock = Clock()
+    from .loads import teach
+
+    clock = FakeClock()
     controller = BudgetController(LADDER, clock=clock)
     teach(controller)
+    return controller, clock
+
+
+def test_the_gap_comes_from_recent_decisions_and_none_is_expected_after_idling_or_on_an_empty_engine():
+    from controller.controller import ARRIVAL_WINDOW_S
+
+    from .loads import IDLE, engine, levels, work
+
+    controller, clock = taught_controller()
     assert controller.arrival_gap_s() is None
     for t in (0.0, 1.0, 2.0, 3.0):
         clock.t = t
@@ -196,19 +207,11 @@ def test_a_request_sent_right_after_an_answer_is_its_callers_next_and_forecasts_
     """A caller that waits for each answer before it sends again arrives at our own pace: at maximum saving's pace
     it would be expected at maximum saving, and held there. Its requests (each within CALLER_TURNAROUND_S after an
     answer) count as arrivals for nothing but the budgets; requests that come on their own still set the gap."""
-    from controller.controller import CALLER_TURNAROUND_S, BudgetController
+    from controller.controller import CALLER_TURNAROUND_S
 
-    from .loads import IDLE, levels, teach
+    from .loads import IDLE, levels
 
-    class Clock:
-        t = 0.0
-
-        def __call__(self):
-            return self.t
-
-    clock = Clock()
-    controller = BudgetController(LADDER, clock=clock)
-    teach(controller)
+    controller, clock = taught_controller()
     sent = 0.0
     for _ in range(6):  # one request after another: 0.4 s of service, sent again 10 ms after each answer
         clock.t = sent
