@@ -159,11 +159,12 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
     load = f"{sum(j.admitted for j in admitted)} running, {sum(not j.admitted for j in admitted)} waiting"
     budget = features.budget_s
     known = [i for i in allowed if features.candidates[i] is not None]
-    last = _cheapest(features.candidates, allowed)
+    last = _cheapest(features.candidates, known)
     first_miss = ""
+    outcomes: dict[int, _Outcome] = {}
     for i in known:
-        outcome = _judge(admitted, features.candidates[i], _upcoming(features, features.candidates[i], margin),
-                         features.rules, margin)
+        outcome = outcomes[i] = _judge(admitted, features.candidates[i],
+                                       _upcoming(features, features.candidates[i], margin), features.rules, margin)
         if outcome.fits(margin, budget):
             why = "fits the budget" if i == allowed[0] else first_miss
             ahead = f"; {outcome.expected} expected next, one every {features.arrival_gap_s:.2f}s" \
@@ -177,20 +178,25 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
                           f"{ladder[i].name} would leave no room for the {outcome.expected} request(s) expected next "
                           f"at it")
     # Whether to serve it at all is judged on the work known to be there, at face value: the requests expected next
-    # are a forecast, and a refusal on a forecast would refuse the very arrivals it forecasts.
-    *others, own = finish_times([*admitted, features.candidates[last]], features.rules)
-    harmed = _pushed(admitted, finish_times(admitted, features.rules), others, 1.0)
+    # are a forecast, and a refusal on a forecast would refuse the very arrivals it forecasts. Weighed without
+    # any, the cheapest level's outcome already is that judgement.
+    if outcomes[last].expected:
+        *others, own = finish_times([*admitted, features.candidates[last]], features.rules)
+        harmed = _pushed(admitted, finish_times(admitted, features.rules), others, 1.0)
+    else:
+        own, harmed = outcomes[last].own, outcomes[last].harm_at_face
     return _last_resort(ladder[last].name, last, own, harmed, features, f"{times}; {load}", load, capped)
 
 
 @dataclass(frozen=True)
 class _Outcome:
     """One level weighed against one forecast: this request's finish (seconds from now, at face value), the
-    admitted requests it would push past their due time and the expected ones it would leave late (both with the
-    margin), and how many were expected."""
+    admitted requests it would push past their due time (with the margin, and at face value) and the expected ones
+    it would leave late (with the margin), and how many were expected."""
 
     own: float
     harm: int
+    harm_at_face: int
     crowded: int
     expected: int
 
@@ -206,13 +212,14 @@ def _judge(admitted: list[Job], candidate: Job, upcoming: list[Job], rules: Engi
     base = finish_times([*admitted, *upcoming], rules)[:held]
     after = finish_times([*admitted, candidate, *upcoming], rules)
     late = sum(margin * a > job.due_s for job, a in zip(upcoming, after[held + 1:]))
-    return _Outcome(after[held], _pushed(admitted, base, after[:held], margin), late, len(upcoming))
+    others = after[:held]
+    return _Outcome(after[held], _pushed(admitted, base, others, margin), _pushed(admitted, base, others, 1.0), late,
+                    len(upcoming))
 
 
-def _cheapest(candidates: Sequence[Job | None], allowed: list[int]) -> int:
-    """The allowed level of least predicted work: usually the last, but not where a level's fixed costs (scoring
-    the attention it prunes by) outweigh the FLOPs it saves on this machine."""
-    known = [i for i in allowed if candidates[i] is not None]
+def _cheapest(candidates: Sequence[Job | None], known: list[int]) -> int:
+    """Of the allowed levels whose work is `known`, the one of least predicted work: usually the last, but not where
+    a level's fixed costs (scoring the attention it prunes by) outweigh the FLOPs it saves on this machine."""
     return min(reversed(known), key=lambda i: candidates[i].prefill_s)
 
 
