@@ -33,8 +33,8 @@ def warm_up(engine: AimEngine, controller: BudgetController, rounds: int = 1) ->
             service_times.append(time.monotonic() - start)
     if rounds:
         # Then every level at once, with longer answers: decode steps of a batch over unequal KV, so that the step's
-        # batch and KV terms are fitted before real requests share a batch (taught one request at a time, a fresh
-        # server predicted the first long answers decoding beside each other about 3x short).
+        # batch and KV terms are fitted before real requests share a batch (taught one request at a time, the batch
+        # term stays 0 until they do).
         together = GenerationRequest(request.parts, SamplingParams(max_new_tokens=WARM_UP_BATCH_TOKENS,
                                                                    ignore_eos=True))
         with engine.without_caches():
