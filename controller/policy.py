@@ -162,9 +162,13 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
     last = _cheapest(features.candidates, known)
     first_miss = ""
     outcomes: dict[int, _Outcome] = {}
+    # the admitted requests' finish with nothing new: what every level weighed without expected requests, and the
+    # last resort, measure harm against
+    alone = finish_times(admitted, features.rules)
     for i in known:
         outcome = outcomes[i] = _judge(admitted, features.candidates[i],
-                                       _upcoming(features, features.candidates[i], margin), features.rules, margin)
+                                       _upcoming(features, features.candidates[i], margin), features.rules, margin,
+                                       alone)
         if outcome.fits(margin, budget):
             why = "fits the budget" if i == allowed[0] else first_miss
             ahead = f"; {outcome.expected} expected next, one every {features.arrival_gap_s:.2f}s" \
@@ -182,7 +186,7 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
     # any, the cheapest level's outcome already is that judgement.
     if outcomes[last].expected:
         *others, own = finish_times([*admitted, features.candidates[last]], features.rules)
-        harmed = _pushed(admitted, finish_times(admitted, features.rules), others, 1.0)
+        harmed = _pushed(admitted, alone, others, 1.0)
     else:
         own, harmed = outcomes[last].own, outcomes[last].harm_at_face
     return _last_resort(ladder[last].name, last, own, harmed, features, f"{times}; {load}", load, capped)
@@ -204,12 +208,13 @@ class _Outcome:
         return margin * self.own <= budget and not self.harm and not self.crowded
 
 
-def _judge(admitted: list[Job], candidate: Job, upcoming: list[Job], rules: EngineRules, margin: float) -> _Outcome:
-    """`candidate` joining `admitted`, with `upcoming` arriving after it. An expected request counts late whatever
-    makes it late (the work already admitted included): the level it is forecast at is one the stream cannot
-    sustain."""
+def _judge(admitted: list[Job], candidate: Job, upcoming: list[Job], rules: EngineRules, margin: float,
+           alone: list[float]) -> _Outcome:
+    """`candidate` joining `admitted`, with `upcoming` arriving after it (`alone`: the admitted requests' finish
+    times with neither). An expected request counts late whatever makes it late (the work already admitted
+    included): the level it is forecast at is one the stream cannot sustain."""
     held = len(admitted)
-    base = finish_times([*admitted, *upcoming], rules)[:held]
+    base = finish_times([*admitted, *upcoming], rules)[:held] if upcoming else alone
     after = finish_times([*admitted, candidate, *upcoming], rules)
     late = sum(margin * a > job.due_s for job, a in zip(upcoming, after[held + 1:]))
     others = after[:held]
