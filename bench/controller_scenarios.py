@@ -15,7 +15,9 @@ Scenarios (the standard request: a video question with a short answer; SLO = slo
 - mixed: images and 8- and 32-frame videos, answers of 4 and 128 tokens (ignore_eos), at 0.85 of the mix's own cap;
 - classes: interactive (SLO = 0.5 x the standard) and batch (2 x) requests, half each, at 0.85 cap;
 - adversarial: 20 % of the requests carry the server's smallest SLO (--min-slo-ms); the others the standard SLO.
-  The row reports the others; the adversarial tenant's own are in `adversary`.
+  The row reports the others; the adversarial tenant's own are in `adversary`;
+- no-adversary: the adversarial scenario's schedule without the adversary's requests, the adaptive policy alone:
+  the other tenants' retention without it, which the adversarial row's is compared with.
 Every request carries a deadline of 3 x its SLO. Failures count as misses.
 
 Writes rows (`scenario`, `model`, `seed`, `policy`, `slo_attainment`, `mean_retention`, `throughput_rps`, `failed`,
@@ -51,7 +53,8 @@ from service.convert import plan_from_proto, plan_to_proto  # noqa: E402
 from service.proto.aim.v1 import aim_service_pb2 as pb  # noqa: E402
 from service.proto.aim.v1 import aim_service_pb2_grpc as pb_grpc  # noqa: E402
 
-SCENARIOS = ("ramp", "burst", "mixed", "classes", "adversarial")
+SCENARIOS = ("ramp", "burst", "mixed", "classes", "adversarial", "no-adversary")
+PLOTTED = SCENARIOS[:5]  # a plot each; no-adversary is the adversarial scenario's control, compared in numbers
 DEFAULT_JSON = ROOT / "docs/results/controller-scenarios.json"  # the docs' results, and their plots beside them
 OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 
@@ -77,6 +80,10 @@ class Workload:
 
 def schedule(name: str, cal: dict, args, seed: int) -> tuple[list[dict], dict]:
     """The scenario's requests: (at, kind, slo_s, tenant), and what shaped them."""
+    if name == "no-adversary":  # what the adversary costs the others: their same requests, without it
+        reqs, shape = schedule("adversarial", cal, args, seed)
+        others = [r for r in reqs if r["tenant"] != "adversary"]
+        return others, dict(shape, requests=len(others), without="adversary")
     rng = random.Random(f"{name}-{seed}")
     t_full, cap, slo = cal["t_full_s"], cal["cap_rps"], args.slo_factor * cal["t_full_s"]
     if name == "ramp":
@@ -292,7 +299,8 @@ def plot(rows: list[dict], path: Path, ladder) -> None:
 def plot_all(data: dict) -> None:
     for (scenario, model, seed) in sorted({(r["scenario"], r["model"], r["seed"]) for r in data["rows"]}):
         rows = [r for r in data["rows"] if (r["scenario"], r["model"], r["seed"]) == (scenario, model, seed)]
-        if seed == min(r["seed"] for r in data["rows"]) and any(r["policy"] == "adaptive" for r in rows):
+        if seed == min(r["seed"] for r in data["rows"]) and any(r["policy"] == "adaptive" for r in rows) \
+                and scenario in PLOTTED:
             plot(rows, ROOT / "docs" / f"controller-{scenario}-{model}.png", data["calibration"][model]["ladder"])
 
 
@@ -316,7 +324,8 @@ async def main_async(args) -> None:
             for scenario in args.scenarios:
                 reqs, shape = schedule(scenario, cal, args_model, seed)
                 duration = max(r["at"] for r in reqs) if reqs else 1.0
-                for policy in ([] if args.no_adaptive else ["adaptive"]) + [f"fixed:{i}" for i in range(args.levels)]:
+                fixed = [f"fixed:{i}" for i in range(args.levels)] if scenario != "no-adversary" else []
+                for policy in ([] if args.no_adaptive else ["adaptive"]) + fixed:
                     key = (scenario, name, seed, policy_name(policy, cal["ladder"]))
                     if key in {(r["scenario"], r["model"], r["seed"], r["policy"]) for r in data["rows"]}:
                         continue
@@ -333,6 +342,7 @@ async def main_async(args) -> None:
                           f"{row['p95_over_slo']:.2f}", flush=True)
                 rows = [r for r in data["rows"] if (r["scenario"], r["model"], r["seed"]) == (scenario, name, seed)]
                 if any(r["policy"] == "adaptive" for r in rows) and seed == args.seeds[0] and ADAPTIVE == "adaptive" \
+                        and scenario in PLOTTED \
                         and out.resolve() == DEFAULT_JSON:  # a trial run elsewhere leaves the docs' plots alone
                     plot(rows, ROOT / "docs" / f"controller-{scenario}-{name}.png", cal["ladder"])
 
