@@ -112,10 +112,6 @@ class Decision:
     rejected: bool = False
     cause: str = ""  # why it was rejected: "floor" (quality floor vs memory cap), "late" (its own budget), "harm"
     cheapest: int = -1  # rejected for "late" or "harm": the level it was judged at (what an estimate reports)
-    expected: int = 0  # the requests expected next it was weighed with (0: none, the engine empty or no rate yet)
-    # served: how much later each admitted request (Features.admitted, in order) finishes with it, on the work known
-    # now (at face value): what moves a forecast that expected nobody (controller.in_flight_error)
-    delays: tuple[float, ...] = ()
 
     @property
     def outcome(self) -> str:
@@ -178,8 +174,7 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
             ahead = f"; {outcome.expected} expected next, one every {features.arrival_gap_s:.2f}s" \
                 if outcome.expected else ""
             return Decision(i, outcome.own, f"{ladder[i].name}: {why} ({outcome.own:.3f}s {times} <= {budget:.3f}s; "
-                            f"{load}{ahead}){capped}", True, expected=outcome.expected,
-                            delays=_delays(_known(admitted, features.candidates[i], features.rules, outcome), alone))
+                            f"{load}{ahead}){capped}", True)
         if not first_miss:
             first_miss = (f"{ladder[i].name} would exceed the budget" if margin * outcome.own > budget else
                           f"{ladder[i].name} would push {outcome.harm} admitted request(s) past their due time"
@@ -189,11 +184,12 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
     # Whether to serve it at all is judged on the work known to be there, at face value: the requests expected next
     # are a forecast, and a refusal on a forecast would refuse the very arrivals it forecasts. Weighed without
     # any, the cheapest level's outcome already is that judgement.
-    after = _known(admitted, features.candidates[last], features.rules, outcomes[last])
-    harmed = _pushed(admitted, alone, after[:-1], 1.0) if outcomes[last].expected else outcomes[last].harm_at_face
-    decision = _last_resort(ladder[last].name, last, after[-1], harmed, features, f"{times}; {load}", load, capped)
-    return decision if decision.rejected else replace(decision, delays=_delays(after, alone),
-                                                      expected=outcomes[last].expected)
+    if outcomes[last].expected:
+        *others, own = finish_times([*admitted, features.candidates[last]], features.rules)
+        harmed = _pushed(admitted, alone, others, 1.0)
+    else:
+        own, harmed = outcomes[last].own, outcomes[last].harm_at_face
+    return _last_resort(ladder[last].name, last, own, harmed, features, f"{times}; {load}", load, capped)
 
 
 @dataclass(frozen=True)
@@ -207,7 +203,6 @@ class _Outcome:
     harm_at_face: int
     crowded: int
     expected: int
-    after: list[float]  # every admitted request's finish, then this one's, with the expected ones
 
     def fits(self, margin: float, budget: float) -> bool:
         return margin * self.own <= budget and not self.harm and not self.crowded
@@ -224,19 +219,7 @@ def _judge(admitted: list[Job], candidate: Job, upcoming: list[Job], rules: Engi
     late = sum(margin * a > job.due_s for job, a in zip(upcoming, after[held + 1:]))
     others = after[:held]
     return _Outcome(after[held], _pushed(admitted, base, others, margin), _pushed(admitted, base, others, 1.0), late,
-                    len(upcoming), after[:held + 1])
-
-
-def _known(admitted: list[Job], candidate: Job, rules: EngineRules, outcome: _Outcome) -> list[float]:
-    """The admitted requests' finish times, then `candidate`'s, with it joining them on the work known now, no
-    request expected next: the outcome's own when it expected none."""
-    return outcome.after if not outcome.expected else finish_times([*admitted, candidate], rules)
-
-
-def _delays(after: list[float], alone: list[float]) -> tuple[float, ...]:
-    """Decision.delays of a request served, from `after` (_known) and `alone` (the admitted requests' finish times
-    without it)."""
-    return tuple(a - b if math.isfinite(a - b) else 0.0 for a, b in zip(after[:-1], alone))
+                    len(upcoming))
 
 
 def _cheapest(candidates: Sequence[Job | None], known: list[int]) -> int:

@@ -157,28 +157,6 @@ def test_a_level_leaves_room_for_the_requests_expected_next():
     assert "full would leave no room for the 4 request(s) expected next at it" in busy.reason
 
 
-def test_a_served_decision_says_what_it_expected_and_how_much_later_the_admitted_ones_finish():
-    """What moves a forecast that expected nobody (controller.in_flight_error): each admitted request's delay from
-    this one on the work known now, the requests it expected next left out (they are its assumption)."""
-    running = Job(0.0, 10, admitted=True)  # decodes 1 s alone
-    d = decide(LADDER, Features(10.0, 0.0, newcomer(steps=5), admitted=[running], rules=SLICED))
-    *others, own = finish_times([running, newcomer(steps=5)[d.level]], SLICED)
-    assert d.level == 0 and d.expected == 0 and d.predicted_s == pytest.approx(own)
-    assert d.delays == pytest.approx((others[0] - 1.0,)) and d.delays[0] > 0  # its prefill slices stretch the steps
-    # with requests expected next, the delays are still on the known work
-    busy = decide(LADDER, Features(10.0, 0.0, newcomer(steps=10), admitted=[running], rules=SLICED,
-                                   arrival_gap_s=1.0))
-    *others, _ = finish_times([running, newcomer(steps=10)[busy.level]], SLICED)
-    assert busy.fits and busy.expected > 0 and busy.delays == pytest.approx((others[0] - 1.0,))
-    # best effort carries its delays too; a refusal none
-    tight = Job(0.0, 10, due_s=1.05, admitted=True)
-    best_effort = decide(LADDER, Features(10.0, 0.0, newcomer(), admitted=[tight], rules=SLICED))
-    assert not best_effort.fits and best_effort.expected == 0
-    assert len(best_effort.delays) == 1 and best_effort.delays[0] > 0.05
-    refused = decide(LADDER, Features(10.0, 0.0, newcomer(), admitted=[tight, tight], rules=SLICED))
-    assert refused.rejected and refused.delays == ()
-
-
 class FakeClock:
     t = 0.0
 
@@ -250,4 +228,3 @@ def test_a_request_sent_right_after_an_answer_is_its_callers_next_and_forecasts_
         controller.choose(levels([0.1] * 5), IDLE, 10.0, 0.0, arrived_at=t - 0.2)
     clock.t = sent + 3.0
     assert controller.arrival_gap_s() == pytest.approx(clock.t / 3)  # since the caller's first: 3 on their own
-
