@@ -256,19 +256,10 @@ class AimEngine:
         thread (other requests in the loop advance with it), unless its own thread runs it: then this waits for
         that thread's steps. `should_stop` is polled between prefill layers and before every decode step; when it
         returns True generation ends with finish_reason 'cancelled'."""
-        plan = plan or ReductionPlan()
-        t0 = time.perf_counter()
-        request = self.ingest(request)
-        media_s = time.perf_counter() - t0
-        events: queue.SimpleQueue = queue.SimpleQueue()
-        seq = self.sequence(request, plan, events.put, should_stop)
-        seq.arrival = t0
+        seq, events, media_s = self._taken_in(request, plan or ReductionPlan(), should_stop)
         self.loop.add(seq)
         try:
-            for event in self._events(events):
-                if isinstance(event, GenerationResult):
-                    event.stats.timings.media_s += media_s
-                yield event
+            yield from self._events(events, media_s)
         finally:
             self.loop.cancel(seq)  # a caller that stops iterating early frees the sequence's KV at once
 
@@ -286,27 +277,29 @@ class AimEngine:
         pending: list[tuple[Sequence, queue.SimpleQueue, float]] = []
         try:
             for request, plan in requests:
-                t0 = time.perf_counter()
-                ingested = self.ingest(request)
-                events: queue.SimpleQueue = queue.SimpleQueue()
-                seq = self.sequence(ingested, plan or ReductionPlan(), events.put)
-                seq.arrival = t0
-                pending.append((seq, events, time.perf_counter() - t0))
+                pending.append(self._taken_in(request, plan or ReductionPlan()))
             for seq, _, _ in pending:
                 self.loop.add(seq)
-            results = []
-            for _, events, media_s in pending:
-                *_, result = self._events(events)
-                result.stats.timings.media_s += media_s
-                results.append(result)
-            return results
+            return [list(self._events(events, media_s))[-1] for _, events, media_s in pending]
         finally:
             for seq, _, _ in pending:
                 self.loop.cancel(seq)
 
-    def _events(self, events: queue.SimpleQueue) -> Iterator[TokenDelta | GenerationResult]:
-        """One sequence's events as they come, up to its result, driving the loop inline when no thread runs it;
-        raises the sequence's error."""
+    def _taken_in(self, request: GenerationRequest, plan: ReductionPlan,
+                  should_stop: Callable[[], bool] | None = None) -> tuple[Sequence, queue.SimpleQueue, float]:
+        """A sequence of `request` for the loop (not added yet), the queue its events arrive on, and the seconds
+        its media took to decode."""
+        t0 = time.perf_counter()
+        request = self.ingest(request)
+        media_s = time.perf_counter() - t0
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        seq = self.sequence(request, plan, events.put, should_stop)
+        seq.arrival = t0
+        return seq, events, media_s
+
+    def _events(self, events: queue.SimpleQueue, media_s: float) -> Iterator[TokenDelta | GenerationResult]:
+        """One sequence's events as they come, up to its result (its timings with the `media_s` its media took),
+        driving the loop inline when no thread runs it; raises the sequence's error."""
         while True:
             if events.empty() and not self.loop.threaded:
                 self.loop.step()
@@ -314,6 +307,8 @@ class AimEngine:
             event = events.get()
             if isinstance(event, BaseException):
                 raise event
-            yield event
             if isinstance(event, GenerationResult):
+                event.stats.timings.media_s += media_s
+                yield event
                 return
+            yield event
