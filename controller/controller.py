@@ -41,7 +41,7 @@ from aim_engine.serving.load import EngineLoad, SequenceLoad
 from .cost_model import CostModel, Observation
 from .feedback import FeedbackConfig, FeedbackState, SinceIncrease, step
 from .policy import Decision, Features, Level, decide
-from .whatif import EngineRules, Job, finish_times
+from .whatif import EngineRules, finish_times
 from .signals import GpuSampler, LatencyWindow, PromQLReader
 from .slo import DEFAULT_CLASS, slo_class
 
@@ -190,22 +190,25 @@ class BudgetController:
         line = model.step_line() or (0.0, 0.0, 0.0)
         rules = EngineRules(max_batch=engine.max_batch, step_a=line[0], step_b=line[1], step_c=line[2],
                             step_multiple=engine.step_multiple, free_kv_blocks=engine.free_kv_blocks)
-        margin = max(self.margin_for(slo_s), self.in_flight_error(engine, admitted, rules))
+        projected = tuple(finish_times(admitted, rules))  # once: the in-flight error and the decision both read it
+        margin = max(self.margin_for(slo_s), self.in_flight_error(engine, projected))
         return Features(budget_s=budget_s, min_retention=min_retention, candidates=[model.job(l) for l in levels],
-                        admitted=admitted, rules=rules, margin=margin, min_level=self.memory_cap(),
-                        priority=priority, arrival_gap_s=self.arrival_gap_s() if engine.sequences else None,
+                        admitted=admitted, admitted_finish=projected, rules=rules, margin=margin,
+                        min_level=self.memory_cap(), priority=priority,
+                        arrival_gap_s=self.arrival_gap_s() if engine.sequences else None,
                         upcoming_budgets=self.recent_budgets())
 
-    def in_flight_error(self, engine: EngineLoad, admitted: Sequence[Job], rules: EngineRules) -> float:
+    def in_flight_error(self, engine: EngineLoad, projected: Sequence[float]) -> float:
         """How far the requests still in the engine are behind the forecasts they were decided with: the worst, over
         those with a forecast (SequenceLoad.forecast_s), of (seconds since it was made + their finish as the engine's
         rules project it now) / the forecast, within [min_margin, max_margin]. What a forecast could not know, the
         requests that came after it at their own levels and a machine slower than its fits, shows here as soon as it
-        happens, where the answers' error (prediction_margin) sees it only when they finish, about an SLO later."""
+        happens, where the answers' error (prediction_margin) sees it only when they finish, about an SLO later.
+        `projected`: the engine's sequences' finish times as the rules project them now (none before the rates
+        are known)."""
         config = self.config.feedback
-        if not admitted or all(s.forecast_s is None for s in engine.sequences):
+        if not projected or all(s.forecast_s is None for s in engine.sequences):
             return config.min_margin
-        projected = finish_times(admitted, rules)
         worst = max(((s.forecast_age_s + f) / s.forecast_s for s, f in zip(engine.sequences, projected)
                      if s.forecast_s and math.isfinite(f)), default=config.min_margin)
         return min(config.max_margin, max(config.min_margin, worst))

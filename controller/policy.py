@@ -81,6 +81,9 @@ class Features:
     min_retention: float  # quality floor
     candidates: Sequence[Job | None]  # the request at each ladder level (None: its rates are not known yet)
     admitted: Sequence[Job] = ()  # the requests the engine holds: running, then waiting, each with its due time
+    # their finish times with nothing new, finish_times(admitted, rules), where the caller has played it already
+    # (None: decide plays it)
+    admitted_finish: Sequence[float] | None = None
     rules: EngineRules = EngineRules(max_batch=1, step_a=0.0)  # the scheduler's limits and the decode step's rates
     margin: float = 1.2  # the feedback loop's safety margin: every predicted duration x margin
     min_level: int = 0  # no level of higher quality than this (memory pressure: KV pool or device allocator)
@@ -164,7 +167,8 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
     outcomes: dict[int, _Outcome] = {}
     # the admitted requests' finish with nothing new: what every level weighed without expected requests, and the
     # last resort, measure harm against
-    alone = finish_times(admitted, features.rules)
+    alone = list(features.admitted_finish) if features.admitted_finish is not None else \
+        finish_times(admitted, features.rules)
     for i in known:
         outcome = outcomes[i] = _judge(admitted, features.candidates[i],
                                        _upcoming(features, features.candidates[i], margin), features.rules, margin,
