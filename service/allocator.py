@@ -88,7 +88,8 @@ def tune() -> bool:
 
 
 def free_heap_bytes() -> int | None:
-    """Bytes free inside the main heap (what trimming could give back); None without glibc."""
+    """Bytes free inside the malloc heaps, every arena together (what trimming could give back); None without
+    glibc."""
     return None if _LIBC is None else int(_LIBC.mallinfo2().fordblks)
 
 

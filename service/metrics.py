@@ -9,6 +9,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from .allocator import free_heap_bytes
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
 TOKEN_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536)
@@ -97,6 +99,10 @@ class ServiceMetrics:
                                    "request the controller steers by (auto plans; failures included, at the "
                                    "latency its window counts them): the signal its default PromQL reads.",
                                    m + ["slo_class"], buckets=SLO_RATIO_BUCKETS, registry=r)
+        self.heap_free = Gauge("aim_heap_free_bytes", "Bytes free inside the process's malloc heaps: held, "
+                               "nothing uses them; given back once they pass 64 MiB (service/allocator.py; NaN "
+                               "without glibc).", registry=r)
+        self.heap_free.set_function(lambda: _nan_if_none(free_heap_bytes()))
 
         self.controller_level = Gauge("aim_controller_level", "Ladder level of the last auto decision (0 = full "
                                       "quality; higher = more saving).", m, registry=r)
@@ -194,3 +200,7 @@ class _MarginCollector:
             for name, margin in controller.status().margins.items():
                 family.add_metric([model, name], margin)
         yield family
+
+
+def _nan_if_none(value) -> float:
+    return float("nan") if value is None else float(value)
