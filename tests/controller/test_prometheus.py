@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from service.client import AimClient
+from service.metrics import SLO_RATIO_BUCKETS
 from service.settings import Settings
 from tests.media_samples import encode_image
 from tests.service.conftest import ServerThread
@@ -78,7 +79,10 @@ def test_controller_reads_p95_from_prometheus_and_falls_back_when_it_dies(tiny_e
             wait_for(lambda: traffic_and_source("prometheus"), 60, "a p95 from Prometheus")
             status = controller.status()
             local, _ = controller.window.quantile(0.95)
-            assert status.p95_ratio > 0.9 and 0.3 * local <= status.p95_ratio <= 3 * local  # both: p95 / 20 ms SLO
+            # both p95 / 20 ms SLO; the histogram's cannot tell apart ratios past its last finite bucket, which a
+            # request served before the rates were known reaches on a busy machine (1.5 s: 73)
+            seen = min(local, SLO_RATIO_BUCKETS[-1])
+            assert status.p95_ratio > 0.9 and 0.3 * seen <= status.p95_ratio <= 3 * seen
             wait_for(lambda: traffic_and_source("prometheus") and controller.feedback.margin > 1.2, 30,
                      "the margin to rise")
             # another SLO class: its own series in the same query, read for its own loop
