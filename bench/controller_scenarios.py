@@ -11,7 +11,9 @@ counts, so that a ladder whose pruning levels cost more than merging alone on so
 Scenarios (the standard request: a video question with a short answer; SLO = slo_factor x t_full):
 - ramp: 0.3 / t_full rising to 0.85 cap over ramp_s, then a hold;
 - burst: a trickle (0.2 / t_full), 0.9 cap for burst_s, the trickle again; the row's `full_after_s` says when,
-  after the burst, the adaptive policy first answered at full quality again;
+  after the burst, the adaptive policy first answered at full quality again, and `full_again_s` from when on it
+  would have given every request full quality (an estimate of the standard request every PROBE_S after the burst:
+  the first answer waits on the trickle's next request);
 - mixed: images and 8- and 32-frame videos, answers of 4 and 128 tokens (ignore_eos), at 0.85 of the mix's own cap;
 - classes: interactive (SLO = 0.5 x the standard) and batch (2 x) requests, half each, at 0.85 cap;
 - adversarial: 20 % of the requests carry the server's smallest SLO (--min-slo-ms); the others the standard SLO.
@@ -98,7 +100,8 @@ def schedule(name: str, cal: dict, args, seed: int) -> tuple[list[dict], dict]:
         lead, burst, tail = args.lead_s, args.burst_s, args.tail_s
         times = poisson(lambda t: peak if lead <= t < lead + burst else trickle, lead + burst + tail, peak, rng)
         reqs = [dict(at=t, kind="standard", slo_s=slo, tenant="all") for t in times]
-        shape = dict(trickle_rps=trickle, peak_rps=peak, burst_start_s=lead, burst_end_s=lead + burst)
+        shape = dict(trickle_rps=trickle, peak_rps=peak, burst_start_s=lead, burst_end_s=lead + burst,
+                     end_s=lead + burst + tail)
     elif name == "mixed":
         rate = 0.85 * cal["mixed_cap_rps"]
         times = poisson(lambda t: rate, args.hold_s + args.ramp_s / 2, rate, rng)
@@ -121,7 +124,13 @@ def schedule(name: str, cal: dict, args, seed: int) -> tuple[list[dict], dict]:
     return reqs, dict(shape, slo_s=slo, requests=len(reqs))
 
 
-async def run_schedule(stub, workload: Workload, reqs: list[dict], policy: str, ladder_protos) -> list[dict]:
+PROBE_S = 0.5  # seconds between the estimates that ask, after a burst, which level the adaptive policy would give
+
+
+async def run_schedule(stub, workload: Workload, reqs: list[dict], shape: dict, policy: str,
+                       ladder_protos) -> tuple[list[dict], list[tuple[float, int]]]:
+    """Plays `reqs` open-loop; returns every request as the client saw it, and the probes' (seconds, level) where the
+    schedule has a burst and the policy is adaptive."""
     records = []
 
     def reduction(slo_s: float):
@@ -148,12 +157,32 @@ async def run_schedule(stub, workload: Workload, reqs: list[dict], policy: str, 
                           reason=reply.applied_plan.reason)
         except grpc.aio.AioRpcError as exc:
             record.update(latency=time.perf_counter() - t0 - sent, ok=False, level=-1, retention=0.0,
-                          code=exc.code().name)
+                          code=exc.code().name, reason=exc.details())
         records.append(record)
 
+    async def probe(at: float, until: float, slo_s: float):
+        """What the controller would give the standard request, asked every PROBE_S from `at` to `until` by an
+        estimate (decided as a Generate would be, but no arrival: it changes nothing in the controller)."""
+        while at < until:
+            await asyncio.sleep(max(0.0, at - (time.perf_counter() - t0)))
+            sent = time.perf_counter() - t0
+            try:
+                reply = await stub.EstimateCost(pb.EstimateCostRequest(
+                    parts=workload.standard["parts"], sampling=workload.standard["sampling"],
+                    reduction=reduction(slo_s)), timeout=slo_s)
+                level = next((i for i, p in enumerate(ladder_protos) if p == reply.applied_plan.plan), -1)
+            except grpc.aio.AioRpcError:
+                level = -1
+            probes.append((sent, level))
+            at = max(at + PROBE_S, time.perf_counter() - t0)
+
     t0 = time.perf_counter()
-    await asyncio.gather(*(one(r) for r in reqs))
-    return sorted(records, key=lambda r: r["sent"])
+    probes: list[tuple[float, int]] = []
+    tasks = [one(r) for r in reqs]
+    if policy == "adaptive" and shape.get("burst_end_s") is not None:
+        tasks.append(probe(shape["burst_end_s"], shape["end_s"], shape["slo_s"]))
+    await asyncio.gather(*tasks)
+    return sorted(records, key=lambda r: r["sent"]), probes
 
 
 def summarize(records: list[dict], duration: float) -> dict:
@@ -169,7 +198,7 @@ def summarize(records: list[dict], duration: float) -> dict:
 
 
 def row_of(scenario: str, model: str, seed: int, policy: str, records: list[dict], shape: dict, duration: float,
-           ladder) -> dict:
+           ladder, probes: list[tuple[float, int]] = ()) -> dict:
     tenants = sorted({r["tenant"] for r in records})
     counted = [r for r in records if r["tenant"] != "adversary"]
     row = {"scenario": scenario, "model": model, "seed": seed, "policy": policy_name(policy, ladder),
@@ -182,7 +211,13 @@ def row_of(scenario: str, model: str, seed: int, policy: str, records: list[dict
     if scenario == "burst" and policy == "adaptive":
         end = shape["burst_end_s"]
         full = [r["sent"] - end for r in records if r["ok"] and r["level"] == 0 and r["sent"] >= end]
-        row["full_after_s"] = min(full) if full else None
+        row["full_after_s"] = min(full) if full else None  # the first answer at full quality after the burst
+        # from when on every probe would have got full quality: what the policy gives whenever a request comes,
+        # where the first answer depends on when the trickle's first request happens to come
+        later = [t for t, level in probes if level != 0]
+        settled = [t for t, level in probes if level == 0 and (not later or t > max(later))]
+        row["full_again_s"] = round(min(settled) - end, 3) if settled else None
+        row["probes"] = [[round(t - end, 3), level] for t, level in probes]
     # sent, latency, level, answered, tenant, the adaptive decision's predicted latency (None: fixed level, refused,
     # or no prediction), and the server's own media and total seconds (None: not answered): a prediction spans the
     # decision, once the media are decoded, to the answer
@@ -245,7 +280,8 @@ async def calibrate(model: str, args) -> dict:
         proc.wait(60)
 
 
-async def one_run(model: str, args, workload: Workload, reqs: list[dict], policy: str) -> tuple[list[dict], list]:
+async def one_run(model: str, args, workload: Workload, reqs: list[dict], shape: dict,
+                  policy: str) -> tuple[list[dict], list, list]:
     proc, target, _ = start_server(model, max_queue=64, max_batch=args.max_batch,
                                    extra=["--min-slo-ms", str(args.min_slo_ms)])
     try:
@@ -254,7 +290,8 @@ async def one_run(model: str, args, workload: Workload, reqs: list[dict], policy
             info = await stub.GetModelInfo(pb.GetModelInfoRequest())
             ladder = default_ladder(info.num_layers, plan_from_proto(info.default_plan))
             protos = [plan_to_proto(level.plan) for level in ladder]
-            return await run_schedule(stub, workload, reqs, policy, protos), ladder
+            records, probes = await run_schedule(stub, workload, reqs, shape, policy, protos)
+            return records, probes, ladder
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
@@ -326,22 +363,25 @@ async def main_async(args) -> None:
             for scenario in args.scenarios:
                 reqs, shape = schedule(scenario, cal, args_model, seed)
                 duration = max(r["at"] for r in reqs) if reqs else 1.0
-                fixed = [f"fixed:{i}" for i in range(args.levels)] if scenario not in CONTROLS else []
+                chosen = args.fixed if args.fixed is not None else range(args.levels)
+                fixed = [f"fixed:{i}" for i in chosen] if scenario not in CONTROLS else []
                 for policy in ([] if args.no_adaptive else ["adaptive"]) + fixed:
                     key = (scenario, name, seed, policy_name(policy, cal["ladder"]))
                     if key in {(r["scenario"], r["model"], r["seed"], r["policy"]) for r in data["rows"]}:
                         continue
-                    records, ladder = await one_run(model, args_model, workload, reqs, policy)
+                    records, probes, ladder = await one_run(model, args_model, workload, reqs, shape, policy)
                     if args.records_out:  # every request as the client saw it, for a closer look
                         with open(args.records_out, "a") as f:
                             f.write(json.dumps(dict(key=key, records=records)) + "\n")
-                    row = row_of(scenario, name, seed, policy, records, shape, duration, cal["ladder"])
+                    row = row_of(scenario, name, seed, policy, records, shape, duration, cal["ladder"], probes)
                     data["rows"].append(row)
                     out.write_text(json.dumps(data, indent=1) + "\n")
                     print(f"{scenario} {name} seed {seed} {row['policy']}: within SLO "
                           f"{100 * row['slo_attainment']:.1f}%, retention {row['mean_retention']:.3f}, "
                           f"{row['throughput_rps']:.2f} req/s, failed {row['failed']}, p95/SLO "
-                          f"{row['p95_over_slo']:.2f}", flush=True)
+                          f"{row['p95_over_slo']:.2f}" + (f", full again {row['full_again_s']} s (first full answer "
+                                                          f"{row['full_after_s']} s)" if "full_again_s" in row else ""),
+                          flush=True)
                 rows = [r for r in data["rows"] if (r["scenario"], r["model"], r["seed"]) == (scenario, name, seed)]
                 if any(r["policy"] == "adaptive" for r in rows) and seed == args.seeds[0] and ADAPTIVE == "adaptive" \
                         and scenario not in CONTROLS \
@@ -355,6 +395,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     parser.add_argument("--levels", type=int, default=5, help="fixed ladder levels run, from full (the ladder's 5)")
+    parser.add_argument("--fixed", type=int, nargs="+", help="the fixed ladder levels run, by index (instead of "
+                                                             "--levels)")
     parser.add_argument("--frames", type=int, default=0, help="frames of the standard video (0: 8 on the reference "
                                                                "model, 32 otherwise)")
     parser.add_argument("--new-tokens", type=int, default=8)
