@@ -18,10 +18,16 @@ Every `feedback.interval_s` (`tick`: on finished requests, decisions and status 
 requests' latency as a share of their SLO against the target share (see feedback.py for the law and its recovery
 bound): a tenant whose tight SLOs are missed raises its class's margin, and the other classes decide with theirs.
 A class decides with the default class's margin until its first request has finished. No class decides below
-the prediction's recent error (`prediction_margin`: the worst observed / predicted latency of the last answers it
+the prediction's recent error (`prediction_margin`: the worst observed / forecast latency of the last answers it
 decided), which follows a machine slower than its fitted rates within a few answers, nor below how far the
-requests still in the engine are behind the forecasts they were decided with (`in_flight_error`), which shows
-the same at the next decision. The windows
+requests still in the engine are behind their forecasts (`in_flight_error`), which shows the same at the next
+decision. A forecast is the decision's prediction, with the requests it expected next; one that expected nobody
+(an empty engine, or no rate yet) is moved later by each request decided after it, by the delay the what-if
+predicts it causes (policy.Decision.delays): expecting nobody is a rule, not a forecast of the arrivals, so they
+are known work, not its error. (Held to its prediction, the first of a cluster on a fresh server read the cluster
+as an error of 2-3x, and every request for the next 30 s went to the cheapest level. A forecast that expected a
+stream keeps the error of arrivals beyond it: moved by them too, the margin stayed at its floor through bursts
+and ramps, and retention fell; side by side in docs/performance.md.) The windows
 hold latency / SLO; a fresh Prometheus value (the configured query's, which must be that p95 of latency / SLO, by
 `slo_class` label or one series for all: the default reads the service's aim_request_latency_slo_ratio histogram
 by class) is taken as it is, over every replica.
@@ -42,7 +48,7 @@ from .cost_model import CostModel, Observation
 from .feedback import FeedbackConfig, FeedbackState, SinceIncrease, step
 from .policy import Decision, Features, Level, decide
 from .whatif import EngineRules, finish_times
-from .signals import GpuSampler, LatencyWindow, PromQLReader
+from .signals import GpuSampler, LatencyWindow, PromQLReader, arrival_gap
 from .slo import DEFAULT_CLASS, slo_class
 
 # The p95 of latency / SLO over the requests the controller steers by, failures included, per SLO class, over the
@@ -58,7 +64,7 @@ RATE_ARRIVALS = 8  # the most recent decisions the arrival rate is read from
 # would be expected at maximum saving's pace and held there. Independent arrivals land this close to an answer by
 # chance (at 2 answers a second, one in ten), which makes the expected rate that much lower.
 CALLER_TURNAROUND_S = 0.05
-# The prediction's own error: observed / predicted latency of the last PREDICTION_ANSWERS answers the controller
+# The prediction's own error: observed / forecast latency of the last PREDICTION_ANSWERS answers the controller
 # decided, within PREDICTION_WINDOW_S. The worst of them is a floor under every class's margin, so that a
 # model that under-predicts (the machine slower than its fitted rates: on a CPU, media decoding on the engine's
 # cores) is corrected within a few answers, before the latency / SLO loop sees a p95 near the SLO.
@@ -117,7 +123,7 @@ class BudgetController:
         # answer (CALLER_TURNAROUND_S); and when the last answers and refusals went out
         self._arrived: deque[tuple[float, float, bool]] = deque(maxlen=RATE_ARRIVALS)
         self._answered: deque[float] = deque(maxlen=64)
-        self._errors = LatencyWindow(PREDICTION_WINDOW_S, PREDICTION_ANSWERS, clock)  # observed / predicted
+        self._errors = LatencyWindow(PREDICTION_WINDOW_S, PREDICTION_ANSWERS, clock)  # observed / forecast
         self._lock = threading.Lock()
         self._loop(DEFAULT_CLASS)
 
@@ -144,7 +150,7 @@ class BudgetController:
         return max(loop.feedback.margin, self.prediction_margin())
 
     def prediction_margin(self) -> float:
-        """The worst observed / predicted latency of the recent answers (1 with fewer than the feedback's
+        """The worst observed / forecast latency of the recent answers (1 with fewer than the feedback's
         min_samples), within [min_margin, max_margin]. The worst, not a quantile: a request decided at its limit
         misses whenever its prediction was short by more than the margin, and 99% within SLO leaves no room for
         the one in ten a p90 would let through (measured on the reference model's ramp: 92.5% with a p90 floor)."""
@@ -199,10 +205,10 @@ class BudgetController:
                         upcoming_budgets=self.recent_budgets())
 
     def in_flight_error(self, engine: EngineLoad, projected: Sequence[float]) -> float:
-        """How far the requests still in the engine are behind the forecasts they were decided with: the worst, over
-        those with a forecast (SequenceLoad.forecast_s), of (seconds since it was made + their finish as the engine's
-        rules project it now) / the forecast, within [min_margin, max_margin]. What a forecast could not know, the
-        requests that came after it at their own levels and a machine slower than its fits, shows here as soon as it
+        """How far the requests still in the engine are behind their forecasts: the worst, over those with a
+        forecast (SequenceLoad.forecast_s; see the module's docstring), of (seconds since it was made + their finish
+        as the engine's rules project it now) / the forecast, within [min_margin, max_margin]. What a forecast
+        could not know, more requests than it expected and a machine slower than its fits, shows here as soon as it
         happens, where the answers' error (prediction_margin) sees it only when they finish, about an SLO later.
         `projected`: the engine's sequences' finish times as the rules project them now (none before the rates
         are known)."""
@@ -235,17 +241,16 @@ class BudgetController:
         return False
 
     def arrival_gap_s(self) -> float | None:
-        """Mean seconds between independent requests: from the oldest of the last RATE_ARRIVALS decisions to now,
-        per decision that did not arrive right after an answer (a caller's next request: CALLER_TURNAROUND_S), if
-        it is within ARRIVAL_WINDOW_S (None: fewer than two, or older), so that a burst's rate is seen within a few
-        of its requests and an idle server, or one serving callers that each wait for their answer, expects
-        nobody."""
+        """Mean seconds between independent requests (signals.arrival_gap): over the last RATE_ARRIVALS decisions
+        within ARRIVAL_WINDOW_S that did not arrive right after an answer (a caller's next request:
+        CALLER_TURNAROUND_S), or those since a rise in their rate (None: fewer than two), so that a burst's rate is
+        seen within a few of its requests and an idle server, or one serving callers that each wait for their
+        answer, expects nobody."""
         now = self.clock()
         with self._lock:
             recent = [t for t, _, follows in self._arrived if t >= now - ARRIVAL_WINDOW_S and not follows]
-        if len(recent) < 2:
-            return None
-        return max(1e-3, (now - recent[0]) / len(recent))
+        gap = arrival_gap(recent, now)
+        return None if gap is None else max(1e-3, gap)
 
     def recent_budgets(self) -> tuple[float, ...]:
         """The budgets of the requests decided within ARRIVAL_WINDOW_S (the last RATE_ARRIVALS), tightest first:
@@ -258,7 +263,7 @@ class BudgetController:
     def observe(self, latency_s: float, observation: Observation | None = None, slo_s: float | None = None,
                 controlled: bool = True, prediction_ratio: float | None = None) -> None:
         """A finished request: its end-to-end latency and SLO (None = the default), its stage timings, and its
-        observed / predicted latency (None: no prediction). Every request teaches the cost model; only those the
+        observed / forecast latency (None: no forecast). Every request teaches the cost model; only those the
         controller decided (`controlled`) steer the margins."""
         with self._lock:
             self._answered.append(self.clock())  # its caller may send its next request now

@@ -6,6 +6,8 @@
   Prometheus's HTTP API, refreshed with a timeout; a value older than `stale_after_s` counts as missing.
 - LatencyWindow: the service's own sliding window of request latencies — the fallback when Prometheus is
   unreachable or stale.
+- arrival_gap: the mean gap between arrivals, from the recent ones, read from a rise in their rate where they show
+  one.
 """
 
 from __future__ import annotations
@@ -219,3 +221,44 @@ class LatencyWindow:
             return None, 0
         rank = min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))
         return values[rank], len(values)
+
+
+# A rise in the arrival rate is believed when splitting the recent arrivals into two Poisson rates, the later one
+# higher, is at least this much more likely (log-likelihood ratio) than one rate over all of them, with at least
+# RISE_ARRIVALS after the split. Simulated (Poisson arrivals, windows of 8 within 10 s): a burst at 15x a trickle
+# is read within a median 3 of its arrivals (the mean over the window, diluted by the trickle's, took 6: a burst's
+# first requests were decided as if the trickle went on); under a steady rate, the share of decisions reading
+# over 1.5x the true rate goes from 17 to 20 %.
+RATE_RISE_LLR = 3.0
+RISE_ARRIVALS = 2
+
+
+def arrival_gap(times, now: float) -> float | None:
+    """Mean seconds between arrivals, given the recent arrival times (ascending, all <= `now`): over all of them,
+    span from the first to now per arrival; or, where the rate has risen (RATE_RISE_LLR), over those since the most
+    likely rise. None for fewer than two arrivals. A pure function (tests hold a trickle then a burst to it)."""
+    times = list(times)
+    count = len(times)
+    if count < 2:
+        return None
+    span = now - times[0]
+    gap = span / count
+    if span <= 0:
+        return gap
+    one = _log_likelihood(count, span)
+    best = RATE_RISE_LLR
+    for split in range(1, count - RISE_ARRIVALS + 1):
+        before, after = times[split] - times[0], now - times[split]
+        late = count - split
+        if before <= 0 or after <= 0 or late / after <= split / before:
+            continue
+        gain = _log_likelihood(split, before) + _log_likelihood(late, after) - one
+        if gain >= best:
+            best, gap = gain, after / late
+    return gap
+
+
+def _log_likelihood(count: int, span: float) -> float:
+    """A Poisson process's log-likelihood of `count` arrivals in `span` at its best rate, less the terms every split
+    shares (the rates' exposure sums to the same count)."""
+    return count * math.log(count / span)

@@ -115,9 +115,11 @@ class ServiceMetrics:
         r.register(self.controller_margin)
         self.controller_p95 = Gauge("aim_controller_p95_slo_ratio", "p95 of latency / SLO the feedback loop last "
                                     "acted on (NaN before any).", m, registry=r)
-        self.prediction_ratio = Histogram("aim_controller_prediction_ratio", "Observed / predicted latency of auto "
+        self.prediction_ratio = Histogram("aim_controller_prediction_ratio", "Observed / forecast latency of auto "
                                           "requests, from the decision (media decoded) to the answer, by the "
-                                          "ladder level chosen.", m + ["level"],
+                                          "ladder level chosen: a decision that expected no request next has "
+                                          "its forecast moved later by the work that joined after it (what the "
+                                          "controller's prediction-error floor reads).", m + ["level"],
                                           buckets=(0.25, 0.5, 0.75, 0.9, 1, 1.1, 1.25, 1.5, 2, 4), registry=r)
         self.signal_up = Gauge("aim_controller_signal_up", "1 when a controller signal is available.",
                                m + ["signal"], registry=r)

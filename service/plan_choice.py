@@ -40,7 +40,8 @@ class PlanChoice:
         asked = [t for t in (None if reduction.slo_s is None else slo_left,
                              None if deadline is None else deadline - now) if t is not None]
         levels = [self.engine.pending_load(request, level.plan, budget) for level in ladder]
-        decision = self.controller.choose(levels, self.engine.loop.load(now), budget, reduction.min_retention,
+        held = self.engine.loop.load(now)
+        decision = self.controller.choose(levels, held, budget, reduction.min_retention,
                                           priority=reduction.priority, record=record, slo_s=reduction.slo_s,
                                           own_time_s=min(asked) if asked else math.inf, arrived_at=arrival)
         if record:
@@ -60,9 +61,12 @@ class PlanChoice:
                                   else "retry later with backoff, or allow more time"))
         if record:
             self.metrics.controller_level.labels(self.name).set(decision.level)
+            # the requests it joins whose forecasts expected nobody finish this much later: known work, not their
+            # forecasts' error
+            self.engine.loop.extend_forecasts({s.seq_id: d for s, d in zip(held.sequences, decision.delays) if d > 0})
         reason = decision.reason if decision.fits else f"best effort: {decision.reason}"
         return AppliedPlan(ladder[decision.level].plan, "auto", reason, decision.predicted_s,
-                           ladder[decision.level].name)
+                           ladder[decision.level].name, forecast_moves=not decision.expected)
 
     def predict(self, request: IngestedRequest, plan: ReductionPlan) -> float | None:
         """Seconds from now until its answer under `plan` if it joined the engine now (its media decoded)."""

@@ -178,6 +178,7 @@ class ModelRuntime:
             seq.due = due if slot.deadline is None else min(due, slot.deadline)
             if applied.source == "auto" and applied.predicted_s is not None:  # decided now, from what it sees now
                 seq.forecast = (time.monotonic(), applied.predicted_s)
+                seq.forecast_moves = applied.forecast_moves
             try:
                 self.loop.add(seq)
             except KVBudgetError as exc:
@@ -209,7 +210,7 @@ class ModelRuntime:
             raise ServiceError("deadline_exceeded", f"the deadline passed after {len(result.token_ids)} "
                                                     "generated tokens; allow more time or ask for fewer tokens")
         done = Finished(result=result, applied=applied, queue_s=queue_s, media_s=media_s, total_s=total_s)
-        self.observe(done, seq.sampling, slo_s)
+        self.observe(done, seq.sampling, slo_s, seq.forecast[1] if seq.forecast is not None else None)
         return done
 
     def _with_default_frames(self, request: GenerationRequest) -> GenerationRequest:
@@ -248,9 +249,11 @@ class ModelRuntime:
         self.media_memory.release(slot.release_media(keep=decoded.pixel_bytes()))
         return decoded
 
-    def observe(self, done: Finished, sampling: SamplingParams, slo_s: float | None) -> None:
+    def observe(self, done: Finished, sampling: SamplingParams, slo_s: float | None,
+                forecast_s: float | None = None) -> None:
         """An answered request, whatever wire it came on: its metrics, the caches' counters, the controller's
-        observation and the SLO-violation counter, all here once."""
+        observation and the SLO-violation counter, all here once. `forecast_s`: its decision's forecast
+        (Sequence.forecast: moved later by the work that joined after it, where the decision expected nobody)."""
         m, s, name = self.metrics, done.result.stats, self.name
         t = s.timings
         m.queue_wait.labels(name).observe(done.queue_s)
@@ -270,8 +273,8 @@ class ModelRuntime:
         self._record_caches(s)
         applied, media_s, total_s = done.applied, done.media_s, done.total_s
         controlled = applied.source == "auto"
-        # its prediction spans its decision (media decoded) to its answer
-        ratio = (total_s - media_s) / applied.predicted_s if controlled and applied.predicted_s else None
+        # its forecast spans its decision (media decoded) to its answer
+        ratio = (total_s - media_s) / forecast_s if controlled and forecast_s else None
         self.controller.observe(total_s, observation_of(s, media_s, sampling), slo_s=slo_s, controlled=controlled,
                                 prediction_ratio=ratio)
         self.share_rates()

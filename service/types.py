@@ -57,6 +57,9 @@ class AppliedPlan:
     reason: str
     predicted_s: float | None = None
     level: str | None = None  # an auto plan's ladder level
+    # an auto plan whose decision expected no request next (Decision.expected): predicted_s is its finish on the work
+    # the engine held, and the work that joins after it moves that forecast later (controller.in_flight_error)
+    forecast_moves: bool = False
 
 
 @dataclass

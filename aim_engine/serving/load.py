@@ -30,6 +30,7 @@ class SequenceLoad:
     # its submitter's forecast (Sequence.forecast): the seconds it predicted, and the seconds since (None: none made)
     forecast_s: float | None = None
     forecast_age_s: float = 0.0
+    seq_id: int | None = None  # the sequence's (ServingLoop.extend_forecasts); None: not in the engine yet
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ def sequence_load(seq: Sequence, num_layers: int, kv_blocks: int, now: float) ->
     request, work = seq.request, seq.work
     due = math.inf if seq.due is None else seq.due - now
     forecast = {} if seq.forecast is None else dict(forecast_s=seq.forecast[1], forecast_age_s=now - seq.forecast[0])
+    forecast["seq_id"] = seq.seq_id
     sampling = request.sampling
     admitted = seq.status == RUNNING
     context = prompt_context(seq.kv_tokens, sampling.max_new_tokens) + len(seq.generated)

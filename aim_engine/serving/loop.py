@@ -90,6 +90,17 @@ class ServingLoop:
         evictable = self.runner.caches.prefixes.evictable_blocks() if self.runner.caches.prefixes else 0
         return EngineLoad(loads, sched.max_batch, self.budget.multiple, pool.available_blocks + evictable)
 
+    def extend_forecasts(self, delays: dict[int, float]) -> None:
+        """Moves the submitter's forecast (Sequence.forecast) of each sequence in `delays` (by seq_id) whose forecast
+        counted on no other work (`forecast_moves`) later by its seconds: work that joined the engine after it, by how
+        much its submitter predicts it delays that sequence. From any thread, like `load` (one tuple assignment per
+        sequence)."""
+        sched = self.scheduler
+        for seq in list(sched.running) + list(sched.waiting) + list(sched.inbox()):
+            delay, forecast = delays.get(seq.seq_id), seq.forecast
+            if delay and forecast is not None and seq.forecast_moves:
+                seq.forecast = (forecast[0], forecast[1] + delay)
+
     @property
     def threaded(self) -> bool:
         """Whether the loop's own thread drives it (then nobody else steps it)."""

@@ -45,6 +45,7 @@ class Sequence:
     due: float | None = None  # when its caller wants the answer, on time.monotonic (None: no due time)
     # a prediction its submitter made of its answer: (when it was made, on time.monotonic; seconds it predicted)
     forecast: tuple[float, float] | None = None
+    forecast_moves: bool = False  # it counted on no other work: work joining later moves it (extend_forecasts)
     seq_id: int = field(default_factory=lambda: next(_ids))
     status: str = WAITING
     arrival: float = field(default_factory=time.perf_counter)

@@ -4,7 +4,7 @@ import pytest
 
 from aim_engine.plan import ReductionPlan
 from controller.policy import (LOW_PRIORITY_MARGIN_FACTOR, PRIORITIES, Features, Level, decide, default_ladder,
-                               load_ladder, margin_for_priority)
+                               load_ladder, margin_for_priority, poisson_arrival)
 from controller.whatif import EngineRules, Job
 
 LADDER = default_ladder(28)  # full, merge-50, merge-25, aim-default, max-saving
@@ -181,32 +181,37 @@ def test_the_cheapest_level_is_the_least_predicted_work_not_the_ladders_last():
     assert d.level == 3 and not d.fits and d.outcome == "best_effort"
     late = decide(LADDER, features(0.4, predicted=costs, own_time_s=0.4))
     assert late.rejected and late.cause == "late" and late.cheapest == 3 and "aim-default" in late.reason
-    # the requests expected next are weighed at each level too: three of them, one every 0.5 s, each due 1.5 s
+    # the requests expected next are weighed at each level too: one every 1 s on average, placed as a Poisson
+    # stream brings them 9 times in 10 (at 0.10, 0.53 and 1.10 s: three within this one's 1.5 s), each due 1.5 s
     # after it arrives, served one at a time behind this one. At merge-50 (1.2 s each) the first would finish at
-    # 2.4 s, past its 2.0 s; at merge-25 (0.9 s) the second at 2.7 s, past its 2.5 s; at aim-default (0.5 s) all
-    # finish in time.
-    upcoming = decide(LADDER, features(1.5, predicted=costs, margin=1.0, arrival_gap_s=0.5))
+    # 2.4 s, past its 1.6 s; at merge-25 (0.9 s) at 1.8 s; at aim-default (0.5 s) they finish at 1.0, 1.5 and 2.0 s,
+    # in time.
+    assert [round(poisson_arrival(k), 2) for k in (1, 2, 3)] == [0.10, 0.53, 1.10]
+    upcoming = decide(LADDER, features(1.5, predicted=costs, margin=1.0, arrival_gap_s=1.0))
     assert upcoming.level == 3 and upcoming.fits
-    assert "full would exceed the budget" in upcoming.reason and "3 expected next, one every 0.50s" in upcoming.reason
+    assert "full would exceed the budget" in upcoming.reason and "3 expected next, one every 1.00s" in upcoming.reason
 
 
 def test_a_loose_request_leaves_room_for_the_tight_ones_expected_beside_it():
-    """One request every 0.5 s, on an engine that serves one at a time; each level is weighed with the requests
-    expected in this one's 5 s budget (ten) at that level too. Loose ones (20 s each) all finish in time behind
-    full-model requests (2 s each: the tenth, arriving at 5 s, finishes at 22 s, due at 25 s), so this one takes
-    the full model. With requests of a 1 s budget expected every other time (an interactive class beside this batch
-    one), only maximum saving (0.5 s, as fast as they arrive) keeps them within it: aim-default's 0.7 s would queue
-    them 0.2 s more at every arrival. With none given, the expected ones get this one's 5 s: merge-25."""
-    loose = decide(LADDER, features(5.0, margin=1.0, arrival_gap_s=0.5, upcoming_budgets=[20.0]))
-    tight = decide(LADDER, features(5.0, margin=1.0, arrival_gap_s=0.5, upcoming_budgets=[1.0, 20.0]))
+    """One request every 1 s on average, on an engine that serves one at a time; each level is weighed with the
+    requests expected in this one's 5 s budget (eight, the first at 0.1 s) at that level too. Loose ones (20 s each)
+    all finish in time behind full-model requests (2 s each: the eighth, arriving at 4.7 s, finishes at 18 s), so
+    this one takes the full model. With requests of a 1 s budget expected every other time (an interactive class
+    beside this batch one), only maximum saving (0.5 s) keeps them within it: behind aim-default's 0.7 s the first,
+    arriving at 0.1 s, would finish at 1.4 s, past its 1.1 s. With none given, the expected ones get this one's 5 s:
+    merge-25."""
+    loose = decide(LADDER, features(5.0, margin=1.0, arrival_gap_s=1.0, upcoming_budgets=[20.0]))
+    tight = decide(LADDER, features(5.0, margin=1.0, arrival_gap_s=1.0, upcoming_budgets=[1.0, 20.0]))
     assert (loose.level, tight.level) == (0, 4) and tight.fits
-    assert decide(LADDER, features(5.0, margin=1.0, arrival_gap_s=0.5)).level == 2
+    assert decide(LADDER, features(5.0, margin=1.0, arrival_gap_s=1.0)).level == 2
 
 
 def test_the_margin_scales_the_work_of_the_requests_expected_next_not_their_arrival():
-    """One request expected 2 s from now, due 2.4 s after it arrives; every level takes 1 s, served one at a time,
-    margin 1.5. It finds the engine idle and is done 1 s after it arrives: 1.5 s with the margin, in time. Scaled
-    as a whole, its finish 3 s from now would read 4.5 s against its 4.4 s, and the request would be refused the
-    full model for work it never waits for."""
-    d = decide(LADDER, features(2.4, predicted=[1.0] * 5, margin=1.5, arrival_gap_s=2.0))
-    assert d.level == 0 and d.fits and "1 expected next, one every 2.00s" in d.reason
+    """One request expected 1.97 s from now (one every 20 s on average: a Poisson stream brings the first that
+    soon 1 time in 10, the second not within the budget), due 2.4 s after it arrives; every level takes 1 s, served
+    one at a time, margin 1.5. It finds the engine idle and is done 1 s after it arrives: 1.5 s with the margin, in
+    time. Scaled as a whole, its finish 2.97 s from now would read 4.45 s against its 4.37 s, and the request would
+    be refused the full model for work it never waits for."""
+    assert 20.0 * poisson_arrival(1) == pytest.approx(1.97, abs=0.005)
+    d = decide(LADDER, features(2.4, predicted=[1.0] * 5, margin=1.5, arrival_gap_s=20.0))
+    assert d.level == 0 and d.fits and "1 expected next, one every 20.00s" in d.reason

@@ -5,7 +5,7 @@ import pytest
 
 from controller.controller import BudgetController, ControllerConfig
 from controller.policy import default_ladder
-from controller.signals import GpuSampler, LatencyWindow, PromQLReader
+from controller.signals import GpuSampler, LatencyWindow, PromQLReader, arrival_gap
 
 from .loads import IDLE, levels, teach
 
@@ -95,6 +95,17 @@ def test_latency_window_quantile_and_expiry():
     assert window.quantile(0.95) == (0.94, 100)
     now[0] = 11
     assert window.quantile(0.95) == (None, 0)
+
+
+def test_the_arrival_gap_is_the_windows_mean_unless_the_rate_has_risen():
+    assert arrival_gap([], 1.0) is None and arrival_gap([0.0], 1.0) is None
+    assert arrival_gap([0.0, 1.0, 2.0, 3.0], 4.0) == pytest.approx(1.0)  # steady: span to now per arrival
+    # a rate that falls (a burst, then silence) is read over the whole window: the silence lengthens the mean
+    assert arrival_gap([0.0, 0.5, 1.0, 1.5], 6.0) == pytest.approx(1.5)
+    # a trickle, then a burst: its four arrivals every 0.4 s are the rate, where the window's mean says 1.6 s
+    assert arrival_gap([-8.0, -4.0, 0.0, 0.4, 0.8, 1.2], 1.6) == pytest.approx(0.4)
+    # two arrivals after the trickle, 0.6 s apart, are too few to tell a rise from chance: the mean holds
+    assert arrival_gap([-9.0, -3.0, 0.0, 0.6], 1.2) == pytest.approx(10.2 / 4)
 
 
 def test_prometheus_unreachable_falls_back_to_the_window():

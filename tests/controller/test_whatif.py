@@ -143,18 +143,41 @@ def test_the_margin_applies_to_the_admitted_requests_too():
 
 
 def test_a_level_leaves_room_for_the_requests_expected_next():
-    """A request every 0.5 s is expected, each due 2.4 s after it arrives, on a server that serves one at a time,
-    each at the level being weighed. Alone, the newcomer would take full (2 s x 1.2 <= 2.4). With them, at c
-    seconds a request they queue one behind another: the k-th is done (k + 1) c from now, and with the margin on
-    the work (not on when they arrive, k x 0.5 s) 1.2 (k + 1) c must stay within 0.5 k + 2.4 for k = 1..4. Full and
-    merge-50 (k = 2: 4.32 > 3.4) and merge-25 (k = 3: 4.32 > 3.9) fail; aim-default (0.7 s) keeps all four in time.
-    Its own finish is predicted without their wait: they come after it."""
+    """Requests are expected one every 1.2 s on average, each due 2.4 s after it arrives, on a server that serves
+    one at a time, each at the level being weighed: placed where a Poisson stream has brought them 9 times in 10, at
+    t_k = 0.12, 0.64, 1.32 and 2.10 s (four within the budget). Alone, the newcomer would take full (2 s x 1.2 <=
+    2.4). With them, at c seconds a request they queue one behind another: the k-th is done (k + 1) c from now, and
+    with the margin on the work (not on when they arrive) 1.2 (k + 1) c must stay within t_k + 2.4. Full and
+    merge-50 (k = 1: 2.88 > 2.52) and merge-25 (k = 2: 3.24 > 3.04) fail; aim-default (0.7 s) keeps all four in time
+    (k = 4: 4.2 <= 4.5). Its own finish is predicted without their wait: they come after it."""
     serial = EngineRules(max_batch=1, step_a=0.1, step_multiple=None)
     quiet = decide(LADDER, Features(2.4, 0.0, newcomer(), rules=serial))
-    busy = decide(LADDER, Features(2.4, 0.0, newcomer(), rules=serial, arrival_gap_s=0.5))
+    busy = decide(LADDER, Features(2.4, 0.0, newcomer(), rules=serial, arrival_gap_s=1.2))
     assert quiet.level == 0
     assert busy.level == 3 and busy.fits and busy.predicted_s == pytest.approx(0.7)
     assert "full would leave no room for the 4 request(s) expected next at it" in busy.reason
+
+
+def test_a_served_decision_says_what_it_expected_and_how_much_later_the_admitted_ones_finish():
+    """What moves a forecast that expected nobody (controller.in_flight_error): each admitted request's delay from
+    this one on the work known now, the requests it expected next left out (they are its assumption)."""
+    running = Job(0.0, 10, admitted=True)  # decodes 1 s alone
+    d = decide(LADDER, Features(10.0, 0.0, newcomer(steps=5), admitted=[running], rules=SLICED))
+    *others, own = finish_times([running, newcomer(steps=5)[d.level]], SLICED)
+    assert d.level == 0 and d.expected == 0 and d.predicted_s == pytest.approx(own)
+    assert d.delays == pytest.approx((others[0] - 1.0,)) and d.delays[0] > 0  # its prefill slices stretch the steps
+    # with requests expected next, the delays are still on the known work
+    busy = decide(LADDER, Features(10.0, 0.0, newcomer(steps=10), admitted=[running], rules=SLICED,
+                                   arrival_gap_s=1.0))
+    *others, _ = finish_times([running, newcomer(steps=10)[busy.level]], SLICED)
+    assert busy.fits and busy.expected > 0 and busy.delays == pytest.approx((others[0] - 1.0,))
+    # best effort carries its delays too; a refusal none
+    tight = Job(0.0, 10, due_s=1.05, admitted=True)
+    best_effort = decide(LADDER, Features(10.0, 0.0, newcomer(), admitted=[tight], rules=SLICED))
+    assert not best_effort.fits and best_effort.expected == 0
+    assert len(best_effort.delays) == 1 and best_effort.delays[0] > 0.05
+    refused = decide(LADDER, Features(10.0, 0.0, newcomer(), admitted=[tight, tight], rules=SLICED))
+    assert refused.rejected and refused.delays == ()
 
 
 class FakeClock:
@@ -228,3 +251,4 @@ def test_a_request_sent_right_after_an_answer_is_its_callers_next_and_forecasts_
         controller.choose(levels([0.1] * 5), IDLE, 10.0, 0.0, arrived_at=t - 0.2)
     clock.t = sent + 3.0
     assert controller.arrival_gap_s() == pytest.approx(clock.t / 3)  # since the caller's first: 3 on their own
+

@@ -46,7 +46,15 @@ def test_the_load_follows_a_sliced_prefill_beside_a_streaming_answer(engine_for)
         assert held.forecast_s is None  # nobody forecast it
         # as pending_load said, with its forecast: made 5 s ago, of 11 s
         assert waiting == type(before)(**{**before.__dict__, "due_in_s": 10.0, "forecast_s": 11.0,
-                                          "forecast_age_s": 5.0})
+                                          "forecast_age_s": 5.0, "seq_id": seq.seq_id})
+        assert held.seq_id == streamer.seq_id != seq.seq_id
+        # work that joined after the forecast moves it later, by the sequence's id; one nobody forecast stays so
+        engine.loop.extend_forecasts({seq.seq_id: 2.0, streamer.seq_id: 1.0})
+        assert seq.forecast == (985.0, 11.0)  # it counted on the others: what came after is its error
+        seq.forecast_moves = True  # it counted on no other work: what comes after moves it
+        engine.loop.extend_forecasts({seq.seq_id: 2.0, streamer.seq_id: 1.0})
+        assert seq.forecast == (985.0, 13.0) and streamer.forecast is None
+        assert engine.loop.load(now=990.0).sequences[1].forecast_s == 13.0
         seen = []
         while seq.work is not None or seq.status == "waiting":
             engine.loop.step()

@@ -63,13 +63,13 @@ def reference_server():
 
 def test_an_idle_server_gives_default_auto_requests_the_full_model(reference_server, monkeypatch):
     runtime = reference_server.running.state.runtimes["reference"]
-    predictions = []  # (observed, predicted) seconds from each auto decision to its answer
+    predictions = []  # (observed, forecast) seconds from each auto decision to its answer
     observe = runtime.observe
 
-    def spy(done, sampling, slo_s):
-        if done.applied.source == "auto" and done.applied.predicted_s:
-            predictions.append((done.total_s - done.media_s, done.applied.predicted_s))
-        return observe(done, sampling, slo_s)
+    def spy(done, sampling, slo_s, forecast_s=None):
+        if done.applied.source == "auto" and forecast_s:
+            predictions.append((done.total_s - done.media_s, forecast_s))
+        return observe(done, sampling, slo_s, forecast_s)
 
     monkeypatch.setattr(runtime, "observe", spy)
     items = synthetic_dataset(4).items
@@ -85,5 +85,5 @@ def test_an_idle_server_gives_default_auto_requests_the_full_model(reference_ser
             replies.append(client.generate(question, **media))
     full = [plan_from_proto(r.applied_plan.plan) == ReductionPlan() for r in replies]
     assert all(full[3:]), [r.applied_plan.reason for r in replies]  # all but the first few: the full model
-    ratios = [observed / predicted for observed, predicted in predictions[-10:]]
+    ratios = [observed / forecast for observed, forecast in predictions[-10:]]
     assert len(ratios) == 10 and all(0.5 <= r <= 2.0 for r in ratios), ratios

@@ -256,3 +256,19 @@ def test_an_auto_answer_is_observed_against_its_prediction_under_its_level(make_
     counts = {s.labels["level"]: s.value for m in srv.metrics.registry.collect()
               if m.name == "aim_controller_prediction_ratio" for s in m.samples if s.name.endswith("_count")}
     assert sum(counts.values()) == 1 and counts.get(level) == 1, (counts, reply.applied_plan.reason)
+
+
+def test_a_request_decided_after_an_auto_answer_moves_that_answers_forecast_later(make_server):
+    """A forecast that expected nobody (the first request on an idle server) is held to the work known at its
+    decision: a request that joins after it is known work, not the forecast's error, so the delay its decision
+    predicts it adds moves the forecast (controller.in_flight_error)."""
+    srv = make_server(max_new_tokens=HOLD_TOKENS)
+    runtime = srv.running.state.runtimes["tiny-ov"]
+    with AimClient(srv.target) as client:
+        events = hold(client, slo_ms=60_000)  # auto: decided, forecast, and decoding
+        held = next(s for s in runtime.engine.loop.scheduler.running if s.forecast is not None)
+        made, forecast = held.forecast
+        reply = client.generate("Hi", images=[encode_image("PNG")], max_new_tokens=2, slo_ms=60_000)
+        assert reply.applied_plan.reason  # decided, with the held answer in the engine
+        assert held.forecast[0] == made and held.forecast[1] > forecast  # its prefill slows the held one's steps
+        events.cancel()
