@@ -144,8 +144,7 @@ def decide(ladder: Sequence[Level], features: Features) -> Decision:
     by the request's priority), the engine finishes this request within its budget, every admitted request that
     would have finished within its due time still does, and so does every request expected next (a Poisson stream
     of mean gap `arrival_gap_s`, as it comes 9 times in 10): the scheduler's rules played forward (whatif.py) with
-    and without it. Never below the quality
-    floor nor above the memory cap.
+    and without it. Never below the quality floor nor above the memory cap.
 
     The requests expected next will be decided by this same rule, so each level is weighed with them at that level
     too: a level is taken only if the stream, every request at it, can keep its budgets (an expected request counts
@@ -260,9 +259,10 @@ def _cheapest(candidates: Sequence[Job | None], known: list[int]) -> int:
 
 
 def _upcoming(features: Features, level: Job, margin: float) -> list[Job]:
-    """The requests expected next: this request at `level`, the k-th arriving after poisson_arrival(k) gaps (within
-    the budget), each with a recent request's budget (upcoming_budgets). They are part of the world every prediction plays out in (their prefill slices come
-    between the decode steps of those ahead); a level must also leave them room.
+    """The requests expected next: this request at `level`, the k-th arriving after poisson_arrival(k) gaps (those
+    within the budget, at least one), each with a recent request's budget (upcoming_budgets). They are part of the
+    world every prediction plays out in (their prefill slices come between the decode steps of those ahead); a
+    level must also leave them room.
 
     The margin scales predicted work, not the clock: a finish time x the margin is compared with the due time, so
     each arrival is placed at its time / the margin (the what-if's durations all scale with its rates), and an

@@ -236,7 +236,7 @@ RISE_ARRIVALS = 2
 def arrival_gap(times, now: float) -> float | None:
     """Mean seconds between arrivals, given the recent arrival times (ascending, all <= `now`): over all of them,
     span from the first to now per arrival; or, where the rate has risen (RATE_RISE_LLR), over those since the most
-    likely rise. None for fewer than two arrivals. A pure function (tests hold a trickle then a burst to it)."""
+    likely rise. None for fewer than two arrivals."""
     times = list(times)
     count = len(times)
     if count < 2:
