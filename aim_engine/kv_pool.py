@@ -33,6 +33,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .decode_read import pack, tokens_read
+
 BLOCK_SIZE = 16  # tokens per block: small enough that the unfilled tail per (sequence, layer) stays small
 BIAS_BYTES = 4  # the fp32 key bias stored per slot
 POSITION_BYTES = 4  # the int32 key position stored per slot, where a layer has a sliding window
@@ -331,10 +333,20 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.members)
 
-    def kv_attended(self) -> float:
-        """The KV tokens a step of the members reads, per layer: serving.sequence.kv_attended of them, in one array
-        operation over the host lengths (not one per member on the decode step's host path)."""
-        return float(self._lengths[:, :len(self.members)].sum()) / self._lengths.shape[0]
+    def kv_attended(self, kvs: list[SequenceKV] | None = None) -> float:
+        """The KV tokens a decode step of the members (or of `kvs`, members or not) reads, per layer, padding
+        included (decode_read.tokens_read), averaged over the layers: what a step's cost grows with besides the
+        batch's size. For the members, array operations over the host lengths (the decode step's host path)."""
+        host = self._lengths[:, :len(self.members)] if kvs is None else \
+            np.stack([kv.lengths for kv in kvs], axis=1) if kvs else np.zeros((self._lengths.shape[0], 0), np.int64)
+        rows = host.shape[1]
+        if not rows:
+            return 0.0
+        read = rows * host.max(axis=1).astype(np.float64)  # every row padded to the layer's longest
+        if rows > 1:
+            for layer in np.flatnonzero(read > self.workspace_tokens):  # past the workspace: in length groups
+                read[layer] = tokens_read(host[layer].tolist(), self.workspace_tokens)
+        return float(read.sum()) / host.shape[0]
 
     @property
     def workspace_bytes(self) -> int:
@@ -483,21 +495,12 @@ class PagedLayer:
         return self.step.batch.lengths[self.layer, :self.step.count]
 
     def groups(self) -> list[np.ndarray | None]:
-        """Rows attended together: all (None) when their padded keys fit the workspace, else rows sorted by
-        length, packed while the group's rows times its longest stay within it (a longer row alone)."""
+        """Rows attended together: all (None) when their padded keys fit the workspace, else the length groups of
+        decode_read.pack."""
         step, limit = self.step, self.step.batch.workspace_tokens
         if step.count * step.widths[self.layer] <= limit or step.count == 1:
             return [None]
-        lengths = step.host_lengths[self.layer]
-        order = np.argsort(-lengths, kind="stable")
-        groups, start = [], 0
-        while start < len(order):
-            widest, end = int(lengths[order[start]]), start + 1
-            while end < len(order) and (end - start + 1) * widest <= limit:
-                end += 1
-            groups.append(np.sort(order[start:end]))
-            start = end
-        return groups
+        return [np.array(g) for g in pack(step.host_lengths[self.layer].tolist(), limit)]
 
     def keys_and_mask(self, rows: np.ndarray | None):
         """The rows' keys and values (b, kv_heads, T, head_dim) gathered from the pool, padded to the longest, and

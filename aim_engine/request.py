@@ -113,7 +113,7 @@ class RequestStats:
     decode_flops: float = 0.0
     kv_cache_bytes: int = 0
     mean_batch: float = 1.0  # sequences per decode step, averaged over this request's decode steps
-    mean_kv_attended: float = 0.0  # KV tokens (per layer) its decode steps' batches attended over, averaged likewise
+    mean_kv_attended: float = 0.0  # KV tokens (per layer, padding included) its decode steps read, averaged likewise
     feature_cache_hits: int = 0  # media items whose features came from the feature cache
     feature_cache_misses: int = 0  # media items computed and put in the cache
     vision_s_saved: float = 0.0  # what the hits' vision-tower passes took when they were computed

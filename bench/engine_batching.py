@@ -78,7 +78,7 @@ def run_level(engine: AimEngine, request: GenerationRequest, plan, concurrency: 
     """Closed loop in-process: `concurrency` requests in flight, a new one as each ends, `total` in all."""
     records, started = [], 0
     batch_sizes, peak_blocks = [], 0
-    engine.loop.on_decode_step = batch_sizes.append
+    engine.loop.on_decode_step = lambda step: batch_sizes.append(step.sequences)
 
     def submit():
         nonlocal started

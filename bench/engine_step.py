@@ -95,7 +95,7 @@ def running_batch(model: str, slicing: str, multiple: float | None, plan_name: s
     plan = ReductionPlan() if plan_name == "none" else engine.default_plan()
     rng = random.Random(seed)
     steps: list[float] = []  # when each decode step ended: every running sequence's token came out then
-    engine.loop.on_decode_step = lambda batch: steps.append(time.perf_counter())
+    engine.loop.on_decode_step = lambda step: steps.append(time.perf_counter())
     ends: list[float] = []
     stream_ends: list[float] = []
 

@@ -195,7 +195,8 @@ class BudgetController:
         admitted = [model.job(s) for s in engine.sequences] if model.ready else []
         line = model.step_line() or (0.0, 0.0, 0.0)
         rules = EngineRules(max_batch=engine.max_batch, step_a=line[0], step_b=line[1], step_c=line[2],
-                            step_multiple=engine.step_multiple, free_kv_blocks=engine.free_kv_blocks)
+                            step_multiple=engine.step_multiple, free_kv_blocks=engine.free_kv_blocks,
+                            workspace_tokens=engine.workspace_tokens)
         projected = tuple(finish_times(admitted, rules))  # once: the in-flight error and the decision both read it
         margin = max(self.margin_for(slo_s), self.in_flight_error(engine, projected))
         return Features(budget_s=budget_s, min_retention=min_retention, candidates=[model.job(l) for l in levels],

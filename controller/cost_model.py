@@ -3,8 +3,8 @@
     own work = media + visual_tokens * r_vision + prefill(flops) + decode_steps * step(batch, kv)
     prefill(flops) = c + r * flops        (seconds of one prompt's LLM prefill)
     step(batch, kv) = a + b * batch + c' * kv
-                    (seconds per decode step when `batch` sequences attending over `kv` KV tokens per layer decode
-                    together)
+                    (seconds per decode step when `batch` sequences decode together and their attention reads
+                    `kv` KV tokens per layer)
 
 A prefill's time is not proportional to its FLOPs: every prompt pays for its text tokens, its layers' kernels and
 (when it prunes) the attention it scores, whatever its visual tokens. Measured on the reference model on a CPU,
@@ -16,7 +16,10 @@ ones. c and r are a line over the prefills seen (the start-up warm-up runs every
 Under continuous batching a step serves every running sequence, so a request's time per token grows with the
 batch it shares (b) and with the KV they read (c': on the reference model's 32-frame, 128-token answers, leaving it
 out predicted them 2-4x short; merging, which shortens every prompt, shortens every step of the batch), from a
-floor that does not (a: weights read once per step).
+floor that does not (a: weights read once per step). The KV read is the engine's count, padding included: the
+decode attention pads each row to the longest in the batch (aim_engine/decode_read.py), so a short answer beside
+a 32-frame prompt reads the prompt's length, and a sum of the rows' KV, fitted across batches that mixed them and
+batches that did not, mispredicted both.
 
 Both are fitted by exponentially weighted non-negative least squares (linear_fit.py). With no spread in what was
 seen yet, a decode step is their weighted mean (flat) and a prefill is proportional to its FLOPs. The vision rate
@@ -69,7 +72,7 @@ class Observation:
     decode_s: float
     new_tokens: int  # tokens it generated (an EOS that ended it not counted)
     mean_batch: float = 1.0  # sequences per decode step, averaged over the request's steps
-    mean_kv_tokens: float = 0.0  # KV tokens (per layer) its decode steps' batches attended over, averaged likewise
+    mean_kv_tokens: float = 0.0  # KV tokens (per layer, padding included) its decode steps read, averaged likewise
     max_new_tokens: int | None = None  # what it allowed (None: not a real request's answer, e.g. a warm-up)
     ignore_eos: bool = False  # it generated max_new_tokens whatever the model said: not an answer length
     decode_steps: int | None = None  # decode steps it ran (None: new_tokens - 1, an answer that did not end on EOS)
@@ -86,7 +89,7 @@ class CostModel:
     s_per_visual_token: float | None = None
     # seconds of one prompt's prefill: c + r x its FLOPs
     prefill_fit: LinearFit = LinearFit(2, prefer=(1, 0), smoothing=PREFILL_SMOOTHING)
-    # seconds of a decode step: a + b x sequences + c x KV tokens they attend over (per layer)
+    # seconds of a decode step: a + b x sequences + c x KV tokens it reads (per layer, padding included)
     step_fit: LinearFit = LinearFit(3, prefer=(0, 1, 2), smoothing=STEP_SMOOTHING)
     answer_steps: tuple[int, ...] = ()  # decode steps of the recent real answers, oldest first
 

@@ -7,7 +7,8 @@ The engine (aim_engine/serving/loop.py) runs steps. Each step
    running batch's decode step; when nothing decodes, the oldest prefill whole and nothing after it; all of it
    when slicing is off (serving/slices.py);
 3. runs one decode step of every sequence whose prefill is done, in `a + b x batch + c x kv` seconds (the fitted
-   rates; kv: the KV tokens the batch attends over, per layer, each sequence's growing by one a step).
+   rates; kv: the KV tokens its attention reads per layer, each row padded to the longest of its group in the
+   gather workspace (aim_engine/decode_read.py), so growing by one a sequence a step).
 A prefill yields a sequence's first token, each decode step one more; a sequence leaves when its answer is
 complete, and its KV goes back to the pool.
 
@@ -26,6 +27,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
 
+from aim_engine.decode_read import tokens_read
+
 
 @dataclass(frozen=True)
 class Job:
@@ -37,7 +40,7 @@ class Job:
     kv_blocks: int = 0  # KV blocks it holds (admitted) or must reserve before it is admitted
     admitted: bool = False  # in the running batch, its KV reserved
     arrives_s: float = 0.0  # a request expected later: seconds from now until it arrives
-    context_tokens: float = 0.0  # KV tokens (per layer) its next decode step attends over
+    context_tokens: float = 0.0  # KV tokens (per layer) it holds for its next decode step
 
 
 @dataclass(frozen=True)
@@ -45,11 +48,12 @@ class EngineRules:
     """The scheduler's limits and the fitted rates of a decode step."""
 
     max_batch: int
-    step_a: float  # seconds of a decode step: step_a + step_b x sequences decoding + step_c x their KV tokens
+    step_a: float  # seconds of a decode step: step_a + step_b x sequences decoding + step_c x the KV it reads
     step_b: float = 0.0
     step_c: float = 0.0
     step_multiple: float | None = 4.0  # prefill per step beside a decoding batch, in its decode steps; None: unsliced
     free_kv_blocks: float = math.inf  # blocks the pool can still promise (free, or held only by evictable caches)
+    workspace_tokens: float = math.inf  # the decode gather's workspace, in keys per layer (decode_read.pack)
 
     def decode_s(self, batch: int, kv_tokens: float = 0.0) -> float:
         return max(0.0, self.step_a + self.step_b * batch + self.step_c * kv_tokens) if batch else 0.0
@@ -87,7 +91,7 @@ def finish_times(jobs: Sequence[Job], rules: EngineRules) -> list[float]:
             continue
         prefilling = [i for i in running if prefill[i] > 0]
         decoding = [i for i in running if prefill[i] <= 0 and steps[i] > 0]
-        d = rules.decode_s(len(decoding), sum(context[i] for i in decoding))  # this interval's first step
+        d = rules.decode_s(len(decoding), tokens_read([context[i] for i in decoding], rules.workspace_tokens))
         if rules.step_multiple is None:
             budget = math.inf
         elif decoding:
@@ -110,7 +114,8 @@ def finish_times(jobs: Sequence[Job], rules: EngineRules) -> list[float]:
             if prefill[i] <= 1e-12:
                 prefill[i] = 0.0
                 done.append((i, t + used + (k - 1) * d))
-        # k decode steps, the batch's KV growing by one token a sequence a step: k d + c n k (k - 1) / 2
+        # k decode steps (d: the first), the KV read growing by one token a sequence a step (each group's longest
+        # grows by one): k d + c n k (k - 1) / 2
         t += spent + (k * d + rules.step_c * len(decoding) * k * (k - 1) / 2 if decoding else 0.0)
         leaving = []
         for i in decoding:

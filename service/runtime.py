@@ -79,7 +79,8 @@ class ModelRuntime:
         metrics.model_loaded(name)
         metrics.watch_controller(name, self.controller)
         metrics.watch_engine(name, self)
-        self.loop.on_decode_step = metrics.batch_size.labels(name).observe
+        batch_size = metrics.batch_size.labels(name)
+        self.loop.on_decode_step = lambda step: batch_size.observe(step.sequences)
         self.loop.start(name=f"aim-{name}-loop")
 
     @property

@@ -26,7 +26,7 @@ class SequenceLoad:
     kv_blocks: int  # blocks it reserved (admitted) or must reserve
     due_in_s: float = math.inf  # seconds until its caller wants the answer (inf: no due time)
     prefill_share: float = 1.0  # share of its prefill's layers still to run (prefill_flops are theirs)
-    context_tokens: float = 0.0  # KV tokens a decode step of it attends over, per layer: prompt (reduced) + answer
+    context_tokens: float = 0.0  # KV tokens it holds for its next decode step, per layer: prompt (reduced) + answer
     # its submitter's forecast (Sequence.forecast): the seconds it predicted, and the seconds since (None: none made)
     forecast_s: float | None = None
     forecast_age_s: float = 0.0
@@ -39,6 +39,7 @@ class EngineLoad:
     max_batch: int
     step_multiple: float | None  # the step budget (slices.StepBudget.multiple); None: unsliced
     free_kv_blocks: int  # what admission can still reserve: free and unpromised, or held only by evictable prefixes
+    workspace_tokens: float = math.inf  # the decode attention's gather workspace, in keys per layer (decode_read)
 
 
 def vision_tokens(parts: list[Part], estimate_media: list[tuple[list[int], int]]) -> list[int]:

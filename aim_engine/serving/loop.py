@@ -18,9 +18,9 @@ from ..errors import Cancelled
 from ..kv_pool import KVPoolExhausted
 from ..request import GenerationResult, TokenDelta
 from .load import EngineLoad, sequence_load
-from .model_runner import ModelRunner
+from .model_runner import DecodeStepStats, ModelRunner
 from .scheduler import Scheduler
-from .sequence import FINISHED, Sequence, kv_attended
+from .sequence import FINISHED, Sequence
 from .slices import StageRates, StepBudget
 
 log = logging.getLogger("aim.engine")
@@ -33,7 +33,8 @@ class ServingLoop:
         self.scheduler = scheduler
         self.runner = runner
         self.eos_ids = eos_ids
-        self.on_decode_step: Callable[[int], None] | None = None  # batch size of each decode step (metrics)
+        # each decode step as it ran (metrics; whoever fits the step's rates)
+        self.on_decode_step: Callable[[DecodeStepStats], None] | None = None
         self.budget = StepBudget(None)  # prefill work per step beside the decode (slices.py); None: unsliced
         self.rates = StageRates()  # the fitted rates the budget is predicted with (set by whoever fits them)
         self._step_lock = threading.RLock()
@@ -88,7 +89,8 @@ class ServingLoop:
         running, waiting = list(sched.running), list(sched.waiting) + list(sched.inbox())
         loads = tuple(sequence_load(s, layers, pool.blocks_for(s.kv_tokens), now) for s in running + waiting)
         evictable = self.runner.caches.prefixes.evictable_blocks() if self.runner.caches.prefixes else 0
-        return EngineLoad(loads, sched.max_batch, self.budget.multiple, pool.available_blocks + evictable)
+        return EngineLoad(loads, sched.max_batch, self.budget.multiple, pool.available_blocks + evictable,
+                          self.runner.batch.workspace_tokens)
 
     def extend_forecasts(self, delays: dict[int, float]) -> None:
         """Moves the submitter's forecast (Sequence.forecast) of each sequence in `delays` (by seq_id) whose forecast
@@ -120,7 +122,8 @@ class ServingLoop:
             prefilling = [s for s in sched.running if s.work is not None]
             if prefilling:
                 decoding = [s for s in sched.running if s.work is None]
-                budget_s = self.budget.seconds(self.rates, len(decoding), kv_attended(decoding))
+                budget_s = self.budget.seconds(self.rates, len(decoding),
+                                               self.runner.batch.kv_attended([s.kv for s in decoding]))
                 # sliced, with nobody decoding: the oldest prefill whole, and its answer starts at the next step
                 first_only = not decoding and self.budget.multiple is not None
                 for seq, outcome in self.runner.advance(prefilling, budget_s, self.rates, first_only):
@@ -134,7 +137,7 @@ class ServingLoop:
             if not batch:
                 return
             try:
-                stepped, outgrown = self.runner.decode(batch)
+                stepped, outgrown, ran = self.runner.decode(batch)
             except Exception as exc:  # noqa: BLE001 - a failed batched step fails the sequences in it
                 log.exception("decode step failed for %d sequences", len(batch))
                 for seq in batch:
@@ -142,8 +145,8 @@ class ServingLoop:
                 return
             for seq in outgrown:
                 self._fail(seq, KVPoolExhausted("the sequence outgrew its KV reservation and no free block is left"))
-            if self.on_decode_step is not None and stepped:
-                self.on_decode_step(len(stepped))
+            if self.on_decode_step is not None and ran is not None:
+                self.on_decode_step(ran)
             for seq, token in stepped:
                 self._accept_or_fail(seq, token)
 

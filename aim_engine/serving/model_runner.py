@@ -5,6 +5,7 @@ persistent batch (kv_pool.DecodeBatch), sampled in one batched pass."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -19,6 +20,17 @@ from ..prepare import Preparer
 from ..request import RequestStats, VideoPart
 from .sequence import Sequence
 from .slices import PrefillWork, StageRates, VisionPiece, plan_step
+
+
+@dataclass(frozen=True)
+class DecodeStepStats:
+    """One decode step as it ran: the sequences it served, the KV tokens its attention read per layer (padding
+    included: DecodeBatch.kv_attended), and its seconds (the model call and sampling, to the step's one device ->
+    host sync)."""
+
+    sequences: int
+    kv_read: float
+    seconds: float
 
 
 class ModelRunner:
@@ -196,10 +208,12 @@ class ModelRunner:
         if seq.kv is not None:
             self.batch.leave(seq.kv)
 
-    def decode(self, batch: list[Sequence]) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
+    def decode(self, batch: list[Sequence]
+               ) -> tuple[list[tuple[Sequence, int]], list[Sequence], DecodeStepStats | None]:
         """One step for every sequence in `batch` (those not in the decode batch yet join it): feeds each its last
-        sampled token. Returns (sequence, next token) in the batch's order, and the sequences that outgrew their
-        KV reservation with no block left to take (out of the batch; the caller fails them alone)."""
+        sampled token. Returns (sequence, next token) in the batch's order, the sequences that outgrew their KV
+        reservation with no block left to take (out of the batch; the caller fails them alone), and the step's
+        stats (None: no step ran)."""
         start = time.perf_counter()
         for seq in batch:
             if seq.kv.batch_row is None:
@@ -210,7 +224,7 @@ class ModelRunner:
             self.batch.leave(seq.kv)
         seqs = [owner[id(kv)] for kv in self.batch.members]
         if not seqs:
-            return [], outgrown
+            return [], outgrown, None
         tokens = torch.tensor([[s.next_token] for s in seqs], device=self.device)
         positions = torch.tensor([[s.prepared.next_position + len(s.generated) - 1] for s in seqs],
                                  device=self.device)
@@ -230,7 +244,7 @@ class ModelRunner:
         elapsed = time.perf_counter() - start  # after the step's one device -> host sync
         for seq in seqs:
             seq.stats.timings.decode_steps_s += elapsed
-        return list(zip(seqs, sampled)), outgrown
+        return list(zip(seqs, sampled)), outgrown, DecodeStepStats(len(seqs), attended, elapsed)
 
 
 def _fill_prefill_stats(stats: RequestStats, llm: LLMShape, prepared: PreparedPrompt, tokens_per_layer: list[int],

@@ -61,7 +61,7 @@ class Sequence:
     first_token: float = 0.0
     decode_steps: int = 0
     batch_size_sum: int = 0  # over its decode steps: the sum of the batch sizes it ran in
-    kv_attended_sum: float = 0.0  # over its decode steps: the sum of the KV tokens (per layer) their batches read
+    kv_attended_sum: float = 0.0  # over its decode steps: the KV tokens (per layer, padding included) they read
     logits: list[torch.Tensor] | None = None  # if a list: every step's logits (vocab,) fp32, appended on the host
 
     @property
@@ -88,13 +88,6 @@ class Sequence:
     @property
     def mean_kv_attended(self) -> float:
         return self.kv_attended_sum / self.decode_steps if self.decode_steps else 0.0
-
-
-def kv_attended(seqs: list[Sequence]) -> float:
-    """The KV tokens a decode step of these sequences reads, per layer (each sequence's averaged over its layers,
-    which pruning leaves unequal): what the decode step's cost grows with besides the batch's size. For the
-    members of the decode batch, DecodeBatch.kv_attended computes it in one array operation."""
-    return sum(float(s.kv.lengths.mean()) for s in seqs)
 
 
 def _without_pixels(part):

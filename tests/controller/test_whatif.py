@@ -3,6 +3,7 @@ request the engine holds will finish, and which level a newcomer may take withou
 its due time. Times are worked by hand from the scheduler's rules."""
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -43,18 +44,22 @@ def test_the_decode_step_grows_with_the_batch():
         [0.4 + 2 * 0.15, 0.4])
 
 
-def test_the_decode_step_grows_with_the_kv_the_batch_reads_a_token_a_sequence_a_step():
+def test_the_decode_step_grows_with_the_kv_the_batch_reads_padding_included_a_token_a_sequence_a_step():
     rules = EngineRules(max_batch=4, step_a=0.1, step_c=0.001, step_multiple=None)
     # alone, 100 tokens of context: steps of 0.1 + 0.100, 0.101, 0.102
     assert finish_times([Job(0.0, 3, admitted=True, context_tokens=100)], rules) == pytest.approx([0.603])
-    # with a second sequence of 200: 0.1 + 0.300, then 0.1 + 0.302; a shorter prompt (merged) makes every step
-    # of the batch cheaper
+    # with a second sequence of 200, the gather pads the first to 200: 0.1 + 0.400, then 0.1 + 0.402; a shorter
+    # prompt (merged) makes every step of the batch cheaper
     pair = finish_times([Job(0.0, 2, admitted=True, context_tokens=100),
                          Job(0.0, 2, admitted=True, context_tokens=200)], rules)
-    assert pair == pytest.approx([0.802, 0.802])
+    assert pair == pytest.approx([1.002, 1.002])
     merged = finish_times([Job(0.0, 2, admitted=True, context_tokens=100),
                            Job(0.0, 2, admitted=True, context_tokens=50)], rules)
-    assert merged == pytest.approx([0.2 + 0.15 + 0.152] * 2)
+    assert merged == pytest.approx([0.2 + 0.2 + 0.202] * 2)
+    # past the workspace, in length groups: 200 alone, 100 and 90 together (2 x 100): 0.1 + 0.4, 0.1 + 0.403
+    grouped = finish_times([Job(0.0, 2, admitted=True, context_tokens=c) for c in (100, 200, 90)],
+                           replace(rules, workspace_tokens=250))
+    assert grouped == pytest.approx([0.2 + 0.4 + 0.403] * 3)
 
 
 def test_a_full_batch_and_a_short_pool_make_a_newcomer_wait():

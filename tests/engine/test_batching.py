@@ -95,7 +95,7 @@ def test_batched_equals_alone_with_mixed_plans_and_late_joiners(engine_for, fami
 
     run = Run(engine)
     batch_sizes = []
-    engine.loop.on_decode_step = batch_sizes.append
+    engine.loop.on_decode_step = lambda step: batch_sizes.append(step.sequences)
     joins = {0: [0, 1, 2], 2: [3], 4: [4]}  # steps at which sequences join: 3 at once, then mid-decode
     for key in joins[0]:
         run.add(key, *requests[key])
@@ -217,7 +217,7 @@ def test_max_batch_one_serves_one_at_a_time(engine_for):
     engine = AimEngine(base.adapter, kv_cache_bytes=64 * 2**20, max_batch=1)
     run = Run(engine)
     sizes = []
-    engine.loop.on_decode_step = sizes.append
+    engine.loop.on_decode_step = lambda step: sizes.append(step.sequences)
     for key, (request, plan) in enumerate(mixed_requests("llava")[:3]):
         run.add(key, request, plan)
     run.step_until_done()

@@ -89,12 +89,14 @@ def test_a_requests_stats_say_how_much_kv_its_decode_steps_read(engine_for):
     assert stats.mean_kv_attended == stats.prompt_tokens + (1 + 2 + 3 + 4) / 4
 
 
-def test_the_decode_batch_reads_the_same_kv_as_its_members_say(engine_for):
-    """DecodeBatch.kv_attended (one array operation, on the decode step's host path) is serving.sequence's
-    kv_attended of its members, pruned layers of unequal length included."""
+def test_the_decode_batch_counts_the_kv_its_members_read_padded_to_the_longest(engine_for):
+    """DecodeBatch.kv_attended (array operations, on the decode step's host path) is, per layer, the members padded
+    to the longest (decode_read.tokens_read), averaged over the layers, pruned layers of unequal length included;
+    the same of the members' KV handed to it in any order (what the step budget reads for sequences not yet in
+    the batch)."""
     from aim_engine import GenerationRequest, SamplingParams
+    from aim_engine.decode_read import tokens_read
     from aim_engine.request import TextPart
-    from aim_engine.serving.sequence import kv_attended
 
     engine = engine_for("llava", layers=4)
     run = Run(engine)
@@ -107,7 +109,12 @@ def test_the_decode_batch_reads_the_same_kv_as_its_members_say(engine_for):
     def check(_step=None):
         batch = engine.loop.runner.batch
         if batch.members:
-            seen.append((batch.kv_attended(), kv_attended([s for s in run.seqs.values() if s.kv in batch.members])))
+            kvs = [s.kv for s in run.seqs.values() if s.kv in batch.members][::-1]
+            layers = len(kvs[0].lengths)
+            by_layer = sum(tokens_read([int(kv.lengths[layer]) for kv in kvs]) for layer in range(layers)) / layers
+            summed = sum(float(kv.lengths.mean()) for kv in kvs)
+            seen.append((batch.kv_attended(), batch.kv_attended(kvs), by_layer, summed, len(kvs)))
 
     run.step_until_done(on_step=check)
-    assert seen and all(a == pytest.approx(b) for a, b in seen)
+    assert seen and all(a == pytest.approx(b) == pytest.approx(c) for a, b, c, _, _ in seen)
+    assert any(n > 1 and a > s for a, _, _, s, n in seen)  # unequal prompts: padding is read too

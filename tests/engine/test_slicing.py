@@ -274,10 +274,19 @@ def test_one_long_sequence_among_short_ones_is_attended_in_bounded_groups(engine
     monkeypatch.setattr(PagedLayer, "keys_and_mask", spy)
     limit = 400
     monkeypatch.setattr(base.loop.runner.batch, "workspace_tokens", limit)
+    steps = []
+    base.loop.on_decode_step = steps.append
     run = Run(base)
     for key, (request, plan) in enumerate(requests):
         run.add(key, request, plan)
-    run.step_until_done()
+    try:
+        run.step_until_done()
+    finally:
+        base.loop.on_decode_step = None
+    # what the steps say they read (per layer, the accounting the decode step's rate is fitted to) is what the
+    # gathers read: every group's rows x its longest, at every layer
+    assert sum(step.kv_read for step in steps) * base.num_layers == pytest.approx(
+        sum(rows * width for rows, width in widths))
     for key, (result, logits) in enumerate(lone):
         assert_same_answer(run.result(key), run.seqs[key].logits, result, logits)
     assert any(rows == 1 and width > 300 for rows, width in widths)  # the long one alone
