@@ -23,7 +23,8 @@ Scenarios (the standard request: a video question with a short answer; SLO = slo
 Every request carries a deadline of 3 x its SLO. Failures count as misses.
 
 Writes rows (`scenario`, `model`, `seed`, `policy`, `slo_attainment`, `mean_retention`, `throughput_rps`, `failed`,
-with per-class attainment and p95/SLO) to docs/results/controller-scenarios.json after every run (a run already in
+with per-class attainment and p95/SLO, and `t_full_at_run_s`: the standard request at full quality, alone on the
+run's server just before its schedule, which says how far the machine has moved since the calibration) to docs/results/controller-scenarios.json after every run (a run already in
 the file is not repeated: the benchmark resumes), and a plot per scenario and model.
 
     python bench/controller_scenarios.py --model models/tiny-llava-onevision --seeds 0 1
@@ -235,6 +236,19 @@ def policy_name(policy: str, ladder: list[str]) -> str:
     return ADAPTIVE if policy == "adaptive" else f"fixed:{ladder[int(policy.split(':')[1])]}"
 
 
+FULL = pb.Reduction(none=pb.NoReduction())
+
+
+async def time_alone(stub, bases) -> float:
+    """Mean seconds of these requests at full quality, one after another (each alone on the server)."""
+    times = []
+    for base in bases:
+        start = time.perf_counter()
+        await stub.Generate(pb.GenerateRequest(**base, reduction=FULL))
+        times.append(time.perf_counter() - start)
+    return statistics.mean(times)
+
+
 async def calibrate(model: str, args) -> dict:
     """t_full (alone) and the cheapest level's capacity (8 in flight), for the standard request and the mix."""
     proc, target, _ = start_server(model, max_queue=64, max_batch=args.max_batch)
@@ -243,16 +257,10 @@ async def calibrate(model: str, args) -> dict:
             stub = pb_grpc.AimServiceStub(ch)
             info = await stub.GetModelInfo(pb.GetModelInfoRequest())
             ladder = default_ladder(info.num_layers, plan_from_proto(info.default_plan))
-            full = pb.Reduction(none=pb.NoReduction())
             workload = Workload(args.frames, args.new_tokens)
 
-            async def alone(bases) -> float:
-                times = []
-                for base in bases:
-                    start = time.perf_counter()
-                    await stub.Generate(pb.GenerateRequest(**base, reduction=full))
-                    times.append(time.perf_counter() - start)
-                return statistics.mean(times)
+            def alone(bases):
+                return time_alone(stub, bases)
 
             async def capacity(bases, count: int, level) -> float:
                 queue = list(bases) * (count // len(bases))
@@ -281,7 +289,10 @@ async def calibrate(model: str, args) -> dict:
 
 
 async def one_run(model: str, args, workload: Workload, reqs: list[dict], shape: dict,
-                  policy: str) -> tuple[list[dict], list, list]:
+                  policy: str) -> tuple[list[dict], list, list, float]:
+    """One policy on a fresh server: the schedule's records, the probes, the ladder, and the standard request's
+    time at full quality alone on that server just before the schedule (against the calibration's t_full: how
+    far the machine has moved since it; the same request teaches every policy's cost model alike)."""
     proc, target, _ = start_server(model, max_queue=64, max_batch=args.max_batch,
                                    extra=["--min-slo-ms", str(args.min_slo_ms)])
     try:
@@ -290,8 +301,9 @@ async def one_run(model: str, args, workload: Workload, reqs: list[dict], shape:
             info = await stub.GetModelInfo(pb.GetModelInfoRequest())
             ladder = default_ladder(info.num_layers, plan_from_proto(info.default_plan))
             protos = [plan_to_proto(level.plan) for level in ladder]
+            t_full_now = await time_alone(stub, [workload.standard])
             records, probes = await run_schedule(stub, workload, reqs, shape, policy, protos)
-            return records, probes, ladder
+            return records, probes, ladder, t_full_now
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
@@ -369,16 +381,19 @@ async def main_async(args) -> None:
                     key = (scenario, name, seed, policy_name(policy, cal["ladder"]))
                     if key in {(r["scenario"], r["model"], r["seed"], r["policy"]) for r in data["rows"]}:
                         continue
-                    records, probes, ladder = await one_run(model, args_model, workload, reqs, shape, policy)
+                    records, probes, ladder, t_full_now = await one_run(model, args_model, workload, reqs, shape,
+                                                                        policy)
                     if args.records_out:  # every request as the client saw it, for a closer look
                         with open(args.records_out, "a") as f:
                             f.write(json.dumps(dict(key=key, records=records)) + "\n")
                     row = row_of(scenario, name, seed, policy, records, shape, duration, cal["ladder"], probes)
+                    row["t_full_at_run_s"] = round(t_full_now, 3)
                     data["rows"].append(row)
                     out.write_text(json.dumps(data, indent=1) + "\n")
                     print(f"{scenario} {name} seed {seed} {row['policy']}: within SLO "
                           f"{100 * row['slo_attainment']:.1f}%, retention {row['mean_retention']:.3f}, "
-                          f"{row['throughput_rps']:.2f} req/s, failed {row['failed']}, p95/SLO "
+                          f"{row['throughput_rps']:.2f} req/s, failed {row['failed']}, t_full now "
+                          f"{t_full_now / cal['t_full_s']:.2f}x calibrated, p95/SLO "
                           f"{row['p95_over_slo']:.2f}" + (f", full again {row['full_again_s']} s (first full answer "
                                                           f"{row['full_after_s']} s)" if "full_again_s" in row else ""),
                           flush=True)
