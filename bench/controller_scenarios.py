@@ -24,8 +24,9 @@ Every request carries a deadline of 3 x its SLO. Failures count as misses.
 
 Writes rows (`scenario`, `model`, `seed`, `policy`, `slo_attainment`, `mean_retention`, `throughput_rps`, `failed`,
 with per-class attainment and p95/SLO, and `t_full_at_run_s`: the standard request at full quality, alone on the
-run's server just before its schedule, which says how far the machine has moved since the calibration) to docs/results/controller-scenarios.json after every run (a run already in
-the file is not repeated: the benchmark resumes), and a plot per scenario and model.
+run's server just before its schedule, which says how far the machine has moved since the calibration) to
+docs/results/controller-scenarios.json after every run (a run already in the file is not repeated: the benchmark
+resumes), and a plot per scenario and model.
 
     python bench/controller_scenarios.py --model models/tiny-llava-onevision --seeds 0 1
 """
