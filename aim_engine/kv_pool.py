@@ -337,8 +337,9 @@ class DecodeBatch:
         """The KV tokens a decode step of the members (or of `kvs`, members or not) reads, per layer, padding
         included (decode_read.tokens_read), averaged over the layers: what a step's cost grows with besides the
         batch's size. For the members, array operations over the host lengths (the decode step's host path)."""
-        host = self._lengths[:, :len(self.members)] if kvs is None else \
-            np.stack([kv.lengths for kv in kvs], axis=1) if kvs else np.zeros((self._lengths.shape[0], 0), np.int64)
+        if kvs is not None and not kvs:
+            return 0.0
+        host = self._lengths[:, :len(self.members)] if kvs is None else np.stack([kv.lengths for kv in kvs], axis=1)
         rows = host.shape[1]
         if not rows:
             return 0.0

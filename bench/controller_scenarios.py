@@ -260,9 +260,6 @@ async def calibrate(model: str, args) -> dict:
             ladder = default_ladder(info.num_layers, plan_from_proto(info.default_plan))
             workload = Workload(args.frames, args.new_tokens)
 
-            def alone(bases):
-                return time_alone(stub, bases)
-
             async def capacity(bases, count: int, level) -> float:
                 queue = list(bases) * (count // len(bases))
                 reduction = pb.Reduction(plan=plan_to_proto(level.plan))
@@ -276,11 +273,11 @@ async def calibrate(model: str, args) -> dict:
                 await asyncio.gather(*(worker() for _ in range(8)))
                 return total / (time.perf_counter() - start)
 
-            await alone([workload.standard])  # warm
-            t_full = statistics.median([await alone([workload.standard]) for _ in range(3)])
+            await time_alone(stub, [workload.standard])  # warm
+            t_full = statistics.median([await time_alone(stub, [workload.standard]) for _ in range(3)])
             caps = {level.name: await capacity([workload.standard], 16, level) for level in ladder[1:]}
             cheapest = max(ladder[1:], key=lambda level: caps[level.name])
-            mixed_t_full = await alone(workload.mixed)
+            mixed_t_full = await time_alone(stub, workload.mixed)
             mixed_cap = await capacity(workload.mixed, 12, cheapest)
             return dict(t_full_s=t_full, cap_rps=caps[cheapest.name], cap_level=cheapest.name, cap_by_level=caps,
                         mixed_t_full_s=mixed_t_full, mixed_cap_rps=mixed_cap, ladder=[level.name for level in ladder])

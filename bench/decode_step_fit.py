@@ -135,19 +135,20 @@ def across(points: list[tuple[float, float, float]]) -> list[float]:
 def evaluate(steps: list[dict], requests: list[dict]) -> dict:
     result = {}
     warm = 5  # the first points only start the fit
+    # requests whose every decode step was recorded (their mean KV of both counts is known)
+    usable = [r for r in requests if r["steps"] > 0 and r["recorded_steps"] == r["steps"]]
     for count in COUNTS:
         points = [(s["sequences"], s[count], s["s"]) for s in steps]
         predicted = online(points)
         result[f"steps_{count}"] = errors(predicted[warm:], [s["s"] for s in steps][warm:])
         half = len(points) // 2
         result[f"steps_{count}_across"] = errors(across(points), [y for *_, y in points[half:] + points[:half]])
-        usable = [r for r in requests if r["steps"] > 0 and r["recorded_steps"] == r["steps"]]
         points = [(r["mean_batch"], r[f"mean_{count}"], r["decode_s"] / r["steps"]) for r in usable]
         per_step = online(points)
         result[f"requests_{count}"] = errors([p * r["steps"] for p, r in zip(per_step[warm:], usable[warm:])],
                                              [r["decode_s"] for r in usable[warm:]]) \
             if len(usable) > warm else None
-    result["requests_fitted"] = len([r for r in requests if r["steps"] > 0 and r["recorded_steps"] == r["steps"]])
+    result["requests_fitted"] = len(usable)
     result["engine_kv_mismatch"] = max((abs(r["engine_mean_kv"] - r["mean_padded"]) for r in requests
                                         if r["recorded_steps"]), default=0.0)
     return result
